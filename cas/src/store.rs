@@ -1,0 +1,340 @@
+//! The JetStream block store: one message per block on its own subject
+//! (`vmlot.cas.block.<sha1>`) in the `VMLOT_BLOCKS` stream, and manifests in
+//! the `vmlot-manifests` object-store bucket.
+//!
+//! 4 KiB blocks are small NATS messages, so nothing here moves one block per
+//! request: writes go out as atomic batches of up to 1000 messages (one
+//! fsync for the lot under `sync_interval: always`), reads as batched direct
+//! gets of up to 1000 subjects. The stream refuses a second message on a
+//! block's subject (`discard_new_per_subject`), so a stored block is never
+//! overwritten, whoever writes.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, message::OutboundMessage, object_store, stream};
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use jetstream_extra::batch_fetch::BatchFetchExt;
+use jetstream_extra::batch_publish::BatchPublishExt;
+use tokio::io::AsyncReadExt;
+use vmlot_schemas::manifest::{MAX_BLOCK_BYTES, MAX_MANIFEST_BYTES};
+use vmlot_schemas::{BlockId, Manifest, ManifestError, ManifestId, subjects};
+
+use crate::error::CasError;
+
+/// Server limit on messages in one atomic batch and subjects in one batched get.
+pub const MAX_BATCH: usize = 1000;
+
+/// Tuning of a [`BlockStore`].
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// Batches in flight at once, each way. The server allows 50 open atomic
+    /// batches per stream; a handful saturate a link.
+    pub concurrency: usize,
+    /// Blocks per batch (at most [`MAX_BATCH`]).
+    pub batch: usize,
+    /// zstd level for blocks written, or none. Names stay the SHA-1 of the
+    /// uncompressed content.
+    pub compression: Option<i32>,
+    /// Replicas of the stream and bucket when this store creates them.
+    pub replicas: usize,
+    /// Largest manifest accepted, checked before it is read.
+    pub max_manifest_bytes: u64,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self { concurrency: 8, batch: MAX_BATCH, compression: None, replicas: 1, max_manifest_bytes: MAX_MANIFEST_BYTES }
+    }
+}
+
+/// Handle on the blocks and manifests kept in JetStream.
+#[derive(Clone)]
+pub struct BlockStore {
+    js: jetstream::Context,
+    manifests: object_store::ObjectStore,
+    opts: StoreOptions,
+}
+
+impl BlockStore {
+    /// Opens the store, creating its stream and bucket if they are missing.
+    pub async fn open(client: async_nats::Client, opts: StoreOptions) -> Result<Self, CasError> {
+        let mut js = jetstream::new(client);
+        js.set_timeout(Duration::from_secs(30));
+        js.get_or_create_stream(stream::Config {
+            name: subjects::BLOCK_STREAM.to_string(),
+            subjects: vec![subjects::BLOCK_SUBJECTS.to_string()],
+            storage: stream::StorageType::File,
+            num_replicas: opts.replicas,
+            max_messages_per_subject: 1,
+            discard: stream::DiscardPolicy::New,
+            discard_new_per_subject: true,
+            allow_direct: true,
+            allow_atomic_publish: true,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| CasError::nats("create block stream", e))?;
+        let manifests = match js.get_object_store(subjects::MANIFEST_BUCKET).await {
+            Ok(bucket) => bucket,
+            Err(_) => js
+                .create_object_store(object_store::Config {
+                    bucket: subjects::MANIFEST_BUCKET.to_string(),
+                    storage: stream::StorageType::File,
+                    num_replicas: opts.replicas,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| CasError::nats("create manifest bucket", e))?,
+        };
+        let opts = StoreOptions { batch: opts.batch.clamp(1, MAX_BATCH), ..opts };
+        Ok(Self { js, manifests, opts })
+    }
+
+    pub fn options(&self) -> &StoreOptions {
+        &self.opts
+    }
+
+    /// The JetStream context this store uses (for tests that plant bad data).
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    /// Which of `ids` the store lacks.
+    pub async fn missing(&self, ids: &[BlockId]) -> Result<HashSet<BlockId>, CasError> {
+        let present: Vec<HashSet<BlockId>> = futures::stream::iter(ids.chunks(self.opts.batch))
+            .map(|group| async move {
+                let mut present = HashSet::new();
+                self.fetch_group(group, |id, _| {
+                    present.insert(id);
+                    Ok(())
+                })
+                .await?;
+                Ok::<_, CasError>(present)
+            })
+            .buffer_unordered(self.opts.concurrency)
+            .try_collect()
+            .await?;
+        let present: HashSet<BlockId> = present.into_iter().flatten().collect();
+        Ok(ids.iter().filter(|id| !present.contains(id)).copied().collect())
+    }
+
+    /// Writes `blocks` (which the caller found missing) in atomic batches.
+    /// Returns the bytes that crossed the wire. A block another writer stored
+    /// in the meantime makes its batch fail as a whole; that batch is checked
+    /// again and only what is still missing is written.
+    pub async fn put_blocks(&self, blocks: &[(BlockId, Bytes)]) -> Result<u64, CasError> {
+        let sizes: Vec<u64> = futures::stream::iter(blocks.chunks(self.opts.batch))
+            .map(|group| self.put_group(group))
+            .buffer_unordered(self.opts.concurrency)
+            .try_collect()
+            .await?;
+        Ok(sizes.into_iter().sum())
+    }
+
+    async fn put_group(&self, group: &[(BlockId, Bytes)]) -> Result<u64, CasError> {
+        let encoded = encode_group(group.to_vec(), self.opts.compression).await?;
+        match self.publish_batch(&encoded).await {
+            Ok(bytes) => Ok(bytes),
+            Err(first) => {
+                // A concurrent writer may have stored some of these blocks.
+                let ids: Vec<BlockId> = group.iter().map(|(id, _)| *id).collect();
+                let still_missing = self.missing(&ids).await?;
+                let retry: Vec<_> = encoded.into_iter().filter(|(id, _)| still_missing.contains(id)).collect();
+                if retry.is_empty() {
+                    return Ok(0);
+                }
+                tracing::debug!(%first, blocks = retry.len(), "retrying block batch");
+                self.publish_batch(&retry).await
+            }
+        }
+    }
+
+    async fn publish_batch(&self, encoded: &[(BlockId, EncodedBlock)]) -> Result<u64, CasError> {
+        let mut wire = 0u64;
+        let messages: Vec<OutboundMessage> = encoded
+            .iter()
+            .map(|(id, block)| {
+                wire += block.payload.len() as u64;
+                OutboundMessage {
+                    subject: subjects::block(id).into(),
+                    payload: block.payload.clone(),
+                    headers: block.headers.clone(),
+                }
+            })
+            .collect();
+        self.js
+            .batch_publish_all()
+            .ack_first(false)
+            .publish(futures::stream::iter(messages))
+            .await
+            .map_err(|e| CasError::nats("block batch publish", e))?;
+        Ok(wire)
+    }
+
+    /// Reads `ids`, verifying every block's hash; any block the store lacks
+    /// is an error naming it. Calls `sink` once per block, in no set order.
+    /// Returns the bytes that crossed the wire.
+    pub async fn get_blocks(
+        &self,
+        ids: &[BlockId],
+        sink: impl Fn(BlockId, Bytes) -> Result<(), CasError> + Sync,
+    ) -> Result<u64, CasError> {
+        let sink = &sink;
+        let sizes: Vec<u64> = futures::stream::iter(ids.chunks(self.opts.batch))
+            .map(|group| async move {
+                let mut seen = HashSet::with_capacity(group.len());
+                let mut wire = 0u64;
+                self.fetch_group(group, |id, msg| {
+                    wire += msg.payload.len() as u64;
+                    let data = decode_block(&id, msg)?;
+                    let actual = BlockId::of(&data);
+                    if actual != id {
+                        return Err(CasError::CorruptBlock { block: id, actual });
+                    }
+                    seen.insert(id);
+                    sink(id, data)
+                })
+                .await?;
+                if let Some(lost) = group.iter().find(|id| !seen.contains(id)) {
+                    return Err(CasError::MissingBlock(*lost));
+                }
+                Ok::<_, CasError>(wire)
+            })
+            .buffer_unordered(self.opts.concurrency)
+            .try_collect()
+            .await?;
+        Ok(sizes.into_iter().sum())
+    }
+
+    /// One batched direct get of the last message on each block subject.
+    async fn fetch_group(
+        &self,
+        group: &[BlockId],
+        mut each: impl FnMut(BlockId, &jetstream::message::StreamMessage) -> Result<(), CasError>,
+    ) -> Result<(), CasError> {
+        if group.is_empty() {
+            return Ok(());
+        }
+        let wanted: HashMap<String, BlockId> = group.iter().map(|id| (subjects::block(id), *id)).collect();
+        let mut messages = self
+            .js
+            .get_last_messages_for(subjects::BLOCK_STREAM)
+            .subjects(wanted.keys().cloned().collect())
+            .send()
+            .await
+            .map_err(|e| CasError::nats("batched direct get", e))?;
+        while let Some(msg) = messages.next().await {
+            let msg = match msg {
+                Ok(msg) => msg,
+                // No block of the group is stored: the server answers 404.
+                Err(e) if e.to_string().contains("404") || e.to_string().to_lowercase().contains("not found") => {
+                    break;
+                }
+                Err(e) => return Err(CasError::nats("batched direct get", e)),
+            };
+            let Some(id) = wanted.get(msg.subject.as_str()) else {
+                return Err(CasError::nats("batched direct get", format!("unasked subject {}", msg.subject)));
+            };
+            each(*id, &msg)?;
+        }
+        Ok(())
+    }
+
+    /// Stores a manifest (once: an existing one is left as it is).
+    pub async fn put_manifest(&self, manifest: &Manifest) -> Result<ManifestId, CasError> {
+        let bytes = manifest.canonical_bytes();
+        let id = ManifestId::of(&bytes);
+        if self.manifests.info(id.to_hex()).await.is_ok() {
+            return Ok(id);
+        }
+        self.put_manifest_bytes(&id, &bytes).await?;
+        Ok(id)
+    }
+
+    /// Writes raw bytes under a manifest id. Only tests planting bad
+    /// manifests should call this directly.
+    pub async fn put_manifest_bytes(&self, id: &ManifestId, bytes: &[u8]) -> Result<(), CasError> {
+        let mut reader = bytes;
+        self.manifests
+            .put(id.to_hex().as_str(), &mut reader)
+            .await
+            .map_err(|e| CasError::nats("manifest put", e))?;
+        Ok(())
+    }
+
+    /// Reads and checks a manifest: size limit before reading, then the
+    /// hash, the shape and consistency.
+    pub async fn get_manifest(&self, id: &ManifestId) -> Result<Manifest, CasError> {
+        let info = self.manifests.info(id.to_hex()).await.map_err(|e| {
+            if e.kind() == object_store::InfoErrorKind::NotFound {
+                CasError::MissingManifest(*id)
+            } else {
+                CasError::nats("manifest info", e)
+            }
+        })?;
+        let refuse = |source| CasError::Manifest { id: *id, source };
+        let max = self.opts.max_manifest_bytes.min(MAX_MANIFEST_BYTES);
+        if info.size as u64 > max {
+            return Err(refuse(ManifestError::TooLarge { size: info.size as u64, max }));
+        }
+        let mut object = self.manifests.get(id.to_hex()).await.map_err(|e| CasError::nats("manifest get", e))?;
+        let mut bytes = Vec::with_capacity(info.size);
+        (&mut object)
+            .take(max + 1)
+            .read_to_end(&mut bytes)
+            .await
+            .map_err(|e| CasError::nats("manifest read", e))?;
+        Manifest::decode(&bytes, id).map_err(refuse)
+    }
+}
+
+/// A block as it goes on the wire.
+#[derive(Clone)]
+struct EncodedBlock {
+    payload: Bytes,
+    headers: Option<HeaderMap>,
+}
+
+const ZSTD: &str = "zstd";
+
+async fn encode_group(
+    group: Vec<(BlockId, Bytes)>,
+    level: Option<i32>,
+) -> Result<Vec<(BlockId, EncodedBlock)>, CasError> {
+    let Some(level) = level else {
+        return Ok(group.into_iter().map(|(id, data)| (id, EncodedBlock { payload: data, headers: None })).collect());
+    };
+    // Compression is CPU work: keep it off the async workers.
+    tokio::task::spawn_blocking(move || {
+        group
+            .into_iter()
+            .map(|(id, data)| {
+                let packed = zstd::bulk::compress(&data, level)
+                    .map_err(|e| CasError::BlockEncoding { block: id, reason: e.to_string() })?;
+                // Incompressible blocks stay raw: the header costs more than it saves.
+                if packed.len() + 32 >= data.len() {
+                    return Ok((id, EncodedBlock { payload: data, headers: None }));
+                }
+                let mut headers = HeaderMap::new();
+                headers.insert(subjects::BLOCK_ENCODING_HEADER, ZSTD);
+                Ok((id, EncodedBlock { payload: packed.into(), headers: Some(headers) }))
+            })
+            .collect()
+    })
+    .await
+    .map_err(|e| CasError::nats("compress blocks", e))?
+}
+
+fn decode_block(id: &BlockId, msg: &jetstream::message::StreamMessage) -> Result<Bytes, CasError> {
+    let encoding = msg.headers.get(subjects::BLOCK_ENCODING_HEADER).map(|v| v.as_str().to_string());
+    match encoding.as_deref() {
+        None => Ok(msg.payload.clone()),
+        Some(ZSTD) => zstd::bulk::decompress(&msg.payload, MAX_BLOCK_BYTES as usize)
+            .map(Bytes::from)
+            .map_err(|e| CasError::BlockEncoding { block: *id, reason: e.to_string() }),
+        Some(other) => Err(CasError::BlockEncoding { block: *id, reason: format!("unknown encoding {other:?}") }),
+    }
+}

