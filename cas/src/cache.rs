@@ -26,7 +26,11 @@ impl HaveReport {
     /// Fraction of the stored bytes already present (1.0 for an all-zero object).
     pub fn hot_fraction(&self) -> f64 {
         let total = self.hot_bytes + self.cold_bytes;
-        if total == 0 { 1.0 } else { self.hot_bytes as f64 / total as f64 }
+        if total == 0 {
+            1.0
+        } else {
+            self.hot_bytes as f64 / total as f64
+        }
     }
 }
 
@@ -91,7 +95,9 @@ impl BlockCache {
             if prefix.len() != 2 || !shard.path().is_dir() {
                 continue;
             }
-            for entry in std::fs::read_dir(shard.path()).map_err(|e| CasError::io("read cache dir", &dir, e))? {
+            for entry in
+                std::fs::read_dir(shard.path()).map_err(|e| CasError::io("read cache dir", &dir, e))?
+            {
                 let entry = entry.map_err(|e| CasError::io("read cache dir", &dir, e))?;
                 let name = format!("{prefix}{}", entry.file_name().to_string_lossy());
                 let Ok(id) = name.parse::<BlockId>() else { continue };
@@ -105,7 +111,11 @@ impl BlockCache {
         for (_, id, size) in found {
             index.insert(id, size);
         }
-        let cache = Self { dir, cap_bytes, index: Mutex::new(index) };
+        let cache = Self {
+            dir,
+            cap_bytes,
+            index: Mutex::new(index),
+        };
         cache.evict();
         Ok(cache)
     }
@@ -120,7 +130,11 @@ impl BlockCache {
     }
 
     pub fn contains(&self, id: &BlockId) -> bool {
-        self.index.lock().expect("cache index lock").entries.contains_key(id)
+        self.index
+            .lock()
+            .expect("cache index lock")
+            .entries
+            .contains_key(id)
     }
 
     /// Bytes held now.
@@ -167,7 +181,10 @@ impl BlockCache {
         let tmp = parent.join(format!(".{}-{}.tmp", std::process::id(), next_tmp_suffix()));
         std::fs::write(&tmp, data).map_err(|e| CasError::io("write cache block", &tmp, e))?;
         std::fs::rename(&tmp, &path).map_err(|e| CasError::io("commit cache block", &path, e))?;
-        self.index.lock().expect("cache index lock").insert(*id, data.len() as u64);
+        self.index
+            .lock()
+            .expect("cache index lock")
+            .insert(*id, data.len() as u64);
         self.evict();
         Ok(())
     }
@@ -175,7 +192,9 @@ impl BlockCache {
     fn evict(&self) {
         let mut index = self.index.lock().expect("cache index lock");
         while index.total > self.cap_bytes {
-            let Some((_, id)) = index.by_use.iter().next().map(|(t, id)| (*t, *id)) else { break };
+            let Some((_, id)) = index.by_use.iter().next().map(|(t, id)| (*t, *id)) else {
+                break;
+            };
             index.remove(&id);
             let _ = std::fs::remove_file(self.path_of(&id));
         }

@@ -56,7 +56,9 @@ impl ManifestBuilder {
 /// every block and the compiler vectorizes it.
 pub fn is_zero(data: &[u8]) -> bool {
     let mut words = data.chunks_exact(16);
-    words.by_ref().all(|w| u128::from_ne_bytes(w.try_into().expect("16-byte chunk")) == 0)
+    words
+        .by_ref()
+        .all(|w| u128::from_ne_bytes(w.try_into().expect("16-byte chunk")) == 0)
         && words.remainder().iter().all(|&b| b == 0)
 }
 
@@ -183,6 +185,10 @@ mod tests {
         let b = manifest_of(&shifted[..], ObjectKind::Blob, Chunking::FASTCDC_16K).unwrap();
         let a_ids: std::collections::HashSet<_> = a.unique_blocks().into_iter().collect();
         let shared = b.unique_blocks().iter().filter(|x| a_ids.contains(x)).count();
-        assert!(shared * 10 >= a_ids.len() * 9, "only {shared} of {} chunks shared", a_ids.len());
+        assert!(
+            shared * 10 >= a_ids.len() * 9,
+            "only {shared} of {} chunks shared",
+            a_ids.len()
+        );
     }
 }

@@ -10,7 +10,11 @@ pub enum CasError {
     #[error("block {0} is not in the store")]
     MissingBlock(BlockId),
     #[error("block {block} has {actual} bytes, the manifest says {expected}")]
-    BlockSize { block: BlockId, expected: u32, actual: usize },
+    BlockSize {
+        block: BlockId,
+        expected: u32,
+        actual: usize,
+    },
     #[error("block {block} cannot be decoded: {reason}")]
     BlockEncoding { block: BlockId, reason: String },
     #[error("manifest {0} is not in the store")]
@@ -34,10 +38,17 @@ pub enum CasError {
 
 impl CasError {
     pub(crate) fn nats(op: &'static str, err: impl std::fmt::Display) -> Self {
-        CasError::Nats { op, reason: err.to_string() }
+        CasError::Nats {
+            op,
+            reason: err.to_string(),
+        }
     }
 
     pub(crate) fn io(op: &'static str, path: &std::path::Path, source: std::io::Error) -> Self {
-        CasError::Io { op, path: path.display().to_string(), source }
+        CasError::Io {
+            op,
+            path: path.display().to_string(),
+            source,
+        }
     }
 }

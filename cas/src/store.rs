@@ -46,7 +46,13 @@ pub struct StoreOptions {
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        Self { concurrency: 8, batch: MAX_BATCH, compression: None, replicas: 1, max_manifest_bytes: MAX_MANIFEST_BYTES }
+        Self {
+            concurrency: 8,
+            batch: MAX_BATCH,
+            compression: None,
+            replicas: 1,
+            max_manifest_bytes: MAX_MANIFEST_BYTES,
+        }
     }
 }
 
@@ -89,7 +95,10 @@ impl BlockStore {
                 .await
                 .map_err(|e| CasError::nats("create manifest bucket", e))?,
         };
-        let opts = StoreOptions { batch: opts.batch.clamp(1, MAX_BATCH), ..opts };
+        let opts = StoreOptions {
+            batch: opts.batch.clamp(1, MAX_BATCH),
+            ..opts
+        };
         Ok(Self { js, manifests, opts })
     }
 
@@ -142,7 +151,10 @@ impl BlockStore {
                 // A concurrent writer may have stored some of these blocks.
                 let ids: Vec<BlockId> = group.iter().map(|(id, _)| *id).collect();
                 let still_missing = self.missing(&ids).await?;
-                let retry: Vec<_> = encoded.into_iter().filter(|(id, _)| still_missing.contains(id)).collect();
+                let retry: Vec<_> = encoded
+                    .into_iter()
+                    .filter(|(id, _)| still_missing.contains(id))
+                    .collect();
                 if retry.is_empty() {
                     return Ok(0);
                 }
@@ -230,13 +242,19 @@ impl BlockStore {
             let msg = match msg {
                 Ok(msg) => msg,
                 // No block of the group is stored: the server answers 404.
-                Err(e) if e.to_string().contains("404") || e.to_string().to_lowercase().contains("not found") => {
+                Err(e)
+                    if e.to_string().contains("404")
+                        || e.to_string().to_lowercase().contains("not found") =>
+                {
                     break;
                 }
                 Err(e) => return Err(CasError::nats("batched direct get", e)),
             };
             let Some(id) = wanted.get(msg.subject.as_str()) else {
-                return Err(CasError::nats("batched direct get", format!("unasked subject {}", msg.subject)));
+                return Err(CasError::nats(
+                    "batched direct get",
+                    format!("unasked subject {}", msg.subject),
+                ));
             };
             each(*id, &msg)?;
         }
@@ -278,9 +296,16 @@ impl BlockStore {
         let refuse = |source| CasError::Manifest { id: *id, source };
         let max = self.opts.max_manifest_bytes.min(MAX_MANIFEST_BYTES);
         if info.size as u64 > max {
-            return Err(refuse(ManifestError::TooLarge { size: info.size as u64, max }));
+            return Err(refuse(ManifestError::TooLarge {
+                size: info.size as u64,
+                max,
+            }));
         }
-        let mut object = self.manifests.get(id.to_hex()).await.map_err(|e| CasError::nats("manifest get", e))?;
+        let mut object = self
+            .manifests
+            .get(id.to_hex())
+            .await
+            .map_err(|e| CasError::nats("manifest get", e))?;
         let mut bytes = Vec::with_capacity(info.size);
         (&mut object)
             .take(max + 1)
@@ -305,22 +330,47 @@ async fn encode_group(
     level: Option<i32>,
 ) -> Result<Vec<(BlockId, EncodedBlock)>, CasError> {
     let Some(level) = level else {
-        return Ok(group.into_iter().map(|(id, data)| (id, EncodedBlock { payload: data, headers: None })).collect());
+        return Ok(group
+            .into_iter()
+            .map(|(id, data)| {
+                (
+                    id,
+                    EncodedBlock {
+                        payload: data,
+                        headers: None,
+                    },
+                )
+            })
+            .collect());
     };
     // Compression is CPU work: keep it off the async workers.
     tokio::task::spawn_blocking(move || {
         group
             .into_iter()
             .map(|(id, data)| {
-                let packed = zstd::bulk::compress(&data, level)
-                    .map_err(|e| CasError::BlockEncoding { block: id, reason: e.to_string() })?;
+                let packed = zstd::bulk::compress(&data, level).map_err(|e| CasError::BlockEncoding {
+                    block: id,
+                    reason: e.to_string(),
+                })?;
                 // Incompressible blocks stay raw: the header costs more than it saves.
                 if packed.len() + 32 >= data.len() {
-                    return Ok((id, EncodedBlock { payload: data, headers: None }));
+                    return Ok((
+                        id,
+                        EncodedBlock {
+                            payload: data,
+                            headers: None,
+                        },
+                    ));
                 }
                 let mut headers = HeaderMap::new();
                 headers.insert(subjects::BLOCK_ENCODING_HEADER, ZSTD);
-                Ok((id, EncodedBlock { payload: packed.into(), headers: Some(headers) }))
+                Ok((
+                    id,
+                    EncodedBlock {
+                        payload: packed.into(),
+                        headers: Some(headers),
+                    },
+                ))
             })
             .collect()
     })
@@ -329,12 +379,21 @@ async fn encode_group(
 }
 
 fn decode_block(id: &BlockId, msg: &jetstream::message::StreamMessage) -> Result<Bytes, CasError> {
-    let encoding = msg.headers.get(subjects::BLOCK_ENCODING_HEADER).map(|v| v.as_str().to_string());
+    let encoding = msg
+        .headers
+        .get(subjects::BLOCK_ENCODING_HEADER)
+        .map(|v| v.as_str().to_string());
     match encoding.as_deref() {
         None => Ok(msg.payload.clone()),
         Some(ZSTD) => zstd::bulk::decompress(&msg.payload, MAX_BLOCK_BYTES as usize)
             .map(Bytes::from)
-            .map_err(|e| CasError::BlockEncoding { block: *id, reason: e.to_string() }),
-        Some(other) => Err(CasError::BlockEncoding { block: *id, reason: format!("unknown encoding {other:?}") }),
+            .map_err(|e| CasError::BlockEncoding {
+                block: *id,
+                reason: e.to_string(),
+            }),
+        Some(other) => Err(CasError::BlockEncoding {
+            block: *id,
+            reason: format!("unknown encoding {other:?}"),
+        }),
     }
 }

@@ -78,7 +78,8 @@ pub async fn push_file(
                         pending.push((id, Bytes::copy_from_slice(data)));
                         if pending.len() == batch {
                             let full = std::mem::replace(&mut pending, Vec::with_capacity(batch));
-                            tx.blocking_send(full).map_err(|_| std::io::Error::other("uploader stopped"))?;
+                            tx.blocking_send(full)
+                                .map_err(|_| std::io::Error::other("uploader stopped"))?;
                         }
                     }
                 }
@@ -87,7 +88,8 @@ pub async fn push_file(
         })
         .map_err(|e| CasError::io("read", &owned_path, e))?;
         if !pending.is_empty() {
-            tx.blocking_send(pending).map_err(|_| CasError::nats("block upload", "uploader stopped"))?;
+            tx.blocking_send(pending)
+                .map_err(|_| CasError::nats("block upload", "uploader stopped"))?;
         }
         Ok((builder.finish(), seen.len() as u64))
     });
@@ -123,7 +125,14 @@ pub async fn push_file(
     upload_result?;
     let (manifest, unique_blocks) = chunked?;
     let manifest_id = store.put_manifest(&manifest).await?;
-    Ok(PushReport { manifest_id, manifest, unique_blocks, sent_blocks, sent_bytes, elapsed: started.elapsed() })
+    Ok(PushReport {
+        manifest_id,
+        manifest,
+        unique_blocks,
+        sent_blocks,
+        sent_bytes,
+        elapsed: started.elapsed(),
+    })
 }
 
 async fn upload_group(
@@ -133,7 +142,11 @@ async fn upload_group(
 ) -> Result<(u64, u64), CasError> {
     let ids: Vec<BlockId> = group.iter().map(|(id, _)| *id).collect();
     let missing = store.missing(&ids).await?;
-    let to_send: Vec<(BlockId, Bytes)> = group.iter().filter(|(id, _)| missing.contains(id)).cloned().collect();
+    let to_send: Vec<(BlockId, Bytes)> = group
+        .iter()
+        .filter(|(id, _)| missing.contains(id))
+        .cloned()
+        .collect();
     let bytes = store.put_blocks(&to_send).await?;
     if let Some(cache) = cache {
         for (id, data) in &group {
@@ -177,7 +190,10 @@ pub async fn pull_file(
 }
 
 fn partial_path(dest: &Path) -> PathBuf {
-    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     dest.with_file_name(format!(".{name}.vmlot-partial"))
 }
 
@@ -188,7 +204,8 @@ async fn write_object(
     partial: &Path,
 ) -> Result<(u64, u64, u64), CasError> {
     let file = std::fs::File::create(partial).map_err(|e| CasError::io("create", partial, e))?;
-    file.set_len(manifest.size).map_err(|e| CasError::io("size", partial, e))?;
+    file.set_len(manifest.size)
+        .map_err(|e| CasError::io("size", partial, e))?;
     let file = Arc::new(file);
 
     // Where each distinct block goes (a block may repeat).
@@ -202,7 +219,11 @@ async fn write_object(
                 (n, Vec::new())
             });
             if entry.0 != n {
-                return Err(CasError::BlockSize { block: b, expected: entry.0, actual: n as usize });
+                return Err(CasError::BlockSize {
+                    block: b,
+                    expected: entry.0,
+                    actual: n as usize,
+                });
             }
             entry.1.push(offset);
         }
@@ -213,10 +234,15 @@ async fn write_object(
     let write = |id: BlockId, data: Bytes| -> Result<(), CasError> {
         let (n, offsets) = &places[&id];
         if data.len() != *n as usize {
-            return Err(CasError::BlockSize { block: id, expected: *n, actual: data.len() });
+            return Err(CasError::BlockSize {
+                block: id,
+                expected: *n,
+                actual: data.len(),
+            });
         }
         for &at in offsets {
-            file.write_all_at(&data, at).map_err(|e| CasError::io("write", partial, e))?;
+            file.write_all_at(&data, at)
+                .map_err(|e| CasError::io("write", partial, e))?;
         }
         Ok(())
     };

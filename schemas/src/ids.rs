@@ -166,7 +166,11 @@ mod tests {
         assert_eq!(id.to_hex(), "aaf4c61ddcc5e8a2dabede0f3b482cd9aea9434d");
         assert_eq!(id.to_hex().parse::<BlockId>().unwrap(), id);
         assert!("zz".parse::<BlockId>().is_err());
-        assert!("AAF4C61DDCC5E8A2DABEDE0F3B482CD9AEA9434D".parse::<BlockId>().is_err());
+        assert!(
+            "AAF4C61DDCC5E8A2DABEDE0F3B482CD9AEA9434D"
+                .parse::<BlockId>()
+                .is_err()
+        );
         assert!(serde_json::from_str::<BlockId>("\"aaf4\"").is_err());
     }
 }

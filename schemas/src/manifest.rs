@@ -54,7 +54,11 @@ impl Chunking {
     /// Fixed 4 KiB blocks.
     pub const FIXED_4K: Chunking = Chunking::Fixed { size: 4096 };
     /// FastCDC with a 16 KiB average.
-    pub const FASTCDC_16K: Chunking = Chunking::Fastcdc { min: 4096, avg: 16384, max: 65536 };
+    pub const FASTCDC_16K: Chunking = Chunking::Fastcdc {
+        min: 4096,
+        avg: 16384,
+        max: 65536,
+    };
 
     /// The longest block this chunking can produce.
     pub fn max_block(&self) -> u32 {
@@ -107,7 +111,10 @@ pub enum ManifestError {
     #[error("manifest is {size} bytes, over the {max}-byte limit")]
     TooLarge { size: u64, max: u64 },
     #[error("manifest bytes hash to {actual}, not to its id {expected}")]
-    IdMismatch { expected: ManifestId, actual: ManifestId },
+    IdMismatch {
+        expected: ManifestId,
+        actual: ManifestId,
+    },
     #[error("manifest is not valid JSON of the expected shape: {0}")]
     Garbled(String),
     #[error("manifest bytes are not in canonical form")]
@@ -136,7 +143,10 @@ impl Manifest {
     pub fn decode(bytes: &[u8], expected: &ManifestId) -> Result<Manifest, ManifestError> {
         let size = bytes.len() as u64;
         if size > MAX_MANIFEST_BYTES {
-            return Err(ManifestError::TooLarge { size, max: MAX_MANIFEST_BYTES });
+            return Err(ManifestError::TooLarge {
+                size,
+                max: MAX_MANIFEST_BYTES,
+            });
         }
         // Name the hash problem before the id, so a manifest from a newer
         // build that uses another algorithm gets the clearer error.
@@ -149,7 +159,10 @@ impl Manifest {
         }
         let actual = ManifestId::of(bytes);
         if actual != *expected {
-            return Err(ManifestError::IdMismatch { expected: *expected, actual });
+            return Err(ManifestError::IdMismatch {
+                expected: *expected,
+                actual,
+            });
         }
         let manifest: Manifest =
             serde_json::from_value(peek).map_err(|e| ManifestError::Garbled(e.to_string()))?;
@@ -167,12 +180,16 @@ impl Manifest {
         }
         let max_block = self.chunking.max_block();
         if max_block == 0 || max_block > MAX_BLOCK_BYTES {
-            return Err(ManifestError::Inconsistent(format!("block size limit {max_block} out of range")));
+            return Err(ManifestError::Inconsistent(format!(
+                "block size limit {max_block} out of range"
+            )));
         }
         if let Chunking::Fastcdc { min, avg, max } = self.chunking
             && !(min <= avg && avg <= max)
         {
-            return Err(ManifestError::Inconsistent("fastcdc needs min <= avg <= max".into()));
+            return Err(ManifestError::Inconsistent(
+                "fastcdc needs min <= avg <= max".into(),
+            ));
         }
         let mut total: u64 = 0;
         for (i, extent) in self.extents.iter().enumerate() {
@@ -229,7 +246,13 @@ mod tests {
             hash: HashAlgorithm::Sha1,
             chunking: Chunking::FIXED_4K,
             size: 4096 + 8192,
-            extents: vec![Extent::Block { b: BlockId::of(b"x"), n: 4096 }, Extent::Zero { z: 8192 }],
+            extents: vec![
+                Extent::Block {
+                    b: BlockId::of(b"x"),
+                    n: 4096,
+                },
+                Extent::Zero { z: 8192 },
+            ],
         }
     }
 
@@ -244,13 +267,23 @@ mod tests {
         let m = sample();
         let bytes = m.canonical_bytes();
         let id = m.id();
-        assert!(matches!(Manifest::decode(&bytes[..bytes.len() - 3], &id), Err(ManifestError::Garbled(_))));
+        assert!(matches!(
+            Manifest::decode(&bytes[..bytes.len() - 3], &id),
+            Err(ManifestError::Garbled(_))
+        ));
         let mut flipped = bytes.clone();
         let pos = flipped.iter().position(|&c| c == b'8').unwrap();
         flipped[pos] = b'7';
-        assert!(matches!(Manifest::decode(&flipped, &id), Err(ManifestError::IdMismatch { .. })));
-        let other = String::from_utf8(bytes.clone()).unwrap().replace("sha1", "sha256");
-        assert!(matches!(Manifest::decode(other.as_bytes(), &id), Err(ManifestError::UnsupportedHash(h)) if h == "sha256"));
+        assert!(matches!(
+            Manifest::decode(&flipped, &id),
+            Err(ManifestError::IdMismatch { .. })
+        ));
+        let other = String::from_utf8(bytes.clone())
+            .unwrap()
+            .replace("sha1", "sha256");
+        assert!(
+            matches!(Manifest::decode(other.as_bytes(), &id), Err(ManifestError::UnsupportedHash(h)) if h == "sha256")
+        );
         let mut bad = m.clone();
         bad.size += 1;
         assert!(matches!(
@@ -263,6 +296,9 @@ mod tests {
             Err(ManifestError::NotCanonical)
         );
         let huge = vec![b' '; MAX_MANIFEST_BYTES as usize + 1];
-        assert!(matches!(Manifest::decode(&huge, &id), Err(ManifestError::TooLarge { .. })));
+        assert!(matches!(
+            Manifest::decode(&huge, &id),
+            Err(ManifestError::TooLarge { .. })
+        ));
     }
 }

@@ -21,7 +21,10 @@ pub struct Money {
 
 impl Money {
     pub fn new(amount: Decimal, unit: impl Into<String>) -> Self {
-        Self { amount, unit: unit.into() }
+        Self {
+            amount,
+            unit: unit.into(),
+        }
     }
 
     /// True when the unit code is well-formed.

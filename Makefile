@@ -1,0 +1,46 @@
+# vmlot — see README.md. `make demo` and `make test` do all set-up themselves.
+SHELL := /bin/bash
+CARGO ?= cargo
+export PATH := $(CURDIR)/.tools/bin:$(PATH)
+
+.PHONY: all deps build guest test lint unit demo bench-cas schemas clean
+
+all: build
+
+## Install what is missing (apt: QEMU 10 from bookworm-backports, busybox, rsync; PyPI: nats-server).
+deps:
+	@bash scripts/deps.sh
+
+build: deps
+	$(CARGO) build --release --workspace
+
+## The test guest: a Debian kernel and a busybox initramfs.
+guest: deps
+	@bash scripts/build-guest.sh
+
+## Every test: formatting, lints, unit and integration tests against real nats-server.
+test: deps lint unit
+
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+unit:
+	$(CARGO) test --workspace
+
+## Start NATS, push real QEMU checkpoints through the store, pull them back, print figures.
+demo: build guest
+	@bash scripts/demo.sh
+
+## Checkpoint-transfer benchmark on real QEMU saves (writes .tools/bench/ckpt).
+bench-cas: build guest
+	mkdir -p .tools/bench && python3 scripts/qemu-checkpoints.py .tools/bench/ckpt > .tools/bench/ckpt.json
+	./target/release/vmlot-bench cas --dir .tools/bench/ckpt
+
+## Regenerate schemas/json/ after changing a wire type.
+schemas:
+	VMLOT_BLESS=1 $(CARGO) test -p vmlot-schemas --test json_schemas
+
+clean:
+	$(CARGO) clean
+	rm -rf .demo

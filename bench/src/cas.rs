@@ -1,0 +1,319 @@
+//! Checkpoint transfer: for each save format and chunking, how much of the
+//! next checkpoint is already there, what crosses the wire, how fast
+//! chunk+hash runs against plain SHA-1, and how fast push/pull run against
+//! raw JetStream on the same server; rsync's delta transfer of the same
+//! pair alongside.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use async_nats::jetstream::{self, stream};
+use futures::StreamExt;
+use sha1::{Digest, Sha1};
+use vmlot_cas::chunk::manifest_of;
+use vmlot_cas::{BlockStore, StoreOptions, pull_file, push_file};
+use vmlot_schemas::{BlockId, Chunking, Manifest, ObjectKind};
+use vmlot_tests::NatsServer;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Directory with same-a/same-b/other × .mapped/.classic checkpoints.
+    #[arg(long)]
+    dir: PathBuf,
+}
+
+const MB: f64 = 1_000_000.0;
+
+pub async fn run(args: Args) -> Result<()> {
+    let formats = [("mapped-ram", "mapped"), ("classic", "classic")];
+    let chunkings = [
+        ("fixed 4 KiB", Chunking::FIXED_4K),
+        ("FastCDC 16 KiB", Chunking::FASTCDC_16K),
+    ];
+    let pairs = [
+        ("same VM, 5 s apart", "same-a", "same-b"),
+        ("different boot", "same-a", "other"),
+    ];
+
+    println!(
+        "nats-server: {}",
+        version(vmlot_tests::nats_server_binary()?.as_os_str(), "--version")
+    );
+    println!("rsync: {}", version("rsync".as_ref(), "--version"));
+    println!("fsync: sync_interval always (every acknowledged write is on disk)\n");
+
+    println!("## Transfer of the second checkpoint given the first\n");
+    println!(
+        "| pair | format | chunking | file MB | hot % | wire MB (store) | rsync literal MB | rsync s | index overhead % |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for (pair_name, a, b) in pairs {
+        for (format_name, ext) in formats {
+            let path_a = args.dir.join(format!("{a}.{ext}"));
+            let path_b = args.dir.join(format!("{b}.{ext}"));
+            let rsync = rsync_delta(&path_a, &path_b)?;
+            for (chunk_name, chunking) in chunkings {
+                let ma = manifest_of(std::fs::File::open(&path_a)?, ObjectKind::MachineState, chunking)?;
+                let mb = manifest_of(std::fs::File::open(&path_b)?, ObjectKind::MachineState, chunking)?;
+                let have: HashSet<BlockId> = ma.unique_blocks().into_iter().map(|(id, _)| id).collect();
+                let (hot, cold) = mb.unique_blocks().iter().fold((0u64, 0u64), |(h, c), (id, n)| {
+                    if have.contains(id) {
+                        (h + *n as u64, c)
+                    } else {
+                        (h, c + *n as u64)
+                    }
+                });
+                let index = 20.0 * mb.unique_blocks().len() as f64 / mb.size as f64 * 100.0;
+                println!(
+                    "| {pair_name} | {format_name} | {chunk_name} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                    mb.size as f64 / MB,
+                    hot as f64 / (hot + cold).max(1) as f64 * 100.0,
+                    cold as f64 / MB,
+                    rsync.literal as f64 / MB,
+                    rsync.seconds,
+                    index,
+                );
+            }
+        }
+    }
+
+    println!("\n## Chunk + hash against plain SHA-1 over the same bytes (in memory)\n");
+    println!("| format | chunking | MB | raw sha1 MB/s | chunk+hash MB/s | ratio |");
+    println!("|---|---|---|---|---|---|");
+    for (format_name, ext) in formats {
+        let data = std::fs::read(args.dir.join(format!("same-a.{ext}")))?;
+        let raw = best_of(3, || {
+            std::hint::black_box(Sha1::digest(&data));
+        });
+        for (chunk_name, chunking) in chunkings {
+            let chunked = best_of(3, || {
+                std::hint::black_box(manifest_of(&data[..], ObjectKind::MachineState, chunking).unwrap());
+            });
+            let mbs = data.len() as f64 / MB;
+            println!(
+                "| {format_name} | {chunk_name} | {mbs:.1} | {:.0} | {:.0} | {:.2} |",
+                mbs / raw,
+                mbs / chunked,
+                raw / chunked
+            );
+        }
+    }
+
+    println!("\n## Push and pull through NATS against raw JetStream on the same server\n");
+    println!(
+        "Raw: the same stored bytes as 1 MiB messages, pipelined acknowledged publishes into a plain stream, \
+         read back with an ordered consumer. Store: the first checkpoint pushed into an empty store (every \
+         block cold), then pulled into an empty directory with no cache.\n"
+    );
+    println!(
+        "| format | chunking | stored MB | raw publish MB/s | push MB/s | push/raw | raw read MB/s | pull MB/s | pull/raw |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let mut profile: Vec<String> = Vec::new();
+    for (format_name, ext) in formats {
+        let path = args.dir.join(format!("same-a.{ext}"));
+        for (chunk_name, chunking) in chunkings {
+            let server = NatsServer::start()?;
+            let client = server.client().await?;
+            let manifest = manifest_of(std::fs::File::open(&path)?, ObjectKind::MachineState, chunking)?;
+            let stored = stored_bytes(&path, &manifest)?;
+            let (raw_pub, raw_read) = raw_jetstream(&client, &stored).await?;
+            let store = BlockStore::open(client, store_options()).await?;
+            let cpu = Cpu::start(&server);
+            let started = Instant::now();
+            let none = HashSet::new();
+            let pushed = push_file(&store, None, &path, ObjectKind::MachineState, chunking, &none).await?;
+            let push_s = started.elapsed().as_secs_f64();
+            let push_cpu = cpu.stop(&server);
+            let tmp = tempfile::tempdir()?;
+            let cpu = Cpu::start(&server);
+            let started = Instant::now();
+            pull_file(&store, None, &pushed.manifest_id, &tmp.path().join("out")).await?;
+            let pull_s = started.elapsed().as_secs_f64();
+            let pull_cpu = cpu.stop(&server);
+            for (step, wall, (server_cpu, client_cpu)) in
+                [("push", push_s, push_cpu), ("pull", pull_s, pull_cpu)]
+            {
+                profile.push(format!(
+                    "| {format_name} | {chunk_name} | {step} | {wall:.2} | {server_cpu:.2} | {client_cpu:.2} |"
+                ));
+            }
+            let mb = stored.len() as f64 / MB;
+            println!(
+                "| {format_name} | {chunk_name} | {mb:.1} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {:.2} |",
+                mb / raw_pub,
+                mb / push_s,
+                raw_pub / push_s,
+                mb / raw_read,
+                mb / pull_s,
+                raw_read / pull_s,
+            );
+        }
+    }
+    println!("\nWhere the time goes (CPU seconds of nats-server and of this client process; 2 cores):\n");
+    println!("| format | chunking | step | wall s | nats-server CPU s | client CPU s |");
+    println!("|---|---|---|---|---|---|");
+    for line in profile {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+/// Store tuning, overridable for experiments (`VMLOT_BENCH_CONCURRENCY`, `VMLOT_BENCH_BATCH`).
+fn store_options() -> StoreOptions {
+    let env = |name: &str| std::env::var(name).ok().and_then(|v| v.parse().ok());
+    let defaults = StoreOptions::default();
+    StoreOptions {
+        concurrency: env("VMLOT_BENCH_CONCURRENCY").unwrap_or(defaults.concurrency),
+        batch: env("VMLOT_BENCH_BATCH").unwrap_or(defaults.batch),
+        ..defaults
+    }
+}
+
+/// CPU seconds of the server and of this process across one step.
+struct Cpu {
+    server: f64,
+    client: f64,
+}
+
+impl Cpu {
+    fn start(server: &NatsServer) -> Self {
+        Self {
+            server: server.cpu_seconds().unwrap_or(0.0),
+            client: vmlot_tests::own_cpu_seconds().unwrap_or(0.0),
+        }
+    }
+
+    fn stop(self, server: &NatsServer) -> (f64, f64) {
+        (
+            server.cpu_seconds().unwrap_or(0.0) - self.server,
+            vmlot_tests::own_cpu_seconds().unwrap_or(0.0) - self.client,
+        )
+    }
+}
+
+fn version(bin: &std::ffi::OsStr, flag: &str) -> String {
+    Command::new(bin)
+        .arg(flag)
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        })
+        .unwrap_or_else(|e| format!("unavailable ({e})"))
+}
+
+/// Fastest of `n` runs, in seconds.
+fn best_of(n: usize, mut f: impl FnMut()) -> f64 {
+    (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::MAX, f64::min)
+}
+
+/// The distinct non-zero block bytes of an object, concatenated: what the
+/// store has to move, so the raw baseline moves exactly the same bytes.
+fn stored_bytes(path: &Path, manifest: &Manifest) -> Result<Vec<u8>> {
+    let data = std::fs::read(path)?;
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    let mut at = 0usize;
+    for extent in &manifest.extents {
+        let len = extent.len() as usize;
+        if let vmlot_schemas::Extent::Block { b, .. } = extent
+            && seen.insert(*b)
+        {
+            out.extend_from_slice(&data[at..at + len]);
+        }
+        at += len;
+    }
+    Ok(out)
+}
+
+/// Seconds to publish `bytes` as 1 MiB messages with pipelined acks, and to
+/// read them back with an ordered consumer.
+async fn raw_jetstream(client: &async_nats::Client, bytes: &[u8]) -> Result<(f64, f64)> {
+    let js = jetstream::new(client.clone());
+    let stream = js
+        .create_stream(stream::Config {
+            name: "RAW_BASELINE".into(),
+            subjects: vec!["raw.baseline".into()],
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await?;
+    let started = Instant::now();
+    let mut acks = futures::stream::FuturesOrdered::new();
+    for piece in bytes.chunks(1 << 20) {
+        acks.push_back(
+            js.publish("raw.baseline", bytes::Bytes::copy_from_slice(piece))
+                .await?
+                .into_future(),
+        );
+        if acks.len() >= 64 {
+            acks.next().await.context("ack")??;
+        }
+    }
+    while let Some(ack) = acks.next().await {
+        ack?;
+    }
+    let publish_s = started.elapsed().as_secs_f64();
+
+    let started = Instant::now();
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig { ..Default::default() })
+        .await?;
+    let mut messages = consumer.messages().await?;
+    let mut read = 0usize;
+    while read < bytes.len() {
+        let Some(msg) = messages.next().await else {
+            bail!("ordered consumer ended early")
+        };
+        read += msg?.payload.len();
+    }
+    let read_s = started.elapsed().as_secs_f64();
+    js.delete_stream("RAW_BASELINE").await?;
+    Ok((publish_s, read_s))
+}
+
+struct Rsync {
+    literal: u64,
+    seconds: f64,
+}
+
+/// rsync's delta transfer of `b` onto a copy of `a`: the literal bytes it sends.
+fn rsync_delta(a: &Path, b: &Path) -> Result<Rsync> {
+    let tmp = tempfile::tempdir()?;
+    let dest = tmp.path().join("dest");
+    std::fs::copy(a, &dest)?;
+    let started = Instant::now();
+    let out = Command::new("rsync")
+        .args(["--no-whole-file", "--stats", "--inplace"])
+        .arg(b)
+        .arg(&dest)
+        .output()
+        .context("running rsync (apt-get install rsync)")?;
+    let seconds = started.elapsed().as_secs_f64();
+    if !out.status.success() {
+        bail!("rsync failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let stats = String::from_utf8_lossy(&out.stdout);
+    let literal = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("Literal data: "))
+        .and_then(|v| v.split_whitespace().next())
+        .map(|v| v.replace(',', ""))
+        .and_then(|v| v.parse().ok())
+        .context("rsync printed no 'Literal data' line")?;
+    Ok(Rsync { literal, seconds })
+}

@@ -1,0 +1,98 @@
+//! The `vmlot store` commands as a user runs them: real binary, real server.
+
+use std::process::{Command, Output};
+
+use vmlot_tests::{NatsServer, workspace_binary};
+
+fn vmlot(server: &NatsServer, args: &[&str]) -> Output {
+    Command::new(workspace_binary("vmlot").unwrap())
+        .env("VMLOT_NATS", server.url())
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn push_pull_have_and_exit_codes() {
+    let server = NatsServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("disk.img");
+    let data: Vec<u8> = (0..3 * 4096 + 100).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&src, &data).unwrap();
+
+    let out = vmlot(
+        &server,
+        &["--json", "store", "push", "--kind", "disk", src.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let pushed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let manifest = pushed["manifest"].as_str().unwrap().to_string();
+    assert_eq!(pushed["size"], data.len());
+
+    let cache = dir.path().join("cache");
+    let dest = dir.path().join("copy.img");
+    let out = vmlot(
+        &server,
+        &[
+            "store",
+            "pull",
+            &manifest,
+            "-o",
+            dest.to_str().unwrap(),
+            "--cache",
+            cache.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read(&dest).unwrap(), data);
+
+    let out = vmlot(
+        &server,
+        &[
+            "--json",
+            "store",
+            "have",
+            &manifest,
+            "--cache",
+            cache.to_str().unwrap(),
+        ],
+    );
+    let have: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(have["cold_blocks"], 0);
+    assert!(have["hot_blocks"].as_u64().unwrap() > 0);
+
+    // An unknown manifest: refused data, exit code 3, a message naming it.
+    let unknown = "0".repeat(40);
+    let out = vmlot(
+        &server,
+        &[
+            "store",
+            "pull",
+            &unknown,
+            "-o",
+            dir.path().join("x").to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&unknown));
+
+    // A malformed id is a usage error.
+    let out = vmlot(&server, &["store", "pull", "not-an-id", "-o", "x"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn an_unreachable_server_is_exit_code_4() {
+    let port = vmlot_tests::free_port();
+    let out = Command::new(workspace_binary("vmlot").unwrap())
+        .env("VMLOT_NATS", format!("nats://127.0.0.1:{port}"))
+        .args(["store", "have", &"0".repeat(40), "--cache", "/tmp"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
