@@ -25,7 +25,9 @@ lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
+# The integration tests run the workspace's binaries as real processes.
 unit:
+	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace
 
 ## Start NATS, push real QEMU checkpoints through the store, pull them back, print figures.

@@ -1,10 +1,18 @@
-//! `vmlot-broker`: parses flags, sets up logging, runs [`vmlot_broker::run`].
+//! `vmlot-broker`: parses flags, sets up logging, runs [`vmlot_broker::run`]
+//! until SIGINT or SIGTERM.
+
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use vmlot_broker::{BrokerConfig, PricingRule};
 
 #[derive(Parser)]
-#[command(name = "vmlot-broker", version, about = "The vmlot broker")]
+#[command(
+    name = "vmlot-broker",
+    version,
+    about = "The vmlot broker: time-segment lots on NATS"
+)]
 struct Args {
     /// NATS server URL(s), comma-separated.
     #[arg(long, env = "VMLOT_NATS", default_value = "nats://127.0.0.1:4222")]
@@ -12,12 +20,23 @@ struct Args {
     /// Replicas of the streams the broker creates (3 for a 3-node cluster).
     #[arg(long, default_value_t = 1)]
     replicas: usize,
+    /// How long each lot takes bids, in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    bid_window_ms: u64,
+    /// Time allowed beyond the segment length for fetch, restore, save and upload, in seconds.
+    #[arg(long, default_value_t = 60)]
+    transfer_allowance_s: u64,
+    /// pay-as-bid or second-price.
+    #[arg(long, default_value = "pay-as-bid")]
+    pricing: PricingRule,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_env("VMLOT_LOG"))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VMLOT_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .init();
     let args = Args::parse();
     let addrs: Vec<async_nats::ServerAddr> = args
@@ -27,15 +46,25 @@ async fn main() -> anyhow::Result<()> {
         .collect::<Result<_, _>>()?;
     let client = async_nats::ConnectOptions::new()
         .retry_on_initial_connect()
+        .max_reconnects(None)
         .connect(addrs)
         .await
         .with_context(|| format!("connecting to {}", args.nats))?;
-    let config = vmlot_broker::BrokerConfig {
+    let config = BrokerConfig {
         replicas: args.replicas,
+        bid_window: Duration::from_millis(args.bid_window_ms),
+        transfer_allowance: Duration::from_secs(args.transfer_allowance_s),
+        pricing: args.pricing,
+        ..BrokerConfig::default()
     };
-    vmlot_broker::run(client, config, async {
-        let _ = tokio::signal::ctrl_c().await;
-    })
-    .await?;
+    vmlot_broker::run(client, config, shutdown_signal()).await?;
     Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+    }
 }

@@ -113,10 +113,13 @@ impl BlockStore {
 
     /// Which of `ids` the store lacks.
     pub async fn missing(&self, ids: &[BlockId]) -> Result<HashSet<BlockId>, CasError> {
-        let present: Vec<HashSet<BlockId>> = futures::stream::iter(ids.chunks(self.opts.batch))
+        // Groups are owned, not borrowed slices: a closure over `&[BlockId]`
+        // is higher-ranked, and rustc then cannot prove callers' futures Send.
+        let groups: Vec<Vec<BlockId>> = ids.chunks(self.opts.batch).map(<[BlockId]>::to_vec).collect();
+        let present: Vec<HashSet<BlockId>> = futures::stream::iter(groups)
             .map(|group| async move {
                 let mut present = HashSet::new();
-                self.fetch_group(group, |id, _| {
+                self.fetch_group(&group, |id, _| {
                     present.insert(id);
                     Ok(())
                 })
@@ -135,8 +138,9 @@ impl BlockStore {
     /// in the meantime makes its batch fail as a whole; that batch is checked
     /// again and only what is still missing is written.
     pub async fn put_blocks(&self, blocks: &[(BlockId, Bytes)]) -> Result<u64, CasError> {
-        let sizes: Vec<u64> = futures::stream::iter(blocks.chunks(self.opts.batch))
-            .map(|group| self.put_group(group))
+        let groups: Vec<Vec<(BlockId, Bytes)>> = blocks.chunks(self.opts.batch).map(<[_]>::to_vec).collect();
+        let sizes: Vec<u64> = futures::stream::iter(groups)
+            .map(|group| async move { self.put_group(&group).await })
             .buffer_unordered(self.opts.concurrency)
             .try_collect()
             .await?;
@@ -195,11 +199,12 @@ impl BlockStore {
         sink: impl Fn(BlockId, Bytes) -> Result<(), CasError> + Sync,
     ) -> Result<u64, CasError> {
         let sink = &sink;
-        let sizes: Vec<u64> = futures::stream::iter(ids.chunks(self.opts.batch))
+        let groups: Vec<Vec<BlockId>> = ids.chunks(self.opts.batch).map(<[BlockId]>::to_vec).collect();
+        let sizes: Vec<u64> = futures::stream::iter(groups)
             .map(|group| async move {
                 let mut seen = HashSet::with_capacity(group.len());
                 let mut wire = 0u64;
-                self.fetch_group(group, |id, msg| {
+                self.fetch_group(&group, |id, msg| {
                     wire += msg.payload.len() as u64;
                     let data = decode_block(&id, msg)?;
                     let actual = BlockId::of(&data);

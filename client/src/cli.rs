@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use vmlot_schemas::JobId;
 
 /// Exit code when data failed verification (tampered, missing or refused).
 pub const EXIT_INTEGRITY: u8 = 3;
@@ -33,12 +34,57 @@ pub enum Command {
     /// Move files through the content-addressed store.
     #[command(subcommand)]
     Store(crate::store::StoreCommand),
+    /// Push an image's files and write its description (JSON) for `submit --image`.
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// Submit a job: push the image, hold the budget, start the segments.
+    Submit(Box<crate::market::SubmitArgs>),
+    /// A job's state and its settled segments.
+    Status { job: JobId },
+    /// Follow a job live until it ends (console of each settled segment).
+    Watch { job: JobId },
+    /// Cancel a job.
+    Cancel { job: JobId },
+    /// Providers seen recently.
+    Providers,
+    /// Open lots and running jobs.
+    Market,
+    /// Payments for settled segments.
+    Ledger,
+}
+
+#[derive(Subcommand)]
+pub enum ImageCommand {
+    Push {
+        #[command(flatten)]
+        files: crate::market::ImageArgs,
+        /// Where to write the description (default: stdout).
+        #[arg(short, long)]
+        output: Option<std::path::PathBuf>,
+    },
 }
 
 impl Cli {
     pub async fn run(&self) -> Result<()> {
+        use crate::market;
         match &self.command {
             Command::Store(cmd) => cmd.run(self).await,
+            Command::Image(ImageCommand::Push { files, output }) => {
+                let image = market::push_image(self, files).await?;
+                let text = serde_json::to_string_pretty(&image)?;
+                match output {
+                    Some(path) => std::fs::write(path, text + "\n")?,
+                    None => println!("{text}"),
+                }
+                Ok(())
+            }
+            Command::Submit(args) => market::submit(self, args).await,
+            Command::Status { job } => market::print_status(self, &market::status(self, *job).await?),
+            Command::Watch { job } => market::watch(self, &self.connect().await?, *job).await,
+            Command::Cancel { job } => market::cancel(self, *job).await,
+            Command::Providers => market::providers(self).await,
+            Command::Market => market::market(self).await,
+            Command::Ledger => market::ledger(self).await,
         }
     }
 
@@ -68,10 +114,27 @@ impl std::fmt::Display for Unreachable {
 
 impl std::error::Error for Unreachable {}
 
+/// Exit code when the broker refused the request.
+pub const EXIT_REFUSED: u8 = 5;
+/// Exit code when the job, lot or provider named does not exist.
+pub const EXIT_NOT_FOUND: u8 = 6;
+/// Exit code of `watch` when the job ended other than done.
+pub const EXIT_JOB_NOT_DONE: u8 = 8;
+
 /// Scripts can tell a refused (tampered, missing) object from an outage.
 pub fn exit_code(err: &anyhow::Error) -> ExitCode {
     if err.downcast_ref::<Unreachable>().is_some() {
         return ExitCode::from(EXIT_UNREACHABLE);
+    }
+    if let Some(refused) = err.downcast_ref::<crate::market::Refused>() {
+        return ExitCode::from(if refused.0.code == "not-found" {
+            EXIT_NOT_FOUND
+        } else {
+            EXIT_REFUSED
+        });
+    }
+    if err.downcast_ref::<crate::market::JobDidNotFinish>().is_some() {
+        return ExitCode::from(EXIT_JOB_NOT_DONE);
     }
     match err.downcast_ref::<vmlot_cas::CasError>() {
         Some(

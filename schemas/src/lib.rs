@@ -8,12 +8,15 @@
 
 pub mod ids;
 pub mod manifest;
+pub mod market;
 pub mod money;
 pub mod subjects;
+pub mod vm;
 
 pub use ids::{BlockId, JobId, LotId, ManifestId, ProviderId};
 pub use manifest::{Chunking, Extent, HashAlgorithm, Manifest, ManifestError, ObjectKind};
 pub use money::Money;
+pub use vm::{HypervisorKind, VmConfig};
 
 /// Version of the wire format this crate speaks; decoders refuse others.
 pub const WIRE_VERSION: u32 = 1;
@@ -23,5 +26,24 @@ pub fn json_schemas() -> Vec<(&'static str, schemars::Schema)> {
     vec![
         ("manifest", schemars::schema_for!(Manifest)),
         ("money", schemars::schema_for!(Money)),
+        ("vm-config", schemars::schema_for!(VmConfig)),
+        ("submit-job", schemars::schema_for!(market::SubmitJob)),
+        ("lot", schemars::schema_for!(market::Lot)),
+        ("bid", schemars::schema_for!(market::Bid)),
+        ("to-provider", schemars::schema_for!(market::ToProvider)),
+        ("segment-result", schemars::schema_for!(market::SegmentResult)),
+        ("heartbeat", schemars::schema_for!(market::Heartbeat)),
+        ("job-ref", schemars::schema_for!(market::JobRef)),
+        ("job-status", schemars::schema_for!(market::JobStatus)),
+        ("segment-payment", schemars::schema_for!(market::SegmentPayment)),
+        ("market-view", schemars::schema_for!(market::MarketView)),
+        (
+            "reply-submitted",
+            schemars::schema_for!(market::Reply<market::Submitted>),
+        ),
+        (
+            "reply-job-status",
+            schemars::schema_for!(market::Reply<market::JobStatus>),
+        ),
     ]
 }

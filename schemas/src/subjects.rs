@@ -1,7 +1,8 @@
 //! The NATS subject map. Every subject and stream name is built here, never
 //! by `format!` elsewhere, so the map in `docs/ARCHITECTURE.md` stays true.
 
-use crate::ids::BlockId;
+use crate::ids::{BlockId, ProviderId};
+use crate::vm::HypervisorKind;
 
 /// Stream holding one message per block, subject [`block`].
 pub const BLOCK_STREAM: &str = "VMLOT_BLOCKS";
@@ -15,4 +16,99 @@ pub const BLOCK_ENCODING_HEADER: &str = "Vmlot-Encoding";
 /// Subject of one block.
 pub fn block(id: &BlockId) -> String {
     format!("vmlot.cas.block.{id}")
+}
+
+// The market. Scoped per provider wherever a provider publishes or
+// receives, so NATS permissions can fence each provider to its own
+// subjects: provider P may publish only `vmlot.bid.P`, `vmlot.result.P`,
+// `vmlot.heartbeat.P` and subscribe only to `vmlot.lot.>` and
+// `vmlot.award.P`.
+
+/// Prefix of the broker's job API (a NATS micro service named `vmlot-broker`);
+/// endpoints: `submit`, `status`, `list`, `cancel`, `providers`, `market`.
+pub const API_PREFIX: &str = "vmlot.api";
+/// Name of the broker's micro service.
+pub const API_SERVICE: &str = "vmlot-broker";
+
+/// One endpoint of the job API.
+pub fn api(endpoint: &str) -> String {
+    format!("{API_PREFIX}.{endpoint}")
+}
+
+/// Stream of awards and cancels, one subject per provider, so a provider
+/// that restarts still finds the award it won.
+pub const AWARD_STREAM: &str = "VMLOT_AWARDS";
+pub const AWARD_SUBJECTS: &str = "vmlot.award.*";
+/// Stream of results: a result is durable once the provider has its ack.
+pub const RESULT_STREAM: &str = "VMLOT_RESULTS";
+pub const RESULT_SUBJECTS: &str = "vmlot.result.*";
+/// Stream of ledger records (payments per settled segment).
+pub const LEDGER_STREAM: &str = "VMLOT_LEDGER";
+pub const LEDGER_SUBJECTS: &str = "vmlot.ledger.>";
+/// Key-value bucket of job records, keyed by job id.
+pub const JOB_BUCKET: &str = "vmlot-jobs";
+
+/// The one subject a segment's payment may be written to: the stream
+/// refuses a second message there, so a segment is paid at most once.
+pub fn payment(job: &crate::ids::JobId, segment: u32) -> String {
+    format!("vmlot.ledger.pay.{job}.{segment}")
+}
+
+/// Every lot, of any kind (the broker's own view).
+pub const ALL_BIDS: &str = "vmlot.bid.*";
+pub const ALL_HEARTBEATS: &str = "vmlot.heartbeat.*";
+
+/// The provider a per-provider subject names, if it is one.
+pub fn provider_of(subject: &str) -> Option<ProviderId> {
+    subject.rsplit('.').next()?.parse().ok()
+}
+
+/// Lots for one hypervisor kind and architecture, so providers subscribe
+/// only to what they can run.
+pub fn lot(hypervisor: HypervisorKind, arch: &str) -> String {
+    format!("vmlot.lot.{}.{}", hypervisor.as_str(), subject_token(arch))
+}
+
+/// A provider's bids.
+pub fn bid(provider: &ProviderId) -> String {
+    format!("vmlot.bid.{provider}")
+}
+
+/// Awards and cancels for one provider.
+pub fn award(provider: &ProviderId) -> String {
+    format!("vmlot.award.{provider}")
+}
+
+/// A provider's results.
+pub fn result(provider: &ProviderId) -> String {
+    format!("vmlot.result.{provider}")
+}
+
+/// A provider's heartbeats.
+pub fn heartbeat(provider: &ProviderId) -> String {
+    format!("vmlot.heartbeat.{provider}")
+}
+
+/// A string made safe as one subject token (no dots, wildcards or spaces).
+fn subject_token(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostile_arch_cannot_escape_its_token() {
+        assert_eq!(lot(HypervisorKind::Qemu, "x86_64"), "vmlot.lot.qemu.x86_64");
+        assert_eq!(lot(HypervisorKind::Xen, "a.>*b c"), "vmlot.lot.xen.a___b_c");
+    }
 }

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+pub mod market;
+
 /// Where the project's own tools live (`make deps` installs them there).
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -289,5 +291,75 @@ impl NatsCluster {
                 Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
             }
         }
+    }
+}
+
+/// A workspace binary running as a real process; killed on drop. Its
+/// stderr goes to a log file kept for failure messages.
+pub struct Process {
+    name: String,
+    program: PathBuf,
+    args: Vec<String>,
+    envs: Vec<(String, String)>,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Process {
+    /// Starts `binary` (a workspace binary) with `args`, talking to `nats_url`.
+    pub fn start(binary: &str, name: &str, nats_url: &str, args: &[String], log_dir: &Path) -> Result<Self> {
+        let mut process = Self {
+            name: name.to_string(),
+            program: workspace_binary(binary)?,
+            args: args.to_vec(),
+            envs: vec![
+                ("VMLOT_NATS".into(), nats_url.into()),
+                ("VMLOT_LOG".into(), "info".into()),
+            ],
+            log: log_dir.join(format!("{name}.log")),
+            child: None,
+        };
+        process.spawn()?;
+        Ok(process)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let child = Command::new(&self.program)
+            .args(&self.args)
+            .envs(self.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", self.name))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILL: no chance to clean up, like a machine that dies.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again with the same arguments.
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill();
+        self.spawn()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
     }
 }

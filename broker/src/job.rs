@@ -1,0 +1,519 @@
+//! One task per running job: offer segment k as a lot, collect sealed bids
+//! until the bid deadline, award r providers, wait for the first valid
+//! result until the award deadline, settle (pay once, cancel the other
+//! replicas), and go on from C(k+1). Every step is recorded in the job's KV
+//! record first, so a broker that restarts resumes where it stood.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use rust_decimal::Decimal;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use vmlot_schemas::market::{
+    Award, Bid, CancelAttempt, GuestState, JobState, JobStatus, Lot, OpenLot, SegmentCount, SegmentPayment,
+    SegmentResult, SettledSegment, ToProvider,
+};
+use vmlot_schemas::{JobId, LotId, Money, ProviderId, WIRE_VERSION, subjects};
+
+use crate::auction::{self, BidRefused};
+use crate::state::UpdateError;
+use crate::{BrokerError, LotEvent, LotRoute, Shared, ledger, verify};
+
+type Awarded = Vec<(ProviderId, Money)>;
+
+enum Offer {
+    Awarded(Box<(Lot, Awarded, chrono::DateTime<Utc>)>),
+    NoBids,
+    Stopped,
+}
+
+enum Waited {
+    Settled,
+    TimedOut,
+    Stopped,
+}
+
+fn update_failed<E: std::fmt::Display>(err: UpdateError<E>) -> BrokerError {
+    match err {
+        UpdateError::Broker(b) => b,
+        other => BrokerError::nats("update job", other.to_string()),
+    }
+}
+
+/// Drives `job` until it ends or `stop` fires (shutdown or cancel).
+pub(crate) async fn drive(
+    shared: &Arc<Shared>,
+    job: JobId,
+    stop: CancellationToken,
+    tx: mpsc::Sender<LotEvent>,
+    mut rx: mpsc::Receiver<LotEvent>,
+) -> Result<(), BrokerError> {
+    let mut backoff = shared.config.min_backoff;
+    loop {
+        if stop.is_cancelled() {
+            return on_stop(shared, job).await;
+        }
+        let Some((status, _)) = shared.jobs.get(&job).await? else {
+            return Ok(());
+        };
+        if status.state.is_final() {
+            cancel_open_lot(shared, &status, "job ended").await;
+            return Ok(());
+        }
+        let segment = status.settled.len() as u32;
+        // A payment written before a crash settles its segment; it is not paid again.
+        if let Some(payment) = ledger::existing(&shared.js, job, segment).await? {
+            tracing::info!(%job, segment, "segment already paid; applying the recorded settlement");
+            apply_settlement(shared, &payment).await?;
+            continue;
+        }
+        if let Some((state, reason)) = end_before(&status) {
+            finish(shared, job, state, reason).await?;
+            continue;
+        }
+        let resumable = status
+            .open_lot
+            .as_ref()
+            .and_then(|open| match open.award_deadline {
+                Some(deadline) if !open.awarded.is_empty() && deadline > Utc::now() => {
+                    Some((open.lot.clone(), open.awarded.clone(), deadline))
+                }
+                _ => None,
+            });
+        let (lot, awarded, deadline) = match resumable {
+            Some(open) => open,
+            None => {
+                cancel_open_lot(shared, &status, "attempt timed out").await;
+                match offer(shared, &status, &tx, &mut rx, &stop).await? {
+                    Offer::Awarded(awarded) => {
+                        backoff = shared.config.min_backoff;
+                        *awarded
+                    }
+                    Offer::NoBids => {
+                        tokio::select! {
+                            _ = stop.cancelled() => {}
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(shared.config.max_backoff);
+                        continue;
+                    }
+                    Offer::Stopped => continue,
+                }
+            }
+        };
+        shared
+            .lots
+            .lock()
+            .expect("lots lock")
+            .insert(lot.lot, LotRoute { job, tx: tx.clone() });
+        let waited = await_result(shared, &status, &lot, &awarded, deadline, &mut rx, &stop).await?;
+        shared.lots.lock().expect("lots lock").remove(&lot.lot);
+        match waited {
+            Waited::Settled | Waited::Stopped => {}
+            Waited::TimedOut => {
+                tracing::warn!(%job, segment, attempt = lot.attempt, "no valid result by the deadline; offering again")
+            }
+        }
+    }
+}
+
+/// Stopped by shutdown (leave everything as it stands: results wait in
+/// their stream) or by a cancel (tell the awarded providers).
+async fn on_stop(shared: &Arc<Shared>, job: JobId) -> Result<(), BrokerError> {
+    if shared.shutdown.is_cancelled() {
+        return Ok(());
+    }
+    if let Some((status, _)) = shared.jobs.get(&job).await? {
+        cancel_open_lot(shared, &status, "job cancelled").await;
+        shared
+            .jobs
+            .update::<std::convert::Infallible, _>(&job, |s| {
+                s.open_lot = None;
+                Ok(())
+            })
+            .await
+            .map_err(update_failed)?;
+    }
+    Ok(())
+}
+
+/// A reason to end the job before offering another segment.
+fn end_before(status: &JobStatus) -> Option<(JobState, String)> {
+    let done = status.settled.len() as u32;
+    if let SegmentCount::Count(n) = status.spec.segments
+        && done >= n
+    {
+        return Some((JobState::Done, format!("all {n} segments ran")));
+    }
+    if status.spec.budget.amount - status.spent.amount <= Decimal::ZERO {
+        return Some((JobState::BudgetSpent, "budget spent".into()));
+    }
+    None
+}
+
+async fn finish(
+    shared: &Arc<Shared>,
+    job: JobId,
+    state: JobState,
+    reason: String,
+) -> Result<(), BrokerError> {
+    tracing::info!(%job, ?state, %reason, "job ended");
+    shared
+        .jobs
+        .update::<std::convert::Infallible, _>(&job, move |s| {
+            if !s.state.is_final() {
+                s.state = state;
+                s.end_reason = Some(reason.clone());
+                s.open_lot = None;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(update_failed)?;
+    Ok(())
+}
+
+async fn offer(
+    shared: &Arc<Shared>,
+    status: &JobStatus,
+    tx: &mpsc::Sender<LotEvent>,
+    rx: &mut mpsc::Receiver<LotEvent>,
+    stop: &CancellationToken,
+) -> Result<Offer, BrokerError> {
+    let job = status.job;
+    let remaining = Money::new(
+        status.spec.budget.amount - status.spent.amount,
+        status.spec.budget.unit.clone(),
+    );
+    let bid_window = shared.config.bid_window;
+    let lot = Lot {
+        version: WIRE_VERSION,
+        lot: LotId::new(),
+        job,
+        segment: status.settled.len() as u32,
+        attempt: status.attempts + 1,
+        image: status.spec.image.clone(),
+        checkpoint: status.checkpoint.clone(),
+        segment_seconds: status.spec.segment_seconds,
+        reserve_price: status.spec.reserve_price.clone(),
+        bid_deadline: Utc::now() + chrono::Duration::from_std(bid_window).unwrap_or_default(),
+    };
+    // Record the lot before anyone can see it.
+    let record = lot.clone();
+    let recorded = shared
+        .jobs
+        .update(&job, move |s| {
+            if s.state.is_final() {
+                return Err("job ended");
+            }
+            s.open_lot = Some(OpenLot {
+                lot: record.clone(),
+                awarded: Vec::new(),
+                award_deadline: None,
+            });
+            s.attempts = record.attempt;
+            Ok(())
+        })
+        .await;
+    match recorded {
+        Ok(_) => {}
+        Err(UpdateError::Refused(_)) | Err(UpdateError::NotFound) => return Ok(Offer::Stopped),
+        Err(UpdateError::Broker(e)) => return Err(e),
+    }
+    shared
+        .lots
+        .lock()
+        .expect("lots lock")
+        .insert(lot.lot, LotRoute { job, tx: tx.clone() });
+    let subject = subjects::lot(lot.image.vm.hypervisor, &lot.image.vm.arch);
+    let body = serde_json::to_vec(&lot).expect("lot serializes");
+    shared
+        .client
+        .publish(subject, body.into())
+        .await
+        .map_err(|e| BrokerError::nats("publish lot", e))?;
+    tracing::info!(%job, lot = %lot.lot, segment = lot.segment, attempt = lot.attempt, "lot offered");
+
+    let mut bids: Vec<Bid> = Vec::new();
+    let mut over_budget = false;
+    let window = tokio::time::sleep(bid_window);
+    tokio::pin!(window);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => {
+                shared.lots.lock().expect("lots lock").remove(&lot.lot);
+                return Ok(Offer::Stopped);
+            }
+            _ = &mut window => break,
+            event = rx.recv() => match event {
+                Some(LotEvent::Bid(bid)) if bid.lot == lot.lot => {
+                    let checked = auction::check_bid(&bid, &lot.reserve_price, &remaining)
+                        .and_then(|()| if bids.iter().any(|b| b.provider == bid.provider) {
+                            Err(BidRefused::Duplicate(bid.provider))
+                        } else {
+                            Ok(())
+                        });
+                    match checked {
+                        Ok(()) => bids.push(bid),
+                        Err(refused) => {
+                            over_budget |= matches!(refused, BidRefused::AboveBudget { .. });
+                            tracing::warn!(%job, lot = %lot.lot, provider = %bid.provider, %refused, "bid refused");
+                        }
+                    }
+                }
+                Some(LotEvent::Bid(bid)) => tracing::warn!(lot = %bid.lot, "bid for a closed lot ignored"),
+                Some(LotEvent::Result(event)) => {
+                    let (result, msg) = *event;
+                    tracing::warn!(lot = %result.lot, provider = %result.provider, "result for a lot not awarded; refused");
+                    let _ = msg.ack().await;
+                }
+                None => return Ok(Offer::Stopped),
+            }
+        }
+    }
+
+    let winners = auction::award(
+        bids,
+        status.spec.redundancy as usize,
+        shared.config.pricing,
+        &lot.reserve_price,
+    );
+    if winners.is_empty() {
+        shared.lots.lock().expect("lots lock").remove(&lot.lot);
+        if over_budget {
+            finish(
+                shared,
+                job,
+                JobState::BudgetSpent,
+                "no bid fits the remaining budget".into(),
+            )
+            .await?;
+            return Ok(Offer::Stopped);
+        }
+        shared
+            .jobs
+            .update::<std::convert::Infallible, _>(&job, |s| {
+                s.open_lot = None;
+                s.waiting_for_providers = true;
+                Ok(())
+            })
+            .await
+            .map_err(update_failed)?;
+        tracing::info!(%job, lot = %lot.lot, "no bids; waiting for providers");
+        return Ok(Offer::NoBids);
+    }
+
+    let allowance = Duration::from_secs(lot.segment_seconds as u64) + shared.config.transfer_allowance;
+    let deadline = Utc::now() + chrono::Duration::from_std(allowance).unwrap_or_default();
+    let (record, awarded) = (lot.clone(), winners.clone());
+    let recorded = shared
+        .jobs
+        .update(&job, move |s| {
+            if s.state.is_final() {
+                return Err("job ended");
+            }
+            s.open_lot = Some(OpenLot {
+                lot: record.clone(),
+                awarded: awarded.clone(),
+                award_deadline: Some(deadline),
+            });
+            s.waiting_for_providers = false;
+            Ok(())
+        })
+        .await;
+    match recorded {
+        Ok(_) => {}
+        Err(UpdateError::Refused(_)) | Err(UpdateError::NotFound) => return Ok(Offer::Stopped),
+        Err(UpdateError::Broker(e)) => return Err(e),
+    }
+    for (provider, price) in winners.clone() {
+        let award = ToProvider::Award(Box::new(Award {
+            version: WIRE_VERSION,
+            lot: lot.clone(),
+            provider,
+            price: price.clone(),
+            deadline,
+        }));
+        send_to_provider(shared, &provider, &award).await?;
+        tracing::info!(%job, lot = %lot.lot, %provider, %price, "awarded");
+    }
+    Ok(Offer::Awarded(Box::new((lot, winners, deadline))))
+}
+
+async fn send_to_provider(
+    shared: &Arc<Shared>,
+    provider: &ProviderId,
+    msg: &ToProvider,
+) -> Result<(), BrokerError> {
+    let body = serde_json::to_vec(msg).expect("provider message serializes");
+    shared
+        .js
+        .publish(subjects::award(provider), body.into())
+        .await
+        .map_err(|e| BrokerError::nats("publish award", e))?
+        .await
+        .map_err(|e| BrokerError::nats("award ack", e))?;
+    Ok(())
+}
+
+async fn await_result(
+    shared: &Arc<Shared>,
+    status: &JobStatus,
+    lot: &Lot,
+    awarded: &Awarded,
+    deadline: chrono::DateTime<Utc>,
+    rx: &mut mpsc::Receiver<LotEvent>,
+    stop: &CancellationToken,
+) -> Result<Waited, BrokerError> {
+    let job = status.job;
+    let left = (deadline - Utc::now()).to_std().unwrap_or_default();
+    let timeout = tokio::time::sleep(left);
+    tokio::pin!(timeout);
+    let known = verify::known_blocks(&shared.store, &status.checkpoint).await;
+    loop {
+        let (result, msg) = tokio::select! {
+            _ = stop.cancelled() => return Ok(Waited::Stopped),
+            _ = &mut timeout => return Ok(Waited::TimedOut),
+            event = rx.recv() => match event {
+                Some(LotEvent::Result(event)) => *event,
+                Some(LotEvent::Bid(_)) => continue,
+                None => return Ok(Waited::Stopped),
+            }
+        };
+        match check_result(shared, lot, awarded, &result, &known).await {
+            Ok(price) => {
+                let payment = SegmentPayment {
+                    version: WIRE_VERSION,
+                    id: ledger::payment_id(&job, lot.segment),
+                    job,
+                    segment: lot.segment,
+                    lot: lot.lot,
+                    attempt: lot.attempt,
+                    provider: result.provider,
+                    payer: status.spec.account.clone(),
+                    amount: price,
+                    result: result.clone(),
+                    at: Utc::now(),
+                };
+                let paid = ledger::pay(&shared.js, payment).await?;
+                if let ledger::Paid::Before(_) = paid {
+                    tracing::warn!(%job, segment = lot.segment, "segment was already paid; no second payment");
+                }
+                apply_settlement(shared, paid.payment()).await?;
+                let winner = paid.payment().provider;
+                let losers: Vec<ProviderId> =
+                    awarded.iter().map(|(p, _)| *p).filter(|p| *p != winner).collect();
+                for provider in &losers {
+                    let cancel = ToProvider::Cancel(CancelAttempt {
+                        version: WIRE_VERSION,
+                        lot: lot.lot,
+                        reason: format!("segment settled by {winner}"),
+                    });
+                    if let Err(err) = send_to_provider(shared, provider, &cancel).await {
+                        tracing::warn!(%provider, %err, "could not send cancel");
+                    }
+                }
+                let _ = msg.ack().await;
+                tracing::info!(%job, segment = lot.segment, provider = %winner, amount = %paid.payment().amount, "settled");
+                return Ok(Waited::Settled);
+            }
+            Err(reason) => {
+                tracing::warn!(%job, lot = %lot.lot, provider = %result.provider, %reason, "result refused");
+                let _ = msg.ack().await;
+            }
+        }
+    }
+}
+
+/// Checks a result against the lot it claims; returns the price owed.
+async fn check_result(
+    shared: &Arc<Shared>,
+    lot: &Lot,
+    awarded: &Awarded,
+    result: &SegmentResult,
+    known: &std::collections::HashSet<vmlot_schemas::BlockId>,
+) -> Result<Money, String> {
+    if result.lot != lot.lot
+        || result.job != lot.job
+        || result.segment != lot.segment
+        || result.attempt != lot.attempt
+    {
+        return Err("result does not match the open lot (job, segment or attempt)".into());
+    }
+    let Some((_, price)) = awarded.iter().find(|(p, _)| *p == result.provider) else {
+        return Err("provider was not awarded this lot".into());
+    };
+    if let GuestState::Running { checkpoint } = &result.guest {
+        verify::checkpoint(&shared.store, checkpoint, known)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(price.clone())
+}
+
+/// Records a paid segment in the job (once: a repeat finds it applied).
+async fn apply_settlement(shared: &Arc<Shared>, payment: &SegmentPayment) -> Result<(), BrokerError> {
+    let payment = payment.clone();
+    let job = payment.job;
+    shared
+        .jobs
+        .update::<std::convert::Infallible, _>(&job, move |s| {
+            let result = &payment.result;
+            if s.settled.len() as u32 != payment.segment {
+                return Ok(());
+            }
+            s.settled.push(SettledSegment {
+                segment: payment.segment,
+                attempt: payment.attempt,
+                lot: payment.lot,
+                provider: payment.provider,
+                price: payment.amount.clone(),
+                guest: result.guest.clone(),
+                console: result.console,
+                timings: result.timings,
+                fetched_bytes: result.fetched_bytes,
+                sent_bytes: result.sent_bytes,
+                settled_at: payment.at,
+            });
+            s.spent.amount += payment.amount.amount;
+            s.open_lot = None;
+            s.attempts = 0;
+            s.waiting_for_providers = false;
+            if s.state.is_final() {
+                return Ok(());
+            }
+            match &result.guest {
+                GuestState::Running { checkpoint } => s.checkpoint = checkpoint.clone(),
+                GuestState::Halted => {
+                    s.state = JobState::Done;
+                    s.end_reason = Some("guest halted".into());
+                }
+                GuestState::Crashed { reason } => {
+                    s.state = JobState::Failed;
+                    s.end_reason = Some(format!("guest crashed: {reason}"));
+                }
+            }
+            Ok(())
+        })
+        .await
+        .map_err(update_failed)?;
+    Ok(())
+}
+
+/// Tells the providers of a job's open awarded lot to stop.
+async fn cancel_open_lot(shared: &Arc<Shared>, status: &JobStatus, reason: &str) {
+    let Some(open) = &status.open_lot else { return };
+    let providers: Vec<ProviderId> = open.awarded.iter().map(|(p, _)| *p).collect();
+    for provider in &providers {
+        let cancel = ToProvider::Cancel(CancelAttempt {
+            version: WIRE_VERSION,
+            lot: open.lot.lot,
+            reason: reason.into(),
+        });
+        if let Err(err) = send_to_provider(shared, provider, &cancel).await {
+            tracing::warn!(%provider, %err, "could not send cancel");
+        }
+    }
+}

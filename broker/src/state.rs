@@ -1,0 +1,143 @@
+//! Job records in the `vmlot-jobs` KV bucket. Every change is a
+//! read-modify-write guarded by the entry's revision, so two writers (the
+//! job task and a cancel request) never overwrite each other.
+
+use async_nats::jetstream::{self, kv};
+use futures::StreamExt;
+use vmlot_schemas::JobId;
+use vmlot_schemas::market::JobStatus;
+
+use crate::BrokerError;
+
+/// Handle on the job bucket.
+#[derive(Clone)]
+pub struct JobStore {
+    kv: kv::Store,
+}
+
+/// Why an update did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum UpdateError<E> {
+    #[error("job not found")]
+    NotFound,
+    #[error(transparent)]
+    Refused(E),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
+impl JobStore {
+    pub async fn open(js: &jetstream::Context, replicas: usize) -> Result<Self, BrokerError> {
+        let kv = match js.get_key_value(vmlot_schemas::subjects::JOB_BUCKET).await {
+            Ok(kv) => kv,
+            Err(_) => js
+                .create_key_value(kv::Config {
+                    bucket: vmlot_schemas::subjects::JOB_BUCKET.to_string(),
+                    history: 1,
+                    storage: jetstream::stream::StorageType::File,
+                    num_replicas: replicas,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| BrokerError::nats("create job bucket", e))?,
+        };
+        Ok(Self { kv })
+    }
+
+    /// Stores a new job; fails if the id exists.
+    pub async fn create(&self, status: &JobStatus) -> Result<(), BrokerError> {
+        let bytes = serde_json::to_vec(status).expect("job status serializes");
+        self.kv
+            .create(status.job.to_string(), bytes.into())
+            .await
+            .map_err(|e| BrokerError::nats("create job", e))?;
+        Ok(())
+    }
+
+    /// The record of `job` and its revision. (A boxed `'static` future, like
+    /// [`JobStore::update`]: rustc's `Send` inference fails on the borrowing
+    /// `async fn` inside the spawned job tasks.)
+    pub fn get(
+        &self,
+        job: &JobId,
+    ) -> futures::future::BoxFuture<'static, Result<Option<(JobStatus, u64)>, BrokerError>> {
+        let kv = self.kv.clone();
+        let job = *job;
+        Box::pin(async move {
+            let Some(entry) = kv
+                .entry(job.to_string())
+                .await
+                .map_err(|e| BrokerError::nats("read job", e))?
+            else {
+                return Ok(None);
+            };
+            if entry.value.is_empty() {
+                return Ok(None);
+            }
+            let status = serde_json::from_slice(&entry.value)
+                .map_err(|e| BrokerError::nats("decode job record", format!("{job}: {e}")))?;
+            Ok(Some((status, entry.revision)))
+        })
+    }
+
+    /// Applies `change` to the current record and writes it back if nobody
+    /// wrote in between; retries on a lost race. (Written as a boxed `Send`
+    /// future: rustc cannot prove the plain `async fn` with a generic
+    /// closure `Send` inside spawned tasks.)
+    pub fn update<E, F>(
+        &self,
+        job: &JobId,
+        mut change: F,
+    ) -> futures::future::BoxFuture<'static, Result<JobStatus, UpdateError<E>>>
+    where
+        E: Send + 'static,
+        F: FnMut(&mut JobStatus) -> Result<(), E> + Send + 'static,
+    {
+        let this = self.clone();
+        let job = *job;
+        Box::pin(async move {
+            loop {
+                let Some((mut status, revision)) = this.get(&job).await? else {
+                    return Err(UpdateError::NotFound);
+                };
+                change(&mut status).map_err(UpdateError::Refused)?;
+                status.updated_at = chrono::Utc::now();
+                let bytes = serde_json::to_vec(&status).expect("job status serializes");
+                match this.kv.update(job.to_string(), bytes.into(), revision).await {
+                    Ok(_) => return Ok(status),
+                    Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
+                    Err(e) => return Err(BrokerError::nats("write job", e).into()),
+                }
+            }
+        })
+    }
+
+    /// Every job record.
+    pub async fn all(&self) -> Result<Vec<JobStatus>, BrokerError> {
+        let mut keys = self
+            .kv
+            .keys()
+            .await
+            .map_err(|e| BrokerError::nats("list jobs", e))?;
+        let mut out = Vec::new();
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(|e| BrokerError::nats("list jobs", e))?;
+            let Ok(job) = key.parse::<JobId>() else { continue };
+            if let Some((status, _)) = self.get(&job).await? {
+                out.push(status);
+            }
+        }
+        out.sort_by_key(|s| s.created_at);
+        Ok(out)
+    }
+
+    /// Jobs not yet in a final state.
+    pub async fn running(&self) -> Result<Vec<JobStatus>, BrokerError> {
+        Ok(self
+            .all()
+            .await?
+            .into_iter()
+            .filter(|s| !s.state.is_final())
+            .collect())
+    }
+}

@@ -1,0 +1,123 @@
+//! The hypervisor driver interface: boot from an image or restore from a
+//! checkpoint, run T seconds, save, and report how the guest ended.
+//!
+//! A driver works on local files only; moving them through the
+//! content-addressed store is the caller's job. Drivers: [`qemu`] (QMP),
+//! [`synthetic`] (no VM, for market load tests); Xen follows.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tokio_util::sync::CancellationToken;
+use vmlot_schemas::{HypervisorKind, VmConfig};
+
+pub mod qemu;
+pub mod synthetic;
+
+/// The files an image boots from. Restores need them too: QEMU rebuilds
+/// the same machine before it loads the saved state into it.
+#[derive(Clone, Debug)]
+pub struct BootFiles {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    /// Raw disk images, attached in order; the guest writes them in place.
+    pub disks: Vec<PathBuf>,
+}
+
+/// Where a segment starts.
+#[derive(Clone, Debug)]
+pub enum SegmentStart {
+    /// Segment 0: boot the image.
+    Boot,
+    /// A later segment: restore this saved machine state (the disks in
+    /// [`BootFiles::disks`] are the checkpoint's disks).
+    Restore { machine_state: PathBuf },
+}
+
+/// One segment to run.
+#[derive(Clone, Debug)]
+pub struct SegmentPlan {
+    pub vm: VmConfig,
+    pub files: BootFiles,
+    pub start: SegmentStart,
+    /// How long the guest runs before it is stopped and saved.
+    pub run_for: Duration,
+    /// A directory the driver owns for this segment (sockets, logs, the
+    /// saved state it writes).
+    pub workdir: PathBuf,
+}
+
+/// How a segment ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SegmentEnd {
+    /// Still running when the segment ended: saved.
+    Saved {
+        machine_state: PathBuf,
+        /// The disks as they stand (the same files as [`BootFiles::disks`]).
+        disks: Vec<PathBuf>,
+    },
+    /// The guest powered off: the job is done, no checkpoint needed.
+    Halted,
+    /// The guest crashed (panic, reset, triple fault).
+    Crashed { reason: String },
+}
+
+/// What a driver reports for one segment.
+#[derive(Clone, Debug)]
+pub struct SegmentReport {
+    pub end: SegmentEnd,
+    /// Everything the guest wrote to its console during this segment.
+    pub console: Vec<u8>,
+    /// Boot or restore until the guest runs.
+    pub start_time: Duration,
+    /// Time the guest ran.
+    pub run_time: Duration,
+    /// Stop + save.
+    pub save_time: Duration,
+}
+
+/// Why a segment could not be run. The provider survives every one of
+/// these: the attempt fails, the daemon goes on.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error("hypervisor binary {binary} not found (install {package})")]
+    MissingBinary { binary: String, package: &'static str },
+    #[error("this driver runs {expected:?} guests, the lot is for {actual:?}")]
+    WrongHypervisor {
+        expected: HypervisorKind,
+        actual: HypervisorKind,
+    },
+    #[error("image refused: {0}")]
+    BadImage(String),
+    #[error("hypervisor failed to start: {0}")]
+    Start(String),
+    #[error("QMP: {0}")]
+    Qmp(String),
+    #[error("restore failed: {0}")]
+    Restore(String),
+    #[error("save failed: {0}")]
+    Save(String),
+    #[error("segment cancelled")]
+    Cancelled,
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A hypervisor driver.
+pub trait Driver: Send + Sync {
+    fn kind(&self) -> HypervisorKind;
+
+    /// Runs one segment. On `cancel` the guest is stopped and the attempt
+    /// ends with [`DriverError::Cancelled`]; nothing of it is kept.
+    fn run_segment<'a>(
+        &'a self,
+        plan: &'a SegmentPlan,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'a, Result<SegmentReport, DriverError>>;
+}

@@ -1,0 +1,327 @@
+//! Market messages: jobs, lots, bids, awards, results.
+//!
+//! Who sends what (the subjects are in [`crate::subjects`]):
+//! client → broker: [`SubmitJob`]; broker → all providers: [`Lot`];
+//! provider → broker: [`Bid`], [`SegmentResult`], [`Heartbeat`];
+//! broker → one provider: [`Award`], [`CancelAttempt`].
+
+use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{JobId, LotId, ManifestId, ProviderId};
+use crate::money::Money;
+use crate::vm::{HypervisorKind, VmConfig};
+
+/// What a job starts from: kernel, optional initrd and disks, each a
+/// manifest in the content-addressed store, and the VM to run them in.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Image {
+    pub vm: VmConfig,
+    pub kernel: ManifestId,
+    pub initrd: Option<ManifestId>,
+    #[serde(default)]
+    pub disks: Vec<ManifestId>,
+}
+
+/// A VM's whole state between two segments. Segment 0 starts from the
+/// image (no machine state); later segments from the previous result.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Checkpoint {
+    /// The hypervisor's saved machine state; `None` for a fresh boot.
+    pub machine_state: Option<ManifestId>,
+    /// The disks as they stand, in the image's order.
+    #[serde(default)]
+    pub disks: Vec<ManifestId>,
+    /// Stored bytes of all parts (zero runs excluded): what a cold provider fetches.
+    pub stored_bytes: u64,
+}
+
+/// How many segments a job runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum SegmentCount {
+    /// Exactly this many segments (fewer if the guest halts first).
+    Count(u32),
+    /// Until the guest halts (or the budget is spent).
+    UntilHalt,
+}
+
+/// A job as submitted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    pub image: Image,
+    /// Length T of one segment, in seconds (0 only for synthetic load tests).
+    pub segment_seconds: u32,
+    pub segments: SegmentCount,
+    /// Providers that run each segment at once (r); the fastest valid result wins.
+    pub redundancy: u32,
+    /// The most the job pays for one segment.
+    pub reserve_price: Money,
+    /// The most the job pays in all; held in escrow at submission.
+    pub budget: Money,
+    /// The account that pays.
+    pub account: String,
+}
+
+/// client → broker: submit a job.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitJob {
+    pub version: u32,
+    pub spec: JobSpec,
+}
+
+/// broker → providers: the offer of one segment attempt.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Lot {
+    pub version: u32,
+    pub lot: LotId,
+    pub job: JobId,
+    /// Segment k of the job (0-based).
+    pub segment: u32,
+    /// Attempt number of this segment (a lot is re-offered as a new attempt).
+    pub attempt: u32,
+    pub image: Image,
+    /// C(k): where the segment starts.
+    pub checkpoint: Checkpoint,
+    pub segment_seconds: u32,
+    pub reserve_price: Money,
+    /// Bids arriving after this are ignored.
+    pub bid_deadline: DateTime<Utc>,
+}
+
+/// provider → broker: a sealed price for one lot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Bid {
+    pub version: u32,
+    pub lot: LotId,
+    pub provider: ProviderId,
+    pub price: Money,
+    /// Bytes of the lot's checkpoint the provider already holds.
+    pub hot_bytes: u64,
+    pub sent_at: DateTime<Utc>,
+}
+
+/// broker → provider: you won this lot; run it and report by `deadline`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Award {
+    pub version: u32,
+    pub lot: Lot,
+    pub provider: ProviderId,
+    /// What the provider is paid if its result settles the lot.
+    pub price: Money,
+    pub deadline: DateTime<Utc>,
+}
+
+/// broker → provider: stop working on this lot (another replica won, or the job ended).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CancelAttempt {
+    pub version: u32,
+    pub lot: LotId,
+    pub reason: String,
+}
+
+/// How the guest stood at the end of the segment.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", tag = "state")]
+pub enum GuestState {
+    /// Still running: saved as this checkpoint, C(k+1).
+    Running { checkpoint: Checkpoint },
+    /// Powered off: the job is done.
+    Halted,
+    /// Crashed: the job is done, failed by its own guest.
+    Crashed { reason: String },
+}
+
+/// Time spent in each step of a segment, in milliseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct SegmentTimings {
+    pub fetch_ms: u64,
+    pub start_ms: u64,
+    pub run_ms: u64,
+    pub save_ms: u64,
+    pub upload_ms: u64,
+}
+
+/// provider → broker: the outcome of an awarded lot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SegmentResult {
+    pub version: u32,
+    pub lot: LotId,
+    pub job: JobId,
+    pub segment: u32,
+    pub attempt: u32,
+    pub provider: ProviderId,
+    pub guest: GuestState,
+    /// The guest's console output during this segment, as a manifest (it can be large).
+    pub console: Option<ManifestId>,
+    pub timings: SegmentTimings,
+    /// Block bytes fetched from the store for C(k).
+    pub fetched_bytes: u64,
+    /// Block bytes sent to the store for C(k+1).
+    pub sent_bytes: u64,
+    pub finished_at: DateTime<Utc>,
+}
+
+/// provider → broker: I am alive, and this is what I can run.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeat {
+    pub version: u32,
+    pub provider: ProviderId,
+    pub name: String,
+    pub hypervisors: Vec<HypervisorKind>,
+    pub arch: String,
+    pub memory_mib: u32,
+    pub slots: u32,
+    pub free_slots: u32,
+    /// False while the machine's owner needs it (cycle scavenging).
+    pub idle: bool,
+    pub sent_at: DateTime<Utc>,
+}
+
+/// Any reply of the broker's API: the value, or an error with a code.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Reply<T> {
+    Ok(T),
+    Error(ApiError),
+}
+
+/// A refused request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ApiError {
+    /// Stable, machine-readable: `bad-request`, `not-found`, `insufficient-funds`, …
+    pub code: String,
+    pub message: String,
+}
+
+/// Where a job stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum JobState {
+    /// Segments are being offered and run.
+    Running,
+    /// The guest halted or the segment count was reached.
+    Done,
+    /// The guest crashed.
+    Failed,
+    Cancelled,
+    /// The next segment could not be paid for.
+    BudgetSpent,
+}
+
+impl JobState {
+    pub fn is_final(&self) -> bool {
+        !matches!(self, JobState::Running)
+    }
+}
+
+/// One settled segment.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SettledSegment {
+    pub segment: u32,
+    pub attempt: u32,
+    pub lot: LotId,
+    pub provider: ProviderId,
+    pub price: Money,
+    pub guest: GuestState,
+    pub console: Option<ManifestId>,
+    pub timings: SegmentTimings,
+    pub fetched_bytes: u64,
+    pub sent_bytes: u64,
+    pub settled_at: DateTime<Utc>,
+}
+
+/// The lot a running job has out now.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OpenLot {
+    pub lot: Lot,
+    /// Providers awarded this attempt, with their prices; empty while bidding.
+    pub awarded: Vec<(ProviderId, Money)>,
+    pub award_deadline: Option<DateTime<Utc>>,
+}
+
+/// A job's durable record (the broker's KV value) and what `status` returns.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JobStatus {
+    pub version: u32,
+    pub job: JobId,
+    pub spec: JobSpec,
+    pub state: JobState,
+    /// Where the next segment starts.
+    pub checkpoint: Checkpoint,
+    pub settled: Vec<SettledSegment>,
+    pub open_lot: Option<OpenLot>,
+    /// Attempts offered so far for the current segment.
+    pub attempts: u32,
+    /// True when the last offer drew no bid: the job waits for providers.
+    pub waiting_for_providers: bool,
+    pub spent: Money,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    /// Why the job ended, for people.
+    pub end_reason: Option<String>,
+}
+
+/// A payment for one settled segment, as written to the ledger stream. Its
+/// id is derived from (job, segment), so writing it twice is a no-op.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SegmentPayment {
+    pub version: u32,
+    pub id: uuid::Uuid,
+    pub job: JobId,
+    pub segment: u32,
+    pub lot: LotId,
+    pub attempt: u32,
+    pub provider: ProviderId,
+    pub payer: String,
+    pub amount: Money,
+    /// The result that settled the segment, so a broker that crashed right
+    /// after paying resumes from it.
+    pub result: SegmentResult,
+    pub at: DateTime<Utc>,
+}
+
+/// Request naming one job.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JobRef {
+    pub version: u32,
+    pub job: JobId,
+}
+
+/// Reply to a submission.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Submitted {
+    pub job: JobId,
+}
+
+/// What the market looks like now.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct MarketView {
+    pub open_lots: Vec<OpenLot>,
+    pub running_jobs: u32,
+    pub providers: Vec<Heartbeat>,
+}
+
+/// What the broker sends on a provider's award subject, in order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum ToProvider {
+    Award(Box<Award>),
+    Cancel(CancelAttempt),
+}

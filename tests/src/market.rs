@@ -1,0 +1,185 @@
+//! A whole market on loopback for integration tests: a real nats-server,
+//! the `vmlot-broker` and `vmlot-provider` binaries as processes (so a test
+//! can SIGKILL them), and API calls as the CLI makes them.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::{NatsServer, Process};
+
+/// Broker flags that keep tests quick: short bid windows and deadlines.
+pub fn fast_broker_args() -> Vec<String> {
+    ["--bid-window-ms", "300", "--transfer-allowance-s", "3"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+
+/// A provider of the synthetic driver (market tests; never a VM).
+pub struct ProviderSpec {
+    pub name: String,
+    pub id: uuid::Uuid,
+    pub price_per_second: String,
+    pub min_price: String,
+    pub hot_discount: String,
+    pub slots: u32,
+}
+
+impl ProviderSpec {
+    pub fn synthetic(name: &str, min_price: &str) -> Self {
+        Self {
+            name: name.into(),
+            id: uuid::Uuid::new_v4(),
+            price_per_second: "0".into(),
+            min_price: min_price.into(),
+            hot_discount: "0".into(),
+            slots: 1,
+        }
+    }
+}
+
+/// The market's processes; everything stops on drop.
+pub struct Market {
+    pub server: NatsServer,
+    pub broker: Process,
+    pub providers: Vec<Process>,
+    pub dir: tempfile::TempDir,
+}
+
+impl Market {
+    pub fn start(broker_args: Vec<String>, providers: &[ProviderSpec]) -> Result<Self> {
+        let server = NatsServer::start()?;
+        let dir = tempfile::Builder::new().prefix("vmlot-market-").tempdir()?;
+        let broker = Process::start("vmlot-broker", "broker", &server.url(), &broker_args, dir.path())?;
+        let mut market = Self {
+            server,
+            broker,
+            providers: Vec::new(),
+            dir,
+        };
+        for spec in providers {
+            market.add_provider(spec)?;
+        }
+        Ok(market)
+    }
+
+    /// Waits until the broker answers and `providers` providers have sent a heartbeat.
+    pub async fn ready(&self, providers: usize) -> Result<()> {
+        let client = self.server.client().await?;
+        let seen = wait_for(Duration::from_secs(30), async || {
+            match api::<(), Vec<serde_json::Value>>(&client, "providers", &()).await {
+                Ok(Ok(list)) if list.len() >= providers => Some(()),
+                _ => None,
+            }
+        })
+        .await;
+        seen.map_err(|e| anyhow::anyhow!("market not ready: {e}\n{}", self.logs()))
+    }
+
+    pub fn add_provider(&mut self, spec: &ProviderSpec) -> Result<()> {
+        let base = self.dir.path().join(&spec.name);
+        let args: Vec<String> = vec![
+            "--hypervisors".into(),
+            "synthetic".into(),
+            "--name".into(),
+            spec.name.clone(),
+            "--id".into(),
+            spec.id.to_string(),
+            "--price-per-second".into(),
+            spec.price_per_second.clone(),
+            "--min-price".into(),
+            spec.min_price.clone(),
+            "--hot-discount".into(),
+            spec.hot_discount.clone(),
+            "--slots".into(),
+            spec.slots.to_string(),
+            "--cache-dir".into(),
+            base.join("cache").display().to_string(),
+            "--work-dir".into(),
+            base.join("work").display().to_string(),
+        ];
+        self.providers.push(Process::start(
+            "vmlot-provider",
+            &spec.name,
+            &self.server.url(),
+            &args,
+            self.dir.path(),
+        )?);
+        Ok(())
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Every process log, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = format!("--- broker\n{}", tail(&self.broker.log()));
+        for p in &self.providers {
+            out.push_str(&format!("\n--- provider\n{}", tail(&p.log())));
+        }
+        out
+    }
+}
+
+fn tail(s: &str) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+/// One API call, decoded.
+pub async fn api<T: Serialize, R: DeserializeOwned>(
+    client: &async_nats::Client,
+    endpoint: &str,
+    body: &T,
+) -> Result<Result<R, vmlot_schemas_reply::ApiError>> {
+    let payload = serde_json::to_vec(body)?;
+    let reply = tokio::time::timeout(
+        Duration::from_secs(20),
+        client.request(format!("vmlot.api.{endpoint}"), payload.into()),
+    )
+    .await??;
+    let value: serde_json::Value = serde_json::from_slice(&reply.payload)?;
+    if let Some(ok) = value.get("ok") {
+        return Ok(Ok(serde_json::from_value(ok.clone())?));
+    }
+    if let Some(err) = value.get("error") {
+        return Ok(Err(serde_json::from_value(err.clone())?));
+    }
+    bail!("reply is neither ok nor error: {value}")
+}
+
+/// The error shape of the API, kept here so the harness does not depend on
+/// the crate under test for decoding.
+pub mod vmlot_schemas_reply {
+    #[derive(Debug, serde::Deserialize)]
+    pub struct ApiError {
+        pub code: String,
+        pub message: String,
+    }
+}
+
+/// Polls `check` until it returns Some, or fails after `limit`.
+pub async fn wait_for<T>(limit: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> Result<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = check().await {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("condition not met within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A small file to stand in as the kernel of a synthetic image.
+pub fn fake_kernel(dir: &Path) -> Result<PathBuf> {
+    let path = dir.join("synthetic-kernel");
+    std::fs::write(&path, b"not a kernel: the synthetic driver never boots anything")?;
+    Ok(path)
+}

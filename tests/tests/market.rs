@@ -1,0 +1,473 @@
+//! The market end to end on a real nats-server: broker and providers as
+//! real processes, the synthetic driver (a market load stand-in, not a VM).
+
+use std::collections::{HashMap, HashSet};
+use std::str::FromStr;
+use std::time::Duration;
+
+use futures::StreamExt;
+use rust_decimal::Decimal;
+use vmlot_schemas::market::{
+    Image, JobRef, JobSpec, JobState, JobStatus, SegmentCount, SegmentPayment, SegmentResult, SubmitJob,
+    Submitted,
+};
+use vmlot_schemas::{HypervisorKind, JobId, Money, ProviderId, VmConfig, WIRE_VERSION, subjects};
+use vmlot_tests::market::{Market, ProviderSpec, api, fake_kernel, fast_broker_args, wait_for};
+
+fn money(s: &str) -> Money {
+    Money::new(Decimal::from_str(s).unwrap(), "CRD")
+}
+
+async fn synthetic_image(market: &Market) -> Image {
+    market.ready(market.providers.len()).await.unwrap();
+    let client = market.server.client().await.unwrap();
+    let store = vmlot_cas::BlockStore::open(client, Default::default())
+        .await
+        .unwrap();
+    let kernel = fake_kernel(market.path()).unwrap();
+    let pushed = vmlot_cas::push_file(
+        &store,
+        None,
+        &kernel,
+        vmlot_schemas::ObjectKind::Kernel,
+        vmlot_schemas::Chunking::FIXED_4K,
+        &HashSet::new(),
+    )
+    .await
+    .unwrap();
+    Image {
+        vm: VmConfig {
+            hypervisor: HypervisorKind::Synthetic,
+            arch: "x86_64".into(),
+            memory_mib: 16,
+            vcpus: 1,
+            cmdline: "synthetic.seed=market-test".into(),
+        },
+        kernel: pushed.manifest_id,
+        initrd: None,
+        disks: vec![],
+    }
+}
+
+fn spec(image: Image, seconds: u32, segments: u32, r: u32, reserve: &str, budget: &str) -> JobSpec {
+    JobSpec {
+        image,
+        segment_seconds: seconds,
+        segments: SegmentCount::Count(segments),
+        redundancy: r,
+        reserve_price: money(reserve),
+        budget: money(budget),
+        account: "alice".into(),
+    }
+}
+
+async fn submit(client: &async_nats::Client, spec: JobSpec) -> JobId {
+    let submitted: Submitted = api(
+        client,
+        "submit",
+        &SubmitJob {
+            version: WIRE_VERSION,
+            spec,
+        },
+    )
+    .await
+    .unwrap()
+    .expect("submit accepted");
+    submitted.job
+}
+
+/// A job's status; retries while no broker answers (tests restart it).
+async fn status(client: &async_nats::Client, job: JobId) -> JobStatus {
+    let reply = wait_for(Duration::from_secs(30), async || {
+        api(
+            client,
+            "status",
+            &JobRef {
+                version: WIRE_VERSION,
+                job,
+            },
+        )
+        .await
+        .ok()
+    })
+    .await
+    .expect("a broker answers status");
+    reply.expect("status")
+}
+
+async fn wait_final(market: &Market, client: &async_nats::Client, job: JobId, limit: Duration) -> JobStatus {
+    match wait_for(limit, async || {
+        let s = status(client, job).await;
+        s.state.is_final().then_some(s)
+    })
+    .await
+    {
+        Ok(s) => s,
+        Err(e) => panic!(
+            "{e}: job {job} never ended\n{:#?}\n{}",
+            status(client, job).await,
+            market.logs()
+        ),
+    }
+}
+
+async fn payments(client: &async_nats::Client, job: JobId) -> Vec<SegmentPayment> {
+    let js = async_nats::jetstream::new(client.clone());
+    vmlot_broker::ledger::all(&js)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|p| p.job == job)
+        .collect()
+}
+
+/// Every result in the results stream, in arrival order.
+async fn results_in_order(client: &async_nats::Client) -> Vec<SegmentResult> {
+    let js = async_nats::jetstream::new(client.clone());
+    let mut stream = js.get_stream(subjects::RESULT_STREAM).await.unwrap();
+    let total = stream.info().await.unwrap().state.messages as usize;
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())
+        .await
+        .unwrap();
+    let mut messages = consumer.messages().await.unwrap();
+    let mut out: Vec<Option<SegmentResult>> = Vec::new();
+    while out.len() < total {
+        let msg = messages.next().await.unwrap().unwrap();
+        // Tests publish garbage here too.
+        if let Ok(result) = serde_json::from_slice(&msg.payload) {
+            out.push(result);
+        } else {
+            out.push(None);
+        }
+    }
+    out.into_iter().flatten().collect()
+}
+
+fn assert_paid_once_per_segment(payments: &[SegmentPayment], segments: u32) {
+    assert_eq!(
+        payments.len() as u32,
+        segments,
+        "one payment per settled segment: {payments:#?}"
+    );
+    let distinct: HashSet<u32> = payments.iter().map(|p| p.segment).collect();
+    assert_eq!(
+        distinct,
+        (0..segments).collect(),
+        "each segment paid exactly once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_segments_with_two_replicas_pay_the_first_result_each_time() {
+    let providers = [
+        ProviderSpec::synthetic("p1", "0.10"),
+        ProviderSpec::synthetic("p2", "0.11"),
+        ProviderSpec::synthetic("p3", "0.12"),
+    ];
+    let market = Market::start(fast_broker_args(), &providers).unwrap();
+    let client = market.server.client().await.unwrap();
+    let image = synthetic_image(&market).await;
+    let job = submit(&client, spec(image, 1, 10, 2, "1.00", "20")).await;
+    let done = wait_final(&market, &client, job, Duration::from_secs(120)).await;
+    assert_eq!(done.state, JobState::Done, "{done:#?}\n{}", market.logs());
+    assert_eq!(done.settled.len(), 10);
+
+    let paid = payments(&client, job).await;
+    assert_paid_once_per_segment(&paid, 10);
+    // Each payment went to the provider whose result for that lot arrived
+    // first (stream order), at its own bid (pay-as-bid).
+    let mut first: HashMap<vmlot_schemas::LotId, ProviderId> = HashMap::new();
+    for r in results_in_order(&client)
+        .await
+        .into_iter()
+        .filter(|r| r.job == job)
+    {
+        first.entry(r.lot).or_insert(r.provider);
+    }
+    let price_of: HashMap<ProviderId, Money> = providers
+        .iter()
+        .map(|p| (ProviderId(p.id), money(&p.min_price)))
+        .collect();
+    for p in &paid {
+        assert_eq!(
+            first.get(&p.lot),
+            Some(&p.provider),
+            "segment {} paid to a later result",
+            p.segment
+        );
+        assert_eq!(p.amount, price_of[&p.provider]);
+        assert!(
+            p.provider != ProviderId(providers[2].id),
+            "the dearest provider never wins with r = 2"
+        );
+    }
+    let spent: Decimal = paid.iter().map(|p| p.amount.amount).sum();
+    assert_eq!(done.spent.amount, spent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_killed_mid_segment_costs_one_attempt_not_the_job() {
+    let cheap = ProviderSpec::synthetic("cheap", "0.10");
+    let cheap_id = ProviderId(cheap.id);
+    let providers = [cheap, ProviderSpec::synthetic("backup", "0.20")];
+    let mut market = Market::start(fast_broker_args(), &providers).unwrap();
+    let client = market.server.client().await.unwrap();
+    let image = synthetic_image(&market).await;
+    let job = submit(&client, spec(image, 2, 5, 1, "1.00", "20")).await;
+
+    // Kill the cheap provider while it runs segment 1.
+    wait_for(Duration::from_secs(60), async || {
+        let s = status(&client, job).await;
+        let running = s.settled.len() == 1
+            && s.open_lot
+                .as_ref()
+                .is_some_and(|o| o.awarded.iter().any(|(p, _)| *p == cheap_id));
+        running.then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", market.logs()));
+    market.providers[0].kill();
+
+    let done = wait_final(&market, &client, job, Duration::from_secs(120)).await;
+    assert_eq!(done.state, JobState::Done, "{done:#?}\n{}", market.logs());
+    assert!(
+        done.settled[1].attempt >= 2,
+        "segment 1 needed another attempt: {:#?}",
+        done.settled[1]
+    );
+    assert!(done.settled[1..].iter().all(|s| s.provider != cheap_id));
+    assert_paid_once_per_segment(&payments(&client, job).await, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restart_mid_job_resumes_where_it_stood() {
+    let mut market = Market::start(fast_broker_args(), &[ProviderSpec::synthetic("p1", "0.10")]).unwrap();
+    let client = market.server.client().await.unwrap();
+    let image = synthetic_image(&market).await;
+    let job = submit(&client, spec(image, 1, 6, 1, "1.00", "20")).await;
+    wait_for(Duration::from_secs(60), async || {
+        (status(&client, job).await.settled.len() >= 2).then_some(())
+    })
+    .await
+    .unwrap();
+    market.broker.kill();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    market.broker.restart().unwrap();
+    let done = wait_final(&market, &client, job, Duration::from_secs(120)).await;
+    assert_eq!(done.state, JobState::Done, "{done:#?}\n{}", market.logs());
+    assert_paid_once_per_segment(&payments(&client, job).await, 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_job_stops_when_its_budget_is_spent() {
+    let market = Market::start(fast_broker_args(), &[ProviderSpec::synthetic("p1", "1.00")]).unwrap();
+    let client = market.server.client().await.unwrap();
+    let image = synthetic_image(&market).await;
+    let job = submit(&client, spec(image, 0, 10, 1, "1.00", "3.5")).await;
+    let done = wait_final(&market, &client, job, Duration::from_secs(60)).await;
+    assert_eq!(done.state, JobState::BudgetSpent, "{done:#?}");
+    assert_eq!(done.settled.len(), 3);
+    assert_eq!(done.spent, money("3.00"));
+    assert_paid_once_per_segment(&payments(&client, job).await, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_input_is_refused_and_changes_nothing() {
+    let provider = ProviderSpec::synthetic("p1", "0.10");
+    let provider_id = ProviderId(provider.id);
+    let market = Market::start(fast_broker_args(), &[provider]).unwrap();
+    let client = market.server.client().await.unwrap();
+    let image = synthetic_image(&market).await;
+
+    // The job API: garbage, wrong types, bad values, unknown ids.
+    for endpoint in ["submit", "status", "cancel"] {
+        for body in [
+            &b"\xff\x00garbage"[..],
+            b"{}",
+            b"[1,2,3]",
+            b"{\"version\":1,\"job\":42}",
+        ] {
+            let reply = client
+                .request(subjects::api(endpoint), body.to_vec().into())
+                .await
+                .unwrap();
+            let value: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+            assert_eq!(
+                value["error"]["code"], "bad-request",
+                "{endpoint} {body:?}: {value}"
+            );
+        }
+    }
+    let bad_specs = [
+        spec(image.clone(), 1, 3, 1, "-1", "10"),
+        spec(image.clone(), 1, 3, 1, "1", "0"),
+        spec(image.clone(), 1, 3, 0, "1", "10"),
+        spec(image.clone(), 1, 3, 99, "1", "10"),
+        spec(image.clone(), 1, 3, 1, "1", "100000000000000000000"),
+        spec(image.clone(), 1, 0, 1, "1", "10"),
+        spec(image.clone(), 1, 3, 1, "5", "1"),
+    ];
+    for bad in bad_specs {
+        let refused: Result<Submitted, _> = api(
+            &client,
+            "submit",
+            &SubmitJob {
+                version: WIRE_VERSION,
+                spec: bad,
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(refused.unwrap_err().code, "bad-request");
+    }
+    let mut unknown_image = image.clone();
+    unknown_image.kernel = vmlot_schemas::ManifestId::of(b"no such kernel");
+    let refused: Result<Submitted, _> = api(
+        &client,
+        "submit",
+        &SubmitJob {
+            version: WIRE_VERSION,
+            spec: spec(unknown_image, 1, 3, 1, "1", "10"),
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(refused.unwrap_err().code, "not-found");
+    let unknown: Result<JobStatus, _> = api(
+        &client,
+        "status",
+        &JobRef {
+            version: WIRE_VERSION,
+            job: JobId::new(),
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(unknown.unwrap_err().code, "not-found");
+    let listed: Vec<JobStatus> = api(&client, "list", &()).await.unwrap().unwrap();
+    assert!(listed.is_empty(), "refused submissions left no job behind");
+
+    // A real job runs while the market subjects are attacked.
+    let job = submit(&client, spec(image, 1, 4, 1, "1.00", "20")).await;
+    let first = wait_for(Duration::from_secs(60), async || {
+        let s = status(&client, job).await;
+        s.open_lot.filter(|o| !o.awarded.is_empty()).map(|o| o.lot)
+    })
+    .await
+    .unwrap();
+    let js = async_nats::jetstream::new(client.clone());
+    let intruder = ProviderId::new();
+    // Garbage bids and results, a bid for a lot never offered, a bid with a
+    // negative price, a bid forged under another provider's subject.
+    client
+        .publish(subjects::bid(&intruder), "garbage".into())
+        .await
+        .unwrap();
+    let mut forged_bid = vmlot_schemas::market::Bid {
+        version: WIRE_VERSION,
+        lot: vmlot_schemas::LotId::new(),
+        provider: intruder,
+        price: money("0.01"),
+        hot_bytes: 0,
+        sent_at: chrono::Utc::now(),
+    };
+    client
+        .publish(
+            subjects::bid(&intruder),
+            serde_json::to_vec(&forged_bid).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    forged_bid.lot = first.lot;
+    forged_bid.price = money("-5");
+    client
+        .publish(
+            subjects::bid(&intruder),
+            serde_json::to_vec(&forged_bid).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    client
+        .publish(
+            subjects::bid(&provider_id),
+            serde_json::to_vec(&forged_bid).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    js.publish(subjects::result(&intruder), "garbage".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    // A result from a provider that was not awarded, claiming the open lot.
+    let fake_result = SegmentResult {
+        version: WIRE_VERSION,
+        lot: first.lot,
+        job,
+        segment: first.segment,
+        attempt: first.attempt,
+        provider: intruder,
+        guest: vmlot_schemas::market::GuestState::Halted,
+        console: None,
+        timings: Default::default(),
+        fetched_bytes: 0,
+        sent_bytes: 0,
+        finished_at: chrono::Utc::now(),
+    };
+    js.publish(
+        subjects::result(&intruder),
+        serde_json::to_vec(&fake_result).unwrap().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    // The same, forged on the awarded provider's subject but naming the intruder.
+    js.publish(
+        subjects::result(&provider_id),
+        serde_json::to_vec(&fake_result).unwrap().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+
+    let done = wait_final(&market, &client, job, Duration::from_secs(120)).await;
+    assert_eq!(done.state, JobState::Done, "{done:#?}\n{}", market.logs());
+    assert!(done.settled.iter().all(|s| s.provider == provider_id));
+    let paid = payments(&client, job).await;
+    assert_paid_once_per_segment(&paid, 4);
+
+    // Replaying a settled result (same lot, same provider) pays nothing more.
+    let replay = results_in_order(&client)
+        .await
+        .into_iter()
+        .find(|r| r.job == job && r.provider == provider_id)
+        .unwrap();
+    js.publish(
+        subjects::result(&provider_id),
+        serde_json::to_vec(&replay).unwrap().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(payments(&client, job).await.len(), 4);
+    let after = status(&client, job).await;
+    assert_eq!(after.settled.len(), 4);
+    assert_eq!(after.spent, done.spent);
+    let log = market.broker.log();
+    for expected in [
+        "refused malformed bid",
+        "refused bid",
+        "refused malformed result",
+        "refused result",
+    ] {
+        assert!(
+            log.contains(expected),
+            "broker log should say {expected:?}:\n{log}"
+        );
+    }
+}
