@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export PATH := $(CURDIR)/.tools/bin:$(PATH)
 
-.PHONY: all deps build guest test lint unit demo bench-cas schemas clean
+.PHONY: all deps build guest test lint unit demo bench-cas bench-market schemas clean
 
 all: build
 
@@ -38,6 +38,10 @@ demo: build guest
 bench-cas: build guest
 	mkdir -p .tools/bench && python3 scripts/qemu-checkpoints.py .tools/bench/ckpt > .tools/bench/ckpt.json
 	./target/release/vmlot-bench cas --dir .tools/bench/ckpt
+
+## Market throughput on the synthetic driver, against JetStream's ack rate.
+bench-market: build
+	./target/release/vmlot-bench market --providers 200 --jobs 100 --segments 3 --bid-window-ms 200
 
 ## Regenerate schemas/json/ after changing a wire type.
 schemas:

@@ -2,6 +2,7 @@
 //! run on the same machine (raw SHA-1, raw JetStream, rsync).
 
 mod cas;
+mod market;
 
 use clap::{Parser, Subcommand};
 
@@ -16,11 +17,18 @@ struct Cli {
 enum Bench {
     /// Content-addressed transfer of real QEMU checkpoints (from scripts/qemu-checkpoints.py).
     Cas(cas::Args),
+    /// Settled segments per second on the synthetic driver, against JetStream's ack rate.
+    Market(market::Args),
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("VMLOT_LOG"))
+        .with_writer(std::io::stderr)
+        .init();
     match Cli::parse().bench {
         Bench::Cas(args) => cas::run(args).await,
+        Bench::Market(args) => market::run(args).await,
     }
 }

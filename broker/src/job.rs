@@ -339,6 +339,15 @@ async fn offer(
         send_to_provider(shared, &provider, &award).await?;
         tracing::info!(%job, lot = %lot.lot, %provider, %price, "awarded");
     }
+    let closed = vmlot_schemas::market::LotClosed {
+        version: WIRE_VERSION,
+        lot: lot.lot,
+        awarded: winners.iter().map(|(p, _)| *p).collect(),
+    };
+    let body = serde_json::to_vec(&closed).expect("notice serializes");
+    if let Err(err) = shared.client.publish(subjects::LOT_CLOSED, body.into()).await {
+        tracing::warn!(%err, "could not publish lot-closed notice");
+    }
     Ok(Offer::Awarded(Box::new((lot, winners, deadline))))
 }
 

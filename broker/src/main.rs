@@ -26,6 +26,9 @@ struct Args {
     /// Time allowed beyond the segment length for fetch, restore, save and upload, in seconds.
     #[arg(long, default_value_t = 60)]
     transfer_allowance_s: u64,
+    /// Longest wait before re-offering a segment that drew no bid, in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    max_backoff_ms: u64,
     /// pay-as-bid or second-price.
     #[arg(long, default_value = "pay-as-bid")]
     pricing: PricingRule,
@@ -55,6 +58,7 @@ async fn main() -> anyhow::Result<()> {
         bid_window: Duration::from_millis(args.bid_window_ms),
         transfer_allowance: Duration::from_secs(args.transfer_allowance_s),
         pricing: args.pricing,
+        max_backoff: Duration::from_millis(args.max_backoff_ms),
         ..BrokerConfig::default()
     };
     vmlot_broker::run(client, config, shutdown_signal()).await?;

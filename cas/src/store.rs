@@ -62,7 +62,14 @@ pub struct BlockStore {
     js: jetstream::Context,
     manifests: object_store::ObjectStore,
     opts: StoreOptions,
+    /// Manifests already read and verified. They are immutable (named by
+    /// their hash), so a cached one is always right; each object-store read
+    /// costs a consumer on the server, which busy markets must not spend.
+    known_manifests: std::sync::Arc<std::sync::Mutex<HashMap<ManifestId, Manifest>>>,
 }
+
+/// Manifests kept in memory per store handle before the cache starts over.
+const MANIFEST_CACHE_ENTRIES: usize = 256;
 
 impl BlockStore {
     /// Opens the store, creating its stream and bucket if they are missing.
@@ -99,7 +106,12 @@ impl BlockStore {
             batch: opts.batch.clamp(1, MAX_BATCH),
             ..opts
         };
-        Ok(Self { js, manifests, opts })
+        Ok(Self {
+            js,
+            manifests,
+            opts,
+            known_manifests: Default::default(),
+        })
     }
 
     pub fn options(&self) -> &StoreOptions {
@@ -291,6 +303,19 @@ impl BlockStore {
     /// Reads and checks a manifest: size limit before reading, then the
     /// hash, the shape and consistency.
     pub async fn get_manifest(&self, id: &ManifestId) -> Result<Manifest, CasError> {
+        if let Some(known) = self.known_manifests.lock().expect("manifest cache lock").get(id) {
+            return Ok(known.clone());
+        }
+        let manifest = self.read_manifest(id).await?;
+        let mut known = self.known_manifests.lock().expect("manifest cache lock");
+        if known.len() >= MANIFEST_CACHE_ENTRIES {
+            known.clear();
+        }
+        known.insert(*id, manifest.clone());
+        Ok(manifest)
+    }
+
+    async fn read_manifest(&self, id: &ManifestId) -> Result<Manifest, CasError> {
         let info = self.manifests.info(id.to_hex()).await.map_err(|e| {
             if e.kind() == object_store::InfoErrorKind::NotFound {
                 CasError::MissingManifest(*id)

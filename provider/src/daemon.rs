@@ -45,6 +45,13 @@ fn nats(op: &'static str, err: impl std::fmt::Display) -> ProviderError {
     }
 }
 
+/// How long after a lot's bid deadline its award may still arrive (the
+/// broker awards right at the deadline; a lost lot frees its slot then).
+const AWARD_GRACE: Duration = Duration::from_millis(1000);
+
+/// How long a winner keeps its slot for an award on its way.
+const AWARD_WAIT: Duration = Duration::from_secs(10);
+
 struct Daemon {
     client: async_nats::Client,
     js: jetstream::Context,
@@ -54,15 +61,30 @@ struct Daemon {
     drivers: HashMap<HypervisorKind, Arc<dyn Driver>>,
     /// Segments running now, by lot.
     active: Mutex<HashMap<LotId, CancellationToken>>,
+    /// Lots bid on and not yet decided, with when the award would be
+    /// overdue: each holds a slot, so a one-slot provider never wins two
+    /// lots at once.
+    pending: Mutex<HashMap<LotId, Instant>>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 }
 
 impl Daemon {
     fn free_slots(&self) -> u32 {
-        self.config
-            .slots
-            .saturating_sub(self.active.lock().expect("active lock").len() as u32)
+        let active = self.active.lock().expect("active lock").len();
+        let mut pending = self.pending.lock().expect("pending lock");
+        let now = Instant::now();
+        pending.retain(|_, overdue| *overdue > now);
+        self.config.slots.saturating_sub((active + pending.len()) as u32)
+    }
+
+    /// Holds a slot for a bid until its award is overdue.
+    fn hold_slot(&self, lot: LotId, bid_deadline: chrono::DateTime<Utc>) {
+        let left = (bid_deadline - Utc::now()).to_std().unwrap_or_default() + AWARD_GRACE;
+        self.pending
+            .lock()
+            .expect("pending lock")
+            .insert(lot, Instant::now() + left);
     }
 }
 
@@ -95,6 +117,7 @@ pub async fn run(
         config,
         drivers,
         active: Mutex::new(HashMap::new()),
+        pending: Mutex::new(HashMap::new()),
         tasks: TaskTracker::new(),
         shutdown: CancellationToken::new(),
     });
@@ -110,9 +133,14 @@ pub async fn run(
                 .map_err(|e| nats("subscribe lots", e))?,
         );
     }
+    let closed = client
+        .subscribe(subjects::LOT_CLOSED)
+        .await
+        .map_err(|e| nats("subscribe lot notices", e))?;
     let lots = futures::stream::select_all(lot_subs);
     daemon.tasks.spawn(heartbeats(Arc::clone(&daemon)));
     daemon.tasks.spawn(bid_on_lots(Arc::clone(&daemon), lots));
+    daemon.tasks.spawn(release_lost_lots(Arc::clone(&daemon), closed));
     daemon.tasks.spawn(take_awards(Arc::clone(&daemon), awards));
     tracing::info!(provider = %daemon.config.id, name = %daemon.config.name, "provider running");
 
@@ -211,6 +239,7 @@ async fn bid_on_lots(
                     sent_at: Utc::now(),
                 };
                 let body = serde_json::to_vec(&bid).expect("bid serializes");
+                daemon.hold_slot(lot.lot, lot.bid_deadline);
                 if let Err(err) = daemon
                     .client
                     .publish(subjects::bid(&daemon.config.id), body.into())
@@ -220,6 +249,28 @@ async fn bid_on_lots(
                 }
             }
             Err(reason) => tracing::debug!(lot = %lot.lot, ?reason, "no bid"),
+        }
+    }
+}
+
+/// Frees the slot held for a bid as soon as the lot went to others; a
+/// winner keeps holding it until its award arrives.
+async fn release_lost_lots(daemon: Arc<Daemon>, mut notices: async_nats::Subscriber) {
+    loop {
+        let msg = tokio::select! {
+            _ = daemon.shutdown.cancelled() => return,
+            msg = notices.next() => match msg { Some(m) => m, None => return },
+        };
+        let Ok(closed) = serde_json::from_slice::<vmlot_schemas::market::LotClosed>(&msg.payload) else {
+            continue;
+        };
+        let mut pending = daemon.pending.lock().expect("pending lock");
+        if closed.awarded.contains(&daemon.config.id) {
+            if let Some(overdue) = pending.get_mut(&closed.lot) {
+                *overdue = Instant::now() + AWARD_WAIT;
+            }
+        } else {
+            pending.remove(&closed.lot);
         }
     }
 }
@@ -289,6 +340,7 @@ fn start_segment(daemon: &Arc<Daemon>, award: Award) {
         tracing::warn!(lot = %lot_id, "ignored award: not ours or past its deadline");
         return;
     }
+    daemon.pending.lock().expect("pending lock").remove(&lot_id);
     let token = {
         let mut active = daemon.active.lock().expect("active lock");
         if active.contains_key(&lot_id) {

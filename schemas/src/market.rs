@@ -120,6 +120,16 @@ pub struct Award {
     pub deadline: DateTime<Utc>,
 }
 
+/// broker → all providers: bidding on this lot is over. Providers that bid
+/// and are not named release the slot they held for it at once.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LotClosed {
+    pub version: u32,
+    pub lot: LotId,
+    pub awarded: Vec<ProviderId>,
+}
+
 /// broker → provider: stop working on this lot (another replica won, or the job ended).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]

@@ -69,6 +69,9 @@ pub fn lot(hypervisor: HypervisorKind, arch: &str) -> String {
     format!("vmlot.lot.{}.{}", hypervisor.as_str(), subject_token(arch))
 }
 
+/// Notices that a lot's bidding is over (`LotClosed`), for every provider.
+pub const LOT_CLOSED: &str = "vmlot.closed";
+
 /// A provider's bids.
 pub fn bid(provider: &ProviderId) -> String {
     format!("vmlot.bid.{provider}")

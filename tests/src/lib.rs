@@ -44,20 +44,21 @@ pub fn nats_server_binary() -> Result<PathBuf> {
 /// A binary of this workspace, built by `cargo test --workspace` (or
 /// `cargo build`) into the same profile directory as the running test.
 pub fn workspace_binary(name: &str) -> Result<PathBuf> {
-    // The test executable lives in <target>/<profile>/deps/.
+    // Test executables live in <target>/<profile>/deps/, other binaries
+    // (the benchmarks) in <target>/<profile>/.
     let exe = std::env::current_exe()?;
-    let profile_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .context("test binary has no profile dir")?;
-    let path = profile_dir.join(name);
-    if !path.exists() {
-        bail!(
+    let dir = exe.parent().context("executable has no directory")?;
+    let candidates = [
+        dir.join(name),
+        dir.parent().map(|p| p.join(name)).unwrap_or_default(),
+    ];
+    match candidates.iter().find(|p| p.is_file()) {
+        Some(path) => Ok(path.clone()),
+        None => bail!(
             "{} not built: run `cargo build --workspace` first",
-            path.display()
-        );
+            candidates[1].display()
+        ),
     }
-    Ok(path)
 }
 
 /// A free TCP port on loopback (bound once and released).
@@ -355,6 +356,10 @@ impl Process {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
     }
 }
 

@@ -1,0 +1,265 @@
+//! Market throughput: settled segments per second with the synthetic driver
+//! (zero-length segments, a stand-in, never a VM), many providers as tasks
+//! in this process, the broker as its own process (so its memory can be
+//! read), against the acknowledged-publish rate of the same JetStream
+//! server measured in the same run.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use async_nats::jetstream::{self, stream};
+use futures::StreamExt;
+use rust_decimal::Decimal;
+use vmlot_provider::config::ProviderConfig;
+use vmlot_provider::driver::Driver;
+use vmlot_provider::driver::synthetic::{SyntheticConfig, SyntheticDriver};
+use vmlot_schemas::market::{Image, JobSpec, JobStatus, SegmentCount, SubmitJob, Submitted};
+use vmlot_schemas::{Chunking, HypervisorKind, Money, ObjectKind, ProviderId, VmConfig, WIRE_VERSION};
+use vmlot_tests::market::api;
+use vmlot_tests::{NatsServer, Process};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[arg(long, default_value_t = 200)]
+    providers: usize,
+    #[arg(long, default_value_t = 1000)]
+    jobs: usize,
+    #[arg(long, default_value_t = 2)]
+    segments: u32,
+    #[arg(long, default_value_t = 200)]
+    bid_window_ms: u64,
+}
+
+pub async fn run(args: Args) -> Result<()> {
+    let server = NatsServer::start()?;
+    let client = server.client().await?;
+    let dir = tempfile::tempdir()?;
+    println!(
+        "nats-server with sync_interval: always; {} providers, {} jobs × {} segments of 0 s, r = 1, bid window {} ms",
+        args.providers, args.jobs, args.segments, args.bid_window_ms
+    );
+
+    let (ceiling_pipelined, ceiling_sequential) = ack_ceiling(&client).await?;
+    println!(
+        "JetStream acknowledged publishes, 256 B: pipelined {ceiling_pipelined:.0} msg/s, one at a time {ceiling_sequential:.0} msg/s"
+    );
+
+    let broker_args: Vec<String> = vec![
+        "--bid-window-ms".into(),
+        args.bid_window_ms.to_string(),
+        "--transfer-allowance-s".into(),
+        "30".into(),
+        "--max-backoff-ms".into(),
+        "1000".into(),
+    ];
+    let broker = Process::start("vmlot-broker", "broker", &server.url(), &broker_args, dir.path())?;
+
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let mut handles = Vec::new();
+    for i in 0..args.providers {
+        let config = ProviderConfig {
+            id: ProviderId::new(),
+            name: format!("p{i:03}"),
+            hypervisors: vec![HypervisorKind::Synthetic],
+            memory_mib: 64,
+            slots: 1,
+            price_per_second: Decimal::ZERO,
+            min_price: Decimal::new(10 + (i as i64 % 50), 2),
+            hot_discount: Decimal::ZERO,
+            cache_dir: dir.path().join(format!("p{i}/cache")),
+            cache_bytes: 256 << 20,
+            work_dir: dir.path().join(format!("p{i}/work")),
+            heartbeat: Duration::from_secs(2),
+            ..ProviderConfig::default()
+        };
+        let drivers: Vec<Arc<dyn Driver>> = vec![Arc::new(SyntheticDriver::new(SyntheticConfig {
+            changed_fraction: 0.05,
+        }))];
+        let client = server.client().await?;
+        let stop = shutdown.clone();
+        handles.push(tokio::spawn(async move {
+            vmlot_provider::daemon::run(client, config, drivers, stop.cancelled_owned()).await
+        }));
+    }
+    // Wait for every provider to be listed.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(Ok(list)) = api::<(), Vec<serde_json::Value>>(&client, "providers", &()).await
+            && list.len() >= args.providers
+        {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("providers never all listed; broker log:\n{}", broker.log());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let store = vmlot_cas::BlockStore::open(client.clone(), Default::default()).await?;
+    let kernel = dir.path().join("kernel");
+    std::fs::write(&kernel, b"synthetic: no kernel")?;
+    let pushed = vmlot_cas::push_file(
+        &store,
+        None,
+        &kernel,
+        ObjectKind::Kernel,
+        Chunking::FIXED_4K,
+        &HashSet::new(),
+    )
+    .await?;
+    let image = Image {
+        vm: VmConfig {
+            hypervisor: HypervisorKind::Synthetic,
+            arch: "x86_64".into(),
+            memory_mib: 16,
+            vcpus: 1,
+            cmdline: "synthetic.seed=bench".into(),
+        },
+        kernel: pushed.manifest_id,
+        initrd: None,
+        disks: vec![],
+    };
+    let started = Instant::now();
+    let mut jobs = Vec::new();
+    for _ in 0..args.jobs {
+        let spec = JobSpec {
+            image: image.clone(),
+            segment_seconds: 0,
+            segments: SegmentCount::Count(args.segments),
+            redundancy: 1,
+            reserve_price: Money::new(Decimal::ONE, "CRD"),
+            budget: Money::new(Decimal::from(100), "CRD"),
+            account: "bench".into(),
+        };
+        let submitted: Submitted = api(
+            &client,
+            "submit",
+            &SubmitJob {
+                version: WIRE_VERSION,
+                spec,
+            },
+        )
+        .await?
+        .map_err(|e| anyhow::anyhow!("submit refused: {}", e.message))?;
+        jobs.push(submitted.job);
+    }
+    let submitted_s = started.elapsed().as_secs_f64();
+    let peak_rss = broker_rss_kib(&broker);
+    let limit = Duration::from_secs(600);
+    let mut last_report = Instant::now();
+    loop {
+        let list: Vec<JobStatus> = api(&client, "list", &())
+            .await?
+            .map_err(|e| anyhow::anyhow!(e.message))?;
+        let ended = list.iter().filter(|s| s.state.is_final()).count();
+        if ended >= args.jobs {
+            break;
+        }
+        if last_report.elapsed() > Duration::from_secs(10) {
+            eprintln!(
+                "{:.0} s: {ended} of {} jobs ended",
+                started.elapsed().as_secs_f64(),
+                args.jobs
+            );
+            last_report = Instant::now();
+        }
+        if started.elapsed() > limit {
+            bail!("jobs not done after {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let broker_rss = broker_rss_kib(&broker).max(peak_rss);
+
+    let js = jetstream::new(client.clone());
+    let payments = vmlot_broker::ledger::all(&js).await?;
+    let settled = payments.len();
+    let mut latencies: Vec<f64> = payments
+        .iter()
+        .map(|p| (p.at - p.result.finished_at).num_microseconds().unwrap_or(0) as f64 / 1000.0)
+        .collect();
+    latencies.sort_by(f64::total_cmp);
+    let pct = |q: f64| {
+        latencies
+            .get(((latencies.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    let rate = settled as f64 / wall;
+    println!(
+        "submitted {} jobs in {submitted_s:.1} s; all ended after {wall:.1} s",
+        args.jobs
+    );
+    println!("settled segments: {settled} ({rate:.1}/s)");
+    println!(
+        "ratio to pipelined acked publishes: {:.4}; to one-at-a-time acked publishes: {:.3}",
+        rate / ceiling_pipelined,
+        rate / ceiling_sequential
+    );
+    println!(
+        "settle latency (result published → payment recorded): p50 {:.0} ms, p99 {:.0} ms",
+        pct(0.5),
+        pct(0.99)
+    );
+    println!("broker peak RSS (VmHWM): {:.1} MiB", broker_rss as f64 / 1024.0);
+    if settled != args.jobs * args.segments as usize {
+        println!(
+            "WARNING: expected {} settled segments",
+            args.jobs * args.segments as usize
+        );
+    }
+    shutdown.cancel();
+    for h in handles {
+        let _ = h.await;
+    }
+    Ok(())
+}
+
+fn broker_rss_kib(broker: &Process) -> u64 {
+    broker
+        .pid()
+        .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+/// Acknowledged publishes of 256-byte messages: pipelined (256 in flight)
+/// and one at a time, msg/s.
+async fn ack_ceiling(client: &async_nats::Client) -> Result<(f64, f64)> {
+    let js = jetstream::new(client.clone());
+    js.create_stream(stream::Config {
+        name: "ACK_CEILING".into(),
+        subjects: vec!["ack.ceiling".into()],
+        storage: stream::StorageType::File,
+        ..Default::default()
+    })
+    .await?;
+    let body = bytes::Bytes::from(vec![7u8; 256]);
+    let n = 20_000;
+    let started = Instant::now();
+    let mut acks = futures::stream::FuturesUnordered::new();
+    for _ in 0..n {
+        acks.push(js.publish("ack.ceiling", body.clone()).await?.into_future());
+        if acks.len() >= 256 {
+            acks.next().await.context("ack")??;
+        }
+    }
+    while let Some(ack) = acks.next().await {
+        ack?;
+    }
+    let pipelined = n as f64 / started.elapsed().as_secs_f64();
+    let m = 500;
+    let started = Instant::now();
+    for _ in 0..m {
+        js.publish("ack.ceiling", body.clone()).await?.await?;
+    }
+    let sequential = m as f64 / started.elapsed().as_secs_f64();
+    js.delete_stream("ACK_CEILING").await?;
+    Ok((pipelined, sequential))
+}
