@@ -196,11 +196,9 @@ async fn ten_segments_with_two_replicas_pay_the_first_result_each_time() {
             "segment {} paid to a later result",
             p.segment
         );
+        // Pay-as-bid: the winner's own price. (Which provider wins is not
+        // fixed: a replica still finishing the previous lot has no free slot.)
         assert_eq!(p.amount, price_of[&p.provider]);
-        assert!(
-            p.provider != ProviderId(providers[2].id),
-            "the dearest provider never wins with r = 2"
-        );
     }
     let spent: Decimal = paid.iter().map(|p| p.amount.amount).sum();
     assert_eq!(done.spent.amount, spent);
@@ -214,7 +212,7 @@ async fn a_provider_killed_mid_segment_costs_one_attempt_not_the_job() {
     let mut market = Market::start(fast_broker_args(), &providers).unwrap();
     let client = market.server.client().await.unwrap();
     let image = synthetic_image(&market).await;
-    let job = submit(&client, spec(image, 2, 5, 1, "1.00", "20")).await;
+    let job = submit(&client, spec(image, 3, 5, 1, "1.00", "20")).await;
 
     // Kill the cheap provider while it runs segment 1.
     wait_for(Duration::from_secs(60), async || {
