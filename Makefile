@@ -18,8 +18,9 @@ build: deps
 guest: deps
 	@bash scripts/build-guest.sh
 
-## Every test: formatting, lints, unit and integration tests against real nats-server.
-test: deps lint unit
+## Every test: formatting, lints, unit and integration tests against real
+## nats-server and real QEMU guests (hence the guest).
+test: deps guest lint unit
 
 lint:
 	$(CARGO) fmt --all --check
