@@ -41,8 +41,24 @@ pub enum Command {
     Submit(Box<crate::market::SubmitArgs>),
     /// A job's state and its settled segments.
     Status { job: JobId },
-    /// Follow a job live until it ends (console of each settled segment).
+    /// Follow a job live until it ends: progress bar and console tail.
     Watch { job: JobId },
+    /// The guest's console across the job's settled segments, in order.
+    Logs {
+        job: JobId,
+        /// Keep printing segments as they settle, until the job ends.
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Write the job's last checkpoint (machine state, disks) and a manifest.json to a directory.
+    Fetch {
+        job: JobId,
+        #[arg(short, long)]
+        output: std::path::PathBuf,
+        /// Also for a job that ended other than done (cancelled, budget spent, failed).
+        #[arg(long)]
+        any_state: bool,
+    },
     /// Cancel a job.
     Cancel { job: JobId },
     /// Providers seen recently.
@@ -79,8 +95,14 @@ impl Cli {
                 Ok(())
             }
             Command::Submit(args) => market::submit(self, args).await,
-            Command::Status { job } => market::print_status(self, &market::status(self, *job).await?),
-            Command::Watch { job } => market::watch(self, &self.connect().await?, *job).await,
+            Command::Status { job } => market::show_status(self, *job).await,
+            Command::Watch { job } => crate::watch::watch(self, &self.connect().await?, *job).await,
+            Command::Logs { job, follow } => crate::logs::logs(self, *job, *follow).await,
+            Command::Fetch {
+                job,
+                output,
+                any_state,
+            } => crate::fetch::fetch(self, *job, output, *any_state).await,
             Command::Cancel { job } => market::cancel(self, *job).await,
             Command::Providers => market::providers(self).await,
             Command::Market => market::market(self).await,
@@ -118,7 +140,8 @@ impl std::error::Error for Unreachable {}
 pub const EXIT_REFUSED: u8 = 5;
 /// Exit code when the job, lot or provider named does not exist.
 pub const EXIT_NOT_FOUND: u8 = 6;
-/// Exit code of `watch` when the job ended other than done.
+/// Exit code of `watch`, `logs --follow` and `fetch` when the job is not
+/// done (still running, or ended other than done).
 pub const EXIT_JOB_NOT_DONE: u8 = 8;
 
 /// Scripts can tell a refused (tampered, missing) object from an outage.

@@ -6,8 +6,11 @@ use std::process::ExitCode;
 use clap::Parser;
 
 mod cli;
+mod fetch;
+mod logs;
 mod market;
 mod store;
+mod watch;
 
 #[tokio::main]
 async fn main() -> ExitCode {

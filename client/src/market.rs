@@ -1,7 +1,8 @@
-//! The market commands: `image push`, `submit`, `status`, `watch`,
-//! `cancel`, `providers`, `market`, `ledger`.
+//! The market commands: `image push`, `submit`, `status`, `cancel`,
+//! `providers`, `market`, `ledger` (`watch`, `logs` and `fetch` have their
+//! own modules).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -10,13 +11,14 @@ use clap::{Args, ValueEnum};
 use rust_decimal::Decimal;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use vmlot_cas::{BlockStore, StoreOptions, pull_file, push_file};
+use vmlot_cas::{BlockStore, StoreOptions, push_file};
 use vmlot_schemas::market::{
     ApiError, GuestState, Heartbeat, Image, JobRef, JobState, JobStatus, MarketView, Reply, SegmentCount,
     SubmitJob, Submitted,
 };
 use vmlot_schemas::{
-    Chunking, HypervisorKind, JobId, ManifestId, Money, ObjectKind, VmConfig, WIRE_VERSION, subjects,
+    Chunking, HypervisorKind, JobId, ManifestId, Money, ObjectKind, ProviderId, VmConfig, WIRE_VERSION,
+    subjects,
 };
 
 use crate::cli::Cli;
@@ -33,13 +35,16 @@ impl std::fmt::Display for Refused {
 
 impl std::error::Error for Refused {}
 
-/// The job ended other than done (exit code 8).
+/// The job is not done: still running, or ended other than done (exit code 8).
 #[derive(Debug)]
 pub struct JobDidNotFinish(pub JobState);
 
 impl std::fmt::Display for JobDidNotFinish {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "job ended {:?}", self.0)
+        match self.0 {
+            JobState::Running => f.write_str("the job is still running"),
+            state => write!(f, "job ended {state:?}"),
+        }
     }
 }
 
@@ -202,15 +207,15 @@ pub async fn submit(cli: &Cli, args: &SubmitArgs) -> Result<()> {
         println!("job {}", submitted.job);
     }
     if args.watch {
-        watch(cli, &client, submitted.job).await?;
+        crate::watch::watch(cli, &client, submitted.job).await?;
     }
     Ok(())
 }
 
-pub async fn status(cli: &Cli, job: JobId) -> Result<JobStatus> {
-    let client = cli.connect().await?;
+/// A job's record, as the broker's `status` endpoint returns it.
+pub async fn job_status(client: &async_nats::Client, job: JobId) -> Result<JobStatus> {
     request(
-        &client,
+        client,
         "status",
         &JobRef {
             version: WIRE_VERSION,
@@ -220,7 +225,19 @@ pub async fn status(cli: &Cli, job: JobId) -> Result<JobStatus> {
     .await
 }
 
-pub fn print_status(cli: &Cli, s: &JobStatus) -> Result<()> {
+/// `vmlot status`: the job's record, with provider names where the broker knows them.
+pub async fn show_status(cli: &Cli, job: JobId) -> Result<()> {
+    let client = cli.connect().await?;
+    let status = job_status(&client, job).await?;
+    let names = if cli.json {
+        Default::default()
+    } else {
+        crate::watch::provider_names(&client).await
+    };
+    print_status(cli, &status, &names)
+}
+
+pub fn print_status(cli: &Cli, s: &JobStatus, names: &HashMap<ProviderId, String>) -> Result<()> {
     if cli.json {
         println!("{}", serde_json::to_string_pretty(s)?);
         return Ok(());
@@ -251,103 +268,69 @@ pub fn print_status(cli: &Cli, s: &JobStatus) -> Result<()> {
             open.awarded.len()
         );
     }
-    if !s.settled.is_empty() {
-        println!(
-            "\n{:>4} {:>3}  {:<36}  {:>10}  {:>8}  {:>10}  {:>10}  guest",
-            "seg", "try", "provider", "price", "run ms", "fetched", "sent"
-        );
-        for seg in &s.settled {
-            let guest = match &seg.guest {
-                GuestState::Running { .. } => "running".to_string(),
-                GuestState::Halted => "halted".to_string(),
-                GuestState::Crashed { reason } => format!("crashed: {reason}"),
-            };
-            println!(
-                "{:>4} {:>3}  {:<36}  {:>10}  {:>8}  {:>10}  {:>10}  {}",
-                seg.segment,
-                seg.attempt,
-                seg.provider.to_string(),
-                seg.price.to_string(),
-                seg.timings.run_ms,
-                seg.fetched_bytes,
-                seg.sent_bytes,
-                guest
-            );
-        }
+    if s.settled.is_empty() {
+        return Ok(());
     }
+    // Wall time is the provider's: fetch + start + run + save + upload.
+    println!(
+        "\n{:>4} {:>3}  {:<26}  {:>10}  {:>7}  {:>7}  {:>10}  {:>10}  guest",
+        "seg", "try", "provider", "price", "wall s", "run s", "fetched", "sent"
+    );
+    let (mut fetched, mut sent, mut wall) = (0u64, 0u64, 0u64);
+    for seg in &s.settled {
+        let who = match names.get(&seg.provider) {
+            Some(name) => format!("{name} ({})", crate::watch::short(&seg.provider)),
+            None => seg.provider.to_string(),
+        };
+        let guest = match &seg.guest {
+            GuestState::Running { .. } => "running".to_string(),
+            GuestState::Halted => "halted".to_string(),
+            GuestState::Crashed { reason } => format!("crashed: {reason}"),
+        };
+        println!(
+            "{:>4} {:>3}  {:<26}  {:>10}  {:>7.2}  {:>7.2}  {:>10}  {:>10}  {}",
+            seg.segment,
+            seg.attempt,
+            who,
+            seg.price.to_string(),
+            crate::watch::wall_ms(seg) as f64 / 1000.0,
+            seg.timings.run_ms as f64 / 1000.0,
+            human_bytes(seg.fetched_bytes),
+            human_bytes(seg.sent_bytes),
+            guest
+        );
+        fetched += seg.fetched_bytes;
+        sent += seg.sent_bytes;
+        wall += crate::watch::wall_ms(seg);
+    }
+    println!(
+        "{:>4} {:>3}  {:<26}  {:>10}  {:>7.2}  {:>7}  {:>10}  {:>10}",
+        "all",
+        "",
+        "",
+        s.spent.to_string(),
+        wall as f64 / 1000.0,
+        "",
+        human_bytes(fetched),
+        human_bytes(sent)
+    );
     Ok(())
 }
 
-/// Follows a job until it ends, printing each settled segment and its console.
-pub async fn watch(cli: &Cli, client: &async_nats::Client, job: JobId) -> Result<()> {
-    let store = BlockStore::open(client.clone(), StoreOptions::default()).await?;
-    let mut shown = 0usize;
-    let mut waiting_said = false;
-    loop {
-        let s: JobStatus = request(
-            client,
-            "status",
-            &JobRef {
-                version: WIRE_VERSION,
-                job,
-            },
-        )
-        .await?;
-        for seg in &s.settled[shown..] {
-            if cli.json {
-                println!("{}", serde_json::to_string(seg)?);
-            } else {
-                let total = match s.spec.segments {
-                    SegmentCount::Count(n) => n.to_string(),
-                    SegmentCount::UntilHalt => "?".into(),
-                };
-                println!(
-                    "segment {}/{} settled: provider {} price {} run {} ms, fetched {} B, sent {} B",
-                    seg.segment + 1,
-                    total,
-                    seg.provider,
-                    seg.price,
-                    seg.timings.run_ms,
-                    seg.fetched_bytes,
-                    seg.sent_bytes
-                );
-                if let Some(console) = &seg.console {
-                    let text = read_console(&store, console).await?;
-                    for line in text.lines() {
-                        println!("  | {line}");
-                    }
-                }
-            }
-        }
-        shown = s.settled.len();
-        if s.waiting_for_providers && !waiting_said && !cli.json {
-            println!("waiting for providers…");
-            waiting_said = true;
-        }
-        if s.state.is_final() {
-            if !cli.json {
-                println!(
-                    "job {} ended: {:?}{}",
-                    job,
-                    s.state,
-                    s.end_reason.map(|r| format!(" ({r})")).unwrap_or_default()
-                );
-            }
-            if s.state != JobState::Done {
-                return Err(JobDidNotFinish(s.state).into());
-            }
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
+/// Bytes for people: B, KiB, MiB, GiB with one decimal.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
     }
-}
-
-/// A console manifest's text.
-pub async fn read_console(store: &BlockStore, id: &ManifestId) -> Result<String> {
-    let dir = tempfile::tempdir()?;
-    let path = dir.path().join("console");
-    pull_file(store, None, id, &path).await?;
-    Ok(String::from_utf8_lossy(&std::fs::read(&path)?).into_owned())
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
 }
 
 pub async fn cancel(cli: &Cli, job: JobId) -> Result<()> {
@@ -361,7 +344,7 @@ pub async fn cancel(cli: &Cli, job: JobId) -> Result<()> {
         },
     )
     .await?;
-    print_status(cli, &s)
+    print_status(cli, &s, &HashMap::new())
 }
 
 pub async fn providers(cli: &Cli) -> Result<()> {

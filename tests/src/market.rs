@@ -183,3 +183,106 @@ pub fn fake_kernel(dir: &Path) -> Result<PathBuf> {
     std::fs::write(&path, b"not a kernel: the synthetic driver never boots anything")?;
     Ok(path)
 }
+
+/// A provider running real QEMU guests (the QEMU driver), asking the same
+/// price for every segment.
+pub struct QemuProviderSpec {
+    pub name: String,
+    pub id: uuid::Uuid,
+    /// The provider's price per segment (its `min_price`; nothing per second,
+    /// no discount for hot blocks), so who wins a lot is decided by price alone.
+    pub price: String,
+    /// QEMU accelerator (`auto`, `kvm`, `tcg`). Tests use `tcg`: the same
+    /// on every machine, and no 5 s KVM probe in each provider's first segment.
+    pub accel: String,
+}
+
+impl QemuProviderSpec {
+    pub fn new(name: &str, price: &str) -> Self {
+        Self {
+            name: name.into(),
+            id: uuid::Uuid::new_v4(),
+            price: price.into(),
+            accel: "tcg".into(),
+        }
+    }
+}
+
+impl Market {
+    /// Starts a QEMU provider. Its segments run in [`Market::work_dir`].
+    pub fn add_qemu_provider(&mut self, spec: &QemuProviderSpec) -> Result<()> {
+        let base = self.dir.path().join(&spec.name);
+        std::fs::create_dir_all(&base)?;
+        // The accelerator has no flag: it comes from the settings file.
+        let config = base.join("provider.toml");
+        std::fs::write(&config, format!("qemu_accel = {:?}\n", spec.accel))?;
+        let args: Vec<String> = vec![
+            "--config".into(),
+            config.display().to_string(),
+            "--hypervisors".into(),
+            "qemu".into(),
+            "--name".into(),
+            spec.name.clone(),
+            "--id".into(),
+            spec.id.to_string(),
+            "--price-per-second".into(),
+            "0".into(),
+            "--min-price".into(),
+            spec.price.clone(),
+            "--hot-discount".into(),
+            "0".into(),
+            "--slots".into(),
+            "1".into(),
+            "--cache-dir".into(),
+            base.join("cache").display().to_string(),
+            "--work-dir".into(),
+            self.work_dir(&spec.name).display().to_string(),
+        ];
+        self.providers.push(Process::start(
+            "vmlot-provider",
+            &spec.name,
+            &self.server.url(),
+            &args,
+            self.dir.path(),
+        )?);
+        Ok(())
+    }
+
+    /// Where the provider named `name` runs its segments.
+    pub fn work_dir(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name).join("work")
+    }
+}
+
+/// Pids of the processes (other than this one) whose command line
+/// contains `needle`, e.g. the QEMU of a provider's work directory.
+pub fn processes_mentioning(needle: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return pids;
+    };
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if pid == std::process::id() {
+            continue;
+        }
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline"))
+            && String::from_utf8_lossy(&cmdline).contains(needle)
+        {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// SIGKILLs each process named by pid (QEMUs a killed provider left
+/// behind: a machine that dies takes its guests with it).
+pub fn kill_pids(pids: &[u32]) {
+    for pid in pids {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+    }
+}

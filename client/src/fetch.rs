@@ -1,0 +1,152 @@
+//! `vmlot fetch`: a job's last checkpoint written to a directory, each file
+//! rebuilt from the store with every block verified (so byte-identical to
+//! what the store holds), and a `manifest.json` saying which file is what.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use vmlot_cas::{BlockStore, StoreOptions, pull_file};
+use vmlot_schemas::market::{GuestState, Image, JobState, JobStatus};
+use vmlot_schemas::{JobId, ManifestId};
+
+use crate::cli::Cli;
+use crate::market::{JobDidNotFinish, job_status};
+
+/// The description written beside the files, last (its presence means the
+/// files are complete).
+pub const MANIFEST_FILE: &str = "manifest.json";
+/// The saved machine state, as the hypervisor wrote it.
+pub const MACHINE_STATE_FILE: &str = "machine-state";
+
+/// `manifest.json`.
+#[derive(Serialize)]
+pub struct FetchManifest {
+    pub job: JobId,
+    pub state: JobState,
+    pub end_reason: Option<String>,
+    /// Segments settled in all.
+    pub segments_settled: u32,
+    /// The checkpoint is the state at the end of this segment (0-based);
+    /// `None` when no segment ended saved (the files are the image's disks).
+    pub after_segment: Option<u32>,
+    /// What the last segment ended in: `halted` or `crashed` means the
+    /// guest stopped during it, after this checkpoint was taken.
+    pub last_segment_ended: Option<String>,
+    /// The image the checkpoint belongs to: a restore rebuilds the same
+    /// machine from it (`vmlot store pull` its manifests).
+    pub image: Image,
+    pub files: Vec<FetchedFile>,
+}
+
+/// One file written.
+#[derive(Serialize)]
+pub struct FetchedFile {
+    /// Name inside the output directory.
+    pub file: String,
+    /// `machine-state` or `disk`.
+    pub role: &'static str,
+    /// The disk's position in the image's order (disks only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index: Option<usize>,
+    pub manifest: ManifestId,
+    pub size: u64,
+}
+
+/// Writes the checkpoint of `job` into `dir`. A job still running, or one
+/// that ended other than done, is refused (exit code 8) unless `any_state`.
+pub async fn fetch(cli: &Cli, job: JobId, dir: &Path, any_state: bool) -> Result<()> {
+    let client = cli.connect().await?;
+    let status = job_status(&client, job).await?;
+    if !status.state.is_final() || (status.state != JobState::Done && !any_state) {
+        return Err(JobDidNotFinish(status.state).into());
+    }
+    let store = BlockStore::open(client, StoreOptions::default()).await?;
+    let manifest = write_checkpoint(&store, &status, dir).await?;
+    if cli.json {
+        println!("{}", serde_json::to_string_pretty(&manifest)?);
+    } else {
+        match manifest.after_segment {
+            Some(k) => println!("checkpoint after segment {k} of job {job}"),
+            None => println!("job {job} never saved a checkpoint: the image's disks"),
+        }
+        for f in &manifest.files {
+            println!(
+                "  {:<16} {:<14} {:>12} bytes  {}",
+                f.file, f.role, f.size, f.manifest
+            );
+        }
+        println!("  {MANIFEST_FILE:<16} describes them");
+        if let Some(ended) = &manifest.last_segment_ended {
+            println!("note: the guest {ended} in the segment after this checkpoint");
+        }
+    }
+    Ok(())
+}
+
+/// Pulls each part of the job's checkpoint, then writes `manifest.json`.
+pub async fn write_checkpoint(store: &BlockStore, status: &JobStatus, dir: &Path) -> Result<FetchManifest> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let described = dir.join(MANIFEST_FILE);
+    // A stale description must not vouch for files being replaced.
+    match std::fs::remove_file(&described) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("removing {}", described.display()));
+        }
+        _ => {}
+    }
+    let checkpoint = &status.checkpoint;
+    let mut files = Vec::new();
+    if let Some(id) = &checkpoint.machine_state {
+        files.push(pull(store, id, dir, MACHINE_STATE_FILE.into(), "machine-state", None).await?);
+    }
+    for (i, id) in checkpoint.disks.iter().enumerate() {
+        files.push(pull(store, id, dir, format!("disk{i}.raw"), "disk", Some(i)).await?);
+    }
+    // The segment whose result this checkpoint is.
+    let after_segment = status
+        .settled
+        .iter()
+        .rev()
+        .find(|s| matches!(&s.guest, GuestState::Running { checkpoint: c } if c == checkpoint))
+        .map(|s| s.segment);
+    let last_segment_ended = status.settled.last().and_then(|s| match &s.guest {
+        GuestState::Running { .. } => None,
+        GuestState::Halted => Some("halted".to_string()),
+        GuestState::Crashed { reason } => Some(format!("crashed ({reason})")),
+    });
+    let manifest = FetchManifest {
+        job: status.job,
+        state: status.state,
+        end_reason: status.end_reason.clone(),
+        segments_settled: status.settled.len() as u32,
+        after_segment,
+        last_segment_ended,
+        image: status.spec.image.clone(),
+        files,
+    };
+    let text = serde_json::to_string_pretty(&manifest)? + "\n";
+    std::fs::write(&described, text).with_context(|| format!("writing {}", described.display()))?;
+    Ok(manifest)
+}
+
+async fn pull(
+    store: &BlockStore,
+    id: &ManifestId,
+    dir: &Path,
+    file: String,
+    role: &'static str,
+    index: Option<usize>,
+) -> Result<FetchedFile> {
+    let path: PathBuf = dir.join(&file);
+    let report = pull_file(store, None, id, &path)
+        .await
+        .with_context(|| format!("pulling {role} {id} to {}", path.display()))?;
+    Ok(FetchedFile {
+        file,
+        role,
+        index,
+        manifest: *id,
+        size: report.manifest.size,
+    })
+}

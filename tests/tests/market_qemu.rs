@@ -1,0 +1,558 @@
+//! Real VMs through the market: a broker, QEMU providers and the `vmlot`
+//! CLI as real processes on a real nats-server, the hash-chain test guest
+//! (scripts/build-guest.sh) pushed as an image. A job's guest migrates
+//! segment by segment between providers; the console joined from its
+//! settled segments (`vmlot logs`) must be byte for byte the console of one
+//! uninterrupted QEMU run of the same guest.
+//!
+//! The tests take turns (one lock): each runs QEMU guests against the
+//! wall clock, and this machine may have two cores only.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::str::FromStr;
+use std::time::Duration;
+
+use futures::StreamExt;
+use rust_decimal::Decimal;
+use vmlot_schemas::market::{GuestState, JobRef, JobState, JobStatus, SegmentPayment, ToProvider};
+use vmlot_schemas::{JobId, LotId, ManifestId, ProviderId, WIRE_VERSION, subjects};
+use vmlot_tests::market::{Market, QemuProviderSpec, api, kill_pids, processes_mentioning, wait_for};
+use vmlot_tests::{repo_root, workspace_binary};
+
+const SETUP: &str = "run `make deps guest` in the repository root";
+/// ~9 s of boot and ~10 s of hashing under TCG here: five 4 s segments.
+const CMDLINE: &str = "console=ttyS0 quiet loglevel=1 panic=-1 vmlot.steps=24 vmlot.work_kib=2048";
+const MEMORY_MIB: u32 = 128;
+const SEGMENT_SECONDS: &str = "4";
+
+/// One market at a time: guests run against the clock.
+static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+/// The console of one uninterrupted run, made once.
+static REFERENCE: tokio::sync::OnceCell<Vec<u8>> = tokio::sync::OnceCell::const_new();
+
+fn guest_files() -> (PathBuf, PathBuf) {
+    let dir = repo_root().join(".tools/guest");
+    let (kernel, initrd) = (dir.join("vmlinuz"), dir.join("initrd.cpio.gz"));
+    for file in [&kernel, &initrd] {
+        assert!(file.is_file(), "test guest {} missing: {SETUP}", file.display());
+    }
+    (kernel, initrd)
+}
+
+/// The guest booted once by QEMU itself (no driver, no market) and run to
+/// its power-off: the console every market run must reproduce.
+async fn reference_console() -> &'static [u8] {
+    REFERENCE
+        .get_or_init(|| async {
+            tokio::task::spawn_blocking(|| {
+                let (kernel, initrd) = guest_files();
+                let dir = tempfile::tempdir().unwrap();
+                let console = dir.path().join("console.log");
+                let status = Command::new("timeout")
+                    .arg("300")
+                    .arg("qemu-system-x86_64")
+                    .args(["-accel", "tcg", "-machine", "q35", "-m", &MEMORY_MIB.to_string()])
+                    .args(["-smp", "1", "-nodefaults", "-no-user-config", "-display", "none"])
+                    .arg("-no-reboot")
+                    .arg("-serial")
+                    .arg(format!("file:{}", console.display()))
+                    .arg("-kernel")
+                    .arg(&kernel)
+                    .arg("-initrd")
+                    .arg(&initrd)
+                    .args(["-append", CMDLINE])
+                    .stdin(Stdio::null())
+                    .status()
+                    .unwrap_or_else(|e| panic!("qemu-system-x86_64: {e}: {SETUP}"));
+                assert!(status.success(), "direct QEMU run: {status}");
+                let bytes = std::fs::read(&console).unwrap();
+                let text = String::from_utf8_lossy(&bytes);
+                assert!(
+                    text.contains("step 24/24 ") && text.contains("vmlot-guest: done "),
+                    "the direct run did not finish its work:\n{text}"
+                );
+                bytes
+            })
+            .await
+            .unwrap()
+        })
+        .await
+}
+
+/// A market whose QEMU guests go down with it: a killed provider leaves
+/// its QEMU running, so everything mentioning the market's directory is
+/// killed after the market's own processes.
+struct QemuMarket {
+    market: Market,
+    _reaper: Reaper,
+}
+
+struct Reaper(String);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        kill_pids(&processes_mentioning(&self.0));
+    }
+}
+
+impl QemuMarket {
+    fn start(providers: &[&QemuProviderSpec]) -> Self {
+        // Fetch, start, save and upload around a 4 s segment take 2–4 s
+        // here; 12 s of allowance leaves room for two guests at once.
+        let broker_args = ["--bid-window-ms", "300", "--transfer-allowance-s", "12"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let mut market = Market::start(broker_args, &[]).unwrap();
+        for spec in providers {
+            market.add_qemu_provider(spec).unwrap();
+        }
+        let reaper = Reaper(market.path().display().to_string());
+        Self {
+            market,
+            _reaper: reaper,
+        }
+    }
+
+    fn vmlot(&self, args: &[&str]) -> Output {
+        Command::new(workspace_binary("vmlot").unwrap())
+            .env("VMLOT_NATS", self.market.server.url())
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// `vmlot` that must succeed; its stdout.
+    fn vmlot_ok(&self, args: &[&str]) -> Vec<u8> {
+        let out = self.vmlot(args);
+        assert!(
+            out.status.success(),
+            "vmlot {args:?}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.market.logs()
+        );
+        out.stdout
+    }
+
+    /// Pushes the test guest (and `disks`) with `vmlot image push`.
+    fn push_image(&self, disks: &[&Path]) -> PathBuf {
+        let (kernel, initrd) = guest_files();
+        let description = self.market.path().join("image.json");
+        let mut args: Vec<String> = [
+            "image",
+            "push",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--memory",
+            &MEMORY_MIB.to_string(),
+            "--cmdline",
+            CMDLINE,
+            "-o",
+            description.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        for disk in disks {
+            args.push("--disk".into());
+            args.push(disk.display().to_string());
+        }
+        self.vmlot_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        description
+    }
+
+    /// `vmlot submit`; the job id.
+    fn submit(&self, image: &Path, segments: &str, redundancy: &str) -> JobId {
+        let mut args = vec![
+            "--json",
+            "submit",
+            "--image",
+            image.to_str().unwrap(),
+            "--segment-seconds",
+            SEGMENT_SECONDS,
+            "--redundancy",
+            redundancy,
+            "--reserve",
+            "1",
+            "--budget",
+            "50",
+        ];
+        match segments {
+            "until-halt" => args.push("--until-halt"),
+            n => args.extend(["--segments", n]),
+        }
+        let out = self.vmlot_ok(&args);
+        let submitted: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        submitted["job"].as_str().unwrap().parse().unwrap()
+    }
+
+    async fn status(&self, job: JobId) -> JobStatus {
+        let client = self.market.server.client().await.unwrap();
+        api(
+            &client,
+            "status",
+            &JobRef {
+                version: WIRE_VERSION,
+                job,
+            },
+        )
+        .await
+        .unwrap()
+        .expect("status")
+    }
+
+    /// Polls until `check` holds for the job's status; fails with the logs.
+    async fn until<T>(&self, job: JobId, what: &str, mut check: impl FnMut(&JobStatus) -> Option<T>) -> T {
+        let found = wait_for(Duration::from_secs(240), async || {
+            let s = self.status(job).await;
+            check(&s)
+        })
+        .await;
+        match found {
+            Ok(v) => v,
+            Err(e) => panic!(
+                "{what}: {e}\n{:#?}\n{}",
+                self.status(job).await,
+                self.market.logs()
+            ),
+        }
+    }
+
+    async fn wait_final(&self, job: JobId) -> JobStatus {
+        let done = self
+            .until(job, "job never ended", |s| s.state.is_final().then(|| s.clone()))
+            .await;
+        assert_eq!(done.state, JobState::Done, "{done:#?}\n{}", self.market.logs());
+        done
+    }
+
+    async fn payments(&self, job: JobId) -> Vec<SegmentPayment> {
+        let js = async_nats::jetstream::new(self.market.server.client().await.unwrap());
+        vmlot_broker::ledger::all(&js)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|p| p.job == job)
+            .collect()
+    }
+}
+
+fn money(s: &str) -> Decimal {
+    Decimal::from_str(s).unwrap()
+}
+
+/// Exactly one payment per settled segment, to the provider that settled
+/// it, and the job's spending is their sum.
+async fn assert_paid_once(m: &QemuMarket, done: &JobStatus) {
+    let paid = m.payments(done.job).await;
+    let segments: Vec<u32> = paid.iter().map(|p| p.segment).collect();
+    assert_eq!(
+        segments.len(),
+        done.settled.len(),
+        "one payment per settled segment: {paid:#?}"
+    );
+    assert_eq!(
+        segments.iter().copied().collect::<HashSet<u32>>(),
+        (0..done.settled.len() as u32).collect(),
+        "each segment paid once: {paid:#?}"
+    );
+    for p in &paid {
+        let settled = &done.settled[p.segment as usize];
+        assert_eq!(
+            (p.provider, p.attempt, &p.amount),
+            (settled.provider, settled.attempt, &settled.price),
+            "segment {} paid to its settling result",
+            p.segment
+        );
+    }
+    let total: Decimal = paid.iter().map(|p| p.amount.amount).sum();
+    assert_eq!(done.spent.amount, total);
+}
+
+/// The joined console equals the uninterrupted run, and the guest ended by
+/// powering off in the last segment.
+fn assert_console_exact(console: &[u8], reference: &[u8], done: &JobStatus, how: &str) {
+    assert!(
+        console == reference,
+        "{how}: the console differs from the uninterrupted run\n--- market\n{}\n--- direct\n{}",
+        String::from_utf8_lossy(console),
+        String::from_utf8_lossy(reference)
+    );
+    assert_eq!(done.settled.last().map(|s| &s.guest), Some(&GuestState::Halted));
+    assert!(
+        done.settled[..done.settled.len() - 1]
+            .iter()
+            .all(|s| matches!(s.guest, GuestState::Running { .. }))
+    );
+}
+
+/// The guest moves p1 → p2 → p3: each provider joins, cheaper than those
+/// before it, while the previous segment runs, so it wins the next lot on
+/// price. Nobody is stopped; the console is exactly the uninterrupted one,
+/// both from `vmlot logs` afterwards and from `vmlot logs --follow` started
+/// with the job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_migrated_across_three_providers_prints_what_an_uninterrupted_run_prints() {
+    let _turn = TURN.lock().await;
+    let reference = reference_console().await;
+    let specs = [
+        QemuProviderSpec::new("p1", "0.30"),
+        QemuProviderSpec::new("p2", "0.20"),
+        QemuProviderSpec::new("p3", "0.10"),
+    ];
+    let ids: Vec<ProviderId> = specs.iter().map(|s| ProviderId(s.id)).collect();
+    let mut m = QemuMarket::start(&[&specs[0]]);
+    m.market.ready(1).await.unwrap();
+    let image = m.push_image(&[]);
+    let job = m.submit(&image, "until-halt", "1");
+    let follow_out = m.market.path().join("follow.out");
+    let mut follow = Command::new(workspace_binary("vmlot").unwrap())
+        .env("VMLOT_NATS", m.market.server.url())
+        .args(["logs", "--follow", &job.to_string()])
+        .stdout(std::fs::File::create(&follow_out).unwrap())
+        .spawn()
+        .unwrap();
+
+    for k in [0u32, 1] {
+        // Segment k runs on the cheapest provider so far; the next, cheaper
+        // one joins before it ends, and wins segment k + 1.
+        let winner = m
+            .until(job, "segment awarded", |s| {
+                s.open_lot
+                    .as_ref()
+                    .filter(|o| o.lot.segment == k && !o.awarded.is_empty())
+                    .map(|o| o.awarded[0].0)
+            })
+            .await;
+        assert_eq!(
+            winner, ids[k as usize],
+            "segment {k} went to the cheapest provider up"
+        );
+        let next = k as usize + 1;
+        m.market.add_qemu_provider(&specs[next]).unwrap();
+        m.market.ready(next + 1).await.unwrap();
+        let s = m.status(job).await;
+        assert_eq!(
+            s.settled.len() as u32,
+            k,
+            "provider {} should have joined while segment {k} ran",
+            next + 1
+        );
+    }
+
+    let done = m.wait_final(job).await;
+    let ran: Vec<ProviderId> = done.settled.iter().map(|s| s.provider).collect();
+    assert!(ran.len() >= 4, "the guest should span several segments: {ran:?}");
+    assert_eq!(ran[..3], ids[..], "segments 0, 1, 2 ran on p1, p2, p3");
+    let logs = m.vmlot_ok(&["logs", &job.to_string()]);
+    assert_console_exact(&logs, reference, &done, "vmlot logs");
+    assert!(follow.wait().unwrap().success(), "vmlot logs --follow failed");
+    assert_console_exact(
+        &std::fs::read(&follow_out).unwrap(),
+        reference,
+        &done,
+        "vmlot logs --follow",
+    );
+    assert_paid_once(&m, &done).await;
+    let price = |p: &ProviderId| money(&specs[ids.iter().position(|i| i == p).unwrap()].price);
+    for s in &done.settled {
+        assert_eq!(s.price.amount, price(&s.provider), "pay-as-bid");
+    }
+    // The status table names the providers.
+    let table = String::from_utf8(m.vmlot_ok(&["status", &job.to_string()])).unwrap();
+    for name in ["p1", "p2", "p3"] {
+        assert!(table.contains(&format!("{name} (")), "{table}");
+    }
+    eprintln!("{table}");
+}
+
+/// Redundancy 2: two providers run each segment, the first valid result
+/// settles it, the other replica is cancelled and never shows in the
+/// console or the ledger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_per_segment_still_print_exactly_the_uninterrupted_console() {
+    let _turn = TURN.lock().await;
+    let reference = reference_console().await;
+    let specs = [
+        QemuProviderSpec::new("r1", "0.10"),
+        QemuProviderSpec::new("r2", "0.20"),
+        QemuProviderSpec::new("r3", "0.30"),
+    ];
+    let m = QemuMarket::start(&specs.iter().collect::<Vec<_>>());
+    m.market.ready(3).await.unwrap();
+    let image = m.push_image(&[]);
+    let job = m.submit(&image, "until-halt", "2");
+    let done = m.wait_final(job).await;
+    let logs = m.vmlot_ok(&["logs", &job.to_string()]);
+    assert_console_exact(&logs, reference, &done, "vmlot logs");
+    assert_paid_once(&m, &done).await;
+
+    // Lots really went to two providers at once.
+    let awarded = awards_by_lot(&m).await;
+    let doubled = done
+        .settled
+        .iter()
+        .filter(|s| awarded.get(&s.lot).is_some_and(|p| p.len() == 2))
+        .count();
+    assert!(
+        doubled > 0,
+        "no settled lot was awarded to two providers: {awarded:#?}"
+    );
+}
+
+/// Every award in the award stream, as lot → providers.
+async fn awards_by_lot(m: &QemuMarket) -> HashMap<LotId, HashSet<ProviderId>> {
+    let js = async_nats::jetstream::new(m.market.server.client().await.unwrap());
+    let mut stream = js.get_stream(subjects::AWARD_STREAM).await.unwrap();
+    let total = stream.info().await.unwrap().state.messages;
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())
+        .await
+        .unwrap();
+    let mut messages = consumer.messages().await.unwrap();
+    let mut awarded: HashMap<LotId, HashSet<ProviderId>> = HashMap::new();
+    for _ in 0..total {
+        let msg = messages.next().await.unwrap().unwrap();
+        if let Ok(ToProvider::Award(award)) = serde_json::from_slice::<ToProvider>(&msg.payload) {
+            awarded.entry(award.lot.lot).or_default().insert(award.provider);
+        }
+    }
+    awarded
+}
+
+/// A provider SIGKILLed while its QEMU runs segment 1: the attempt is lost,
+/// the lot is offered again after its deadline, another provider runs it
+/// from the same checkpoint, and the console is still exact; nobody is paid
+/// twice and the dead provider is paid for nothing after segment 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_killed_mid_segment_loses_one_attempt_and_the_console_stays_exact() {
+    let _turn = TURN.lock().await;
+    let reference = reference_console().await;
+    let specs = [
+        QemuProviderSpec::new("k1", "0.10"),
+        QemuProviderSpec::new("k2", "0.20"),
+        QemuProviderSpec::new("k3", "0.30"),
+    ];
+    let ids: Vec<ProviderId> = specs.iter().map(|s| ProviderId(s.id)).collect();
+    let mut m = QemuMarket::start(&specs.iter().collect::<Vec<_>>());
+    m.market.ready(3).await.unwrap();
+    let image = m.push_image(&[]);
+    let job = m.submit(&image, "until-halt", "1");
+
+    // Whoever runs segment 1: wait until its QEMU is up and the guest has
+    // run a moment, then kill the provider (and, as a dying machine would,
+    // its QEMU).
+    let (victim, lot) = m
+        .until(job, "segment 1 awarded", |s| {
+            s.open_lot
+                .as_ref()
+                .filter(|o| o.lot.segment == 1 && !o.awarded.is_empty())
+                .map(|o| (o.awarded[0].0, o.lot.lot))
+        })
+        .await;
+    let index = ids.iter().position(|p| *p == victim).unwrap();
+    let work = m.market.work_dir(&specs[index].name).join(lot.to_string());
+    let needle = work.display().to_string();
+    wait_for(Duration::from_secs(60), async || {
+        (!processes_mentioning(&needle).is_empty()).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("QEMU of segment 1 never started: {e}\n{}", m.market.logs()));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    m.market.providers[index].kill();
+    kill_pids(&processes_mentioning(&needle));
+
+    let done = m.wait_final(job).await;
+    assert!(
+        done.settled[1].attempt >= 2,
+        "segment 1 needed another attempt: {:#?}",
+        done.settled[1]
+    );
+    assert!(
+        done.settled[1..].iter().all(|s| s.provider != victim),
+        "the killed provider settled nothing after its death"
+    );
+    let logs = m.vmlot_ok(&["logs", &job.to_string()]);
+    assert_console_exact(&logs, reference, &done, "vmlot logs");
+    assert_paid_once(&m, &done).await;
+}
+
+/// `vmlot fetch` of a job stopped by its segment count: the machine state
+/// and the disk, byte-identical to `vmlot store pull` of the checkpoint's
+/// manifests, and a manifest.json naming them. Before the job is done,
+/// fetch refuses with exit code 8.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_writes_the_last_checkpoint_as_the_store_holds_it() {
+    let _turn = TURN.lock().await;
+    let m = QemuMarket::start(&[&QemuProviderSpec::new("f1", "0.10")]);
+    m.market.ready(1).await.unwrap();
+    let disk = m.market.path().join("disk.raw");
+    let mut content = vec![0u8; 4 << 20];
+    for (i, b) in content.iter_mut().enumerate().skip(1 << 20).take(64 << 10) {
+        *b = (i % 251) as u8;
+    }
+    std::fs::write(&disk, &content).unwrap();
+    let image = m.push_image(&[&disk]);
+    let job = m.submit(&image, "2", "1");
+    let out_dir = m.market.path().join("fetched");
+    let early = m.vmlot(&["fetch", &job.to_string(), "-o", out_dir.to_str().unwrap()]);
+    assert_eq!(
+        early.status.code(),
+        Some(8),
+        "fetch of a running job: {}",
+        String::from_utf8_lossy(&early.stderr)
+    );
+    let watch = m.vmlot(&["watch", &job.to_string()]);
+    assert!(
+        watch.status.success(),
+        "{}",
+        String::from_utf8_lossy(&watch.stderr)
+    );
+    let watched = String::from_utf8_lossy(&watch.stdout);
+    assert!(watched.contains("segment 2/2 settled: f1"), "{watched}");
+
+    let done = m.wait_final(job).await;
+    assert_eq!(done.settled.len(), 2);
+    assert!(
+        done.settled
+            .iter()
+            .all(|s| matches!(s.guest, GuestState::Running { .. }))
+    );
+    m.vmlot_ok(&["fetch", &job.to_string(), "-o", out_dir.to_str().unwrap()]);
+
+    let described: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(described["after_segment"], 1);
+    let checkpoint = &done.checkpoint;
+    let expected: [(&str, ManifestId); 2] = [
+        ("machine-state", checkpoint.machine_state.unwrap()),
+        ("disk0.raw", checkpoint.disks[0]),
+    ];
+    let files = described["files"].as_array().unwrap();
+    assert_eq!(files.len(), expected.len(), "{described:#}");
+    for ((name, manifest), file) in expected.iter().zip(files) {
+        assert_eq!(file["file"], *name);
+        assert_eq!(file["manifest"], manifest.to_string());
+        let pulled = m.market.path().join(format!("pulled-{name}"));
+        m.vmlot_ok(&[
+            "store",
+            "pull",
+            &manifest.to_string(),
+            "-o",
+            pulled.to_str().unwrap(),
+        ]);
+        let fetched = std::fs::read(out_dir.join(name)).unwrap();
+        assert!(
+            fetched == std::fs::read(&pulled).unwrap(),
+            "{name} differs from the store's"
+        );
+        assert_eq!(file["size"], fetched.len());
+    }
+    // The guest never touched its disk: the checkpoint's is the image's.
+    assert!(std::fs::read(out_dir.join("disk0.raw")).unwrap() == content);
+    assert!(std::fs::metadata(out_dir.join("machine-state")).unwrap().len() > (MEMORY_MIB as u64) << 20);
+}
