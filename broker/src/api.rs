@@ -26,6 +26,9 @@ pub const MAX_SEGMENT_SECONDS: u32 = 7 * 24 * 3600;
 /// No price or budget beyond this is believed.
 pub const MAX_AMOUNT: Decimal = Decimal::from_parts(0xE8D4_A510, 0xE8, 0, false, 0); // 1e15
 
+/// Requests of one endpoint handled at once.
+const API_CONCURRENCY: usize = 64;
+
 /// A running API; [`Api::stop`] ends its endpoint tasks.
 pub struct Api {
     service: service::Service,
@@ -59,18 +62,23 @@ pub(crate) async fn start(shared: Arc<Shared>) -> Result<Api, BrokerError> {
             .await
             .map_err(|e| BrokerError::nats("API endpoint", e))?;
         let shared = Arc::clone(&shared);
-        let stop = shared.shutdown.clone();
+        let stop = shared.shutdown.clone().cancelled_owned();
         shared.clone().tasks.spawn(async move {
-            loop {
-                let request = tokio::select! {
-                    _ = stop.cancelled() => return,
-                    r = endpoint.next() => match r { Some(r) => r, None => return },
-                };
-                let reply = handle(&shared, name, &request.message.payload).await;
-                if let Err(err) = request.respond(Ok(reply.into())).await {
-                    tracing::warn!(endpoint = name, %err, "could not reply");
-                }
-            }
+            // Requests wait on fsynced writes: one at a time, a busy market's
+            // submissions would queue behind each other's disk flushes.
+            endpoint
+                .by_ref()
+                .take_until(stop)
+                .for_each_concurrent(API_CONCURRENCY, |request| {
+                    let shared = Arc::clone(&shared);
+                    async move {
+                        let reply = handle(&shared, name, &request.message.payload).await;
+                        if let Err(err) = request.respond(Ok(reply.into())).await {
+                            tracing::warn!(endpoint = name, %err, "could not reply");
+                        }
+                    }
+                })
+                .await;
         });
     }
     Ok(Api { service })

@@ -43,6 +43,8 @@ pub enum BidRefused {
     AboveBudget { price: Money, remaining: Money },
     #[error("provider {0} already bid on this lot")]
     Duplicate(ProviderId),
+    #[error("provider {0} was not invited to bid on this lot")]
+    NotInvited(ProviderId),
 }
 
 /// Checks one bid against the lot's reserve and the job's remaining budget.
@@ -117,6 +119,7 @@ mod tests {
             provider,
             price: money(price),
             hot_bytes: hot,
+            slots: 1,
             sent_at: Utc::now() + Duration::milliseconds(offset_ms),
         }
     }

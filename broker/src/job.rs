@@ -12,8 +12,8 @@ use rust_decimal::Decimal;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use vmlot_schemas::market::{
-    Award, Bid, CancelAttempt, GuestState, JobState, JobStatus, Lot, OpenLot, SegmentCount, SegmentPayment,
-    SegmentResult, SettledSegment, ToProvider,
+    Award, Bid, CancelAttempt, GuestState, JobState, JobStatus, Lot, OpenLot, Reply, SegmentCount,
+    SegmentPayment, SegmentResult, SettledSegment, ToProvider,
 };
 use vmlot_schemas::{JobId, LotId, Money, ProviderId, WIRE_VERSION, subjects};
 
@@ -26,6 +26,8 @@ type Awarded = Vec<(ProviderId, Money)>;
 enum Offer {
     Awarded(Box<(Lot, Awarded, chrono::DateTime<Utc>)>),
     NoBids,
+    /// Valid bids came, but every bidder has all its slots awarded already.
+    AllBusy,
     Stopped,
 }
 
@@ -48,9 +50,11 @@ pub(crate) async fn drive(
     job: JobId,
     stop: CancellationToken,
     tx: mpsc::Sender<LotEvent>,
-    mut rx: mpsc::Receiver<LotEvent>,
+    rx: &mut mpsc::Receiver<LotEvent>,
 ) -> Result<(), BrokerError> {
     let mut backoff = shared.config.min_backoff;
+    // Offers in a row that drew no bid: each one invites twice as many providers.
+    let mut quiet_offers = 0u32;
     loop {
         if stop.is_cancelled() {
             return on_stop(shared, job).await;
@@ -83,12 +87,20 @@ pub(crate) async fn drive(
                 _ => None,
             });
         let (lot, awarded, deadline) = match resumable {
-            Some(open) => open,
+            Some((lot, awarded, deadline)) => {
+                // Resumed after a restart: its awards hold their providers' slots again.
+                let mut capacity = shared.capacity.lock().expect("capacity lock");
+                for (provider, _) in &awarded {
+                    capacity.commit(*provider, lot.lot);
+                }
+                (lot, awarded, deadline)
+            }
             None => {
                 cancel_open_lot(shared, &status, "attempt timed out").await;
-                match offer(shared, &status, &tx, &mut rx, &stop).await? {
+                match offer(shared, &status, quiet_offers, &tx, rx, &stop).await? {
                     Offer::Awarded(awarded) => {
                         backoff = shared.config.min_backoff;
+                        quiet_offers = 0;
                         *awarded
                     }
                     Offer::NoBids => {
@@ -97,6 +109,15 @@ pub(crate) async fn drive(
                             _ = tokio::time::sleep(backoff) => {}
                         }
                         backoff = (backoff * 2).min(shared.config.max_backoff);
+                        quiet_offers = quiet_offers.saturating_add(1);
+                        continue;
+                    }
+                    Offer::AllBusy => {
+                        // Slots free up as segments end: try again soon.
+                        tokio::select! {
+                            _ = stop.cancelled() => {}
+                            _ = tokio::time::sleep(shared.config.min_backoff) => {}
+                        }
                         continue;
                     }
                     Offer::Stopped => continue,
@@ -108,9 +129,14 @@ pub(crate) async fn drive(
             .lock()
             .expect("lots lock")
             .insert(lot.lot, LotRoute { job, tx: tx.clone() });
-        let waited = await_result(shared, &status, &lot, &awarded, deadline, &mut rx, &stop).await?;
+        let waited = await_result(shared, &status, &lot, &awarded, deadline, rx, &stop).await;
         shared.lots.lock().expect("lots lock").remove(&lot.lot);
-        match waited {
+        shared
+            .capacity
+            .lock()
+            .expect("capacity lock")
+            .release(awarded.iter().map(|(p, _)| *p), &lot.lot);
+        match waited? {
             Waited::Settled | Waited::Stopped => {}
             Waited::TimedOut => {
                 tracing::warn!(%job, segment, attempt = lot.attempt, "no valid result by the deadline; offering again")
@@ -175,9 +201,35 @@ async fn finish(
     Ok(())
 }
 
+/// How many of the [`subjects::LOT_SHARDS`] provider shards a lot goes
+/// to: enough for a handful of bids, doubling with each offer that drew
+/// none; `None` means every provider.
+fn shards_to_invite(redundancy: u32, eligible: usize, quiet_offers: u32) -> Option<usize> {
+    let wanted = (4 * u64::from(redundancy)).max(8) << quiet_offers.min(20);
+    let shards = u64::from(subjects::LOT_SHARDS);
+    let needed = (wanted * shards).div_ceil(eligible.max(1) as u64);
+    (eligible > 0 && needed < shards).then_some(needed as usize)
+}
+
+/// The shards a lot is published to: `count` at random, plus those of the
+/// providers invited by name.
+fn pick_shards(count: Option<usize>, invited: &[ProviderId]) -> Vec<u16> {
+    let Some(count) = count else { return Vec::new() };
+    let mut shards: Vec<u16> =
+        rand::seq::index::sample(&mut rand::thread_rng(), subjects::LOT_SHARDS as usize, count)
+            .into_iter()
+            .map(|i| i as u16)
+            .collect();
+    shards.extend(invited.iter().map(subjects::shard_of));
+    shards.sort_unstable();
+    shards.dedup();
+    shards
+}
+
 async fn offer(
     shared: &Arc<Shared>,
     status: &JobStatus,
+    quiet_offers: u32,
     tx: &mpsc::Sender<LotEvent>,
     rx: &mut mpsc::Receiver<LotEvent>,
     stop: &CancellationToken,
@@ -188,7 +240,10 @@ async fn offer(
         status.spec.budget.unit.clone(),
     );
     let bid_window = shared.config.bid_window;
-    let lot = Lot {
+    let eligible = shared.eligible_providers(&status.spec.image.vm);
+    // Nothing is recorded before the award: a lot that dies with the broker
+    // during its bid window was never awarded, and is simply offered anew.
+    let mut lot = Lot {
         version: WIRE_VERSION,
         lot: LotId::new(),
         job,
@@ -199,42 +254,39 @@ async fn offer(
         segment_seconds: status.spec.segment_seconds,
         reserve_price: status.spec.reserve_price.clone(),
         bid_deadline: Utc::now() + chrono::Duration::from_std(bid_window).unwrap_or_default(),
+        shards: Vec::new(),
+        invited: status
+            .settled
+            .last()
+            .map(|s| vec![s.provider])
+            .unwrap_or_default(),
     };
-    // Record the lot before anyone can see it.
-    let record = lot.clone();
-    let recorded = shared
-        .jobs
-        .update(&job, move |s| {
-            if s.state.is_final() {
-                return Err("job ended");
-            }
-            s.open_lot = Some(OpenLot {
-                lot: record.clone(),
-                awarded: Vec::new(),
-                award_deadline: None,
-            });
-            s.attempts = record.attempt;
-            Ok(())
-        })
-        .await;
-    match recorded {
-        Ok(_) => {}
-        Err(UpdateError::Refused(_)) | Err(UpdateError::NotFound) => return Ok(Offer::Stopped),
-        Err(UpdateError::Broker(e)) => return Err(e),
-    }
+    lot.shards = pick_shards(
+        shards_to_invite(status.spec.redundancy, eligible, quiet_offers),
+        &lot.invited,
+    );
     shared
         .lots
         .lock()
         .expect("lots lock")
         .insert(lot.lot, LotRoute { job, tx: tx.clone() });
-    let subject = subjects::lot(lot.image.vm.hypervisor, &lot.image.vm.arch);
-    let body = serde_json::to_vec(&lot).expect("lot serializes");
-    shared
-        .client
-        .publish(subject, body.into())
-        .await
-        .map_err(|e| BrokerError::nats("publish lot", e))?;
-    tracing::info!(%job, lot = %lot.lot, segment = lot.segment, attempt = lot.attempt, "lot offered");
+    let (hypervisor, arch) = (lot.image.vm.hypervisor, &lot.image.vm.arch);
+    let subjects: Vec<String> = if lot.shards.is_empty() {
+        vec![subjects::lot(hypervisor, arch)]
+    } else {
+        lot.shards
+            .iter()
+            .map(|shard| subjects::lot_shard(hypervisor, arch, *shard))
+            .collect()
+    };
+    let body = bytes::Bytes::from(serde_json::to_vec(&lot).expect("lot serializes"));
+    for subject in subjects {
+        if let Err(err) = shared.client.publish(subject, body.clone()).await {
+            shared.lots.lock().expect("lots lock").remove(&lot.lot);
+            return Err(BrokerError::nats("publish lot", err));
+        }
+    }
+    tracing::debug!(%job, lot = %lot.lot, segment = lot.segment, attempt = lot.attempt, shards = lot.shards.len(), "lot offered");
 
     let mut bids: Vec<Bid> = Vec::new();
     let mut over_budget = false;
@@ -249,12 +301,13 @@ async fn offer(
             _ = &mut window => break,
             event = rx.recv() => match event {
                 Some(LotEvent::Bid(bid)) if bid.lot == lot.lot => {
-                    let checked = auction::check_bid(&bid, &lot.reserve_price, &remaining)
-                        .and_then(|()| if bids.iter().any(|b| b.provider == bid.provider) {
-                            Err(BidRefused::Duplicate(bid.provider))
-                        } else {
-                            Ok(())
-                        });
+                    let checked = if !lot.invites(&bid.provider) {
+                        Err(BidRefused::NotInvited(bid.provider))
+                    } else if bids.iter().any(|b| b.provider == bid.provider) {
+                        Err(BidRefused::Duplicate(bid.provider))
+                    } else {
+                        auction::check_bid(&bid, &lot.reserve_price, &remaining)
+                    };
                     match checked {
                         Ok(()) => bids.push(bid),
                         Err(refused) => {
@@ -273,16 +326,27 @@ async fn offer(
             }
         }
     }
+    shared.lots.lock().expect("lots lock").remove(&lot.lot);
 
-    let winners = auction::award(
-        bids,
-        status.spec.redundancy as usize,
-        shared.config.pricing,
-        &lot.reserve_price,
-    );
+    let valid_bids = bids.len();
+    // Choose and hold the winners' slots in one step, so two lots closing at
+    // once cannot both take a provider's last slot.
+    let winners = {
+        let mut capacity = shared.capacity.lock().expect("capacity lock");
+        bids.retain(|b| capacity.has_room(&b.provider, b.slots));
+        let winners = auction::award(
+            bids,
+            status.spec.redundancy as usize,
+            shared.config.pricing,
+            &lot.reserve_price,
+        );
+        for (provider, _) in &winners {
+            capacity.commit(*provider, lot.lot);
+        }
+        winners
+    };
     if winners.is_empty() {
-        shared.lots.lock().expect("lots lock").remove(&lot.lot);
-        if over_budget {
+        if over_budget && valid_bids == 0 {
             finish(
                 shared,
                 job,
@@ -292,18 +356,31 @@ async fn offer(
             .await?;
             return Ok(Offer::Stopped);
         }
-        shared
-            .jobs
-            .update::<std::convert::Infallible, _>(&job, |s| {
-                s.open_lot = None;
-                s.waiting_for_providers = true;
-                Ok(())
-            })
-            .await
-            .map_err(update_failed)?;
-        tracing::info!(%job, lot = %lot.lot, "no bids; waiting for providers");
-        return Ok(Offer::NoBids);
+        if status.open_lot.is_some() || !status.waiting_for_providers {
+            shared
+                .jobs
+                .update::<std::convert::Infallible, _>(&job, |s| {
+                    s.open_lot = None;
+                    s.waiting_for_providers = true;
+                    Ok(())
+                })
+                .await
+                .map_err(update_failed)?;
+        }
+        if valid_bids == 0 {
+            tracing::info!(%job, lot = %lot.lot, "no bids; waiting for providers");
+            return Ok(Offer::NoBids);
+        }
+        tracing::debug!(%job, lot = %lot.lot, valid_bids, "every bidder is busy; offering again soon");
+        return Ok(Offer::AllBusy);
     }
+    let release = |shared: &Arc<Shared>| {
+        shared
+            .capacity
+            .lock()
+            .expect("capacity lock")
+            .release(winners.iter().map(|(p, _)| *p), &lot.lot)
+    };
 
     let allowance = Duration::from_secs(lot.segment_seconds as u64) + shared.config.transfer_allowance;
     let deadline = Utc::now() + chrono::Duration::from_std(allowance).unwrap_or_default();
@@ -319,38 +396,86 @@ async fn offer(
                 awarded: awarded.clone(),
                 award_deadline: Some(deadline),
             });
+            s.attempts = record.attempt;
             s.waiting_for_providers = false;
             Ok(())
         })
         .await;
     match recorded {
         Ok(_) => {}
-        Err(UpdateError::Refused(_)) | Err(UpdateError::NotFound) => return Ok(Offer::Stopped),
-        Err(UpdateError::Broker(e)) => return Err(e),
+        Err(UpdateError::Refused(_)) | Err(UpdateError::NotFound) => {
+            release(shared);
+            return Ok(Offer::Stopped);
+        }
+        Err(UpdateError::Broker(e)) => {
+            release(shared);
+            return Err(e);
+        }
     }
-    for (provider, price) in winners.clone() {
+    let sends = winners.iter().map(|(provider, price)| {
         let award = ToProvider::Award(Box::new(Award {
             version: WIRE_VERSION,
             lot: lot.clone(),
-            provider,
+            provider: *provider,
             price: price.clone(),
             deadline,
         }));
-        send_to_provider(shared, &provider, &award).await?;
-        tracing::info!(%job, lot = %lot.lot, %provider, %price, "awarded");
+        async move { award_to(shared, provider, &award).await }
+    });
+    let taken = futures::future::join_all(sends).await;
+    let mut accepted = 0;
+    for ((provider, price), taken) in winners.iter().zip(taken) {
+        match taken {
+            Ok(()) => {
+                accepted += 1;
+                tracing::info!(%job, lot = %lot.lot, %provider, %price, "awarded");
+            }
+            Err(reason) => {
+                tracing::warn!(%job, lot = %lot.lot, %provider, %reason, "award not taken");
+                shared
+                    .capacity
+                    .lock()
+                    .expect("capacity lock")
+                    .release([*provider], &lot.lot);
+            }
+        }
     }
-    let closed = vmlot_schemas::market::LotClosed {
-        version: WIRE_VERSION,
-        lot: lot.lot,
-        awarded: winners.iter().map(|(p, _)| *p).collect(),
-    };
-    let body = serde_json::to_vec(&closed).expect("notice serializes");
-    if let Err(err) = shared.client.publish(subjects::LOT_CLOSED, body.into()).await {
-        tracing::warn!(%err, "could not publish lot-closed notice");
+    if accepted == 0 {
+        shared
+            .jobs
+            .update::<std::convert::Infallible, _>(&job, |s| {
+                s.open_lot = None;
+                Ok(())
+            })
+            .await
+            .map_err(update_failed)?;
+        return Ok(Offer::AllBusy);
     }
     Ok(Offer::Awarded(Box::new((lot, winners, deadline))))
 }
 
+/// How long a provider has to confirm an award.
+const AWARD_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Sends an award; Ok once the provider confirms it took it.
+async fn award_to(shared: &Arc<Shared>, provider: &ProviderId, award: &ToProvider) -> Result<(), String> {
+    let body = serde_json::to_vec(award).expect("award serializes");
+    let reply = tokio::time::timeout(
+        AWARD_REPLY_TIMEOUT,
+        shared.client.request(subjects::award(provider), body.into()),
+    )
+    .await
+    .map_err(|_| "no answer in time".to_string())?
+    .map_err(|e| e.to_string())?;
+    match serde_json::from_slice::<Reply<()>>(&reply.payload) {
+        Ok(Reply::Ok(())) => Ok(()),
+        Ok(Reply::Error(refused)) => Err(format!("refused: {}", refused.message)),
+        Err(err) => Err(format!("unreadable answer: {err}")),
+    }
+}
+
+/// Tells a provider to stop an attempt. Best effort: a provider that misses
+/// it runs on, and its late result is refused.
 async fn send_to_provider(
     shared: &Arc<Shared>,
     provider: &ProviderId,
@@ -358,13 +483,10 @@ async fn send_to_provider(
 ) -> Result<(), BrokerError> {
     let body = serde_json::to_vec(msg).expect("provider message serializes");
     shared
-        .js
+        .client
         .publish(subjects::award(provider), body.into())
         .await
-        .map_err(|e| BrokerError::nats("publish award", e))?
-        .await
-        .map_err(|e| BrokerError::nats("award ack", e))?;
-    Ok(())
+        .map_err(|e| BrokerError::nats("publish to provider", e))
 }
 
 async fn await_result(
@@ -473,11 +595,18 @@ async fn apply_settlement(shared: &Arc<Shared>, payment: &SegmentPayment) -> Res
             if s.settled.len() as u32 != payment.segment {
                 return Ok(());
             }
+            let awarded = s
+                .open_lot
+                .as_ref()
+                .filter(|open| open.lot.lot == payment.lot)
+                .map(|open| open.awarded.iter().map(|(p, _)| *p).collect())
+                .unwrap_or_else(|| vec![payment.provider]);
             s.settled.push(SettledSegment {
                 segment: payment.segment,
                 attempt: payment.attempt,
                 lot: payment.lot,
                 provider: payment.provider,
+                awarded,
                 price: payment.amount.clone(),
                 guest: result.guest.clone(),
                 console: result.console,
@@ -524,5 +653,33 @@ async fn cancel_open_lot(shared: &Arc<Shared>, status: &JobStatus, reason: &str)
         if let Err(err) = send_to_provider(shared, provider, &cancel).await {
             tracing::warn!(%provider, %err, "could not send cancel");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invitations_reach_a_handful_and_widen_after_quiet_offers() {
+        assert_eq!(shards_to_invite(1, 3, 0), None, "a small market: everyone");
+        assert_eq!(shards_to_invite(1, 0, 0), None, "no heartbeat yet: everyone");
+        assert_eq!(
+            shards_to_invite(1, 200, 0),
+            Some(3),
+            "8 of 200: 3 shards of about 3 each"
+        );
+        assert_eq!(shards_to_invite(3, 200, 0), Some(4), "4 per replica");
+        assert_eq!(shards_to_invite(1, 200, 1), Some(6));
+        assert_eq!(shards_to_invite(1, 200, 5), None);
+        assert_eq!(shards_to_invite(u32::MAX, 1, u32::MAX), None, "no overflow");
+        let previous = ProviderId::new();
+        let shards = pick_shards(Some(3), &[previous]);
+        assert!(shards.contains(&subjects::shard_of(&previous)));
+        assert!((3..=4).contains(&shards.len()));
+        assert!(
+            pick_shards(None, &[previous]).is_empty(),
+            "everyone already includes it"
+        );
     }
 }

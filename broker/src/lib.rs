@@ -5,12 +5,14 @@
 //! - [`job`]: one task per running job: offer a lot, collect bids, award,
 //!   wait for results, settle, next segment.
 //! - [`auction`]: the sealed-bid reverse auction (pure).
+//! - [`capacity`]: awards outstanding per provider, never above its slots.
 //! - [`state`]: job records in a KV bucket with revision checks.
 //! - [`ledger`]: one payment per settled segment, written at most once.
 //! - [`verify`]: checks a result's checkpoint against the store.
 
 pub mod api;
 pub mod auction;
+pub mod capacity;
 pub mod job;
 pub mod ledger;
 pub mod state;
@@ -103,6 +105,7 @@ pub(crate) struct Shared {
     pub config: BrokerConfig,
     pub lots: Mutex<HashMap<LotId, LotRoute>>,
     pub providers: Mutex<HashMap<ProviderId, (Heartbeat, std::time::Instant)>>,
+    pub capacity: Mutex<capacity::Capacity>,
     pub running: Mutex<HashMap<JobId, CancellationToken>>,
     pub tasks: TaskTracker,
     pub shutdown: CancellationToken,
@@ -131,11 +134,35 @@ impl Shared {
         }
         let shared = Arc::clone(self);
         self.tasks.spawn(async move {
-            if let Err(err) = job::drive(&shared, job, token, tx, rx).await {
-                tracing::error!(%job, %err, "job task stopped; it resumes at the next broker start");
+            let mut rx = rx;
+            let mut pause = Duration::from_secs(1);
+            // A NATS error stops one pass, not the job: it resumes from its
+            // durable record, which every step writes first.
+            while let Err(err) = job::drive(&shared, job, token.clone(), tx.clone(), &mut rx).await {
+                tracing::error!(%job, %err, ?pause, "job task failed; resuming from its record");
+                tokio::select! {
+                    _ = token.cancelled() => break,
+                    _ = tokio::time::sleep(pause) => {}
+                }
+                pause = (pause * 2).min(Duration::from_secs(30));
             }
             shared.running.lock().expect("running lock").remove(&job);
         });
+    }
+
+    /// Live providers that could run `lot`'s image: how many the invitation
+    /// share is drawn from.
+    pub fn eligible_providers(&self, vm: &vmlot_schemas::VmConfig) -> usize {
+        let providers = self.providers.lock().expect("providers lock");
+        providers
+            .values()
+            .filter(|(hb, seen)| {
+                seen.elapsed() < self.config.provider_timeout
+                    && hb.hypervisors.contains(&vm.hypervisor)
+                    && hb.arch == vm.arch
+                    && hb.memory_mib >= vm.memory_mib
+            })
+            .count()
     }
 
     pub fn live_providers(&self) -> Vec<Heartbeat> {
@@ -177,6 +204,7 @@ pub async fn run(
         config,
         lots: Mutex::new(HashMap::new()),
         providers: Mutex::new(HashMap::new()),
+        capacity: Mutex::new(capacity::Capacity::default()),
         running: Mutex::new(HashMap::new()),
         tasks: TaskTracker::new(),
         shutdown: CancellationToken::new(),
@@ -216,7 +244,6 @@ pub async fn run(
 
 async fn provision(js: &jetstream::Context, replicas: usize) -> Result<(), BrokerError> {
     let streams = [
-        (subjects::AWARD_STREAM, subjects::AWARD_SUBJECTS, false),
         (subjects::RESULT_STREAM, subjects::RESULT_SUBJECTS, false),
         (subjects::LEDGER_STREAM, subjects::LEDGER_SUBJECTS, true),
     ];

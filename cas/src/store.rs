@@ -1,6 +1,9 @@
 //! The JetStream block store: one message per block on its own subject
 //! (`vmlot.cas.block.<sha1>`) in the `VMLOT_BLOCKS` stream, and manifests in
-//! the `vmlot-manifests` object-store bucket.
+//! the `VMLOT_MANIFESTS` stream, cut into parts (`vmlot.cas.manifest.<id>.<n>`)
+//! written in one atomic batch and read with direct gets. (An object store
+//! would do, but every read of one creates a consumer on the server: in a
+//! busy market that was a quarter of the server's CPU.)
 //!
 //! 4 KiB blocks are small NATS messages, so nothing here moves one block per
 //! request: writes go out as atomic batches of up to 1000 messages (one
@@ -13,12 +16,11 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::{self, message::OutboundMessage, object_store, stream};
+use async_nats::jetstream::{self, message::OutboundMessage, stream};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use jetstream_extra::batch_fetch::BatchFetchExt;
 use jetstream_extra::batch_publish::BatchPublishExt;
-use tokio::io::AsyncReadExt;
 use vmlot_schemas::manifest::{MAX_BLOCK_BYTES, MAX_MANIFEST_BYTES};
 use vmlot_schemas::{BlockId, Manifest, ManifestError, ManifestId, subjects};
 
@@ -60,11 +62,9 @@ impl Default for StoreOptions {
 #[derive(Clone)]
 pub struct BlockStore {
     js: jetstream::Context,
-    manifests: object_store::ObjectStore,
     opts: StoreOptions,
     /// Manifests already read and verified. They are immutable (named by
-    /// their hash), so a cached one is always right; each object-store read
-    /// costs a consumer on the server, which busy markets must not spend.
+    /// their hash), so a cached one is always right.
     known_manifests: std::sync::Arc<std::sync::Mutex<HashMap<ManifestId, Manifest>>>,
 }
 
@@ -90,25 +90,26 @@ impl BlockStore {
         })
         .await
         .map_err(|e| CasError::nats("create block stream", e))?;
-        let manifests = match js.get_object_store(subjects::MANIFEST_BUCKET).await {
-            Ok(bucket) => bucket,
-            Err(_) => js
-                .create_object_store(object_store::Config {
-                    bucket: subjects::MANIFEST_BUCKET.to_string(),
-                    storage: stream::StorageType::File,
-                    num_replicas: opts.replicas,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| CasError::nats("create manifest bucket", e))?,
-        };
+        js.get_or_create_stream(stream::Config {
+            name: subjects::MANIFEST_STREAM.to_string(),
+            subjects: vec![subjects::MANIFEST_SUBJECTS.to_string()],
+            storage: stream::StorageType::File,
+            num_replicas: opts.replicas,
+            max_messages_per_subject: 1,
+            discard: stream::DiscardPolicy::New,
+            discard_new_per_subject: true,
+            allow_direct: true,
+            allow_atomic_publish: true,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| CasError::nats("create manifest stream", e))?;
         let opts = StoreOptions {
             batch: opts.batch.clamp(1, MAX_BATCH),
             ..opts
         };
         Ok(Self {
             js,
-            manifests,
             opts,
             known_manifests: Default::default(),
         })
@@ -282,22 +283,54 @@ impl BlockStore {
     pub async fn put_manifest(&self, manifest: &Manifest) -> Result<ManifestId, CasError> {
         let bytes = manifest.canonical_bytes();
         let id = ManifestId::of(&bytes);
-        if self.manifests.info(id.to_hex()).await.is_ok() {
+        if self.manifest_head(&id).await?.is_some() {
             return Ok(id);
         }
         self.put_manifest_bytes(&id, &bytes).await?;
         Ok(id)
     }
 
-    /// Writes raw bytes under a manifest id. Only tests planting bad
-    /// manifests should call this directly.
+    /// Writes raw bytes under a manifest id, all parts in one atomic batch.
+    /// Only tests planting bad manifests should call this directly.
     pub async fn put_manifest_bytes(&self, id: &ManifestId, bytes: &[u8]) -> Result<(), CasError> {
-        let mut reader = bytes;
-        self.manifests
-            .put(id.to_hex().as_str(), &mut reader)
-            .await
-            .map_err(|e| CasError::nats("manifest put", e))?;
-        Ok(())
+        let parts: Vec<&[u8]> = if bytes.is_empty() {
+            vec![&[][..]]
+        } else {
+            bytes.chunks(MANIFEST_PART_BYTES).collect()
+        };
+        let messages: Vec<OutboundMessage> = parts
+            .iter()
+            .enumerate()
+            .map(|(n, part)| {
+                let headers = (n == 0).then(|| {
+                    let mut h = HeaderMap::new();
+                    h.insert(subjects::MANIFEST_PARTS_HEADER, parts.len().to_string().as_str());
+                    h.insert(subjects::MANIFEST_SIZE_HEADER, bytes.len().to_string().as_str());
+                    h
+                });
+                OutboundMessage {
+                    subject: subjects::manifest_part(id, n as u32).into(),
+                    payload: Bytes::copy_from_slice(part),
+                    headers,
+                }
+            })
+            .collect();
+        let written = self
+            .js
+            .batch_publish_all()
+            .ack_first(false)
+            .publish(futures::stream::iter(messages))
+            .await;
+        match written {
+            Ok(_) => Ok(()),
+            // Another writer stored the same manifest first: the stream keeps
+            // one message per part subject, and refused this batch whole.
+            Err(err) if self.manifest_head(id).await?.is_some() => {
+                tracing::debug!(%id, %err, "manifest already stored");
+                Ok(())
+            }
+            Err(err) => Err(CasError::nats("manifest batch publish", err)),
+        }
     }
 
     /// Reads and checks a manifest: size limit before reading, then the
@@ -315,36 +348,101 @@ impl BlockStore {
         Ok(manifest)
     }
 
-    async fn read_manifest(&self, id: &ManifestId) -> Result<Manifest, CasError> {
-        let info = self.manifests.info(id.to_hex()).await.map_err(|e| {
-            if e.kind() == object_store::InfoErrorKind::NotFound {
-                CasError::MissingManifest(*id)
-            } else {
-                CasError::nats("manifest info", e)
-            }
-        })?;
-        let refuse = |source| CasError::Manifest { id: *id, source };
-        let max = self.opts.max_manifest_bytes.min(MAX_MANIFEST_BYTES);
-        if info.size as u64 > max {
-            return Err(refuse(ManifestError::TooLarge {
-                size: info.size as u64,
-                max,
-            }));
+    /// Part 0 of a manifest, if stored.
+    async fn manifest_head(
+        &self,
+        id: &ManifestId,
+    ) -> Result<Option<jetstream::message::StreamMessage>, CasError> {
+        let stream = self
+            .js
+            .get_stream_no_info(subjects::MANIFEST_STREAM)
+            .await
+            .map_err(|e| CasError::nats("manifest stream", e))?;
+        match stream
+            .direct_get_last_for_subject(subjects::manifest_part(id, 0))
+            .await
+        {
+            Ok(msg) => Ok(Some(msg)),
+            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) => Err(CasError::nats("manifest get", e)),
         }
-        let mut object = self
-            .manifests
-            .get(id.to_hex())
-            .await
-            .map_err(|e| CasError::nats("manifest get", e))?;
-        let mut bytes = Vec::with_capacity(info.size);
-        (&mut object)
-            .take(max + 1)
-            .read_to_end(&mut bytes)
-            .await
-            .map_err(|e| CasError::nats("manifest read", e))?;
+    }
+
+    async fn read_manifest(&self, id: &ManifestId) -> Result<Manifest, CasError> {
+        let head = self
+            .manifest_head(id)
+            .await?
+            .ok_or(CasError::MissingManifest(*id))?;
+        let refuse = |source| CasError::Manifest { id: *id, source };
+        let header = |name: &str| -> Result<u64, CasError> {
+            head.headers
+                .get(name)
+                .and_then(|v| v.as_str().parse::<u64>().ok())
+                .ok_or_else(|| {
+                    refuse(ManifestError::Garbled(format!(
+                        "part 0 lacks a valid {name} header"
+                    )))
+                })
+        };
+        let (size, parts) = (
+            header(subjects::MANIFEST_SIZE_HEADER)?,
+            header(subjects::MANIFEST_PARTS_HEADER)?,
+        );
+        let max = self.opts.max_manifest_bytes.min(MAX_MANIFEST_BYTES);
+        if size > max {
+            return Err(refuse(ManifestError::TooLarge { size, max }));
+        }
+        if parts == 0 || parts != size.div_ceil(MANIFEST_PART_BYTES as u64).max(1) {
+            return Err(refuse(ManifestError::Garbled(format!(
+                "{parts} parts for {size} bytes"
+            ))));
+        }
+        let mut bytes = Vec::with_capacity(size as usize);
+        bytes.extend_from_slice(&head.payload);
+        let rest: Vec<String> = (1..parts as u32)
+            .map(|n| subjects::manifest_part(id, n))
+            .collect();
+        for group in rest.chunks(MAX_BATCH) {
+            let mut got: HashMap<String, Bytes> = HashMap::with_capacity(group.len());
+            let mut messages = self
+                .js
+                .get_last_messages_for(subjects::MANIFEST_STREAM)
+                .subjects(group.to_vec())
+                .send()
+                .await
+                .map_err(|e| CasError::nats("manifest parts get", e))?;
+            while let Some(msg) = messages.next().await {
+                match msg {
+                    Ok(msg) => {
+                        got.insert(msg.subject.to_string(), msg.payload);
+                    }
+                    Err(e)
+                        if e.to_string().contains("404")
+                            || e.to_string().to_lowercase().contains("not found") =>
+                    {
+                        break;
+                    }
+                    Err(e) => return Err(CasError::nats("manifest parts get", e)),
+                }
+            }
+            for subject in group {
+                let part = got
+                    .remove(subject)
+                    .ok_or_else(|| refuse(ManifestError::Garbled(format!("{subject} is missing"))))?;
+                bytes.extend_from_slice(&part);
+                if bytes.len() as u64 > size {
+                    return Err(refuse(ManifestError::Garbled(
+                        "parts exceed the stated size".into(),
+                    )));
+                }
+            }
+        }
         Manifest::decode(&bytes, id).map_err(refuse)
     }
 }
+
+/// Bytes per manifest message: well under any sensible `max_payload`.
+const MANIFEST_PART_BYTES: usize = 256 * 1024;
 
 /// A block as it goes on the wire.
 #[derive(Clone)]

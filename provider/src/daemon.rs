@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, consumer};
+use async_nats::jetstream;
 use chrono::Utc;
 use futures::StreamExt;
 use rust_decimal::Decimal;
@@ -17,7 +17,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use vmlot_cas::{BlockCache, BlockStore, StoreOptions, pull_file, push_file};
 use vmlot_schemas::market::{
-    Award, Bid, Checkpoint, GuestState, Heartbeat, Lot, SegmentResult, SegmentTimings, ToProvider,
+    ApiError, Award, Bid, Checkpoint, GuestState, Heartbeat, Lot, Reply, SegmentResult, SegmentTimings,
+    ToProvider,
 };
 use vmlot_schemas::{
     BlockId, Chunking, HypervisorKind, LotId, ManifestId, ObjectKind, WIRE_VERSION, subjects,
@@ -45,13 +46,6 @@ fn nats(op: &'static str, err: impl std::fmt::Display) -> ProviderError {
     }
 }
 
-/// How long after a lot's bid deadline its award may still arrive (the
-/// broker awards right at the deadline; a lost lot frees its slot then).
-const AWARD_GRACE: Duration = Duration::from_millis(1000);
-
-/// How long a winner keeps its slot for an award on its way.
-const AWARD_WAIT: Duration = Duration::from_secs(10);
-
 struct Daemon {
     client: async_nats::Client,
     js: jetstream::Context,
@@ -59,12 +53,12 @@ struct Daemon {
     cache: Arc<BlockCache>,
     config: ProviderConfig,
     drivers: HashMap<HypervisorKind, Arc<dyn Driver>>,
-    /// Segments running now, by lot.
+    /// Segments awarded and not finished, by lot (running or waiting for a slot).
     active: Mutex<HashMap<LotId, CancellationToken>>,
-    /// Lots bid on and not yet decided, with when the award would be
-    /// overdue: each holds a slot, so a one-slot provider never wins two
-    /// lots at once.
-    pending: Mutex<HashMap<LotId, Instant>>,
+    /// One permit per slot, held while a segment runs. The broker never has
+    /// more awards outstanding than the slots bids declare; an award can
+    /// still arrive while a cancelled segment is winding down, and waits.
+    slots: Arc<tokio::sync::Semaphore>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -72,19 +66,7 @@ struct Daemon {
 impl Daemon {
     fn free_slots(&self) -> u32 {
         let active = self.active.lock().expect("active lock").len();
-        let mut pending = self.pending.lock().expect("pending lock");
-        let now = Instant::now();
-        pending.retain(|_, overdue| *overdue > now);
-        self.config.slots.saturating_sub((active + pending.len()) as u32)
-    }
-
-    /// Holds a slot for a bid until its award is overdue.
-    fn hold_slot(&self, lot: LotId, bid_deadline: chrono::DateTime<Utc>) {
-        let left = (bid_deadline - Utc::now()).to_std().unwrap_or_default() + AWARD_GRACE;
-        self.pending
-            .lock()
-            .expect("pending lock")
-            .insert(lot, Instant::now() + left);
+        self.config.slots.saturating_sub(active as u32)
     }
 }
 
@@ -109,6 +91,7 @@ pub async fn run(
         .map_err(|e| nats("create work dir", format!("{}: {e}", config.work_dir.display())))?;
     let mut js = jetstream::new(client.clone());
     js.set_timeout(Duration::from_secs(15));
+    let config_slots = config.slots as usize;
     let daemon = Arc::new(Daemon {
         client: client.clone(),
         js,
@@ -117,30 +100,33 @@ pub async fn run(
         config,
         drivers,
         active: Mutex::new(HashMap::new()),
-        pending: Mutex::new(HashMap::new()),
+        slots: Arc::new(tokio::sync::Semaphore::new(config_slots)),
         tasks: TaskTracker::new(),
         shutdown: CancellationToken::new(),
     });
 
-    let awards = award_consumer(&daemon).await?;
-    let mut lot_subs = Vec::new();
-    for kind in &daemon.config.hypervisors {
-        let subject = subjects::lot(*kind, &daemon.config.arch);
-        lot_subs.push(
-            client
-                .subscribe(subject)
-                .await
-                .map_err(|e| nats("subscribe lots", e))?,
-        );
-    }
-    let closed = client
-        .subscribe(subjects::LOT_CLOSED)
+    let awards = client
+        .subscribe(subjects::award(&daemon.config.id))
         .await
-        .map_err(|e| nats("subscribe lot notices", e))?;
+        .map_err(|e| nats("subscribe awards", e))?;
+    let mut lot_subs = Vec::new();
+    let shard = subjects::shard_of(&daemon.config.id);
+    for kind in &daemon.config.hypervisors {
+        for subject in [
+            subjects::lot(*kind, &daemon.config.arch),
+            subjects::lot_shard(*kind, &daemon.config.arch, shard),
+        ] {
+            lot_subs.push(
+                client
+                    .subscribe(subject)
+                    .await
+                    .map_err(|e| nats("subscribe lots", e))?,
+            );
+        }
+    }
     let lots = futures::stream::select_all(lot_subs);
     daemon.tasks.spawn(heartbeats(Arc::clone(&daemon)));
     daemon.tasks.spawn(bid_on_lots(Arc::clone(&daemon), lots));
-    daemon.tasks.spawn(release_lost_lots(Arc::clone(&daemon), closed));
     daemon.tasks.spawn(take_awards(Arc::clone(&daemon), awards));
     tracing::info!(provider = %daemon.config.id, name = %daemon.config.name, "provider running");
 
@@ -150,33 +136,6 @@ pub async fn run(
     daemon.tasks.close();
     daemon.tasks.wait().await;
     Ok(())
-}
-
-async fn award_consumer(daemon: &Daemon) -> Result<consumer::PullConsumer, ProviderError> {
-    // The broker creates the stream; wait for it rather than fail at start.
-    let stream = loop {
-        match daemon.js.get_stream(subjects::AWARD_STREAM).await {
-            Ok(s) => break s,
-            Err(err) => {
-                tracing::info!(%err, "award stream not there yet; waiting for the broker");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        }
-    };
-    let name = format!("provider-{}", daemon.config.id);
-    stream
-        .get_or_create_consumer(
-            &name,
-            consumer::pull::Config {
-                durable_name: Some(name.clone()),
-                filter_subject: subjects::award(&daemon.config.id),
-                ack_policy: consumer::AckPolicy::Explicit,
-                inactive_threshold: Duration::from_secs(24 * 3600),
-                ..Default::default()
-            },
-        )
-        .await
-        .map_err(|e| nats("award consumer", e))
 }
 
 async fn heartbeats(daemon: Arc<Daemon>) {
@@ -220,7 +179,7 @@ async fn bid_on_lots(
                 continue;
             }
         };
-        if lot.version != WIRE_VERSION || lot.bid_deadline < Utc::now() {
+        if lot.version != WIRE_VERSION || lot.bid_deadline < Utc::now() || !lot.invites(&daemon.config.id) {
             continue;
         }
         let hot_share = hot_share(&daemon, &lot.checkpoint).await;
@@ -236,10 +195,10 @@ async fn bid_on_lots(
                         .trunc()
                         .try_into()
                         .unwrap_or(0),
+                    slots: daemon.config.slots,
                     sent_at: Utc::now(),
                 };
                 let body = serde_json::to_vec(&bid).expect("bid serializes");
-                daemon.hold_slot(lot.lot, lot.bid_deadline);
                 if let Err(err) = daemon
                     .client
                     .publish(subjects::bid(&daemon.config.id), body.into())
@@ -249,28 +208,6 @@ async fn bid_on_lots(
                 }
             }
             Err(reason) => tracing::debug!(lot = %lot.lot, ?reason, "no bid"),
-        }
-    }
-}
-
-/// Frees the slot held for a bid as soon as the lot went to others; a
-/// winner keeps holding it until its award arrives.
-async fn release_lost_lots(daemon: Arc<Daemon>, mut notices: async_nats::Subscriber) {
-    loop {
-        let msg = tokio::select! {
-            _ = daemon.shutdown.cancelled() => return,
-            msg = notices.next() => match msg { Some(m) => m, None => return },
-        };
-        let Ok(closed) = serde_json::from_slice::<vmlot_schemas::market::LotClosed>(&msg.payload) else {
-            continue;
-        };
-        let mut pending = daemon.pending.lock().expect("pending lock");
-        if closed.awarded.contains(&daemon.config.id) {
-            if let Some(overdue) = pending.get_mut(&closed.lot) {
-                *overdue = Instant::now() + AWARD_WAIT;
-            }
-        } else {
-            pending.remove(&closed.lot);
         }
     }
 }
@@ -292,63 +229,57 @@ async fn hot_share(daemon: &Daemon, checkpoint: &Checkpoint) -> Decimal {
     }
 }
 
-async fn take_awards(daemon: Arc<Daemon>, consumer: consumer::PullConsumer) {
+/// Awards and cancels from the broker. An award is answered once taken:
+/// from then on the attempt is this provider's, and a crash costs only it.
+async fn take_awards(daemon: Arc<Daemon>, mut messages: async_nats::Subscriber) {
     loop {
-        let mut messages = match consumer.messages().await {
-            Ok(m) => m,
-            Err(err) => {
-                tracing::warn!(%err, "award consumer unavailable; retrying");
-                tokio::select! {
-                    _ = daemon.shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+        let msg = tokio::select! {
+            _ = daemon.shutdown.cancelled() => return,
+            msg = messages.next() => match msg { Some(m) => m, None => return },
+        };
+        let answer: Reply<()> = match serde_json::from_slice::<ToProvider>(&msg.payload) {
+            Ok(ToProvider::Award(award)) => match start_segment(&daemon, *award) {
+                Ok(()) => Reply::Ok(()),
+                Err(reason) => Reply::Error(ApiError {
+                    code: "refused".into(),
+                    message: reason,
+                }),
+            },
+            Ok(ToProvider::Cancel(cancel)) => {
+                if let Some(token) = daemon.active.lock().expect("active lock").get(&cancel.lot) {
+                    tracing::info!(lot = %cancel.lot, reason = %cancel.reason, "segment cancelled");
+                    token.cancel();
                 }
+                Reply::Ok(())
+            }
+            Err(err) => {
+                tracing::warn!(%err, "ignored malformed award message");
+                Reply::Error(ApiError {
+                    code: "bad-request".into(),
+                    message: err.to_string(),
+                })
             }
         };
-        loop {
-            let msg = tokio::select! {
-                _ = daemon.shutdown.cancelled() => return,
-                msg = messages.next() => msg,
-            };
-            let msg = match msg {
-                Some(Ok(m)) => m,
-                Some(Err(err)) => {
-                    tracing::warn!(%err, "award stream error");
-                    continue;
-                }
-                None => break,
-            };
-            // Acked on receipt: a provider that dies mid-segment loses the
-            // attempt, and the broker offers the lot again after the deadline.
-            let _ = msg.ack().await;
-            match serde_json::from_slice::<ToProvider>(&msg.payload) {
-                Ok(ToProvider::Award(award)) => start_segment(&daemon, *award),
-                Ok(ToProvider::Cancel(cancel)) => {
-                    if let Some(token) = daemon.active.lock().expect("active lock").get(&cancel.lot) {
-                        tracing::info!(lot = %cancel.lot, reason = %cancel.reason, "segment cancelled");
-                        token.cancel();
-                    }
-                }
-                Err(err) => tracing::warn!(%err, "ignored malformed award message"),
-            }
+        if let Some(reply) = msg.reply {
+            let body = serde_json::to_vec(&answer).expect("answer serializes");
+            let _ = daemon.client.publish(reply, body.into()).await;
         }
     }
 }
 
-fn start_segment(daemon: &Arc<Daemon>, award: Award) {
+fn start_segment(daemon: &Arc<Daemon>, award: Award) -> Result<(), String> {
     let lot_id = award.lot.lot;
     if award.provider != daemon.config.id || award.deadline < Utc::now() {
-        tracing::warn!(lot = %lot_id, "ignored award: not ours or past its deadline");
-        return;
+        tracing::warn!(lot = %lot_id, "refused award: not ours or past its deadline");
+        return Err("not this provider's award, or past its deadline".into());
     }
-    daemon.pending.lock().expect("pending lock").remove(&lot_id);
+    if !daemon.drivers.contains_key(&award.lot.image.vm.hypervisor) {
+        return Err(format!("no {:?} driver here", award.lot.image.vm.hypervisor));
+    }
     let token = {
         let mut active = daemon.active.lock().expect("active lock");
         if active.contains_key(&lot_id) {
-            return;
-        }
-        if active.len() as u32 >= daemon.config.slots {
-            tracing::warn!(lot = %lot_id, "award beyond free slots; not run");
-            return;
+            return Ok(());
         }
         let token = daemon.shutdown.child_token();
         active.insert(lot_id, token.clone());
@@ -356,14 +287,24 @@ fn start_segment(daemon: &Arc<Daemon>, award: Award) {
     };
     let daemon2 = Arc::clone(daemon);
     daemon.tasks.spawn(async move {
-        let workdir = daemon2.config.work_dir.join(lot_id.to_string());
-        match run_award(&daemon2, &award, &workdir, token).await {
-            Ok(()) => {}
-            Err(err) => tracing::warn!(lot = %lot_id, %err, "segment attempt failed"),
+        let deadline = (award.deadline - Utc::now()).to_std().unwrap_or_default();
+        let permit = tokio::select! {
+            _ = token.cancelled() => None,
+            permit = tokio::time::timeout(deadline, Arc::clone(&daemon2.slots).acquire_owned()) => permit.ok().and_then(Result::ok),
+        };
+        if let Some(_permit) = permit {
+            let workdir = daemon2.config.work_dir.join(lot_id.to_string());
+            match run_award(&daemon2, &award, &workdir, token).await {
+                Ok(()) => {}
+                Err(err) => tracing::warn!(lot = %lot_id, %err, "segment attempt failed"),
+            }
+            let _ = std::fs::remove_dir_all(&workdir);
+        } else {
+            tracing::warn!(lot = %lot_id, "award cancelled or past its deadline before a slot freed; not run");
         }
-        let _ = std::fs::remove_dir_all(&workdir);
         daemon2.active.lock().expect("active lock").remove(&lot_id);
     });
+    Ok(())
 }
 
 /// Why one attempt failed; the daemon goes on.

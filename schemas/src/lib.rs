@@ -31,7 +31,6 @@ pub fn json_schemas() -> Vec<(&'static str, schemars::Schema)> {
         ("lot", schemars::schema_for!(market::Lot)),
         ("bid", schemars::schema_for!(market::Bid)),
         ("to-provider", schemars::schema_for!(market::ToProvider)),
-        ("lot-closed", schemars::schema_for!(market::LotClosed)),
         ("segment-result", schemars::schema_for!(market::SegmentResult)),
         ("heartbeat", schemars::schema_for!(market::Heartbeat)),
         ("job-ref", schemars::schema_for!(market::JobRef)),

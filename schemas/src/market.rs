@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::{JobId, LotId, ManifestId, ProviderId};
 use crate::money::Money;
+use crate::subjects;
 use crate::vm::{HypervisorKind, VmConfig};
 
 /// What a job starts from: kernel, optional initrd and disks, each a
@@ -93,6 +94,22 @@ pub struct Lot {
     pub reserve_price: Money,
     /// Bids arriving after this are ignored.
     pub bid_deadline: DateTime<Utc>,
+    /// The provider shards invited to bid ([`subjects::shard_of`]); empty:
+    /// every provider. A lot needs a handful of bids, not one from every
+    /// provider on the market.
+    pub shards: Vec<u16>,
+    /// Invited whatever their shard: the provider that ran the previous
+    /// segment, which holds its blocks hot.
+    pub invited: Vec<ProviderId>,
+}
+
+impl Lot {
+    /// True when `provider` is invited to bid on this lot.
+    pub fn invites(&self, provider: &ProviderId) -> bool {
+        self.shards.is_empty()
+            || self.shards.contains(&subjects::shard_of(provider))
+            || self.invited.contains(provider)
+    }
 }
 
 /// provider → broker: a sealed price for one lot.
@@ -105,6 +122,9 @@ pub struct Bid {
     pub price: Money,
     /// Bytes of the lot's checkpoint the provider already holds.
     pub hot_bytes: u64,
+    /// Segments the provider runs at once: the broker never has more of its
+    /// awards outstanding than this, however many lots it bid on.
+    pub slots: u32,
     pub sent_at: DateTime<Utc>,
 }
 
@@ -118,16 +138,6 @@ pub struct Award {
     /// What the provider is paid if its result settles the lot.
     pub price: Money,
     pub deadline: DateTime<Utc>,
-}
-
-/// broker → all providers: bidding on this lot is over. Providers that bid
-/// and are not named release the slot they held for it at once.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct LotClosed {
-    pub version: u32,
-    pub lot: LotId,
-    pub awarded: Vec<ProviderId>,
 }
 
 /// broker → provider: stop working on this lot (another replica won, or the job ended).
@@ -244,6 +254,10 @@ pub struct SettledSegment {
     pub attempt: u32,
     pub lot: LotId,
     pub provider: ProviderId,
+    /// Every provider awarded the attempt that settled (r of them); only
+    /// `provider`, whose result came first, is paid.
+    #[serde(default)]
+    pub awarded: Vec<ProviderId>,
     pub price: Money,
     pub guest: GuestState,
     pub console: Option<ManifestId>,
@@ -334,4 +348,59 @@ pub struct MarketView {
 pub enum ToProvider {
     Award(Box<Award>),
     Cancel(CancelAttempt),
+}
+
+#[cfg(test)]
+mod invite_tests {
+    use super::*;
+    use crate::{HypervisorKind, ManifestId, VmConfig};
+
+    fn lot(shards: Vec<u16>) -> Lot {
+        Lot {
+            version: 1,
+            lot: LotId::new(),
+            job: JobId::new(),
+            segment: 0,
+            attempt: 1,
+            image: Image {
+                vm: VmConfig {
+                    hypervisor: HypervisorKind::Synthetic,
+                    arch: "x86_64".into(),
+                    memory_mib: 16,
+                    vcpus: 1,
+                    cmdline: String::new(),
+                },
+                kernel: ManifestId::of(b"k"),
+                initrd: None,
+                disks: vec![],
+            },
+            checkpoint: Checkpoint {
+                machine_state: None,
+                disks: vec![],
+                stored_bytes: 0,
+            },
+            segment_seconds: 0,
+            reserve_price: Money::new(rust_decimal::Decimal::ONE, "CRD"),
+            bid_deadline: Utc::now(),
+            shards,
+            invited: vec![],
+        }
+    }
+
+    #[test]
+    fn invites_the_providers_of_its_shards_and_those_named() {
+        let providers: Vec<ProviderId> = (0..6400).map(|_| ProviderId::new()).collect();
+        let all = lot(vec![]);
+        assert!(providers.iter().all(|p| all.invites(p)));
+        let mut some = lot((0..8).collect());
+        let n = providers.iter().filter(|p| some.invites(p)).count();
+        assert!((600..1000).contains(&n), "{n} of 6400 invited by 8 of 64 shards");
+        let outsider = *providers
+            .iter()
+            .find(|p| subjects::shard_of(p) >= 8)
+            .expect("a provider outside the shards");
+        assert!(!some.invites(&outsider));
+        some.invited.push(outsider);
+        assert!(some.invites(&outsider));
+    }
 }

@@ -1,15 +1,28 @@
 //! The NATS subject map. Every subject and stream name is built here, never
 //! by `format!` elsewhere, so the map in `docs/ARCHITECTURE.md` stays true.
 
-use crate::ids::{BlockId, ProviderId};
+use crate::ids::{BlockId, ManifestId, ProviderId};
 use crate::vm::HypervisorKind;
 
 /// Stream holding one message per block, subject [`block`].
 pub const BLOCK_STREAM: &str = "VMLOT_BLOCKS";
 /// Subjects of [`BLOCK_STREAM`].
 pub const BLOCK_SUBJECTS: &str = "vmlot.cas.block.*";
-/// Object-store bucket holding manifests, keyed by manifest id.
-pub const MANIFEST_BUCKET: &str = "vmlot-manifests";
+/// Stream holding manifests: canonical JSON cut into parts, one message per
+/// part, written in one atomic batch and read with direct gets (no consumer
+/// per read, unlike an object store).
+pub const MANIFEST_STREAM: &str = "VMLOT_MANIFESTS";
+/// Subjects of [`MANIFEST_STREAM`].
+pub const MANIFEST_SUBJECTS: &str = "vmlot.cas.manifest.*.*";
+/// Header of a manifest's part 0: how many parts there are.
+pub const MANIFEST_PARTS_HEADER: &str = "Vmlot-Manifest-Parts";
+/// Header of a manifest's part 0: its whole size in bytes.
+pub const MANIFEST_SIZE_HEADER: &str = "Vmlot-Manifest-Size";
+
+/// Part `part` of manifest `id`.
+pub fn manifest_part(id: &ManifestId, part: u32) -> String {
+    format!("vmlot.cas.manifest.{id}.{part}")
+}
 /// Header naming a block's stored encoding (absent: raw bytes).
 pub const BLOCK_ENCODING_HEADER: &str = "Vmlot-Encoding";
 
@@ -35,10 +48,6 @@ pub fn api(endpoint: &str) -> String {
     format!("{API_PREFIX}.{endpoint}")
 }
 
-/// Stream of awards and cancels, one subject per provider, so a provider
-/// that restarts still finds the award it won.
-pub const AWARD_STREAM: &str = "VMLOT_AWARDS";
-pub const AWARD_SUBJECTS: &str = "vmlot.award.*";
 /// Stream of results: a result is durable once the provider has its ack.
 pub const RESULT_STREAM: &str = "VMLOT_RESULTS";
 pub const RESULT_SUBJECTS: &str = "vmlot.result.*";
@@ -66,18 +75,37 @@ pub fn provider_of(subject: &str) -> Option<ProviderId> {
 /// Lots for one hypervisor kind and architecture, so providers subscribe
 /// only to what they can run.
 pub fn lot(hypervisor: HypervisorKind, arch: &str) -> String {
-    format!("vmlot.lot.{}.{}", hypervisor.as_str(), subject_token(arch))
+    format!("vmlot.lot.{}.{}.all", hypervisor.as_str(), subject_token(arch))
 }
 
-/// Notices that a lot's bidding is over (`LotClosed`), for every provider.
-pub const LOT_CLOSED: &str = "vmlot.closed";
+/// Providers fall into this many shards by id. A lot that needs only a
+/// handful of bidders is published to a few shards, not to every provider.
+pub const LOT_SHARDS: u16 = 64;
+
+/// The shard a provider listens on besides the `all` subject.
+pub fn shard_of(provider: &ProviderId) -> u16 {
+    let b = provider.0.as_bytes();
+    u16::from_be_bytes([b[14], b[15]]) % LOT_SHARDS
+}
+
+/// Lots for one shard of the providers of a kind and architecture.
+pub fn lot_shard(hypervisor: HypervisorKind, arch: &str, shard: u16) -> String {
+    format!(
+        "vmlot.lot.{}.{}.{shard}",
+        hypervisor.as_str(),
+        subject_token(arch)
+    )
+}
 
 /// A provider's bids.
 pub fn bid(provider: &ProviderId) -> String {
     format!("vmlot.bid.{provider}")
 }
 
-/// Awards and cancels for one provider.
+/// Awards and cancels for one provider, core request/reply: the provider
+/// answers an award with `Reply<()>` once it has taken it. (The award is
+/// durable in the job's record; a provider that is gone answers nothing and
+/// the lot is offered again at once.)
 pub fn award(provider: &ProviderId) -> String {
     format!("vmlot.award.{provider}")
 }
@@ -111,7 +139,11 @@ mod tests {
 
     #[test]
     fn hostile_arch_cannot_escape_its_token() {
-        assert_eq!(lot(HypervisorKind::Qemu, "x86_64"), "vmlot.lot.qemu.x86_64");
-        assert_eq!(lot(HypervisorKind::Xen, "a.>*b c"), "vmlot.lot.xen.a___b_c");
+        assert_eq!(lot(HypervisorKind::Qemu, "x86_64"), "vmlot.lot.qemu.x86_64.all");
+        assert_eq!(lot(HypervisorKind::Xen, "a.>*b c"), "vmlot.lot.xen.a___b_c.all");
+        assert_eq!(
+            lot_shard(HypervisorKind::Qemu, "x86_64", 7),
+            "vmlot.lot.qemu.x86_64.7"
+        );
     }
 }

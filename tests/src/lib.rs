@@ -217,7 +217,7 @@ pub fn own_cpu_seconds() -> Option<f64> {
     proc_cpu_seconds("/proc/self/stat")
 }
 
-fn proc_cpu_seconds(stat_path: &str) -> Option<f64> {
+pub fn proc_cpu_seconds(stat_path: &str) -> Option<f64> {
     let stat = std::fs::read_to_string(stat_path).ok()?;
     // Fields after the command name (which may hold spaces) start at ") ".
     let rest = &stat[stat.rfind(')')? + 2..];

@@ -393,6 +393,24 @@ async fn bad_manifests_are_refused_by_name() {
     let err = refused(pull_file(&store, None, &huge_id, &dest).await.unwrap_err());
     assert!(matches!(err, ManifestError::TooLarge { .. }), "{err}");
 
+    // Part headers that lie: more parts than the size needs, or none at all.
+    let js = store.jetstream();
+    for (name, parts, size) in [("lying-parts", Some("5"), Some("10")), ("no-headers", None, None)] {
+        let id = ManifestId::of(name.as_bytes());
+        let mut headers = async_nats::HeaderMap::new();
+        if let (Some(parts), Some(size)) = (parts, size) {
+            headers.insert(subjects::MANIFEST_PARTS_HEADER, parts);
+            headers.insert(subjects::MANIFEST_SIZE_HEADER, size);
+        }
+        js.publish_with_headers(subjects::manifest_part(&id, 0), headers, bytes.clone().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        let err = refused(pull_file(&store, None, &id, &dest).await.unwrap_err());
+        assert!(matches!(err, ManifestError::Garbled(_)), "{name}: {err}");
+    }
+
     // Unknown id.
     let unknown = ManifestId::of(b"nobody stored this");
     assert!(

@@ -368,6 +368,7 @@ async fn hostile_input_is_refused_and_changes_nothing() {
         provider: intruder,
         price: money("0.01"),
         hot_bytes: 0,
+        slots: 1,
         sent_at: chrono::Utc::now(),
     };
     client

@@ -12,7 +12,10 @@
 //! Command line (whitespace-separated, other words ignored):
 //! - `synthetic.seed=S`: seeds the state at boot (default: the whole cmdline);
 //! - `synthetic.segments=N`: the job halts after its N-th segment (default:
-//!   never).
+//!   never);
+//! - `synthetic.state_kib=K`: the state is K KiB instead of `memory_mib`
+//!   (a multiple of 4, at least 8), so market load tests measure the market
+//!   rather than hashing.
 //!
 //! Layout: block 0 is a header (magic, seed, segment counter, a chain
 //! digest of all changes so far); blocks 1.. are "RAM", zero at boot (holes:
@@ -36,8 +39,7 @@ pub const BLOCK: usize = 4096;
 pub const STATE_FILE: &str = "machine-state";
 const TMP_FILE: &str = "machine-state.partial";
 const MAGIC: &[u8; 8] = b"VMLOTSYN";
-const VERSION: u32 = 1;
-const MIB: u64 = 1 << 20;
+const VERSION: u32 = 2;
 /// Blocks copied or changed between two looks at the cancellation token.
 const CANCEL_EVERY: usize = 256;
 
@@ -175,9 +177,19 @@ impl Job {
         let cmdline = &plan.vm.cmdline;
         let mut seed = None;
         let mut limit = None;
+        let mut state_kib = u64::from(plan.vm.memory_mib) * 1024;
         for word in cmdline.split_whitespace() {
             if let Some(s) = word.strip_prefix("synthetic.seed=") {
                 seed = Some(s);
+            } else if let Some(k) = word.strip_prefix("synthetic.state_kib=") {
+                match k.parse::<u64>() {
+                    Ok(k) if k >= 8 && k % 4 == 0 && k <= u64::from(u32::MAX) => state_kib = k,
+                    _ => {
+                        return Err(DriverError::BadImage(format!(
+                            "synthetic.state_kib={k}: want a multiple of 4, at least 8"
+                        )));
+                    }
+                }
             } else if let Some(n) = word.strip_prefix("synthetic.segments=") {
                 match n.parse::<u64>() {
                     Ok(n) if n > 0 => limit = Some(n),
@@ -192,7 +204,7 @@ impl Job {
         if plan.vm.memory_mib == 0 {
             return Err(DriverError::BadImage("memory_mib must be positive".into()));
         }
-        let blocks = u64::from(plan.vm.memory_mib) * MIB / BLOCK as u64;
+        let blocks = state_kib * 1024 / BLOCK as u64;
         let seed = u64_of(&Sha1::digest(seed.unwrap_or(cmdline).as_bytes()));
         Ok(Job { seed, limit, blocks })
     }
@@ -205,7 +217,7 @@ struct Header {
     counter: u64,
     /// Chained over every change: equal digests, equal states.
     digest: [u8; 20],
-    memory_mib: u32,
+    state_kib: u32,
 }
 
 impl Header {
@@ -213,7 +225,7 @@ impl Header {
         let mut b = vec![0u8; BLOCK];
         b[0..8].copy_from_slice(MAGIC);
         b[8..12].copy_from_slice(&VERSION.to_le_bytes());
-        b[12..16].copy_from_slice(&self.memory_mib.to_le_bytes());
+        b[12..16].copy_from_slice(&self.state_kib.to_le_bytes());
         b[16..24].copy_from_slice(&self.seed.to_le_bytes());
         b[24..32].copy_from_slice(&self.counter.to_le_bytes());
         b[32..52].copy_from_slice(&self.digest);
@@ -225,7 +237,7 @@ impl Header {
             return None;
         }
         Some(Header {
-            memory_mib: u32::from_le_bytes(b[12..16].try_into().ok()?),
+            state_kib: u32::from_le_bytes(b[12..16].try_into().ok()?),
             seed: u64::from_le_bytes(b[16..24].try_into().ok()?),
             counter: u64::from_le_bytes(b[24..32].try_into().ok()?),
             digest: b[32..52].try_into().ok()?,
@@ -268,9 +280,9 @@ fn segment(
             seed: job.seed,
             counter: 0,
             digest: Sha1::digest(job.seed.to_le_bytes()).into(),
-            memory_mib: plan.vm.memory_mib,
+            state_kib: (len / 1024) as u32,
         },
-        SegmentStart::Restore { machine_state } => restore(machine_state, &out, &tmp, plan, cancel)?,
+        SegmentStart::Restore { machine_state } => restore(machine_state, &out, &tmp, len, cancel)?,
     };
     let start_time = started.elapsed();
 
@@ -338,7 +350,7 @@ fn restore(
     from: &Path,
     out: &File,
     out_path: &Path,
-    plan: &SegmentPlan,
+    expected_len: u64,
     cancel: &CancellationToken,
 ) -> Result<Header, DriverError> {
     let bad = |why: String| DriverError::Restore(format!("{}: {why}", from.display()));
@@ -348,10 +360,11 @@ fn restore(
     src.read_exact_at(&mut first, 0)
         .map_err(|e| bad(format!("no header: {e}")))?;
     let header = Header::decode(&first).ok_or_else(|| bad("not a synthetic machine state".into()))?;
-    if header.memory_mib != plan.vm.memory_mib || len != u64::from(header.memory_mib) * MIB {
+    if u64::from(header.state_kib) * 1024 != expected_len || len != expected_len {
         return Err(bad(format!(
-            "{len} bytes for {} MiB, the VM has {} MiB",
-            header.memory_mib, plan.vm.memory_mib
+            "{len} bytes, header says {} KiB, the job's state is {} KiB",
+            header.state_kib,
+            expected_len / 1024
         )));
     }
     let mut chunk = vec![0u8; BLOCK * CANCEL_EVERY];
