@@ -3,6 +3,7 @@
 
 mod cas;
 mod market;
+mod segment;
 
 use clap::{Parser, Subcommand};
 
@@ -19,6 +20,8 @@ enum Bench {
     Cas(cas::Args),
     /// Settled segments per second on the synthetic driver, against JetStream's ack rate.
     Market(market::Args),
+    /// Per-segment overhead of a real QEMU guest: save, upload, download, restore, against a whole-file copy.
+    Segment(segment::Args),
 }
 
 #[tokio::main]
@@ -30,5 +33,6 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().bench {
         Bench::Cas(args) => cas::run(args).await,
         Bench::Market(args) => market::run(args).await,
+        Bench::Segment(args) => segment::run(args).await,
     }
 }

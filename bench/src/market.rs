@@ -51,8 +51,6 @@ pub async fn run(args: Args) -> Result<()> {
         args.bid_window_ms.to_string(),
         "--transfer-allowance-s".into(),
         "30".into(),
-        "--max-backoff-ms".into(),
-        "1000".into(),
     ];
     let broker = Process::start("vmlot-broker", "broker", &server.url(), &broker_args, dir.path())?;
 

@@ -103,20 +103,19 @@ pub(crate) async fn drive(
                         quiet_offers = 0;
                         *awarded
                     }
-                    Offer::NoBids => {
+                    offer @ (Offer::NoBids | Offer::AllBusy) => {
+                        // Wait for a slot to free up somewhere (one waiting
+                        // job wakes per slot) or for the backoff, whichever
+                        // comes first: a market short of providers queues
+                        // its jobs instead of flooding providers with lots.
                         tokio::select! {
                             _ = stop.cancelled() => {}
+                            _ = shared.slot_freed.notified() => {}
                             _ = tokio::time::sleep(backoff) => {}
                         }
                         backoff = (backoff * 2).min(shared.config.max_backoff);
-                        quiet_offers = quiet_offers.saturating_add(1);
-                        continue;
-                    }
-                    Offer::AllBusy => {
-                        // Slots free up as segments end: try again soon.
-                        tokio::select! {
-                            _ = stop.cancelled() => {}
-                            _ = tokio::time::sleep(shared.config.min_backoff) => {}
+                        if matches!(offer, Offer::NoBids) {
+                            quiet_offers = quiet_offers.saturating_add(1);
                         }
                         continue;
                     }
@@ -131,11 +130,7 @@ pub(crate) async fn drive(
             .insert(lot.lot, LotRoute { job, tx: tx.clone() });
         let waited = await_result(shared, &status, &lot, &awarded, deadline, rx, &stop).await;
         shared.lots.lock().expect("lots lock").remove(&lot.lot);
-        shared
-            .capacity
-            .lock()
-            .expect("capacity lock")
-            .release(awarded.iter().map(|(p, _)| *p), &lot.lot);
+        shared.release_slots(awarded.iter().map(|(p, _)| *p), &lot.lot);
         match waited? {
             Waited::Settled | Waited::Stopped => {}
             Waited::TimedOut => {
@@ -201,11 +196,16 @@ async fn finish(
     Ok(())
 }
 
+/// Bids a lot should draw: a few per replica.
+fn bidders_wanted(redundancy: u32) -> usize {
+    (4 * redundancy as usize).clamp(8, 256)
+}
+
 /// How many of the [`subjects::LOT_SHARDS`] provider shards a lot goes
 /// to: enough for a handful of bids, doubling with each offer that drew
 /// none; `None` means every provider.
 fn shards_to_invite(redundancy: u32, eligible: usize, quiet_offers: u32) -> Option<usize> {
-    let wanted = (4 * u64::from(redundancy)).max(8) << quiet_offers.min(20);
+    let wanted = (bidders_wanted(redundancy) as u64) << quiet_offers.min(20);
     let shards = u64::from(subjects::LOT_SHARDS);
     let needed = (wanted * shards).div_ceil(eligible.max(1) as u64);
     (eligible > 0 && needed < shards).then_some(needed as usize)
@@ -255,16 +255,22 @@ async fn offer(
         reserve_price: status.spec.reserve_price.clone(),
         bid_deadline: Utc::now() + chrono::Duration::from_std(bid_window).unwrap_or_default(),
         shards: Vec::new(),
-        invited: status
-            .settled
-            .last()
-            .map(|s| vec![s.provider])
-            .unwrap_or_default(),
+        invited: Vec::new(),
     };
-    lot.shards = pick_shards(
-        shards_to_invite(status.spec.redundancy, eligible, quiet_offers),
-        &lot.invited,
-    );
+    let wanted = bidders_wanted(status.spec.redundancy);
+    lot.invited = shared.providers_with_room(&status.spec.image.vm, wanted);
+    // Enough free providers named: no random shards needed to find bidders.
+    let random_shards = if lot.invited.len() >= wanted {
+        Some(0)
+    } else {
+        shards_to_invite(status.spec.redundancy, eligible, quiet_offers)
+    };
+    if let Some(previous) = status.settled.last()
+        && !lot.invited.contains(&previous.provider)
+    {
+        lot.invited.push(previous.provider);
+    }
+    lot.shards = pick_shards(random_shards, &lot.invited);
     shared
         .lots
         .lock()
@@ -374,13 +380,7 @@ async fn offer(
         tracing::debug!(%job, lot = %lot.lot, valid_bids, "every bidder is busy; offering again soon");
         return Ok(Offer::AllBusy);
     }
-    let release = |shared: &Arc<Shared>| {
-        shared
-            .capacity
-            .lock()
-            .expect("capacity lock")
-            .release(winners.iter().map(|(p, _)| *p), &lot.lot)
-    };
+    let release = |shared: &Arc<Shared>| shared.release_slots(winners.iter().map(|(p, _)| *p), &lot.lot);
 
     let allowance = Duration::from_secs(lot.segment_seconds as u64) + shared.config.transfer_allowance;
     let deadline = Utc::now() + chrono::Duration::from_std(allowance).unwrap_or_default();
@@ -432,11 +432,7 @@ async fn offer(
             }
             Err(reason) => {
                 tracing::warn!(%job, lot = %lot.lot, %provider, %reason, "award not taken");
-                shared
-                    .capacity
-                    .lock()
-                    .expect("capacity lock")
-                    .release([*provider], &lot.lot);
+                shared.release_slots([*provider], &lot.lot);
             }
         }
     }

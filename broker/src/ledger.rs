@@ -69,7 +69,7 @@ pub async fn existing(
     segment: u32,
 ) -> Result<Option<SegmentPayment>, BrokerError> {
     let stream = js
-        .get_stream(subjects::LEDGER_STREAM)
+        .get_stream_no_info(subjects::LEDGER_STREAM)
         .await
         .map_err(|e| BrokerError::nats("ledger stream", e))?;
     match stream

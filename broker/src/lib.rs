@@ -106,6 +106,9 @@ pub(crate) struct Shared {
     pub lots: Mutex<HashMap<LotId, LotRoute>>,
     pub providers: Mutex<HashMap<ProviderId, (Heartbeat, std::time::Instant)>>,
     pub capacity: Mutex<capacity::Capacity>,
+    /// Signalled once per slot freed: jobs that found no free bidder wait
+    /// on it (one wakes per slot, in turn) instead of re-offering blindly.
+    pub slot_freed: tokio::sync::Notify,
     pub running: Mutex<HashMap<JobId, CancellationToken>>,
     pub tasks: TaskTracker,
     pub shutdown: CancellationToken,
@@ -165,6 +168,49 @@ impl Shared {
             .count()
     }
 
+    /// Ends the reservations `lot` holds at `providers` and wakes one
+    /// waiting job per slot freed.
+    pub fn release_slots(&self, providers: impl IntoIterator<Item = ProviderId>, lot: &LotId) {
+        let providers: Vec<ProviderId> = providers.into_iter().collect();
+        self.capacity
+            .lock()
+            .expect("capacity lock")
+            .release(providers.iter().copied(), lot);
+        for _ in &providers {
+            self.slot_freed.notify_one();
+        }
+    }
+
+    /// Up to `n` live providers, picked at random, that could run `vm` and
+    /// have a slot no award holds: invited to a lot by name, so a market
+    /// short of slots still puts each lot before someone free to take it.
+    pub fn providers_with_room(&self, vm: &vmlot_schemas::VmConfig, n: usize) -> Vec<ProviderId> {
+        use rand::seq::SliceRandom;
+        let candidates: Vec<(ProviderId, u32)> = {
+            let providers = self.providers.lock().expect("providers lock");
+            providers
+                .values()
+                .filter(|(hb, seen)| {
+                    seen.elapsed() < self.config.provider_timeout
+                        && hb.hypervisors.contains(&vm.hypervisor)
+                        && hb.arch == vm.arch
+                        && hb.memory_mib >= vm.memory_mib
+                })
+                .map(|(hb, _)| (hb.provider, hb.slots))
+                .collect()
+        };
+        let capacity = self.capacity.lock().expect("capacity lock");
+        let mut free: Vec<ProviderId> = candidates
+            .into_iter()
+            .filter(|(p, slots)| capacity.has_room(p, *slots))
+            .map(|(p, _)| p)
+            .collect();
+        drop(capacity);
+        free.shuffle(&mut rand::thread_rng());
+        free.truncate(n);
+        free
+    }
+
     pub fn live_providers(&self) -> Vec<Heartbeat> {
         let providers = self.providers.lock().expect("providers lock");
         let mut live: Vec<Heartbeat> = providers
@@ -205,6 +251,7 @@ pub async fn run(
         lots: Mutex::new(HashMap::new()),
         providers: Mutex::new(HashMap::new()),
         capacity: Mutex::new(capacity::Capacity::default()),
+        slot_freed: tokio::sync::Notify::new(),
         running: Mutex::new(HashMap::new()),
         tasks: TaskTracker::new(),
         shutdown: CancellationToken::new(),

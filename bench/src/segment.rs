@@ -1,0 +1,516 @@
+//! Segment overhead with a real QEMU guest: what it costs, per segment of
+//! length T, to hand a running VM on — save, upload of the cold blocks,
+//! download by another provider that holds the previous checkpoint, and
+//! restore there — against copying the whole machine-state file through the
+//! same nats-server, measured in the same run.
+//!
+//! Two providers, A and B, each with its own NATS connection, store handle,
+//! block cache and QEMU driver, do what the provider daemon does
+//! (`provider/src/daemon.rs`), step by step so each step can be timed:
+//!
+//! - A runs segment k (segment 0 boots, later ones restore the checkpoint
+//!   A fetched through its own cache) and saves checkpoint C(k+1);
+//! - A pushes C(k+1) with fixed 4 KiB blocks, the blocks of C(k) passed as
+//!   known, through A's cache;
+//! - B, whose cache holds C(k) (it fetched it in the previous round), pulls
+//!   C(k+1) through its cache and restores it, running the guest briefly to
+//!   show it goes on;
+//! - A fetches C(k+1) through its cache to run segment k+1: the bytes that
+//!   takes are what a provider moves when it wins the next segment of its
+//!   own VM;
+//! - the naive copy: the whole machine-state file as 1 MiB messages into a
+//!   scratch JetStream stream, read back into a file.
+//!
+//! Row 0 (boot) starts from empty caches and an empty store, so everything
+//! is cold; the summary counts rows 1.. only.
+
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use async_nats::jetstream::{self, stream};
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+use vmlot_cas::{BlockCache, BlockStore, StoreOptions, pull_file, push_file};
+use vmlot_provider::driver::qemu::{Accel, QemuConfig, QemuDriver};
+use vmlot_provider::driver::{BootFiles, Driver, SegmentEnd, SegmentPlan, SegmentReport, SegmentStart};
+use vmlot_schemas::{BlockId, Chunking, HypervisorKind, Manifest, ManifestId, ObjectKind, VmConfig};
+use vmlot_tests::NatsServer;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Segment length T, in seconds.
+    #[arg(long, default_value_t = 60)]
+    segment_seconds: u64,
+    /// Measured segments after the boot segment (each restored from the previous checkpoint).
+    #[arg(long, default_value_t = 3)]
+    segments: u32,
+    /// Guest memory, MiB.
+    #[arg(long, default_value_t = 128)]
+    memory_mib: u32,
+    /// Guest workload: memwriter's rate, KiB of new random data per second.
+    #[arg(long, default_value_t = 256)]
+    rate_kib: u32,
+    /// Guest workload: size of the tmpfs ring memwriter writes around, MiB.
+    #[arg(long, default_value_t = 32)]
+    ring_mib: u32,
+    /// How long B runs the guest after restoring it (to see it go on), seconds.
+    #[arg(long, default_value_t = 2)]
+    restore_run_seconds: u64,
+    /// Directory with the test guest's vmlinuz and initrd.cpio.gz (default: .tools/guest).
+    #[arg(long)]
+    guest: Option<PathBuf>,
+}
+
+const MB: f64 = 1_000_000.0;
+/// Comfortably more than every checkpoint of a run: nothing is evicted.
+const CACHE_BYTES: u64 = 4 << 30;
+/// Messages of the naive copy, and acknowledgements it waits for at once.
+const NAIVE_MESSAGE: usize = 1 << 20;
+const NAIVE_IN_FLIGHT: usize = 64;
+const NAIVE_STREAM: &str = "VMLOT_BENCH_NAIVE";
+const NAIVE_SUBJECT: &str = "vmlot.bench.naive";
+
+/// One provider as the daemon has it: its own connection, store handle,
+/// block cache and driver.
+struct Provider {
+    store: BlockStore,
+    cache: BlockCache,
+    driver: QemuDriver,
+    dir: PathBuf,
+}
+
+impl Provider {
+    async fn new(server: &NatsServer, dir: PathBuf, accel: Accel) -> Result<Self> {
+        let store = BlockStore::open(server.client().await?, StoreOptions::default()).await?;
+        let cache = BlockCache::open(dir.join("cache"), CACHE_BYTES)?;
+        let driver = QemuDriver::new(QemuConfig { binary: None, accel });
+        Ok(Self {
+            store,
+            cache,
+            driver,
+            dir,
+        })
+    }
+}
+
+/// The figures of one row: segment k on A, its checkpoint C(k+1) moved on.
+struct Row {
+    segment: u32,
+    a_start: f64,
+    save: f64,
+    file_bytes: u64,
+    stored_bytes: u64,
+    upload_bytes: u64,
+    upload: f64,
+    download_bytes: u64,
+    download: f64,
+    restore: f64,
+    same_block_bytes: u64,
+    same_manifest_bytes: u64,
+    same_time: f64,
+    naive: Naive,
+    a_tick: Option<u64>,
+    b_tick: Option<u64>,
+}
+
+impl Row {
+    /// save + upload + download + restore: what handing the VM on costs.
+    fn total(&self) -> f64 {
+        self.save + self.upload + self.download + self.restore
+    }
+
+    /// The same with the whole file copied instead of the cold blocks.
+    fn naive_total(&self) -> f64 {
+        self.save + self.naive.publish + self.naive.read + self.restore
+    }
+}
+
+struct Naive {
+    bytes: u64,
+    publish: f64,
+    read: f64,
+}
+
+pub async fn run(args: Args) -> Result<()> {
+    if args.segment_seconds == 0 {
+        bail!("--segment-seconds must be at least 1");
+    }
+    let guest = args
+        .guest
+        .clone()
+        .unwrap_or_else(|| vmlot_tests::repo_root().join(".tools/guest"));
+    let files = BootFiles {
+        kernel: guest.join("vmlinuz"),
+        initrd: Some(guest.join("initrd.cpio.gz")),
+        disks: Vec::new(),
+    };
+    for file in [&files.kernel, files.initrd.as_ref().expect("set above")] {
+        if !file.is_file() {
+            bail!("test guest file {} is missing: run `make guest`", file.display());
+        }
+    }
+    let t = args.segment_seconds as f64;
+    let never = CancellationToken::new();
+    let accel = QemuDriver::new(QemuConfig {
+        binary: None,
+        accel: Accel::Auto,
+    })
+    .accel_for(&files.kernel, &never)
+    .await
+    .context("probing the QEMU accelerator")?;
+
+    let server = NatsServer::start()?;
+    let root = tempfile::Builder::new()
+        .prefix("vmlot-bench-segment-")
+        .tempdir()?;
+    let a = Provider::new(&server, root.path().join("a"), accel).await?;
+    let b = Provider::new(&server, root.path().join("b"), accel).await?;
+    let naive_js = jetstream::new(server.client().await?);
+
+    let vm = VmConfig {
+        hypervisor: HypervisorKind::Qemu,
+        arch: "x86_64".into(),
+        memory_mib: args.memory_mib,
+        vcpus: 1,
+        cmdline: format!(
+            "console=ttyS0 quiet loglevel=1 panic=-1 vmlot.mode=memwriter vmlot.rate_kib={} vmlot.ring_mib={}",
+            args.rate_kib, args.ring_mib
+        ),
+    };
+    let plan = |start: SegmentStart, run_for: Duration, workdir: PathBuf| SegmentPlan {
+        vm: vm.clone(),
+        files: files.clone(),
+        start,
+        run_for,
+        workdir,
+    };
+
+    println!(
+        "nats-server: {}",
+        first_line(vmlot_tests::nats_server_binary()?.as_os_str(), "--version")
+    );
+    println!("qemu: {}", first_line("qemu-system-x86_64".as_ref(), "--version"));
+    println!(
+        "guest: {} MiB, 1 vCPU, accel {accel:?}, memwriter {} KiB/s into a {} MiB tmpfs ring; \
+         T = {} s, {} measured segments after the boot segment",
+        args.memory_mib, args.rate_kib, args.ring_mib, args.segment_seconds, args.segments
+    );
+    println!("fsync: sync_interval always (every acknowledged write is on disk)");
+    println!("load average at start: {}", load_average());
+
+    let mut rows: Vec<Row> = Vec::new();
+    let mut previous: Option<Manifest> = None;
+    // The checkpoint A restores next segment, fetched through its cache.
+    let mut a_next: Option<PathBuf> = None;
+    for k in 0..=args.segments {
+        let a_seg = a.dir.join(format!("seg{k}"));
+        let start = match a_next.take() {
+            None => SegmentStart::Boot,
+            Some(machine_state) => SegmentStart::Restore { machine_state },
+        };
+        eprintln!("segment {k}: A runs {} s", args.segment_seconds);
+        let run = a
+            .driver
+            .run_segment(
+                &plan(
+                    start,
+                    Duration::from_secs(args.segment_seconds),
+                    a_seg.join("run"),
+                ),
+                never.clone(),
+            )
+            .await
+            .with_context(|| format!("segment {k} on A"))?;
+        let a_tick = last_tick(&run.console);
+        let state = saved(&run).with_context(|| format!("segment {k} on A"))?;
+        let file_bytes = std::fs::metadata(&state)?.len();
+
+        // A pushes the new checkpoint: the previous one's blocks are known stored.
+        let known: HashSet<BlockId> = previous
+            .iter()
+            .flat_map(|m| m.unique_blocks().into_iter().map(|(id, _)| id))
+            .collect();
+        let pushed = push_file(
+            &a.store,
+            Some(&a.cache),
+            &state,
+            ObjectKind::MachineState,
+            Chunking::FIXED_4K,
+            &known,
+        )
+        .await
+        .context("A pushes the checkpoint")?;
+
+        // B, holding the previous checkpoint, fetches this one and restores it.
+        let b_seg = b.dir.join(format!("seg{k}"));
+        std::fs::create_dir_all(&b_seg)?;
+        let b_state = b_seg.join("machine-state.in");
+        let fetched = pull_file(&b.store, Some(&b.cache), &pushed.manifest_id, &b_state)
+            .await
+            .context("B pulls the checkpoint")?;
+        eprintln!("segment {k}: B restores");
+        let restored = b
+            .driver
+            .run_segment(
+                &plan(
+                    SegmentStart::Restore {
+                        machine_state: b_state,
+                    },
+                    Duration::from_secs(args.restore_run_seconds),
+                    b_seg.join("run"),
+                ),
+                never.clone(),
+            )
+            .await
+            .with_context(|| format!("restore of checkpoint {} on B", k + 1))?;
+        saved(&restored).with_context(|| format!("restore of checkpoint {} on B", k + 1))?;
+        let b_tick = first_tick(&restored.console);
+        std::fs::remove_dir_all(&b_seg)?;
+
+        // A goes on to segment k+1 from the same checkpoint, through its cache.
+        let next_seg = a.dir.join(format!("seg{}", k + 1));
+        std::fs::create_dir_all(&next_seg)?;
+        let next_state = next_seg.join("machine-state.in");
+        let same = pull_file(&a.store, Some(&a.cache), &pushed.manifest_id, &next_state)
+            .await
+            .context("A fetches its own checkpoint")?;
+
+        // The naive copy of the same file through the same server.
+        let naive = naive_copy(&naive_js, &state, &root.path().join("naive-copy"))
+            .await
+            .context("naive whole-file copy")?;
+        std::fs::remove_dir_all(&a_seg)?;
+
+        let row = Row {
+            segment: k,
+            a_start: run.start_time.as_secs_f64(),
+            save: run.save_time.as_secs_f64(),
+            file_bytes,
+            stored_bytes: pushed.manifest.stored_bytes(),
+            upload_bytes: pushed.sent_bytes,
+            upload: pushed.elapsed.as_secs_f64(),
+            download_bytes: fetched.fetched_bytes,
+            download: fetched.elapsed.as_secs_f64(),
+            restore: restored.start_time.as_secs_f64(),
+            same_block_bytes: same.fetched_bytes,
+            same_manifest_bytes: manifest_len(&pushed.manifest_id, &pushed.manifest),
+            same_time: same.elapsed.as_secs_f64(),
+            naive,
+            a_tick,
+            b_tick,
+        };
+        eprintln!(
+            "segment {k}: total {:.2} s = {:.2} % of T",
+            row.total(),
+            row.total() / t * 100.0
+        );
+        rows.push(row);
+        previous = Some(pushed.manifest);
+        a_next = Some(next_state);
+    }
+    println!("load average at end: {}\n", load_average());
+    print_tables(&rows, t);
+    Ok(())
+}
+
+fn print_tables(rows: &[Row], t: f64) {
+    let label = |r: &Row| {
+        if r.segment == 0 {
+            "0 (boot, cold)".to_string()
+        } else {
+            r.segment.to_string()
+        }
+    };
+    let tick = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+
+    println!("## Handing the VM to another provider (A saves and uploads, B downloads and restores)\n");
+    println!(
+        "| segment | A start s | save s | file MB | stored MB | cold MB up | upload s | B down MB | download s | B restore s | total s | % of T | guest tick A→B |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for r in rows {
+        println!(
+            "| {} | {:.2} | {:.2} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {}→{} |",
+            label(r),
+            r.a_start,
+            r.save,
+            r.file_bytes as f64 / MB,
+            r.stored_bytes as f64 / MB,
+            r.upload_bytes as f64 / MB,
+            r.upload,
+            r.download_bytes as f64 / MB,
+            r.download,
+            r.restore,
+            r.total(),
+            r.total() / t * 100.0,
+            tick(r.a_tick),
+            tick(r.b_tick),
+        );
+    }
+
+    println!("\n## The same provider goes on, and the naive whole-file copy\n");
+    println!(
+        "| segment | A refetch block bytes | manifest KB read | A refetch s | naive MB | naive publish s | naive read s | naive total s | naive % of T | bytes naive/store | transfer s naive/store |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    for r in rows {
+        let store_bytes = (r.upload_bytes + r.download_bytes).max(1) as f64;
+        let store_time = r.upload + r.download;
+        println!(
+            "| {} | {} | {:.0} | {:.2} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {:.2} |",
+            label(r),
+            r.same_block_bytes,
+            r.same_manifest_bytes as f64 / 1000.0,
+            r.same_time,
+            r.naive.bytes as f64 / MB,
+            r.naive.publish,
+            r.naive.read,
+            r.naive_total(),
+            r.naive_total() / t * 100.0,
+            2.0 * r.naive.bytes as f64 / store_bytes,
+            (r.naive.publish + r.naive.read) / store_time,
+        );
+    }
+
+    let measured: Vec<&Row> = rows.iter().filter(|r| r.segment > 0).collect();
+    if measured.is_empty() {
+        println!("\nsummary: no measured segment (--segments 0 runs the boot segment only)");
+        return;
+    }
+    let n = measured.len() as f64;
+    let mean = |f: &dyn Fn(&Row) -> f64| measured.iter().map(|r| f(r)).sum::<f64>() / n;
+    let worst = measured.iter().map(|r| r.total() / t * 100.0).fold(0.0, f64::max);
+    let total = mean(&|r| r.total());
+    let naive = mean(&|r| r.naive_total());
+    let moved: u64 = measured.iter().map(|r| r.same_block_bytes).sum();
+    println!(
+        "\nsummary over segments 1–{} at T = {t:.0} s: save {:.2} + upload {:.2} + download {:.2} + restore {:.2} \
+         = {total:.2} s = {:.2} % of T (worst {worst:.2} %; target ≤ 2 %: {}); same provider going on moved {moved} \
+         block bytes (target 0: {}); naive whole-file copy {naive:.2} s = {:.2} % of T, {:.1}× the store's time",
+        measured.len(),
+        mean(&|r| r.save),
+        mean(&|r| r.upload),
+        mean(&|r| r.download),
+        mean(&|r| r.restore),
+        total / t * 100.0,
+        if worst <= 2.0 { "met" } else { "not met" },
+        if moved == 0 { "met" } else { "not met" },
+        naive / t * 100.0,
+        naive / total,
+    );
+}
+
+/// The saved machine-state file of a segment that was meant to go on.
+fn saved(report: &SegmentReport) -> Result<PathBuf> {
+    match &report.end {
+        SegmentEnd::Saved { machine_state, .. } => Ok(machine_state.clone()),
+        other => bail!(
+            "the guest did not keep running ({other:?}); console:\n{}",
+            String::from_utf8_lossy(&report.console)
+        ),
+    }
+}
+
+/// Size of the canonical manifest: what a provider reads before any block.
+fn manifest_len(id: &ManifestId, manifest: &Manifest) -> u64 {
+    let bytes = manifest.canonical_bytes();
+    debug_assert_eq!(ManifestId::of(&bytes), *id);
+    bytes.len() as u64
+}
+
+/// memwriter's tick numbers on a segment's console.
+fn ticks(console: &[u8]) -> impl Iterator<Item = u64> + '_ {
+    std::str::from_utf8(console)
+        .unwrap_or("")
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("memwriter: tick "))
+        .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+}
+
+fn last_tick(console: &[u8]) -> Option<u64> {
+    ticks(console).last()
+}
+
+fn first_tick(console: &[u8]) -> Option<u64> {
+    ticks(console).next()
+}
+
+/// The whole file as 1 MiB acknowledged publishes (pipelined) into a scratch
+/// stream, then read back with an ordered consumer into a file that is
+/// fsynced, as a pull's is. The stream is deleted afterwards.
+async fn naive_copy(js: &jetstream::Context, path: &Path, dest: &Path) -> Result<Naive> {
+    let stream = js
+        .create_stream(stream::Config {
+            name: NAIVE_STREAM.into(),
+            subjects: vec![NAIVE_SUBJECT.into()],
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await?;
+    let started = Instant::now();
+    let mut file = std::fs::File::open(path)?;
+    let mut acks = futures::stream::FuturesOrdered::new();
+    let mut bytes = 0u64;
+    loop {
+        let mut piece = Vec::with_capacity(NAIVE_MESSAGE);
+        (&mut file).take(NAIVE_MESSAGE as u64).read_to_end(&mut piece)?;
+        if piece.is_empty() {
+            break;
+        }
+        bytes += piece.len() as u64;
+        acks.push_back(js.publish(NAIVE_SUBJECT, piece.into()).await?.into_future());
+        if acks.len() >= NAIVE_IN_FLIGHT {
+            acks.next().await.context("ack")??;
+        }
+    }
+    while let Some(ack) = acks.next().await {
+        ack?;
+    }
+    let publish = started.elapsed().as_secs_f64();
+
+    let started = Instant::now();
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
+        .await?;
+    let mut messages = consumer.messages().await?;
+    let mut out = std::io::BufWriter::with_capacity(4 << 20, std::fs::File::create(dest)?);
+    let mut read = 0u64;
+    while read < bytes {
+        let Some(msg) = messages.next().await else {
+            bail!("ordered consumer ended early")
+        };
+        let msg = msg?;
+        out.write_all(&msg.payload)?;
+        read += msg.payload.len() as u64;
+    }
+    out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    let read = started.elapsed().as_secs_f64();
+    drop(messages);
+    js.delete_stream(NAIVE_STREAM).await?;
+    std::fs::remove_file(dest)?;
+    Ok(Naive { bytes, publish, read })
+}
+
+fn first_line(bin: &std::ffi::OsStr, flag: &str) -> String {
+    std::process::Command::new(bin)
+        .arg(flag)
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        })
+        .unwrap_or_else(|e| format!("unavailable ({e})"))
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
