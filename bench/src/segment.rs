@@ -153,6 +153,7 @@ pub async fn run(args: Args) -> Result<()> {
         }
     }
     let t = args.segment_seconds as f64;
+    let began = Instant::now();
     let never = CancellationToken::new();
     let accel = QemuDriver::new(QemuConfig {
         binary: None,
@@ -211,7 +212,11 @@ pub async fn run(args: Args) -> Result<()> {
             None => SegmentStart::Boot,
             Some(machine_state) => SegmentStart::Restore { machine_state },
         };
-        eprintln!("segment {k}: A runs {} s", args.segment_seconds);
+        eprintln!(
+            "[{:>6.1} s] segment {k}: A runs {} s",
+            began.elapsed().as_secs_f64(),
+            args.segment_seconds
+        );
         let run = a
             .driver
             .run_segment(
@@ -251,7 +256,10 @@ pub async fn run(args: Args) -> Result<()> {
         let fetched = pull_file(&b.store, Some(&b.cache), &pushed.manifest_id, &b_state)
             .await
             .context("B pulls the checkpoint")?;
-        eprintln!("segment {k}: B restores");
+        eprintln!(
+            "[{:>6.1} s] segment {k}: A pushed, B pulled; B restores",
+            began.elapsed().as_secs_f64()
+        );
         let restored = b
             .driver
             .run_segment(
@@ -303,7 +311,8 @@ pub async fn run(args: Args) -> Result<()> {
             b_tick,
         };
         eprintln!(
-            "segment {k}: total {:.2} s = {:.2} % of T",
+            "[{:>6.1} s] segment {k}: total {:.2} s = {:.2} % of T",
+            began.elapsed().as_secs_f64(),
             row.total(),
             row.total() / t * 100.0
         );

@@ -211,18 +211,15 @@ fn shards_to_invite(redundancy: u32, eligible: usize, quiet_offers: u32) -> Opti
     (eligible > 0 && needed < shards).then_some(needed as usize)
 }
 
-/// The shards a lot is published to: `count` at random, plus those of the
-/// providers invited by name.
-fn pick_shards(count: Option<usize>, invited: &[ProviderId]) -> Vec<u16> {
-    let Some(count) = count else { return Vec::new() };
+/// `count` of the provider shards, at random.
+fn pick_shards(count: usize) -> Vec<u16> {
+    let count = count.min(subjects::LOT_SHARDS as usize);
     let mut shards: Vec<u16> =
         rand::seq::index::sample(&mut rand::thread_rng(), subjects::LOT_SHARDS as usize, count)
             .into_iter()
             .map(|i| i as u16)
             .collect();
-    shards.extend(invited.iter().map(subjects::shard_of));
     shards.sort_unstable();
-    shards.dedup();
     shards
 }
 
@@ -254,7 +251,7 @@ async fn offer(
         segment_seconds: status.spec.segment_seconds,
         reserve_price: status.spec.reserve_price.clone(),
         bid_deadline: Utc::now() + chrono::Duration::from_std(bid_window).unwrap_or_default(),
-        shards: Vec::new(),
+        shards: None,
         invited: Vec::new(),
     };
     let wanted = bidders_wanted(status.spec.redundancy);
@@ -270,20 +267,20 @@ async fn offer(
     {
         lot.invited.push(previous.provider);
     }
-    lot.shards = pick_shards(random_shards, &lot.invited);
+    lot.shards = random_shards.map(pick_shards);
     shared
         .lots
         .lock()
         .expect("lots lock")
         .insert(lot.lot, LotRoute { job, tx: tx.clone() });
     let (hypervisor, arch) = (lot.image.vm.hypervisor, &lot.image.vm.arch);
-    let subjects: Vec<String> = if lot.shards.is_empty() {
-        vec![subjects::lot(hypervisor, arch)]
-    } else {
-        lot.shards
+    let subjects: Vec<String> = match &lot.shards {
+        None => vec![subjects::lot(hypervisor, arch)],
+        Some(shards) => shards
             .iter()
             .map(|shard| subjects::lot_shard(hypervisor, arch, *shard))
-            .collect()
+            .chain(lot.invited.iter().map(|p| subjects::lot_for(hypervisor, arch, p)))
+            .collect(),
     };
     let body = bytes::Bytes::from(serde_json::to_vec(&lot).expect("lot serializes"));
     for subject in subjects {
@@ -292,7 +289,7 @@ async fn offer(
             return Err(BrokerError::nats("publish lot", err));
         }
     }
-    tracing::debug!(%job, lot = %lot.lot, segment = lot.segment, attempt = lot.attempt, shards = lot.shards.len(), "lot offered");
+    tracing::debug!(%job, lot = %lot.lot, segment = lot.segment, attempt = lot.attempt, shards = ?lot.shards, invited = lot.invited.len(), "lot offered");
 
     let mut bids: Vec<Bid> = Vec::new();
     let mut over_budget = false;
@@ -669,13 +666,9 @@ mod tests {
         assert_eq!(shards_to_invite(1, 200, 1), Some(6));
         assert_eq!(shards_to_invite(1, 200, 5), None);
         assert_eq!(shards_to_invite(u32::MAX, 1, u32::MAX), None, "no overflow");
-        let previous = ProviderId::new();
-        let shards = pick_shards(Some(3), &[previous]);
-        assert!(shards.contains(&subjects::shard_of(&previous)));
-        assert!((3..=4).contains(&shards.len()));
-        assert!(
-            pick_shards(None, &[previous]).is_empty(),
-            "everyone already includes it"
-        );
+        let shards = pick_shards(3);
+        assert_eq!(shards.len(), 3);
+        assert!(shards.windows(2).all(|w| w[0] < w[1]), "distinct");
+        assert!(pick_shards(0).is_empty());
     }
 }

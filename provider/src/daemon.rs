@@ -115,6 +115,7 @@ pub async fn run(
         for subject in [
             subjects::lot(*kind, &daemon.config.arch),
             subjects::lot_shard(*kind, &daemon.config.arch, shard),
+            subjects::lot_for(*kind, &daemon.config.arch, &daemon.config.id),
         ] {
             lot_subs.push(
                 client

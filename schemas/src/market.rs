@@ -94,20 +94,22 @@ pub struct Lot {
     pub reserve_price: Money,
     /// Bids arriving after this are ignored.
     pub bid_deadline: DateTime<Utc>,
-    /// The provider shards invited to bid ([`subjects::shard_of`]); empty:
+    /// The provider shards invited to bid ([`subjects::shard_of`]); `None`:
     /// every provider. A lot needs a handful of bids, not one from every
     /// provider on the market.
-    pub shards: Vec<u16>,
-    /// Invited whatever their shard: the provider that ran the previous
-    /// segment, which holds its blocks hot.
+    pub shards: Option<Vec<u16>>,
+    /// Invited by name whatever their shard (each gets the lot on its own
+    /// subject): providers the broker knows have a free slot, and the one
+    /// that ran the previous segment, which holds its blocks hot.
     pub invited: Vec<ProviderId>,
 }
 
 impl Lot {
     /// True when `provider` is invited to bid on this lot.
     pub fn invites(&self, provider: &ProviderId) -> bool {
-        self.shards.is_empty()
-            || self.shards.contains(&subjects::shard_of(provider))
+        self.shards
+            .as_ref()
+            .is_none_or(|shards| shards.contains(&subjects::shard_of(provider)))
             || self.invited.contains(provider)
     }
 }
@@ -355,7 +357,7 @@ mod invite_tests {
     use super::*;
     use crate::{HypervisorKind, ManifestId, VmConfig};
 
-    fn lot(shards: Vec<u16>) -> Lot {
+    fn lot(shards: Option<Vec<u16>>) -> Lot {
         Lot {
             version: 1,
             lot: LotId::new(),
@@ -390,9 +392,9 @@ mod invite_tests {
     #[test]
     fn invites_the_providers_of_its_shards_and_those_named() {
         let providers: Vec<ProviderId> = (0..6400).map(|_| ProviderId::new()).collect();
-        let all = lot(vec![]);
+        let all = lot(None);
         assert!(providers.iter().all(|p| all.invites(p)));
-        let mut some = lot((0..8).collect());
+        let mut some = lot(Some((0..8).collect()));
         let n = providers.iter().filter(|p| some.invites(p)).count();
         assert!((600..1000).contains(&n), "{n} of 6400 invited by 8 of 64 shards");
         let outsider = *providers

@@ -88,6 +88,15 @@ pub fn shard_of(provider: &ProviderId) -> u16 {
     u16::from_be_bytes([b[14], b[15]]) % LOT_SHARDS
 }
 
+/// Lots offered to one provider by name.
+pub fn lot_for(hypervisor: HypervisorKind, arch: &str, provider: &ProviderId) -> String {
+    format!(
+        "vmlot.lot.{}.{}.{provider}",
+        hypervisor.as_str(),
+        subject_token(arch)
+    )
+}
+
 /// Lots for one shard of the providers of a kind and architecture.
 pub fn lot_shard(hypervisor: HypervisorKind, arch: &str, shard: u16) -> String {
     format!(
