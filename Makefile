@@ -31,7 +31,7 @@ unit:
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace
 
-## Start NATS, push real QEMU checkpoints through the store, pull them back, print figures.
+## The market on this machine: NATS, the broker, 3 QEMU providers, a real VM job run to its end.
 demo: build guest
 	@bash scripts/demo.sh
 

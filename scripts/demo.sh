@@ -1,17 +1,47 @@
 #!/usr/bin/env bash
-# make demo: a real NATS server (fsync on every write), the broker, and real
-# QEMU checkpoints of the test guest moved through the content-addressed
-# store. Grows into the whole market as the market is built.
+# make demo: the whole market on this machine running a real VM to its end.
+#
+# A real nats-server (fsync on every write), the broker, and three QEMU
+# providers that join one after another, each cheaper than the last, so the
+# test guest (a hash chain that powers off when done) migrates across all
+# three, segment by segment. Prints the console tail, the per-segment table,
+# the ledger, and checks that the console joined from the segments equals a
+# direct QEMU run of the same guest. Everything lives in .demo/ and is
+# stopped on exit; running it twice in a row is fine.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 demo=$root/.demo
+bin=$root/target/release
+vmlot=$bin/vmlot
+guest=$root/.tools/guest
+# ~9 s of boot and ~25 s of hashing under TCG: 7–8 segments of 5 s.
+cmdline="console=ttyS0 quiet loglevel=1 panic=-1 vmlot.steps=60 vmlot.work_kib=2048"
+segment_seconds=5
+
+for f in "$bin/vmlot" "$bin/vmlot-broker" "$bin/vmlot-provider" "$guest/vmlinuz" "$guest/initrd.cpio.gz"; do
+  [ -e "$f" ] || { echo "demo: $f is missing: run 'make demo' (it builds everything first)" >&2; exit 1; }
+done
+command -v qemu-system-x86_64 >/dev/null || { echo "demo: qemu-system-x86_64 missing: run 'make deps'" >&2; exit 1; }
+
+# A previous run that was killed hard may have left processes behind.
+stop_leftovers() {
+  local pids
+  pids=$(pgrep -f -- "$demo/" || true)
+  [ -z "$pids" ] || kill $pids 2>/dev/null || true
+}
+stop_leftovers
 rm -rf "$demo"
-mkdir -p "$demo/nats-store" "$demo/out"
-pids=()
+mkdir -p "$demo/nats-store" "$demo/pids"
+
 cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  # Providers first (SIGTERM: each stops its running QEMU), then the broker, then NATS.
+  for f in "$demo/pids/joins.pid" "$demo"/pids/provider-*.pid "$demo/pids/broker.pid" \
+    "$demo/pids/reference.pid" "$demo/pids/nats.pid"; do
+    [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null || true
+  done
   wait 2>/dev/null || true
+  stop_leftovers
 }
 trap cleanup EXIT
 
@@ -22,33 +52,117 @@ max_payload: 8MB
 jetstream { store_dir: "$demo/nats-store", sync_interval: always }
 CONF
 .tools/bin/nats-server -c "$demo/nats.conf" 2> "$demo/nats.log" &
-pids+=($!)
+echo $! > "$demo/pids/nats.pid"
 export VMLOT_NATS=nats://127.0.0.1:$port
-for _ in $(seq 50); do (echo > /dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
+for _ in $(seq 100); do (echo > /dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
 
-./target/release/vmlot-broker 2> "$demo/broker.log" &
-pids+=($!)
+# The reference: the same guest booted once by QEMU itself, run to its
+# power-off, in the background while the market runs.
+(
+  exec timeout 600 qemu-system-x86_64 -accel tcg -machine q35 -m 128 -smp 1 -nodefaults \
+    -no-user-config -display none -no-reboot -serial "file:$demo/reference.console" \
+    -kernel "$guest/vmlinuz" -initrd "$guest/initrd.cpio.gz" -append "$cmdline"
+) > "$demo/reference.log" 2>&1 &
+echo $! > "$demo/pids/reference.pid"
 
-echo "== saving a running 128 MiB QEMU guest twice, 5 s apart, and a second boot (mapped-ram + classic)"
-python3 scripts/qemu-checkpoints.py "$demo/ckpt" > "$demo/ckpt.json" 2> "$demo/ckpt.log"
+"$bin/vmlot-broker" --bid-window-ms 500 --transfer-allowance-s 30 > "$demo/broker.log" 2>&1 &
+echo $! > "$demo/pids/broker.pid"
 
-vmlot=./target/release/vmlot
+# provider NAME PRICE: a QEMU provider asking PRICE per segment (nothing per
+# second, no discount for blocks it already holds: price alone decides).
+provider() {
+  local name=$1 price=$2
+  cat > "$demo/$name.toml" <<TOML
+name = "$name"
+hypervisors = ["qemu"]
+slots = 1
+memory_mib = 1024
+price_per_second = "0"
+min_price = "$price"
+hot_discount = "0"
+cache_dir = "$demo/$name/cache"
+work_dir = "$demo/$name/work"
+qemu_accel = "auto"
+TOML
+  "$bin/vmlot-provider" --config "$demo/$name.toml" > "$demo/$name.log" 2>&1 &
+  echo $! > "$demo/pids/provider-$name.pid"
+  echo "demo: provider $name joins, asking $price CRD a segment"
+}
+
+# Waits until segment $2 of job $1 is awarded (or past).
+wait_awarded() {
+  local job=$1 segment=$2
+  for _ in $(seq 600); do
+    if $vmlot --json status "$job" 2>/dev/null | python3 -c '
+import json, sys
+s = json.load(sys.stdin)
+lot = s.get("open_lot") or {}
+k = int(sys.argv[1])
+ok = lot.get("lot", {}).get("segment") == k and lot.get("awarded")
+sys.exit(0 if ok or len(s["settled"]) > k or s["state"] != "running" else 1)' "$segment" 2>/dev/null; then
+      return 0
+    fi
+    sleep 0.3
+  done
+  return 1
+}
+
+provider demo-a 0.30
+# Until the broker answers and has heard from the provider.
+for _ in $(seq 150); do
+  $vmlot --json providers 2>/dev/null | python3 -c 'import json,sys; sys.exit(len(json.load(sys.stdin)) < 1)' 2>/dev/null && break
+  sleep 0.2
+done
+
 echo
-echo "== push checkpoint A (every block cold)"
-$vmlot store push --kind machine-state "$demo/ckpt/same-a.mapped" --cache "$demo/cache-a" | tee "$demo/push-a.txt"
+echo "== push the test guest (Debian kernel + busybox initramfs) as an image"
+$vmlot image push --kernel "$guest/vmlinuz" --initrd "$guest/initrd.cpio.gz" \
+  --memory 128 --cmdline "$cmdline" -o "$demo/image.json"
+python3 -c 'import json,sys; i=json.load(open(sys.argv[1])); print("kernel", i["kernel"]); print("initrd", i["initrd"])' "$demo/image.json"
+
 echo
-echo "== push checkpoint B, 5 s later (only blocks the store lacks cross the wire)"
-$vmlot store push --kind machine-state "$demo/ckpt/same-b.mapped" | tee "$demo/push-b.txt"
-manifest_b=$(awk '/^manifest/ {print $2}' "$demo/push-b.txt")
+echo "== submit: ${segment_seconds} s segments until the guest powers off"
+job=$($vmlot --json submit --image "$demo/image.json" --segment-seconds "$segment_seconds" \
+  --until-halt --redundancy 1 --reserve 1 --budget 10 | python3 -c 'import json,sys; print(json.load(sys.stdin)["job"])')
+echo "job $job"
+
+# Cheaper providers join while the job runs: demo-b during segment 0 wins
+# segment 1, demo-c during segment 1 wins segment 2 (and most after it).
+(
+  wait_awarded "$job" 0 && provider demo-b 0.20
+  wait_awarded "$job" 1 && provider demo-c 0.10
+) &
+echo $! > "$demo/pids/joins.pid"
+
 echo
-echo "== a provider holding A pulls B"
-$vmlot store have "$manifest_b" --cache "$demo/cache-a"
-$vmlot store pull "$manifest_b" -o "$demo/out/same-b.mapped" --cache "$demo/cache-a"
-cmp "$demo/ckpt/same-b.mapped" "$demo/out/same-b.mapped"
-echo "byte-identical: $(sha1sum < "$demo/out/same-b.mapped" | cut -d' ' -f1)"
+$vmlot watch "$job"
+wait "$(cat "$demo/pids/joins.pid")" || true
+rm -f "$demo/pids/joins.pid"
+
 echo
-echo "== rsync's delta transfer of the same pair, for comparison"
-cp --sparse=always "$demo/ckpt/same-a.mapped" "$demo/out/rsync-dest"
-rsync --no-whole-file --inplace --stats "$demo/ckpt/same-b.mapped" "$demo/out/rsync-dest" | grep -E "Literal data|Matched data"
+echo "== console tail (vmlot logs $job | tail)"
+$vmlot logs "$job" > "$demo/market.console"
+tail -n 5 "$demo/market.console"
+
 echo
-echo "demo: done (the market itself is not built yet; see README status)"
+echo "== segments (vmlot status $job)"
+$vmlot status "$job"
+
+echo
+echo "== ledger (vmlot ledger)"
+$vmlot ledger
+
+echo
+echo "== the same guest run once, directly by QEMU"
+wait "$(cat "$demo/pids/reference.pid")" || { echo "demo: the direct QEMU run failed" >&2; exit 1; }
+rm -f "$demo/pids/reference.pid"
+echo "direct run: $(wc -c < "$demo/reference.console") bytes of console"
+if cmp -s "$demo/market.console" "$demo/reference.console"; then
+  echo "console: identical ($(wc -c < "$demo/market.console") bytes, sha1 $(sha1sum < "$demo/market.console" | cut -c1-40))"
+else
+  echo "console: DIFFERENT from the direct run" >&2
+  diff <(cat "$demo/reference.console") <(cat "$demo/market.console") | head -20 >&2 || true
+  exit 1
+fi
+echo
+echo "demo: done (logs and files in .demo/)"

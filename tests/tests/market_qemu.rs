@@ -46,6 +46,7 @@ async fn reference_console() -> &'static [u8] {
     REFERENCE
         .get_or_init(|| async {
             tokio::task::spawn_blocking(|| {
+                let _timed = Timed::start("direct reference run");
                 let (kernel, initrd) = guest_files();
                 let dir = tempfile::tempdir().unwrap();
                 let console = dir.path().join("console.log");
@@ -78,6 +79,25 @@ async fn reference_console() -> &'static [u8] {
             .unwrap()
         })
         .await
+}
+
+/// Says how long a test took (its turn, not its wait for one).
+struct Timed(&'static str, std::time::Instant);
+
+impl Timed {
+    fn start(what: &'static str) -> Self {
+        Self(what, std::time::Instant::now())
+    }
+}
+
+impl Drop for Timed {
+    fn drop(&mut self) {
+        eprintln!(
+            "market_qemu: {} took {:.1} s",
+            self.0,
+            self.1.elapsed().as_secs_f64()
+        );
+    }
 }
 
 /// A market whose QEMU guests go down with it: a killed provider leaves
@@ -297,6 +317,7 @@ fn assert_console_exact(console: &[u8], reference: &[u8], done: &JobStatus, how:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vm_migrated_across_three_providers_prints_what_an_uninterrupted_run_prints() {
     let _turn = TURN.lock().await;
+    let _timed = Timed::start("migration across 3 providers");
     let reference = reference_console().await;
     let specs = [
         QemuProviderSpec::new("p1", "0.30"),
@@ -375,6 +396,7 @@ async fn a_vm_migrated_across_three_providers_prints_what_an_uninterrupted_run_p
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_per_segment_still_print_exactly_the_uninterrupted_console() {
     let _turn = TURN.lock().await;
+    let _timed = Timed::start("redundancy 2");
     let reference = reference_console().await;
     let specs = [
         QemuProviderSpec::new("r1", "0.10"),
@@ -406,6 +428,7 @@ async fn two_replicas_per_segment_still_print_exactly_the_uninterrupted_console(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_provider_killed_mid_segment_loses_one_attempt_and_the_console_stays_exact() {
     let _turn = TURN.lock().await;
+    let _timed = Timed::start("provider killed mid-segment");
     let reference = reference_console().await;
     let specs = [
         QemuProviderSpec::new("k1", "0.10"),
@@ -439,7 +462,9 @@ async fn a_provider_killed_mid_segment_loses_one_attempt_and_the_console_stays_e
     .unwrap_or_else(|e| panic!("QEMU of segment 1 never started: {e}\n{}", m.market.logs()));
     tokio::time::sleep(Duration::from_millis(1500)).await;
     m.market.providers[index].kill();
-    kill_pids(&processes_mentioning(&needle));
+    let orphans = processes_mentioning(&needle);
+    eprintln!("QEMU left running by the killed provider: {orphans:?}");
+    kill_pids(&orphans);
 
     let done = m.wait_final(job).await;
     assert!(
@@ -463,6 +488,7 @@ async fn a_provider_killed_mid_segment_loses_one_attempt_and_the_console_stays_e
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fetch_writes_the_last_checkpoint_as_the_store_holds_it() {
     let _turn = TURN.lock().await;
+    let _timed = Timed::start("fetch");
     let m = QemuMarket::start(&[&QemuProviderSpec::new("f1", "0.10")]);
     m.market.ready(1).await.unwrap();
     let disk = m.market.path().join("disk.raw");
