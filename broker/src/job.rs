@@ -37,6 +37,9 @@ enum Waited {
     Stopped,
 }
 
+/// Longest wait before offering again when every bidder was busy.
+const BUSY_BACKOFF_CAP: Duration = Duration::from_secs(2);
+
 fn update_failed<E: std::fmt::Display>(err: UpdateError<E>) -> BrokerError {
     match err {
         UpdateError::Broker(b) => b,
@@ -113,7 +116,13 @@ pub(crate) async fn drive(
                             _ = shared.slot_freed.notified() => {}
                             _ = tokio::time::sleep(backoff) => {}
                         }
-                        backoff = (backoff * 2).min(shared.config.max_backoff);
+                        // Bidders that were all busy are there and will be
+                        // free soon: their wait stays short.
+                        let cap = match offer {
+                            Offer::AllBusy => shared.config.max_backoff.min(BUSY_BACKOFF_CAP),
+                            _ => shared.config.max_backoff,
+                        };
+                        backoff = (backoff * 2).min(cap);
                         if matches!(offer, Offer::NoBids) {
                             quiet_offers = quiet_offers.saturating_add(1);
                         }
