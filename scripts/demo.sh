@@ -31,7 +31,16 @@ stop_leftovers() {
   [ -z "$pids" ] || kill $pids 2>/dev/null || true
 }
 stop_leftovers
-rm -rf "$demo"
+# The last run's files (tens of thousands of cached blocks) are removed in
+# the background, at low priority, so this run need not wait for it.
+if [ -e "$demo" ]; then
+  mv "$demo" "$demo.old.$$"
+fi
+for old in "$demo".old.*; do
+  if [ -e "$old" ]; then
+    (nice -n 19 rm -rf "$old" > /dev/null 2>&1 &)
+  fi
+done
 mkdir -p "$demo/nats-store" "$demo/pids"
 
 cleanup() {

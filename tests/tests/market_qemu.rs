@@ -117,13 +117,18 @@ impl Drop for Reaper {
 }
 
 impl QemuMarket {
-    fn start(providers: &[&QemuProviderSpec]) -> Self {
-        // Fetch, start, save and upload around a 4 s segment take 2–4 s
-        // here; 12 s of allowance leaves room for two guests at once.
-        let broker_args = ["--bid-window-ms", "300", "--transfer-allowance-s", "12"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+    /// `allowance_s`: the broker's transfer allowance. Fetch, start, save
+    /// and upload around a 4 s segment take 2–4 s here on an idle machine,
+    /// but a provider fetching a whole checkpoint cold on a loaded one has
+    /// taken 12–17 s: a test that needs every attempt to make its deadline
+    /// gives 30 s; one that waits for a deadline to pass gives less.
+    fn start(providers: &[&QemuProviderSpec], allowance_s: u32) -> Self {
+        let broker_args = vec![
+            "--bid-window-ms".to_string(),
+            "300".to_string(),
+            "--transfer-allowance-s".to_string(),
+            allowance_s.to_string(),
+        ];
         let mut market = Market::start(broker_args, &[]).unwrap();
         for spec in providers {
             market.add_qemu_provider(spec).unwrap();
@@ -325,7 +330,7 @@ async fn a_vm_migrated_across_three_providers_prints_what_an_uninterrupted_run_p
         QemuProviderSpec::new("p3", "0.10"),
     ];
     let ids: Vec<ProviderId> = specs.iter().map(|s| ProviderId(s.id)).collect();
-    let mut m = QemuMarket::start(&[&specs[0]]);
+    let mut m = QemuMarket::start(&[&specs[0]], 30);
     m.market.ready(1).await.unwrap();
     let image = m.push_image(&[]);
     let job = m.submit(&image, "until-halt", "1");
@@ -367,7 +372,20 @@ async fn a_vm_migrated_across_three_providers_prints_what_an_uninterrupted_run_p
     let done = m.wait_final(job).await;
     let ran: Vec<ProviderId> = done.settled.iter().map(|s| s.provider).collect();
     assert!(ran.len() >= 4, "the guest should span several segments: {ran:?}");
-    assert_eq!(ran[..3], ids[..], "segments 0, 1, 2 ran on p1, p2, p3");
+    let attempts: Vec<(u32, u32, &str)> = done
+        .settled
+        .iter()
+        .map(|s| {
+            let who = ids.iter().position(|i| *i == s.provider).unwrap();
+            (s.segment, s.attempt, specs[who].name.as_str())
+        })
+        .collect();
+    assert_eq!(
+        ran[..3],
+        ids[..],
+        "segments 0, 1, 2 ran on p1, p2, p3: (segment, attempt, provider) {attempts:?}\n{}",
+        m.market.logs()
+    );
     let logs = m.vmlot_ok(&["logs", &job.to_string()]);
     assert_console_exact(&logs, reference, &done, "vmlot logs");
     assert!(follow.wait().unwrap().success(), "vmlot logs --follow failed");
@@ -403,7 +421,7 @@ async fn two_replicas_per_segment_still_print_exactly_the_uninterrupted_console(
         QemuProviderSpec::new("r2", "0.20"),
         QemuProviderSpec::new("r3", "0.30"),
     ];
-    let m = QemuMarket::start(&specs.iter().collect::<Vec<_>>());
+    let m = QemuMarket::start(&specs.iter().collect::<Vec<_>>(), 30);
     m.market.ready(3).await.unwrap();
     let image = m.push_image(&[]);
     let job = m.submit(&image, "until-halt", "2");
@@ -436,7 +454,7 @@ async fn a_provider_killed_mid_segment_loses_one_attempt_and_the_console_stays_e
         QemuProviderSpec::new("k3", "0.30"),
     ];
     let ids: Vec<ProviderId> = specs.iter().map(|s| ProviderId(s.id)).collect();
-    let mut m = QemuMarket::start(&specs.iter().collect::<Vec<_>>());
+    let mut m = QemuMarket::start(&specs.iter().collect::<Vec<_>>(), 12);
     m.market.ready(3).await.unwrap();
     let image = m.push_image(&[]);
     let job = m.submit(&image, "until-halt", "1");
@@ -489,7 +507,7 @@ async fn a_provider_killed_mid_segment_loses_one_attempt_and_the_console_stays_e
 async fn fetch_writes_the_last_checkpoint_as_the_store_holds_it() {
     let _turn = TURN.lock().await;
     let _timed = Timed::start("fetch");
-    let m = QemuMarket::start(&[&QemuProviderSpec::new("f1", "0.10")]);
+    let m = QemuMarket::start(&[&QemuProviderSpec::new("f1", "0.10")], 30);
     m.market.ready(1).await.unwrap();
     let disk = m.market.path().join("disk.raw");
     let mut content = vec![0u8; 4 << 20];
