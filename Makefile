@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export PATH := $(CURDIR)/.tools/bin:$(PATH)
 
-.PHONY: all deps build guest test lint unit demo bench-cas bench-market schemas clean
+.PHONY: all deps build guest test lint unit demo bench-cas bench-market bench-segment schemas clean
 
 all: build
 
@@ -43,6 +43,11 @@ bench-cas: build guest
 ## Market throughput on the synthetic driver, against JetStream's ack rate.
 bench-market: build
 	./target/release/vmlot-bench market --providers 200 --jobs 100 --segments 3 --bid-window-ms 200
+
+## Per-segment overhead of a real 128 MiB QEMU guest (save, upload, download, restore) at T = 60 s,
+## against a whole-file copy through the same nats-server.
+bench-segment: build guest
+	./target/release/vmlot-bench segment --segment-seconds 60 --segments 3
 
 ## Regenerate schemas/json/ after changing a wire type.
 schemas:

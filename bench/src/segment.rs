@@ -33,6 +33,7 @@ use anyhow::{Context, Result, bail};
 use async_nats::jetstream::{self, stream};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
+use vmlot_cas::chunk::manifest_of;
 use vmlot_cas::{BlockCache, BlockStore, StoreOptions, pull_file, push_file};
 use vmlot_provider::driver::qemu::{Accel, QemuConfig, QemuDriver};
 use vmlot_provider::driver::{BootFiles, Driver, SegmentEnd, SegmentPlan, SegmentReport, SegmentStart};
@@ -70,6 +71,9 @@ const CACHE_BYTES: u64 = 4 << 30;
 /// Messages of the naive copy, and acknowledgements it waits for at once.
 const NAIVE_MESSAGE: usize = 1 << 20;
 const NAIVE_IN_FLIGHT: usize = 64;
+/// Bytes one pull of the naive read asks for: well under the client's
+/// 64 MiB slow-consumer limit.
+const NAIVE_PULL_BYTES: usize = 32 << 20;
 const NAIVE_STREAM: &str = "VMLOT_BENCH_NAIVE";
 const NAIVE_SUBJECT: &str = "vmlot.bench.naive";
 
@@ -105,8 +109,14 @@ struct Row {
     stored_bytes: u64,
     upload_bytes: u64,
     upload: f64,
+    /// Reading, cutting and hashing the file alone (the local part of the upload).
+    chunk_hash: f64,
+    upload_server_cpu: f64,
+    upload_client_cpu: f64,
     download_bytes: u64,
     download: f64,
+    download_server_cpu: f64,
+    download_client_cpu: f64,
     restore: f64,
     same_block_bytes: u64,
     same_manifest_bytes: u64,
@@ -238,6 +248,7 @@ pub async fn run(args: Args) -> Result<()> {
             .iter()
             .flat_map(|m| m.unique_blocks().into_iter().map(|(id, _)| id))
             .collect();
+        let cpu = Cpu::start(&server);
         let pushed = push_file(
             &a.store,
             Some(&a.cache),
@@ -248,14 +259,18 @@ pub async fn run(args: Args) -> Result<()> {
         )
         .await
         .context("A pushes the checkpoint")?;
+        let (upload_server_cpu, upload_client_cpu) = cpu.stop(&server);
+        let chunk_hash = chunk_and_hash(&state).await?;
 
         // B, holding the previous checkpoint, fetches this one and restores it.
         let b_seg = b.dir.join(format!("seg{k}"));
         std::fs::create_dir_all(&b_seg)?;
         let b_state = b_seg.join("machine-state.in");
+        let cpu = Cpu::start(&server);
         let fetched = pull_file(&b.store, Some(&b.cache), &pushed.manifest_id, &b_state)
             .await
             .context("B pulls the checkpoint")?;
+        let (download_server_cpu, download_client_cpu) = cpu.stop(&server);
         eprintln!(
             "[{:>6.1} s] segment {k}: A pushed, B pulled; B restores",
             began.elapsed().as_secs_f64()
@@ -300,8 +315,13 @@ pub async fn run(args: Args) -> Result<()> {
             stored_bytes: pushed.manifest.stored_bytes(),
             upload_bytes: pushed.sent_bytes,
             upload: pushed.elapsed.as_secs_f64(),
+            chunk_hash,
+            upload_server_cpu,
+            upload_client_cpu,
             download_bytes: fetched.fetched_bytes,
             download: fetched.elapsed.as_secs_f64(),
+            download_server_cpu,
+            download_client_cpu,
             restore: restored.start_time.as_secs_f64(),
             same_block_bytes: same.fetched_bytes,
             same_manifest_bytes: manifest_len(&pushed.manifest_id, &pushed.manifest),
@@ -384,6 +404,29 @@ fn print_tables(rows: &[Row], t: f64) {
         );
     }
 
+    println!(
+        "\n## Where the transfer time goes (CPU seconds of nats-server and of this process over the step; \
+         the A refetch is a pull with every block in the cache: the local part of a download)\n"
+    );
+    println!(
+        "| segment | upload s | of which chunk+hash s | server CPU s | client CPU s | download s | local rebuild s (A refetch) | server CPU s | client CPU s |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for r in rows {
+        println!(
+            "| {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            label(r),
+            r.upload,
+            r.chunk_hash,
+            r.upload_server_cpu,
+            r.upload_client_cpu,
+            r.download,
+            r.same_time,
+            r.download_server_cpu,
+            r.download_client_cpu,
+        );
+    }
+
     let measured: Vec<&Row> = rows.iter().filter(|r| r.segment > 0).collect();
     if measured.is_empty() {
         println!("\nsummary: no measured segment (--segments 0 runs the boot segment only)");
@@ -396,10 +439,14 @@ fn print_tables(rows: &[Row], t: f64) {
     let naive = mean(&|r| r.naive_total());
     let moved: u64 = measured.iter().map(|r| r.same_block_bytes).sum();
     println!(
-        "\nsummary over segments 1–{} at T = {t:.0} s: save {:.2} + upload {:.2} + download {:.2} + restore {:.2} \
+        "\nsummary over segments {} at T = {t:.0} s: save {:.2} + upload {:.2} + download {:.2} + restore {:.2} \
          = {total:.2} s = {:.2} % of T (worst {worst:.2} %; target ≤ 2 %: {}); same provider going on moved {moved} \
          block bytes (target 0: {}); naive whole-file copy {naive:.2} s = {:.2} % of T, {:.1}× the store's time",
-        measured.len(),
+        if measured.len() == 1 {
+            "1".to_string()
+        } else {
+            format!("1–{}", measured.len())
+        },
         mean(&|r| r.save),
         mean(&|r| r.upload),
         mean(&|r| r.download),
@@ -412,6 +459,28 @@ fn print_tables(rows: &[Row], t: f64) {
     );
 }
 
+/// CPU seconds of the server and of this process across one step.
+struct Cpu {
+    server: f64,
+    client: f64,
+}
+
+impl Cpu {
+    fn start(server: &NatsServer) -> Self {
+        Self {
+            server: server.cpu_seconds().unwrap_or(0.0),
+            client: vmlot_tests::own_cpu_seconds().unwrap_or(0.0),
+        }
+    }
+
+    fn stop(self, server: &NatsServer) -> (f64, f64) {
+        (
+            server.cpu_seconds().unwrap_or(0.0) - self.server,
+            vmlot_tests::own_cpu_seconds().unwrap_or(0.0) - self.client,
+        )
+    }
+}
+
 /// The saved machine-state file of a segment that was meant to go on.
 fn saved(report: &SegmentReport) -> Result<PathBuf> {
     match &report.end {
@@ -421,6 +490,19 @@ fn saved(report: &SegmentReport) -> Result<PathBuf> {
             String::from_utf8_lossy(&report.console)
         ),
     }
+}
+
+/// Seconds to read, cut and hash the file alone, as a push does before
+/// anything crosses the wire.
+async fn chunk_and_hash(path: &Path) -> Result<f64> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || -> Result<f64> {
+        let started = Instant::now();
+        let file = std::fs::File::open(&path)?;
+        manifest_of(file, ObjectKind::MachineState, Chunking::FIXED_4K)?;
+        Ok(started.elapsed().as_secs_f64())
+    })
+    .await?
 }
 
 /// Size of the canonical manifest: what a provider reads before any block.
@@ -448,7 +530,7 @@ fn first_tick(console: &[u8]) -> Option<u64> {
 }
 
 /// The whole file as 1 MiB acknowledged publishes (pipelined) into a scratch
-/// stream, then read back with an ordered consumer into a file that is
+/// stream, then read back with a pull consumer into a file that is
 /// fsynced, as a pull's is. The stream is deleted afterwards.
 async fn naive_copy(js: &jetstream::Context, path: &Path, dest: &Path) -> Result<Naive> {
     let stream = js
@@ -481,10 +563,22 @@ async fn naive_copy(js: &jetstream::Context, path: &Path, dest: &Path) -> Result
     let publish = started.elapsed().as_secs_f64();
 
     let started = Instant::now();
+    // A plain pull consumer with a byte bound per pull: the ordered
+    // consumer asks for 500 messages at once, 500 MiB here, and a reader
+    // that also writes to disk then falls behind the server's slow-consumer
+    // limit and stalls.
     let consumer = stream
-        .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
+        .create_consumer(jetstream::consumer::pull::Config {
+            ack_policy: jetstream::consumer::AckPolicy::None,
+            ..Default::default()
+        })
         .await?;
-    let mut messages = consumer.messages().await?;
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(NAIVE_PULL_BYTES / NAIVE_MESSAGE)
+        .max_bytes_per_batch(NAIVE_PULL_BYTES)
+        .messages()
+        .await?;
     let mut out = std::io::BufWriter::with_capacity(4 << 20, std::fs::File::create(dest)?);
     let mut read = 0u64;
     while read < bytes {
