@@ -480,9 +480,17 @@ async fn a_provider_killed_mid_segment_loses_one_attempt_and_the_console_stays_e
     .unwrap_or_else(|e| panic!("QEMU of segment 1 never started: {e}\n{}", m.market.logs()));
     tokio::time::sleep(Duration::from_millis(1500)).await;
     m.market.providers[index].kill();
+    // The kernel ends QEMU with its provider (PR_SET_PDEATHSIG).
+    let orphaned = wait_for(Duration::from_secs(10), async || {
+        processes_mentioning(&needle).is_empty().then_some(())
+    })
+    .await;
     let orphans = processes_mentioning(&needle);
-    eprintln!("QEMU left running by the killed provider: {orphans:?}");
     kill_pids(&orphans);
+    assert!(
+        orphaned.is_ok(),
+        "QEMU left running by the killed provider: {orphans:?}"
+    );
 
     let done = m.wait_final(job).await;
     assert!(

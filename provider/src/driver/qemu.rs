@@ -606,15 +606,25 @@ impl Vm {
     fn spawn(binary: &Path, args: &[OsString], stderr: &Path, socket: PathBuf) -> Result<Vm, DriverError> {
         let log = std::fs::File::create(stderr).map_err(|e| io_err("create", stderr, e))?;
         let log2 = log.try_clone().map_err(|e| io_err("dup", stderr, e))?;
-        let child = Command::new(binary)
-            .args(args)
+        let mut cmd = Command::new(binary);
+        cmd.args(args)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
             // Every way out of a segment, a panic included, ends QEMU.
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| spawn_error(binary, e))?;
+            .kill_on_drop(true);
+        // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+        // A provider killed outright (SIGKILL runs no destructor) must not
+        // leave its guest running: the kernel kills QEMU with it.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|e| spawn_error(binary, e))?;
         Ok(Vm {
             child,
             qmp: None,
