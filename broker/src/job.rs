@@ -157,15 +157,21 @@ async fn on_stop(shared: &Arc<Shared>, job: JobId) -> Result<(), BrokerError> {
     }
     if let Some((status, _)) = shared.jobs.get(&job).await? {
         cancel_open_lot(shared, &status, "job cancelled").await;
-        shared
-            .jobs
-            .update::<std::convert::Infallible, _>(&job, |s| {
-                s.open_lot = None;
-                Ok(())
-            })
-            .await
-            .map_err(update_failed)?;
+        clear_open_lot(shared, job).await?;
     }
+    Ok(())
+}
+
+/// Forgets the job's open lot in its record.
+async fn clear_open_lot(shared: &Arc<Shared>, job: JobId) -> Result<(), BrokerError> {
+    shared
+        .jobs
+        .update::<std::convert::Infallible, _>(&job, |s| {
+            s.open_lot = None;
+            Ok(())
+        })
+        .await
+        .map_err(update_failed)?;
     Ok(())
 }
 
@@ -264,12 +270,12 @@ async fn offer(
         invited: Vec::new(),
     };
     let wanted = bidders_wanted(status.spec.redundancy);
-    lot.invited = shared.providers_with_room(&status.spec.image.vm, wanted);
+    lot.invited = shared.providers_with_room(&eligible, wanted);
     // Enough free providers named: no random shards needed to find bidders.
     let random_shards = if lot.invited.len() >= wanted {
         Some(0)
     } else {
-        shards_to_invite(status.spec.redundancy, eligible, quiet_offers)
+        shards_to_invite(status.spec.redundancy, eligible.len(), quiet_offers)
     };
     if let Some(previous) = status.settled.last()
         && !lot.invited.contains(&previous.provider)
@@ -443,14 +449,7 @@ async fn offer(
         }
     }
     if accepted == 0 {
-        shared
-            .jobs
-            .update::<std::convert::Infallible, _>(&job, |s| {
-                s.open_lot = None;
-                Ok(())
-            })
-            .await
-            .map_err(update_failed)?;
+        clear_open_lot(shared, job).await?;
         return Ok(Offer::AllBusy);
     }
     Ok(Offer::Awarded(Box::new((lot, winners, deadline))))

@@ -153,9 +153,9 @@ impl Shared {
         });
     }
 
-    /// Live providers that could run `lot`'s image: how many the invitation
-    /// share is drawn from.
-    pub fn eligible_providers(&self, vm: &vmlot_schemas::VmConfig) -> usize {
+    /// Live providers that could run `vm`, with their slots: how many the
+    /// invitation share is drawn from, and who may be named.
+    pub fn eligible_providers(&self, vm: &vmlot_schemas::VmConfig) -> Vec<(ProviderId, u32)> {
         let providers = self.providers.lock().expect("providers lock");
         providers
             .values()
@@ -165,7 +165,8 @@ impl Shared {
                     && hb.arch == vm.arch
                     && hb.memory_mib >= vm.memory_mib
             })
-            .count()
+            .map(|(hb, _)| (hb.provider, hb.slots))
+            .collect()
     }
 
     /// Ends the reservations `lot` holds at `providers` and wakes one
@@ -181,31 +182,19 @@ impl Shared {
         }
     }
 
-    /// Up to `n` live providers, picked at random, that could run `vm` and
-    /// have a slot no award holds: invited to a lot by name, so a market
-    /// short of slots still puts each lot before someone free to take it.
-    pub fn providers_with_room(&self, vm: &vmlot_schemas::VmConfig, n: usize) -> Vec<ProviderId> {
+    /// Up to `n` of `eligible`, picked at random, with a slot no award
+    /// holds: invited to a lot by name, so a market short of slots still
+    /// puts each lot before someone free to take it.
+    pub fn providers_with_room(&self, eligible: &[(ProviderId, u32)], n: usize) -> Vec<ProviderId> {
         use rand::seq::SliceRandom;
-        let candidates: Vec<(ProviderId, u32)> = {
-            let providers = self.providers.lock().expect("providers lock");
-            providers
-                .values()
-                .filter(|(hb, seen)| {
-                    seen.elapsed() < self.config.provider_timeout
-                        && hb.hypervisors.contains(&vm.hypervisor)
-                        && hb.arch == vm.arch
-                        && hb.memory_mib >= vm.memory_mib
-                })
-                .map(|(hb, _)| (hb.provider, hb.slots))
+        let mut free: Vec<ProviderId> = {
+            let capacity = self.capacity.lock().expect("capacity lock");
+            eligible
+                .iter()
+                .filter(|(p, slots)| capacity.has_room(p, *slots))
+                .map(|(p, _)| *p)
                 .collect()
         };
-        let capacity = self.capacity.lock().expect("capacity lock");
-        let mut free: Vec<ProviderId> = candidates
-            .into_iter()
-            .filter(|(p, slots)| capacity.has_room(p, *slots))
-            .map(|(p, _)| p)
-            .collect();
-        drop(capacity);
         free.shuffle(&mut rand::thread_rng());
         free.truncate(n);
         free

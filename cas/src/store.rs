@@ -76,34 +76,27 @@ impl BlockStore {
     pub async fn open(client: async_nats::Client, opts: StoreOptions) -> Result<Self, CasError> {
         let mut js = jetstream::new(client);
         js.set_timeout(Duration::from_secs(30));
-        js.get_or_create_stream(stream::Config {
-            name: subjects::BLOCK_STREAM.to_string(),
-            subjects: vec![subjects::BLOCK_SUBJECTS.to_string()],
-            storage: stream::StorageType::File,
-            num_replicas: opts.replicas,
-            max_messages_per_subject: 1,
-            discard: stream::DiscardPolicy::New,
-            discard_new_per_subject: true,
-            allow_direct: true,
-            allow_atomic_publish: true,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| CasError::nats("create block stream", e))?;
-        js.get_or_create_stream(stream::Config {
-            name: subjects::MANIFEST_STREAM.to_string(),
-            subjects: vec![subjects::MANIFEST_SUBJECTS.to_string()],
-            storage: stream::StorageType::File,
-            num_replicas: opts.replicas,
-            max_messages_per_subject: 1,
-            discard: stream::DiscardPolicy::New,
-            discard_new_per_subject: true,
-            allow_direct: true,
-            allow_atomic_publish: true,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| CasError::nats("create manifest stream", e))?;
+        for (name, subjects) in [
+            (subjects::BLOCK_STREAM, subjects::BLOCK_SUBJECTS),
+            (subjects::MANIFEST_STREAM, subjects::MANIFEST_SUBJECTS),
+        ] {
+            // One message per subject, and a second is refused: whatever is
+            // stored under a content name is never overwritten.
+            js.get_or_create_stream(stream::Config {
+                name: name.to_string(),
+                subjects: vec![subjects.to_string()],
+                storage: stream::StorageType::File,
+                num_replicas: opts.replicas,
+                max_messages_per_subject: 1,
+                discard: stream::DiscardPolicy::New,
+                discard_new_per_subject: true,
+                allow_direct: true,
+                allow_atomic_publish: true,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| CasError::nats("create store stream", format!("{name}: {e}")))?;
+        }
         let opts = StoreOptions {
             batch: opts.batch.clamp(1, MAX_BATCH),
             ..opts
@@ -259,13 +252,8 @@ impl BlockStore {
         while let Some(msg) = messages.next().await {
             let msg = match msg {
                 Ok(msg) => msg,
-                // No block of the group is stored: the server answers 404.
-                Err(e)
-                    if e.to_string().contains("404")
-                        || e.to_string().to_lowercase().contains("not found") =>
-                {
-                    break;
-                }
+                // No block of the group is stored.
+                Err(e) if none_stored(&e) => break,
                 Err(e) => return Err(CasError::nats("batched direct get", e)),
             };
             let Some(id) = wanted.get(msg.subject.as_str()) else {
@@ -416,12 +404,7 @@ impl BlockStore {
                     Ok(msg) => {
                         got.insert(msg.subject.to_string(), msg.payload);
                     }
-                    Err(e)
-                        if e.to_string().contains("404")
-                            || e.to_string().to_lowercase().contains("not found") =>
-                    {
-                        break;
-                    }
+                    Err(e) if none_stored(&e) => break,
                     Err(e) => return Err(CasError::nats("manifest parts get", e)),
                 }
             }
@@ -439,6 +422,14 @@ impl BlockStore {
         }
         Manifest::decode(&bytes, id).map_err(refuse)
     }
+}
+
+/// True when a batched direct get failed because none of its subjects
+/// holds a message: the server answers 404, which the client surfaces only
+/// as error text.
+fn none_stored(err: &impl std::fmt::Display) -> bool {
+    let text = err.to_string();
+    text.contains("404") || text.to_lowercase().contains("not found")
 }
 
 /// Bytes per manifest message: well under any sensible `max_payload`.
