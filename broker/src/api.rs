@@ -16,6 +16,9 @@ use vmlot_schemas::market::{
 };
 use vmlot_schemas::{HypervisorKind, JobId, Money, WIRE_VERSION, subjects};
 
+use vmlot_ledger::LedgerError;
+use vmlot_schemas::ledger::{Account, CreditRequest, Transaction};
+
 use crate::state::UpdateError;
 use crate::{BrokerError, Shared, verify};
 
@@ -56,7 +59,15 @@ pub(crate) async fn start(shared: Arc<Shared>) -> Result<Api, BrokerError> {
         .await
         .map_err(|e| BrokerError::nats("start API service", e))?;
     let group = service.group(subjects::API_PREFIX);
-    for name in ["submit", "status", "list", "cancel", "providers", "market"] {
+    for name in [
+        "submit",
+        "status",
+        "list",
+        "cancel",
+        "providers",
+        "market",
+        "credit",
+    ] {
         let mut endpoint = group
             .endpoint(name)
             .await
@@ -104,6 +115,7 @@ async fn handle(shared: &Arc<Shared>, endpoint: &str, payload: &[u8]) -> Vec<u8>
         "cancel" => encode(cancel(shared, payload).await),
         "providers" => encode(Ok::<_, ApiError>(shared.live_providers())),
         "market" => encode(market(shared).await),
+        "credit" => encode(credit(shared, payload).await),
         _ => encode::<()>(Err(error("not-found", "no such endpoint"))),
     }
 }
@@ -131,6 +143,15 @@ fn check_money(what: &str, m: &Money) -> Result<(), ApiError> {
     }
     if m.amount <= Decimal::ZERO {
         return Err(error("bad-request", format!("{what} must be positive, got {m}")));
+    }
+    if m.amount.scale() > vmlot_schemas::ledger::MAX_SCALE {
+        return Err(error(
+            "bad-request",
+            format!(
+                "{what} {m} has more than {} decimal places",
+                vmlot_schemas::ledger::MAX_SCALE
+            ),
+        ));
     }
     if m.amount > MAX_AMOUNT {
         return Err(error(
@@ -183,8 +204,11 @@ fn validate(req: &SubmitJob) -> Result<(), ApiError> {
             "budget is below one segment's reserve price",
         ));
     }
-    if spec.account.is_empty() || spec.account.len() > 64 || spec.account.chars().any(|c| c.is_control()) {
-        return Err(error("bad-request", "account must be 1-64 printable characters"));
+    if !vmlot_schemas::ledger::valid_user_name(&spec.account) {
+        return Err(error(
+            "bad-request",
+            "account must be 1-64 letters, digits, _ or -",
+        ));
     }
     let vm = &spec.image.vm;
     if !(16..=1 << 20).contains(&vm.memory_mib) || !(1..=64).contains(&vm.vcpus) {
@@ -236,8 +260,23 @@ async fn submit(shared: &Arc<Shared>, payload: &[u8]) -> Result<Submitted, ApiEr
         created_at: now,
         updated_at: now,
         end_reason: None,
+        refunded: false,
     };
+    // The record first, then the hold: a broker that dies between the two
+    // finds the job on restart and holds its budget then (never money in
+    // an escrow with no job).
+    let (user, budget) = (status.spec.account.clone(), status.spec.budget.clone());
     shared.jobs.create(&status).await.map_err(internal)?;
+    match shared.books.hold(job, &user, &budget).await {
+        Ok(_) => {}
+        Err(short @ LedgerError::InsufficientFunds { .. }) => {
+            shared.jobs.remove(&job).await.map_err(internal)?;
+            return Err(error("insufficient-funds", short.to_string()));
+        }
+        // Unknown whether the hold was written: the job task holds it
+        // (or finds it held) when it starts.
+        Err(e) => tracing::warn!(%job, %e, "could not hold the budget yet; the job task will"),
+    }
     tracing::info!(%job, "job submitted");
     shared.spawn_job(job, None);
     Ok(Submitted { job })
@@ -276,6 +315,60 @@ async fn cancel(shared: &Arc<Shared>, payload: &[u8]) -> Result<JobStatus, ApiEr
         token.cancel();
     }
     Ok(status)
+}
+
+/// The operator funds a user account. Only a request carrying the
+/// broker's operator token is obeyed (and NATS permissions should let only
+/// the operator publish on this endpoint's subject).
+async fn credit(shared: &Arc<Shared>, payload: &[u8]) -> Result<Transaction, ApiError> {
+    let req: CreditRequest = decode(payload)?;
+    check_version(req.version)?;
+    let authorized = shared
+        .config
+        .operator_token
+        .as_deref()
+        .is_some_and(|token| constant_time_eq(token.as_bytes(), req.operator_token.as_bytes()));
+    if !authorized {
+        return Err(error("forbidden", "only the operator may credit accounts"));
+    }
+    check_money("credit", &req.amount)?;
+    if req.amount.amount <= Decimal::ZERO {
+        return Err(error("bad-request", "a credit must be positive"));
+    }
+    if !matches!(req.account, Account::User(_)) {
+        return Err(error("bad-request", "only user accounts are credited"));
+    }
+    if req.memo.len() > 256 {
+        return Err(error("bad-request", "memo over 256 bytes"));
+    }
+    let recorded = shared
+        .books
+        .credit(req.id, &req.account, &req.amount, &req.memo)
+        .await
+        .map_err(|e| match e {
+            LedgerError::Malformed(m) => error("bad-request", m),
+            other => error("unavailable", other.to_string()),
+        })?;
+    let tx = recorded.tx().clone();
+    // The same request id twice credits once; a different credit under a
+    // reused id is refused rather than silently answered with the first.
+    if tx
+        .entries
+        .iter()
+        .any(|e| e.account == req.account && e.amount != req.amount.amount)
+        || tx.unit != req.amount.unit
+    {
+        return Err(error(
+            "conflict",
+            format!("credit {} was already used for another amount", req.id),
+        ));
+    }
+    tracing::info!(account = %req.account, amount = %req.amount, "account credited");
+    Ok(tx)
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn market(shared: &Arc<Shared>) -> Result<MarketView, ApiError> {

@@ -19,7 +19,7 @@ use vmlot_schemas::{JobId, LotId, Money, ProviderId, WIRE_VERSION, subjects};
 
 use crate::auction::{self, BidRefused};
 use crate::state::UpdateError;
-use crate::{BrokerError, LotEvent, LotRoute, Shared, ledger, verify};
+use crate::{BrokerError, LotEvent, LotRoute, Shared, verify};
 
 type Awarded = Vec<(ProviderId, Money)>;
 
@@ -58,6 +58,7 @@ pub(crate) async fn drive(
     let mut backoff = shared.config.min_backoff;
     // Offers in a row that drew no bid: each one invites twice as many providers.
     let mut quiet_offers = 0u32;
+    ensure_held(shared, job).await?;
     loop {
         if stop.is_cancelled() {
             return on_stop(shared, job).await;
@@ -67,11 +68,11 @@ pub(crate) async fn drive(
         };
         if status.state.is_final() {
             cancel_open_lot(shared, &status, "job ended").await;
-            return Ok(());
+            return refund(shared, &status).await;
         }
         let segment = status.settled.len() as u32;
         // A payment written before a crash settles its segment; it is not paid again.
-        if let Some(payment) = ledger::existing(&shared.js, job, segment).await? {
+        if let Some(payment) = shared.books.settlement(job, segment).await? {
             tracing::info!(%job, segment, "segment already paid; applying the recorded settlement");
             apply_settlement(shared, &payment).await?;
             continue;
@@ -158,7 +159,68 @@ async fn on_stop(shared: &Arc<Shared>, job: JobId) -> Result<(), BrokerError> {
     if let Some((status, _)) = shared.jobs.get(&job).await? {
         cancel_open_lot(shared, &status, "job cancelled").await;
         clear_open_lot(shared, job).await?;
+        if status.state.is_final() {
+            refund(shared, &status).await?;
+        }
     }
+    Ok(())
+}
+
+/// Makes sure the job's budget is in escrow. The API holds it at
+/// submission; a broker that died between writing the job record and the
+/// hold writes it here, and a submitter short of funds by then fails the job.
+async fn ensure_held(shared: &Arc<Shared>, job: JobId) -> Result<(), BrokerError> {
+    if shared
+        .books
+        .transaction(&subjects::hold_tx(&job))
+        .await?
+        .is_some()
+    {
+        return Ok(());
+    }
+    let Some((status, _)) = shared.jobs.get(&job).await? else {
+        return Ok(());
+    };
+    if status.state.is_final() {
+        return Ok(());
+    }
+    match shared
+        .books
+        .hold(job, &status.spec.account, &status.spec.budget)
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(short @ vmlot_ledger::LedgerError::InsufficientFunds { .. }) => {
+            finish(shared, job, JobState::Failed, short.to_string()).await
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The job ended: what is left in its escrow goes back to the submitter, once.
+async fn refund(shared: &Arc<Shared>, status: &JobStatus) -> Result<(), BrokerError> {
+    if status.refunded {
+        return Ok(());
+    }
+    let recorded = shared
+        .books
+        .refund(status.job, &status.spec.account, &status.spec.budget.unit)
+        .await?;
+    let amount = recorded
+        .tx()
+        .entries
+        .first()
+        .map(|e| e.amount)
+        .unwrap_or_default();
+    tracing::info!(job = %status.job, %amount, "escrow refunded");
+    shared
+        .jobs
+        .update::<std::convert::Infallible, _>(&status.job, |s| {
+            s.refunded = true;
+            Ok(())
+        })
+        .await
+        .map_err(update_failed)?;
     Ok(())
 }
 
@@ -518,7 +580,7 @@ async fn await_result(
             Ok(price) => {
                 let payment = SegmentPayment {
                     version: WIRE_VERSION,
-                    id: ledger::payment_id(&job, lot.segment),
+                    id: vmlot_ledger::tx_id(&subjects::settlement_tx(&job, lot.segment)),
                     job,
                     segment: lot.segment,
                     lot: lot.lot,
@@ -529,12 +591,18 @@ async fn await_result(
                     result: result.clone(),
                     at: Utc::now(),
                 };
-                let paid = ledger::pay(&shared.js, payment).await?;
-                if let ledger::Paid::Before(_) = paid {
+                let recorded = shared.books.settle(payment, shared.config.fee_rate).await?;
+                if let vmlot_ledger::Recorded::Before(_) = recorded {
                     tracing::warn!(%job, segment = lot.segment, "segment was already paid; no second payment");
                 }
-                apply_settlement(shared, paid.payment()).await?;
-                let winner = paid.payment().provider;
+                let Some(paid) = recorded.tx().settlement.as_deref() else {
+                    return Err(BrokerError::nats(
+                        "settle",
+                        "settlement record without its details",
+                    ));
+                };
+                apply_settlement(shared, paid).await?;
+                let winner = paid.provider;
                 let losers: Vec<ProviderId> =
                     awarded.iter().map(|(p, _)| *p).filter(|p| *p != winner).collect();
                 for provider in &losers {
@@ -548,7 +616,7 @@ async fn await_result(
                     }
                 }
                 let _ = msg.ack().await;
-                tracing::info!(%job, segment = lot.segment, provider = %winner, amount = %paid.payment().amount, "settled");
+                tracing::info!(%job, segment = lot.segment, provider = %winner, amount = %paid.amount, "settled");
                 return Ok(Waited::Settled);
             }
             Err(reason) => {

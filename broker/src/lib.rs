@@ -7,14 +7,14 @@
 //! - [`auction`]: the sealed-bid reverse auction (pure).
 //! - [`capacity`]: awards outstanding per provider, never above its slots.
 //! - [`state`]: job records in a KV bucket with revision checks.
-//! - [`ledger`]: one payment per settled segment, written at most once.
+//! - the books are [`vmlot_ledger`]: a submission holds the budget in the
+//!   job's escrow, each settlement pays from it once, the job's end refunds.
 //! - [`verify`]: checks a result's checkpoint against the store.
 
 pub mod api;
 pub mod auction;
 pub mod capacity;
 pub mod job;
-pub mod ledger;
 pub mod state;
 pub mod verify;
 
@@ -50,6 +50,11 @@ pub struct BrokerConfig {
     pub pricing: PricingRule,
     /// A provider silent this long is no longer listed.
     pub provider_timeout: Duration,
+    /// The operator's share of each segment's price (0.05 = 5 %), paid to
+    /// the operator account at settlement.
+    pub fee_rate: rust_decimal::Decimal,
+    /// The secret `vmlot admin credit` must present; `None` refuses every credit.
+    pub operator_token: Option<String>,
 }
 
 impl Default for BrokerConfig {
@@ -62,6 +67,8 @@ impl Default for BrokerConfig {
             max_backoff: Duration::from_secs(10),
             pricing: PricingRule::PayAsBid,
             provider_timeout: Duration::from_secs(10),
+            fee_rate: rust_decimal::Decimal::ZERO,
+            operator_token: None,
         }
     }
 }
@@ -73,6 +80,8 @@ pub enum BrokerError {
     Store(#[from] CasError),
     #[error("NATS {op}: {reason}")]
     Nats { op: &'static str, reason: String },
+    #[error("ledger: {0}")]
+    Ledger(#[from] vmlot_ledger::LedgerError),
 }
 
 impl BrokerError {
@@ -99,9 +108,9 @@ pub(crate) struct LotRoute {
 /// State shared by the broker's tasks.
 pub(crate) struct Shared {
     pub client: async_nats::Client,
-    pub js: jetstream::Context,
     pub store: BlockStore,
     pub jobs: state::JobStore,
+    pub books: vmlot_ledger::Books,
     pub config: BrokerConfig,
     pub lots: Mutex<HashMap<LotId, LotRoute>>,
     pub providers: Mutex<HashMap<ProviderId, (Heartbeat, std::time::Instant)>>,
@@ -230,12 +239,13 @@ pub async fn run(
     let mut js = jetstream::new(client.clone());
     js.set_timeout(Duration::from_secs(15));
     provision(&js, config.replicas).await?;
+    let books = vmlot_ledger::Books::provision(&js, config.replicas).await?;
     let jobs = state::JobStore::open(&js, config.replicas).await?;
     let shared = Arc::new(Shared {
         client: client.clone(),
-        js: js.clone(),
         store,
         jobs,
+        books,
         config,
         lots: Mutex::new(HashMap::new()),
         providers: Mutex::new(HashMap::new()),
@@ -256,7 +266,8 @@ pub async fn run(
         .map_err(|e| BrokerError::nats("subscribe heartbeats", e))?;
     let results = results_consumer(&js).await?;
     // Resume before results are routed, so every open lot has its route.
-    for status in shared.jobs.running().await? {
+    // Ended jobs whose escrow is not yet refunded resume too, to refund it.
+    for status in shared.jobs.unsettled().await? {
         tracing::info!(job = %status.job, "resuming job");
         shared.spawn_job(status.job, status.open_lot.map(|open| open.lot.lot));
     }
@@ -279,23 +290,15 @@ pub async fn run(
 }
 
 async fn provision(js: &jetstream::Context, replicas: usize) -> Result<(), BrokerError> {
-    let streams = [
-        (subjects::RESULT_STREAM, subjects::RESULT_SUBJECTS, false),
-        (subjects::LEDGER_STREAM, subjects::LEDGER_SUBJECTS, true),
-    ];
-    for (name, subjects, direct) in streams {
-        js.get_or_create_stream(stream::Config {
-            name: name.to_string(),
-            subjects: vec![subjects.to_string()],
-            storage: stream::StorageType::File,
-            num_replicas: replicas,
-            allow_direct: direct,
-            allow_atomic_publish: true,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| BrokerError::nats("create stream", e))?;
-    }
+    js.get_or_create_stream(stream::Config {
+        name: subjects::RESULT_STREAM.to_string(),
+        subjects: vec![subjects::RESULT_SUBJECTS.to_string()],
+        storage: stream::StorageType::File,
+        num_replicas: replicas,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| BrokerError::nats("create stream", e))?;
     Ok(())
 }
 

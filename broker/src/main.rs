@@ -32,6 +32,20 @@ struct Args {
     /// pay-as-bid or second-price.
     #[arg(long, default_value = "pay-as-bid")]
     pricing: PricingRule,
+    /// The operator's fee: a share of each segment's price (0.05 = 5 %).
+    #[arg(long, default_value = "0", value_parser = parse_fee)]
+    fee_rate: rust_decimal::Decimal,
+    /// The secret `vmlot admin credit` must present; unset, no account can be credited.
+    #[arg(long, env = "VMLOT_OPERATOR_TOKEN", hide_env_values = true)]
+    operator_token: Option<String>,
+}
+
+fn parse_fee(text: &str) -> Result<rust_decimal::Decimal, String> {
+    let rate = vmlot_ledger::parse_amount(text)?;
+    if rate.is_sign_negative() || rate >= rust_decimal::Decimal::ONE {
+        return Err(format!("fee rate {rate} must be at least 0 and below 1"));
+    }
+    Ok(rate)
 }
 
 #[tokio::main]
@@ -59,6 +73,8 @@ async fn main() -> anyhow::Result<()> {
         transfer_allowance: Duration::from_secs(args.transfer_allowance_s),
         pricing: args.pricing,
         max_backoff: Duration::from_millis(args.max_backoff_ms),
+        fee_rate: args.fee_rate,
+        operator_token: args.operator_token.filter(|t| !t.is_empty()),
         ..BrokerConfig::default()
     };
     vmlot_broker::run(client, config, shutdown_signal()).await?;

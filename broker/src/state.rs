@@ -140,4 +140,22 @@ impl JobStore {
             .filter(|s| !s.state.is_final())
             .collect())
     }
+
+    /// Jobs still running, and ended jobs whose escrow is not yet refunded.
+    pub async fn unsettled(&self) -> Result<Vec<JobStatus>, BrokerError> {
+        Ok(self
+            .all()
+            .await?
+            .into_iter()
+            .filter(|s| !s.state.is_final() || !s.refunded)
+            .collect())
+    }
+
+    /// Removes a job that never started (its submission was refused).
+    pub async fn remove(&self, job: &JobId) -> Result<(), BrokerError> {
+        self.kv
+            .purge(job.to_string())
+            .await
+            .map_err(|e| BrokerError::nats("remove job", e))
+    }
 }

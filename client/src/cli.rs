@@ -65,8 +65,22 @@ pub enum Command {
     Providers,
     /// Open lots and running jobs.
     Market,
-    /// Payments for settled segments.
-    Ledger,
+    /// The books: lines filtered by account, job, provider, kind and time;
+    /// `ledger verify` replays them all.
+    Ledger(Box<crate::books::LedgerArgs>),
+    /// An account's statement for a period: opening balance, entries, closing balance.
+    Statement {
+        /// NAME or user:NAME, provider:ID-or-NAME, escrow:JOB, operator.
+        account: String,
+        /// YYYY-MM (a month), YYYY or YYYY-MM-DD.
+        #[arg(long)]
+        period: String,
+    },
+    /// Balances: one account's, or every account's.
+    Balance { account: Option<String> },
+    /// Operator commands.
+    #[command(subcommand)]
+    Admin(crate::books::AdminCommand),
 }
 
 #[derive(Subcommand)]
@@ -106,7 +120,10 @@ impl Cli {
             Command::Cancel { job } => market::cancel(self, *job).await,
             Command::Providers => market::providers(self).await,
             Command::Market => market::market(self).await,
-            Command::Ledger => market::ledger(self).await,
+            Command::Ledger(args) => crate::books::ledger(self, args).await,
+            Command::Statement { account, period } => crate::books::statement(self, account, period).await,
+            Command::Balance { account } => crate::books::balance(self, account.as_deref()).await,
+            Command::Admin(cmd) => crate::books::admin(self, cmd).await,
         }
     }
 
@@ -155,6 +172,9 @@ pub fn exit_code(err: &anyhow::Error) -> ExitCode {
         } else {
             EXIT_REFUSED
         });
+    }
+    if err.downcast_ref::<crate::books::BooksDoNotVerify>().is_some() {
+        return ExitCode::from(EXIT_INTEGRITY);
     }
     if err.downcast_ref::<crate::market::JobDidNotFinish>().is_some() {
         return ExitCode::from(EXIT_JOB_NOT_DONE);

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+mod books;
 mod cli;
 mod fetch;
 mod logs;

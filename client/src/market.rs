@@ -1,6 +1,6 @@
 //! The market commands: `image push`, `submit`, `status`, `cancel`,
-//! `providers`, `market`, `ledger` (`watch`, `logs` and `fetch` have their
-//! own modules).
+//! `providers`, `market` (`watch`, `logs`, `fetch` and the books' commands
+//! have their own modules).
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -397,37 +397,6 @@ pub async fn market(cli: &Cli) -> Result<()> {
             open.lot.reserve_price,
             open.awarded.len()
         );
-    }
-    Ok(())
-}
-
-pub async fn ledger(cli: &Cli) -> Result<()> {
-    let client = cli.connect().await?;
-    let js = async_nats::jetstream::new(client);
-    let payments = vmlot_broker::ledger::all(&js).await?;
-    if cli.json {
-        println!("{}", serde_json::to_string_pretty(&payments)?);
-        return Ok(());
-    }
-    println!(
-        "{:<20}  {:<36}  {:>4}  {:<36}  {:>12}  payer",
-        "time", "job", "seg", "provider", "amount"
-    );
-    let mut totals: std::collections::BTreeMap<String, Decimal> = Default::default();
-    for p in &payments {
-        println!(
-            "{:<20}  {:<36}  {:>4}  {:<36}  {:>12}  {}",
-            p.at.format("%Y-%m-%dT%H:%M:%SZ"),
-            p.job.to_string(),
-            p.segment,
-            p.provider.to_string(),
-            p.amount.to_string(),
-            p.payer
-        );
-        *totals.entry(p.amount.unit.clone()).or_default() += p.amount.amount;
-    }
-    for (unit, total) in totals {
-        println!("total {total} {unit} in {} payments", payments.len());
     }
     Ok(())
 }

@@ -7,6 +7,7 @@
 //! with a unit code.
 
 pub mod ids;
+pub mod ledger;
 pub mod manifest;
 pub mod market;
 pub mod money;
@@ -36,6 +37,9 @@ pub fn json_schemas() -> Vec<(&'static str, schemars::Schema)> {
         ("job-ref", schemars::schema_for!(market::JobRef)),
         ("job-status", schemars::schema_for!(market::JobStatus)),
         ("segment-payment", schemars::schema_for!(market::SegmentPayment)),
+        ("transaction", schemars::schema_for!(ledger::Transaction)),
+        ("posting", schemars::schema_for!(ledger::Posting)),
+        ("credit-request", schemars::schema_for!(ledger::CreditRequest)),
         ("market-view", schemars::schema_for!(market::MarketView)),
         (
             "reply-submitted",

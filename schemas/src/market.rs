@@ -300,6 +300,10 @@ pub struct JobStatus {
     pub updated_at: DateTime<Utc>,
     /// Why the job ended, for people.
     pub end_reason: Option<String>,
+    /// True once the job has ended and what was left in its escrow went
+    /// back to the submitter.
+    #[serde(default)]
+    pub refunded: bool,
 }
 
 /// A payment for one settled segment, as written to the ledger stream. Its

@@ -51,16 +51,59 @@ pub fn api(endpoint: &str) -> String {
 /// Stream of results: a result is durable once the provider has its ack.
 pub const RESULT_STREAM: &str = "VMLOT_RESULTS";
 pub const RESULT_SUBJECTS: &str = "vmlot.result.*";
-/// Stream of ledger records (payments per settled segment).
+/// Stream of the books: transactions and the per-account postings that
+/// index them (see [`crate::ledger`]).
 pub const LEDGER_STREAM: &str = "VMLOT_LEDGER";
 pub const LEDGER_SUBJECTS: &str = "vmlot.ledger.>";
+/// Every transaction.
+pub const LEDGER_TX_ALL: &str = "vmlot.ledger.tx.>";
+/// Every posting.
+pub const LEDGER_POST_ALL: &str = "vmlot.ledger.post.>";
 /// Key-value bucket of job records, keyed by job id.
 pub const JOB_BUCKET: &str = "vmlot-jobs";
 
-/// The one subject a segment's payment may be written to: the stream
+/// The one subject a segment's settlement may be written to: the stream
 /// refuses a second message there, so a segment is paid at most once.
-pub fn payment(job: &crate::ids::JobId, segment: u32) -> String {
-    format!("vmlot.ledger.pay.{job}.{segment}")
+pub fn settlement_tx(job: &crate::ids::JobId, segment: u32) -> String {
+    format!("vmlot.ledger.tx.settlement.{job}.{segment}")
+}
+
+/// The one subject a job's hold (budget into escrow) may be written to.
+pub fn hold_tx(job: &crate::ids::JobId) -> String {
+    format!("vmlot.ledger.tx.hold.{job}")
+}
+
+/// The one subject a job's refund (escrow back to the submitter) may be written to.
+pub fn refund_tx(job: &crate::ids::JobId) -> String {
+    format!("vmlot.ledger.tx.refund.{job}")
+}
+
+/// The one subject a credit request may be written to.
+pub fn credit_tx(request: &uuid::Uuid) -> String {
+    format!("vmlot.ledger.tx.credit.{request}")
+}
+
+/// Every transaction of one kind.
+pub fn ledger_tx_kind(kind: crate::ledger::TxKind) -> String {
+    format!("vmlot.ledger.tx.{}.>", kind.as_str())
+}
+
+/// Every transaction of one job (its hold, settlements and refund).
+pub fn ledger_tx_job(job: &crate::ids::JobId) -> [String; 2] {
+    [
+        format!("vmlot.ledger.tx.*.{job}"),
+        format!("vmlot.ledger.tx.settlement.{job}.*"),
+    ]
+}
+
+/// Postings of one account in one unit: the last one holds its balance.
+pub fn posting(account: &crate::ledger::Account, unit: &str) -> String {
+    format!("vmlot.ledger.post.{}.{unit}", account.token())
+}
+
+/// Postings of one account, every unit.
+pub fn postings_of(account: &crate::ledger::Account) -> String {
+    format!("vmlot.ledger.post.{}.*", account.token())
 }
 
 /// Every lot, of any kind (the broker's own view).

@@ -316,6 +316,7 @@ impl Process {
             envs: vec![
                 ("VMLOT_NATS".into(), nats_url.into()),
                 ("VMLOT_LOG".into(), "info".into()),
+                ("VMLOT_OPERATOR_TOKEN".into(), market::TEST_OPERATOR_TOKEN.into()),
             ],
             log: log_dir.join(format!("{name}.log")),
             child: None,

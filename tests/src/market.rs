@@ -11,6 +11,9 @@ use serde::de::DeserializeOwned;
 
 use crate::{NatsServer, Process};
 
+/// The operator secret every test broker is started with.
+pub const TEST_OPERATOR_TOKEN: &str = "vmlot-test-operator";
+
 /// Broker flags that keep tests quick: short bid windows and deadlines.
 pub fn fast_broker_args() -> Vec<String> {
     ["--bid-window-ms", "300", "--transfer-allowance-s", "3"]
@@ -116,6 +119,11 @@ impl Market {
         self.dir.path()
     }
 
+    /// Credits `amount` CRD to user `account`, as the operator.
+    pub async fn fund(&self, account: &str, amount: &str) -> Result<()> {
+        fund(&self.server.client().await?, account, amount).await
+    }
+
     /// Every process log, for failure messages.
     pub fn logs(&self) -> String {
         let mut out = format!("--- broker\n{}", tail(&self.broker.log()));
@@ -129,6 +137,22 @@ impl Market {
 fn tail(s: &str) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+/// Credits `amount` CRD to user `account`, as the operator.
+pub async fn fund(client: &async_nats::Client, account: &str, amount: &str) -> Result<()> {
+    let request = serde_json::json!({
+        "version": 1,
+        "id": uuid::Uuid::new_v4(),
+        "account": format!("user:{account}"),
+        "amount": {"amount": amount, "unit": "CRD"},
+        "memo": "test funds",
+        "operator_token": TEST_OPERATOR_TOKEN,
+    });
+    match api::<_, serde_json::Value>(client, "credit", &request).await? {
+        Ok(_) => Ok(()),
+        Err(e) => bail!("credit refused: {} {}", e.code, e.message),
+    }
 }
 
 /// One API call, decoded.

@@ -12,7 +12,7 @@ use vmlot_schemas::market::{
     Submitted,
 };
 use vmlot_schemas::{HypervisorKind, JobId, Money, ProviderId, VmConfig, WIRE_VERSION, subjects};
-use vmlot_tests::market::{Market, ProviderSpec, api, fake_kernel, fast_broker_args, wait_for};
+use vmlot_tests::market::{Market, ProviderSpec, api, fake_kernel, fast_broker_args, fund, wait_for};
 
 fn money(s: &str) -> Money {
     Money::new(Decimal::from_str(s).unwrap(), "CRD")
@@ -62,6 +62,9 @@ fn spec(image: Image, seconds: u32, segments: u32, r: u32, reserve: &str, budget
 }
 
 async fn submit(client: &async_nats::Client, spec: JobSpec) -> JobId {
+    fund(client, &spec.account, &spec.budget.amount.to_string())
+        .await
+        .expect("funds credited");
     let submitted: Submitted = api(
         client,
         "submit",
@@ -113,7 +116,7 @@ async fn wait_final(market: &Market, client: &async_nats::Client, job: JobId, li
 
 async fn payments(client: &async_nats::Client, job: JobId) -> Vec<SegmentPayment> {
     let js = async_nats::jetstream::new(client.clone());
-    vmlot_broker::ledger::all(&js)
+    vmlot_ledger::read::settlements(&js)
         .await
         .unwrap()
         .into_iter()

@@ -17,7 +17,9 @@ use std::time::Duration;
 use rust_decimal::Decimal;
 use vmlot_schemas::market::{GuestState, JobRef, JobState, JobStatus, SegmentPayment};
 use vmlot_schemas::{JobId, ManifestId, ProviderId, WIRE_VERSION};
-use vmlot_tests::market::{Market, QemuProviderSpec, api, kill_pids, processes_mentioning, wait_for};
+use vmlot_tests::market::{
+    Market, QemuProviderSpec, TEST_OPERATOR_TOKEN, api, kill_pids, processes_mentioning, wait_for,
+};
 use vmlot_tests::{repo_root, workspace_binary};
 
 const SETUP: &str = "run `make deps guest` in the repository root";
@@ -209,6 +211,14 @@ impl QemuMarket {
             "until-halt" => args.push("--until-halt"),
             n => args.extend(["--segments", n]),
         }
+        self.vmlot_ok(&[
+            "admin",
+            "credit",
+            "default",
+            "50",
+            "--operator-token",
+            TEST_OPERATOR_TOKEN,
+        ]);
         let out = self.vmlot_ok(&args);
         let submitted: serde_json::Value = serde_json::from_slice(&out).unwrap();
         submitted["job"].as_str().unwrap().parse().unwrap()
@@ -256,7 +266,7 @@ impl QemuMarket {
 
     async fn payments(&self, job: JobId) -> Vec<SegmentPayment> {
         let js = async_nats::jetstream::new(self.market.server.client().await.unwrap());
-        vmlot_broker::ledger::all(&js)
+        vmlot_ledger::read::settlements(&js)
             .await
             .unwrap()
             .into_iter()

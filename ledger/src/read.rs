@@ -1,0 +1,414 @@
+//! Reading the books: filtered queries, statements and balances. Each
+//! query reads only the subjects that can hold what it asks for (one
+//! account's postings, one job's transactions, one kind's), so the server
+//! does the filtering, and a time range starts the read at its start.
+
+use std::collections::BTreeMap;
+
+use async_nats::jetstream::{self, consumer};
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use rust_decimal::Decimal;
+use serde::{Serialize, de::DeserializeOwned};
+use vmlot_schemas::ledger::{Account, Posting, Side, Transaction, TxKind};
+use vmlot_schemas::{JobId, ProviderId, subjects};
+
+use crate::LedgerError;
+
+/// Slack between a record's own time and the stream's receive time, when
+/// a read seeks by time.
+const CLOCK_SLACK: chrono::Duration = chrono::Duration::minutes(5);
+
+/// A stored record and where it sits.
+pub struct Stored<T> {
+    pub seq: u64,
+    pub subject: String,
+    pub value: Result<T, String>,
+}
+
+/// Reads every message of `stream` on `filters` from `start` on (the
+/// stream's time), in stream order, handing each to `each` (sequence,
+/// subject, payload) until it returns false or the read reaches the end
+/// of what was there when it began. With `last_per_subject`, only each
+/// subject's last message.
+pub async fn read_raw(
+    js: &jetstream::Context,
+    stream: &str,
+    filters: Vec<String>,
+    start: Option<DateTime<Utc>>,
+    last_per_subject: bool,
+    mut each: impl FnMut(u64, &str, &[u8]) -> bool,
+) -> Result<u64, LedgerError> {
+    let stream = js
+        .get_stream_no_info(stream)
+        .await
+        .map_err(|e| LedgerError::nats("open stream", e))?;
+    let deliver_policy = match (start, last_per_subject) {
+        (_, true) => consumer::DeliverPolicy::LastPerSubject,
+        (Some(t), false) => consumer::DeliverPolicy::ByStartTime {
+            start_time: time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(
+                t.timestamp_nanos_opt().unwrap_or(0),
+            ))
+            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
+        },
+        (None, false) => consumer::DeliverPolicy::All,
+    };
+    let mut config = consumer::pull::OrderedConfig {
+        deliver_policy,
+        max_batch: 10_000,
+        ..Default::default()
+    };
+    match filters.len() {
+        0 => {}
+        1 => config.filter_subject = filters[0].clone(),
+        _ => config.filter_subjects = filters,
+    }
+    let mut consumer = stream
+        .create_consumer(config)
+        .await
+        .map_err(|e| LedgerError::nats("ledger reader", e))?;
+    let pending = consumer
+        .info()
+        .await
+        .map_err(|e| LedgerError::nats("ledger reader", e))?
+        .num_pending;
+    if pending == 0 {
+        return Ok(0);
+    }
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| LedgerError::nats("ledger reader", e))?;
+    let mut read = 0u64;
+    while let Some(msg) = messages.next().await {
+        let msg = msg.map_err(|e| LedgerError::nats("ledger read", e))?;
+        let info = msg.info().map_err(|e| LedgerError::nats("ledger read", e))?;
+        let (seq, left) = (info.stream_sequence, info.pending);
+        read += 1;
+        if !each(seq, msg.subject.as_str(), &msg.payload) || left == 0 {
+            break;
+        }
+    }
+    Ok(read)
+}
+
+/// [`read_raw`] over the ledger stream, each message decoded.
+pub async fn read_all<T: DeserializeOwned>(
+    js: &jetstream::Context,
+    filters: Vec<String>,
+    start: Option<DateTime<Utc>>,
+    mut each: impl FnMut(Stored<T>) -> bool,
+) -> Result<u64, LedgerError> {
+    read_raw(
+        js,
+        subjects::LEDGER_STREAM,
+        filters,
+        start,
+        false,
+        |seq, subject, payload| {
+            each(Stored {
+                seq,
+                subject: subject.to_string(),
+                value: serde_json::from_slice(payload).map_err(|e| e.to_string()),
+            })
+        },
+    )
+    .await
+}
+
+/// What `vmlot ledger` asks for. Every field narrows.
+#[derive(Clone, Debug, Default)]
+pub struct Filter {
+    pub account: Option<Account>,
+    pub job: Option<JobId>,
+    pub provider: Option<ProviderId>,
+    pub kind: Option<TxKind>,
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+}
+
+/// One entry of one transaction: a line of the ledger.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Row {
+    pub at: DateTime<Utc>,
+    pub tx: uuid::Uuid,
+    pub kind: TxKind,
+    pub account: Account,
+    pub unit: String,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub debit: Decimal,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub credit: Decimal,
+    /// The account's balance after this entry (when read from its postings).
+    #[serde(with = "rust_decimal::serde::str_option")]
+    pub balance: Option<Decimal>,
+    pub job: Option<JobId>,
+    pub segment: Option<u32>,
+}
+
+impl Row {
+    fn of_posting(p: Posting) -> Self {
+        let (debit, credit) = if p.change.is_sign_negative() {
+            (-p.change, Decimal::ZERO)
+        } else {
+            (Decimal::ZERO, p.change)
+        };
+        Row {
+            at: p.at,
+            tx: p.tx,
+            kind: p.kind,
+            account: p.account,
+            unit: p.unit,
+            debit,
+            credit,
+            balance: Some(p.balance),
+            job: p.job,
+            segment: p.segment,
+        }
+    }
+
+    fn of_transaction(tx: &Transaction) -> impl Iterator<Item = Row> + '_ {
+        tx.entries.iter().map(move |e| {
+            let (debit, credit) = match e.side {
+                Side::Debit => (e.amount, Decimal::ZERO),
+                Side::Credit => (Decimal::ZERO, e.amount),
+            };
+            Row {
+                at: tx.at,
+                tx: tx.id,
+                kind: tx.kind,
+                account: e.account.clone(),
+                unit: tx.unit.clone(),
+                debit,
+                credit,
+                balance: None,
+                job: tx.job,
+                segment: tx.segment,
+            }
+        })
+    }
+}
+
+impl Filter {
+    fn keeps(&self, row: &Row) -> bool {
+        self.account.as_ref().is_none_or(|a| *a == row.account)
+            && self.job.is_none_or(|j| row.job == Some(j))
+            && self.provider.is_none_or(|p| row.account == Account::Provider(p))
+            && self.kind.is_none_or(|k| row.kind == k)
+            && self.since.is_none_or(|t| row.at >= t)
+            && self.until.is_none_or(|t| row.at < t)
+    }
+
+    /// The one account whose postings answer this filter, if there is one.
+    fn account_to_read(&self) -> Option<Account> {
+        self.account
+            .clone()
+            .or_else(|| self.provider.map(Account::Provider))
+    }
+}
+
+/// Ledger lines matching `filter`, in the order they were written.
+/// Records that cannot be decoded are an error naming them.
+pub async fn query(js: &jetstream::Context, filter: &Filter) -> Result<Vec<Row>, LedgerError> {
+    let start = filter.since.map(|t| t - CLOCK_SLACK);
+    let until = filter.until.map(|t| t + CLOCK_SLACK);
+    let mut rows = Vec::new();
+    let mut bad = None;
+    if let Some(account) = filter.account_to_read() {
+        read_all::<Posting>(js, vec![subjects::postings_of(&account)], start, |m| {
+            match m.value {
+                Ok(p) => {
+                    let past = until.is_some_and(|u| p.at > u);
+                    let row = Row::of_posting(p);
+                    if filter.keeps(&row) {
+                        rows.push(row);
+                    }
+                    !past
+                }
+                Err(e) => {
+                    bad = Some((m.subject, e));
+                    false
+                }
+            }
+        })
+        .await?;
+    } else {
+        let filters = match (filter.job, filter.kind) {
+            (Some(job), _) => subjects::ledger_tx_job(&job).to_vec(),
+            (None, Some(kind)) => vec![subjects::ledger_tx_kind(kind)],
+            (None, None) => vec![subjects::LEDGER_TX_ALL.to_string()],
+        };
+        read_all::<Transaction>(js, filters, start, |m| match m.value {
+            Ok(tx) => {
+                let past = until.is_some_and(|u| tx.at > u);
+                rows.extend(Row::of_transaction(&tx).filter(|r| filter.keeps(r)));
+                !past
+            }
+            Err(e) => {
+                bad = Some((m.subject, e));
+                false
+            }
+        })
+        .await?;
+    }
+    match bad {
+        Some((subject, reason)) => Err(LedgerError::Corrupt { subject, reason }),
+        None => Ok(rows),
+    }
+}
+
+/// Debits and credits per (account, unit) over `rows`.
+pub fn totals(rows: &[Row]) -> BTreeMap<(Account, String), (Decimal, Decimal)> {
+    let mut out: BTreeMap<(Account, String), (Decimal, Decimal)> = BTreeMap::new();
+    for r in rows {
+        let t = out.entry((r.account.clone(), r.unit.clone())).or_default();
+        t.0 += r.debit;
+        t.1 += r.credit;
+    }
+    out
+}
+
+/// An account's statement for one period, per unit.
+#[derive(Clone, Debug, Serialize)]
+pub struct Statement {
+    pub account: Account,
+    pub unit: String,
+    pub from: DateTime<Utc>,
+    pub until: DateTime<Utc>,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub opening: Decimal,
+    pub entries: Vec<Row>,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub debits: Decimal,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub credits: Decimal,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub closing: Decimal,
+}
+
+/// Statements of `account` for `[from, until)`, one per unit it holds.
+/// The opening balance comes from the posting before the period (each
+/// posting carries the balance it leaves), so only the period is read.
+pub async fn statement(
+    js: &jetstream::Context,
+    account: &Account,
+    from: DateTime<Utc>,
+    until: DateTime<Utc>,
+) -> Result<Vec<Statement>, LedgerError> {
+    let mut by_unit: BTreeMap<String, Statement> = BTreeMap::new();
+    let mut bad = None;
+    let new = |unit: &str, opening: Decimal| Statement {
+        account: account.clone(),
+        unit: unit.to_string(),
+        from,
+        until,
+        opening,
+        entries: Vec::new(),
+        debits: Decimal::ZERO,
+        credits: Decimal::ZERO,
+        closing: opening,
+    };
+    read_all::<Posting>(
+        js,
+        vec![subjects::postings_of(account)],
+        Some(from - CLOCK_SLACK),
+        |m| match m.value {
+            Ok(p) if p.at < from => {
+                by_unit.insert(p.unit.clone(), new(&p.unit, p.balance));
+                true
+            }
+            Ok(p) if p.at >= until => {
+                // The first posting after the period: the balance before it
+                // closed the period, whether or not the period had any.
+                by_unit
+                    .entry(p.unit.clone())
+                    .or_insert_with(|| new(&p.unit, p.balance - p.change));
+                p.at < until + CLOCK_SLACK
+            }
+            Ok(p) => {
+                let s = by_unit
+                    .entry(p.unit.clone())
+                    .or_insert_with(|| new(&p.unit, p.balance - p.change));
+                let row = Row::of_posting(p);
+                s.debits += row.debit;
+                s.credits += row.credit;
+                s.closing = row.balance.unwrap_or(s.closing);
+                s.entries.push(row);
+                true
+            }
+            Err(e) => {
+                bad = Some((m.subject, e));
+                false
+            }
+        },
+    )
+    .await?;
+    if let Some((subject, reason)) = bad {
+        return Err(LedgerError::Corrupt { subject, reason });
+    }
+    // Units with no posting since the period began: their last balance
+    // stands through it.
+    for (unit, balance) in balances(js, account).await? {
+        by_unit.entry(unit.clone()).or_insert_with(|| new(&unit, balance));
+    }
+    Ok(by_unit.into_values().collect())
+}
+
+/// Balances of one account, per unit it has ever held.
+pub async fn balances(
+    js: &jetstream::Context,
+    account: &Account,
+) -> Result<BTreeMap<String, Decimal>, LedgerError> {
+    let last = last_postings(js, &subjects::postings_of(account)).await?;
+    Ok(last.into_iter().map(|p| (p.unit, p.balance)).collect())
+}
+
+/// The last posting of every account and unit under `filter`.
+pub async fn last_postings(js: &jetstream::Context, filter: &str) -> Result<Vec<Posting>, LedgerError> {
+    let mut out = Vec::new();
+    let mut bad = None;
+    read_raw(
+        js,
+        subjects::LEDGER_STREAM,
+        vec![filter.to_string()],
+        None,
+        true,
+        |_, subject, payload| {
+            match serde_json::from_slice::<Posting>(payload) {
+                Ok(p) => out.push(p),
+                Err(e) => bad = Some((subject.to_string(), e.to_string())),
+            }
+            bad.is_none()
+        },
+    )
+    .await?;
+    match bad {
+        Some((subject, reason)) => Err(LedgerError::Corrupt { subject, reason }),
+        None => Ok(out),
+    }
+}
+
+/// Every settlement's details, in the order they were written.
+pub async fn settlements(
+    js: &jetstream::Context,
+) -> Result<Vec<vmlot_schemas::market::SegmentPayment>, LedgerError> {
+    let mut out = Vec::new();
+    let mut bad = None;
+    read_all::<Transaction>(
+        js,
+        vec![subjects::ledger_tx_kind(TxKind::Settlement)],
+        None,
+        |m| {
+            match m.value {
+                Ok(tx) => out.extend(tx.settlement.map(|s| *s)),
+                Err(e) => bad = Some((m.subject, e)),
+            }
+            bad.is_none()
+        },
+    )
+    .await?;
+    match bad {
+        Some((subject, reason)) => Err(LedgerError::Corrupt { subject, reason }),
+        None => Ok(out),
+    }
+}

@@ -1,0 +1,406 @@
+//! The books: double-entry transactions between accounts, and the
+//! per-account postings that index them.
+//!
+//! Sign convention: an entry either debits or credits an account, and an
+//! account's balance is its credits minus its debits. Money moves *from*
+//! the debited account *to* the credited one. Submitter, provider and
+//! escrow accounts never go below zero; the operator account, which funds
+//! submitters, goes negative by what it has issued.
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{JobId, ProviderId};
+use crate::market::SegmentPayment;
+
+/// Most decimal places an amount on the books may carry. Anything finer is
+/// refused at the door, so no entry is ever rounded after the fact.
+pub const MAX_SCALE: u32 = 8;
+
+/// An account on the books. Written `operator`, `user:NAME`,
+/// `provider:UUID` or `escrow:JOB`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Account {
+    /// Funds submitters (`vmlot admin credit`) and receives the broker's fee.
+    Operator,
+    /// A submitter's account (the job spec's `account`).
+    User(String),
+    /// Where a provider's earnings go.
+    Provider(ProviderId),
+    /// One per job: holds its budget from submission until it ends.
+    Escrow(JobId),
+}
+
+/// Why an account name was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "bad account {0:?}: want operator, user:NAME (1-64 of A-Z a-z 0-9 _ -), provider:UUID or escrow:UUID"
+)]
+pub struct BadAccount(pub String);
+
+/// True when `name` may name a user account: it becomes a NATS subject token.
+pub fn valid_user_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+impl Account {
+    /// True for accounts whose balance may go below zero.
+    pub fn may_go_negative(&self) -> bool {
+        matches!(self, Account::Operator)
+    }
+
+    /// The subject token of this account (its written form, `:` and all).
+    pub fn token(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl fmt::Display for Account {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Account::Operator => f.write_str("operator"),
+            Account::User(name) => write!(f, "user:{name}"),
+            Account::Provider(id) => write!(f, "provider:{id}"),
+            Account::Escrow(job) => write!(f, "escrow:{job}"),
+        }
+    }
+}
+
+impl FromStr for Account {
+    type Err = BadAccount;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || BadAccount(s.to_string());
+        if s == "operator" {
+            return Ok(Account::Operator);
+        }
+        let (kind, rest) = s.split_once(':').ok_or_else(bad)?;
+        match kind {
+            "user" if valid_user_name(rest) => Ok(Account::User(rest.to_string())),
+            "provider" => rest.parse().map(Account::Provider).map_err(|_| bad()),
+            "escrow" => rest.parse().map(Account::Escrow).map_err(|_| bad()),
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl Serialize for Account {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Account {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl JsonSchema for Account {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Account".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "pattern": "^(operator|user:[A-Za-z0-9_-]{1,64}|provider:[0-9a-f-]{36}|escrow:[0-9a-f-]{36})$"
+        })
+    }
+}
+
+/// What a transaction is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum TxKind {
+    /// The operator funds a user account.
+    Credit,
+    /// A submission moves the job's budget from its submitter into escrow.
+    Hold,
+    /// A settled segment: its price from escrow to the provider (less any fee, to the operator).
+    Settlement,
+    /// The job ended: what is left in escrow back to the submitter.
+    Refund,
+}
+
+impl TxKind {
+    pub const ALL: [TxKind; 4] = [TxKind::Credit, TxKind::Hold, TxKind::Settlement, TxKind::Refund];
+
+    /// The subject token for this kind.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            TxKind::Credit => "credit",
+            TxKind::Hold => "hold",
+            TxKind::Settlement => "settlement",
+            TxKind::Refund => "refund",
+        }
+    }
+}
+
+impl FromStr for TxKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        TxKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| format!("unknown kind {s:?}: want credit, hold, settlement or refund"))
+    }
+}
+
+/// Which way an entry moves money for its account.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Side {
+    Debit,
+    Credit,
+}
+
+/// One leg of a transaction.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Entry {
+    pub account: Account,
+    pub side: Side,
+    /// Never negative; the side says which way it moves.
+    #[serde(with = "rust_decimal::serde::str")]
+    #[schemars(with = "String", regex(pattern = r"^[0-9]+(\.[0-9]+)?$"))]
+    pub amount: Decimal,
+}
+
+impl Entry {
+    pub fn debit(account: Account, amount: Decimal) -> Self {
+        Self {
+            account,
+            side: Side::Debit,
+            amount,
+        }
+    }
+
+    pub fn credit(account: Account, amount: Decimal) -> Self {
+        Self {
+            account,
+            side: Side::Credit,
+            amount,
+        }
+    }
+
+    /// The entry's effect on its account's balance.
+    pub fn signed(&self) -> Decimal {
+        match self.side {
+            Side::Debit => -self.amount,
+            Side::Credit => self.amount,
+        }
+    }
+}
+
+/// A balanced, immutable movement of money. Its id is derived from what it
+/// is for (the job, the segment, the credit request), and it is written to
+/// a subject of its own that takes one message only, so a retried write is
+/// a no-op and a second, different one is refused.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Transaction {
+    pub version: u32,
+    pub id: uuid::Uuid,
+    pub kind: TxKind,
+    pub at: DateTime<Utc>,
+    /// The unit every entry is in.
+    pub unit: String,
+    pub entries: Vec<Entry>,
+    pub job: Option<JobId>,
+    pub segment: Option<u32>,
+    /// The paid provider (settlements).
+    pub provider: Option<ProviderId>,
+    /// For people: who asked, why.
+    pub memo: String,
+    /// The settlement's details, so a broker that crashed right after
+    /// paying resumes from them.
+    pub settlement: Option<Box<SegmentPayment>>,
+}
+
+impl Transaction {
+    /// Total debits and total credits.
+    pub fn totals(&self) -> (Decimal, Decimal) {
+        self.entries
+            .iter()
+            .fold((Decimal::ZERO, Decimal::ZERO), |(d, c), e| match e.side {
+                Side::Debit => (d + e.amount, c),
+                Side::Credit => (d, c + e.amount),
+            })
+    }
+
+    /// Why this transaction is not well-formed, if it is not: unbalanced,
+    /// a negative or over-precise amount, no entries, an account twice.
+    pub fn malformed(&self) -> Option<String> {
+        if self.entries.is_empty() {
+            return Some("no entries".into());
+        }
+        for e in &self.entries {
+            if e.amount.is_sign_negative() {
+                return Some(format!("negative amount {} for {}", e.amount, e.account));
+            }
+            if e.amount.scale() > MAX_SCALE {
+                return Some(format!(
+                    "amount {} has more than {MAX_SCALE} decimal places",
+                    e.amount
+                ));
+            }
+        }
+        let mut accounts: Vec<&Account> = self.entries.iter().map(|e| &e.account).collect();
+        accounts.sort();
+        if accounts.windows(2).any(|w| w[0] == w[1]) {
+            return Some("an account appears twice".into());
+        }
+        let (debits, credits) = self.totals();
+        (debits != credits).then(|| format!("unbalanced: debits {debits} != credits {credits}"))
+    }
+}
+
+/// One entry as seen from its account, with the balance it leaves: the
+/// per-account index of the books. Written in the same atomic batch as
+/// its transaction, each on its account's own subject and only if no
+/// other posting got there first, so balances never race.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Posting {
+    pub version: u32,
+    pub tx: uuid::Uuid,
+    pub kind: TxKind,
+    pub at: DateTime<Utc>,
+    pub account: Account,
+    pub unit: String,
+    /// Signed: credits add, debits subtract.
+    #[serde(with = "rust_decimal::serde::str")]
+    #[schemars(with = "String", regex(pattern = r"^-?[0-9]+(\.[0-9]+)?$"))]
+    pub change: Decimal,
+    /// The account's balance in this unit after this posting.
+    #[serde(with = "rust_decimal::serde::str")]
+    #[schemars(with = "String", regex(pattern = r"^-?[0-9]+(\.[0-9]+)?$"))]
+    pub balance: Decimal,
+    pub job: Option<JobId>,
+    pub segment: Option<u32>,
+}
+
+/// operator → broker: fund a user account.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreditRequest {
+    pub version: u32,
+    /// Chosen by the caller: retrying with the same id credits once.
+    pub id: uuid::Uuid,
+    pub account: Account,
+    pub amount: crate::Money,
+    pub memo: String,
+    /// The operator's secret, as configured on the broker.
+    pub operator_token: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accounts_round_trip_through_their_written_form() {
+        for text in [
+            "operator".to_string(),
+            "user:alice-2_b".to_string(),
+            format!("provider:{}", ProviderId::new()),
+            format!("escrow:{}", JobId::new()),
+        ] {
+            let account: Account = text.parse().unwrap();
+            assert_eq!(account.to_string(), text);
+            let json = serde_json::to_string(&account).unwrap();
+            assert_eq!(serde_json::from_str::<Account>(&json).unwrap(), account);
+        }
+        for bad in [
+            "",
+            "user:",
+            "user:a.b",
+            "user:a b",
+            "user:*",
+            "provider:x",
+            "bank:1",
+            "Operator",
+        ] {
+            assert!(bad.parse::<Account>().is_err(), "{bad:?} accepted");
+        }
+        assert!(!valid_user_name(&"a".repeat(65)));
+    }
+
+    fn tx(entries: Vec<Entry>) -> Transaction {
+        Transaction {
+            version: 1,
+            id: uuid::Uuid::nil(),
+            kind: TxKind::Credit,
+            at: Utc::now(),
+            unit: "CRD".into(),
+            entries,
+            job: None,
+            segment: None,
+            provider: None,
+            memo: String::new(),
+            settlement: None,
+        }
+    }
+
+    #[test]
+    fn a_transaction_must_balance_with_sane_amounts() {
+        let d = |s: &str| Decimal::from_str(s).unwrap();
+        let alice = || Account::User("alice".into());
+        assert_eq!(
+            tx(vec![
+                Entry::debit(Account::Operator, d("5")),
+                Entry::credit(alice(), d("5.00"))
+            ])
+            .malformed(),
+            None
+        );
+        assert!(
+            tx(vec![
+                Entry::debit(Account::Operator, d("5")),
+                Entry::credit(alice(), d("4"))
+            ])
+            .malformed()
+            .unwrap()
+            .contains("unbalanced")
+        );
+        assert!(
+            tx(vec![
+                Entry::debit(Account::Operator, d("-5")),
+                Entry::credit(alice(), d("-5"))
+            ])
+            .malformed()
+            .unwrap()
+            .contains("negative")
+        );
+        assert!(
+            tx(vec![
+                Entry::debit(alice(), d("1")),
+                Entry::credit(alice(), d("1"))
+            ])
+            .malformed()
+            .unwrap()
+            .contains("twice")
+        );
+        assert!(
+            tx(vec![
+                Entry::debit(Account::Operator, d("0.000000001")),
+                Entry::credit(alice(), d("0.000000001"))
+            ])
+            .malformed()
+            .unwrap()
+            .contains("decimal places")
+        );
+        assert!(tx(vec![]).malformed().is_some());
+    }
+}
