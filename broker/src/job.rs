@@ -592,6 +592,12 @@ async fn await_result(
                     at: Utc::now(),
                 };
                 let recorded = shared.books.settle(payment, shared.config.fee_rate).await?;
+                if matches!(recorded, vmlot_ledger::Recorded::Now(_))
+                    && crate::fault_injected("crash-after-settlement")
+                {
+                    tracing::error!(%job, segment = lot.segment, "fault injected: dying between settlement and the next lot");
+                    std::process::abort();
+                }
                 if let vmlot_ledger::Recorded::Before(_) = recorded {
                     tracing::warn!(%job, segment = lot.segment, "segment was already paid; no second payment");
                 }

@@ -93,6 +93,13 @@ impl BrokerError {
     }
 }
 
+/// True when the environment asks for fault `point` (`VMLOT_FAULT`): the
+/// fault tests kill the broker at an exact step this way. Unset, never.
+pub(crate) fn fault_injected(point: &str) -> bool {
+    static FAULT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    FAULT.get_or_init(|| std::env::var("VMLOT_FAULT").ok()).as_deref() == Some(point)
+}
+
 /// What reaches a job task about its open lot.
 pub(crate) enum LotEvent {
     Bid(Bid),

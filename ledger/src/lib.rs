@@ -14,7 +14,6 @@
 //! [`verify`] replays everything.
 
 use std::collections::HashMap;
-use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -90,15 +89,20 @@ pub fn tx_id(subject: &str) -> uuid::Uuid {
 const MAX_ATTEMPTS: u32 = 50;
 
 /// Splits a segment's price into the provider's share and the operator's
-/// fee at `fee_rate` (0.05 = 5 %). The fee is rounded half-to-even to the
-/// price's own decimal places, and the provider gets the rest, so the two
-/// always add up to the price exactly.
+/// fee at `fee_rate` (0.05 = 5 %). The fee is rounded half-to-even to
+/// [`vmlot_schemas::ledger::MAX_SCALE`] decimal places (the finest amount
+/// the books hold), and the provider gets the rest, so the two always add
+/// up to the price exactly.
 pub fn split_fee(price: Decimal, fee_rate: Decimal) -> (Decimal, Decimal) {
     if fee_rate <= Decimal::ZERO {
         return (price, Decimal::ZERO);
     }
     let fee = (price * fee_rate.min(Decimal::ONE))
-        .round_dp_with_strategy(price.scale(), RoundingStrategy::MidpointNearestEven)
+        .round_dp_with_strategy(
+            vmlot_schemas::ledger::MAX_SCALE,
+            RoundingStrategy::MidpointNearestEven,
+        )
+        .normalize()
         .min(price);
     (price - fee, fee)
 }
@@ -191,11 +195,17 @@ impl Books {
             return Err(LedgerError::Malformed(why));
         }
         let body = Bytes::from(serde_json::to_vec(&tx).expect("transaction serializes"));
-        let mut keys: Vec<String> = tx.entries.iter().map(|e| subjects::posting(&e.account, &tx.unit)).collect();
+        let mut keys: Vec<String> = tx
+            .entries
+            .iter()
+            .map(|e| subjects::posting(&e.account, &tx.unit))
+            .collect();
         keys.sort();
         let locks: Vec<Arc<tokio::sync::Mutex<()>>> = {
             let mut all = self.account_locks.lock().expect("account locks");
-            keys.iter().map(|k| Arc::clone(all.entry(k.clone()).or_default())).collect()
+            keys.iter()
+                .map(|k| Arc::clone(all.entry(k.clone()).or_default()))
+                .collect()
         };
         // In sorted order, so two writers never wait on each other in a circle.
         let mut guards = Vec::with_capacity(locks.len());
@@ -454,11 +464,7 @@ fn expect_last_subject_seq(seq: u64) -> HeaderMap {
 /// Parses an amount as typed by a person: a plain decimal, no exponent,
 /// at most [`vmlot_schemas::ledger::MAX_SCALE`] places.
 pub fn parse_amount(text: &str) -> Result<Decimal, String> {
-    let digits = text.trim().strip_prefix('-').unwrap_or(text.trim());
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
-        return Err(format!("{text:?} is not a plain decimal amount"));
-    }
-    let amount = Decimal::from_str(text.trim()).map_err(|e| format!("{text:?} is not an amount: {e}"))?;
+    let amount = vmlot_schemas::money::plain_decimal::parse(text.trim())?;
     if amount.scale() > vmlot_schemas::ledger::MAX_SCALE {
         return Err(format!(
             "{text} has more than {} decimal places",
@@ -474,15 +480,19 @@ pub type Balances = HashMap<(Account, String), Decimal>;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::str::FromStr;
 
     #[test]
     fn the_fee_and_the_share_add_up_to_the_price() {
         let d = |s: &str| Decimal::from_str(s).unwrap();
         assert_eq!(split_fee(d("1.00"), d("0")), (d("1.00"), d("0")));
         assert_eq!(split_fee(d("1.00"), d("0.05")), (d("0.95"), d("0.05")));
-        // 0.125 rounds half to even at 2 places: 0.12.
-        assert_eq!(split_fee(d("2.50"), d("0.05")), (d("2.38"), d("0.12")));
-        assert_eq!(split_fee(d("0.01"), d("0.5")), (d("0.01"), d("0.00")));
+        assert_eq!(split_fee(d("0.5"), d("0.1")), (d("0.45"), d("0.05")));
+        // 0.000000125 rounds half to even at 8 places: 0.00000012.
+        assert_eq!(
+            split_fee(d("0.0000025"), d("0.05")),
+            (d("0.00000238"), d("0.00000012"))
+        );
         assert_eq!(
             split_fee(d("3"), d("2")),
             (d("0"), d("3")),

@@ -172,7 +172,7 @@ pub struct Entry {
     pub account: Account,
     pub side: Side,
     /// Never negative; the side says which way it moves.
-    #[serde(with = "rust_decimal::serde::str")]
+    #[serde(with = "crate::money::plain_decimal")]
     #[schemars(with = "String", regex(pattern = r"^[0-9]+(\.[0-9]+)?$"))]
     pub amount: Decimal,
 }
@@ -280,11 +280,11 @@ pub struct Posting {
     pub account: Account,
     pub unit: String,
     /// Signed: credits add, debits subtract.
-    #[serde(with = "rust_decimal::serde::str")]
+    #[serde(with = "crate::money::plain_decimal")]
     #[schemars(with = "String", regex(pattern = r"^-?[0-9]+(\.[0-9]+)?$"))]
     pub change: Decimal,
     /// The account's balance in this unit after this posting.
-    #[serde(with = "rust_decimal::serde::str")]
+    #[serde(with = "crate::money::plain_decimal")]
     #[schemars(with = "String", regex(pattern = r"^-?[0-9]+(\.[0-9]+)?$"))]
     pub balance: Decimal,
     pub job: Option<JobId>,

@@ -349,6 +349,22 @@ impl Process {
         }
     }
 
+    /// Sets (or with `None` removes) an environment variable for the next start.
+    pub fn set_env(&mut self, key: &str, value: Option<&str>) {
+        self.envs.retain(|(k, _)| k != key);
+        if let Some(value) = value {
+            self.envs.push((key.to_string(), value.to_string()));
+        }
+    }
+
+    /// True once the process has exited (or was never started).
+    pub fn exited(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(child) => !matches!(child.try_wait(), Ok(None)),
+            None => true,
+        }
+    }
+
     /// Starts it again with the same arguments.
     pub fn restart(&mut self) -> Result<()> {
         self.kill();

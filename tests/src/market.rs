@@ -310,3 +310,13 @@ pub fn kill_pids(pids: &[u32]) {
             .status();
     }
 }
+
+/// A job's record as stored in the broker's KV bucket (readable while no broker runs).
+pub async fn read_job_record(client: &async_nats::Client, job: impl std::fmt::Display) -> Result<String> {
+    let js = async_nats::jetstream::new(client.clone());
+    let kv = js.get_key_value("vmlot-jobs").await?;
+    match kv.get(job.to_string()).await? {
+        Some(bytes) => Ok(String::from_utf8_lossy(&bytes).into_owned()),
+        None => bail!("no record of job {job}"),
+    }
+}

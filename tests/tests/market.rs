@@ -258,6 +258,8 @@ async fn a_broker_restart_mid_job_resumes_where_it_stood() {
     let done = wait_final(&market, &client, job, Duration::from_secs(120)).await;
     assert_eq!(done.state, JobState::Done, "{done:#?}\n{}", market.logs());
     assert_paid_once_per_segment(&payments(&client, job).await, 6);
+    wait_refunded(&market, &client, job).await;
+    assert_books_verify(&market).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -271,6 +273,8 @@ async fn the_job_stops_when_its_budget_is_spent() {
     assert_eq!(done.settled.len(), 3);
     assert_eq!(done.spent, money("3.00"));
     assert_paid_once_per_segment(&payments(&client, job).await, 3);
+    wait_refunded(&market, &client, job).await;
+    assert_books_verify(&market).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -472,4 +476,318 @@ async fn hostile_input_is_refused_and_changes_nothing() {
             "broker log should say {expected:?}:\n{log}"
         );
     }
+}
+
+// The books: escrow, settlement, refund, queries and reconciliation.
+
+/// `vmlot ARGS` against the market's NATS.
+fn vmlot(market: &Market, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(vmlot_tests::workspace_binary("vmlot").unwrap())
+        .env("VMLOT_NATS", market.server.url())
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn vmlot_json(market: &Market, args: &[&str]) -> serde_json::Value {
+    let out = vmlot(market, args);
+    assert!(
+        out.status.success(),
+        "vmlot {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("vmlot {args:?}: {e}"))
+}
+
+async fn assert_books_verify(market: &Market) {
+    let js = async_nats::jetstream::new(market.server.client().await.unwrap());
+    let report = vmlot_ledger::verify::verify(&js).await.unwrap();
+    assert!(report.ok(), "{:#?}\n{}", report.problems, market.logs());
+    let out = vmlot(market, &["ledger", "verify"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+}
+
+/// Waits until the ended job's escrow went back to its submitter.
+async fn wait_refunded(market: &Market, client: &async_nats::Client, job: JobId) {
+    wait_for(Duration::from_secs(30), async || {
+        status(client, job).await.refunded.then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: job {job} never refunded\n{}", market.logs()));
+}
+
+async fn balance(market: &Market, account: &str) -> Decimal {
+    let js = async_nats::jetstream::new(market.server.client().await.unwrap());
+    let books = vmlot_ledger::Books::open(&js).await.unwrap();
+    books.balance(&account.parse().unwrap(), "CRD").await.unwrap()
+}
+
+fn dec(s: &str) -> Decimal {
+    Decimal::from_str(s).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn books_hold_pay_refund_answer_queries_and_verify() {
+    let provider = ProviderSpec::synthetic("p1", "0.50");
+    let provider_id = ProviderId(provider.id);
+    let mut args = fast_broker_args();
+    args.extend(["--fee-rate".to_string(), "0.1".to_string()]);
+    let market = Market::start(args, &[provider]).unwrap();
+    let client = market.server.client().await.unwrap();
+    let image = synthetic_image(&market).await;
+
+    // Funding: only the operator, only positive amounts, once per request id.
+    let credit = |token: &str, id: uuid::Uuid, amount: &str| {
+        serde_json::json!({
+            "version": 1, "id": id, "account": "user:alice",
+            "amount": {"amount": amount, "unit": "CRD"}, "memo": "", "operator_token": token,
+        })
+    };
+    let id = uuid::Uuid::new_v4();
+    let refused: Result<serde_json::Value, _> =
+        api(&client, "credit", &credit("guess", id, "10")).await.unwrap();
+    assert_eq!(refused.unwrap_err().code, "forbidden");
+    for bad in ["-10", "0", "1e3", "0.000000001", "99999999999999999"] {
+        let refused: Result<serde_json::Value, _> = api(
+            &client,
+            "credit",
+            &credit(vmlot_tests::market::TEST_OPERATOR_TOKEN, id, bad),
+        )
+        .await
+        .unwrap();
+        assert_eq!(refused.unwrap_err().code, "bad-request", "credit of {bad}");
+    }
+    assert_eq!(balance(&market, "user:alice").await, Decimal::ZERO);
+    for _ in 0..2 {
+        let out = vmlot(
+            &market,
+            &[
+                "admin",
+                "credit",
+                "alice",
+                "10",
+                "--id",
+                &id.to_string(),
+                "--operator-token",
+                vmlot_tests::market::TEST_OPERATOR_TOKEN,
+            ],
+        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert_eq!(
+        balance(&market, "user:alice").await,
+        dec("10"),
+        "one credit per request id"
+    );
+    let reused: Result<serde_json::Value, _> = api(
+        &client,
+        "credit",
+        &credit(vmlot_tests::market::TEST_OPERATOR_TOKEN, id, "11"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(reused.unwrap_err().code, "conflict");
+
+    // A budget beyond the balance is refused, and leaves no job behind.
+    let too_big: Result<Submitted, _> = api(
+        &client,
+        "submit",
+        &SubmitJob {
+            version: WIRE_VERSION,
+            spec: spec(image.clone(), 1, 3, 1, "1.00", "10.01"),
+        },
+    )
+    .await
+    .unwrap();
+    let refusal = too_big.unwrap_err();
+    assert_eq!(refusal.code, "insufficient-funds", "{}", refusal.message);
+    let listed: Vec<JobStatus> = api(&client, "list", &()).await.unwrap().unwrap();
+    assert!(listed.is_empty(), "{listed:#?}");
+    assert_eq!(balance(&market, "user:alice").await, dec("10"));
+
+    // A job: its budget into escrow, each segment paid from it, the rest back.
+    let submitted: Submitted = api(
+        &client,
+        "submit",
+        &SubmitJob {
+            version: WIRE_VERSION,
+            spec: spec(image, 1, 3, 1, "1.00", "4"),
+        },
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let job = submitted.job;
+    assert_eq!(balance(&market, "user:alice").await, dec("6"));
+    let done = wait_final(&market, &client, job, Duration::from_secs(60)).await;
+    assert_eq!(done.state, JobState::Done, "{done:#?}");
+    let paid = payments(&client, job).await;
+    assert_paid_once_per_segment(&paid, 3);
+    let price: Decimal = paid.iter().map(|p| p.amount.amount).sum();
+    let fee: Decimal = paid
+        .iter()
+        .map(|p| vmlot_ledger::split_fee(p.amount.amount, dec("0.1")).1)
+        .sum();
+    assert!(fee > Decimal::ZERO);
+    wait_refunded(&market, &client, job).await;
+    assert_eq!(balance(&market, "user:alice").await, dec("10") - price);
+    assert_eq!(balance(&market, &format!("escrow:{job}")).await, Decimal::ZERO);
+    assert_eq!(
+        balance(&market, &format!("provider:{provider_id}")).await,
+        price - fee
+    );
+    assert_eq!(balance(&market, "operator").await, fee - dec("10"));
+    assert_books_verify(&market).await;
+
+    // Queries, as an accountant makes them.
+    let rows = vmlot_json(&market, &["--json", "ledger", "--account", "alice"]);
+    let kinds: Vec<&str> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["credit", "hold", "refund"]);
+    let rows = vmlot_json(&market, &["--json", "ledger", "--job", &job.to_string()]);
+    assert_eq!(rows.as_array().unwrap().len(), 2 + 3 * 3 + 2, "{rows:#}");
+    let rows = vmlot_json(
+        &market,
+        &[
+            "ledger",
+            "--format",
+            "json",
+            "--kind",
+            "settlement",
+            "--provider",
+            "p1",
+        ],
+    );
+    assert_eq!(rows.as_array().unwrap().len(), 3);
+    let tomorrow = (chrono::Utc::now() + chrono::Duration::days(1))
+        .format("%Y-%m-%d")
+        .to_string();
+    let rows = vmlot_json(&market, &["--json", "ledger", "--since", &tomorrow]);
+    assert_eq!(rows.as_array().unwrap().len(), 0);
+    let rows = vmlot_json(&market, &["--json", "ledger", "--until", &tomorrow, "--totals"]);
+    assert_eq!(rows["rows"].as_array().unwrap().len(), 2 + 2 + 3 * 3 + 2);
+    let csv = vmlot(&market, &["ledger", "--format", "csv", "--account", "operator"]);
+    let csv = String::from_utf8(csv.stdout).unwrap();
+    assert_eq!(csv.lines().count(), 1 + 1 + 3, "{csv}");
+    assert!(csv.starts_with("at,tx,kind,account,unit,debit,credit,balance,job,segment\n"));
+    let month = chrono::Utc::now().format("%Y-%m").to_string();
+    let statements = vmlot_json(&market, &["--json", "statement", "alice", "--period", &month]);
+    let s = &statements[0];
+    assert_eq!(s["opening"], "0");
+    assert_eq!(dec(s["closing"].as_str().unwrap()), dec("10") - price);
+    assert_eq!(s["entries"].as_array().unwrap().len(), 3);
+    let balances = vmlot_json(&market, &["--json", "balance", "alice"]);
+    assert_eq!(dec(balances[0]["balance"].as_str().unwrap()), dec("10") - price);
+
+    // The same settlement written again, even naming another provider, is
+    // the first one: no second record, no second payment.
+    let js = async_nats::jetstream::new(client.clone());
+    let books = vmlot_ledger::Books::open(&js).await.unwrap();
+    let mut again = paid[1].clone();
+    again.provider = ProviderId::new();
+    again.at = chrono::Utc::now();
+    let writes = (0..4).map(|_| books.settle(again.clone(), dec("0.1")));
+    for recorded in futures::future::join_all(writes).await {
+        match recorded.unwrap() {
+            vmlot_ledger::Recorded::Before(tx) => {
+                assert_eq!(tx.settlement.unwrap().provider, provider_id)
+            }
+            vmlot_ledger::Recorded::Now(_) => panic!("a segment was paid twice"),
+        }
+    }
+    assert_eq!(payments(&client, job).await.len(), 3);
+    assert_books_verify(&market).await;
+
+    // A forged payment for a segment the job never settled is named.
+    let mut forged = paid[2].clone();
+    forged.segment = 3;
+    forged.result.segment = 3;
+    books.settle(forged, Decimal::ZERO).await.unwrap_err(); // the escrow is empty
+    let subject = subjects::settlement_tx(&job, 3);
+    let mut tx = books
+        .transaction(&subjects::settlement_tx(&job, 2))
+        .await
+        .unwrap()
+        .unwrap();
+    tx.segment = Some(3);
+    tx.id = vmlot_ledger::tx_id(&subject);
+    tx.settlement.as_mut().unwrap().segment = 3;
+    tx.settlement.as_mut().unwrap().result.segment = 3;
+    js.publish(subject.clone(), serde_json::to_vec(&tx).unwrap().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let out = vmlot(&market, &["ledger", "verify"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{text}");
+    assert!(text.contains(&subject), "{text}");
+    assert!(text.contains("never settled"), "{text}");
+    assert!(text.contains("has no posting"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn books_a_broker_killed_between_settlement_and_next_lot_pays_once() {
+    let mut market = Market::start(fast_broker_args(), &[ProviderSpec::synthetic("p1", "0.10")]).unwrap();
+    // The broker dies right after writing the first settlement, before the
+    // job record knows of it and before the next lot.
+    market
+        .broker
+        .set_env("VMLOT_FAULT", Some("crash-after-settlement"));
+    market.broker.restart().unwrap();
+    let client = market.server.client().await.unwrap();
+    let image = synthetic_image(&market).await;
+    let job = submit(&client, spec(image, 1, 4, 1, "1.00", "20")).await;
+    wait_for(Duration::from_secs(60), async || {
+        market_broker_exited(&mut market).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: the fault never fired\n{}", market.logs()));
+    let js = async_nats::jetstream::new(client.clone());
+    let books = vmlot_ledger::Books::open(&js).await.unwrap();
+    assert!(
+        books.settlement(job, 0).await.unwrap().is_some(),
+        "settlement written"
+    );
+    let record = vmlot_tests::market::read_job_record(&client, job).await.unwrap();
+    assert!(
+        record.contains("\"settled\":[]"),
+        "the job record did not see it: {record}"
+    );
+
+    market.broker.set_env("VMLOT_FAULT", None);
+    market.broker.restart().unwrap();
+    let done = wait_final(&market, &client, job, Duration::from_secs(120)).await;
+    assert_eq!(done.state, JobState::Done, "{done:#?}\n{}", market.logs());
+    assert_paid_once_per_segment(&payments(&client, job).await, 4);
+    wait_refunded(&market, &client, job).await;
+    assert_books_verify(&market).await;
+}
+
+fn market_broker_exited(market: &mut Market) -> bool {
+    market.broker.exited()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn books_verify_after_a_nats_restart_mid_job() {
+    let market = Market::start(fast_broker_args(), &[ProviderSpec::synthetic("p1", "0.10")]).unwrap();
+    let client = market.server.client().await.unwrap();
+    let image = synthetic_image(&market).await;
+    let job = submit(&client, spec(image, 1, 6, 1, "1.00", "20")).await;
+    wait_for(Duration::from_secs(60), async || {
+        (status(&client, job).await.settled.len() >= 2).then_some(())
+    })
+    .await
+    .unwrap();
+    let mut market = market;
+    market.server.restart().unwrap();
+    let done = wait_final(&market, &client, job, Duration::from_secs(180)).await;
+    assert_eq!(done.state, JobState::Done, "{done:#?}\n{}", market.logs());
+    assert_paid_once_per_segment(&payments(&client, job).await, 6);
+    wait_refunded(&market, &client, job).await;
+    assert_books_verify(&market).await;
 }
