@@ -74,7 +74,9 @@ for _ in $(seq 100); do (echo > /dev/tcp/127.0.0.1/$port) 2>/dev/null && break; 
 ) > "$demo/reference.log" 2>&1 &
 echo $! > "$demo/pids/reference.pid"
 
-"$bin/vmlot-broker" --bid-window-ms 500 --transfer-allowance-s 30 > "$demo/broker.log" 2>&1 &
+# The operator's secret for this demo: only it may fund accounts.
+export VMLOT_OPERATOR_TOKEN="demo-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+"$bin/vmlot-broker" --bid-window-ms 500 --transfer-allowance-s 30 --fee-rate 0.05 > "$demo/broker.log" 2>&1 &
 echo $! > "$demo/pids/broker.pid"
 
 # provider NAME PRICE: a QEMU provider asking PRICE per segment (nothing per
@@ -130,6 +132,10 @@ $vmlot image push --kernel "$guest/vmlinuz" --initrd "$guest/initrd.cpio.gz" \
 python3 -c 'import json,sys; i=json.load(open(sys.argv[1])); print("kernel", i["kernel"]); print("initrd", i["initrd"])' "$demo/image.json"
 
 echo
+echo "== the operator funds the submitter's account (vmlot admin credit default 20)"
+$vmlot admin credit default 20 --memo "demo funds"
+
+echo
 echo "== submit: ${segment_seconds} s segments until the guest powers off"
 job=$($vmlot --json submit --image "$demo/image.json" --segment-seconds "$segment_seconds" \
   --until-halt --redundancy 1 --reserve 1 --budget 10 | python3 -c 'import json,sys; print(json.load(sys.stdin)["job"])')
@@ -158,8 +164,30 @@ echo "== segments (vmlot status $job)"
 $vmlot status "$job"
 
 echo
-echo "== ledger (vmlot ledger)"
-$vmlot ledger
+echo "== the job's books (vmlot ledger --job $job): budget held, segments paid from escrow (5 % fee), the rest refunded"
+for _ in $(seq 100); do
+  $vmlot --json status "$job" | python3 -c 'import json,sys; sys.exit(not json.load(sys.stdin)["refunded"])' && break
+  sleep 0.2
+done
+$vmlot ledger --job "$job"
+
+month=$(date -u +%Y-%m)
+for name in demo-a demo-b demo-c; do
+  echo
+  echo "== statement of provider $name (vmlot statement provider:$name --period $month)"
+  $vmlot statement "provider:$name" --period "$month"
+done
+echo
+echo "== statement of the submitter (vmlot statement default --period $month)"
+$vmlot statement default --period "$month"
+
+echo
+echo "== balances (vmlot balance)"
+$vmlot balance
+
+echo
+echo "== reconciliation (vmlot ledger verify)"
+$vmlot ledger verify
 
 echo
 echo "== the same guest run once, directly by QEMU"
