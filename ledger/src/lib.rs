@@ -426,31 +426,35 @@ impl Books {
     /// once, even when nothing is left, so the books show the escrow closed.
     pub async fn refund(&self, job: JobId, user: &str, unit: &str) -> Result<Recorded, LedgerError> {
         let subject = subjects::refund_tx(&job);
-        if let Some(before) = self.transaction(&subject).await? {
-            return Ok(Recorded::Before(before));
-        }
-        let left = self.balance(&Account::Escrow(job), unit).await?;
-        let tx = Transaction {
-            version: WIRE_VERSION,
-            id: tx_id(&subject),
-            kind: TxKind::Refund,
-            at: Utc::now(),
-            unit: unit.to_string(),
-            entries: vec![
-                Entry::debit(Account::Escrow(job), left),
-                Entry::credit(Account::User(user.to_string()), left),
-            ],
-            job: Some(job),
-            segment: None,
-            provider: None,
-            memo: format!("job {job} ended"),
-            settlement: None,
-        };
-        // The escrow's posting must follow the one `left` was read from:
-        // a settlement racing in makes this write fail and read again.
-        match self.record(&subject, tx).await {
-            Err(LedgerError::InsufficientFunds { .. }) => Box::pin(self.refund(job, user, unit)).await,
-            other => other,
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            if let Some(before) = self.transaction(&subject).await? {
+                return Ok(Recorded::Before(before));
+            }
+            let left = self.balance(&Account::Escrow(job), unit).await?;
+            let tx = Transaction {
+                version: WIRE_VERSION,
+                id: tx_id(&subject),
+                kind: TxKind::Refund,
+                at: Utc::now(),
+                unit: unit.to_string(),
+                entries: vec![
+                    Entry::debit(Account::Escrow(job), left),
+                    Entry::credit(Account::User(user.to_string()), left),
+                ],
+                job: Some(job),
+                segment: None,
+                provider: None,
+                memo: format!("job {job} ended"),
+                settlement: None,
+            };
+            // A settlement racing in between the read of `left` and the
+            // write moves the escrow below `left`: read it again.
+            match self.record(&subject, tx).await {
+                Err(LedgerError::InsufficientFunds { .. }) if attempt < MAX_ATTEMPTS => continue,
+                other => return other,
+            }
         }
     }
 }
