@@ -61,11 +61,12 @@ fn spec(image: Image, seconds: u32, segments: u32, r: u32, reserve: &str, budget
     }
 }
 
-async fn submit(client: &async_nats::Client, spec: JobSpec) -> JobId {
-    fund(client, &spec.account, &spec.budget.amount.to_string())
-        .await
-        .expect("funds credited");
-    let submitted: Submitted = api(
+/// A submission and the broker's answer.
+async fn try_submit(
+    client: &async_nats::Client,
+    spec: JobSpec,
+) -> Result<Submitted, vmlot_tests::market::vmlot_schemas_reply::ApiError> {
+    api(
         client,
         "submit",
         &SubmitJob {
@@ -75,7 +76,13 @@ async fn submit(client: &async_nats::Client, spec: JobSpec) -> JobId {
     )
     .await
     .unwrap()
-    .expect("submit accepted");
+}
+
+async fn submit(client: &async_nats::Client, spec: JobSpec) -> JobId {
+    fund(client, &spec.account, &spec.budget.amount.to_string())
+        .await
+        .expect("funds credited");
+    let submitted: Submitted = try_submit(client, spec).await.expect("submit accepted");
     submitted.job
 }
 
@@ -241,9 +248,9 @@ async fn a_provider_killed_mid_segment_costs_one_attempt_not_the_job() {
     assert_paid_once_per_segment(&payments(&client, job).await, 5);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_broker_restart_mid_job_resumes_where_it_stood() {
-    let mut market = Market::start(fast_broker_args(), &[ProviderSpec::synthetic("p1", "0.10")]).unwrap();
+/// A 6-segment job that `interrupt` disturbs after its second segment
+/// still ends done, pays each segment once, refunds, and its books verify.
+async fn six_segments_survive(mut market: Market, interrupt: impl FnOnce(&mut Market)) {
     let client = market.server.client().await.unwrap();
     let image = synthetic_image(&market).await;
     let job = submit(&client, spec(image, 1, 6, 1, "1.00", "20")).await;
@@ -252,14 +259,23 @@ async fn a_broker_restart_mid_job_resumes_where_it_stood() {
     })
     .await
     .unwrap();
-    market.broker.kill();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    market.broker.restart().unwrap();
-    let done = wait_final(&market, &client, job, Duration::from_secs(120)).await;
+    interrupt(&mut market);
+    let done = wait_final(&market, &client, job, Duration::from_secs(180)).await;
     assert_eq!(done.state, JobState::Done, "{done:#?}\n{}", market.logs());
     assert_paid_once_per_segment(&payments(&client, job).await, 6);
     wait_refunded(&market, &client, job).await;
     assert_books_verify(&market).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restart_mid_job_resumes_where_it_stood() {
+    let market = Market::start(fast_broker_args(), &[ProviderSpec::synthetic("p1", "0.10")]).unwrap();
+    six_segments_survive(market, |market| {
+        market.broker.kill();
+        std::thread::sleep(Duration::from_secs(2));
+        market.broker.restart().unwrap();
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -314,30 +330,12 @@ async fn hostile_input_is_refused_and_changes_nothing() {
         spec(image.clone(), 1, 3, 1, "5", "1"),
     ];
     for bad in bad_specs {
-        let refused: Result<Submitted, _> = api(
-            &client,
-            "submit",
-            &SubmitJob {
-                version: WIRE_VERSION,
-                spec: bad,
-            },
-        )
-        .await
-        .unwrap();
+        let refused: Result<Submitted, _> = try_submit(&client, bad).await;
         assert_eq!(refused.unwrap_err().code, "bad-request");
     }
     let mut unknown_image = image.clone();
     unknown_image.kernel = vmlot_schemas::ManifestId::of(b"no such kernel");
-    let refused: Result<Submitted, _> = api(
-        &client,
-        "submit",
-        &SubmitJob {
-            version: WIRE_VERSION,
-            spec: spec(unknown_image, 1, 3, 1, "1", "10"),
-        },
-    )
-    .await
-    .unwrap();
+    let refused: Result<Submitted, _> = try_submit(&client, spec(unknown_image, 1, 3, 1, "1", "10")).await;
     assert_eq!(refused.unwrap_err().code, "not-found");
     let unknown: Result<JobStatus, _> = api(
         &client,
@@ -589,16 +587,8 @@ async fn books_hold_pay_refund_answer_queries_and_verify() {
     assert_eq!(reused.unwrap_err().code, "conflict");
 
     // A budget beyond the balance is refused, and leaves no job behind.
-    let too_big: Result<Submitted, _> = api(
-        &client,
-        "submit",
-        &SubmitJob {
-            version: WIRE_VERSION,
-            spec: spec(image.clone(), 1, 3, 1, "1.00", "10.01"),
-        },
-    )
-    .await
-    .unwrap();
+    let too_big: Result<Submitted, _> =
+        try_submit(&client, spec(image.clone(), 1, 3, 1, "1.00", "10.01")).await;
     let refusal = too_big.unwrap_err();
     assert_eq!(refusal.code, "insufficient-funds", "{}", refusal.message);
     let listed: Vec<JobStatus> = api(&client, "list", &()).await.unwrap().unwrap();
@@ -606,17 +596,9 @@ async fn books_hold_pay_refund_answer_queries_and_verify() {
     assert_eq!(balance(&market, "user:alice").await, dec("10"));
 
     // A job: its budget into escrow, each segment paid from it, the rest back.
-    let submitted: Submitted = api(
-        &client,
-        "submit",
-        &SubmitJob {
-            version: WIRE_VERSION,
-            spec: spec(image, 1, 3, 1, "1.00", "4"),
-        },
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    let submitted: Submitted = try_submit(&client, spec(image, 1, 3, 1, "1.00", "4"))
+        .await
+        .unwrap();
     let job = submitted.job;
     assert_eq!(balance(&market, "user:alice").await, dec("6"));
     let done = wait_final(&market, &client, job, Duration::from_secs(60)).await;
@@ -775,19 +757,5 @@ fn market_broker_exited(market: &mut Market) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn books_verify_after_a_nats_restart_mid_job() {
     let market = Market::start(fast_broker_args(), &[ProviderSpec::synthetic("p1", "0.10")]).unwrap();
-    let client = market.server.client().await.unwrap();
-    let image = synthetic_image(&market).await;
-    let job = submit(&client, spec(image, 1, 6, 1, "1.00", "20")).await;
-    wait_for(Duration::from_secs(60), async || {
-        (status(&client, job).await.settled.len() >= 2).then_some(())
-    })
-    .await
-    .unwrap();
-    let mut market = market;
-    market.server.restart().unwrap();
-    let done = wait_final(&market, &client, job, Duration::from_secs(180)).await;
-    assert_eq!(done.state, JobState::Done, "{done:#?}\n{}", market.logs());
-    assert_paid_once_per_segment(&payments(&client, job).await, 6);
-    wait_refunded(&market, &client, job).await;
-    assert_books_verify(&market).await;
+    six_segments_survive(market, |market| market.server.restart().unwrap()).await;
 }
