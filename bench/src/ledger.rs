@@ -161,7 +161,8 @@ pub async fn run(args: Args) -> Result<()> {
     let user = Account::User(book.users[book.users.len() / 2].clone());
     let job = book.jobs[book.jobs.len() / 2].job;
     let recent = fill.window_start;
-    let queries: Vec<(String, Filter, Vec<String>, Option<DateTime<Utc>>)> = vec![
+    // (name, filter, the subjects it reads, where the read starts)
+    let queries: Vec<Query> = vec![
         (
             "`query` by provider (its postings)".into(),
             Filter {
@@ -399,6 +400,9 @@ impl Drop for Server {
         let _ = self.child.wait();
     }
 }
+
+/// A named query, the subjects it reads and where its read starts.
+type Query = (String, Filter, Vec<String>, Option<DateTime<Utc>>);
 
 /// CPU seconds used so far by the server and by this process.
 #[derive(Clone, Copy)]
