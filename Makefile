@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export PATH := $(CURDIR)/.tools/bin:$(PATH)
 
-.PHONY: all deps build guest test lint unit demo bench-cas bench-market bench-segment schemas clean
+.PHONY: all deps build guest test lint unit demo bench-cas bench-market bench-segment bench-ledger schemas clean
 
 all: build
 
@@ -48,6 +48,10 @@ bench-market: build
 ## against a whole-file copy through the same nats-server.
 bench-segment: build guest
 	./target/release/vmlot-bench segment --segment-seconds 60 --segments 3
+
+## Ledger verify and filtered queries over 1 M ledger records, against a raw read of the same messages.
+bench-ledger: build
+	./target/release/vmlot-bench ledger --records 1000000
 
 ## Regenerate schemas/json/ after changing a wire type.
 schemas:

@@ -2,6 +2,7 @@
 //! run on the same machine (raw SHA-1, raw JetStream, rsync).
 
 mod cas;
+mod ledger;
 mod market;
 mod segment;
 
@@ -18,6 +19,8 @@ struct Cli {
 enum Bench {
     /// Content-addressed transfer of real QEMU checkpoints (from scripts/qemu-checkpoints.py).
     Cas(cas::Args),
+    /// Ledger verify and filtered queries over ~1 M records, against a raw read of the same messages.
+    Ledger(ledger::Args),
     /// Settled segments per second on the synthetic driver, against JetStream's ack rate.
     Market(market::Args),
     /// Per-segment overhead of a real QEMU guest: save, upload, download, restore, against a whole-file copy.
@@ -32,6 +35,7 @@ async fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().bench {
         Bench::Cas(args) => cas::run(args).await,
+        Bench::Ledger(args) => ledger::run(args).await,
         Bench::Market(args) => market::run(args).await,
         Bench::Segment(args) => segment::run(args).await,
     }

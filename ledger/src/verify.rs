@@ -431,35 +431,76 @@ impl Replay {
     }
 }
 
-/// Replays the whole ledger and the job records.
+/// Messages handed from the reader to the replay at a time.
+const REPLAY_BATCH: usize = 1024;
+/// Batches queued between the reader and the replay: bounds the memory a
+/// replay slower than the reader can take.
+const REPLAY_QUEUE: usize = 64;
+
+impl Replay {
+    /// One ledger stream message, as read.
+    fn message(&mut self, seq: u64, subject: &str, payload: &[u8]) {
+        let record = format!("{subject} (seq {seq})");
+        if subject.starts_with("vmlot.ledger.tx.") {
+            match serde_json::from_slice::<Transaction>(payload) {
+                Ok(tx) => self.transaction(&record, subject, tx),
+                Err(e) => self.problem(&record, format!("undecodable transaction: {e}")),
+            }
+        } else if subject.starts_with("vmlot.ledger.post.") {
+            match serde_json::from_slice::<Posting>(payload) {
+                Ok(p) => self.posting(&record, subject, p),
+                Err(e) => self.problem(&record, format!("undecodable posting: {e}")),
+            }
+        } else {
+            self.problem(&record, "a message outside the ledger's subjects");
+        }
+    }
+}
+
+/// Replays the whole ledger and the job records. The ledger's messages are
+/// decoded and replayed on a thread of their own, in stream order, while
+/// the next ones are read: decoding costs about as much as reading, and the
+/// two then overlap.
 pub async fn verify(js: &jetstream::Context) -> Result<Report, LedgerError> {
-    let mut replay = Replay::default();
-    read_raw(
+    type Batch = Vec<(u64, String, Vec<u8>)>;
+    let (queue, batches) = std::sync::mpsc::sync_channel::<Batch>(REPLAY_QUEUE);
+    let replayer = tokio::task::spawn_blocking(move || {
+        let mut replay = Replay::default();
+        for batch in batches {
+            for (seq, subject, payload) in batch {
+                replay.message(seq, &subject, &payload);
+            }
+        }
+        replay
+    });
+    let mut batch: Batch = Vec::with_capacity(REPLAY_BATCH);
+    let read = read_raw(
         js,
         subjects::LEDGER_STREAM,
         vec![],
         None,
         false,
         |seq, subject, payload| {
-            let record = format!("{subject} (seq {seq})");
-            if subject.starts_with("vmlot.ledger.tx.") {
-                match serde_json::from_slice::<Transaction>(payload) {
-                    Ok(tx) => replay.transaction(&record, subject, tx),
-                    Err(e) => replay.problem(&record, format!("undecodable transaction: {e}")),
-                }
-            } else if subject.starts_with("vmlot.ledger.post.") {
-                match serde_json::from_slice::<Posting>(payload) {
-                    Ok(p) => replay.posting(&record, subject, p),
-                    Err(e) => replay.problem(&record, format!("undecodable posting: {e}")),
-                }
-            } else {
-                replay.problem(&record, "a message outside the ledger's subjects");
+            batch.push((seq, subject.to_string(), payload.to_vec()));
+            if batch.len() < REPLAY_BATCH {
+                return true;
             }
-            true
+            // Fails only if the replay thread is gone (it panicked); the
+            // join below reports that.
+            queue
+                .send(std::mem::replace(&mut batch, Vec::with_capacity(REPLAY_BATCH)))
+                .is_ok()
         },
     )
-    .await?;
+    .await;
+    if !batch.is_empty() {
+        let _ = queue.send(batch);
+    }
+    drop(queue);
+    read?;
+    // The job records are read while the replay catches up.
     let mut jobs = Vec::new();
+    let mut undecodable = Vec::new();
     let bucket_stream = format!("KV_{}", subjects::JOB_BUCKET);
     let bucket_subjects = format!("$KV.{}.>", subjects::JOB_BUCKET);
     let found = js.get_stream_no_info(&bucket_stream).await.is_ok();
@@ -476,15 +517,21 @@ pub async fn verify(js: &jetstream::Context) -> Result<Report, LedgerError> {
                 }
                 match serde_json::from_slice::<JobStatus>(payload) {
                     Ok(status) => jobs.push(status),
-                    Err(e) => replay.problem(
-                        &format!("{subject} (seq {seq})"),
+                    Err(e) => undecodable.push((
+                        format!("{subject} (seq {seq})"),
                         format!("undecodable job record: {e}"),
-                    ),
+                    )),
                 }
                 true
             },
         )
         .await?;
+    }
+    let mut replay = replayer
+        .await
+        .map_err(|e| LedgerError::nats("ledger replay", e))?;
+    for (record, what) in undecodable {
+        replay.problem(&record, what);
     }
     for status in &jobs {
         replay.job(status);
