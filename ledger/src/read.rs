@@ -287,17 +287,86 @@ pub struct Statement {
 }
 
 /// Statements of `account` for `[from, until)`, one per unit it holds.
-/// The opening balance comes from the posting before the period (each
-/// posting carries the balance it leaves), so only the period is read.
+/// An entry belongs to the period its own time falls in. Each posting
+/// carries the balance it leaves, so only the period (and a few minutes'
+/// slack either side, for postings written a little after their time) is
+/// read: the opening balance is the balance before the first posting
+/// read, plus every change read that is dated before the period.
 pub async fn statement(
     js: &jetstream::Context,
     account: &Account,
     from: DateTime<Utc>,
     until: DateTime<Utc>,
 ) -> Result<Vec<Statement>, LedgerError> {
+    // Units whose last posting is older than the read's start: unchanged
+    // through the period. The others must each be met in the read.
+    let mut unmet: BTreeMap<String, Posting> = last_postings(js, &subjects::postings_of(account))
+        .await?
+        .into_iter()
+        .map(|p| (p.unit.clone(), p))
+        .collect();
+    let start = from - CLOCK_SLACK;
     let mut by_unit: BTreeMap<String, Statement> = BTreeMap::new();
+    for (unit, last) in &unmet {
+        if last.at < start {
+            by_unit.insert(
+                unit.clone(),
+                new_statement(account, unit, from, until, last.balance),
+            );
+        }
+    }
+    unmet.retain(|_, last| last.at >= start);
     let mut bad = None;
-    let new = |unit: &str, opening: Decimal| Statement {
+    if !unmet.is_empty() {
+        read_all::<Posting>(
+            js,
+            vec![subjects::postings_of(account)],
+            Some(start),
+            |m| match m.value {
+                Ok(p) => {
+                    unmet.remove(&p.unit);
+                    let s = by_unit.entry(p.unit.clone()).or_insert_with(|| {
+                        new_statement(account, &p.unit, from, until, p.balance - p.change)
+                    });
+                    if p.at < from {
+                        s.opening += p.change;
+                        s.closing += p.change;
+                    } else if p.at < until {
+                        let row = Row::of_posting(p);
+                        s.debits += row.debit;
+                        s.credits += row.credit;
+                        s.closing += row.credit - row.debit;
+                        s.entries.push(row);
+                    } else if p.at > until + CLOCK_SLACK && unmet.is_empty() {
+                        return false;
+                    }
+                    true
+                }
+                Err(e) => {
+                    bad = Some((m.subject, e));
+                    false
+                }
+            },
+        )
+        .await?;
+    }
+    if let Some((subject, reason)) = bad {
+        return Err(LedgerError::Corrupt { subject, reason });
+    }
+    for s in by_unit.values_mut() {
+        s.entries.sort_by_key(|r| r.at);
+    }
+    Ok(by_unit.into_values().collect())
+}
+
+fn new_statement(
+    account: &Account,
+    unit: &str,
+    from: DateTime<Utc>,
+    until: DateTime<Utc>,
+    opening: Decimal,
+) -> Statement {
+    Statement {
         account: account.clone(),
         unit: unit.to_string(),
         from,
@@ -307,51 +376,7 @@ pub async fn statement(
         debits: Decimal::ZERO,
         credits: Decimal::ZERO,
         closing: opening,
-    };
-    read_all::<Posting>(
-        js,
-        vec![subjects::postings_of(account)],
-        Some(from - CLOCK_SLACK),
-        |m| match m.value {
-            Ok(p) if p.at < from => {
-                by_unit.insert(p.unit.clone(), new(&p.unit, p.balance));
-                true
-            }
-            Ok(p) if p.at >= until => {
-                // The first posting after the period: the balance before it
-                // closed the period, whether or not the period had any.
-                by_unit
-                    .entry(p.unit.clone())
-                    .or_insert_with(|| new(&p.unit, p.balance - p.change));
-                p.at < until + CLOCK_SLACK
-            }
-            Ok(p) => {
-                let s = by_unit
-                    .entry(p.unit.clone())
-                    .or_insert_with(|| new(&p.unit, p.balance - p.change));
-                let row = Row::of_posting(p);
-                s.debits += row.debit;
-                s.credits += row.credit;
-                s.closing = row.balance.unwrap_or(s.closing);
-                s.entries.push(row);
-                true
-            }
-            Err(e) => {
-                bad = Some((m.subject, e));
-                false
-            }
-        },
-    )
-    .await?;
-    if let Some((subject, reason)) = bad {
-        return Err(LedgerError::Corrupt { subject, reason });
     }
-    // Units with no posting since the period began: their last balance
-    // stands through it.
-    for (unit, balance) in balances(js, account).await? {
-        by_unit.entry(unit.clone()).or_insert_with(|| new(&unit, balance));
-    }
-    Ok(by_unit.into_values().collect())
 }
 
 /// Balances of one account, per unit it has ever held.
