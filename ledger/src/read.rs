@@ -215,20 +215,22 @@ pub async fn query(js: &jetstream::Context, filter: &Filter) -> Result<Vec<Row>,
     let mut rows = Vec::new();
     let mut bad = None;
     if let Some(account) = filter.account_to_read() {
-        read_all::<Posting>(js, vec![subjects::postings_of(&account)], start, |m| {
-            match m.value {
-                Ok(p) => {
-                    let past = until.is_some_and(|u| p.at > u);
-                    let row = Row::of_posting(p);
-                    if filter.keeps(&row) {
-                        rows.push(row);
-                    }
-                    !past
+        let filters = posting_subjects(js, &account).await?;
+        if filters.is_empty() {
+            return Ok(rows);
+        }
+        read_all::<Posting>(js, filters, start, |m| match m.value {
+            Ok(p) => {
+                let past = until.is_some_and(|u| p.at > u);
+                let row = Row::of_posting(p);
+                if filter.keeps(&row) {
+                    rows.push(row);
                 }
-                Err(e) => {
-                    bad = Some((m.subject, e));
-                    false
-                }
+                !past
+            }
+            Err(e) => {
+                bad = Some((m.subject, e));
+                false
             }
         })
         .await?;
@@ -318,36 +320,35 @@ pub async fn statement(
     unmet.retain(|_, last| last.at >= start);
     let mut bad = None;
     if !unmet.is_empty() {
-        read_all::<Posting>(
-            js,
-            vec![subjects::postings_of(account)],
-            Some(start),
-            |m| match m.value {
-                Ok(p) => {
-                    unmet.remove(&p.unit);
-                    let s = by_unit.entry(p.unit.clone()).or_insert_with(|| {
-                        new_statement(account, &p.unit, from, until, p.balance - p.change)
-                    });
-                    if p.at < from {
-                        s.opening += p.change;
-                        s.closing += p.change;
-                    } else if p.at < until {
-                        let row = Row::of_posting(p);
-                        s.debits += row.debit;
-                        s.credits += row.credit;
-                        s.closing += row.credit - row.debit;
-                        s.entries.push(row);
-                    } else if p.at > until + CLOCK_SLACK && unmet.is_empty() {
-                        return false;
-                    }
-                    true
+        let filters = unmet
+            .keys()
+            .map(|unit| subjects::posting(account, unit))
+            .collect();
+        read_all::<Posting>(js, filters, Some(start), |m| match m.value {
+            Ok(p) => {
+                unmet.remove(&p.unit);
+                let s = by_unit
+                    .entry(p.unit.clone())
+                    .or_insert_with(|| new_statement(account, &p.unit, from, until, p.balance - p.change));
+                if p.at < from {
+                    s.opening += p.change;
+                    s.closing += p.change;
+                } else if p.at < until {
+                    let row = Row::of_posting(p);
+                    s.debits += row.debit;
+                    s.credits += row.credit;
+                    s.closing += row.credit - row.debit;
+                    s.entries.push(row);
+                } else if p.at > until + CLOCK_SLACK && unmet.is_empty() {
+                    return false;
                 }
-                Err(e) => {
-                    bad = Some((m.subject, e));
-                    false
-                }
-            },
-        )
+                true
+            }
+            Err(e) => {
+                bad = Some((m.subject, e));
+                false
+            }
+        })
         .await?;
     }
     if let Some((subject, reason)) = bad {
@@ -377,6 +378,18 @@ fn new_statement(
         credits: Decimal::ZERO,
         closing: opening,
     }
+}
+
+/// The posting subjects of one account, one per unit it has held. Reads
+/// filter on these literal subjects, not on the account's wildcard: the
+/// server finds a literal subject's messages from its index instead of
+/// scanning every block of the stream.
+async fn posting_subjects(js: &jetstream::Context, account: &Account) -> Result<Vec<String>, LedgerError> {
+    Ok(last_postings(js, &subjects::postings_of(account))
+        .await?
+        .into_iter()
+        .map(|p| subjects::posting(account, &p.unit))
+        .collect())
 }
 
 /// Balances of one account, per unit it has ever held.

@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use async_nats::jetstream;
 use rust_decimal::Decimal;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use vmlot_schemas::ledger::{Account, Posting, Side, Transaction, TxKind};
 use vmlot_schemas::market::JobStatus;
 use vmlot_schemas::{JobId, LotId, ProviderId, subjects};
@@ -59,6 +59,68 @@ struct Paid {
     record: String,
 }
 
+/// A ledger message, named only when a problem is reported.
+struct Rec<'a>(&'a str, u64);
+
+impl std::fmt::Display for Rec<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (seq {})", self.0, self.1)
+    }
+}
+
+/// What replay needs of a transaction: its settlement's details without
+/// the whole result they carry (most of a settlement's bytes), which
+/// serde skips instead of building.
+#[derive(Deserialize)]
+struct TxView {
+    version: u32,
+    id: uuid::Uuid,
+    kind: TxKind,
+    at: chrono::DateTime<chrono::Utc>,
+    unit: String,
+    entries: Vec<vmlot_schemas::ledger::Entry>,
+    job: Option<JobId>,
+    segment: Option<u32>,
+    provider: Option<ProviderId>,
+    settlement: Option<SettlementView>,
+}
+
+#[derive(Deserialize)]
+struct SettlementView {
+    job: JobId,
+    segment: u32,
+    lot: LotId,
+    provider: ProviderId,
+    amount: vmlot_schemas::Money,
+    result: ResultView,
+}
+
+#[derive(Deserialize)]
+struct ResultView {
+    job: JobId,
+    segment: u32,
+    provider: ProviderId,
+}
+
+impl TxView {
+    fn split(self) -> (Transaction, Option<SettlementView>) {
+        let tx = Transaction {
+            version: self.version,
+            id: self.id,
+            kind: self.kind,
+            at: self.at,
+            unit: self.unit,
+            entries: self.entries,
+            job: self.job,
+            segment: self.segment,
+            provider: self.provider,
+            memo: String::new(),
+            settlement: None,
+        };
+        (tx, self.settlement)
+    }
+}
+
 #[derive(Default)]
 struct Replay {
     report: Report,
@@ -74,14 +136,15 @@ struct Replay {
 }
 
 impl Replay {
-    fn problem(&mut self, record: &str, what: impl Into<String>) {
+    fn problem(&mut self, record: &dyn std::fmt::Display, what: impl Into<String>) {
         self.report.problems.push(Problem {
             record: record.to_string(),
             what: what.into(),
         });
     }
 
-    fn transaction(&mut self, record: &str, subject: &str, tx: Transaction) {
+    fn transaction(&mut self, record: &Rec, subject: &str, tx: TxView) {
+        let (tx, settlement) = tx.split();
         self.report.transactions += 1;
         if let Some(why) = tx.malformed() {
             self.problem(record, why);
@@ -111,7 +174,7 @@ impl Replay {
                 format!("a {:?} transaction does not belong on this subject", tx.kind),
             );
         }
-        self.check_shape(record, &tx);
+        self.check_shape(record, &tx, settlement.as_ref());
         for e in &tx.entries {
             let balance = self
                 .balances
@@ -133,7 +196,7 @@ impl Replay {
     }
 
     /// The entries a transaction of each kind must have.
-    fn check_shape(&mut self, record: &str, tx: &Transaction) {
+    fn check_shape(&mut self, record: &Rec, tx: &Transaction, settlement: Option<&SettlementView>) {
         let debits: Vec<&Account> = tx
             .entries
             .iter()
@@ -200,7 +263,7 @@ impl Replay {
                 self.refunds.insert(job);
             }
             TxKind::Settlement => {
-                let Some(s) = &tx.settlement else {
+                let Some(s) = settlement else {
                     self.problem(record, "a settlement without its details");
                     return;
                 };
@@ -251,7 +314,7 @@ impl Replay {
         }
     }
 
-    fn posting(&mut self, record: &str, subject: &str, p: Posting) {
+    fn posting(&mut self, record: &Rec, subject: &str, p: Posting) {
         self.report.postings += 1;
         if subjects::posting(&p.account, &p.unit) != subject {
             self.problem(
@@ -259,15 +322,21 @@ impl Replay {
                 format!("a posting of {} is on another account's subject", p.account),
             );
         }
-        let before = self.chain.get(subject).copied().unwrap_or_default();
+        // Allocates a key only for an account's first posting.
+        let before = match self.chain.get_mut(subject) {
+            Some(last) => std::mem::replace(last, p.balance),
+            None => {
+                self.chain.insert(subject.to_string(), p.balance);
+                Decimal::ZERO
+            }
+        };
         if p.balance != before + p.change {
             self.problem(
                 record,
                 format!("balance {} does not follow {before} {:+}", p.balance, p.change),
             );
         }
-        self.chain.insert(subject.to_string(), p.balance);
-        match self.unposted.remove(&(p.tx, p.account.clone())) {
+        match self.unposted.remove(&(p.tx, p.account)) {
             Some((change, unit, _)) if change == p.change && unit == p.unit => {}
             Some(_) => self.problem(
                 record,
@@ -440,19 +509,19 @@ const REPLAY_QUEUE: usize = 64;
 impl Replay {
     /// One ledger stream message, as read.
     fn message(&mut self, seq: u64, subject: &str, payload: &[u8]) {
-        let record = format!("{subject} (seq {seq})");
+        let record = &Rec(subject, seq);
         if subject.starts_with("vmlot.ledger.tx.") {
-            match serde_json::from_slice::<Transaction>(payload) {
-                Ok(tx) => self.transaction(&record, subject, tx),
-                Err(e) => self.problem(&record, format!("undecodable transaction: {e}")),
+            match serde_json::from_slice::<TxView>(payload) {
+                Ok(tx) => self.transaction(record, subject, tx),
+                Err(e) => self.problem(record, format!("undecodable transaction: {e}")),
             }
         } else if subject.starts_with("vmlot.ledger.post.") {
             match serde_json::from_slice::<Posting>(payload) {
-                Ok(p) => self.posting(&record, subject, p),
-                Err(e) => self.problem(&record, format!("undecodable posting: {e}")),
+                Ok(p) => self.posting(record, subject, p),
+                Err(e) => self.problem(record, format!("undecodable posting: {e}")),
             }
         } else {
-            self.problem(&record, "a message outside the ledger's subjects");
+            self.problem(record, "a message outside the ledger's subjects");
         }
     }
 }
