@@ -22,8 +22,8 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use rust_decimal::Decimal;
 use vmlot_ledger::read::{self, Filter};
-use vmlot_ledger::{Books, split_fee, tx_id};
-use vmlot_schemas::ledger::{Account, Entry, Posting, Transaction, TxKind};
+use vmlot_ledger::{Books, tx_id};
+use vmlot_schemas::ledger::{Account, Transaction, TxKind};
 use vmlot_schemas::market::{
     Checkpoint, GuestState, Image, JobSpec, JobState, JobStatus, SegmentCount, SegmentPayment, SegmentResult,
     SegmentTimings, SettledSegment,
@@ -592,18 +592,7 @@ impl Book {
                 entry.account
             );
             *balance = after;
-            let posting = Posting {
-                version: WIRE_VERSION,
-                tx: tx.id,
-                kind: tx.kind,
-                at: tx.at,
-                account: entry.account.clone(),
-                unit: tx.unit.clone(),
-                change: entry.signed(),
-                balance: after,
-                job: tx.job,
-                segment: tx.segment,
-            };
+            let posting = vmlot_ledger::build::posting(tx, entry, after);
             out.push((
                 posting_subject,
                 serde_json::to_vec(&posting).expect("posting serializes").into(),
@@ -614,23 +603,12 @@ impl Book {
 
     fn credit(&mut self, user: &str, amount: Decimal) -> Vec<(String, Bytes)> {
         let request = self.rng.uuid();
-        let subject = subjects::credit_tx(&request);
-        let tx = Transaction {
-            version: WIRE_VERSION,
-            id: tx_id(&subject),
-            kind: TxKind::Credit,
-            at: Utc::now(),
-            unit: UNIT.into(),
-            entries: vec![
-                Entry::debit(Account::Operator, amount),
-                Entry::credit(Account::User(user.to_string()), amount),
-            ],
-            job: None,
-            segment: None,
-            provider: None,
-            memo: "bench top-up".into(),
-            settlement: None,
-        };
+        let (subject, tx) = vmlot_ledger::build::credit(
+            &request,
+            &Account::User(user.to_string()),
+            &Money::new(amount, UNIT),
+            "bench top-up",
+        );
         self.record(subject, &tx)
     }
 
@@ -687,23 +665,7 @@ impl Book {
             if self.balance(&user) < budget {
                 out.extend(self.credit(&status.spec.account, Decimal::from(500)));
             }
-            let subject = subjects::hold_tx(&id);
-            let tx = Transaction {
-                version: WIRE_VERSION,
-                id: tx_id(&subject),
-                kind: TxKind::Hold,
-                at: Utc::now(),
-                unit: UNIT.into(),
-                entries: vec![
-                    Entry::debit(user, budget),
-                    Entry::credit(Account::Escrow(id), budget),
-                ],
-                job: Some(id),
-                segment: None,
-                provider: None,
-                memo: format!("budget of job {id}"),
-                settlement: None,
-            };
+            let (subject, tx) = vmlot_ledger::build::hold(id, &status.spec.account, &status.spec.budget);
             out.extend(self.record(subject, &tx));
             return (TxKind::Hold, false);
         }
@@ -761,28 +723,7 @@ impl Book {
                 result: result.clone(),
                 at: now,
             };
-            // As `Books::settle` builds it.
-            let (share, fee) = split_fee(payment.amount.amount, FEE_RATE);
-            let mut entries = vec![
-                Entry::debit(Account::Escrow(id), payment.amount.amount),
-                Entry::credit(Account::Provider(provider), share),
-            ];
-            if !fee.is_zero() {
-                entries.push(Entry::credit(Account::Operator, fee));
-            }
-            let tx = Transaction {
-                version: WIRE_VERSION,
-                id: tx_id(&subject),
-                kind: TxKind::Settlement,
-                at: payment.at,
-                unit: UNIT.into(),
-                entries,
-                job: Some(id),
-                segment: Some(segment),
-                provider: Some(provider),
-                memo: format!("segment {segment} of job {id}"),
-                settlement: Some(Box::new(payment)),
-            };
+            let (subject, tx) = vmlot_ledger::build::settlement(payment, FEE_RATE);
             out.extend(self.record(subject, &tx));
             let mut awarded = vec![provider];
             if status.spec.redundancy > 1 {
@@ -810,22 +751,9 @@ impl Book {
             }
             return (TxKind::Settlement, false);
         }
-        // As `Books::refund` builds it: whatever the escrow holds.
+        // As `Books::refund` does: whatever the escrow holds.
         let left = self.balance(&Account::Escrow(id));
-        let subject = subjects::refund_tx(&id);
-        let tx = Transaction {
-            version: WIRE_VERSION,
-            id: tx_id(&subject),
-            kind: TxKind::Refund,
-            at: Utc::now(),
-            unit: UNIT.into(),
-            entries: vec![Entry::debit(Account::Escrow(id), left), Entry::credit(user, left)],
-            job: Some(id),
-            segment: None,
-            provider: None,
-            memo: format!("job {id} ended"),
-            settlement: None,
-        };
+        let (subject, tx) = vmlot_ledger::build::refund(id, &status.spec.account, UNIT, left);
         out.extend(self.record(subject, &tx));
         status.state = JobState::Done;
         status.end_reason = Some("the guest halted".into());

@@ -20,13 +20,13 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, message::OutboundMessage, stream};
 use bytes::Bytes;
-use chrono::Utc;
 use jetstream_extra::batch_publish::BatchPublishExt;
 use rust_decimal::{Decimal, RoundingStrategy};
-use vmlot_schemas::ledger::{Account, Entry, Posting, Transaction, TxKind};
+use vmlot_schemas::ledger::{Account, Posting, Transaction};
 use vmlot_schemas::market::SegmentPayment;
-use vmlot_schemas::{JobId, Money, WIRE_VERSION, subjects};
+use vmlot_schemas::{JobId, Money, subjects};
 
+pub mod build;
 pub mod read;
 pub mod verify;
 
@@ -273,18 +273,7 @@ impl Books {
                         needed: entry.amount,
                     });
                 }
-                let posting = Posting {
-                    version: WIRE_VERSION,
-                    tx: tx.id,
-                    kind: tx.kind,
-                    at: tx.at,
-                    account: entry.account.clone(),
-                    unit: tx.unit.clone(),
-                    change: entry.signed(),
-                    balance: after,
-                    job: tx.job,
-                    segment: tx.segment,
-                };
+                let posting = build::posting(tx, entry, after);
                 batch.push(OutboundMessage {
                     subject: posting_subject.clone().into(),
                     payload: serde_json::to_vec(&posting).expect("posting serializes").into(),
@@ -344,73 +333,20 @@ impl Books {
                 "a credit must be positive, not {amount}"
             )));
         }
-        let subject = subjects::credit_tx(&request);
-        let tx = Transaction {
-            version: WIRE_VERSION,
-            id: tx_id(&subject),
-            kind: TxKind::Credit,
-            at: Utc::now(),
-            unit: amount.unit.clone(),
-            entries: vec![
-                Entry::debit(Account::Operator, amount.amount),
-                Entry::credit(account.clone(), amount.amount),
-            ],
-            job: None,
-            segment: None,
-            provider: None,
-            memo: memo.to_string(),
-            settlement: None,
-        };
+        let (subject, tx) = build::credit(&request, account, amount, memo);
         self.record(&subject, tx).await
     }
 
     /// Moves a job's budget from its submitter into its escrow.
     pub async fn hold(&self, job: JobId, user: &str, budget: &Money) -> Result<Recorded, LedgerError> {
-        let subject = subjects::hold_tx(&job);
-        let tx = Transaction {
-            version: WIRE_VERSION,
-            id: tx_id(&subject),
-            kind: TxKind::Hold,
-            at: Utc::now(),
-            unit: budget.unit.clone(),
-            entries: vec![
-                Entry::debit(Account::User(user.to_string()), budget.amount),
-                Entry::credit(Account::Escrow(job), budget.amount),
-            ],
-            job: Some(job),
-            segment: None,
-            provider: None,
-            memo: format!("budget of job {job}"),
-            settlement: None,
-        };
+        let (subject, tx) = build::hold(job, user, budget);
         self.record(&subject, tx).await
     }
 
     /// Pays a settled segment from the job's escrow: the provider's share
     /// to the provider, the fee (if any) to the operator. Once per segment.
     pub async fn settle(&self, payment: SegmentPayment, fee_rate: Decimal) -> Result<Recorded, LedgerError> {
-        let subject = subjects::settlement_tx(&payment.job, payment.segment);
-        let (share, fee) = split_fee(payment.amount.amount, fee_rate);
-        let mut entries = vec![
-            Entry::debit(Account::Escrow(payment.job), payment.amount.amount),
-            Entry::credit(Account::Provider(payment.provider), share),
-        ];
-        if !fee.is_zero() {
-            entries.push(Entry::credit(Account::Operator, fee));
-        }
-        let tx = Transaction {
-            version: WIRE_VERSION,
-            id: tx_id(&subject),
-            kind: TxKind::Settlement,
-            at: payment.at,
-            unit: payment.amount.unit.clone(),
-            entries,
-            job: Some(payment.job),
-            segment: Some(payment.segment),
-            provider: Some(payment.provider),
-            memo: format!("segment {} of job {}", payment.segment, payment.job),
-            settlement: Some(Box::new(payment)),
-        };
+        let (subject, tx) = build::settlement(payment, fee_rate);
         self.record(&subject, tx).await
     }
 
@@ -433,22 +369,7 @@ impl Books {
                 return Ok(Recorded::Before(before));
             }
             let left = self.balance(&Account::Escrow(job), unit).await?;
-            let tx = Transaction {
-                version: WIRE_VERSION,
-                id: tx_id(&subject),
-                kind: TxKind::Refund,
-                at: Utc::now(),
-                unit: unit.to_string(),
-                entries: vec![
-                    Entry::debit(Account::Escrow(job), left),
-                    Entry::credit(Account::User(user.to_string()), left),
-                ],
-                job: Some(job),
-                segment: None,
-                provider: None,
-                memo: format!("job {job} ended"),
-                settlement: None,
-            };
+            let (_, tx) = build::refund(job, user, unit, left);
             // A settlement racing in between the read of `left` and the
             // write moves the escrow below `left`: read it again.
             match self.record(&subject, tx).await {

@@ -1,0 +1,113 @@
+//! The transactions of each kind, and the postings of a transaction,
+//! built without I/O: [`crate::Books`] writes them, and the ledger
+//! benchmark generates a book of exactly these records.
+
+use chrono::Utc;
+use rust_decimal::Decimal;
+use vmlot_schemas::ledger::{Account, Entry, Posting, Transaction, TxKind};
+use vmlot_schemas::market::SegmentPayment;
+use vmlot_schemas::{JobId, Money, WIRE_VERSION, subjects};
+
+use crate::{split_fee, tx_id};
+
+/// A transaction of `kind` on `subject`, dated now; the rest left empty.
+fn on(subject: &str, kind: TxKind, unit: &str, entries: Vec<Entry>, memo: String) -> Transaction {
+    Transaction {
+        version: WIRE_VERSION,
+        id: tx_id(subject),
+        kind,
+        at: Utc::now(),
+        unit: unit.to_string(),
+        entries,
+        job: None,
+        segment: None,
+        provider: None,
+        memo,
+        settlement: None,
+    }
+}
+
+/// The operator funds `account` (credit request `request`).
+pub fn credit(request: &uuid::Uuid, account: &Account, amount: &Money, memo: &str) -> (String, Transaction) {
+    let subject = subjects::credit_tx(request);
+    let entries = vec![
+        Entry::debit(Account::Operator, amount.amount),
+        Entry::credit(account.clone(), amount.amount),
+    ];
+    let tx = on(&subject, TxKind::Credit, &amount.unit, entries, memo.to_string());
+    (subject, tx)
+}
+
+/// A job's budget from its submitter into its escrow.
+pub fn hold(job: JobId, user: &str, budget: &Money) -> (String, Transaction) {
+    let subject = subjects::hold_tx(&job);
+    let entries = vec![
+        Entry::debit(Account::User(user.to_string()), budget.amount),
+        Entry::credit(Account::Escrow(job), budget.amount),
+    ];
+    let mut tx = on(
+        &subject,
+        TxKind::Hold,
+        &budget.unit,
+        entries,
+        format!("budget of job {job}"),
+    );
+    tx.job = Some(job);
+    (subject, tx)
+}
+
+/// A settled segment paid from the job's escrow: the provider's share to
+/// the provider, the fee (if any) to the operator.
+pub fn settlement(payment: SegmentPayment, fee_rate: Decimal) -> (String, Transaction) {
+    let subject = subjects::settlement_tx(&payment.job, payment.segment);
+    let (share, fee) = split_fee(payment.amount.amount, fee_rate);
+    let mut entries = vec![
+        Entry::debit(Account::Escrow(payment.job), payment.amount.amount),
+        Entry::credit(Account::Provider(payment.provider), share),
+    ];
+    if !fee.is_zero() {
+        entries.push(Entry::credit(Account::Operator, fee));
+    }
+    let memo = format!("segment {} of job {}", payment.segment, payment.job);
+    let mut tx = on(&subject, TxKind::Settlement, &payment.amount.unit, entries, memo);
+    tx.at = payment.at;
+    tx.job = Some(payment.job);
+    tx.segment = Some(payment.segment);
+    tx.provider = Some(payment.provider);
+    tx.settlement = Some(Box::new(payment));
+    (subject, tx)
+}
+
+/// The job ended: `left`, what its escrow holds, back to `user`.
+pub fn refund(job: JobId, user: &str, unit: &str, left: Decimal) -> (String, Transaction) {
+    let subject = subjects::refund_tx(&job);
+    let entries = vec![
+        Entry::debit(Account::Escrow(job), left),
+        Entry::credit(Account::User(user.to_string()), left),
+    ];
+    let mut tx = on(
+        &subject,
+        TxKind::Refund,
+        unit,
+        entries,
+        format!("job {job} ended"),
+    );
+    tx.job = Some(job);
+    (subject, tx)
+}
+
+/// `entry` of `tx` seen from its account, leaving `balance`.
+pub fn posting(tx: &Transaction, entry: &Entry, balance: Decimal) -> Posting {
+    Posting {
+        version: WIRE_VERSION,
+        tx: tx.id,
+        kind: tx.kind,
+        at: tx.at,
+        account: entry.account.clone(),
+        unit: tx.unit.clone(),
+        change: entry.signed(),
+        balance,
+        job: tx.job,
+        segment: tx.segment,
+    }
+}
