@@ -45,6 +45,8 @@ pub enum BidRefused {
     Duplicate(ProviderId),
     #[error("provider {0} was not invited to bid on this lot")]
     NotInvited(ProviderId),
+    #[error("provider {0} does not offer the lot's hypervisor, architecture or memory")]
+    Unfit(ProviderId),
 }
 
 /// Checks one bid against the lot's reserve and the job's remaining budget.

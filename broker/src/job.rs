@@ -383,6 +383,8 @@ async fn offer(
                 Some(LotEvent::Bid(bid)) if bid.lot == lot.lot => {
                     let checked = if !lot.invites(&bid.provider) {
                         Err(BidRefused::NotInvited(bid.provider))
+                    } else if !shared.provider_offers(&bid.provider, &lot.image.vm) {
+                        Err(BidRefused::Unfit(bid.provider))
                     } else if bids.iter().any(|b| b.provider == bid.provider) {
                         Err(BidRefused::Duplicate(bid.provider))
                     } else {

@@ -130,6 +130,11 @@ pub(crate) struct Shared {
     pub shutdown: CancellationToken,
 }
 
+/// The hypervisor, architecture and memory a heartbeat declares cover `vm`.
+fn offers(hb: &Heartbeat, vm: &vmlot_schemas::VmConfig) -> bool {
+    hb.hypervisors.contains(&vm.hypervisor) && hb.arch == vm.arch && hb.memory_mib >= vm.memory_mib
+}
+
 impl Shared {
     /// Starts the task that drives `job`, unless one already does. A lot
     /// the job has open is routed to it at once, so results that waited in
@@ -175,14 +180,17 @@ impl Shared {
         let providers = self.providers.lock().expect("providers lock");
         providers
             .values()
-            .filter(|(hb, seen)| {
-                seen.elapsed() < self.config.provider_timeout
-                    && hb.hypervisors.contains(&vm.hypervisor)
-                    && hb.arch == vm.arch
-                    && hb.memory_mib >= vm.memory_mib
-            })
+            .filter(|(hb, seen)| seen.elapsed() < self.config.provider_timeout && offers(hb, vm))
             .map(|(hb, _)| (hb.provider, hb.slots))
             .collect()
+    }
+
+    /// True when `provider`'s last heartbeat offers what `vm` needs. A bid
+    /// from a provider that does not (a QEMU host bidding on a Xen lot, or
+    /// one never heard of) is refused whatever subject it came in on.
+    pub fn provider_offers(&self, provider: &ProviderId, vm: &vmlot_schemas::VmConfig) -> bool {
+        let providers = self.providers.lock().expect("providers lock");
+        providers.get(provider).is_some_and(|(hb, _)| offers(hb, vm))
     }
 
     /// Ends the reservations `lot` holds at `providers` and wakes one

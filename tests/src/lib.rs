@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 pub mod market;
+pub mod vm;
+pub mod xen;
 
 /// Where the project's own tools live (`make deps` installs them there).
 pub fn repo_root() -> PathBuf {

@@ -72,8 +72,13 @@ impl Market {
 
     /// Waits until the broker answers and `providers` providers have sent a heartbeat.
     pub async fn ready(&self, providers: usize) -> Result<()> {
+        self.ready_within(providers, Duration::from_secs(30)).await
+    }
+
+    /// [`Market::ready`] with a time limit of its own (nested hosts boot slowly).
+    pub async fn ready_within(&self, providers: usize, limit: Duration) -> Result<()> {
         let client = self.server.client().await?;
-        let seen = wait_for(Duration::from_secs(30), async || {
+        let seen = wait_for(limit, async || {
             match api::<(), Vec<serde_json::Value>>(&client, "providers", &()).await {
                 Ok(Ok(list)) if list.len() >= providers => Some(()),
                 _ => None,

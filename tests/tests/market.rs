@@ -476,6 +476,73 @@ async fn hostile_input_is_refused_and_changes_nothing() {
     }
 }
 
+/// A lot is published on its hypervisor's subjects only, and a bid on it
+/// from a provider whose heartbeat does not offer that hypervisor is
+/// refused even when it finds the lot: a QEMU lot never goes to a
+/// synthetic (or Xen) provider.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lots_go_only_to_providers_of_their_hypervisor() {
+    let provider = ProviderSpec::synthetic("s1", "0.10");
+    let provider_id = ProviderId(provider.id);
+    let market = Market::start(fast_broker_args(), &[provider]).unwrap();
+    let client = market.server.client().await.unwrap();
+    let mut image = synthetic_image(&market).await;
+    image.vm.hypervisor = HypervisorKind::Qemu;
+    let mut qemu_lots = client.subscribe("vmlot.lot.qemu.>").await.unwrap();
+    let mut synthetic_lots = client.subscribe("vmlot.lot.synthetic.>").await.unwrap();
+    let job = submit(&client, spec(image, 1, 2, 1, "1.00", "10")).await;
+
+    let lot_msg = tokio::time::timeout(Duration::from_secs(20), qemu_lots.next())
+        .await
+        .expect("the QEMU lot was published on a QEMU subject")
+        .unwrap();
+    let lot: vmlot_schemas::market::Lot = serde_json::from_slice(&lot_msg.payload).unwrap();
+    assert_eq!(lot.job, job);
+    // The synthetic provider heartbeats and is idle, yet bids as if it could.
+    let bid = vmlot_schemas::market::Bid {
+        version: WIRE_VERSION,
+        lot: lot.lot,
+        provider: provider_id,
+        price: money("0.10"),
+        hot_bytes: 0,
+        slots: 1,
+        sent_at: chrono::Utc::now(),
+    };
+    client
+        .publish(
+            subjects::bid(&provider_id),
+            serde_json::to_vec(&bid).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    let refused = wait_for(Duration::from_secs(10), async || {
+        market
+            .broker
+            .log()
+            .contains("does not offer the lot's hypervisor")
+            .then_some(())
+    })
+    .await;
+    assert!(
+        refused.is_ok(),
+        "the unfit bid was not refused:\n{}",
+        market.logs()
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let s = status(&client, job).await;
+    assert!(s.settled.is_empty(), "{s:#?}");
+    assert!(
+        s.open_lot.as_ref().is_none_or(|o| o.awarded.is_empty()),
+        "a QEMU lot was awarded to a synthetic provider: {s:#?}"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), synthetic_lots.next())
+            .await
+            .is_err(),
+        "a QEMU lot was published on a synthetic subject"
+    );
+}
+
 // The books: escrow, settlement, refund, queries and reconciliation.
 
 /// `vmlot ARGS` against the market's NATS.

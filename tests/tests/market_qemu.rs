@@ -8,19 +8,17 @@
 //! The tests take turns (one lock): each runs QEMU guests against the
 //! wall clock, and this machine may have two cores only.
 
-use std::collections::HashSet;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::str::FromStr;
 use std::time::Duration;
 
 use rust_decimal::Decimal;
-use vmlot_schemas::market::{GuestState, JobRef, JobState, JobStatus, SegmentPayment};
-use vmlot_schemas::{JobId, ManifestId, ProviderId, WIRE_VERSION};
-use vmlot_tests::market::{
-    Market, QemuProviderSpec, TEST_OPERATOR_TOKEN, api, kill_pids, processes_mentioning, wait_for,
-};
-use vmlot_tests::{repo_root, workspace_binary};
+use vmlot_schemas::market::GuestState;
+use vmlot_schemas::{ManifestId, ProviderId};
+use vmlot_tests::market::{QemuProviderSpec, kill_pids, processes_mentioning, wait_for};
+use vmlot_tests::vm::{GuestImage, Timed, VmMarket, assert_console_exact, guest_files};
+use vmlot_tests::workspace_binary;
 
 const SETUP: &str = "run `make deps guest` in the repository root";
 /// ~9 s of boot and ~10 s of hashing under TCG here: five 4 s segments.
@@ -32,15 +30,6 @@ const SEGMENT_SECONDS: &str = "4";
 static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// The console of one uninterrupted run, made once.
 static REFERENCE: tokio::sync::OnceCell<Vec<u8>> = tokio::sync::OnceCell::const_new();
-
-fn guest_files() -> (PathBuf, PathBuf) {
-    let dir = repo_root().join(".tools/guest");
-    let (kernel, initrd) = (dir.join("vmlinuz"), dir.join("initrd.cpio.gz"));
-    for file in [&kernel, &initrd] {
-        assert!(file.is_file(), "test guest {} missing: {SETUP}", file.display());
-    }
-    (kernel, initrd)
-}
 
 /// The guest booted once by QEMU itself (no driver, no market) and run to
 /// its power-off: the console every market run must reproduce.
@@ -83,245 +72,27 @@ async fn reference_console() -> &'static [u8] {
         .await
 }
 
-/// Says how long a test took (its turn, not its wait for one).
-struct Timed(&'static str, std::time::Instant);
-
-impl Timed {
-    fn start(what: &'static str) -> Self {
-        Self(what, std::time::Instant::now())
+/// A market with these QEMU providers.
+fn qemu_market(providers: &[&QemuProviderSpec], allowance_s: u32) -> VmMarket {
+    let mut m = VmMarket::start(allowance_s);
+    for spec in providers {
+        m.market.add_qemu_provider(spec).unwrap();
     }
+    m
 }
 
-impl Drop for Timed {
-    fn drop(&mut self) {
-        eprintln!(
-            "market_qemu: {} took {:.1} s",
-            self.0,
-            self.1.elapsed().as_secs_f64()
-        );
-    }
-}
-
-/// A market whose QEMU guests go down with it: a killed provider leaves
-/// its QEMU running, so everything mentioning the market's directory is
-/// killed after the market's own processes.
-struct QemuMarket {
-    market: Market,
-    _reaper: Reaper,
-}
-
-struct Reaper(String);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        kill_pids(&processes_mentioning(&self.0));
-    }
-}
-
-impl QemuMarket {
-    /// `allowance_s`: the broker's transfer allowance. Fetch, start, save
-    /// and upload around a 4 s segment take 2–4 s here on an idle machine,
-    /// but a provider fetching a whole checkpoint cold on a loaded one has
-    /// taken 12–17 s: a test that needs every attempt to make its deadline
-    /// gives 30 s; one that waits for a deadline to pass gives less.
-    fn start(providers: &[&QemuProviderSpec], allowance_s: u32) -> Self {
-        let broker_args = vec![
-            "--bid-window-ms".to_string(),
-            "300".to_string(),
-            "--transfer-allowance-s".to_string(),
-            allowance_s.to_string(),
-        ];
-        let mut market = Market::start(broker_args, &[]).unwrap();
-        for spec in providers {
-            market.add_qemu_provider(spec).unwrap();
-        }
-        let reaper = Reaper(market.path().display().to_string());
-        Self {
-            market,
-            _reaper: reaper,
-        }
-    }
-
-    fn vmlot(&self, args: &[&str]) -> Output {
-        Command::new(workspace_binary("vmlot").unwrap())
-            .env("VMLOT_NATS", self.market.server.url())
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
-    /// `vmlot` that must succeed; its stdout.
-    fn vmlot_ok(&self, args: &[&str]) -> Vec<u8> {
-        let out = self.vmlot(args);
-        assert!(
-            out.status.success(),
-            "vmlot {args:?}: {}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            self.market.logs()
-        );
-        out.stdout
-    }
-
-    /// Pushes the test guest (and `disks`) with `vmlot image push`.
-    fn push_image(&self, disks: &[&Path]) -> PathBuf {
-        let (kernel, initrd) = guest_files();
-        let description = self.market.path().join("image.json");
-        let mut args: Vec<String> = [
-            "image",
-            "push",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--initrd",
-            initrd.to_str().unwrap(),
-            "--memory",
-            &MEMORY_MIB.to_string(),
-            "--cmdline",
-            CMDLINE,
-            "-o",
-            description.to_str().unwrap(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        for disk in disks {
-            args.push("--disk".into());
-            args.push(disk.display().to_string());
-        }
-        self.vmlot_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
-        description
-    }
-
-    /// `vmlot submit`; the job id.
-    fn submit(&self, image: &Path, segments: &str, redundancy: &str) -> JobId {
-        let mut args = vec![
-            "--json",
-            "submit",
-            "--image",
-            image.to_str().unwrap(),
-            "--segment-seconds",
-            SEGMENT_SECONDS,
-            "--redundancy",
-            redundancy,
-            "--reserve",
-            "1",
-            "--budget",
-            "50",
-        ];
-        match segments {
-            "until-halt" => args.push("--until-halt"),
-            n => args.extend(["--segments", n]),
-        }
-        self.vmlot_ok(&[
-            "admin",
-            "credit",
-            "default",
-            "50",
-            "--operator-token",
-            TEST_OPERATOR_TOKEN,
-        ]);
-        let out = self.vmlot_ok(&args);
-        let submitted: serde_json::Value = serde_json::from_slice(&out).unwrap();
-        submitted["job"].as_str().unwrap().parse().unwrap()
-    }
-
-    async fn status(&self, job: JobId) -> JobStatus {
-        let client = self.market.server.client().await.unwrap();
-        api(
-            &client,
-            "status",
-            &JobRef {
-                version: WIRE_VERSION,
-                job,
-            },
-        )
-        .await
-        .unwrap()
-        .expect("status")
-    }
-
-    /// Polls until `check` holds for the job's status; fails with the logs.
-    async fn until<T>(&self, job: JobId, what: &str, mut check: impl FnMut(&JobStatus) -> Option<T>) -> T {
-        let found = wait_for(Duration::from_secs(240), async || {
-            let s = self.status(job).await;
-            check(&s)
-        })
-        .await;
-        match found {
-            Ok(v) => v,
-            Err(e) => panic!(
-                "{what}: {e}\n{:#?}\n{}",
-                self.status(job).await,
-                self.market.logs()
-            ),
-        }
-    }
-
-    async fn wait_final(&self, job: JobId) -> JobStatus {
-        let done = self
-            .until(job, "job never ended", |s| s.state.is_final().then(|| s.clone()))
-            .await;
-        assert_eq!(done.state, JobState::Done, "{done:#?}\n{}", self.market.logs());
-        done
-    }
-
-    async fn payments(&self, job: JobId) -> Vec<SegmentPayment> {
-        let js = async_nats::jetstream::new(self.market.server.client().await.unwrap());
-        vmlot_ledger::read::settlements(&js)
-            .await
-            .unwrap()
-            .into_iter()
-            .filter(|p| p.job == job)
-            .collect()
+/// The test guest as a QEMU image with these disks.
+fn qemu_image<'a>(disks: &'a [&'a Path]) -> GuestImage<'a> {
+    GuestImage {
+        hypervisor: "qemu",
+        memory_mib: MEMORY_MIB,
+        cmdline: CMDLINE,
+        disks,
     }
 }
 
 fn money(s: &str) -> Decimal {
     Decimal::from_str(s).unwrap()
-}
-
-/// Exactly one payment per settled segment, to the provider that settled
-/// it, and the job's spending is their sum.
-async fn assert_paid_once(m: &QemuMarket, done: &JobStatus) {
-    let paid = m.payments(done.job).await;
-    let segments: Vec<u32> = paid.iter().map(|p| p.segment).collect();
-    assert_eq!(
-        segments.len(),
-        done.settled.len(),
-        "one payment per settled segment: {paid:#?}"
-    );
-    assert_eq!(
-        segments.iter().copied().collect::<HashSet<u32>>(),
-        (0..done.settled.len() as u32).collect(),
-        "each segment paid once: {paid:#?}"
-    );
-    for p in &paid {
-        let settled = &done.settled[p.segment as usize];
-        assert_eq!(
-            (p.provider, p.attempt, &p.amount),
-            (settled.provider, settled.attempt, &settled.price),
-            "segment {} paid to its settling result",
-            p.segment
-        );
-    }
-    let total: Decimal = paid.iter().map(|p| p.amount.amount).sum();
-    assert_eq!(done.spent.amount, total);
-}
-
-/// The joined console equals the uninterrupted run, and the guest ended by
-/// powering off in the last segment.
-fn assert_console_exact(console: &[u8], reference: &[u8], done: &JobStatus, how: &str) {
-    assert!(
-        console == reference,
-        "{how}: the console differs from the uninterrupted run\n--- market\n{}\n--- direct\n{}",
-        String::from_utf8_lossy(console),
-        String::from_utf8_lossy(reference)
-    );
-    assert_eq!(done.settled.last().map(|s| &s.guest), Some(&GuestState::Halted));
-    assert!(
-        done.settled[..done.settled.len() - 1]
-            .iter()
-            .all(|s| matches!(s.guest, GuestState::Running { .. }))
-    );
 }
 
 /// The guest moves p1 → p2 → p3: each provider joins, cheaper than those
@@ -340,10 +111,10 @@ async fn a_vm_migrated_across_three_providers_prints_what_an_uninterrupted_run_p
         QemuProviderSpec::new("p3", "0.10"),
     ];
     let ids: Vec<ProviderId> = specs.iter().map(|s| ProviderId(s.id)).collect();
-    let mut m = QemuMarket::start(&[&specs[0]], 30);
+    let mut m = qemu_market(&[&specs[0]], 30);
     m.market.ready(1).await.unwrap();
-    let image = m.push_image(&[]);
-    let job = m.submit(&image, "until-halt", "1");
+    let image = m.push_image(&qemu_image(&[]));
+    let job = m.submit(&image, SEGMENT_SECONDS, "until-halt", "1");
     let follow_out = m.market.path().join("follow.out");
     let mut follow = Command::new(workspace_binary("vmlot").unwrap())
         .env("VMLOT_NATS", m.market.server.url())
@@ -405,7 +176,7 @@ async fn a_vm_migrated_across_three_providers_prints_what_an_uninterrupted_run_p
         &done,
         "vmlot logs --follow",
     );
-    assert_paid_once(&m, &done).await;
+    m.assert_paid_once(&done).await;
     let price = |p: &ProviderId| money(&specs[ids.iter().position(|i| i == p).unwrap()].price);
     for s in &done.settled {
         assert_eq!(s.price.amount, price(&s.provider), "pay-as-bid");
@@ -431,14 +202,14 @@ async fn two_replicas_per_segment_still_print_exactly_the_uninterrupted_console(
         QemuProviderSpec::new("r2", "0.20"),
         QemuProviderSpec::new("r3", "0.30"),
     ];
-    let m = QemuMarket::start(&specs.iter().collect::<Vec<_>>(), 30);
+    let m = qemu_market(&specs.iter().collect::<Vec<_>>(), 30);
     m.market.ready(3).await.unwrap();
-    let image = m.push_image(&[]);
-    let job = m.submit(&image, "until-halt", "2");
+    let image = m.push_image(&qemu_image(&[]));
+    let job = m.submit(&image, SEGMENT_SECONDS, "until-halt", "2");
     let done = m.wait_final(job).await;
     let logs = m.vmlot_ok(&["logs", &job.to_string()]);
     assert_console_exact(&logs, reference, &done, "vmlot logs");
-    assert_paid_once(&m, &done).await;
+    m.assert_paid_once(&done).await;
 
     // Lots really went to two providers at once.
     let doubled = done.settled.iter().filter(|s| s.awarded.len() == 2).count();
@@ -464,10 +235,10 @@ async fn a_provider_killed_mid_segment_loses_one_attempt_and_the_console_stays_e
         QemuProviderSpec::new("k3", "0.30"),
     ];
     let ids: Vec<ProviderId> = specs.iter().map(|s| ProviderId(s.id)).collect();
-    let mut m = QemuMarket::start(&specs.iter().collect::<Vec<_>>(), 12);
+    let mut m = qemu_market(&specs.iter().collect::<Vec<_>>(), 12);
     m.market.ready(3).await.unwrap();
-    let image = m.push_image(&[]);
-    let job = m.submit(&image, "until-halt", "1");
+    let image = m.push_image(&qemu_image(&[]));
+    let job = m.submit(&image, SEGMENT_SECONDS, "until-halt", "1");
 
     // Whoever runs segment 1: wait until its QEMU is up and the guest has
     // run a moment, then kill the provider (and, as a dying machine would,
@@ -514,7 +285,7 @@ async fn a_provider_killed_mid_segment_loses_one_attempt_and_the_console_stays_e
     );
     let logs = m.vmlot_ok(&["logs", &job.to_string()]);
     assert_console_exact(&logs, reference, &done, "vmlot logs");
-    assert_paid_once(&m, &done).await;
+    m.assert_paid_once(&done).await;
 }
 
 /// `vmlot fetch` of a job stopped by its segment count: the machine state
@@ -525,7 +296,7 @@ async fn a_provider_killed_mid_segment_loses_one_attempt_and_the_console_stays_e
 async fn fetch_writes_the_last_checkpoint_as_the_store_holds_it() {
     let _turn = TURN.lock().await;
     let _timed = Timed::start("fetch");
-    let m = QemuMarket::start(&[&QemuProviderSpec::new("f1", "0.10")], 30);
+    let m = qemu_market(&[&QemuProviderSpec::new("f1", "0.10")], 30);
     m.market.ready(1).await.unwrap();
     let disk = m.market.path().join("disk.raw");
     let mut content = vec![0u8; 4 << 20];
@@ -533,8 +304,8 @@ async fn fetch_writes_the_last_checkpoint_as_the_store_holds_it() {
         *b = (i % 251) as u8;
     }
     std::fs::write(&disk, &content).unwrap();
-    let image = m.push_image(&[&disk]);
-    let job = m.submit(&image, "2", "1");
+    let image = m.push_image(&qemu_image(&[&disk]));
+    let job = m.submit(&image, SEGMENT_SECONDS, "2", "1");
     let out_dir = m.market.path().join("fetched");
     let early = m.vmlot(&["fetch", &job.to_string(), "-o", out_dir.to_str().unwrap()]);
     assert_eq!(

@@ -1,0 +1,278 @@
+//! A market for real VMs, driven as a user drives it: the `vmlot` CLI as a
+//! process, the project's test guest (scripts/build-guest.sh) as the image,
+//! and the checks every VM suite makes of a finished job (paid once per
+//! segment, the console exact). The QEMU and Xen suites share it.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use rust_decimal::Decimal;
+use vmlot_schemas::market::{GuestState, JobRef, JobState, JobStatus, SegmentPayment};
+use vmlot_schemas::{JobId, WIRE_VERSION};
+
+use crate::market::{Market, TEST_OPERATOR_TOKEN, api, kill_pids, processes_mentioning, wait_for};
+use crate::{repo_root, workspace_binary};
+
+const SETUP: &str = "run `make deps guest` in the repository root";
+
+/// The test guest's kernel and initramfs (`make guest`).
+pub fn guest_files() -> (PathBuf, PathBuf) {
+    let dir = repo_root().join(".tools/guest");
+    let (kernel, initrd) = (dir.join("vmlinuz"), dir.join("initrd.cpio.gz"));
+    for file in [&kernel, &initrd] {
+        assert!(file.is_file(), "test guest {} missing: {SETUP}", file.display());
+    }
+    (kernel, initrd)
+}
+
+/// Says how long a test took (its turn, not its wait for one).
+pub struct Timed(&'static str, std::time::Instant);
+
+impl Timed {
+    pub fn start(what: &'static str) -> Self {
+        Self(what, std::time::Instant::now())
+    }
+}
+
+impl Drop for Timed {
+    fn drop(&mut self) {
+        eprintln!("{} took {:.1} s", self.0, self.1.elapsed().as_secs_f64());
+    }
+}
+
+/// SIGKILLs on drop every process whose command line mentions a path: the
+/// guests of a market go down with it, whatever killed their provider.
+struct Reaper(String);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        kill_pids(&processes_mentioning(&self.0));
+    }
+}
+
+/// The image a job runs: the test guest under one hypervisor.
+pub struct GuestImage<'a> {
+    /// `qemu` or `xen`.
+    pub hypervisor: &'a str,
+    pub memory_mib: u32,
+    pub cmdline: &'a str,
+    pub disks: &'a [&'a Path],
+}
+
+/// A market whose VMs go down with it.
+pub struct VmMarket {
+    pub market: Market,
+    /// How long [`VmMarket::until`] waits.
+    pub patience: Duration,
+    _reaper: Reaper,
+}
+
+impl VmMarket {
+    /// `allowance_s`: the broker's transfer allowance, added to the segment
+    /// length for each award's deadline.
+    pub fn start(allowance_s: u32) -> Self {
+        let broker_args = vec![
+            "--bid-window-ms".to_string(),
+            "300".to_string(),
+            "--transfer-allowance-s".to_string(),
+            allowance_s.to_string(),
+        ];
+        let market = Market::start(broker_args, &[]).unwrap();
+        let reaper = Reaper(market.path().display().to_string());
+        Self {
+            market,
+            patience: Duration::from_secs(240),
+            _reaper: reaper,
+        }
+    }
+
+    pub fn vmlot(&self, args: &[&str]) -> Output {
+        Command::new(workspace_binary("vmlot").unwrap())
+            .env("VMLOT_NATS", self.market.server.url())
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// `vmlot` that must succeed; its stdout.
+    pub fn vmlot_ok(&self, args: &[&str]) -> Vec<u8> {
+        let out = self.vmlot(args);
+        assert!(
+            out.status.success(),
+            "vmlot {args:?}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.market.logs()
+        );
+        out.stdout
+    }
+
+    /// Pushes the test guest with `vmlot image push`; the image description file.
+    pub fn push_image(&self, image: &GuestImage) -> PathBuf {
+        let (kernel, initrd) = guest_files();
+        let description = self
+            .market
+            .path()
+            .join(format!("image-{}.json", image.hypervisor));
+        let memory = image.memory_mib.to_string();
+        let mut args: Vec<&str> = vec![
+            "image",
+            "push",
+            "--hypervisor",
+            image.hypervisor,
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--memory",
+            &memory,
+            "--cmdline",
+            image.cmdline,
+            "-o",
+            description.to_str().unwrap(),
+        ];
+        for disk in image.disks {
+            args.extend(["--disk", disk.to_str().unwrap()]);
+        }
+        self.vmlot_ok(&args);
+        description
+    }
+
+    /// Funds the default account and submits with `vmlot submit`; the job id.
+    /// `segments` is a count or `until-halt`.
+    pub fn submit(&self, image: &Path, segment_seconds: &str, segments: &str, redundancy: &str) -> JobId {
+        let mut args = vec![
+            "--json",
+            "submit",
+            "--image",
+            image.to_str().unwrap(),
+            "--segment-seconds",
+            segment_seconds,
+            "--redundancy",
+            redundancy,
+            "--reserve",
+            "1",
+            "--budget",
+            "50",
+        ];
+        match segments {
+            "until-halt" => args.push("--until-halt"),
+            n => args.extend(["--segments", n]),
+        }
+        self.vmlot_ok(&[
+            "admin",
+            "credit",
+            "default",
+            "50",
+            "--operator-token",
+            TEST_OPERATOR_TOKEN,
+        ]);
+        let out = self.vmlot_ok(&args);
+        let submitted: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        submitted["job"].as_str().unwrap().parse().unwrap()
+    }
+
+    pub async fn status(&self, job: JobId) -> JobStatus {
+        let client = self.market.server.client().await.unwrap();
+        api(
+            &client,
+            "status",
+            &JobRef {
+                version: WIRE_VERSION,
+                job,
+            },
+        )
+        .await
+        .unwrap()
+        .expect("status")
+    }
+
+    /// Polls until `check` holds for the job's status; fails with the logs
+    /// (and `more`, e.g. a nested host's console) after [`VmMarket::patience`].
+    pub async fn until<T>(
+        &self,
+        job: JobId,
+        what: &str,
+        mut check: impl FnMut(&JobStatus) -> Option<T>,
+    ) -> T {
+        let found = wait_for(self.patience, async || {
+            let s = self.status(job).await;
+            check(&s)
+        })
+        .await;
+        match found {
+            Ok(v) => v,
+            Err(e) => panic!(
+                "{what}: {e}\n{:#?}\n{}",
+                self.status(job).await,
+                self.market.logs()
+            ),
+        }
+    }
+
+    /// Waits for the job's end, which must be `Done`.
+    pub async fn wait_final(&self, job: JobId) -> JobStatus {
+        let done = self
+            .until(job, "job never ended", |s| s.state.is_final().then(|| s.clone()))
+            .await;
+        assert_eq!(done.state, JobState::Done, "{done:#?}\n{}", self.market.logs());
+        done
+    }
+
+    /// The settlement payments of `job`, read from the books.
+    pub async fn payments(&self, job: JobId) -> Vec<SegmentPayment> {
+        let js = async_nats::jetstream::new(self.market.server.client().await.unwrap());
+        vmlot_ledger::read::settlements(&js)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|p| p.job == job)
+            .collect()
+    }
+
+    /// Exactly one payment per settled segment, to the provider that
+    /// settled it, and the job's spending is their sum.
+    pub async fn assert_paid_once(&self, done: &JobStatus) {
+        let paid = self.payments(done.job).await;
+        let segments: Vec<u32> = paid.iter().map(|p| p.segment).collect();
+        assert_eq!(
+            segments.len(),
+            done.settled.len(),
+            "one payment per settled segment: {paid:#?}"
+        );
+        assert_eq!(
+            segments.iter().copied().collect::<HashSet<u32>>(),
+            (0..done.settled.len() as u32).collect(),
+            "each segment paid once: {paid:#?}"
+        );
+        for p in &paid {
+            let settled = &done.settled[p.segment as usize];
+            assert_eq!(
+                (p.provider, p.attempt, &p.amount),
+                (settled.provider, settled.attempt, &settled.price),
+                "segment {} paid to its settling result",
+                p.segment
+            );
+        }
+        let total: Decimal = paid.iter().map(|p| p.amount.amount).sum();
+        assert_eq!(done.spent.amount, total);
+    }
+}
+
+/// The joined console equals the uninterrupted run, and the guest ended by
+/// powering off in the last segment.
+pub fn assert_console_exact(console: &[u8], reference: &[u8], done: &JobStatus, how: &str) {
+    assert!(
+        console == reference,
+        "{how}: the console differs from the uninterrupted run\n--- market\n{}\n--- uninterrupted\n{}",
+        String::from_utf8_lossy(console),
+        String::from_utf8_lossy(reference)
+    );
+    assert_eq!(done.settled.last().map(|s| &s.guest), Some(&GuestState::Halted));
+    assert!(
+        done.settled[..done.settled.len() - 1]
+            .iter()
+            .all(|s| matches!(s.guest, GuestState::Running { .. }))
+    );
+}
