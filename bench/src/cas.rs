@@ -6,7 +6,6 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -17,6 +16,8 @@ use vmlot_cas::chunk::manifest_of;
 use vmlot_cas::{BlockStore, StoreOptions, pull_file, push_file};
 use vmlot_schemas::{BlockId, Chunking, Manifest, ObjectKind};
 use vmlot_tests::NatsServer;
+
+use crate::baseline::{best_of, rsync_delta, version};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -195,32 +196,6 @@ impl Cpu {
     }
 }
 
-fn version(bin: &std::ffi::OsStr, flag: &str) -> String {
-    Command::new(bin)
-        .arg(flag)
-        .output()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_string()
-        })
-        .unwrap_or_else(|e| format!("unavailable ({e})"))
-}
-
-/// Fastest of `n` runs, in seconds.
-fn best_of(n: usize, mut f: impl FnMut()) -> f64 {
-    (0..n)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64()
-        })
-        .fold(f64::MAX, f64::min)
-}
-
 /// The distinct non-zero block bytes of an object, concatenated: what the
 /// store has to move, so the raw baseline moves exactly the same bytes.
 fn stored_bytes(path: &Path, manifest: &Manifest) -> Result<Vec<u8>> {
@@ -284,36 +259,4 @@ async fn raw_jetstream(client: &async_nats::Client, bytes: &[u8]) -> Result<(f64
     let read_s = started.elapsed().as_secs_f64();
     js.delete_stream("RAW_BASELINE").await?;
     Ok((publish_s, read_s))
-}
-
-struct Rsync {
-    literal: u64,
-    seconds: f64,
-}
-
-/// rsync's delta transfer of `b` onto a copy of `a`: the literal bytes it sends.
-fn rsync_delta(a: &Path, b: &Path) -> Result<Rsync> {
-    let tmp = tempfile::tempdir()?;
-    let dest = tmp.path().join("dest");
-    std::fs::copy(a, &dest)?;
-    let started = Instant::now();
-    let out = Command::new("rsync")
-        .args(["--no-whole-file", "--stats", "--inplace"])
-        .arg(b)
-        .arg(&dest)
-        .output()
-        .context("running rsync (apt-get install rsync)")?;
-    let seconds = started.elapsed().as_secs_f64();
-    if !out.status.success() {
-        bail!("rsync failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let stats = String::from_utf8_lossy(&out.stdout);
-    let literal = stats
-        .lines()
-        .find_map(|l| l.strip_prefix("Literal data: "))
-        .and_then(|v| v.split_whitespace().next())
-        .map(|v| v.replace(',', ""))
-        .and_then(|v| v.parse().ok())
-        .context("rsync printed no 'Literal data' line")?;
-    Ok(Rsync { literal, seconds })
 }

@@ -1,10 +1,12 @@
 //! `vmlot-bench`: measurements of vmlot against baselines taken in the same
 //! run on the same machine (raw SHA-1, raw JetStream, rsync).
 
+mod baseline;
 mod cas;
 mod ledger;
 mod market;
 mod segment;
+mod xensave;
 
 use clap::{Parser, Subcommand};
 
@@ -25,6 +27,8 @@ enum Bench {
     Market(market::Args),
     /// Per-segment overhead of a real QEMU guest: save, upload, download, restore, against a whole-file copy.
     Segment(segment::Args),
+    /// Two `xl save` files: fixed 4 KiB, FastCDC and Xen-record chunking against rsync and raw SHA-1.
+    XenSave(xensave::Args),
 }
 
 #[tokio::main]
@@ -38,5 +42,6 @@ async fn main() -> anyhow::Result<()> {
         Bench::Ledger(args) => ledger::run(args).await,
         Bench::Market(args) => market::run(args).await,
         Bench::Segment(args) => segment::run(args).await,
+        Bench::XenSave(args) => xensave::run(args).await,
     }
 }

@@ -2,8 +2,10 @@
 //!
 //! Fixed 4 KiB blocks suit disks (file systems are 4 KiB aligned) and RAM
 //! saved with QEMU's `mapped-ram` (every page at its own aligned offset).
-//! FastCDC suits objects with no natural grid. All-zero blocks become zero
-//! runs in the manifest and are never hashed into the store.
+//! FastCDC suits objects with no natural grid. `xl save` files are cut
+//! along their records, one block per guest page ([`crate::xensave`]).
+//! All-zero blocks become zero runs in the manifest and are never hashed
+//! into the store.
 
 use std::io::Read;
 
@@ -71,33 +73,12 @@ pub enum Piece<'a> {
 /// Cuts `reader` by `chunking`, handing each piece to `sink` in order.
 /// The data slice is only valid during the call.
 pub fn chunk_stream<R: Read>(
-    mut reader: R,
+    reader: R,
     chunking: Chunking,
     mut sink: impl FnMut(Piece<'_>) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
     match chunking {
-        Chunking::Fixed { size } => {
-            // Read in large slabs to keep syscalls off the hot path.
-            let size = size as usize;
-            let slab_len = size * 256;
-            let mut slab = vec![0u8; slab_len];
-            loop {
-                let filled = read_full(&mut reader, &mut slab)?;
-                if filled == 0 {
-                    return Ok(());
-                }
-                for block in slab[..filled].chunks(size) {
-                    if is_zero(block) {
-                        sink(Piece::Zero(block.len() as u64))?;
-                    } else {
-                        sink(Piece::Data(BlockId::of(block), block))?;
-                    }
-                }
-                if filled < slab_len {
-                    return Ok(());
-                }
-            }
-        }
+        Chunking::Fixed { size } => chunk_fixed(reader, size, sink),
         Chunking::Fastcdc { min, avg, max } => {
             let chunker = fastcdc::v2020::StreamCDC::new(reader, min, avg, max);
             for chunk in chunker {
@@ -113,11 +94,40 @@ pub fn chunk_stream<R: Read>(
             }
             Ok(())
         }
+        Chunking::XenRecords { max } => crate::xensave::chunk_xen_save(reader, max, sink).map(|_| ()),
+    }
+}
+
+/// Cuts `reader` into blocks of `size` bytes (the last may be shorter).
+pub(crate) fn chunk_fixed<R: Read>(
+    mut reader: R,
+    size: u32,
+    mut sink: impl FnMut(Piece<'_>) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    // Read in large slabs to keep syscalls off the hot path.
+    let size = size as usize;
+    let slab_len = size * 256;
+    let mut slab = vec![0u8; slab_len];
+    loop {
+        let filled = read_full(&mut reader, &mut slab)?;
+        if filled == 0 {
+            return Ok(());
+        }
+        for block in slab[..filled].chunks(size) {
+            if is_zero(block) {
+                sink(Piece::Zero(block.len() as u64))?;
+            } else {
+                sink(Piece::Data(BlockId::of(block), block))?;
+            }
+        }
+        if filled < slab_len {
+            return Ok(());
+        }
     }
 }
 
 /// Fills `buf` unless the reader ends first; returns the bytes read.
-fn read_full<R: Read>(reader: &mut R, buf: &mut [u8]) -> std::io::Result<usize> {
+pub(crate) fn read_full<R: Read>(reader: &mut R, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut filled = 0;
     while filled < buf.len() {
         match reader.read(&mut buf[filled..]) {

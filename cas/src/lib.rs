@@ -3,6 +3,7 @@
 //! receiver lacks ("cold" blocks) cross the network.
 //!
 //! - [`chunk`] cuts a byte stream into blocks and builds its manifest.
+//! - [`xensave`] cuts an `xl save` file along its records, a block per guest page.
 //! - [`store`] keeps blocks and manifests in JetStream.
 //! - [`cache`] keeps blocks on a provider's or client's disk.
 //! - [`transfer`] pushes a file into the store and pulls it back out.
@@ -14,6 +15,7 @@ pub mod chunk;
 pub mod error;
 pub mod store;
 pub mod transfer;
+pub mod xensave;
 
 pub use cache::{BlockCache, HaveReport};
 pub use error::CasError;

@@ -17,6 +17,8 @@ pub enum ChunkingArg {
     Fixed4k,
     /// FastCDC, 16 KiB average (objects with no 4 KiB grid).
     Fastcdc,
+    /// `xl save` files: a block per guest page, cut along the stream's records.
+    Xen,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -101,6 +103,7 @@ impl StoreCommand {
                 let chunking = match chunking {
                     ChunkingArg::Fixed4k => Chunking::FIXED_4K,
                     ChunkingArg::Fastcdc => Chunking::FASTCDC_16K,
+                    ChunkingArg::Xen => Chunking::XEN_RECORDS,
                 };
                 let report = push_file(&store, cache.as_ref(), file, kind, chunking, &HashSet::new())
                     .await

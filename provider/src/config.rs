@@ -1,4 +1,10 @@
 //! Provider settings, from a TOML file with flags on top.
+//!
+//! The TOML keys are the field names of [`ProviderConfig`] (`id`, `name`,
+//! `hypervisors`, `slots`, `price_per_second`, `min_price`, `hot_discount`,
+//! `cache_dir`, `cache_bytes`, `work_dir`, `idle_load`, `heartbeat` in ms,
+//! `qemu_accel`, `xen_guest_type`, `xl_binary`, `xen_console_dir`,
+//! `synthetic_changed_fraction`, …); a missing key keeps its default.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -37,6 +43,15 @@ pub struct ProviderConfig {
     pub heartbeat: Duration,
     /// QEMU accelerator: auto (KVM only if it really runs guests), kvm or tcg.
     pub qemu_accel: String,
+    /// Xen guest type: `pv` (works with Xen nested under TCG) or `pvh`
+    /// (needs hardware virtualization). Checkpoints restore only into the
+    /// same type, so a market's Xen providers should agree on it.
+    pub xen_guest_type: String,
+    /// The `xl` binary (default: `xl` on `PATH`).
+    pub xl_binary: Option<PathBuf>,
+    /// xenconsoled's `--log-dir`, where it writes `guest-<domain>.log`
+    /// (it must run with `--log=guest`).
+    pub xen_console_dir: PathBuf,
     /// Changed share of blocks per segment for the synthetic driver.
     pub synthetic_changed_fraction: f64,
 }
@@ -61,6 +76,9 @@ impl Default for ProviderConfig {
             idle_load: None,
             heartbeat: Duration::from_secs(1),
             qemu_accel: "auto".into(),
+            xen_guest_type: "pv".into(),
+            xl_binary: None,
+            xen_console_dir: crate::driver::xen::DEFAULT_CONSOLE_DIR.into(),
             synthetic_changed_fraction: 0.05,
         }
     }

@@ -390,7 +390,7 @@ async fn run_award(
                 Some(&daemon.cache),
                 &machine_state,
                 ObjectKind::MachineState,
-                Chunking::FIXED_4K,
+                machine_state_chunking(lot.image.vm.hypervisor),
                 &known,
             )
             .await
@@ -485,4 +485,15 @@ async fn known_blocks(daemon: &Daemon, checkpoint: &Checkpoint) -> HashSet<Block
         }
     }
     known
+}
+
+/// How a hypervisor's saved state is cut into blocks. QEMU's mapped-ram
+/// file keeps every page on the 4 KiB grid; `xl save` writes pages in
+/// batches behind pfn arrays, so they drift off it and only a chunker that
+/// reads the stream's page records finds the same page again.
+fn machine_state_chunking(hypervisor: HypervisorKind) -> Chunking {
+    match hypervisor {
+        HypervisorKind::Xen => Chunking::XEN_RECORDS,
+        HypervisorKind::Qemu | HypervisorKind::Synthetic => Chunking::FIXED_4K,
+    }
 }

@@ -10,6 +10,7 @@ use vmlot_provider::config::ProviderConfig;
 use vmlot_provider::driver::Driver;
 use vmlot_provider::driver::qemu::{Accel, QemuConfig, QemuDriver};
 use vmlot_provider::driver::synthetic::{SyntheticConfig, SyntheticDriver};
+use vmlot_provider::driver::xen::{GuestType, XenConfig, XenDriver};
 use vmlot_schemas::{HypervisorKind, ProviderId};
 
 #[derive(Parser)]
@@ -120,7 +121,17 @@ async fn main() -> anyhow::Result<()> {
             HypervisorKind::Synthetic => drivers.push(Arc::new(SyntheticDriver::new(SyntheticConfig {
                 changed_fraction: config.synthetic_changed_fraction,
             }))),
-            HypervisorKind::Xen => anyhow::bail!("the Xen driver is not built yet"),
+            HypervisorKind::Xen => {
+                let guest_type: GuestType = config
+                    .xen_guest_type
+                    .parse()
+                    .map_err(|e: String| anyhow::anyhow!("xen_guest_type: {e}"))?;
+                drivers.push(Arc::new(XenDriver::new(XenConfig {
+                    binary: config.xl_binary.clone(),
+                    guest_type,
+                    console_dir: config.xen_console_dir.clone(),
+                })));
+            }
         }
     }
     let addrs: Vec<async_nats::ServerAddr> = args

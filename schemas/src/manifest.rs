@@ -48,6 +48,11 @@ pub enum Chunking {
     Fixed { size: u32 },
     /// Content-defined chunking (FastCDC 2020) for objects with no natural grid.
     Fastcdc { min: u32, avg: u32, max: u32 },
+    /// An `xl save` file cut along its migration-stream records: one block
+    /// per guest page (the page bytes exactly, wherever the stream put
+    /// them), the bytes between pages in blocks of at most `max`, and fixed
+    /// 4 KiB blocks from wherever the stream stops parsing.
+    XenRecords { max: u32 },
 }
 
 impl Chunking {
@@ -59,12 +64,19 @@ impl Chunking {
         avg: 16384,
         max: 65536,
     };
+    /// `xl save` records, non-page stretches cut at 64 KiB.
+    pub const XEN_RECORDS: Chunking = Chunking::XenRecords { max: 65536 };
+
+    /// The guest page size the Xen record chunker needs to fit in a block
+    /// (x86 Xen saves 4 KiB pages; the fallback also cuts 4 KiB blocks).
+    pub const XEN_MIN_BLOCK: u32 = 4096;
 
     /// The longest block this chunking can produce.
     pub fn max_block(&self) -> u32 {
         match *self {
             Chunking::Fixed { size } => size,
             Chunking::Fastcdc { max, .. } => max,
+            Chunking::XenRecords { max } => max,
         }
     }
 }
@@ -191,6 +203,14 @@ impl Manifest {
                 "fastcdc needs min <= avg <= max".into(),
             ));
         }
+        if let Chunking::XenRecords { max } = self.chunking
+            && max < Chunking::XEN_MIN_BLOCK
+        {
+            return Err(ManifestError::Inconsistent(format!(
+                "xen-records needs max >= {}",
+                Chunking::XEN_MIN_BLOCK
+            )));
+        }
         let mut total: u64 = 0;
         for (i, extent) in self.extents.iter().enumerate() {
             match *extent {
@@ -300,5 +320,28 @@ mod tests {
             Manifest::decode(&huge, &id),
             Err(ManifestError::TooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn chunking_wire_form_is_stable() {
+        let enc = |c: Chunking| serde_json::to_string(&c).unwrap();
+        assert_eq!(enc(Chunking::FIXED_4K), r#"{"fixed":{"size":4096}}"#);
+        assert_eq!(
+            enc(Chunking::FASTCDC_16K),
+            r#"{"fastcdc":{"min":4096,"avg":16384,"max":65536}}"#
+        );
+        assert_eq!(enc(Chunking::XEN_RECORDS), r#"{"xen-records":{"max":65536}}"#);
+        let back: Chunking = serde_json::from_str(r#"{"xen-records":{"max":65536}}"#).unwrap();
+        assert_eq!(back, Chunking::XEN_RECORDS);
+    }
+
+    #[test]
+    fn xen_records_needs_room_for_a_page() {
+        let mut m = sample();
+        m.chunking = Chunking::XenRecords { max: 2048 };
+        m.extents = vec![Extent::Zero { z: m.size }];
+        assert!(matches!(m.validate(), Err(ManifestError::Inconsistent(_))));
+        m.chunking = Chunking::XEN_RECORDS;
+        m.validate().unwrap();
     }
 }

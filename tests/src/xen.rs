@@ -65,7 +65,7 @@ impl XenHost {
             .args(["--nats", &format!("nats://10.0.2.2:{nats_port}")])
             .args(["--name", &spec.name])
             .args(["--id", &spec.id.to_string()])
-            .args(["--price", &spec.price])
+            .args(["--price", "0", "--min-price", &spec.price])
             .arg("--serial")
             .arg(&serial)
             .stdin(Stdio::null())

@@ -3,7 +3,7 @@
 //!
 //! A driver works on local files only; moving them through the
 //! content-addressed store is the caller's job. Drivers: [`qemu`] (QMP),
-//! [`synthetic`] (no VM, for market load tests); Xen follows.
+//! [`xen`] (`xl` in dom0), [`synthetic`] (no VM, for market load tests).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -14,6 +14,7 @@ use vmlot_schemas::{HypervisorKind, VmConfig};
 
 pub mod qemu;
 pub mod synthetic;
+pub mod xen;
 
 /// The files an image boots from. Restores need them too: QEMU rebuilds
 /// the same machine before it loads the saved state into it.
@@ -94,6 +95,10 @@ pub enum DriverError {
     Start(String),
     #[error("QMP: {0}")]
     Qmp(String),
+    /// The Xen toolstack cannot be used: not a dom0, xenstored down, `xl`
+    /// failing or not answering, a domain gone behind the driver's back.
+    #[error("Xen toolstack: {0}")]
+    Toolstack(String),
     #[error("restore failed: {0}")]
     Restore(String),
     #[error("save failed: {0}")]

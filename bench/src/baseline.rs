@@ -1,0 +1,82 @@
+//! Baselines shared by the benchmarks: rsync's delta transfer, tool
+//! versions for the report, best-of-n timing.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+
+/// What rsync sent for one file.
+pub struct Rsync {
+    /// Bytes rsync sent literally (what its delta could not find in the basis).
+    pub literal: u64,
+    pub seconds: f64,
+}
+
+/// rsync's delta transfer of `b` onto a copy of `a` with `--inplace`: the
+/// literal bytes it sends. In place, rsync only reuses basis data at or
+/// after the offset it is writing, so content that moved towards the start
+/// of the file counts as literal; see [`rsync_delta_with`].
+pub fn rsync_delta(a: &Path, b: &Path) -> Result<Rsync> {
+    rsync_delta_with(a, b, true)
+}
+
+/// rsync's delta transfer of `b` onto a copy of `a`, in place or (rsync's
+/// default) into a new file built from the basis at any offset.
+pub fn rsync_delta_with(a: &Path, b: &Path, inplace: bool) -> Result<Rsync> {
+    let tmp = tempfile::tempdir()?;
+    let dest = tmp.path().join("dest");
+    std::fs::copy(a, &dest)?;
+    let started = Instant::now();
+    let mut rsync = Command::new("rsync");
+    rsync.args(["--no-whole-file", "--stats"]);
+    if inplace {
+        rsync.arg("--inplace");
+    }
+    let out = rsync
+        .arg(b)
+        .arg(&dest)
+        .output()
+        .context("running rsync (apt-get install rsync)")?;
+    let seconds = started.elapsed().as_secs_f64();
+    if !out.status.success() {
+        bail!("rsync failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let stats = String::from_utf8_lossy(&out.stdout);
+    let literal = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("Literal data: "))
+        .and_then(|v| v.split_whitespace().next())
+        .map(|v| v.replace(',', ""))
+        .and_then(|v| v.parse().ok())
+        .context("rsync printed no 'Literal data' line")?;
+    Ok(Rsync { literal, seconds })
+}
+
+/// First line of `bin flag`, or why it could not run.
+pub fn version(bin: &std::ffi::OsStr, flag: &str) -> String {
+    Command::new(bin)
+        .arg(flag)
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        })
+        .unwrap_or_else(|e| format!("unavailable ({e})"))
+}
+
+/// Fastest of `n` runs, in seconds.
+pub fn best_of(n: usize, mut f: impl FnMut()) -> f64 {
+    (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::MAX, f64::min)
+}
