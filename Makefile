@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export PATH := $(CURDIR)/.tools/bin:$(PATH)
 
-.PHONY: all deps build guest test lint unit demo bench-cas bench-market bench-segment bench-ledger schemas clean
+.PHONY: all deps build guest xen-host test test-xen lint unit bench-xen demo bench-cas bench-market bench-segment bench-ledger schemas clean
 
 all: build
 
@@ -18,18 +18,28 @@ build: deps
 guest: deps
 	@bash scripts/build-guest.sh
 
+## Nested Xen test host (.tools/xen): Xen 4.17 + a busybox dom0 running vmlot-provider; boot with scripts/xen-host.sh boot.
+xen-host: deps guest
+	@bash scripts/xen-host.sh build
+
 ## Every test: formatting, lints, unit and integration tests against real
 ## nats-server and real QEMU guests (hence the guest).
 test: deps guest lint unit
 
 lint:
 	$(CARGO) fmt --all --check
-	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets --features vmlot-tests/xen -- -D warnings
 
 # The integration tests run the workspace's binaries as real processes.
 unit:
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace
+
+## Segments on real Xen: two nested Xen hosts (Debian's Xen 4.17 under QEMU TCG)
+## run the test guest through the market (tests/tests/market_xen.rs).
+test-xen: deps guest xen-host
+	$(CARGO) build --workspace --bins
+	$(CARGO) test -p vmlot-tests --features xen --test market_xen
 
 ## The market on this machine: NATS, the broker, 3 QEMU providers, a real VM job run to its end.
 demo: build guest
@@ -48,6 +58,11 @@ bench-market: build
 ## against a whole-file copy through the same nats-server.
 bench-segment: build guest
 	./target/release/vmlot-bench segment --segment-seconds 60 --segments 3
+
+## Transfer of real `xl save` files: one nested Xen host runs a memory-writing guest
+## for a few segments; the last two saves against rsync, FastCDC and fixed blocks.
+bench-xen: build guest xen-host
+	bash scripts/bench-xen.sh 5 3
 
 ## Ledger verify and filtered queries over 1 M ledger records, against a raw read of the same messages.
 bench-ledger: build

@@ -28,6 +28,14 @@ use crate::bidding;
 use crate::config::ProviderConfig;
 use crate::driver::{BootFiles, Driver, SegmentEnd, SegmentPlan, SegmentStart};
 
+/// How far this machine's clock may be ahead of the broker's before a lot
+/// looks past its bid deadline. Bid windows are a fraction of a second, so
+/// a clock a few hundred milliseconds ahead (a host that set its clock from
+/// a one-second RTC and has no NTP, as the nested Xen test hosts do) would
+/// otherwise skip every lot. A bid that does arrive late is simply ignored
+/// by the broker.
+const CLOCK_SKEW: chrono::TimeDelta = chrono::TimeDelta::seconds(2);
+
 /// Errors that stop the daemon (a failed segment never does).
 #[derive(Debug, thiserror::Error)]
 pub enum ProviderError {
@@ -180,7 +188,10 @@ async fn bid_on_lots(
                 continue;
             }
         };
-        if lot.version != WIRE_VERSION || lot.bid_deadline < Utc::now() || !lot.invites(&daemon.config.id) {
+        if lot.version != WIRE_VERSION
+            || lot.bid_deadline + CLOCK_SKEW < Utc::now()
+            || !lot.invites(&daemon.config.id)
+        {
             continue;
         }
         let hot_share = hot_share(&daemon, &lot.checkpoint).await;

@@ -18,11 +18,13 @@ use vmlot_tests::market::QemuProviderSpec;
 use vmlot_tests::vm::{GuestImage, Timed, VmMarket, assert_console_exact};
 use vmlot_tests::xen::{XenHost, XenHostSpec};
 
-const STEPS: u32 = 30;
+const STEPS: u32 = 40;
 const WORK_KIB: u32 = 1024;
 /// Xen's PV console is hvc0; `quiet loglevel=1` keeps the kernel off it.
-const CMDLINE: &str = "console=hvc0 quiet loglevel=1 panic=-1 vmlot.steps=30 vmlot.work_kib=1024";
-const MEMORY_MIB: u32 = 64;
+const CMDLINE: &str = "console=hvc0 quiet loglevel=1 panic=-1 vmlot.steps=40 vmlot.work_kib=1024";
+/// The Debian kernel does not fit a 64 MiB PV domain (`xl create`: "segment
+/// kernel too large").
+const MEMORY_MIB: u32 = 128;
 const SEGMENT_SECONDS: &str = "8";
 /// A nested host takes 10–20 s to boot on an idle machine, several times
 /// that while another host runs a guest on the same two cores.

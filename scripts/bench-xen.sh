@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# make bench-xen: the transfer of real `xl save` files between segments.
+#
+# Runs the market on this machine with one nested Xen host (scripts/xen-host.sh)
+# and the test guest in memwriter mode (new random data into RAM at a steady
+# rate) as a PV domain, for a few short segments on that one host: each
+# segment restores the previous save and saves again, so consecutive
+# checkpoints are two saves of the same domain SEGMENT seconds of guest time
+# apart. Pulls the machine state of two consecutive segments from the store
+# and runs `vmlot-bench xen-save` on the pair: fixed 4 KiB, FastCDC and the
+# Xen record chunker against rsync and raw SHA-1 over the same bytes. Also
+# prints what the provider really sent per segment (its result's sent_bytes).
+#
+# Usage: scripts/bench-xen.sh [SEGMENT_SECONDS] [SEGMENTS]  (defaults 5 and 3)
+# Files go to .tools/bench/xen/; everything started is stopped on exit.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+segment_seconds=${1:-5}
+segments=${2:-3}
+out=$root/.tools/bench/xen
+bin=$root/target/release
+vmlot=$bin/vmlot
+guest=$root/.tools/guest
+for f in "$vmlot" "$bin/vmlot-broker" "$bin/vmlot-bench" "$guest/vmlinuz" "$guest/initrd.cpio.gz" .tools/xen/dom0.cpio.gz; do
+  [ -e "$f" ] || { echo "bench-xen: $f is missing: run 'make bench-xen'" >&2; exit 1; }
+done
+
+rm -rf "$out"
+mkdir -p "$out/nats-store"
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT
+
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+cat > "$out/nats.conf" <<CONF
+listen: 127.0.0.1:$port
+max_payload: 8MB
+jetstream { store_dir: "$out/nats-store", sync_interval: always }
+CONF
+.tools/bin/nats-server -c "$out/nats.conf" 2> "$out/nats.log" &
+pids+=($!)
+export VMLOT_NATS=nats://127.0.0.1:$port
+for _ in $(seq 100); do (echo > /dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
+export VMLOT_OPERATOR_TOKEN="bench-$$"
+"$bin/vmlot-broker" --bid-window-ms 500 --transfer-allowance-s 120 > "$out/broker.log" 2>&1 &
+pids+=($!)
+
+bash scripts/xen-host.sh boot --nats "nats://10.0.2.2:$port" --name xb1 \
+  --id "$(cat /proc/sys/kernel/random/uuid)" --price 0 --min-price 0.1 --serial "$out/xb1.serial" \
+  > "$out/xb1.qemu.log" 2>&1 &
+pids+=($!)
+echo "bench-xen: waiting for the nested Xen host to join (10-60 s)"
+for _ in $(seq 300); do
+  "$vmlot" --json providers 2>/dev/null | grep -q '"xb1"' && break
+  sleep 1
+done
+"$vmlot" --json providers | grep -q '"xb1"' || { echo "bench-xen: the Xen host never joined; see $out/xb1.serial" >&2; exit 1; }
+
+"$vmlot" admin credit default 100 > /dev/null
+"$vmlot" image push --hypervisor xen --kernel "$guest/vmlinuz" --initrd "$guest/initrd.cpio.gz" \
+  --memory 128 --cmdline "console=hvc0 quiet loglevel=1 vmlot.mode=memwriter vmlot.rate_kib=256 vmlot.ring_mib=32" \
+  -o "$out/image.json" > /dev/null
+job=$("$vmlot" --json submit --image "$out/image.json" --segment-seconds "$segment_seconds" \
+  --segments "$segments" --reserve 1 --budget 10 | python3 -c 'import json,sys; print(json.load(sys.stdin)["job"])')
+echo "bench-xen: job $job, $segments segments of $segment_seconds s"
+"$vmlot" watch "$job" > "$out/watch.log" 2>&1 || { echo "bench-xen: the job did not finish; see $out/" >&2; exit 1; }
+"$vmlot" --json status "$job" > "$out/status.json"
+"$vmlot" status "$job"
+
+# The machine states of the last two segments, as the store holds them.
+read -r old new < <(python3 - "$out/status.json" <<'PY'
+import json, sys
+s = json.load(open(sys.argv[1]))
+states = [seg["guest"]["checkpoint"]["machine_state"] for seg in s["settled"] if seg["guest"]["state"] == "running"]
+print(states[-2], states[-1])
+PY
+)
+"$vmlot" store pull "$old" -o "$out/save-old" > /dev/null
+"$vmlot" store pull "$new" -o "$out/save-new" > /dev/null
+python3 - "$out/status.json" <<'PY'
+import json, sys
+s = json.load(open(sys.argv[1]))
+for seg in s["settled"]:
+    t = seg["timings"]
+    print(f"segment {seg['segment']}: provider sent {seg['sent_bytes']} B, fetched {seg['fetched_bytes']} B; "
+          f"start {t['start_ms']} ms, save {t['save_ms']} ms, upload {t['upload_ms']} ms")
+PY
+"$bin/vmlot-bench" xen-save --old "$out/save-old" --new "$out/save-new"
