@@ -37,7 +37,7 @@ SRC
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -t bookworm-backports qemu-system-x86 >/dev/null
 fi
 
-for pkg_cmd in busybox-static:/bin/busybox rsync:rsync cpio:cpio zstd:zstd python3-venv:/usr/lib/python3*/venv; do
+for pkg_cmd in busybox-static:/bin/busybox rsync:rsync cpio:cpio zstd:zstd xz-utils:xz python3-venv:/usr/lib/python3*/venv; do
   pkg=${pkg_cmd%%:*}; probe=${pkg_cmd#*:}
   case "$probe" in
     /*) compgen -G "$probe" >/dev/null || need_apt+=("$pkg") ;;

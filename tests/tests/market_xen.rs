@@ -14,18 +14,18 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use vmlot_schemas::ProviderId;
 use vmlot_schemas::market::JobStatus;
-use vmlot_tests::market::QemuProviderSpec;
+use vmlot_tests::market::{QemuProviderSpec, wait_for};
 use vmlot_tests::vm::{GuestImage, Timed, VmMarket, assert_console_exact};
 use vmlot_tests::xen::{XenHost, XenHostSpec};
 
-const STEPS: u32 = 40;
-const WORK_KIB: u32 = 1024;
+const STEPS: u32 = 48;
+const WORK_KIB: u32 = 2048;
 /// Xen's PV console is hvc0; `quiet loglevel=1` keeps the kernel off it.
-const CMDLINE: &str = "console=hvc0 quiet loglevel=1 panic=-1 vmlot.steps=40 vmlot.work_kib=1024";
+const CMDLINE: &str = "console=hvc0 quiet loglevel=1 panic=-1 vmlot.steps=48 vmlot.work_kib=2048";
 /// The Debian kernel does not fit a 64 MiB PV domain (`xl create`: "segment
 /// kernel too large").
 const MEMORY_MIB: u32 = 128;
-const SEGMENT_SECONDS: &str = "8";
+const SEGMENT_SECONDS: &str = "6";
 /// A nested host takes 10–20 s to boot on an idle machine, several times
 /// that while another host runs a guest on the same two cores.
 const HOST_BOOT: Duration = Duration::from_secs(300);
@@ -232,9 +232,14 @@ async fn a_xen_host_killed_mid_segment_costs_one_attempt_and_the_console_stays_e
         })
         .await;
     assert_eq!(victim, ProviderId(x1.id), "the cheaper host runs segment 1");
-    // Into the segment: the checkpoint is hot on x1, so fetch and restore
-    // take a few seconds; the 8 s segment is then under way.
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    // Into the segment: the driver logs each domain it has running, the
+    // second one is segment 1's.
+    let running = wait_for(HOST_BOOT, async || {
+        (xm.hosts[0].console().matches("domain running").count() >= 2).then_some(())
+    })
+    .await;
+    assert!(running.is_ok(), "segment 1's domain never ran on x1\n{}", xm.consoles());
+    tokio::time::sleep(Duration::from_secs(2)).await;
     xm.hosts[0].kill();
     let settled_before = xm.m.status(job).await.settled.len();
     assert_eq!(settled_before, 1, "segment 1 had not settled when x1 died");
