@@ -238,7 +238,11 @@ async fn a_xen_host_killed_mid_segment_costs_one_attempt_and_the_console_stays_e
         (xm.hosts[0].console().matches("domain running").count() >= 2).then_some(())
     })
     .await;
-    assert!(running.is_ok(), "segment 1's domain never ran on x1\n{}", xm.consoles());
+    assert!(
+        running.is_ok(),
+        "segment 1's domain never ran on x1\n{}",
+        xm.consoles()
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     xm.hosts[0].kill();
     let settled_before = xm.m.status(job).await.settled.len();

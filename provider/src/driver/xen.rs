@@ -909,7 +909,10 @@ async fn reap_orphans(xl: &Xl, cancel: &CancellationToken) {
     let alive = |pid: u32| Path::new("/proc").join(pid.to_string()).exists();
     for name in orphaned_domains(&list, std::process::id(), alive) {
         tracing::warn!(domain = %name, "destroying a domain left by a provider that died");
-        if let Err(e) = xl.run_retrying(&["destroy", name.as_str()], QUERY_TIMEOUT, cancel).await {
+        if let Err(e) = xl
+            .run_retrying(&["destroy", name.as_str()], QUERY_TIMEOUT, cancel)
+            .await
+        {
             tracing::warn!(domain = %name, "could not destroy it: {e}");
         }
     }
@@ -921,7 +924,12 @@ fn orphaned_domains(list: &str, own_pid: u32, alive: impl Fn(u32) -> bool) -> Ve
     list.lines()
         .filter_map(|line| line.split_whitespace().next())
         .filter_map(|name| {
-            let pid: u32 = name.strip_prefix(DOMAIN_PREFIX)?.split('-').next()?.parse().ok()?;
+            let pid: u32 = name
+                .strip_prefix(DOMAIN_PREFIX)?
+                .split('-')
+                .next()?
+                .parse()
+                .ok()?;
             (pid != own_pid && !alive(pid)).then(|| name.to_string())
         })
         .collect()
