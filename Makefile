@@ -60,9 +60,9 @@ bench-segment: build guest
 	./target/release/vmlot-bench segment --segment-seconds 60 --segments 3
 
 ## Transfer of real `xl save` files: one nested Xen host runs a memory-writing guest
-## for a few segments; the last two saves against rsync, FastCDC and fixed blocks.
+## for 11 segments; two pairs of consecutive saves against rsync, FastCDC and fixed blocks.
 bench-xen: build guest xen-host
-	bash scripts/bench-xen.sh 5 3
+	bash scripts/bench-xen.sh 5 11
 
 ## Ledger verify and filtered queries over 1 M ledger records, against a raw read of the same messages.
 bench-ledger: build

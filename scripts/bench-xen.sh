@@ -6,18 +6,18 @@
 # rate) as a PV domain, for a few short segments on that one host: each
 # segment restores the previous save and saves again, so consecutive
 # checkpoints are two saves of the same domain SEGMENT seconds of guest time
-# apart. Pulls the machine state of two consecutive segments from the store
-# and runs `vmlot-bench xen-save` on the pair: fixed 4 KiB, FastCDC and the
+# apart. Pulls the machine state of the last three segments from the store
+# and runs `vmlot-bench xen-save` on two consecutive pairs: fixed 4 KiB, FastCDC and the
 # Xen record chunker against rsync and raw SHA-1 over the same bytes. Also
 # prints what the provider really sent per segment (its result's sent_bytes).
 #
-# Usage: scripts/bench-xen.sh [SEGMENT_SECONDS] [SEGMENTS]  (defaults 5 and 3)
+# Usage: scripts/bench-xen.sh [SEGMENT_SECONDS] [SEGMENTS]  (defaults 5 and 11)
 # Files go to .tools/bench/xen/; everything started is stopped on exit.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 segment_seconds=${1:-5}
-segments=${2:-3}
+segments=${2:-11}
 out=$root/.tools/bench/xen
 bin=$root/target/release
 vmlot=$bin/vmlot
@@ -71,16 +71,18 @@ echo "bench-xen: job $job, $segments segments of $segment_seconds s"
 "$vmlot" --json status "$job" > "$out/status.json"
 "$vmlot" status "$job"
 
-# The machine states of the last two segments, as the store holds them.
-read -r old new < <(python3 - "$out/status.json" <<'PY'
+# The machine states of the last three segments, as the store holds them.
+read -r s1 s2 s3 < <(python3 - "$out/status.json" <<'PY'
 import json, sys
 s = json.load(open(sys.argv[1]))
 states = [seg["guest"]["checkpoint"]["machine_state"] for seg in s["settled"] if seg["guest"]["state"] == "running"]
-print(states[-2], states[-1])
+print(*states[-3:])
 PY
 )
-"$vmlot" store pull "$old" -o "$out/save-old" > /dev/null
-"$vmlot" store pull "$new" -o "$out/save-new" > /dev/null
+for n in 1 2 3; do
+  id=$(eval echo "\$s$n")
+  "$vmlot" store pull "$id" -o "$out/save-$n" > /dev/null
+done
 python3 - "$out/status.json" <<'PY'
 import json, sys
 s = json.load(open(sys.argv[1]))
@@ -89,4 +91,12 @@ for seg in s["settled"]:
     print(f"segment {seg['segment']}: provider sent {seg['sent_bytes']} B, fetched {seg['fetched_bytes']} B; "
           f"start {t['start_ms']} ms, save {t['save_ms']} ms, upload {t['upload_ms']} ms")
 PY
-"$bin/vmlot-bench" xen-save --old "$out/save-old" --new "$out/save-new"
+# Each segment's domain has a fresh name, vmlot-<pid>-<n>-<8 hex> with n
+# counting the provider's segments, and the name is in the save file's
+# header: with 11 segments the last pair's names differ in length (n = 9,
+# then 10), shifting everything after the header by one byte; the pair
+# before has names of one length.
+echo "== pair A: segments $((segments - 3)) -> $((segments - 2)) (domain names of equal length)"
+"$bin/vmlot-bench" xen-save --old "$out/save-1" --new "$out/save-2"
+echo "== pair B: segments $((segments - 2)) -> $((segments - 1)) (the name one character longer)"
+"$bin/vmlot-bench" xen-save --old "$out/save-2" --new "$out/save-3"

@@ -9,6 +9,7 @@
 //! `make test-xen` runs this suite (it needs `make xen-host` and takes
 //! minutes: every host boots Xen and a dom0 under software emulation).
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -60,13 +61,26 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn xen_image() -> GuestImage<'static> {
+fn xen_image<'a>(disks: &'a [&'a Path]) -> GuestImage<'a> {
     GuestImage {
         hypervisor: "xen",
         memory_mib: MEMORY_MIB,
         cmdline: CMDLINE,
-        disks: &[],
+        disks,
     }
+}
+
+/// A 4 MiB raw disk with a pattern in its second MiB: attached to the
+/// domain as xvda (through loop and blkback in dom0), it must travel with
+/// every checkpoint unchanged (the guest never writes it).
+fn pattern_disk(dir: &Path) -> (PathBuf, Vec<u8>) {
+    let path = dir.join("disk.raw");
+    let mut content = vec![0u8; 4 << 20];
+    for (i, b) in content.iter_mut().enumerate().skip(1 << 20).take(64 << 10) {
+        *b = (i % 251) as u8;
+    }
+    std::fs::write(&path, &content).unwrap();
+    (path, content)
 }
 
 /// A market with nested Xen hosts; they die with it.
@@ -134,7 +148,8 @@ fn who(done: &JobStatus, hosts: &[&XenHostSpec]) -> Vec<String> {
 
 /// The guest starts on x1, the only Xen host up; x2 boots while it runs,
 /// asks less, and wins the next lots: the domain is saved on one nested
-/// host and restored on the other. A QEMU provider asking far less is in
+/// host and restored on the other, its disk (attached through loop and
+/// blkback in dom0) with it. A QEMU provider asking far less is in
 /// the market all along and never gets a Xen lot, while a QEMU job in the
 /// same market runs on it and on nothing else.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -150,7 +165,8 @@ async fn a_pv_guest_migrated_between_two_nested_xen_hosts_prints_its_uninterrupt
     xm.boot(&x1);
     xm.ready(2).await;
 
-    let image = xm.m.push_image(&xen_image());
+    let (disk, disk_content) = pattern_disk(xm.m.market.path());
+    let image = xm.m.push_image(&xen_image(&[&disk]));
     let job = xm.m.submit(&image, SEGMENT_SECONDS, "until-halt", "1");
     let first =
         xm.m.until(job, "segment 0 awarded", |s| {
@@ -187,6 +203,20 @@ async fn a_pv_guest_migrated_between_two_nested_xen_hosts_prints_its_uninterrupt
     assert_console_exact(&logs, &expected, &done, "vmlot logs of a Xen job");
     xm.m.assert_paid_once(&done).await;
     eprintln!("segments: {ran:?}");
+    // The disk went through every save and restore, on both hosts.
+    let last_disk = done.checkpoint.disks[0];
+    let pulled = xm.m.market.path().join("disk.pulled");
+    xm.m.vmlot_ok(&[
+        "store",
+        "pull",
+        &last_disk.to_string(),
+        "-o",
+        pulled.to_str().unwrap(),
+    ]);
+    assert!(
+        std::fs::read(&pulled).unwrap() == disk_content,
+        "the last checkpoint's disk differs from the image's"
+    );
 
     // A QEMU job in the same market goes to the QEMU provider only.
     let qemu_image = xm.m.push_image(&GuestImage {
@@ -221,7 +251,7 @@ async fn a_xen_host_killed_mid_segment_costs_one_attempt_and_the_console_stays_e
     xm.boot(&x2);
     xm.ready(2).await;
 
-    let image = xm.m.push_image(&xen_image());
+    let image = xm.m.push_image(&xen_image(&[]));
     let job = xm.m.submit(&image, SEGMENT_SECONDS, "until-halt", "1");
     let victim =
         xm.m.until(job, "segment 1 awarded", |s| {
