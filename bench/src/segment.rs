@@ -24,6 +24,7 @@
 //! Row 0 (boot) starts from empty caches and an empty store, so everything
 //! is cold; the summary counts rows 1.. only.
 
+use crate::baseline::version;
 use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -201,9 +202,9 @@ pub async fn run(args: Args) -> Result<()> {
 
     println!(
         "nats-server: {}",
-        first_line(vmlot_tests::nats_server_binary()?.as_os_str(), "--version")
+        version(vmlot_tests::nats_server_binary()?.as_os_str(), "--version")
     );
-    println!("qemu: {}", first_line("qemu-system-x86_64".as_ref(), "--version"));
+    println!("qemu: {}", version("qemu-system-x86_64".as_ref(), "--version"));
     println!(
         "guest: {} MiB, 1 vCPU, accel {accel:?}, memwriter {} KiB/s into a {} MiB tmpfs ring; \
          T = {} s, {} measured segments after the boot segment",
@@ -595,21 +596,6 @@ async fn naive_copy(js: &jetstream::Context, path: &Path, dest: &Path) -> Result
     js.delete_stream(NAIVE_STREAM).await?;
     std::fs::remove_file(dest)?;
     Ok(Naive { bytes, publish, read })
-}
-
-fn first_line(bin: &std::ffi::OsStr, flag: &str) -> String {
-    std::process::Command::new(bin)
-        .arg(flag)
-        .output()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_string()
-        })
-        .unwrap_or_else(|e| format!("unavailable ({e})"))
 }
 
 fn load_average() -> String {

@@ -325,3 +325,17 @@ pub async fn read_job_record(client: &async_nats::Client, job: impl std::fmt::Di
         None => bail!("no record of job {job}"),
     }
 }
+
+/// The settlement payments of `job`, read from the books.
+pub async fn payments(
+    client: &async_nats::Client,
+    job: vmlot_schemas::JobId,
+) -> Vec<vmlot_schemas::market::SegmentPayment> {
+    let js = async_nats::jetstream::new(client.clone());
+    vmlot_ledger::read::settlements(&js)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|p| p.job == job)
+        .collect()
+}

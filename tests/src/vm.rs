@@ -12,7 +12,7 @@ use rust_decimal::Decimal;
 use vmlot_schemas::market::{GuestState, JobRef, JobState, JobStatus, SegmentPayment};
 use vmlot_schemas::{JobId, WIRE_VERSION};
 
-use crate::market::{Market, TEST_OPERATOR_TOKEN, api, kill_pids, processes_mentioning, wait_for};
+use crate::market::{self, Market, TEST_OPERATOR_TOKEN, api, kill_pids, processes_mentioning, wait_for};
 use crate::{repo_root, workspace_binary};
 
 const SETUP: &str = "run `make deps guest` in the repository root";
@@ -222,13 +222,7 @@ impl VmMarket {
 
     /// The settlement payments of `job`, read from the books.
     pub async fn payments(&self, job: JobId) -> Vec<SegmentPayment> {
-        let js = async_nats::jetstream::new(self.market.server.client().await.unwrap());
-        vmlot_ledger::read::settlements(&js)
-            .await
-            .unwrap()
-            .into_iter()
-            .filter(|p| p.job == job)
-            .collect()
+        market::payments(&self.market.server.client().await.unwrap(), job).await
     }
 
     /// Exactly one payment per settled segment, to the provider that

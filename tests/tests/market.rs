@@ -12,7 +12,9 @@ use vmlot_schemas::market::{
     Submitted,
 };
 use vmlot_schemas::{HypervisorKind, JobId, Money, ProviderId, VmConfig, WIRE_VERSION, subjects};
-use vmlot_tests::market::{Market, ProviderSpec, api, fake_kernel, fast_broker_args, fund, wait_for};
+use vmlot_tests::market::{
+    Market, ProviderSpec, api, fake_kernel, fast_broker_args, fund, payments, wait_for,
+};
 
 fn money(s: &str) -> Money {
     Money::new(Decimal::from_str(s).unwrap(), "CRD")
@@ -119,16 +121,6 @@ async fn wait_final(market: &Market, client: &async_nats::Client, job: JobId, li
             market.logs()
         ),
     }
-}
-
-async fn payments(client: &async_nats::Client, job: JobId) -> Vec<SegmentPayment> {
-    let js = async_nats::jetstream::new(client.clone());
-    vmlot_ledger::read::settlements(&js)
-        .await
-        .unwrap()
-        .into_iter()
-        .filter(|p| p.job == job)
-        .collect()
 }
 
 /// Every result in the results stream, in arrival order.

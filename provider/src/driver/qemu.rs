@@ -36,7 +36,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use vmlot_schemas::HypervisorKind;
 
-use super::{Driver, DriverError, SegmentEnd, SegmentPlan, SegmentReport, SegmentStart};
+use super::{
+    Driver, DriverError, SegmentEnd, SegmentPlan, SegmentReport, SegmentStart, find_binary, io_err,
+    remove_if_exists, validate,
+};
 
 /// Used when [`QemuConfig::binary`] is not set; looked up on `PATH`.
 pub const DEFAULT_BINARY: &str = "qemu-system-x86_64";
@@ -134,7 +137,7 @@ impl QemuDriver {
         match self.accel {
             Accel::Kvm | Accel::Tcg => Ok(self.accel),
             Accel::Auto => {
-                let binary = self.find_binary()?;
+                let binary = find_binary(&self.binary, PACKAGE)?;
                 let accel = self
                     .probed
                     .get_or_try_init(|| async {
@@ -149,27 +152,6 @@ impl QemuDriver {
         }
     }
 
-    /// The QEMU binary, checked to exist, so a missing QEMU is reported as
-    /// such rather than as a failed start.
-    fn find_binary(&self) -> Result<PathBuf, DriverError> {
-        let missing = || DriverError::MissingBinary {
-            binary: self.binary.display().to_string(),
-            package: PACKAGE,
-        };
-        if self.binary.components().count() > 1 {
-            return if is_executable(&self.binary) {
-                Ok(self.binary.clone())
-            } else {
-                Err(missing())
-            };
-        }
-        let path = std::env::var_os("PATH").unwrap_or_default();
-        std::env::split_paths(&path)
-            .map(|dir| dir.join(&self.binary))
-            .find(|p| is_executable(p))
-            .ok_or_else(missing)
-    }
-
     async fn run(&self, plan: &SegmentPlan, cancel: CancellationToken) -> Result<SegmentReport, DriverError> {
         if plan.vm.hypervisor != HypervisorKind::Qemu {
             return Err(DriverError::WrongHypervisor {
@@ -178,7 +160,7 @@ impl QemuDriver {
             });
         }
         validate(plan)?;
-        let binary = self.find_binary()?;
+        let binary = find_binary(&self.binary, PACKAGE)?;
         if cancel.is_cancelled() {
             return Err(DriverError::Cancelled);
         }
@@ -514,52 +496,6 @@ fn machine_args(plan: &SegmentPlan, accel: Accel, console: &Path) -> Result<Vec<
         args.push(format!("file={disk},format=raw,if=virtio").into());
     }
     Ok(args)
-}
-
-/// Refuses what QEMU would refuse later and less clearly.
-fn validate(plan: &SegmentPlan) -> Result<(), DriverError> {
-    let vm = &plan.vm;
-    if vm.arch != "x86_64" {
-        return Err(DriverError::BadImage(format!(
-            "this driver runs x86_64 guests, the image is {}",
-            vm.arch
-        )));
-    }
-    if vm.memory_mib == 0 || vm.vcpus == 0 {
-        return Err(DriverError::BadImage(format!(
-            "memory_mib ({}) and vcpus ({}) must be positive",
-            vm.memory_mib, vm.vcpus
-        )));
-    }
-    let files = &plan.files;
-    let mut check = vec![("kernel", &files.kernel)];
-    check.extend(files.initrd.iter().map(|p| ("initrd", p)));
-    check.extend(files.disks.iter().map(|p| ("disk", p)));
-    for (what, path) in check {
-        match std::fs::metadata(path) {
-            Ok(m) if m.is_file() => {}
-            Ok(_) => {
-                return Err(DriverError::BadImage(format!(
-                    "{what} {} is not a file",
-                    path.display()
-                )));
-            }
-            Err(e) => return Err(DriverError::BadImage(format!("{what} {}: {e}", path.display()))),
-        }
-    }
-    if let SegmentStart::Restore { machine_state } = &plan.start {
-        match std::fs::metadata(machine_state) {
-            Ok(m) if m.is_file() => {}
-            Ok(_) => {
-                return Err(DriverError::Restore(format!(
-                    "{} is not a file",
-                    machine_state.display()
-                )));
-            }
-            Err(e) => return Err(DriverError::Restore(format!("{}: {e}", machine_state.display()))),
-        }
-    }
-    Ok(())
 }
 
 /// See [`QemuDriver::accel_for`].
@@ -943,11 +879,6 @@ fn utf8(path: &Path) -> Result<&str, String> {
         .ok_or_else(|| format!("path {} is not UTF-8", path.display()))
 }
 
-fn is_executable(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-}
-
 fn spawn_error(binary: &Path, e: std::io::Error) -> DriverError {
     if e.kind() == std::io::ErrorKind::NotFound {
         DriverError::MissingBinary {
@@ -956,21 +887,5 @@ fn spawn_error(binary: &Path, e: std::io::Error) -> DriverError {
         }
     } else {
         DriverError::Start(format!("spawn {}: {e}", binary.display()))
-    }
-}
-
-fn remove_if_exists(path: &Path) -> Result<(), DriverError> {
-    match std::fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io_err("remove", path, e)),
-    }
-}
-
-fn io_err(op: &'static str, path: &Path, source: std::io::Error) -> DriverError {
-    DriverError::Io {
-        op,
-        path: path.display().to_string(),
-        source,
     }
 }

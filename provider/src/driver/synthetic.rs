@@ -31,7 +31,7 @@ use sha1::{Digest, Sha1};
 use tokio_util::sync::CancellationToken;
 use vmlot_schemas::HypervisorKind;
 
-use super::{Driver, DriverError, SegmentEnd, SegmentPlan, SegmentReport, SegmentStart};
+use super::{Driver, DriverError, SegmentEnd, SegmentPlan, SegmentReport, SegmentStart, io_err};
 
 /// The block size: a page, the grid checkpoints are diffed on.
 pub const BLOCK: usize = 4096;
@@ -441,12 +441,4 @@ fn u64_of(digest: &[u8]) -> u64 {
     let mut b = [0u8; 8];
     b.copy_from_slice(&digest[..8]);
     u64::from_le_bytes(b)
-}
-
-fn io_err(op: &'static str, path: &Path, source: std::io::Error) -> DriverError {
-    DriverError::Io {
-        op,
-        path: path.display().to_string(),
-        source,
-    }
 }

@@ -58,7 +58,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use vmlot_schemas::{HypervisorKind, VmConfig};
 
-use super::{BootFiles, Driver, DriverError, SegmentEnd, SegmentPlan, SegmentReport, SegmentStart};
+use super::{
+    BootFiles, Driver, DriverError, SegmentEnd, SegmentPlan, SegmentReport, SegmentStart, find_binary,
+    io_err, remove_if_exists, validate,
+};
 
 /// Used when [`XenConfig::binary`] is not set; looked up on `PATH`.
 pub const DEFAULT_BINARY: &str = "xl";
@@ -198,33 +201,12 @@ impl XenDriver {
         self.guest_type
     }
 
-    /// The `xl` binary, checked to exist, so a missing toolstack is
-    /// reported as such rather than as a failed start.
-    fn find_binary(&self) -> Result<PathBuf, DriverError> {
-        let missing = || DriverError::MissingBinary {
-            binary: self.binary.display().to_string(),
-            package: PACKAGE,
-        };
-        if self.binary.components().count() > 1 {
-            return if is_executable(&self.binary) {
-                Ok(self.binary.clone())
-            } else {
-                Err(missing())
-            };
-        }
-        let path = std::env::var_os("PATH").unwrap_or_default();
-        std::env::split_paths(&path)
-            .map(|dir| dir.join(&self.binary))
-            .find(|p| is_executable(p))
-            .ok_or_else(missing)
-    }
-
     /// Checks that this is a dom0 with a working toolstack: `xl info`
     /// answers, `/proc/xen/capabilities` says `control_d`, and the console
     /// log directory exists. Every problem found is named in one
     /// [`DriverError::Toolstack`]. Success is kept for the driver's life.
     pub async fn check_toolstack(&self, cancel: &CancellationToken) -> Result<(), DriverError> {
-        let binary = self.find_binary()?;
+        let binary = find_binary(&self.binary, PACKAGE)?;
         self.toolstack
             .get_or_try_init(|| async {
                 let xl = Xl {
@@ -291,7 +273,7 @@ impl XenDriver {
             let saved = read_saved_config(machine_state).await?;
             check_saved_config(&saved, &plan.vm, self.guest_type)?;
         }
-        let binary = self.find_binary()?;
+        let binary = find_binary(&self.binary, PACKAGE)?;
         if cancel.is_cancelled() {
             return Err(DriverError::Cancelled);
         }
@@ -1257,57 +1239,6 @@ fn check_saved_config(saved: &SavedConfig, vm: &VmConfig, guest: GuestType) -> R
     Ok(())
 }
 
-/// Refuses what `xl` would refuse later and less clearly.
-fn validate(plan: &SegmentPlan) -> Result<(), DriverError> {
-    let vm = &plan.vm;
-    if vm.arch != "x86_64" {
-        return Err(DriverError::BadImage(format!(
-            "this driver runs x86_64 guests, the image is {}",
-            vm.arch
-        )));
-    }
-    if vm.memory_mib == 0 || vm.vcpus == 0 {
-        return Err(DriverError::BadImage(format!(
-            "memory_mib ({}) and vcpus ({}) must be positive",
-            vm.memory_mib, vm.vcpus
-        )));
-    }
-    let files = &plan.files;
-    let mut check = vec![("kernel", &files.kernel)];
-    check.extend(files.initrd.iter().map(|p| ("initrd", p)));
-    check.extend(files.disks.iter().map(|p| ("disk", p)));
-    for (what, path) in check {
-        match std::fs::metadata(path) {
-            Ok(m) if m.is_file() => {}
-            Ok(_) => {
-                return Err(DriverError::BadImage(format!(
-                    "{what} {} is not a file",
-                    path.display()
-                )));
-            }
-            Err(e) => return Err(DriverError::BadImage(format!("{what} {}: {e}", path.display()))),
-        }
-    }
-    if let SegmentStart::Restore { machine_state } = &plan.start {
-        match std::fs::metadata(machine_state) {
-            Ok(m) if m.is_file() => {}
-            Ok(_) => {
-                return Err(DriverError::Restore(format!(
-                    "{} is not a file",
-                    machine_state.display()
-                )));
-            }
-            Err(e) => return Err(DriverError::Restore(format!("{}: {e}", machine_state.display()))),
-        }
-    }
-    Ok(())
-}
-
-fn is_executable(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-}
-
 fn spawn_error(binary: &Path, e: std::io::Error) -> DriverError {
     if e.kind() == std::io::ErrorKind::NotFound {
         DriverError::MissingBinary {
@@ -1316,22 +1247,6 @@ fn spawn_error(binary: &Path, e: std::io::Error) -> DriverError {
         }
     } else {
         DriverError::Toolstack(format!("spawn {}: {e}", binary.display()))
-    }
-}
-
-fn remove_if_exists(path: &Path) -> Result<(), DriverError> {
-    match std::fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io_err("remove", path, e)),
-    }
-}
-
-fn io_err(op: &'static str, path: &Path, source: std::io::Error) -> DriverError {
-    DriverError::Io {
-        op,
-        path: path.display().to_string(),
-        source,
     }
 }
 
