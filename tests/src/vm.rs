@@ -73,9 +73,15 @@ impl VmMarket {
     /// `allowance_s`: the broker's transfer allowance, added to the segment
     /// length for each award's deadline.
     pub fn start(allowance_s: u32) -> Self {
+        Self::start_with_bid_window(300, allowance_s)
+    }
+
+    /// [`VmMarket::start`] with a bid window of `bid_window_ms`: providers in
+    /// nested hosts answer lots more slowly.
+    pub fn start_with_bid_window(bid_window_ms: u32, allowance_s: u32) -> Self {
         let broker_args = vec![
             "--bid-window-ms".to_string(),
-            "300".to_string(),
+            bid_window_ms.to_string(),
             "--transfer-allowance-s".to_string(),
             allowance_s.to_string(),
         ];

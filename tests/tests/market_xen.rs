@@ -91,7 +91,9 @@ struct XenMarket {
 
 impl XenMarket {
     fn start(allowance_s: u32) -> Self {
-        let mut m = VmMarket::start(allowance_s);
+        // Lots reach a nested dom0 and its bid comes back through two
+        // layers of emulation: a second for bids, not 300 ms.
+        let mut m = VmMarket::start_with_bid_window(1000, allowance_s);
         m.patience = Duration::from_secs(900);
         Self { hosts: Vec::new(), m }
     }
@@ -234,11 +236,12 @@ async fn a_pv_guest_migrated_between_two_nested_xen_hosts_prints_its_uninterrupt
     );
 }
 
-/// Both hosts up; x1 is cheaper and runs the guest until it is SIGKILLed
-/// (the whole nested machine) while segment 1 runs: that attempt is lost,
-/// the lot is offered again after its deadline and x2 restores the domain
-/// from the same checkpoint. The console is still exact and nobody is paid
-/// twice; x1 is paid for nothing after segment 0.
+/// Both hosts up; the host running segment 1 (usually the cheaper k1) is
+/// SIGKILLed, the whole nested machine, while its domain runs: that attempt
+/// is lost, the lot is offered again after its deadline and the other host
+/// restores the domain from the same checkpoint. The console is still
+/// exact and nobody is paid twice; the dead host is paid for nothing after
+/// segment 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_xen_host_killed_mid_segment_costs_one_attempt_and_the_console_stays_exact() {
     let _turn = TURN.lock().await;
@@ -253,30 +256,37 @@ async fn a_xen_host_killed_mid_segment_costs_one_attempt_and_the_console_stays_e
 
     let image = xm.m.push_image(&xen_image(&[]));
     let job = xm.m.submit(&image, SEGMENT_SECONDS, "until-halt", "1");
-    let victim =
+    let (victim, lot) =
         xm.m.until(job, "segment 1 awarded", |s| {
             s.open_lot
                 .as_ref()
                 .filter(|o| o.lot.segment == 1 && !o.awarded.is_empty())
-                .map(|o| o.awarded[0].0)
+                .map(|o| (o.awarded[0].0, o.lot.lot))
         })
         .await;
-    assert_eq!(victim, ProviderId(x1.id), "the cheaper host runs segment 1");
-    // Into the segment: the driver logs each domain it has running, the
-    // second one is segment 1's.
+    // Usually the cheaper k1, unless its bid missed the window.
+    let v = [&x1, &x2]
+        .iter()
+        .position(|h| ProviderId(h.id) == victim)
+        .expect("segment 1 went to a Xen host");
+    let survivor = ProviderId([&x1, &x2][1 - v].id);
+    // Into the segment: the daemon logs the lot it starts, the driver each
+    // domain it has running.
     let running = wait_for(HOST_BOOT, async || {
-        (xm.hosts[0].console().matches("domain running").count() >= 2).then_some(())
+        let console = xm.hosts[v].console();
+        let started = console.find(&format!("running segment lot={lot}"))?;
+        console[started..].contains("domain running").then_some(())
     })
     .await;
     assert!(
         running.is_ok(),
-        "segment 1's domain never ran on x1\n{}",
+        "segment 1's domain never ran on its host\n{}",
         xm.consoles()
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
-    xm.hosts[0].kill();
+    xm.hosts[v].kill();
     let settled_before = xm.m.status(job).await.settled.len();
-    assert_eq!(settled_before, 1, "segment 1 had not settled when x1 died");
+    assert_eq!(settled_before, 1, "segment 1 had not settled when its host died");
 
     let done = xm.wait_final(job).await;
     let ran = who(&done, &[&x1, &x2]);
@@ -285,8 +295,8 @@ async fn a_xen_host_killed_mid_segment_costs_one_attempt_and_the_console_stays_e
         "segment 1 needed another attempt: {ran:?}"
     );
     assert!(
-        done.settled[1..].iter().all(|s| s.provider == ProviderId(x2.id)),
-        "x2 ran everything after x1 died: {ran:?}"
+        done.settled[1..].iter().all(|s| s.provider == survivor),
+        "the other host ran everything after the kill: {ran:?}"
     );
     let logs = xm.m.vmlot_ok(&["logs", &job.to_string()]);
     assert_console_exact(&logs, &expected, &done, "vmlot logs after a host died");
@@ -295,8 +305,12 @@ async fn a_xen_host_killed_mid_segment_costs_one_attempt_and_the_console_stays_e
         xm.m.payments(job)
             .await
             .iter()
-            .filter(|p| p.provider == ProviderId(x1.id))
+            .filter(|p| p.provider == victim)
             .count();
-    assert_eq!(killed_paid, 1, "x1 is paid for segment 0 only");
+    let killed_settled = usize::from(done.settled[0].provider == victim);
+    assert_eq!(
+        killed_paid, killed_settled,
+        "the killed host is paid for segment 0 at most"
+    );
     eprintln!("segments: {ran:?}");
 }
