@@ -6,6 +6,7 @@
 //! names for content); times are RFC 3339 UTC; money is a decimal string
 //! with a unit code.
 
+pub mod api;
 pub mod ids;
 pub mod ledger;
 pub mod manifest;

@@ -1,0 +1,101 @@
+//! The broker's job API, one typed definition per endpoint: its name (and so
+//! its subject, `vmlot.api.<name>`), what it takes and what it answers. The
+//! broker serves these and the client library calls them; neither spells a
+//! subject or a payload type of its own.
+//!
+//! Every answer travels as [`Reply`]: the value, or an [`ApiError`] with a
+//! stable code.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::ledger::{CreditRequest, Transaction};
+use crate::market::{Heartbeat, JobRef, JobStatus, MarketView, SubmitJob, Submitted};
+use crate::subjects;
+
+pub use crate::market::{ApiError, Reply};
+
+/// One endpoint of the job API.
+pub trait Endpoint {
+    /// The endpoint's name in the micro service, and its subject's last token.
+    const NAME: &'static str;
+    /// What a caller sends.
+    type Request: Serialize + DeserializeOwned + Send + Sync;
+    /// What the broker answers, inside [`Reply::Ok`].
+    type Response: Serialize + DeserializeOwned + Send + Sync;
+
+    /// The subject requests are sent on.
+    fn subject() -> String {
+        subjects::api(Self::NAME)
+    }
+}
+
+/// Defines an endpoint type and its [`Endpoint`] impl.
+macro_rules! endpoint {
+    ($(#[$doc:meta])* $ty:ident, $name:literal, $req:ty => $resp:ty) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+        pub struct $ty;
+
+        impl Endpoint for $ty {
+            const NAME: &'static str = $name;
+            type Request = $req;
+            type Response = $resp;
+        }
+    };
+}
+
+endpoint!(
+    /// Submit a job; its budget is held in escrow before the answer.
+    Submit, "submit", SubmitJob => Submitted
+);
+endpoint!(
+    /// One job's record.
+    Status, "status", JobRef => JobStatus
+);
+endpoint!(
+    /// Every job's record.
+    List, "list", () => Vec<JobStatus>
+);
+endpoint!(
+    /// Cancel a running job; answers its record as it ends.
+    Cancel, "cancel", JobRef => JobStatus
+);
+endpoint!(
+    /// Providers heard from recently.
+    Providers, "providers", () => Vec<Heartbeat>
+);
+endpoint!(
+    /// Open lots, running jobs and live providers.
+    Market, "market", () => MarketView
+);
+endpoint!(
+    /// Fund a user account (operator only).
+    Credit, "credit", CreditRequest => Transaction
+);
+
+/// Every endpoint's name, in the order the service registers them.
+pub const ENDPOINTS: [&str; 7] = [
+    Submit::NAME,
+    Status::NAME,
+    List::NAME,
+    Cancel::NAME,
+    Providers::NAME,
+    Market::NAME,
+    Credit::NAME,
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_subjects_are_under_the_api_prefix() {
+        assert_eq!(Submit::subject(), "vmlot.api.submit");
+        assert_eq!(Credit::subject(), "vmlot.api.credit");
+        let mut names = ENDPOINTS.to_vec();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), ENDPOINTS.len(), "endpoint names are unique");
+    }
+}
