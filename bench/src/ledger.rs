@@ -21,12 +21,12 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use rust_decimal::Decimal;
+use vmlot_ledger::Books;
 use vmlot_ledger::read::{self, Filter};
-use vmlot_ledger::{Books, tx_id};
-use vmlot_schemas::ledger::{Account, Transaction, TxKind};
+use vmlot_schemas::ledger::{Account, Settlement, Transaction, TxKind};
 use vmlot_schemas::market::{
-    Checkpoint, GuestState, Image, JobSpec, JobState, JobStatus, SegmentCount, SegmentPayment, SegmentResult,
-    SegmentTimings, SettledSegment,
+    Checkpoint, GuestState, Image, JobSpec, JobState, JobStatus, SegmentCount, SegmentResult, SegmentTimings,
+    SettledSegment,
 };
 use vmlot_schemas::{
     HypervisorKind, JobId, LotId, ManifestId, Money, ProviderId, VmConfig, WIRE_VERSION, subjects,
@@ -709,10 +709,7 @@ impl Book {
                 sent_bytes: self.rng.below(4 << 20),
                 finished_at: now,
             };
-            let subject = subjects::settlement_tx(&id, segment);
-            let payment = SegmentPayment {
-                version: WIRE_VERSION,
-                id: tx_id(&subject),
+            let payment = Settlement {
                 job: id,
                 segment,
                 lot,
@@ -720,8 +717,13 @@ impl Book {
                 provider,
                 payer: status.spec.account.clone(),
                 amount: Money::new(job.price, UNIT),
-                result: result.clone(),
                 at: now,
+                guest: result.guest.clone(),
+                console: result.console,
+                timings: result.timings,
+                fetched_bytes: result.fetched_bytes,
+                sent_bytes: result.sent_bytes,
+                finished_at: result.finished_at,
             };
             let (subject, tx) = vmlot_ledger::build::settlement(payment, FEE_RATE);
             out.extend(self.record(subject, &tx));

@@ -205,7 +205,7 @@ pub async fn run(args: Args) -> Result<()> {
     let settled = payments.len();
     let mut latencies: Vec<f64> = payments
         .iter()
-        .map(|p| (p.at - p.result.finished_at).num_microseconds().unwrap_or(0) as f64 / 1000.0)
+        .map(|p| (p.at - p.finished_at).num_microseconds().unwrap_or(0) as f64 / 1000.0)
         .collect();
     latencies.sort_by(f64::total_cmp);
     let pct = |q: f64| {

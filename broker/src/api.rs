@@ -1,8 +1,12 @@
 //! The job API: a NATS micro service (`vmlot-broker`, discoverable with
-//! `$SRV.PING`, with stats) whose endpoints live under `vmlot.api.*`. Every
-//! request is decoded and validated before it touches state; a refusal is
-//! a `{"error": {"code", "message"}}` reply and changes nothing.
+//! `$SRV.PING`, with stats) whose endpoints are those of
+//! [`vmlot_schemas::api`], each served through its [`Endpoint`] type: the
+//! payload decoded as the endpoint's request, the answer its response in a
+//! [`Reply`]. Every request is decoded and validated before it touches
+//! state; a refusal is a `{"error": {"code", "message"}}` reply and changes
+//! nothing.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use async_nats::service::{self, ServiceExt};
@@ -11,8 +15,11 @@ use futures::StreamExt;
 use rust_decimal::Decimal;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use vmlot_schemas::api::{
+    ApiError, Cancel, Credit, ENDPOINTS, Endpoint, List, Market, Providers, Reply, Status, Submit,
+};
 use vmlot_schemas::market::{
-    ApiError, Checkpoint, JobRef, JobState, JobStatus, MarketView, Reply, SegmentCount, SubmitJob, Submitted,
+    Checkpoint, Heartbeat, JobRef, JobState, JobStatus, MarketView, SegmentCount, SubmitJob, Submitted,
 };
 use vmlot_schemas::{HypervisorKind, JobId, Money, WIRE_VERSION, subjects};
 
@@ -59,40 +66,71 @@ pub(crate) async fn start(shared: Arc<Shared>) -> Result<Api, BrokerError> {
         .await
         .map_err(|e| BrokerError::nats("start API service", e))?;
     let group = service.group(subjects::API_PREFIX);
-    for name in [
-        "submit",
-        "status",
-        "list",
-        "cancel",
-        "providers",
-        "market",
-        "credit",
-    ] {
-        let mut endpoint = group
-            .endpoint(name)
-            .await
-            .map_err(|e| BrokerError::nats("API endpoint", e))?;
-        let shared = Arc::clone(&shared);
-        let stop = shared.shutdown.clone().cancelled_owned();
-        shared.clone().tasks.spawn(async move {
-            // Requests wait on fsynced writes: one at a time, a busy market's
-            // submissions would queue behind each other's disk flushes.
-            endpoint
-                .by_ref()
-                .take_until(stop)
-                .for_each_concurrent(API_CONCURRENCY, |request| {
-                    let shared = Arc::clone(&shared);
-                    async move {
-                        let reply = handle(&shared, name, &request.message.payload).await;
-                        if let Err(err) = request.respond(Ok(reply.into())).await {
-                            tracing::warn!(endpoint = name, %err, "could not reply");
-                        }
-                    }
-                })
-                .await;
-        });
-    }
+    // One entry per endpoint of the API: one more in `ENDPOINTS` and this
+    // array no longer has its length.
+    let served: [&str; ENDPOINTS.len()] = [
+        serve::<Submit>(&group, &shared).await?,
+        serve::<Status>(&group, &shared).await?,
+        serve::<List>(&group, &shared).await?,
+        serve::<Cancel>(&group, &shared).await?,
+        serve::<Providers>(&group, &shared).await?,
+        serve::<Market>(&group, &shared).await?,
+        serve::<Credit>(&group, &shared).await?,
+    ];
+    debug_assert_eq!(served, ENDPOINTS, "every endpoint served, in order");
     Ok(Api { service })
+}
+
+/// An endpoint the broker answers: how its payload becomes its request,
+/// and what it does with one.
+trait Serve: Endpoint + 'static {
+    /// The request in `payload`; refused as `bad-request` when malformed.
+    fn decode(payload: &[u8]) -> Result<Self::Request, ApiError> {
+        decode(payload)
+    }
+
+    /// Answers one decoded request.
+    fn serve(
+        shared: &Arc<Shared>,
+        request: Self::Request,
+    ) -> impl Future<Output = Result<Self::Response, ApiError>> + Send;
+}
+
+/// Answers requests to `E` on `group` until shutdown; returns its name.
+async fn serve<E: Serve>(group: &service::Group, shared: &Arc<Shared>) -> Result<&'static str, BrokerError> {
+    let mut endpoint = group
+        .endpoint(E::NAME)
+        .await
+        .map_err(|e| BrokerError::nats("API endpoint", e))?;
+    let shared = Arc::clone(shared);
+    let stop = shared.shutdown.clone().cancelled_owned();
+    shared.clone().tasks.spawn(async move {
+        // Requests wait on fsynced writes: one at a time, a busy market's
+        // submissions would queue behind each other's disk flushes.
+        endpoint
+            .by_ref()
+            .take_until(stop)
+            .for_each_concurrent(API_CONCURRENCY, |request| {
+                let shared = Arc::clone(&shared);
+                async move {
+                    let reply = handle::<E>(&shared, &request.message.payload).await;
+                    if let Err(err) = request.respond(Ok(reply.into())).await {
+                        tracing::warn!(endpoint = E::NAME, %err, "could not reply");
+                    }
+                }
+            })
+            .await;
+    });
+    Ok(E::NAME)
+}
+
+/// One request to `E`: decoded, answered, encoded as a [`Reply`].
+async fn handle<E: Serve>(shared: &Arc<Shared>, payload: &[u8]) -> Vec<u8> {
+    let reply = match E::decode(payload) {
+        Ok(request) => E::serve(shared, request).await,
+        Err(refused) => Err(refused),
+    };
+    encode(reply)
 }
 
 fn encode<T: Serialize>(reply: Result<T, ApiError>) -> Vec<u8> {
@@ -107,16 +145,60 @@ fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(payload).map_err(|e| error("bad-request", format!("malformed request: {e}")))
 }
 
-async fn handle(shared: &Arc<Shared>, endpoint: &str, payload: &[u8]) -> Vec<u8> {
-    match endpoint {
-        "submit" => encode(submit(shared, payload).await),
-        "status" => encode(status(shared, payload).await),
-        "list" => encode(shared.jobs.all().await.map_err(internal)),
-        "cancel" => encode(cancel(shared, payload).await),
-        "providers" => encode(Ok::<_, ApiError>(shared.live_providers())),
-        "market" => encode(market(shared).await),
-        "credit" => encode(credit(shared, payload).await),
-        _ => encode::<()>(Err(error("not-found", "no such endpoint"))),
+impl Serve for Submit {
+    async fn serve(shared: &Arc<Shared>, request: SubmitJob) -> Result<Submitted, ApiError> {
+        submit(shared, request).await
+    }
+}
+
+impl Serve for Status {
+    async fn serve(shared: &Arc<Shared>, request: JobRef) -> Result<JobStatus, ApiError> {
+        status(shared, request).await
+    }
+}
+
+impl Serve for List {
+    /// Takes nothing: whatever it is sent is ignored.
+    fn decode(_: &[u8]) -> Result<(), ApiError> {
+        Ok(())
+    }
+
+    async fn serve(shared: &Arc<Shared>, (): ()) -> Result<Vec<JobStatus>, ApiError> {
+        shared.jobs.all().await.map_err(internal)
+    }
+}
+
+impl Serve for Cancel {
+    async fn serve(shared: &Arc<Shared>, request: JobRef) -> Result<JobStatus, ApiError> {
+        cancel(shared, request).await
+    }
+}
+
+impl Serve for Providers {
+    /// Takes nothing: whatever it is sent is ignored.
+    fn decode(_: &[u8]) -> Result<(), ApiError> {
+        Ok(())
+    }
+
+    async fn serve(shared: &Arc<Shared>, (): ()) -> Result<Vec<Heartbeat>, ApiError> {
+        Ok(shared.live_providers())
+    }
+}
+
+impl Serve for Market {
+    /// Takes nothing: whatever it is sent is ignored.
+    fn decode(_: &[u8]) -> Result<(), ApiError> {
+        Ok(())
+    }
+
+    async fn serve(shared: &Arc<Shared>, (): ()) -> Result<MarketView, ApiError> {
+        market(shared).await
+    }
+}
+
+impl Serve for Credit {
+    async fn serve(shared: &Arc<Shared>, request: CreditRequest) -> Result<Transaction, ApiError> {
+        credit(shared, request).await
     }
 }
 
@@ -179,6 +261,12 @@ fn validate(req: &SubmitJob) -> Result<(), ApiError> {
             format!("segment length must be at most {MAX_SEGMENT_SECONDS} s"),
         ));
     }
+    if spec.image.vm.hypervisor == HypervisorKind::Synthetic && !cfg!(feature = "synthetic") {
+        return Err(error(
+            "bad-request",
+            "synthetic jobs are for load tests: this broker is built without the `synthetic` feature",
+        ));
+    }
     if spec.segment_seconds == 0 && spec.image.vm.hypervisor != HypervisorKind::Synthetic {
         return Err(error(
             "bad-request",
@@ -229,8 +317,7 @@ fn validate(req: &SubmitJob) -> Result<(), ApiError> {
     Ok(())
 }
 
-async fn submit(shared: &Arc<Shared>, payload: &[u8]) -> Result<Submitted, ApiError> {
-    let req: SubmitJob = decode(payload)?;
+async fn submit(shared: &Arc<Shared>, req: SubmitJob) -> Result<Submitted, ApiError> {
     validate(&req)?;
     let image = &req.spec.image;
     let parts: Vec<_> = std::iter::once(image.kernel)
@@ -282,8 +369,7 @@ async fn submit(shared: &Arc<Shared>, payload: &[u8]) -> Result<Submitted, ApiEr
     Ok(Submitted { job })
 }
 
-async fn status(shared: &Arc<Shared>, payload: &[u8]) -> Result<JobStatus, ApiError> {
-    let req: JobRef = decode(payload)?;
+async fn status(shared: &Arc<Shared>, req: JobRef) -> Result<JobStatus, ApiError> {
     check_version(req.version)?;
     match shared.jobs.get(&req.job).await.map_err(internal)? {
         Some((status, _)) => Ok(status),
@@ -291,8 +377,7 @@ async fn status(shared: &Arc<Shared>, payload: &[u8]) -> Result<JobStatus, ApiEr
     }
 }
 
-async fn cancel(shared: &Arc<Shared>, payload: &[u8]) -> Result<JobStatus, ApiError> {
-    let req: JobRef = decode(payload)?;
+async fn cancel(shared: &Arc<Shared>, req: JobRef) -> Result<JobStatus, ApiError> {
     check_version(req.version)?;
     let updated = shared
         .jobs
@@ -320,8 +405,7 @@ async fn cancel(shared: &Arc<Shared>, payload: &[u8]) -> Result<JobStatus, ApiEr
 /// The operator funds a user account. Only a request carrying the
 /// broker's operator token is obeyed (and NATS permissions should let only
 /// the operator publish on this endpoint's subject).
-async fn credit(shared: &Arc<Shared>, payload: &[u8]) -> Result<Transaction, ApiError> {
-    let req: CreditRequest = decode(payload)?;
+async fn credit(shared: &Arc<Shared>, req: CreditRequest) -> Result<Transaction, ApiError> {
     check_version(req.version)?;
     let authorized = shared
         .config
@@ -378,4 +462,63 @@ async fn market(shared: &Arc<Shared>) -> Result<MarketView, ApiError> {
         open_lots: running.into_iter().filter_map(|s| s.open_lot).collect(),
         providers: shared.live_providers(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmlot_schemas::market::{Image, JobSpec};
+    use vmlot_schemas::{ManifestId, VmConfig};
+
+    fn submission(hypervisor: HypervisorKind, segment_seconds: u32) -> SubmitJob {
+        let money = |amount: u32| Money::new(Decimal::from(amount), "CRD");
+        SubmitJob {
+            version: WIRE_VERSION,
+            spec: JobSpec {
+                image: Image {
+                    vm: VmConfig {
+                        hypervisor,
+                        arch: "x86_64".into(),
+                        memory_mib: 64,
+                        vcpus: 1,
+                        cmdline: String::new(),
+                    },
+                    kernel: ManifestId::of(b"kernel"),
+                    initrd: None,
+                    disks: vec![],
+                },
+                segment_seconds,
+                segments: SegmentCount::Count(2),
+                redundancy: 1,
+                reserve_price: money(1),
+                budget: money(10),
+                account: "alice".into(),
+            },
+        }
+    }
+
+    #[test]
+    fn zero_length_segments_are_for_the_synthetic_driver_only() {
+        assert_eq!(validate(&submission(HypervisorKind::Qemu, 10)), Ok(()));
+        let refused = validate(&submission(HypervisorKind::Qemu, 0)).unwrap_err();
+        assert_eq!(refused.code, "bad-request");
+        assert_eq!(
+            refused.message,
+            "zero-length segments are for the synthetic driver only"
+        );
+    }
+
+    #[test]
+    fn synthetic_jobs_only_with_the_synthetic_feature() {
+        for seconds in [0, 10] {
+            let answer = validate(&submission(HypervisorKind::Synthetic, seconds));
+            if cfg!(feature = "synthetic") {
+                assert_eq!(answer, Ok(()));
+            } else {
+                let refused = answer.unwrap_err();
+                assert_eq!(refused.code, "bad-request");
+                assert!(refused.message.contains("`synthetic` feature"), "{refused:?}");
+            }
+        }
+    }
 }

@@ -11,9 +11,10 @@ use chrono::Utc;
 use rust_decimal::Decimal;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use vmlot_schemas::ledger::Settlement;
 use vmlot_schemas::market::{
     Award, Bid, CancelAttempt, GuestState, JobState, JobStatus, Lot, OpenLot, Reply, SegmentCount,
-    SegmentPayment, SegmentResult, SettledSegment, ToProvider,
+    SegmentResult, SettledSegment, ToProvider,
 };
 use vmlot_schemas::{JobId, LotId, Money, ProviderId, WIRE_VERSION, subjects};
 
@@ -580,9 +581,7 @@ async fn await_result(
         };
         match check_result(shared, lot, awarded, &result, &known).await {
             Ok(price) => {
-                let payment = SegmentPayment {
-                    version: WIRE_VERSION,
-                    id: vmlot_ledger::tx_id(&subjects::settlement_tx(&job, lot.segment)),
+                let settlement = Settlement {
                     job,
                     segment: lot.segment,
                     lot: lot.lot,
@@ -590,10 +589,15 @@ async fn await_result(
                     provider: result.provider,
                     payer: status.spec.account.clone(),
                     amount: price,
-                    result: result.clone(),
                     at: Utc::now(),
+                    guest: result.guest.clone(),
+                    console: result.console,
+                    timings: result.timings,
+                    fetched_bytes: result.fetched_bytes,
+                    sent_bytes: result.sent_bytes,
+                    finished_at: result.finished_at,
                 };
-                let recorded = shared.books.settle(payment, shared.config.fee_rate).await?;
+                let recorded = shared.books.settle(settlement, shared.config.fee_rate).await?;
                 if matches!(recorded, vmlot_ledger::Recorded::Now(_))
                     && crate::fault_injected("crash-after-settlement")
                 {
@@ -662,13 +666,12 @@ async fn check_result(
 }
 
 /// Records a paid segment in the job (once: a repeat finds it applied).
-async fn apply_settlement(shared: &Arc<Shared>, payment: &SegmentPayment) -> Result<(), BrokerError> {
+async fn apply_settlement(shared: &Arc<Shared>, payment: &Settlement) -> Result<(), BrokerError> {
     let payment = payment.clone();
     let job = payment.job;
     shared
         .jobs
         .update::<std::convert::Infallible, _>(&job, move |s| {
-            let result = &payment.result;
             if s.settled.len() as u32 != payment.segment {
                 return Ok(());
             }
@@ -685,11 +688,11 @@ async fn apply_settlement(shared: &Arc<Shared>, payment: &SegmentPayment) -> Res
                 provider: payment.provider,
                 awarded,
                 price: payment.amount.clone(),
-                guest: result.guest.clone(),
-                console: result.console,
-                timings: result.timings,
-                fetched_bytes: result.fetched_bytes,
-                sent_bytes: result.sent_bytes,
+                guest: payment.guest.clone(),
+                console: payment.console,
+                timings: payment.timings,
+                fetched_bytes: payment.fetched_bytes,
+                sent_bytes: payment.sent_bytes,
                 settled_at: payment.at,
             });
             s.spent.amount += payment.amount.amount;
@@ -699,7 +702,7 @@ async fn apply_settlement(shared: &Arc<Shared>, payment: &SegmentPayment) -> Res
             if s.state.is_final() {
                 return Ok(());
             }
-            match &result.guest {
+            match &payment.guest {
                 GuestState::Running { checkpoint } => s.checkpoint = checkpoint.clone(),
                 GuestState::Halted => {
                     s.state = JobState::Done;

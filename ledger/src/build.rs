@@ -4,11 +4,18 @@
 
 use chrono::Utc;
 use rust_decimal::Decimal;
-use vmlot_schemas::ledger::{Account, Entry, Posting, Transaction, TxKind};
-use vmlot_schemas::market::SegmentPayment;
+use vmlot_schemas::ledger::{Account, Entry, Posting, Settlement, Transaction, TxKind};
 use vmlot_schemas::{JobId, Money, WIRE_VERSION, subjects};
 
-use crate::{split_fee, tx_id};
+use crate::amount::split_fee;
+
+/// Namespace of transaction ids (UUID v5 over the transaction's subject).
+const TX_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6d1f_5a4e_9b2c_4c1d_8e7f_a0b1_c2d3_e4f5);
+
+/// The id of the transaction written on `subject`: the same on every retry.
+pub fn tx_id(subject: &str) -> uuid::Uuid {
+    uuid::Uuid::new_v5(&TX_NAMESPACE, subject.as_bytes())
+}
 
 /// A transaction of `kind` on `subject`, dated now; the rest left empty.
 fn on(subject: &str, kind: TxKind, unit: &str, entries: Vec<Entry>, memo: String) -> Transaction {
@@ -57,24 +64,31 @@ pub fn hold(job: JobId, user: &str, budget: &Money) -> (String, Transaction) {
 }
 
 /// A settled segment paid from the job's escrow: the provider's share to
-/// the provider, the fee (if any) to the operator.
-pub fn settlement(payment: SegmentPayment, fee_rate: Decimal) -> (String, Transaction) {
-    let subject = subjects::settlement_tx(&payment.job, payment.segment);
-    let (share, fee) = split_fee(payment.amount.amount, fee_rate);
+/// the provider, the fee (if any) to the operator. The transaction carries
+/// `settlement`, the books' own record of what was settled.
+pub fn settlement(settlement: Settlement, fee_rate: Decimal) -> (String, Transaction) {
+    let subject = subjects::settlement_tx(&settlement.job, settlement.segment);
+    let (share, fee) = split_fee(settlement.amount.amount, fee_rate);
     let mut entries = vec![
-        Entry::debit(Account::Escrow(payment.job), payment.amount.amount),
-        Entry::credit(Account::Provider(payment.provider), share),
+        Entry::debit(Account::Escrow(settlement.job), settlement.amount.amount),
+        Entry::credit(Account::Provider(settlement.provider), share),
     ];
     if !fee.is_zero() {
         entries.push(Entry::credit(Account::Operator, fee));
     }
-    let memo = format!("segment {} of job {}", payment.segment, payment.job);
-    let mut tx = on(&subject, TxKind::Settlement, &payment.amount.unit, entries, memo);
-    tx.at = payment.at;
-    tx.job = Some(payment.job);
-    tx.segment = Some(payment.segment);
-    tx.provider = Some(payment.provider);
-    tx.settlement = Some(Box::new(payment));
+    let memo = format!("segment {} of job {}", settlement.segment, settlement.job);
+    let mut tx = on(
+        &subject,
+        TxKind::Settlement,
+        &settlement.amount.unit,
+        entries,
+        memo,
+    );
+    tx.at = settlement.at;
+    tx.job = Some(settlement.job);
+    tx.segment = Some(settlement.segment);
+    tx.provider = Some(settlement.provider);
+    tx.settlement = Some(Box::new(settlement));
     (subject, tx)
 }
 

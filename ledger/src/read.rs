@@ -10,10 +10,10 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use rust_decimal::Decimal;
 use serde::{Serialize, de::DeserializeOwned};
-use vmlot_schemas::ledger::{Account, Posting, Side, Transaction, TxKind};
+use vmlot_schemas::ledger::{Account, Posting, Settlement, Side, Transaction, TxKind};
 use vmlot_schemas::{JobId, ProviderId, subjects};
 
-use crate::LedgerError;
+use crate::error::LedgerError;
 
 /// Slack between a record's own time and the stream's receive time, when
 /// a read seeks by time.
@@ -427,9 +427,7 @@ pub async fn last_postings(js: &jetstream::Context, filter: &str) -> Result<Vec<
 }
 
 /// Every settlement's details, in the order they were written.
-pub async fn settlements(
-    js: &jetstream::Context,
-) -> Result<Vec<vmlot_schemas::market::SegmentPayment>, LedgerError> {
+pub async fn settlements(js: &jetstream::Context) -> Result<Vec<Settlement>, LedgerError> {
     let mut out = Vec::new();
     let mut bad = None;
     read_all::<Transaction>(

@@ -156,6 +156,17 @@ uuid_id!(
     ProviderId
 );
 
+/// Providers fall into this many shards by id. A lot that needs only a
+/// handful of bidders is offered to a few shards, not to every provider.
+pub const LOT_SHARDS: u16 = 64;
+
+/// The lot shard `provider` falls in: fixed by its id, so the broker and
+/// the provider agree on it without asking each other.
+pub fn shard_of(provider: &ProviderId) -> u16 {
+    let b = provider.0.as_bytes();
+    u16::from_be_bytes([b[14], b[15]]) % LOT_SHARDS
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

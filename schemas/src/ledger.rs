@@ -1,6 +1,11 @@
 //! The books: double-entry transactions between accounts, and the
 //! per-account postings that index them.
 //!
+//! This module sits beside [`crate::market`], not above it: the books keep
+//! their own record of a settled segment ([`Settlement`]), built from the
+//! ids, money and VM types below both, so a ledger reader needs no market
+//! message to read them.
+//!
 //! Sign convention: an entry either debits or credits an account, and an
 //! account's balance is its credits minus its debits. Money moves *from*
 //! the debited account *to* the credited one. Submitter, provider and
@@ -15,8 +20,9 @@ use rust_decimal::Decimal;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{JobId, ProviderId};
-use crate::market::SegmentPayment;
+use crate::ids::{JobId, LotId, ManifestId, ProviderId};
+use crate::money::Money;
+use crate::vm::{GuestState, SegmentTimings};
 
 /// Most decimal places an amount on the books may carry. Anything finer is
 /// refused at the door, so no entry is ever rounded after the fact.
@@ -225,7 +231,42 @@ pub struct Transaction {
     pub memo: String,
     /// The settlement's details, so a broker that crashed right after
     /// paying resumes from them.
-    pub settlement: Option<Box<SegmentPayment>>,
+    pub settlement: Option<Box<Settlement>>,
+}
+
+/// A settled segment as the books record it, inside its settlement
+/// [`Transaction`]: who paid whom for which segment, and what the settling
+/// result left behind, so a broker that crashed between paying and
+/// recording the segment in the job resumes from the books alone. Written
+/// once per (job, segment): its transaction's subject takes one message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Settlement {
+    pub job: JobId,
+    pub segment: u32,
+    /// The lot (segment attempt) the paid result was for.
+    pub lot: LotId,
+    pub attempt: u32,
+    /// The paid provider: the one whose result settled the segment.
+    pub provider: ProviderId,
+    /// The user account whose job pays (from its escrow).
+    pub payer: String,
+    /// The segment's price, the provider's winning bid.
+    pub amount: Money,
+    /// When the segment was paid.
+    pub at: DateTime<Utc>,
+    /// How the guest stood at the end of the segment: where the next one
+    /// starts, or why the job ended.
+    pub guest: GuestState,
+    /// The guest's console output during the segment, as a manifest.
+    pub console: Option<ManifestId>,
+    pub timings: SegmentTimings,
+    /// Block bytes the provider fetched from the store for the segment's start.
+    pub fetched_bytes: u64,
+    /// Block bytes the provider sent to the store for the segment's end.
+    pub sent_bytes: u64,
+    /// When the provider finished the segment (its result's time).
+    pub finished_at: DateTime<Utc>,
 }
 
 impl Transaction {
@@ -299,7 +340,7 @@ pub struct CreditRequest {
     /// Chosen by the caller: retrying with the same id credits once.
     pub id: uuid::Uuid,
     pub account: Account,
-    pub amount: crate::Money,
+    pub amount: Money,
     pub memo: String,
     /// The operator's secret, as configured on the broker.
     pub operator_token: String,

@@ -12,6 +12,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{BlockId, ManifestId};
+use crate::wire::WIRE_VERSION;
 
 /// Largest manifest a reader accepts, checked before decoding. A 4 KiB-block
 /// manifest costs about 60 bytes per block, so this covers objects of ~8 GiB.
@@ -187,8 +188,8 @@ impl Manifest {
 
     /// Structural checks a reader makes before trusting the manifest.
     pub fn validate(&self) -> Result<(), ManifestError> {
-        if self.version != crate::WIRE_VERSION {
-            return Err(ManifestError::Version(self.version, crate::WIRE_VERSION));
+        if self.version != WIRE_VERSION {
+            return Err(ManifestError::Version(self.version, WIRE_VERSION));
         }
         let max_block = self.chunking.max_block();
         if max_block == 0 || max_block > MAX_BLOCK_BYTES {

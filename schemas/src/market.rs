@@ -1,6 +1,6 @@
 //! Market messages: jobs, lots, bids, awards, results.
 //!
-//! Who sends what (the subjects are in [`crate::subjects`]):
+//! Who sends what (the subjects are in `crate::subjects`, a layer above):
 //! client → broker: [`SubmitJob`]; broker → all providers: [`Lot`];
 //! provider → broker: [`Bid`], [`SegmentResult`], [`Heartbeat`];
 //! broker → one provider: [`Award`], [`CancelAttempt`].
@@ -9,10 +9,13 @@ use chrono::{DateTime, Utc};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{JobId, LotId, ManifestId, ProviderId};
+use crate::ids::{JobId, LotId, ManifestId, ProviderId, shard_of};
 use crate::money::Money;
-use crate::subjects;
 use crate::vm::{HypervisorKind, VmConfig};
+
+/// A VM's state and a segment's timings are VM-level types the ledger
+/// shares; they keep their old path here.
+pub use crate::vm::{Checkpoint, GuestState, SegmentTimings};
 
 /// What a job starts from: kernel, optional initrd and disks, each a
 /// manifest in the content-addressed store, and the VM to run them in.
@@ -24,20 +27,6 @@ pub struct Image {
     pub initrd: Option<ManifestId>,
     #[serde(default)]
     pub disks: Vec<ManifestId>,
-}
-
-/// A VM's whole state between two segments. Segment 0 starts from the
-/// image (no machine state); later segments from the previous result.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct Checkpoint {
-    /// The hypervisor's saved machine state; `None` for a fresh boot.
-    pub machine_state: Option<ManifestId>,
-    /// The disks as they stand, in the image's order.
-    #[serde(default)]
-    pub disks: Vec<ManifestId>,
-    /// Stored bytes of all parts (zero runs excluded): what a cold provider fetches.
-    pub stored_bytes: u64,
 }
 
 /// How many segments a job runs.
@@ -94,7 +83,7 @@ pub struct Lot {
     pub reserve_price: Money,
     /// Bids arriving after this are ignored.
     pub bid_deadline: DateTime<Utc>,
-    /// The provider shards invited to bid ([`subjects::shard_of`]); `None`:
+    /// The provider shards invited to bid ([`shard_of`]); `None`:
     /// every provider. A lot needs a handful of bids, not one from every
     /// provider on the market.
     pub shards: Option<Vec<u16>>,
@@ -109,7 +98,7 @@ impl Lot {
     pub fn invites(&self, provider: &ProviderId) -> bool {
         self.shards
             .as_ref()
-            .is_none_or(|shards| shards.contains(&subjects::shard_of(provider)))
+            .is_none_or(|shards| shards.contains(&shard_of(provider)))
             || self.invited.contains(provider)
     }
 }
@@ -149,28 +138,6 @@ pub struct CancelAttempt {
     pub version: u32,
     pub lot: LotId,
     pub reason: String,
-}
-
-/// How the guest stood at the end of the segment.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "kebab-case", tag = "state")]
-pub enum GuestState {
-    /// Still running: saved as this checkpoint, C(k+1).
-    Running { checkpoint: Checkpoint },
-    /// Powered off: the job is done.
-    Halted,
-    /// Crashed: the job is done, failed by its own guest.
-    Crashed { reason: String },
-}
-
-/// Time spent in each step of a segment, in milliseconds.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-pub struct SegmentTimings {
-    pub fetch_ms: u64,
-    pub start_ms: u64,
-    pub run_ms: u64,
-    pub save_ms: u64,
-    pub upload_ms: u64,
 }
 
 /// provider → broker: the outcome of an awarded lot.
@@ -306,26 +273,6 @@ pub struct JobStatus {
     pub refunded: bool,
 }
 
-/// A payment for one settled segment, as written to the ledger stream. Its
-/// id is derived from (job, segment), so writing it twice is a no-op.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct SegmentPayment {
-    pub version: u32,
-    pub id: uuid::Uuid,
-    pub job: JobId,
-    pub segment: u32,
-    pub lot: LotId,
-    pub attempt: u32,
-    pub provider: ProviderId,
-    pub payer: String,
-    pub amount: Money,
-    /// The result that settled the segment, so a broker that crashed right
-    /// after paying resumes from it.
-    pub result: SegmentResult,
-    pub at: DateTime<Utc>,
-}
-
 /// Request naming one job.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -359,7 +306,6 @@ pub enum ToProvider {
 #[cfg(test)]
 mod invite_tests {
     use super::*;
-    use crate::{HypervisorKind, ManifestId, VmConfig};
 
     fn lot(shards: Option<Vec<u16>>) -> Lot {
         Lot {
@@ -403,7 +349,7 @@ mod invite_tests {
         assert!((600..1000).contains(&n), "{n} of 6400 invited by 8 of 64 shards");
         let outsider = *providers
             .iter()
-            .find(|p| subjects::shard_of(p) >= 8)
+            .find(|p| shard_of(p) >= 8)
             .expect("a provider outside the shards");
         assert!(!some.invites(&outsider));
         some.invited.push(outsider);

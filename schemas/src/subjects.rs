@@ -61,6 +61,10 @@ pub const LEDGER_TX_ALL: &str = "vmlot.ledger.tx.>";
 pub const LEDGER_POST_ALL: &str = "vmlot.ledger.post.>";
 /// Key-value bucket of job records, keyed by job id.
 pub const JOB_BUCKET: &str = "vmlot-jobs";
+/// The stream under [`JOB_BUCKET`] (JetStream names a bucket's stream `KV_<bucket>`).
+pub const JOB_BUCKET_STREAM: &str = "KV_vmlot-jobs";
+/// Every job record's subject in [`JOB_BUCKET_STREAM`].
+pub const JOB_BUCKET_SUBJECTS: &str = "$KV.vmlot-jobs.>";
 
 /// The one subject a segment's settlement may be written to: the stream
 /// refuses a second message there, so a segment is paid at most once.
@@ -121,15 +125,9 @@ pub fn lot(hypervisor: HypervisorKind, arch: &str) -> String {
     format!("vmlot.lot.{}.{}.all", hypervisor.as_str(), subject_token(arch))
 }
 
-/// Providers fall into this many shards by id. A lot that needs only a
-/// handful of bidders is published to a few shards, not to every provider.
-pub const LOT_SHARDS: u16 = 64;
-
-/// The shard a provider listens on besides the `all` subject.
-pub fn shard_of(provider: &ProviderId) -> u16 {
-    let b = provider.0.as_bytes();
-    u16::from_be_bytes([b[14], b[15]]) % LOT_SHARDS
-}
+/// How many lot shards there are, and which one a provider listens on
+/// besides the `all` subject (see [`lot_shard`]).
+pub use crate::ids::{LOT_SHARDS, shard_of};
 
 /// Lots offered to one provider by name.
 pub fn lot_for(hypervisor: HypervisorKind, arch: &str, provider: &ProviderId) -> String {
@@ -188,6 +186,12 @@ fn subject_token(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_job_bucket_stream_is_the_buckets() {
+        assert_eq!(JOB_BUCKET_STREAM, format!("KV_{JOB_BUCKET}"));
+        assert_eq!(JOB_BUCKET_SUBJECTS, format!("$KV.{JOB_BUCKET}.>"));
+    }
 
     #[test]
     fn hostile_arch_cannot_escape_its_token() {

@@ -1,8 +1,13 @@
-//! What a VM needs from a host: the part of an image a provider matches
-//! lots against.
+//! The virtual machine itself, below the market and the books: what a VM
+//! needs from a host (the part of an image a provider matches lots
+//! against), the state it is left in between two segments, and how long a
+//! segment's steps took. The market's results and the ledger's settlement
+//! records both carry these, so they live in neither.
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+
+use crate::ids::ManifestId;
 
 /// The hypervisor a job's checkpoints are made for; a checkpoint of one
 /// kind can only be restored by the same kind.
@@ -37,4 +42,40 @@ pub struct VmConfig {
     pub vcpus: u32,
     /// Kernel command line for the first boot.
     pub cmdline: String,
+}
+
+/// A VM's whole state between two segments. Segment 0 starts from the
+/// image (no machine state); later segments from the previous result.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Checkpoint {
+    /// The hypervisor's saved machine state; `None` for a fresh boot.
+    pub machine_state: Option<ManifestId>,
+    /// The disks as they stand, in the image's order.
+    #[serde(default)]
+    pub disks: Vec<ManifestId>,
+    /// Stored bytes of all parts (zero runs excluded): what a cold provider fetches.
+    pub stored_bytes: u64,
+}
+
+/// How the guest stood at the end of the segment.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", tag = "state")]
+pub enum GuestState {
+    /// Still running: saved as this checkpoint, C(k+1).
+    Running { checkpoint: Checkpoint },
+    /// Powered off: the job is done.
+    Halted,
+    /// Crashed: the job is done, failed by its own guest.
+    Crashed { reason: String },
+}
+
+/// Time spent in each step of a segment, in milliseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct SegmentTimings {
+    pub fetch_ms: u64,
+    pub start_ms: u64,
+    pub run_ms: u64,
+    pub save_ms: u64,
+    pub upload_ms: u64,
 }

@@ -330,7 +330,7 @@ pub async fn read_job_record(client: &async_nats::Client, job: impl std::fmt::Di
 pub async fn payments(
     client: &async_nats::Client,
     job: vmlot_schemas::JobId,
-) -> Vec<vmlot_schemas::market::SegmentPayment> {
+) -> Vec<vmlot_schemas::ledger::Settlement> {
     let js = async_nats::jetstream::new(client.clone());
     vmlot_ledger::read::settlements(&js)
         .await

@@ -9,7 +9,8 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use rust_decimal::Decimal;
-use vmlot_schemas::market::{GuestState, JobRef, JobState, JobStatus, SegmentPayment};
+use vmlot_schemas::ledger::Settlement;
+use vmlot_schemas::market::{GuestState, JobRef, JobState, JobStatus};
 use vmlot_schemas::{JobId, WIRE_VERSION};
 
 use crate::market::{self, Market, TEST_OPERATOR_TOKEN, api, kill_pids, processes_mentioning, wait_for};
@@ -227,7 +228,7 @@ impl VmMarket {
     }
 
     /// The settlement payments of `job`, read from the books.
-    pub async fn payments(&self, job: JobId) -> Vec<SegmentPayment> {
+    pub async fn payments(&self, job: JobId) -> Vec<Settlement> {
         market::payments(&self.market.server.client().await.unwrap(), job).await
     }
 

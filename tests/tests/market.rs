@@ -8,8 +8,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use rust_decimal::Decimal;
 use vmlot_schemas::market::{
-    Image, JobRef, JobSpec, JobState, JobStatus, SegmentCount, SegmentPayment, SegmentResult, SubmitJob,
-    Submitted,
+    Image, JobRef, JobSpec, JobState, JobStatus, SegmentCount, SegmentResult, SubmitJob, Submitted,
 };
 use vmlot_schemas::{HypervisorKind, JobId, Money, ProviderId, VmConfig, WIRE_VERSION, subjects};
 use vmlot_tests::market::{
@@ -146,7 +145,7 @@ async fn results_in_order(client: &async_nats::Client) -> Vec<SegmentResult> {
     out.into_iter().flatten().collect()
 }
 
-fn assert_paid_once_per_segment(payments: &[SegmentPayment], segments: u32) {
+fn assert_paid_once_per_segment(payments: &[vmlot_schemas::ledger::Settlement], segments: u32) {
     assert_eq!(
         payments.len() as u32,
         segments,
@@ -746,7 +745,6 @@ async fn books_hold_pay_refund_answer_queries_and_verify() {
     // A forged payment for a segment the job never settled is named.
     let mut forged = paid[2].clone();
     forged.segment = 3;
-    forged.result.segment = 3;
     books.settle(forged, Decimal::ZERO).await.unwrap_err(); // the escrow is empty
     let subject = subjects::settlement_tx(&job, 3);
     let mut tx = books
@@ -757,7 +755,6 @@ async fn books_hold_pay_refund_answer_queries_and_verify() {
     tx.segment = Some(3);
     tx.id = vmlot_ledger::tx_id(&subject);
     tx.settlement.as_mut().unwrap().segment = 3;
-    tx.settlement.as_mut().unwrap().result.segment = 3;
     js.publish(subject.clone(), serde_json::to_vec(&tx).unwrap().into())
         .await
         .unwrap()

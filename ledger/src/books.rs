@@ -1,0 +1,318 @@
+//! Writing to the books: [`Books`] provisions the `VMLOT_LEDGER` stream and
+//! writes each transaction with its postings in one atomic batch, once per
+//! subject, with balances checked against the last posting of each account.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, message::OutboundMessage, stream};
+use bytes::Bytes;
+use jetstream_extra::batch_publish::BatchPublishExt;
+use rust_decimal::Decimal;
+use vmlot_schemas::ledger::{Account, Posting, Settlement, Transaction};
+use vmlot_schemas::{JobId, Money, subjects};
+
+use crate::build;
+use crate::error::LedgerError;
+
+/// What a write found.
+#[derive(Debug, Clone)]
+pub enum Recorded {
+    /// This call wrote it.
+    Now(Transaction),
+    /// A transaction for the same thing was already on the books (a retry,
+    /// or a broker that crashed after writing it): that one stands.
+    Before(Transaction),
+}
+
+impl Recorded {
+    pub fn tx(&self) -> &Transaction {
+        match self {
+            Recorded::Now(t) | Recorded::Before(t) => t,
+        }
+    }
+}
+
+/// Attempts at a write whose accounts others keep writing.
+const MAX_ATTEMPTS: u32 = 50;
+
+/// Handle on the books.
+#[derive(Clone)]
+pub struct Books {
+    js: jetstream::Context,
+    stream: stream::Stream<()>,
+    /// Writes through this handle queue per account instead of racing:
+    /// a busy account (one submitter's burst, a popular provider) would
+    /// otherwise lose most compare-and-set rounds. Other writers are still
+    /// fenced by the stream's sequence checks.
+    account_locks: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+}
+
+impl Books {
+    /// Creates the ledger stream if it is missing (`replicas` copies in a
+    /// cluster) and opens it.
+    pub async fn provision(js: &jetstream::Context, replicas: usize) -> Result<Self, LedgerError> {
+        js.get_or_create_stream(stream::Config {
+            name: subjects::LEDGER_STREAM.to_string(),
+            subjects: vec![subjects::LEDGER_SUBJECTS.to_string()],
+            storage: stream::StorageType::File,
+            num_replicas: replicas,
+            allow_direct: true,
+            allow_atomic_publish: true,
+            deny_delete: true,
+            deny_purge: true,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| LedgerError::nats("create ledger stream", e))?;
+        Self::open(js).await
+    }
+
+    /// Opens the existing ledger stream.
+    pub async fn open(js: &jetstream::Context) -> Result<Self, LedgerError> {
+        let stream = js
+            .get_stream_no_info(subjects::LEDGER_STREAM)
+            .await
+            .map_err(|e| LedgerError::nats("ledger stream", e))?;
+        Ok(Self {
+            js: js.clone(),
+            stream,
+            account_locks: Arc::default(),
+        })
+    }
+
+    pub fn context(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    /// The last message on `subject` and its sequence, decoded.
+    async fn last<T: serde::de::DeserializeOwned>(
+        &self,
+        subject: &str,
+    ) -> Result<Option<(T, u64)>, LedgerError> {
+        match self.stream.direct_get_last_for_subject(subject).await {
+            Ok(msg) => serde_json::from_slice(&msg.payload)
+                .map(|v| Some((v, msg.sequence)))
+                .map_err(|e| LedgerError::Corrupt {
+                    subject: subject.to_string(),
+                    reason: e.to_string(),
+                }),
+            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) => Err(LedgerError::nats("read ledger", e)),
+        }
+    }
+
+    /// The transaction on `subject`, if written.
+    pub async fn transaction(&self, subject: &str) -> Result<Option<Transaction>, LedgerError> {
+        Ok(self.last::<Transaction>(subject).await?.map(|(t, _)| t))
+    }
+
+    /// An account's balance in `unit` (zero if it never had a posting).
+    pub async fn balance(&self, account: &Account, unit: &str) -> Result<Decimal, LedgerError> {
+        Ok(self
+            .last::<Posting>(&subjects::posting(account, unit))
+            .await?
+            .map(|(p, _)| p.balance)
+            .unwrap_or_default())
+    }
+
+    /// Writes `tx` on `subject` with its postings, unless a transaction is
+    /// there already. Refuses a malformed transaction, and one that would
+    /// take an account other than the operator's below zero.
+    pub async fn record(&self, subject: &str, tx: Transaction) -> Result<Recorded, LedgerError> {
+        if let Some(why) = tx.malformed() {
+            return Err(LedgerError::Malformed(why));
+        }
+        let body = Bytes::from(serde_json::to_vec(&tx).expect("transaction serializes"));
+        let mut keys: Vec<String> = tx
+            .entries
+            .iter()
+            .map(|e| subjects::posting(&e.account, &tx.unit))
+            .collect();
+        keys.sort();
+        let locks: Vec<Arc<tokio::sync::Mutex<()>>> = {
+            let mut all = self.account_locks.lock().expect("account locks");
+            keys.iter()
+                .map(|k| Arc::clone(all.entry(k.clone()).or_default()))
+                .collect()
+        };
+        // In sorted order, so two writers never wait on each other in a circle.
+        let mut guards = Vec::with_capacity(locks.len());
+        for lock in &locks {
+            guards.push(lock.lock().await);
+        }
+        let outcome = self.record_locked(subject, &tx, body).await;
+        drop(guards);
+        drop(locks);
+        let mut all = self.account_locks.lock().expect("account locks");
+        for key in keys {
+            if all.get(&key).is_some_and(|l| Arc::strong_count(l) == 1) {
+                all.remove(&key);
+            }
+        }
+        drop(all);
+        outcome.map(|recorded| match recorded {
+            Some(before) => Recorded::Before(before),
+            None => Recorded::Now(tx),
+        })
+    }
+
+    /// [`Books::record`] with its accounts' locks held: `None` when this
+    /// call wrote `tx`, the transaction found otherwise.
+    async fn record_locked(
+        &self,
+        subject: &str,
+        tx: &Transaction,
+        body: Bytes,
+    ) -> Result<Option<Transaction>, LedgerError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            // Each account's last posting: its balance, and the sequence the
+            // write expects to follow.
+            let unit = tx.unit.as_str();
+            let lasts = futures::future::try_join_all(tx.entries.iter().map(|e| async move {
+                let subject = subjects::posting(&e.account, unit);
+                let last = self.last::<Posting>(&subject).await?;
+                Ok::<_, LedgerError>((subject, last))
+            }))
+            .await?;
+            let mut batch = Vec::with_capacity(tx.entries.len() + 1);
+            batch.push(OutboundMessage {
+                subject: subject.to_string().into(),
+                payload: body.clone(),
+                headers: Some(expect_last_subject_seq(0)),
+            });
+            for (entry, (posting_subject, last)) in tx.entries.iter().zip(&lasts) {
+                let (before, seq) = last
+                    .as_ref()
+                    .map(|(p, seq)| (p.balance, *seq))
+                    .unwrap_or((Decimal::ZERO, 0));
+                let after = before + entry.signed();
+                if after.is_sign_negative() && !after.is_zero() && !entry.account.may_go_negative() {
+                    // A retry of a write that already happened reads the
+                    // balance it left: not a shortfall.
+                    if let Some(before) = self.transaction(subject).await? {
+                        return Ok(Some(before));
+                    }
+                    return Err(LedgerError::InsufficientFunds {
+                        account: entry.account.clone(),
+                        unit: tx.unit.clone(),
+                        balance: before,
+                        needed: entry.amount,
+                    });
+                }
+                let posting = build::posting(tx, entry, after);
+                batch.push(OutboundMessage {
+                    subject: posting_subject.clone().into(),
+                    payload: serde_json::to_vec(&posting).expect("posting serializes").into(),
+                    headers: Some(expect_last_subject_seq(seq)),
+                });
+            }
+            let written = self
+                .js
+                .batch_publish_all()
+                .ack_first(false)
+                .timeout(Duration::from_secs(10))
+                .publish(futures::stream::iter(batch))
+                .await;
+            match written {
+                Ok(_) => return Ok(None),
+                Err(err) => {
+                    // Refused whole: the transaction is there already, or
+                    // another write moved one of the accounts first.
+                    if let Some(before) = self.transaction(subject).await? {
+                        return Ok(Some(before));
+                    }
+                    if attempt >= MAX_ATTEMPTS {
+                        return Err(LedgerError::Contended {
+                            account: tx
+                                .entries
+                                .iter()
+                                .map(|e| e.account.to_string())
+                                .collect::<Vec<_>>()
+                                .join(", "),
+                            attempts: attempt,
+                        });
+                    }
+                    tracing::debug!(%subject, %err, attempt, "ledger write refused; reading balances again");
+                    let jitter = rand::random::<u64>() % (5 * u64::from(attempt.min(20)) + 1);
+                    tokio::time::sleep(Duration::from_millis(jitter)).await;
+                }
+            }
+        }
+    }
+
+    /// The operator funds a user account. `request` is the caller's id:
+    /// the same request credits once.
+    pub async fn credit(
+        &self,
+        request: uuid::Uuid,
+        account: &Account,
+        amount: &Money,
+        memo: &str,
+    ) -> Result<Recorded, LedgerError> {
+        if !matches!(account, Account::User(_)) {
+            return Err(LedgerError::Malformed(format!(
+                "only user accounts are funded, not {account}"
+            )));
+        }
+        if amount.amount <= Decimal::ZERO {
+            return Err(LedgerError::Malformed(format!(
+                "a credit must be positive, not {amount}"
+            )));
+        }
+        let (subject, tx) = build::credit(&request, account, amount, memo);
+        self.record(&subject, tx).await
+    }
+
+    /// Moves a job's budget from its submitter into its escrow.
+    pub async fn hold(&self, job: JobId, user: &str, budget: &Money) -> Result<Recorded, LedgerError> {
+        let (subject, tx) = build::hold(job, user, budget);
+        self.record(&subject, tx).await
+    }
+
+    /// Pays a settled segment from the job's escrow: the provider's share
+    /// to the provider, the fee (if any) to the operator. Once per segment.
+    pub async fn settle(&self, settlement: Settlement, fee_rate: Decimal) -> Result<Recorded, LedgerError> {
+        let (subject, tx) = build::settlement(settlement, fee_rate);
+        self.record(&subject, tx).await
+    }
+
+    /// The settlement of a segment, if one was written.
+    pub async fn settlement(&self, job: JobId, segment: u32) -> Result<Option<Settlement>, LedgerError> {
+        Ok(self
+            .transaction(&subjects::settlement_tx(&job, segment))
+            .await?
+            .and_then(|tx| tx.settlement.map(|s| *s)))
+    }
+
+    /// The job ended: what is left in its escrow goes back to `user`. Written
+    /// once, even when nothing is left, so the books show the escrow closed.
+    pub async fn refund(&self, job: JobId, user: &str, unit: &str) -> Result<Recorded, LedgerError> {
+        let subject = subjects::refund_tx(&job);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            if let Some(before) = self.transaction(&subject).await? {
+                return Ok(Recorded::Before(before));
+            }
+            let left = self.balance(&Account::Escrow(job), unit).await?;
+            let (_, tx) = build::refund(job, user, unit, left);
+            // A settlement racing in between the read of `left` and the
+            // write moves the escrow below `left`: read it again.
+            match self.record(&subject, tx).await {
+                Err(LedgerError::InsufficientFunds { .. }) if attempt < MAX_ATTEMPTS => continue,
+                other => return other,
+            }
+        }
+    }
+}
+
+fn expect_last_subject_seq(seq: u64) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert("Nats-Expected-Last-Subject-Sequence", seq.to_string().as_str());
+    headers
+}

@@ -1,0 +1,193 @@
+//! The replay of the ledger stream, message by message in stream order:
+//! each transaction well-formed, on its own subject, once; each entry with
+//! its posting and each posting with its entry, carrying the balance the
+//! replay gives; no account but the operator's below zero, and every
+//! unit's balances summing to zero.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use rust_decimal::Decimal;
+use vmlot_schemas::ledger::{Account, Posting, Transaction, TxKind};
+use vmlot_schemas::market::JobStatus;
+use vmlot_schemas::subjects;
+
+use super::jobs::JobBooks;
+use super::report::{Rec, Report};
+use super::shape;
+use crate::build::tx_id;
+
+#[derive(Default)]
+pub(super) struct Replay {
+    pub report: Report,
+    books: JobBooks,
+    /// Last balance per posting subject.
+    chain: HashMap<String, Decimal>,
+    /// Entries still waiting for their posting: (tx, account) → (change, unit, record).
+    unposted: HashMap<(uuid::Uuid, Account), (Decimal, String, String)>,
+    seen: HashSet<uuid::Uuid>,
+}
+
+impl Replay {
+    /// One ledger stream message, as read.
+    pub fn message(&mut self, seq: u64, subject: &str, payload: &[u8]) {
+        let record = &Rec(subject, seq);
+        if subject.starts_with("vmlot.ledger.tx.") {
+            match serde_json::from_slice::<Transaction>(payload) {
+                Ok(tx) => self.transaction(record, subject, tx),
+                Err(e) => self
+                    .report
+                    .problem(record, format!("undecodable transaction: {e}")),
+            }
+        } else if subject.starts_with("vmlot.ledger.post.") {
+            match serde_json::from_slice::<Posting>(payload) {
+                Ok(p) => self.posting(record, subject, p),
+                Err(e) => self.report.problem(record, format!("undecodable posting: {e}")),
+            }
+        } else {
+            self.report
+                .problem(record, "a message outside the ledger's subjects");
+        }
+    }
+
+    fn transaction(&mut self, record: &Rec, subject: &str, tx: Transaction) {
+        self.report.transactions += 1;
+        if let Some(why) = tx.malformed() {
+            self.report.problem(record, why);
+            return;
+        }
+        if tx.id != tx_id(subject) {
+            self.report
+                .problem(record, format!("id {} is not the id of its subject", tx.id));
+        }
+        if !self.seen.insert(tx.id) {
+            self.report
+                .problem(record, format!("transaction {} written twice", tx.id));
+            return;
+        }
+        let expected_subject = match (tx.kind, tx.job, tx.segment) {
+            (TxKind::Credit, _, _) => subjects::credit_tx(&uuid::Uuid::nil())
+                .rsplit_once('.')
+                .map(|(prefix, _)| prefix.to_string())
+                .filter(|prefix| subject.starts_with(prefix.as_str()))
+                .map(|_| subject.to_string()),
+            (TxKind::Hold, Some(job), _) => Some(subjects::hold_tx(&job)),
+            (TxKind::Refund, Some(job), _) => Some(subjects::refund_tx(&job)),
+            (TxKind::Settlement, Some(job), Some(segment)) => Some(subjects::settlement_tx(&job, segment)),
+            _ => None,
+        };
+        if expected_subject.as_deref() != Some(subject) {
+            self.report.problem(
+                record,
+                format!("a {:?} transaction does not belong on this subject", tx.kind),
+            );
+        }
+        let (problems, effect) = shape::check(&record.to_string(), &tx);
+        for what in problems {
+            self.report.problem(record, what);
+        }
+        self.books.apply(&mut self.report, record, effect);
+        for e in &tx.entries {
+            let balance = self
+                .books
+                .balances
+                .entry((e.account.clone(), tx.unit.clone()))
+                .or_default();
+            *balance += e.signed();
+            let after = *balance;
+            if after.is_sign_negative() && !after.is_zero() && !e.account.may_go_negative() {
+                self.report.problem(
+                    record,
+                    format!("takes {} below zero ({after} {})", e.account, tx.unit),
+                );
+            }
+            self.unposted.insert(
+                (tx.id, e.account.clone()),
+                (e.signed(), tx.unit.clone(), record.to_string()),
+            );
+        }
+    }
+
+    fn posting(&mut self, record: &Rec, subject: &str, p: Posting) {
+        self.report.postings += 1;
+        if subjects::posting(&p.account, &p.unit) != subject {
+            self.report.problem(
+                record,
+                format!("a posting of {} is on another account's subject", p.account),
+            );
+        }
+        // Allocates a key only for an account's first posting.
+        let before = match self.chain.get_mut(subject) {
+            Some(last) => std::mem::replace(last, p.balance),
+            None => {
+                self.chain.insert(subject.to_string(), p.balance);
+                Decimal::ZERO
+            }
+        };
+        if p.balance != before + p.change {
+            self.report.problem(
+                record,
+                format!("balance {} does not follow {before} {:+}", p.balance, p.change),
+            );
+        }
+        match self.unposted.remove(&(p.tx, p.account)) {
+            Some((change, unit, _)) if change == p.change && unit == p.unit => {}
+            Some(_) => self.report.problem(
+                record,
+                format!("posting differs from its entry in transaction {}", p.tx),
+            ),
+            None => self
+                .report
+                .problem(record, format!("posting for no entry of a transaction {}", p.tx)),
+        }
+    }
+
+    /// Checks one job record against the replayed books.
+    pub fn job(&mut self, status: &JobStatus) {
+        self.books.check(&mut self.report, status);
+    }
+
+    /// What is left once every message and job record is seen: entries
+    /// without postings, payments and holds without jobs, and the balances.
+    pub fn finish(mut self) -> Report {
+        let leftovers: Vec<(String, String)> = self
+            .unposted
+            .drain()
+            .map(|((tx, account), (_, _, record))| {
+                (record, format!("entry for {account} in {tx} has no posting"))
+            })
+            .collect();
+        for (record, what) in leftovers {
+            self.report.problem(&record, what);
+        }
+        self.books.leftovers(&mut self.report);
+        let mut sums: BTreeMap<String, Decimal> = BTreeMap::new();
+        for ((account, unit), balance) in &self.books.balances {
+            *sums.entry(unit.clone()).or_default() += *balance;
+            let posted = self
+                .chain
+                .get(&subjects::posting(account, unit))
+                .copied()
+                .unwrap_or_default();
+            if posted != *balance {
+                self.report.problem(
+                    &subjects::posting(account, unit),
+                    format!("last posting says {posted}, the replay {balance}"),
+                );
+            }
+            self.report
+                .balances
+                .entry(account.to_string())
+                .or_default()
+                .insert(unit.clone(), balance.to_string());
+        }
+        for (unit, sum) in sums {
+            if !sum.is_zero() {
+                self.report.problem(
+                    &format!("unit {unit}"),
+                    format!("balances sum to {sum}, not zero"),
+                );
+            }
+        }
+        self.report
+    }
+}

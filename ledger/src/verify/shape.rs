@@ -1,0 +1,143 @@
+//! The shape of one transaction, checked on its own: the entries its kind
+//! calls for, and a settlement's record agreeing with the entries that pay
+//! it. Pure: it says what is wrong and what the transaction does, and the
+//! replay keeps the account.
+
+use rust_decimal::Decimal;
+use vmlot_schemas::ledger::{Account, Side, Transaction, TxKind};
+use vmlot_schemas::{JobId, LotId, ProviderId};
+
+/// A payment for a settled segment, as the replay keeps it until the job
+/// records are checked.
+pub(super) struct Paid {
+    pub provider: ProviderId,
+    pub amount: Decimal,
+    pub lot: LotId,
+    pub attempt: u32,
+    /// The ledger record that paid it, for problem reports.
+    pub record: String,
+}
+
+/// What a transaction does that the job checks need.
+pub(super) enum Effect {
+    /// Nothing to keep (a credit, or a transaction too broken to read).
+    Nothing,
+    /// A job's budget held from `user`.
+    Hold {
+        job: JobId,
+        user: String,
+        amount: Decimal,
+        unit: String,
+    },
+    /// A job's escrow refunded.
+    Refund { job: JobId },
+    /// A segment paid.
+    Paid { job: JobId, segment: u32, paid: Paid },
+}
+
+/// Checks the entries of `tx` against its kind, and a settlement's record
+/// against its entries. Returns the problems found and what `tx` does.
+pub(super) fn check(record: &str, tx: &Transaction) -> (Vec<String>, Effect) {
+    let debits: Vec<&Account> = tx
+        .entries
+        .iter()
+        .filter(|e| e.side == Side::Debit)
+        .map(|e| &e.account)
+        .collect();
+    let credits: Vec<&Account> = tx
+        .entries
+        .iter()
+        .filter(|e| e.side == Side::Credit)
+        .map(|e| &e.account)
+        .collect();
+    let amount_of = |account: &Account| {
+        tx.entries
+            .iter()
+            .find(|e| &e.account == account)
+            .map(|e| e.amount)
+            .unwrap_or_default()
+    };
+    let job_escrow = tx.job.map(Account::Escrow);
+    let shape_ok = match tx.kind {
+        TxKind::Credit => {
+            matches!(debits[..], [Account::Operator]) && matches!(credits[..], [Account::User(_)])
+        }
+        TxKind::Hold => {
+            matches!(debits[..], [Account::User(_)])
+                && credits.len() == 1
+                && Some(credits[0]) == job_escrow.as_ref()
+        }
+        TxKind::Refund => {
+            debits.len() == 1
+                && Some(debits[0]) == job_escrow.as_ref()
+                && matches!(credits[..], [Account::User(_)])
+        }
+        TxKind::Settlement => {
+            debits.len() == 1
+                && Some(debits[0]) == job_escrow.as_ref()
+                && credits
+                    .iter()
+                    .all(|a| matches!(a, Account::Provider(_) | Account::Operator))
+                && credits
+                    .iter()
+                    .filter(|a| matches!(a, Account::Provider(_)))
+                    .count()
+                    == 1
+        }
+    };
+    if !shape_ok {
+        let what = format!("the entries do not have the shape of a {:?}", tx.kind);
+        return (vec![what], Effect::Nothing);
+    }
+    let Some(job) = tx.job else {
+        return (vec![], Effect::Nothing);
+    };
+    match tx.kind {
+        TxKind::Hold => match debits[0] {
+            Account::User(user) => {
+                let effect = Effect::Hold {
+                    job,
+                    user: user.clone(),
+                    amount: amount_of(debits[0]),
+                    unit: tx.unit.clone(),
+                };
+                (vec![], effect)
+            }
+            _ => (vec![], Effect::Nothing),
+        },
+        TxKind::Refund => (vec![], Effect::Refund { job }),
+        TxKind::Credit => (vec![], Effect::Nothing),
+        TxKind::Settlement => {
+            let Some(s) = tx.settlement.as_deref() else {
+                return (vec!["a settlement without its details".into()], Effect::Nothing);
+            };
+            let mut problems = Vec::new();
+            let paid_to = credits.iter().find_map(|a| match a {
+                Account::Provider(p) => Some(*p),
+                _ => None,
+            });
+            if paid_to != Some(s.provider) || tx.provider != Some(s.provider) {
+                problems.push("pays a provider other than the one its details name".into());
+            }
+            if s.job != job || Some(s.segment) != tx.segment {
+                problems.push("details name another job or segment".into());
+            }
+            if s.amount.amount != amount_of(debits[0]) || s.amount.unit != tx.unit {
+                problems.push("the escrow is debited other than the settled price".into());
+            }
+            let paid = Paid {
+                provider: s.provider,
+                amount: s.amount.amount,
+                lot: s.lot,
+                attempt: s.attempt,
+                record: record.to_string(),
+            };
+            let effect = Effect::Paid {
+                job,
+                segment: s.segment,
+                paid,
+            };
+            (problems, effect)
+        }
+    }
+}
