@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use vmlot_broker::logging::{self, LogFormat};
 use vmlot_broker::{BrokerConfig, PricingRule};
 
 #[derive(Parser)]
@@ -38,6 +39,24 @@ struct Args {
     /// The secret `vmlot admin credit` must present; unset, no account can be credited.
     #[arg(long, env = "VMLOT_OPERATOR_TOKEN", hide_env_values = true)]
     operator_token: Option<String>,
+    /// Log lines as text or as JSON objects (filter with VMLOT_LOG).
+    #[arg(long, env = "VMLOT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+impl Args {
+    fn config(&self) -> BrokerConfig {
+        BrokerConfig {
+            replicas: self.replicas,
+            bid_window: Duration::from_millis(self.bid_window_ms),
+            transfer_allowance: Duration::from_secs(self.transfer_allowance_s),
+            pricing: self.pricing,
+            max_backoff: Duration::from_millis(self.max_backoff_ms),
+            fee_rate: self.fee_rate,
+            operator_token: self.operator_token.clone().filter(|t| !t.is_empty()),
+            ..BrokerConfig::default()
+        }
+    }
 }
 
 fn parse_fee(text: &str) -> Result<rust_decimal::Decimal, String> {
@@ -50,12 +69,8 @@ fn parse_fee(text: &str) -> Result<rust_decimal::Decimal, String> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("VMLOT_LOG").unwrap_or_else(|_| "info".into()),
-        )
-        .init();
     let args = Args::parse();
+    logging::init(args.log_format);
     let addrs: Vec<async_nats::ServerAddr> = args
         .nats
         .split(',')
@@ -67,17 +82,7 @@ async fn main() -> anyhow::Result<()> {
         .connect(addrs)
         .await
         .with_context(|| format!("connecting to {}", args.nats))?;
-    let config = BrokerConfig {
-        replicas: args.replicas,
-        bid_window: Duration::from_millis(args.bid_window_ms),
-        transfer_allowance: Duration::from_secs(args.transfer_allowance_s),
-        pricing: args.pricing,
-        max_backoff: Duration::from_millis(args.max_backoff_ms),
-        fee_rate: args.fee_rate,
-        operator_token: args.operator_token.filter(|t| !t.is_empty()),
-        ..BrokerConfig::default()
-    };
-    vmlot_broker::run(client, config, shutdown_signal()).await?;
+    vmlot_broker::run(client, args.config(), shutdown_signal()).await?;
     Ok(())
 }
 

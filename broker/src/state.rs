@@ -1,13 +1,16 @@
 //! Job records in the `vmlot-jobs` KV bucket. Every change is a
 //! read-modify-write guarded by the entry's revision, so two writers (the
-//! job task and a cancel request) never overwrite each other.
+//! job task and a cancel request) never overwrite each other; the market's
+//! changes are [`crate::lifecycle`] transitions applied with
+//! [`JobStore::transition`].
 
 use async_nats::jetstream::{self, kv};
 use futures::StreamExt;
 use vmlot_schemas::JobId;
 use vmlot_schemas::market::JobStatus;
 
-use crate::BrokerError;
+use crate::error::BrokerError;
+use crate::lifecycle::{self, Ending, Refused};
 
 /// Handle on the job bucket.
 #[derive(Clone)]
@@ -24,6 +27,16 @@ pub enum UpdateError<E> {
     Refused(E),
     #[error(transparent)]
     Broker(#[from] BrokerError),
+}
+
+impl From<UpdateError<Refused>> for BrokerError {
+    fn from(err: UpdateError<Refused>) -> Self {
+        match err {
+            UpdateError::Broker(b) => b,
+            UpdateError::Refused(refused) => BrokerError::Lifecycle(refused),
+            UpdateError::NotFound => BrokerError::nats("update job", "job not found"),
+        }
+    }
 }
 
 impl JobStore {
@@ -110,6 +123,36 @@ impl JobStore {
                 }
             }
         })
+    }
+
+    /// Applies the [`lifecycle`] transition `step` to the stored record and
+    /// returns the record written. A refusal writes nothing and comes back
+    /// as [`UpdateError::Refused`].
+    pub fn transition<F>(
+        &self,
+        job: &JobId,
+        step: F,
+    ) -> futures::future::BoxFuture<'static, Result<JobStatus, UpdateError<Refused>>>
+    where
+        F: Fn(&JobStatus) -> Result<JobStatus, Refused> + Send + 'static,
+    {
+        self.update(job, move |status| {
+            *status = step(status)?;
+            Ok(())
+        })
+    }
+
+    /// Ends `job` for `ending` ([`lifecycle::end`]); a job that already
+    /// ended keeps its state.
+    pub async fn end(&self, job: &JobId, ending: Ending) -> Result<(), BrokerError> {
+        tracing::info!(state = ?ending.state(), reason = %ending, "job ended");
+        match self
+            .transition(job, move |s| lifecycle::end(s, ending.clone()))
+            .await
+        {
+            Ok(_) | Err(UpdateError::Refused(Refused::Final(_))) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Every job record.

@@ -1,0 +1,211 @@
+//! Awarding a lot: run the auction among the bidders with a free slot and
+//! reserve the winners' slots in one step, record the winners and the
+//! award deadline in the job's record, then send each winner its award and
+//! wait for it to say it took it. A lot no bidder could win leaves the job
+//! waiting for providers (or ends it when every bid was over its budget).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tracing::Instrument;
+use vmlot_schemas::market::{Award, Bid, JobStatus, Lot, Reply, ToProvider};
+use vmlot_schemas::{Money, ProviderId, WIRE_VERSION, subjects};
+
+use crate::auction;
+use crate::error::BrokerError;
+use crate::lifecycle::{self, Ending, Refused};
+use crate::shared::Shared;
+use crate::state::UpdateError;
+
+/// How long a provider has to confirm an award.
+const AWARD_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How an award went.
+pub(crate) enum Awarded {
+    /// Winners recorded, at least one took its award: the record, with the
+    /// awarded lot open.
+    Taken(Box<JobStatus>),
+    /// No valid bid: the job waits for providers.
+    NoBids,
+    /// Valid bids came, but every bidder has all its slots awarded already
+    /// (or no winner took its award).
+    AllBusy,
+    /// The job ended meanwhile (cancelled, or no bid within its budget).
+    Stopped,
+}
+
+/// Awards `lot` among `bids` (the valid bids its window collected).
+pub(crate) async fn award(
+    shared: &Arc<Shared>,
+    status: &JobStatus,
+    lot: &Lot,
+    bids: Vec<Bid>,
+    over_budget: bool,
+) -> Result<Awarded, BrokerError> {
+    let valid_bids = bids.len();
+    let winners = choose_winners(shared, lot, bids, status.spec.redundancy as usize);
+    if winners.is_empty() {
+        return no_winner(shared, status, valid_bids, over_budget).await;
+    }
+    let release = || shared.release_slots(winners.iter().map(|(p, _)| *p), &lot.lot);
+    let allowance = Duration::from_secs(lot.segment_seconds as u64) + shared.config.transfer_allowance;
+    let deadline = Utc::now() + chrono::Duration::from_std(allowance).unwrap_or_default();
+    let recorded = match record(shared, status, lot, &winners, deadline).await {
+        Ok(recorded) => recorded,
+        Err(UpdateError::Refused(refused)) => {
+            tracing::info!(%refused, "award not recorded");
+            release();
+            return Ok(Awarded::Stopped);
+        }
+        Err(UpdateError::NotFound) => {
+            release();
+            return Ok(Awarded::Stopped);
+        }
+        Err(UpdateError::Broker(e)) => {
+            release();
+            return Err(e);
+        }
+    };
+    if send_awards(shared, lot, &winners, deadline).await == 0 {
+        match shared.jobs.transition(&status.job, lifecycle::withdraw_lot).await {
+            Ok(_) | Err(UpdateError::Refused(Refused::NoOpenLot)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        return Ok(Awarded::AllBusy);
+    }
+    Ok(Awarded::Taken(Box::new(recorded)))
+}
+
+/// A restarted broker waits for the lot the job had awarded: its awards
+/// hold their providers' slots again.
+pub(crate) fn resume(shared: &Shared, status: &JobStatus) {
+    let Some(open) = &status.open_lot else { return };
+    tracing::info!(deadline = ?open.award_deadline, "waiting for the results of the awarded lot");
+    let mut capacity = shared.capacity.lock().expect("capacity lock");
+    for (provider, _) in &open.awarded {
+        capacity.commit(*provider, open.lot.lot);
+    }
+}
+
+/// Chooses the winners among the bidders with a free slot and holds their
+/// slots in one step, so two lots closing at once cannot both take a
+/// provider's last slot.
+fn choose_winners(
+    shared: &Shared,
+    lot: &Lot,
+    mut bids: Vec<Bid>,
+    redundancy: usize,
+) -> Vec<(ProviderId, Money)> {
+    let mut capacity = shared.capacity.lock().expect("capacity lock");
+    bids.retain(|b| capacity.has_room(&b.provider, b.slots));
+    let winners = auction::award(bids, redundancy, shared.config.pricing, &lot.reserve_price);
+    for (provider, _) in &winners {
+        capacity.commit(*provider, lot.lot);
+    }
+    winners
+}
+
+/// Nobody won: every bid over the budget ends the job; otherwise it waits
+/// for providers (recorded only if that changes its record).
+async fn no_winner(
+    shared: &Arc<Shared>,
+    status: &JobStatus,
+    valid_bids: usize,
+    over_budget: bool,
+) -> Result<Awarded, BrokerError> {
+    if over_budget && valid_bids == 0 {
+        shared.jobs.end(&status.job, Ending::NoBidFits).await?;
+        return Ok(Awarded::Stopped);
+    }
+    if lifecycle::wait_for_providers(status).as_ref() != Ok(status) {
+        match shared
+            .jobs
+            .transition(&status.job, lifecycle::wait_for_providers)
+            .await
+        {
+            Ok(_) | Err(UpdateError::Refused(Refused::Final(_))) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if valid_bids == 0 {
+        tracing::info!("no bids; waiting for providers");
+        return Ok(Awarded::NoBids);
+    }
+    tracing::debug!(valid_bids, "every bidder is busy; offering again soon");
+    Ok(Awarded::AllBusy)
+}
+
+/// Records the winners and the deadline in the job's record, before any
+/// award is sent: a broker that restarts finds the award and waits for it.
+async fn record(
+    shared: &Shared,
+    status: &JobStatus,
+    lot: &Lot,
+    winners: &[(ProviderId, Money)],
+    deadline: DateTime<Utc>,
+) -> Result<JobStatus, UpdateError<Refused>> {
+    let (lot, winners) = (lot.clone(), winners.to_vec());
+    shared
+        .jobs
+        .transition(&status.job, move |s| {
+            lifecycle::award(s, &lot, &winners, deadline)
+        })
+        .await
+}
+
+/// Sends every winner its award; returns how many took it. A winner that
+/// did not gets its slot back at once.
+async fn send_awards(
+    shared: &Shared,
+    lot: &Lot,
+    winners: &[(ProviderId, Money)],
+    deadline: DateTime<Utc>,
+) -> usize {
+    let sends = winners.iter().map(|(provider, price)| {
+        let award = ToProvider::Award(Box::new(Award {
+            version: WIRE_VERSION,
+            lot: lot.clone(),
+            provider: *provider,
+            price: price.clone(),
+            deadline,
+        }));
+        let span = tracing::info_span!("award", provider = %provider);
+        async move {
+            match send_award(shared, provider, &award).await {
+                Ok(()) => {
+                    tracing::info!(%price, "awarded");
+                    true
+                }
+                Err(reason) => {
+                    tracing::warn!(%reason, "award not taken");
+                    shared.release_slots([*provider], &lot.lot);
+                    false
+                }
+            }
+        }
+        .instrument(span)
+    });
+    futures::future::join_all(sends)
+        .await
+        .into_iter()
+        .filter(|taken| *taken)
+        .count()
+}
+
+/// Sends an award; Ok once the provider confirms it took it.
+async fn send_award(shared: &Shared, provider: &ProviderId, award: &ToProvider) -> Result<(), String> {
+    let body = serde_json::to_vec(award).expect("award serializes");
+    let reply = tokio::time::timeout(
+        AWARD_REPLY_TIMEOUT,
+        shared.client.request(subjects::award(provider), body.into()),
+    )
+    .await
+    .map_err(|_| "no answer in time".to_string())?
+    .map_err(|e| e.to_string())?;
+    match serde_json::from_slice::<Reply<()>>(&reply.payload) {
+        Ok(Reply::Ok(())) => Ok(()),
+        Ok(Reply::Error(refused)) => Err(format!("refused: {}", refused.message)),
+        Err(err) => Err(format!("unreadable answer: {err}")),
+    }
+}

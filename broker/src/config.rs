@@ -1,0 +1,44 @@
+//! The broker's settings, with the defaults the binary's flags start from.
+
+use std::time::Duration;
+
+use crate::auction::PricingRule;
+
+/// Broker settings.
+#[derive(Clone, Debug)]
+pub struct BrokerConfig {
+    /// Replicas of every stream the broker creates (3 in a 3-node cluster).
+    pub replicas: usize,
+    /// How long a lot takes bids.
+    pub bid_window: Duration,
+    /// Added to the segment length T for the award deadline: time to fetch,
+    /// restore, save and upload.
+    pub transfer_allowance: Duration,
+    /// First wait after an offer drew no bid; doubles up to `max_backoff`.
+    pub min_backoff: Duration,
+    pub max_backoff: Duration,
+    pub pricing: PricingRule,
+    /// A provider silent this long is no longer listed.
+    pub provider_timeout: Duration,
+    /// The operator's share of each segment's price (0.05 = 5 %), paid to
+    /// the operator account at settlement.
+    pub fee_rate: rust_decimal::Decimal,
+    /// The secret `vmlot admin credit` must present; `None` refuses every credit.
+    pub operator_token: Option<String>,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            replicas: 1,
+            bid_window: Duration::from_secs(2),
+            transfer_allowance: Duration::from_secs(60),
+            min_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(10),
+            pricing: PricingRule::PayAsBid,
+            provider_timeout: Duration::from_secs(10),
+            fee_rate: rust_decimal::Decimal::ZERO,
+            operator_token: None,
+        }
+    }
+}

@@ -1,0 +1,371 @@
+//! A job's life as pure transitions over its record ([`JobStatus`]): each
+//! step of the market is a function of the record, the event and the time
+//! that returns the next record or a named refusal, with no NATS in sight.
+//! The job task (`job`, `offer`, `award`, `settle`, `refund`, `hold`) and
+//! the API's cancel apply these to the stored record (through
+//! [`crate::state::JobStore::transition`]), so the rules of a job's life are
+//! here, and unit tested, rather than spread through closures.
+//!
+//! The life of a job, segment by segment:
+//!
+//! ```text
+//! offer ──► bids ──► award ──► results ──► settle ──► (next segment: offer)
+//!   ▲        │                   │  └─ check_result refused: no change
+//!   │        └─ no winner: wait_for_providers, or end (no bid fits)
+//!   └──────────── deadline_passed ◄──┘
+//! before each offer: ending (count reached → Done, budget spent → BudgetSpent)
+//! settle: guest halted → Done, guest crashed → Failed
+//! cancel → Cancelled; withdraw_lot; once final: refunded
+//! ```
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use vmlot_schemas::market::{
+    GuestState, JobState, JobStatus, Lot, OpenLot, SegmentCount, SegmentResult, SettledSegment,
+};
+use vmlot_schemas::{LotId, Money, ProviderId, WIRE_VERSION};
+
+/// Why a job ends before its next segment is offered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// The job's segment count was reached.
+    SegmentsRan(u32),
+    /// Nothing is left of the budget.
+    BudgetSpent,
+    /// Bids came, and every one was above what is left of the budget.
+    NoBidFits,
+    /// The budget could not be held in escrow (a broker that died between
+    /// writing the job and holding its budget found the funds gone).
+    Unfunded(String),
+}
+
+impl Ending {
+    /// The final state the job ends in.
+    pub fn state(&self) -> JobState {
+        match self {
+            Ending::SegmentsRan(_) => JobState::Done,
+            Ending::BudgetSpent | Ending::NoBidFits => JobState::BudgetSpent,
+            Ending::Unfunded(_) => JobState::Failed,
+        }
+    }
+}
+
+impl std::fmt::Display for Ending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ending::SegmentsRan(n) => write!(f, "all {n} segments ran"),
+            Ending::BudgetSpent => f.write_str("budget spent"),
+            Ending::NoBidFits => f.write_str("no bid fits the remaining budget"),
+            Ending::Unfunded(why) => f.write_str(why),
+        }
+    }
+}
+
+/// Why a transition does not apply to a job as it stands.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    /// The job is done, failed, cancelled or out of budget: nothing more happens to it.
+    #[error("job already ended ({0:?})")]
+    Final(JobState),
+    /// Only an ended job is refunded.
+    #[error("job still running")]
+    StillRunning,
+    #[error("the job's escrow is already refunded")]
+    AlreadyRefunded,
+    /// The job ends instead of offering another segment.
+    #[error("the job ends: {0}")]
+    Ends(Ending),
+    #[error("the job has no open lot")]
+    NoOpenLot,
+    /// The open lot is awarded and its deadline has not passed: wait for it.
+    #[error("lot {lot} is awarded until {deadline}")]
+    AwardPending { lot: LotId, deadline: DateTime<Utc> },
+    /// A lot, result or payment for a segment other than the job's next one.
+    #[error("segment {got} is not the job's next segment ({next})")]
+    NotNextSegment { next: u32, got: u32 },
+    /// An award for an attempt other than the segment's next one.
+    #[error("attempt {got} is not the segment's next attempt ({next})")]
+    NotNextAttempt { next: u32, got: u32 },
+    /// A lot of another job.
+    #[error("lot is not one of this job's")]
+    OtherJob,
+    /// An award with no winner.
+    #[error("an award needs at least one winner")]
+    NoWinner,
+    /// A result for an attempt that is not the open one.
+    #[error("result does not match the open lot (job, segment or attempt)")]
+    NotOpen,
+    #[error("provider was not awarded this lot")]
+    NotAwarded(ProviderId),
+    /// A payment applied again (a repeat finds it applied).
+    #[error("segment {0} is already settled")]
+    AlreadySettled(u32),
+}
+
+fn running(status: &JobStatus) -> Result<(), Refused> {
+    if status.state.is_final() {
+        return Err(Refused::Final(status.state));
+    }
+    Ok(())
+}
+
+/// The segment the job runs next (0-based).
+pub fn next_segment(status: &JobStatus) -> u32 {
+    status.settled.len() as u32
+}
+
+/// What is left of the job's budget.
+pub fn remaining(status: &JobStatus) -> Money {
+    Money::new(
+        status.spec.budget.amount - status.spent.amount,
+        status.spec.budget.unit.clone(),
+    )
+}
+
+/// Segment count reached or budget spent: the job ends before offering
+/// another segment.
+pub fn ending(status: &JobStatus) -> Option<Ending> {
+    if let SegmentCount::Count(n) = status.spec.segments
+        && next_segment(status) >= n
+    {
+        return Some(Ending::SegmentsRan(n));
+    }
+    if remaining(status).amount <= Decimal::ZERO {
+        return Some(Ending::BudgetSpent);
+    }
+    None
+}
+
+/// The job's open lot if it is awarded and its deadline has not passed at
+/// `now`: the job waits for its results instead of offering again.
+pub fn live_award(status: &JobStatus, now: DateTime<Utc>) -> Option<&OpenLot> {
+    status
+        .open_lot
+        .as_ref()
+        .filter(|open| !open.awarded.is_empty() && open.award_deadline.is_some_and(|deadline| deadline > now))
+}
+
+/// **Offer**: a new attempt at the job's next segment, taking bids for
+/// `bid_window` from `now`. Invitations (`shards`, `invited`) are left
+/// empty for the offer step to fill. The record does not change: nothing is
+/// recorded before the award, so a lot that dies with the broker during its
+/// bid window was never awarded and is simply offered anew.
+pub fn offer(
+    status: &JobStatus,
+    lot: LotId,
+    now: DateTime<Utc>,
+    bid_window: Duration,
+) -> Result<Lot, Refused> {
+    running(status)?;
+    if let Some(ending) = ending(status) {
+        return Err(Refused::Ends(ending));
+    }
+    if let Some(open) = live_award(status, now) {
+        return Err(Refused::AwardPending {
+            lot: open.lot.lot,
+            deadline: open.award_deadline.unwrap_or(now),
+        });
+    }
+    Ok(Lot {
+        version: WIRE_VERSION,
+        lot,
+        job: status.job,
+        segment: next_segment(status),
+        attempt: status.attempts + 1,
+        image: status.spec.image.clone(),
+        checkpoint: status.checkpoint.clone(),
+        segment_seconds: status.spec.segment_seconds,
+        reserve_price: status.spec.reserve_price.clone(),
+        bid_deadline: now + chrono::Duration::from_std(bid_window).unwrap_or_default(),
+        shards: None,
+        invited: Vec::new(),
+    })
+}
+
+/// **Award**: the auction's winners of `lot`, with their prices, are
+/// recorded with the deadline for their results; this attempt becomes the
+/// segment's latest.
+pub fn award(
+    status: &JobStatus,
+    lot: &Lot,
+    winners: &[(ProviderId, Money)],
+    deadline: DateTime<Utc>,
+) -> Result<JobStatus, Refused> {
+    running(status)?;
+    if lot.job != status.job {
+        return Err(Refused::OtherJob);
+    }
+    if lot.segment != next_segment(status) {
+        return Err(Refused::NotNextSegment {
+            next: next_segment(status),
+            got: lot.segment,
+        });
+    }
+    if lot.attempt != status.attempts + 1 {
+        return Err(Refused::NotNextAttempt {
+            next: status.attempts + 1,
+            got: lot.attempt,
+        });
+    }
+    if winners.is_empty() {
+        return Err(Refused::NoWinner);
+    }
+    let mut next = status.clone();
+    next.open_lot = Some(OpenLot {
+        lot: lot.clone(),
+        awarded: winners.to_vec(),
+        award_deadline: Some(deadline),
+    });
+    next.attempts = lot.attempt;
+    next.waiting_for_providers = false;
+    Ok(next)
+}
+
+/// **Waiting for providers**: an offer drew no bid, or only bids from
+/// providers with no free slot; no lot is open until the next offer.
+pub fn wait_for_providers(status: &JobStatus) -> Result<JobStatus, Refused> {
+    running(status)?;
+    let mut next = status.clone();
+    next.open_lot = None;
+    next.waiting_for_providers = true;
+    Ok(next)
+}
+
+/// **Deadline passed**: the open attempt's deadline went by with no valid
+/// result; its lot is no longer open and the next offer is a new attempt
+/// (the attempt count keeps this one).
+pub fn deadline_passed(status: &JobStatus, now: DateTime<Utc>) -> Result<JobStatus, Refused> {
+    running(status)?;
+    let Some(open) = &status.open_lot else {
+        return Err(Refused::NoOpenLot);
+    };
+    if let Some(live) = live_award(status, now) {
+        return Err(Refused::AwardPending {
+            lot: open.lot.lot,
+            deadline: live.award_deadline.unwrap_or(now),
+        });
+    }
+    let mut next = status.clone();
+    next.open_lot = None;
+    Ok(next)
+}
+
+/// **Lot withdrawn**: the job's open lot is dropped without a result (its
+/// providers were told to stop after a cancel, or none of them took the
+/// award). Applies to an ended job too.
+pub fn withdraw_lot(status: &JobStatus) -> Result<JobStatus, Refused> {
+    if status.open_lot.is_none() {
+        return Err(Refused::NoOpenLot);
+    }
+    let mut next = status.clone();
+    next.open_lot = None;
+    Ok(next)
+}
+
+/// **Result received**: whether `result` can settle the job's open
+/// attempt, and the price owed to its provider if it does. A refusal is
+/// the "result refused" transition: the record does not change. (The
+/// checkpoint is verified against the store on top of this, by `verify`.)
+pub fn check_result(status: &JobStatus, result: &SegmentResult) -> Result<Money, Refused> {
+    running(status)?;
+    let Some(open) = &status.open_lot else {
+        return Err(Refused::NoOpenLot);
+    };
+    let lot = &open.lot;
+    if result.lot != lot.lot
+        || result.job != lot.job
+        || result.segment != lot.segment
+        || result.attempt != lot.attempt
+    {
+        return Err(Refused::NotOpen);
+    }
+    match open.awarded.iter().find(|(p, _)| *p == result.provider) {
+        Some((_, price)) => Ok(price.clone()),
+        None => Err(Refused::NotAwarded(result.provider)),
+    }
+}
+
+/// **Result accepted**: a paid segment is recorded (its `awarded` is taken
+/// from the open lot it settled), the spend grows, the open lot closes and
+/// the checkpoint advances; a halted guest ends the job done, a crashed one
+/// failed. The money has moved, so this applies to an ended job too (it
+/// keeps its final state). A payment already applied is refused, so a
+/// repeat changes nothing.
+pub fn settle(status: &JobStatus, mut paid: SettledSegment) -> Result<JobStatus, Refused> {
+    let next_segment = next_segment(status);
+    if paid.segment < next_segment {
+        return Err(Refused::AlreadySettled(paid.segment));
+    }
+    if paid.segment > next_segment {
+        return Err(Refused::NotNextSegment {
+            next: next_segment,
+            got: paid.segment,
+        });
+    }
+    paid.awarded = status
+        .open_lot
+        .as_ref()
+        .filter(|open| open.lot.lot == paid.lot)
+        .map(|open| open.awarded.iter().map(|(p, _)| *p).collect())
+        .unwrap_or_else(|| vec![paid.provider]);
+    let mut next = status.clone();
+    next.spent.amount += paid.price.amount;
+    next.open_lot = None;
+    next.attempts = 0;
+    next.waiting_for_providers = false;
+    if !next.state.is_final() {
+        match &paid.guest {
+            GuestState::Running { checkpoint } => next.checkpoint = checkpoint.clone(),
+            GuestState::Halted => {
+                next.state = JobState::Done;
+                next.end_reason = Some("guest halted".into());
+            }
+            GuestState::Crashed { reason } => {
+                next.state = JobState::Failed;
+                next.end_reason = Some(format!("guest crashed: {reason}"));
+            }
+        }
+    }
+    next.settled.push(paid);
+    Ok(next)
+}
+
+/// **End**: segment count reached, budget spent, no bid within the budget,
+/// or the budget never held. The open lot closes.
+pub fn end(status: &JobStatus, ending: Ending) -> Result<JobStatus, Refused> {
+    running(status)?;
+    let mut next = status.clone();
+    next.state = ending.state();
+    next.end_reason = Some(ending.to_string());
+    next.open_lot = None;
+    Ok(next)
+}
+
+/// **Cancel**: the submitter stops a running job. Its open lot stays in the
+/// record until the job task has told the awarded providers to stop.
+pub fn cancel(status: &JobStatus) -> Result<JobStatus, Refused> {
+    running(status)?;
+    let mut next = status.clone();
+    next.state = JobState::Cancelled;
+    next.end_reason = Some("cancelled by the submitter".into());
+    Ok(next)
+}
+
+/// **Refunded**: what was left in an ended job's escrow went back to the
+/// submitter.
+pub fn refunded(status: &JobStatus) -> Result<JobStatus, Refused> {
+    if !status.state.is_final() {
+        return Err(Refused::StillRunning);
+    }
+    if status.refunded {
+        return Err(Refused::AlreadyRefunded);
+    }
+    let mut next = status.clone();
+    next.refunded = true;
+    Ok(next)
+}
+
+#[cfg(test)]
+mod tests;

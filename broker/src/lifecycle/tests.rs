@@ -1,0 +1,534 @@
+//! Every transition of a job's life, and its refusals, without NATS.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use vmlot_schemas::market::{
+    Checkpoint, GuestState, Image, JobSpec, JobState, JobStatus, Lot, SegmentCount, SegmentResult,
+    SegmentTimings, SettledSegment,
+};
+use vmlot_schemas::{HypervisorKind, JobId, LotId, ManifestId, Money, ProviderId, VmConfig, WIRE_VERSION};
+
+use super::*;
+
+const WINDOW: Duration = Duration::from_secs(2);
+
+fn money(s: &str) -> Money {
+    Money::new(Decimal::from_str(s).unwrap(), "CRD")
+}
+
+fn checkpoint(name: &[u8]) -> Checkpoint {
+    Checkpoint {
+        machine_state: Some(ManifestId::of(name)),
+        disks: vec![],
+        stored_bytes: 4096,
+    }
+}
+
+/// A running job of `segments` segments, budget 10, reserve 1, 2 replicas.
+fn job(segments: SegmentCount) -> JobStatus {
+    let now = Utc::now();
+    JobStatus {
+        version: WIRE_VERSION,
+        job: JobId::new(),
+        spec: JobSpec {
+            image: Image {
+                vm: VmConfig {
+                    hypervisor: HypervisorKind::Synthetic,
+                    arch: "x86_64".into(),
+                    memory_mib: 16,
+                    vcpus: 1,
+                    cmdline: String::new(),
+                },
+                kernel: ManifestId::of(b"kernel"),
+                initrd: None,
+                disks: vec![],
+            },
+            segment_seconds: 1,
+            segments,
+            redundancy: 2,
+            reserve_price: money("1"),
+            budget: money("10"),
+            account: "alice".into(),
+        },
+        state: JobState::Running,
+        checkpoint: Checkpoint {
+            machine_state: None,
+            disks: vec![],
+            stored_bytes: 0,
+        },
+        settled: vec![],
+        open_lot: None,
+        attempts: 0,
+        waiting_for_providers: false,
+        spent: money("0"),
+        created_at: now,
+        updated_at: now,
+        end_reason: None,
+        refunded: false,
+    }
+}
+
+fn ended(state: JobState) -> JobStatus {
+    let mut s = job(SegmentCount::UntilHalt);
+    s.state = state;
+    s
+}
+
+fn offered(status: &JobStatus, now: DateTime<Utc>) -> Lot {
+    offer(status, LotId::new(), now, WINDOW).expect("offer")
+}
+
+/// `status` with a fresh lot awarded to `winners` at 0.5 each, due at `deadline`.
+fn awarded(status: &JobStatus, winners: &[ProviderId], deadline: DateTime<Utc>) -> JobStatus {
+    let lot = offered(status, Utc::now());
+    let winners: Vec<_> = winners.iter().map(|p| (*p, money("0.5"))).collect();
+    award(status, &lot, &winners, deadline).expect("award")
+}
+
+fn result_of(status: &JobStatus, provider: ProviderId, guest: GuestState) -> SegmentResult {
+    let lot = &status.open_lot.as_ref().expect("an open lot").lot;
+    SegmentResult {
+        version: WIRE_VERSION,
+        lot: lot.lot,
+        job: lot.job,
+        segment: lot.segment,
+        attempt: lot.attempt,
+        provider,
+        guest,
+        console: None,
+        timings: SegmentTimings::default(),
+        fetched_bytes: 0,
+        sent_bytes: 0,
+        finished_at: Utc::now(),
+    }
+}
+
+/// What the settle step builds from a payment of `price` for `result`.
+fn paid(result: &SegmentResult, price: Money) -> SettledSegment {
+    SettledSegment {
+        segment: result.segment,
+        attempt: result.attempt,
+        lot: result.lot,
+        provider: result.provider,
+        awarded: vec![],
+        price,
+        guest: result.guest.clone(),
+        console: result.console,
+        timings: result.timings,
+        fetched_bytes: result.fetched_bytes,
+        sent_bytes: result.sent_bytes,
+        settled_at: Utc::now(),
+    }
+}
+
+/// `status` after its next segment settled with the guest still running (checkpoint `c1`).
+fn settled_once(status: JobStatus) -> JobStatus {
+    let a = ProviderId::new();
+    let s = awarded(&status, &[a], later());
+    let running = GuestState::Running {
+        checkpoint: checkpoint(b"c1"),
+    };
+    settle(&s, paid(&result_of(&s, a, running), money("1"))).unwrap()
+}
+
+fn later() -> DateTime<Utc> {
+    Utc::now() + chrono::Duration::seconds(60)
+}
+
+#[test]
+fn offer_opens_the_next_attempt_of_the_next_segment() {
+    let mut s = settled_once(job(SegmentCount::Count(3)));
+    s.attempts = 2;
+    let now = Utc::now();
+    let id = LotId::new();
+    let lot = offer(&s, id, now, WINDOW).unwrap();
+    assert_eq!((lot.lot, lot.job, lot.segment, lot.attempt), (id, s.job, 1, 3));
+    assert_eq!(lot.checkpoint, s.checkpoint);
+    assert_eq!(lot.reserve_price, s.spec.reserve_price);
+    assert_eq!(lot.bid_deadline, now + chrono::Duration::seconds(2));
+    assert!(
+        lot.shards.is_none() && lot.invited.is_empty(),
+        "invitations are the offer step's"
+    );
+}
+
+#[test]
+fn offer_is_refused_on_a_final_job_an_ending_job_and_a_live_award() {
+    for state in [
+        JobState::Done,
+        JobState::Failed,
+        JobState::Cancelled,
+        JobState::BudgetSpent,
+    ] {
+        assert_eq!(
+            offer(&ended(state), LotId::new(), Utc::now(), WINDOW),
+            Err(Refused::Final(state))
+        );
+    }
+    let done = settled_once(job(SegmentCount::Count(1)));
+    assert_eq!(
+        offer(&done, LotId::new(), Utc::now(), WINDOW),
+        Err(Refused::Ends(Ending::SegmentsRan(1)))
+    );
+    let mut broke = job(SegmentCount::UntilHalt);
+    broke.spent = money("10");
+    assert_eq!(
+        offer(&broke, LotId::new(), Utc::now(), WINDOW),
+        Err(Refused::Ends(Ending::BudgetSpent))
+    );
+    let waiting = awarded(&job(SegmentCount::UntilHalt), &[ProviderId::new()], later());
+    assert!(matches!(
+        offer(&waiting, LotId::new(), Utc::now(), WINDOW),
+        Err(Refused::AwardPending { .. })
+    ));
+}
+
+#[test]
+fn award_records_the_winners_and_their_deadline() {
+    let mut s = job(SegmentCount::UntilHalt);
+    s.waiting_for_providers = true;
+    let lot = offered(&s, Utc::now());
+    let (a, b) = (ProviderId::new(), ProviderId::new());
+    let winners = vec![(a, money("0.4")), (b, money("0.6"))];
+    let deadline = later();
+    let next = award(&s, &lot, &winners, deadline).unwrap();
+    let open = next.open_lot.as_ref().unwrap();
+    assert_eq!(open.lot, lot);
+    assert_eq!(open.awarded, winners);
+    assert_eq!(open.award_deadline, Some(deadline));
+    assert_eq!(next.attempts, 1);
+    assert!(!next.waiting_for_providers);
+    assert_eq!(live_award(&next, Utc::now()).map(|o| o.lot.lot), Some(lot.lot));
+}
+
+#[test]
+fn award_is_refused_on_a_final_job_and_for_another_attempt() {
+    let s = job(SegmentCount::UntilHalt);
+    let lot = offered(&s, Utc::now());
+    let winners = vec![(ProviderId::new(), money("0.5"))];
+    let mut cancelled = s.clone();
+    cancelled.state = JobState::Cancelled;
+    assert_eq!(
+        award(&cancelled, &lot, &winners, later()),
+        Err(Refused::Final(JobState::Cancelled))
+    );
+    let mut stale = lot.clone();
+    stale.attempt = 5;
+    assert_eq!(
+        award(&s, &stale, &winners, later()),
+        Err(Refused::NotNextAttempt { next: 1, got: 5 })
+    );
+    let mut ahead = lot.clone();
+    ahead.segment = 2;
+    assert_eq!(
+        award(&s, &ahead, &winners, later()),
+        Err(Refused::NotNextSegment { next: 0, got: 2 })
+    );
+    let mut other = lot.clone();
+    other.job = JobId::new();
+    assert_eq!(award(&s, &other, &winners, later()), Err(Refused::OtherJob));
+    assert_eq!(award(&s, &lot, &[], later()), Err(Refused::NoWinner));
+}
+
+#[test]
+fn no_bids_leave_the_job_waiting_for_providers() {
+    let s = awarded(&job(SegmentCount::UntilHalt), &[ProviderId::new()], Utc::now());
+    let next = wait_for_providers(&s).unwrap();
+    assert!(next.waiting_for_providers);
+    assert!(next.open_lot.is_none());
+    assert_eq!(next.attempts, s.attempts, "the attempt stays counted");
+    assert_eq!(
+        wait_for_providers(&next),
+        Ok(next.clone()),
+        "waiting again changes nothing"
+    );
+    assert_eq!(
+        wait_for_providers(&ended(JobState::Cancelled)),
+        Err(Refused::Final(JobState::Cancelled))
+    );
+}
+
+#[test]
+fn a_result_of_the_open_attempt_from_an_awarded_provider_is_owed_its_price() {
+    let (a, b) = (ProviderId::new(), ProviderId::new());
+    let s = awarded(&job(SegmentCount::UntilHalt), &[a, b], later());
+    let running = GuestState::Running {
+        checkpoint: checkpoint(b"c1"),
+    };
+    assert_eq!(
+        check_result(&s, &result_of(&s, b, running.clone())),
+        Ok(money("0.5"))
+    );
+}
+
+#[test]
+fn a_result_for_another_attempt_or_from_a_stranger_is_refused() {
+    let a = ProviderId::new();
+    let s = awarded(&job(SegmentCount::UntilHalt), &[a], later());
+    let good = result_of(&s, a, GuestState::Halted);
+    let stranger = ProviderId::new();
+    assert_eq!(
+        check_result(&s, &result_of(&s, stranger, GuestState::Halted)),
+        Err(Refused::NotAwarded(stranger))
+    );
+    for wrong in [
+        SegmentResult {
+            attempt: good.attempt + 1,
+            ..good.clone()
+        },
+        SegmentResult {
+            segment: good.segment + 1,
+            ..good.clone()
+        },
+        SegmentResult {
+            lot: LotId::new(),
+            ..good.clone()
+        },
+        SegmentResult {
+            job: JobId::new(),
+            ..good.clone()
+        },
+    ] {
+        assert_eq!(check_result(&s, &wrong), Err(Refused::NotOpen));
+    }
+    let closed = withdraw_lot(&s).unwrap();
+    assert_eq!(check_result(&closed, &good), Err(Refused::NoOpenLot));
+    let mut cancelled = s.clone();
+    cancelled.state = JobState::Cancelled;
+    assert_eq!(
+        check_result(&cancelled, &good),
+        Err(Refused::Final(JobState::Cancelled))
+    );
+}
+
+#[test]
+fn an_accepted_result_settles_the_segment_and_advances_the_checkpoint() {
+    let (a, b) = (ProviderId::new(), ProviderId::new());
+    let s = awarded(&job(SegmentCount::UntilHalt), &[a, b], later());
+    let next_cp = checkpoint(b"c1");
+    let result = result_of(
+        &s,
+        b,
+        GuestState::Running {
+            checkpoint: next_cp.clone(),
+        },
+    );
+    let next = settle(&s, paid(&result, money("0.5"))).unwrap();
+    assert_eq!(next.state, JobState::Running);
+    assert_eq!(next.checkpoint, next_cp);
+    assert_eq!(next.spent, money("0.5"));
+    assert_eq!(next.settled.len(), 1);
+    assert_eq!(next.settled[0].provider, b);
+    assert_eq!(
+        next.settled[0].awarded,
+        vec![a, b],
+        "every replica awarded is kept"
+    );
+    assert!(next.open_lot.is_none());
+    assert_eq!(next.attempts, 0);
+    assert!(!next.waiting_for_providers);
+    let lot = offered(&next, Utc::now());
+    assert_eq!(
+        (lot.segment, lot.attempt),
+        (1, 1),
+        "the next segment, first attempt"
+    );
+    assert_eq!(lot.checkpoint, next_cp);
+}
+
+#[test]
+fn a_settlement_applied_twice_or_out_of_order_is_refused() {
+    let a = ProviderId::new();
+    let s = awarded(&job(SegmentCount::UntilHalt), &[a], later());
+    let running = GuestState::Running {
+        checkpoint: checkpoint(b"c1"),
+    };
+    let payment = paid(&result_of(&s, a, running), money("0.5"));
+    let next = settle(&s, payment.clone()).unwrap();
+    assert_eq!(settle(&next, payment.clone()), Err(Refused::AlreadySettled(0)));
+    let ahead = SettledSegment {
+        segment: 3,
+        ..payment
+    };
+    assert_eq!(
+        settle(&s, ahead),
+        Err(Refused::NotNextSegment { next: 0, got: 3 })
+    );
+}
+
+#[test]
+fn a_payment_for_a_lot_no_longer_open_names_only_its_provider() {
+    let a = ProviderId::new();
+    let s = awarded(&job(SegmentCount::UntilHalt), &[a, ProviderId::new()], later());
+    let payment = paid(&result_of(&s, a, GuestState::Halted), money("0.5"));
+    let next = settle(&withdraw_lot(&s).unwrap(), payment).unwrap();
+    assert_eq!(next.settled[0].awarded, vec![a]);
+}
+
+#[test]
+fn the_guest_halting_ends_the_job_done() {
+    let a = ProviderId::new();
+    let s = awarded(&job(SegmentCount::UntilHalt), &[a], later());
+    let next = settle(&s, paid(&result_of(&s, a, GuestState::Halted), money("0.5"))).unwrap();
+    assert_eq!(next.state, JobState::Done);
+    assert_eq!(next.end_reason.as_deref(), Some("guest halted"));
+    assert_eq!(next.checkpoint, s.checkpoint, "no checkpoint after a halt");
+    assert_eq!(
+        offer(&next, LotId::new(), Utc::now(), WINDOW),
+        Err(Refused::Final(JobState::Done))
+    );
+}
+
+#[test]
+fn the_guest_crashing_fails_the_job() {
+    let a = ProviderId::new();
+    let s = awarded(&job(SegmentCount::UntilHalt), &[a], later());
+    let crashed = GuestState::Crashed {
+        reason: "oops".into(),
+    };
+    let next = settle(&s, paid(&result_of(&s, a, crashed), money("0.5"))).unwrap();
+    assert_eq!(next.state, JobState::Failed);
+    assert_eq!(next.end_reason.as_deref(), Some("guest crashed: oops"));
+}
+
+#[test]
+fn the_segment_count_reached_ends_the_job_done() {
+    let a = ProviderId::new();
+    let s = awarded(&job(SegmentCount::Count(1)), &[a], later());
+    let running = GuestState::Running {
+        checkpoint: checkpoint(b"c1"),
+    };
+    let next = settle(&s, paid(&result_of(&s, a, running), money("0.5"))).unwrap();
+    assert_eq!(
+        next.state,
+        JobState::Running,
+        "settling does not end it by itself"
+    );
+    let ending = ending(&next).unwrap();
+    assert_eq!(ending, Ending::SegmentsRan(1));
+    let done = end(&next, ending).unwrap();
+    assert_eq!(done.state, JobState::Done);
+    assert_eq!(done.end_reason.as_deref(), Some("all 1 segments ran"));
+}
+
+#[test]
+fn a_segment_paid_after_a_cancel_is_recorded_and_the_job_stays_cancelled() {
+    let a = ProviderId::new();
+    let s = awarded(&job(SegmentCount::UntilHalt), &[a], later());
+    let result = result_of(
+        &s,
+        a,
+        GuestState::Running {
+            checkpoint: checkpoint(b"c1"),
+        },
+    );
+    let cancelled = cancel(&s).unwrap();
+    let next = settle(&cancelled, paid(&result, money("0.5"))).unwrap();
+    assert_eq!(next.state, JobState::Cancelled);
+    assert_eq!(next.settled.len(), 1);
+    assert_eq!(next.spent, money("0.5"));
+    assert_eq!(next.checkpoint, s.checkpoint, "an ended job does not advance");
+}
+
+#[test]
+fn the_deadline_passing_opens_a_new_attempt() {
+    let a = ProviderId::new();
+    let fresh = job(SegmentCount::UntilHalt);
+    assert_eq!(deadline_passed(&fresh, Utc::now()), Err(Refused::NoOpenLot));
+    let due = later();
+    let s = awarded(&fresh, &[a], due);
+    assert!(matches!(
+        deadline_passed(&s, Utc::now()),
+        Err(Refused::AwardPending { deadline, .. }) if deadline == due
+    ));
+    let after = due + chrono::Duration::seconds(1);
+    let next = deadline_passed(&s, after).unwrap();
+    assert!(next.open_lot.is_none());
+    let lot = offer(&next, LotId::new(), after, WINDOW).unwrap();
+    assert_eq!((lot.segment, lot.attempt), (0, 2));
+    // A record straight from the store still holding the timed-out lot is
+    // offered anew too.
+    assert_eq!(offer(&s, LotId::new(), after, WINDOW).unwrap().attempt, 2);
+    let mut cancelled = s.clone();
+    cancelled.state = JobState::Cancelled;
+    assert_eq!(
+        deadline_passed(&cancelled, after),
+        Err(Refused::Final(JobState::Cancelled))
+    );
+}
+
+#[test]
+fn cancel_ends_a_running_job_only() {
+    let s = awarded(&job(SegmentCount::UntilHalt), &[ProviderId::new()], later());
+    let next = cancel(&s).unwrap();
+    assert_eq!(next.state, JobState::Cancelled);
+    assert_eq!(next.end_reason.as_deref(), Some("cancelled by the submitter"));
+    assert!(next.open_lot.is_some(), "its providers are told to stop first");
+    assert_eq!(cancel(&next), Err(Refused::Final(JobState::Cancelled)));
+    assert_eq!(
+        Refused::Final(JobState::Cancelled).to_string(),
+        "job already ended (Cancelled)"
+    );
+    let stopped = withdraw_lot(&next).unwrap();
+    assert!(stopped.open_lot.is_none());
+    assert_eq!(withdraw_lot(&stopped), Err(Refused::NoOpenLot));
+}
+
+#[test]
+fn the_budget_spent_ends_the_job() {
+    let a = ProviderId::new();
+    let mut s = job(SegmentCount::UntilHalt);
+    s.spent = money("9.5");
+    assert_eq!(ending(&s), None);
+    assert_eq!(remaining(&s), money("0.5"));
+    let s = awarded(&s, &[a], later());
+    let running = GuestState::Running {
+        checkpoint: checkpoint(b"c1"),
+    };
+    let next = settle(&s, paid(&result_of(&s, a, running), money("0.5"))).unwrap();
+    assert_eq!(ending(&next), Some(Ending::BudgetSpent));
+    let spent = end(&next, Ending::BudgetSpent).unwrap();
+    assert_eq!(spent.state, JobState::BudgetSpent);
+    assert_eq!(spent.end_reason.as_deref(), Some("budget spent"));
+    assert_eq!(
+        end(&spent, Ending::BudgetSpent),
+        Err(Refused::Final(JobState::BudgetSpent))
+    );
+
+    let no_fit = end(
+        &awarded(&job(SegmentCount::UntilHalt), &[a], later()),
+        Ending::NoBidFits,
+    )
+    .unwrap();
+    assert_eq!(no_fit.state, JobState::BudgetSpent);
+    assert_eq!(
+        no_fit.end_reason.as_deref(),
+        Some("no bid fits the remaining budget")
+    );
+    assert!(no_fit.open_lot.is_none());
+}
+
+#[test]
+fn a_budget_never_held_fails_the_job() {
+    let next = end(
+        &job(SegmentCount::UntilHalt),
+        Ending::Unfunded("insufficient funds".into()),
+    )
+    .unwrap();
+    assert_eq!(next.state, JobState::Failed);
+    assert_eq!(next.end_reason.as_deref(), Some("insufficient funds"));
+}
+
+#[test]
+fn only_an_ended_job_is_refunded_and_only_once() {
+    assert_eq!(
+        refunded(&job(SegmentCount::UntilHalt)),
+        Err(Refused::StillRunning)
+    );
+    let next = refunded(&ended(JobState::Done)).unwrap();
+    assert!(next.refunded);
+    assert_eq!(refunded(&next), Err(Refused::AlreadyRefunded));
+}

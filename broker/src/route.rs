@@ -1,0 +1,137 @@
+//! The broker's inbound market traffic: bids, heartbeats and results are
+//! decoded and checked against their subject here, then routed to the job
+//! task whose lot they name (heartbeats fill the provider table). What
+//! names no open lot is refused and logged.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer};
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use vmlot_schemas::market::{Bid, Heartbeat, SegmentResult};
+use vmlot_schemas::{WIRE_VERSION, subjects};
+
+use crate::shared::{LotEvent, Shared};
+
+/// Routes each bid to the task of the lot it names.
+pub(crate) async fn route_bids(shared: Arc<Shared>, mut bids: async_nats::Subscriber) {
+    loop {
+        let msg = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            msg = bids.next() => match msg { Some(m) => m, None => return },
+        };
+        let bid: Bid = match serde_json::from_slice(&msg.payload) {
+            Ok(bid) => bid,
+            Err(err) => {
+                tracing::warn!(subject = %msg.subject, %err, "refused malformed bid");
+                continue;
+            }
+        };
+        if bid.version != WIRE_VERSION || subjects::provider_of(&msg.subject) != Some(bid.provider) {
+            tracing::warn!(subject = %msg.subject, provider = %bid.provider, "refused bid: wrong version or not from its own subject");
+            continue;
+        }
+        let route = shared
+            .lots
+            .lock()
+            .expect("lots lock")
+            .get(&bid.lot)
+            .map(|r| r.tx.clone());
+        match route {
+            Some(tx) => {
+                let _ = tx.try_send(LotEvent::Bid(bid));
+            }
+            None => {
+                tracing::warn!(lot = %bid.lot, provider = %bid.provider, "refused bid for a lot not open")
+            }
+        }
+    }
+}
+
+/// Keeps each provider's last heartbeat and when it came.
+pub(crate) async fn track_heartbeats(shared: Arc<Shared>, mut beats: async_nats::Subscriber) {
+    loop {
+        let msg = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            msg = beats.next() => match msg { Some(m) => m, None => return },
+        };
+        match serde_json::from_slice::<Heartbeat>(&msg.payload) {
+            Ok(hb) if subjects::provider_of(&msg.subject) == Some(hb.provider) => {
+                shared
+                    .providers
+                    .lock()
+                    .expect("providers lock")
+                    .insert(hb.provider, (hb, std::time::Instant::now()));
+            }
+            _ => tracing::warn!(subject = %msg.subject, "refused malformed heartbeat"),
+        }
+    }
+}
+
+/// Routes each result to the task of the lot it names; that task acks it.
+pub(crate) async fn route_results(shared: Arc<Shared>, consumer: consumer::PullConsumer) {
+    loop {
+        let mut messages = match consumer.messages().await {
+            Ok(m) => m,
+            Err(err) => {
+                tracing::warn!(%err, "results consumer unavailable; retrying");
+                tokio::select! {
+                    _ = shared.shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        loop {
+            let msg = tokio::select! {
+                _ = shared.shutdown.cancelled() => return,
+                msg = messages.next() => msg,
+            };
+            let msg = match msg {
+                Some(Ok(msg)) => msg,
+                Some(Err(err)) => {
+                    tracing::warn!(%err, "results stream error");
+                    continue;
+                }
+                None => break,
+            };
+            let result: SegmentResult = match serde_json::from_slice(&msg.payload) {
+                Ok(r) => r,
+                Err(err) => {
+                    tracing::warn!(subject = %msg.subject, %err, "refused malformed result");
+                    let _ = msg.ack().await;
+                    continue;
+                }
+            };
+            if result.version != WIRE_VERSION || subjects::provider_of(&msg.subject) != Some(result.provider)
+            {
+                tracing::warn!(subject = %msg.subject, "refused result: wrong version or not from its own subject");
+                let _ = msg.ack().await;
+                continue;
+            }
+            let route = shared
+                .lots
+                .lock()
+                .expect("lots lock")
+                .get(&result.lot)
+                .map(|r| (r.job, r.tx.clone()));
+            match route {
+                Some((job, tx)) if job == result.job => {
+                    // The job task acks once it has dealt with the result.
+                    if let Err(mpsc::error::SendError(LotEvent::Result(event))) =
+                        tx.send(LotEvent::Result(Box::new((result, msg)))).await
+                    {
+                        let _ = event
+                            .1
+                            .ack_with(jetstream::AckKind::Nak(Some(Duration::from_secs(1))))
+                            .await;
+                    }
+                }
+                _ => {
+                    tracing::warn!(lot = %result.lot, provider = %result.provider, "refused result for a lot not open (late, replayed or never offered)");
+                    let _ = msg.ack().await;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,215 @@
+//! Where a segment's money moves: wait for the awarded providers' results
+//! until the deadline; the first that verifies (the open attempt, an
+//! awarded provider, its checkpoint whole in the store) is paid exactly
+//! once (the settlement's ledger id is derived from job and segment), the
+//! payment is recorded in the job, and the other replicas are told to stop.
+//! A broker that died between paying and recording finds the payment
+//! before offering the segment again and applies it instead.
+//!
+//! The broker builds a [`SegmentPayment`] in one place ([`payment`]) and
+//! reads one back into the job in one place ([`settled_segment`]).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use chrono::Utc;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use vmlot_schemas::market::{GuestState, JobStatus, Lot, SegmentPayment, SegmentResult, SettledSegment};
+use vmlot_schemas::{BlockId, Money, ProviderId, WIRE_VERSION, subjects};
+
+use crate::error::BrokerError;
+use crate::lifecycle::{self, Refused};
+use crate::shared::{LotEvent, Shared};
+use crate::state::UpdateError;
+use crate::{cancel, verify};
+
+/// How waiting for an attempt's results ended.
+pub(crate) enum Waited {
+    Settled,
+    TimedOut,
+    Stopped,
+}
+
+/// Before offering the job's next segment: a payment for it written before
+/// a crash settles it, and is not paid again. True when one was applied.
+pub(crate) async fn resume_paid(shared: &Arc<Shared>, status: &JobStatus) -> Result<bool, BrokerError> {
+    let segment = lifecycle::next_segment(status);
+    let Some(payment) = shared.books.settlement(status.job, segment).await? else {
+        return Ok(false);
+    };
+    let span = tracing::info_span!(
+        "resume",
+        segment,
+        lot = %payment.lot,
+        attempt = payment.attempt,
+        provider = %payment.provider
+    );
+    async {
+        tracing::info!("segment already paid; applying the recorded settlement");
+        apply(shared, &payment).await
+    }
+    .instrument(span)
+    .await?;
+    Ok(true)
+}
+
+/// Waits for the results of the awarded lot open in `status` until its
+/// deadline, and settles the segment with the first valid one.
+pub(crate) async fn await_result(
+    shared: &Arc<Shared>,
+    status: &JobStatus,
+    rx: &mut mpsc::Receiver<LotEvent>,
+    stop: &CancellationToken,
+) -> Result<Waited, BrokerError> {
+    let Some(open) = &status.open_lot else {
+        return Err(Refused::NoOpenLot.into());
+    };
+    let deadline = open.award_deadline.unwrap_or_else(Utc::now);
+    let left = (deadline - Utc::now()).to_std().unwrap_or_default();
+    let timeout = tokio::time::sleep(left);
+    tokio::pin!(timeout);
+    let known = verify::known_blocks(&shared.store, &status.checkpoint).await;
+    loop {
+        let (result, msg) = tokio::select! {
+            _ = stop.cancelled() => return Ok(Waited::Stopped),
+            _ = &mut timeout => return Ok(Waited::TimedOut),
+            event = rx.recv() => match event {
+                Some(LotEvent::Result(event)) => *event,
+                Some(LotEvent::Bid(_)) => continue,
+                None => return Ok(Waited::Stopped),
+            }
+        };
+        let span = tracing::info_span!("result", provider = %result.provider);
+        let settled = async {
+            match check(shared, status, &result, &known).await {
+                Ok(price) => {
+                    settle(shared, status, &open.lot, &result, price).await?;
+                    let _ = msg.ack().await;
+                    Ok::<_, BrokerError>(true)
+                }
+                Err(reason) => {
+                    tracing::warn!(%reason, "result refused");
+                    let _ = msg.ack().await;
+                    Ok(false)
+                }
+            }
+        }
+        .instrument(span)
+        .await?;
+        if settled {
+            return Ok(Waited::Settled);
+        }
+    }
+}
+
+/// Checks a result against the open attempt, then its checkpoint against
+/// the store; returns the price owed.
+async fn check(
+    shared: &Shared,
+    status: &JobStatus,
+    result: &SegmentResult,
+    known: &HashSet<BlockId>,
+) -> Result<Money, String> {
+    let price = lifecycle::check_result(status, result).map_err(|e| e.to_string())?;
+    if let GuestState::Running { checkpoint } = &result.guest {
+        verify::checkpoint(&shared.store, checkpoint, known)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(price)
+}
+
+/// Pays for `result` (once, whoever asks again), records the payment in
+/// the job, and tells the other replicas to stop.
+async fn settle(
+    shared: &Arc<Shared>,
+    status: &JobStatus,
+    lot: &Lot,
+    result: &SegmentResult,
+    price: Money,
+) -> Result<(), BrokerError> {
+    let recorded = shared
+        .books
+        .settle(payment(status, lot, result, price), shared.config.fee_rate)
+        .await?;
+    match &recorded {
+        vmlot_ledger::Recorded::Now(_) => {
+            #[cfg(feature = "fault-injection")]
+            crate::fault::crash_after_settlement();
+        }
+        vmlot_ledger::Recorded::Before(_) => {
+            tracing::warn!("segment was already paid; no second payment")
+        }
+    }
+    let Some(paid) = recorded.tx().settlement.as_deref() else {
+        return Err(BrokerError::nats(
+            "settle",
+            "settlement record without its details",
+        ));
+    };
+    apply(shared, paid).await?;
+    let winner = paid.provider;
+    let losers: Vec<ProviderId> = status
+        .open_lot
+        .iter()
+        .flat_map(|open| open.awarded.iter().map(|(p, _)| *p))
+        .filter(|p| *p != winner)
+        .collect();
+    cancel::attempt(shared, lot.lot, &losers, &format!("segment settled by {winner}")).await;
+    tracing::info!(provider = %winner, amount = %paid.amount, "settled");
+    Ok(())
+}
+
+/// The payment the broker writes for `result` settling `lot` at `price`.
+fn payment(status: &JobStatus, lot: &Lot, result: &SegmentResult, price: Money) -> SegmentPayment {
+    SegmentPayment {
+        version: WIRE_VERSION,
+        id: vmlot_ledger::tx_id(&subjects::settlement_tx(&status.job, lot.segment)),
+        job: status.job,
+        segment: lot.segment,
+        lot: lot.lot,
+        attempt: lot.attempt,
+        provider: result.provider,
+        payer: status.spec.account.clone(),
+        amount: price,
+        result: result.clone(),
+        at: Utc::now(),
+    }
+}
+
+/// The settled segment a payment records in its job (its `awarded` is
+/// filled by [`lifecycle::settle`] from the job's open lot).
+fn settled_segment(payment: &SegmentPayment) -> SettledSegment {
+    let result = &payment.result;
+    SettledSegment {
+        segment: payment.segment,
+        attempt: payment.attempt,
+        lot: payment.lot,
+        provider: payment.provider,
+        awarded: Vec::new(),
+        price: payment.amount.clone(),
+        guest: result.guest.clone(),
+        console: result.console,
+        timings: result.timings,
+        fetched_bytes: result.fetched_bytes,
+        sent_bytes: result.sent_bytes,
+        settled_at: payment.at,
+    }
+}
+
+/// Records a paid segment in the job (once: a repeat finds it applied).
+async fn apply(shared: &Shared, payment: &SegmentPayment) -> Result<(), BrokerError> {
+    let paid = settled_segment(payment);
+    match shared
+        .jobs
+        .transition(&payment.job, move |s| lifecycle::settle(s, paid.clone()))
+        .await
+    {
+        Ok(_) | Err(UpdateError::Refused(Refused::AlreadySettled(_) | Refused::NotNextSegment { .. })) => {
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}

@@ -1,0 +1,130 @@
+//! What the broker's tasks share: NATS, the store, the job records, the
+//! books, the lots open now (to route bids and results to their job task),
+//! the providers heard from, and the capacity table.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use async_nats::jetstream;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use vmlot_cas::BlockStore;
+use vmlot_schemas::market::{Bid, Heartbeat, SegmentResult};
+use vmlot_schemas::{JobId, LotId, ProviderId};
+
+use crate::capacity::Capacity;
+use crate::config::BrokerConfig;
+use crate::state::JobStore;
+
+/// What reaches a job task about its open lot.
+pub(crate) enum LotEvent {
+    Bid(Bid),
+    Result(Box<(SegmentResult, jetstream::Message)>),
+}
+
+/// Routing of bids and results to the job task that owns the lot.
+pub(crate) struct LotRoute {
+    pub job: JobId,
+    pub tx: mpsc::Sender<LotEvent>,
+}
+
+/// State shared by the broker's tasks.
+pub(crate) struct Shared {
+    pub client: async_nats::Client,
+    pub store: BlockStore,
+    pub jobs: JobStore,
+    pub books: vmlot_ledger::Books,
+    pub config: BrokerConfig,
+    pub lots: Mutex<HashMap<LotId, LotRoute>>,
+    pub providers: Mutex<HashMap<ProviderId, (Heartbeat, std::time::Instant)>>,
+    pub capacity: Mutex<Capacity>,
+    /// Signalled once per slot freed: jobs that found no free bidder wait
+    /// on it (one wakes per slot, in turn) instead of re-offering blindly.
+    pub slot_freed: tokio::sync::Notify,
+    pub running: Mutex<HashMap<JobId, CancellationToken>>,
+    pub tasks: TaskTracker,
+    pub shutdown: CancellationToken,
+}
+
+/// The hypervisor, architecture and memory a heartbeat declares cover `vm`.
+fn offers(hb: &Heartbeat, vm: &vmlot_schemas::VmConfig) -> bool {
+    hb.hypervisors.contains(&vm.hypervisor) && hb.arch == vm.arch && hb.memory_mib >= vm.memory_mib
+}
+
+impl Shared {
+    /// Routes bids and results for `lot` to the job task listening on `tx`.
+    pub fn route_lot(&self, lot: LotId, job: JobId, tx: &mpsc::Sender<LotEvent>) {
+        self.lots
+            .lock()
+            .expect("lots lock")
+            .insert(lot, LotRoute { job, tx: tx.clone() });
+    }
+
+    /// Stops routing `lot`: bids and results for it are refused from now on.
+    pub fn unroute_lot(&self, lot: &LotId) {
+        self.lots.lock().expect("lots lock").remove(lot);
+    }
+
+    /// Live providers that could run `vm`, with their slots: how many the
+    /// invitation share is drawn from, and who may be named.
+    pub fn eligible_providers(&self, vm: &vmlot_schemas::VmConfig) -> Vec<(ProviderId, u32)> {
+        let providers = self.providers.lock().expect("providers lock");
+        providers
+            .values()
+            .filter(|(hb, seen)| seen.elapsed() < self.config.provider_timeout && offers(hb, vm))
+            .map(|(hb, _)| (hb.provider, hb.slots))
+            .collect()
+    }
+
+    /// True when `provider`'s last heartbeat offers what `vm` needs. A bid
+    /// from a provider that does not (a QEMU host bidding on a Xen lot, or
+    /// one never heard of) is refused whatever subject it came in on.
+    pub fn provider_offers(&self, provider: &ProviderId, vm: &vmlot_schemas::VmConfig) -> bool {
+        let providers = self.providers.lock().expect("providers lock");
+        providers.get(provider).is_some_and(|(hb, _)| offers(hb, vm))
+    }
+
+    /// Ends the reservations `lot` holds at `providers` and wakes one
+    /// waiting job per slot freed.
+    pub fn release_slots(&self, providers: impl IntoIterator<Item = ProviderId>, lot: &LotId) {
+        let providers: Vec<ProviderId> = providers.into_iter().collect();
+        self.capacity
+            .lock()
+            .expect("capacity lock")
+            .release(providers.iter().copied(), lot);
+        for _ in &providers {
+            self.slot_freed.notify_one();
+        }
+    }
+
+    /// Up to `n` of `eligible`, picked at random, with a slot no award
+    /// holds: invited to a lot by name, so a market short of slots still
+    /// puts each lot before someone free to take it.
+    pub fn providers_with_room(&self, eligible: &[(ProviderId, u32)], n: usize) -> Vec<ProviderId> {
+        use rand::seq::SliceRandom;
+        let mut free: Vec<ProviderId> = {
+            let capacity = self.capacity.lock().expect("capacity lock");
+            eligible
+                .iter()
+                .filter(|(p, slots)| capacity.has_room(p, *slots))
+                .map(|(p, _)| *p)
+                .collect()
+        };
+        free.shuffle(&mut rand::thread_rng());
+        free.truncate(n);
+        free
+    }
+
+    /// Providers heard from within the provider timeout, by name.
+    pub fn live_providers(&self) -> Vec<Heartbeat> {
+        let providers = self.providers.lock().expect("providers lock");
+        let mut live: Vec<Heartbeat> = providers
+            .values()
+            .filter(|(_, seen)| seen.elapsed() < self.config.provider_timeout)
+            .map(|(hb, _)| hb.clone())
+            .collect();
+        live.sort_by(|a, b| a.name.cmp(&b.name));
+        live
+    }
+}
