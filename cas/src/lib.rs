@@ -3,7 +3,8 @@
 //! receiver lacks ("cold" blocks) cross the network.
 //!
 //! - [`chunk`] cuts a byte stream into blocks and builds its manifest.
-//! - [`xensave`] cuts an `xl save` file along its records, a block per guest page.
+//! - [`xensave`] cuts an `xl save` file along its records, a block per guest page,
+//!   and reads its header (the one parser of it: the Xen driver uses it too).
 //! - [`store`] keeps blocks and manifests in JetStream.
 //! - [`cache`] keeps blocks on a provider's or client's disk.
 //! - [`transfer`] pushes a file into the store and pulls it back out.
@@ -21,3 +22,4 @@ pub use cache::{BlockCache, HaveReport};
 pub use error::CasError;
 pub use store::{BlockStore, StoreOptions};
 pub use transfer::{PullReport, PushReport, pull_file, push_file};
+pub use xensave::{SavedConfig, XlHeader, XlHeaderError, read_saved_config};

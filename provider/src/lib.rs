@@ -1,12 +1,16 @@
 //! The vmlot provider: bids on lots it can run, runs the segments it wins
 //! on a hypervisor, returns the new checkpoint and is paid per segment.
 //!
-//! - [`driver`]: the hypervisor interface and its drivers.
-//! - [`config`]: settings (TOML file and flags).
+//! - [`config`]: settings, layered (defaults, TOML file, environment, flags).
+//! - [`setup`]: the drivers the settings ask for.
+//! - [`driver`]: the hypervisor interface, the segment template, the drivers.
 //! - [`daemon`]: [`daemon::run`], the daemon itself, shared by the binary and tests.
 //! - [`bidding`]: what to bid, from the provider's own price and what it holds.
+//! - [`logging`]: text or JSON log lines.
 
 pub mod bidding;
 pub mod config;
 pub mod daemon;
 pub mod driver;
+pub mod logging;
+pub mod setup;

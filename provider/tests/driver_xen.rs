@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
+use vmlot_cas::xensave::XL_MAGIC;
 use vmlot_provider::driver::xen::{self, GuestType, XenConfig, XenDriver};
 use vmlot_provider::driver::{BootFiles, Driver, DriverError, SegmentPlan, SegmentStart};
 use vmlot_schemas::{HypervisorKind, VmConfig};
@@ -69,7 +70,7 @@ fn xl_save_file(config_json: &str) -> Vec<u8> {
     config.push(0);
     let mut optional = (config.len() as u32).to_le_bytes().to_vec();
     optional.extend_from_slice(&config);
-    let mut file = xen::SAVE_MAGIC.to_vec();
+    let mut file = XL_MAGIC.to_vec();
     // byteorder, mandatory flags (JSON | STREAMv2), optional flags, length.
     for word in [0x0102_0304u32, 3, 0, optional.len() as u32] {
         file.extend_from_slice(&word.to_le_bytes());

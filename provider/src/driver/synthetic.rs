@@ -19,25 +19,37 @@
 //!
 //! Layout: block 0 is a header (magic, seed, segment counter, a chain
 //! digest of all changes so far); blocks 1.. are "RAM", zero at boot (holes:
-//! the file is sparse).
+//! the file is sparse). The random choices are ChaCha8 streams
+//! (`rand_chacha`, whose output is fixed for a seed across versions) seeded
+//! from SHA-1 of the state, so they depend on nothing else.
+//!
+//! Compiled only with the cargo feature `synthetic`: it is test machinery,
+//! and a release provider offers no such hypervisor.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
-use std::path::Path;
-use std::time::{Duration, Instant};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use futures::future::BoxFuture;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_chacha::rand_core::RngCore;
 use sha1::{Digest, Sha1};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use vmlot_schemas::HypervisorKind;
 
-use super::{Driver, DriverError, SegmentEnd, SegmentPlan, SegmentReport, SegmentStart, io_err};
+use super::api::{
+    Driver, DriverError, SegmentEnd, SegmentPlan, SegmentReport, SegmentStart, VmState, VmStep,
+};
+use super::host::{expect_kind, io_err};
+use super::template::{self, Machine};
 
 /// The block size: a page, the grid checkpoints are diffed on.
 pub const BLOCK: usize = 4096;
-/// The state file a saved segment leaves in its workdir.
-pub const STATE_FILE: &str = "machine-state";
-const TMP_FILE: &str = "machine-state.partial";
+/// The "RAM" a segment works on in its workdir, until it is saved.
+const RAM_FILE: &str = "synthetic-ram";
 const MAGIC: &[u8; 8] = b"VMLOTSYN";
 const VERSION: u32 = 2;
 /// Blocks copied or changed between two looks at the cancellation token.
@@ -74,80 +86,18 @@ impl SyntheticDriver {
     }
 
     async fn run(&self, plan: &SegmentPlan, cancel: CancellationToken) -> Result<SegmentReport, DriverError> {
-        if plan.vm.hypervisor != HypervisorKind::Synthetic {
-            return Err(DriverError::WrongHypervisor {
-                expected: HypervisorKind::Synthetic,
-                actual: plan.vm.hypervisor,
-            });
-        }
+        expect_kind(plan, HypervisorKind::Synthetic)?;
         if cancel.is_cancelled() {
             return Err(DriverError::Cancelled);
         }
-        let job = Job::parse(plan)?;
-        let fraction = self.changed_fraction;
-        let plan2 = plan.clone();
-        let token = cancel.clone();
-        let started = Instant::now();
-        // The file work blocks, so it runs on the blocking pool and checks
-        // the token every MiB: waiting for it after a cancel is quick, and
-        // it cannot recreate the file after the clean-up below.
-        let result = match tokio::task::spawn_blocking(move || segment(&plan2, &job, fraction, &token)).await
-        {
-            Ok(result) => result,
-            Err(e) => Err(DriverError::Io {
-                op: "run segment",
-                path: plan.workdir.display().to_string(),
-                source: std::io::Error::other(e.to_string()),
-            }),
+        let machine = SyntheticMachine {
+            job: Job::parse(plan)?,
+            fraction: self.changed_fraction,
+            ram: plan.workdir.join(RAM_FILE),
+            header: None,
+            console: Vec::new(),
         };
-        let tmp = plan.workdir.join(TMP_FILE);
-        let mut done = match result {
-            Ok(_) if cancel.is_cancelled() => {
-                let _ = std::fs::remove_file(&tmp);
-                return Err(DriverError::Cancelled);
-            }
-            Ok(done) => done,
-            Err(e) => {
-                // Nothing of a cancelled or failed attempt is kept.
-                let _ = std::fs::remove_file(&tmp);
-                return Err(e);
-            }
-        };
-        // The segment "runs" for run_for in all: the work counts, and with
-        // run_for zero (benchmarks) nothing sleeps.
-        let rest = plan
-            .run_for
-            .saturating_sub(started.elapsed().saturating_sub(done.start_time));
-        if !rest.is_zero() {
-            tokio::select! {
-                _ = cancel.cancelled() => {
-                    let _ = std::fs::remove_file(&tmp);
-                    return Err(DriverError::Cancelled);
-                }
-                _ = tokio::time::sleep(rest) => {}
-            }
-        }
-        done.run_time = started.elapsed().saturating_sub(done.start_time);
-
-        let save_started = Instant::now();
-        let end = if done.halted {
-            let _ = std::fs::remove_file(&tmp);
-            SegmentEnd::Halted
-        } else {
-            let state = plan.workdir.join(STATE_FILE);
-            std::fs::rename(&tmp, &state).map_err(|e| io_err("rename", &tmp, e))?;
-            SegmentEnd::Saved {
-                machine_state: state,
-                disks: plan.files.disks.clone(),
-            }
-        };
-        Ok(SegmentReport {
-            end,
-            console: done.console,
-            start_time: done.start_time,
-            run_time: done.run_time,
-            save_time: save_started.elapsed(),
-        })
+        template::run_segment(machine, plan, &plan.workdir, &cancel).await
     }
 }
 
@@ -165,7 +115,102 @@ impl Driver for SyntheticDriver {
     }
 }
 
+/// One segment's "guest": the RAM file and its header. The file work
+/// blocks, so it runs on the blocking pool and checks the token every MiB;
+/// every step waits for it, so nothing writes the file after the clean-up.
+struct SyntheticMachine {
+    job: Job,
+    fraction: f64,
+    ram: PathBuf,
+    /// Set once started.
+    header: Option<Header>,
+    console: Vec<u8>,
+}
+
+impl Machine for SyntheticMachine {
+    /// A fresh state (boot) or a copy of the checkpoint (restore).
+    async fn start(&mut self, plan: &SegmentPlan, cancel: &CancellationToken) -> Result<(), DriverError> {
+        let (job, ram, workdir, start, token) = (
+            self.job,
+            self.ram.clone(),
+            plan.workdir.clone(),
+            plan.start.clone(),
+            cancel.clone(),
+        );
+        let header = blocking(&plan.workdir, move || {
+            boot_or_restore(&job, &workdir, &ram, &start, &token)
+        })
+        .await?;
+        self.header = Some(header);
+        Ok(())
+    }
+
+    /// One segment of changes, then the rest of `run_for` (the work
+    /// counts; with `run_for` zero, as in benchmarks, nothing sleeps).
+    async fn run(
+        &mut self,
+        run_for: Duration,
+        cancel: &CancellationToken,
+    ) -> Result<Option<SegmentEnd>, DriverError> {
+        let started = Instant::now();
+        let Some(header) = self.header else {
+            return Err(DriverError::NotRunning {
+                step: VmStep::Run,
+                state: VmState::Created,
+            });
+        };
+        let (job, fraction, ram, token) = (self.job, self.fraction, self.ram.clone(), cancel.clone());
+        let dir = self.ram.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let (header, console) = blocking(&dir, move || change(&job, header, fraction, &ram, &token)).await?;
+        self.header = Some(header);
+        self.console = console;
+        let rest = run_for.saturating_sub(started.elapsed());
+        if !rest.is_zero() {
+            tokio::select! {
+                _ = cancel.cancelled() => return Err(DriverError::Cancelled),
+                _ = tokio::time::sleep(rest) => {}
+            }
+        }
+        let halted = self.job.limit.is_some_and(|limit| header.counter >= limit);
+        Ok(halted.then_some(SegmentEnd::Halted))
+    }
+
+    async fn save(
+        &mut self,
+        partial: &Path,
+        _: &CancellationToken,
+    ) -> Result<Option<SegmentEnd>, DriverError> {
+        std::fs::rename(&self.ram, partial).map_err(|e| io_err("rename", &self.ram, e))?;
+        Ok(None)
+    }
+
+    /// Nothing of a halted, cancelled or failed segment is kept.
+    async fn stop(&mut self, _: Result<&SegmentEnd, &DriverError>) {
+        let _ = std::fs::remove_file(&self.ram);
+    }
+
+    async fn console(&mut self) -> Result<Vec<u8>, DriverError> {
+        Ok(std::mem::take(&mut self.console))
+    }
+}
+
+/// Runs `work` on the blocking pool; a cancelled one says so.
+async fn blocking<T: Send + 'static>(
+    dir: &Path,
+    work: impl FnOnce() -> Result<T, DriverError> + Send + 'static,
+) -> Result<T, DriverError> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result,
+        Err(e) => Err(DriverError::Io {
+            op: "run segment",
+            path: dir.display().to_string(),
+            source: std::io::Error::other(e.to_string()),
+        }),
+    }
+}
+
 /// What the command line and VM config say.
+#[derive(Clone, Copy)]
 struct Job {
     seed: u64,
     limit: Option<u64>,
@@ -211,6 +256,7 @@ impl Job {
 }
 
 /// Block 0 of the state file.
+#[derive(Clone, Copy)]
 struct Header {
     seed: u64,
     /// Segments completed.
@@ -245,57 +291,67 @@ impl Header {
     }
 }
 
-struct Done {
-    console: Vec<u8>,
-    halted: bool,
-    start_time: Duration,
-    run_time: Duration,
-}
-
-/// Builds `<workdir>/machine-state.partial`: a fresh state (boot) or a
-/// copy of the checkpoint (restore), then one segment of changes.
-fn segment(
-    plan: &SegmentPlan,
+/// Creates `ram` (`job.blocks` blocks): zero at boot, else a copy of the
+/// checkpoint.
+fn boot_or_restore(
     job: &Job,
-    fraction: f64,
+    workdir: &Path,
+    ram: &Path,
+    start: &SegmentStart,
     cancel: &CancellationToken,
-) -> Result<Done, DriverError> {
-    let started = Instant::now();
+) -> Result<Header, DriverError> {
     if cancel.is_cancelled() {
         return Err(DriverError::Cancelled);
     }
-    std::fs::create_dir_all(&plan.workdir).map_err(|e| io_err("create", &plan.workdir, e))?;
-    let tmp = plan.workdir.join(TMP_FILE);
+    std::fs::create_dir_all(workdir).map_err(|e| io_err("create", workdir, e))?;
     let len = job.blocks * BLOCK as u64;
     let out = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(true)
-        .open(&tmp)
-        .map_err(|e| io_err("create", &tmp, e))?;
-    out.set_len(len).map_err(|e| io_err("resize", &tmp, e))?;
-    let mut header = match &plan.start {
-        SegmentStart::Boot => Header {
+        .open(ram)
+        .map_err(|e| io_err("create", ram, e))?;
+    out.set_len(len).map_err(|e| io_err("resize", ram, e))?;
+    match start {
+        SegmentStart::Boot => Ok(Header {
             seed: job.seed,
             counter: 0,
             digest: Sha1::digest(job.seed.to_le_bytes()).into(),
             state_kib: (len / 1024) as u32,
-        },
-        SegmentStart::Restore { machine_state } => restore(machine_state, &out, &tmp, len, cancel)?,
-    };
-    let start_time = started.elapsed();
+        }),
+        SegmentStart::Restore { machine_state } => restore(machine_state, &out, ram, len, cancel),
+    }
+}
 
+/// One segment of changes to `ram`: a `fraction` of its data blocks,
+/// chosen and rewritten from the state alone. Returns the new header
+/// (written to block 0) and the segment's console.
+fn change(
+    job: &Job,
+    mut header: Header,
+    fraction: f64,
+    ram: &Path,
+    cancel: &CancellationToken,
+) -> Result<(Header, Vec<u8>), DriverError> {
+    let out = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(ram)
+        .map_err(|e| io_err("open", ram, e))?;
     let n = header.counter;
     let data_blocks = job.blocks.saturating_sub(1);
     let count = ((data_blocks as f64) * fraction).round() as u64;
-    let mut select = Rng(u64_of(&hash(&[
+    let mut select = rng(&[
         b"select",
         &header.seed.to_le_bytes(),
         &n.to_le_bytes(),
         &header.digest,
-    ])));
-    let mut chosen = pick(&mut select, data_blocks, count);
+    ]);
+    let mut chosen: Vec<u64> = rand::seq::index::sample(&mut select, data_blocks as usize, count as usize)
+        .into_iter()
+        .map(|i| i as u64)
+        .collect();
     chosen.sort_unstable();
 
     let mut chain = Sha1::new();
@@ -308,40 +364,35 @@ fn segment(
         }
         let offset = (index + 1) * BLOCK as u64;
         out.read_exact_at(&mut block, offset)
-            .map_err(|e| io_err("read", &tmp, e))?;
+            .map_err(|e| io_err("read", ram, e))?;
         let old = Sha1::digest(&block);
-        let mut rng = Rng(u64_of(&hash(&[
+        rng(&[
             b"block",
             &header.seed.to_le_bytes(),
             &n.to_le_bytes(),
             &index.to_le_bytes(),
             &old,
-        ])));
-        for word in block.chunks_exact_mut(8) {
-            word.copy_from_slice(&rng.next().to_le_bytes());
-        }
+        ])
+        .fill_bytes(&mut block);
         out.write_all_at(&block, offset)
-            .map_err(|e| io_err("write", &tmp, e))?;
+            .map_err(|e| io_err("write", ram, e))?;
         chain.update(index.to_le_bytes());
         chain.update(&block);
     }
     header.digest = chain.finalize().into();
     header.counter = n + 1;
     out.write_all_at(&header.encode(), 0)
-        .map_err(|e| io_err("write", &tmp, e))?;
+        .map_err(|e| io_err("write", ram, e))?;
+    if cancel.is_cancelled() {
+        return Err(DriverError::Cancelled);
+    }
 
     let hex: String = header.digest.iter().map(|b| format!("{b:02x}")).collect();
     let mut console = format!("synthetic: segment {n} digest {hex}\n");
-    let halted = job.limit.is_some_and(|limit| header.counter >= limit);
-    if halted {
+    if job.limit.is_some_and(|limit| header.counter >= limit) {
         console.push_str(&format!("synthetic: done after {} segments\n", header.counter));
     }
-    Ok(Done {
-        console: console.into_bytes(),
-        halted,
-        start_time,
-        run_time: Duration::ZERO,
-    })
+    Ok((header, console.into_bytes()))
 }
 
 /// Checks the checkpoint and copies it into `out` (already sized),
@@ -388,44 +439,9 @@ fn restore(
     Ok(header)
 }
 
-/// `count` distinct indices below `n`: a partial Fisher-Yates shuffle over
-/// a virtual identity array, so memory follows `count`, not `n`.
-fn pick(rng: &mut Rng, n: u64, count: u64) -> Vec<u64> {
-    let count = count.min(n);
-    let mut swapped = std::collections::HashMap::new();
-    let mut out = Vec::with_capacity(count as usize);
-    for i in 0..count {
-        let j = i + rng.below(n - i);
-        let at_j = *swapped.get(&j).unwrap_or(&j);
-        let at_i = *swapped.get(&i).unwrap_or(&i);
-        swapped.insert(j, at_i);
-        out.push(at_j);
-    }
-    out
-}
-
-/// SplitMix64: fast, and fully determined by its seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (`n > 0`), by rejection.
-    fn below(&mut self, n: u64) -> u64 {
-        let zone = u64::MAX - u64::MAX % n;
-        loop {
-            let x = self.next();
-            if x < zone {
-                return x % n;
-            }
-        }
-    }
+/// A random stream determined by `parts` alone.
+fn rng(parts: &[&[u8]]) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(u64_of(&hash(parts)))
 }
 
 fn hash(parts: &[&[u8]]) -> [u8; 20] {

@@ -1,0 +1,252 @@
+//! One attempt at a segment, step by step, each step a span of its own:
+//! `fetch` the image and checkpoint from the store, `run` the segment on
+//! the driver, `push` the new checkpoint and the console, publish the
+//! `result`. A failure ends the attempt, never the daemon; the broker
+//! offers the lot again.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use tracing::Instrument;
+use vmlot_cas::{pull_file, push_file};
+use vmlot_schemas::market::{Award, Checkpoint, GuestState, Lot, SegmentResult, SegmentTimings};
+use vmlot_schemas::{BlockId, Chunking, HypervisorKind, ManifestId, ObjectKind, WIRE_VERSION, subjects};
+
+use super::span::{LotRef, Step};
+use super::state::Daemon;
+use crate::driver::{BootFiles, DriverError, SegmentEnd, SegmentPlan, SegmentStart};
+
+/// Why one attempt failed; the daemon goes on.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum AttemptError {
+    #[error("fetching the checkpoint: {0}")]
+    Fetch(vmlot_cas::CasError),
+    #[error("driver: {0}")]
+    Driver(#[from] DriverError),
+    #[error("storing the new checkpoint: {0}")]
+    Upload(vmlot_cas::CasError),
+    #[error("publishing the result: {0}")]
+    Publish(String),
+    #[error("{0}")]
+    Io(String),
+}
+
+/// Runs the attempt `award` gave this provider, in `workdir`.
+pub(super) async fn run(
+    daemon: &Arc<Daemon>,
+    award: &Award,
+    workdir: &Path,
+    cancel: tokio_util::sync::CancellationToken,
+) -> Result<(), AttemptError> {
+    let lot = &award.lot;
+    let at = LotRef::of(lot);
+    let me = &daemon.config.id;
+    let driver = daemon
+        .drivers
+        .get(&lot.image.vm.hypervisor)
+        .cloned()
+        .ok_or_else(|| AttemptError::Io(format!("no driver for {:?}", lot.image.vm.hypervisor)))?;
+    let _ = std::fs::remove_dir_all(workdir);
+    std::fs::create_dir_all(workdir).map_err(|e| AttemptError::Io(e.to_string()))?;
+
+    let fetch_started = Instant::now();
+    let (plan, fetched_bytes) = fetch(daemon, lot, workdir)
+        .instrument(at.span(Step::Fetch, me))
+        .await?;
+    let fetch_ms = fetch_started.elapsed().as_millis() as u64;
+
+    let report = async {
+        tracing::info!("running segment");
+        driver.run_segment(&plan, cancel.clone()).await
+    }
+    .instrument(at.span(Step::Run, me))
+    .await?;
+
+    let upload_started = Instant::now();
+    let (guest, console, sent_bytes) = push(daemon, lot, report.end, &report.console, workdir)
+        .instrument(at.span(Step::Push, me))
+        .await?;
+    if cancel.is_cancelled() {
+        return Err(AttemptError::Driver(DriverError::Cancelled));
+    }
+    let result = SegmentResult {
+        version: WIRE_VERSION,
+        lot: lot.lot,
+        job: lot.job,
+        segment: lot.segment,
+        attempt: lot.attempt,
+        provider: daemon.config.id,
+        guest,
+        console,
+        timings: SegmentTimings {
+            fetch_ms,
+            start_ms: report.start_time.as_millis() as u64,
+            run_ms: report.run_time.as_millis() as u64,
+            save_ms: report.save_time.as_millis() as u64,
+            upload_ms: upload_started.elapsed().as_millis() as u64,
+        },
+        fetched_bytes,
+        sent_bytes,
+        finished_at: Utc::now(),
+    };
+    publish(daemon, &result)
+        .instrument(at.span(Step::Result, me))
+        .await
+}
+
+/// Pulls the image and the checkpoint into `workdir`: the segment's plan,
+/// and the bytes fetched from the store (not the cache).
+async fn fetch(daemon: &Daemon, lot: &Lot, workdir: &Path) -> Result<(SegmentPlan, u64), AttemptError> {
+    let mut fetched_bytes = 0u64;
+    let mut fetch = async |id: &ManifestId, name: &str| -> Result<PathBuf, AttemptError> {
+        let path = workdir.join(name);
+        let report = pull_file(&daemon.store, Some(&daemon.cache), id, &path)
+            .await
+            .map_err(AttemptError::Fetch)?;
+        fetched_bytes += report.fetched_bytes;
+        Ok(path)
+    };
+    let kernel = fetch(&lot.image.kernel, "kernel").await?;
+    let initrd = match &lot.image.initrd {
+        Some(id) => Some(fetch(id, "initrd").await?),
+        None => None,
+    };
+    let mut disks = Vec::new();
+    for (i, id) in lot.checkpoint.disks.iter().enumerate() {
+        disks.push(fetch(id, &format!("disk{i}")).await?);
+    }
+    let start = match &lot.checkpoint.machine_state {
+        Some(id) => SegmentStart::Restore {
+            machine_state: fetch(id, "machine-state.in").await?,
+        },
+        None => SegmentStart::Boot,
+    };
+    let plan = SegmentPlan {
+        vm: lot.image.vm.clone(),
+        files: BootFiles {
+            kernel,
+            initrd,
+            disks,
+        },
+        start,
+        run_for: Duration::from_secs(lot.segment_seconds as u64),
+        workdir: workdir.join("run"),
+    };
+    std::fs::create_dir_all(&plan.workdir).map_err(|e| AttemptError::Io(e.to_string()))?;
+    tracing::debug!(fetched_bytes, "fetched");
+    Ok((plan, fetched_bytes))
+}
+
+/// Pushes what the segment left: the new checkpoint (if the guest still
+/// runs) and the console. Returns the guest's state for the result, the
+/// console's manifest and the bytes sent.
+async fn push(
+    daemon: &Daemon,
+    lot: &Lot,
+    end: SegmentEnd,
+    console: &[u8],
+    workdir: &Path,
+) -> Result<(GuestState, Option<ManifestId>, u64), AttemptError> {
+    let known = known_blocks(daemon, &lot.checkpoint).await;
+    let mut sent_bytes = 0u64;
+    let guest = match end {
+        SegmentEnd::Saved { machine_state, disks } => {
+            let state = push_file(
+                &daemon.store,
+                Some(&daemon.cache),
+                &machine_state,
+                ObjectKind::MachineState,
+                machine_state_chunking(lot.image.vm.hypervisor),
+                &known,
+            )
+            .await
+            .map_err(AttemptError::Upload)?;
+            sent_bytes += state.sent_bytes;
+            let mut stored_bytes = state.manifest.stored_bytes();
+            let mut disk_ids = Vec::new();
+            for disk in &disks {
+                let pushed = push_file(
+                    &daemon.store,
+                    Some(&daemon.cache),
+                    disk,
+                    ObjectKind::Disk,
+                    Chunking::FIXED_4K,
+                    &known,
+                )
+                .await
+                .map_err(AttemptError::Upload)?;
+                sent_bytes += pushed.sent_bytes;
+                stored_bytes += pushed.manifest.stored_bytes();
+                disk_ids.push(pushed.manifest_id);
+            }
+            GuestState::Running {
+                checkpoint: Checkpoint {
+                    machine_state: Some(state.manifest_id),
+                    disks: disk_ids,
+                    stored_bytes,
+                },
+            }
+        }
+        SegmentEnd::Halted => GuestState::Halted,
+        SegmentEnd::Crashed { reason } => GuestState::Crashed { reason },
+    };
+    let console = if console.is_empty() {
+        None
+    } else {
+        let path = workdir.join("console.log");
+        std::fs::write(&path, console).map_err(|e| AttemptError::Io(e.to_string()))?;
+        let pushed = push_file(
+            &daemon.store,
+            None,
+            &path,
+            ObjectKind::Blob,
+            Chunking::FIXED_4K,
+            &HashSet::new(),
+        )
+        .await
+        .map_err(AttemptError::Upload)?;
+        Some(pushed.manifest_id)
+    };
+    tracing::debug!(sent_bytes, "pushed");
+    Ok((guest, console, sent_bytes))
+}
+
+/// Publishes `result` to the provider's results subject (JetStream: the
+/// broker reads it even if it was down when it was sent).
+async fn publish(daemon: &Daemon, result: &SegmentResult) -> Result<(), AttemptError> {
+    let body = serde_json::to_vec(result).expect("result serializes");
+    daemon
+        .js
+        .publish(subjects::result(&daemon.config.id), body.into())
+        .await
+        .map_err(|e| AttemptError::Publish(e.to_string()))?
+        .await
+        .map_err(|e| AttemptError::Publish(e.to_string()))?;
+    tracing::info!("result published");
+    Ok(())
+}
+
+/// Blocks of the checkpoint a segment started from: in the store already.
+async fn known_blocks(daemon: &Daemon, checkpoint: &Checkpoint) -> HashSet<BlockId> {
+    let mut known = HashSet::new();
+    for id in checkpoint.machine_state.iter().chain(&checkpoint.disks) {
+        if let Ok(manifest) = daemon.store.get_manifest(id).await {
+            known.extend(manifest.unique_blocks().into_iter().map(|(b, _)| b));
+        }
+    }
+    known
+}
+
+/// How a hypervisor's saved state is cut into blocks. QEMU's mapped-ram
+/// file keeps every page on the 4 KiB grid; `xl save` writes pages in
+/// batches behind pfn arrays, so they drift off it and only a chunker that
+/// reads the stream's page records finds the same page again.
+fn machine_state_chunking(hypervisor: HypervisorKind) -> Chunking {
+    match hypervisor {
+        HypervisorKind::Xen => Chunking::XEN_RECORDS,
+        HypervisorKind::Qemu | HypervisorKind::Synthetic => Chunking::FIXED_4K,
+    }
+}

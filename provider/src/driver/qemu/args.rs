@@ -1,0 +1,205 @@
+//! QEMU's command line. The machine is fixed (`-machine q35`,
+//! `-nodefaults`, one serial port, raw disks as virtio-blk): a checkpoint
+//! only loads into a machine built with the same arguments, so boot and
+//! restore share one argument list and differ only in how QEMU waits
+//! (`-S` before a boot, `-incoming defer` before a restore).
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::driver::api::{DriverError, SegmentPlan, SegmentStart};
+
+/// Which QEMU accelerator runs the guest.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Accel {
+    /// KVM if it really runs guests here, else TCG. Decided once per driver
+    /// by a probe boot (see [`super::QemuDriver::accel_for`]).
+    #[default]
+    Auto,
+    /// Hardware virtualization; fails to start where `/dev/kvm` is unusable.
+    Kvm,
+    /// Pure emulation: slow, but works everywhere.
+    Tcg,
+}
+
+impl Accel {
+    pub(crate) fn flag(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            // Auto is resolved before a machine is built; TCG is the safe side.
+            Accel::Tcg | Accel::Auto => "tcg",
+        }
+    }
+}
+
+const QMP_SOCKET: &str = "qmp.sock";
+/// `sun_path` is 108 bytes including the NUL.
+const MAX_SOCKET_PATH: usize = 100;
+
+/// Everything QEMU is started with for `plan`: the machine, its serial
+/// console into `console`, QMP on `socket`, and the wait for a boot or a
+/// restore.
+pub(crate) fn command_line(
+    plan: &SegmentPlan,
+    accel: Accel,
+    console: &Path,
+    socket: &Path,
+) -> Result<Vec<OsString>, DriverError> {
+    let mut args = machine_args(plan, accel, console)?;
+    args.push("-chardev".into());
+    args.push(
+        format!(
+            "socket,id=qmp,path={},server=on,wait=off",
+            escape(socket).map_err(DriverError::Start)?
+        )
+        .into(),
+    );
+    args.push("-mon".into());
+    args.push("chardev=qmp,mode=control".into());
+    match plan.start {
+        SegmentStart::Boot => args.push("-S".into()),
+        SegmentStart::Restore { .. } => {
+            args.push("-incoming".into());
+            args.push("defer".into());
+        }
+    }
+    Ok(args)
+}
+
+/// The machine: identical for a boot and for a restore into it.
+fn machine_args(plan: &SegmentPlan, accel: Accel, console: &Path) -> Result<Vec<OsString>, DriverError> {
+    let vm = &plan.vm;
+    let mut args: Vec<OsString> = [
+        "-accel",
+        accel.flag(),
+        "-machine",
+        "q35",
+        "-m",
+        &vm.memory_mib.to_string(),
+        "-smp",
+        &vm.vcpus.to_string(),
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        // A reset (panic=-1 after a panic, a triple fault) ends the guest
+        // instead of rebooting it; with -no-shutdown QEMU then stays up so
+        // the SHUTDOWN event, and not a closed socket, tells how it ended.
+        "-no-reboot",
+        "-no-shutdown",
+    ]
+    .iter()
+    .map(OsString::from)
+    .collect();
+    let console = escape(console).map_err(DriverError::Start)?;
+    args.push("-chardev".into());
+    args.push(format!("file,id=console,path={console}").into());
+    args.push("-serial".into());
+    args.push("chardev:console".into());
+    args.push("-kernel".into());
+    args.push(plan.files.kernel.clone().into_os_string());
+    if let Some(initrd) = &plan.files.initrd {
+        args.push("-initrd".into());
+        args.push(initrd.clone().into_os_string());
+    }
+    args.push("-append".into());
+    args.push(vm.cmdline.clone().into());
+    for disk in &plan.files.disks {
+        let disk = escape(disk).map_err(DriverError::BadImage)?;
+        args.push("-drive".into());
+        args.push(format!("file={disk},format=raw,if=virtio").into());
+    }
+    Ok(args)
+}
+
+/// `<workdir>/qmp.sock`, or a short path under the temp dir when the
+/// workdir is too deep for a unix socket address.
+pub(crate) fn socket_path(workdir: &Path) -> PathBuf {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let path = workdir.join(QMP_SOCKET);
+    if path.as_os_str().len() <= MAX_SOCKET_PATH {
+        return path;
+    }
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    std::env::temp_dir().join(format!("vmlot-qmp-{}-{n}.sock", std::process::id()))
+}
+
+/// A path as a QEMU option value: UTF-8, commas doubled.
+fn escape(path: &Path) -> Result<String, String> {
+    Ok(utf8(path)?.replace(',', ",,"))
+}
+
+/// A path as QMP and QEMU options carry it: UTF-8 only.
+pub(crate) fn utf8(path: &Path) -> Result<&str, String> {
+    path.to_str()
+        .ok_or_else(|| format!("path {} is not UTF-8", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use vmlot_schemas::{HypervisorKind, VmConfig};
+
+    use super::*;
+    use crate::driver::api::BootFiles;
+
+    fn plan(start: SegmentStart) -> SegmentPlan {
+        SegmentPlan {
+            vm: VmConfig {
+                hypervisor: HypervisorKind::Qemu,
+                arch: "x86_64".into(),
+                memory_mib: 128,
+                vcpus: 2,
+                cmdline: "console=ttyS0".into(),
+            },
+            files: BootFiles {
+                kernel: "/img/vmlinuz".into(),
+                initrd: None,
+                disks: vec!["/w/disk,0.raw".into()],
+            },
+            start,
+            run_for: Duration::ZERO,
+            workdir: "/w".into(),
+        }
+    }
+
+    fn line(start: SegmentStart) -> Vec<String> {
+        command_line(
+            &plan(start),
+            Accel::Tcg,
+            Path::new("/w/console.log"),
+            Path::new("/w/qmp.sock"),
+        )
+        .unwrap()
+        .into_iter()
+        .map(|a| a.into_string().unwrap())
+        .collect()
+    }
+
+    #[test]
+    fn boot_and_restore_build_the_same_machine() {
+        let boot = line(SegmentStart::Boot);
+        let restore = line(SegmentStart::Restore {
+            machine_state: "/w/in".into(),
+        });
+        assert_eq!(boot.last().unwrap(), "-S");
+        assert_eq!(&restore[restore.len() - 2..], ["-incoming", "defer"]);
+        assert_eq!(boot[..boot.len() - 1], restore[..restore.len() - 2]);
+        assert!(boot.contains(&"file=/w/disk,,0.raw,format=raw,if=virtio".to_string()));
+        assert!(boot.contains(&"socket,id=qmp,path=/w/qmp.sock,server=on,wait=off".to_string()));
+    }
+
+    #[test]
+    fn deep_workdirs_get_a_short_socket() {
+        assert_eq!(socket_path(Path::new("/w")), Path::new("/w/qmp.sock"));
+        let deep = PathBuf::from(format!("/{}", "d".repeat(120)));
+        let socket = socket_path(&deep);
+        assert!(
+            socket.as_os_str().len() <= MAX_SOCKET_PATH,
+            "{}",
+            socket.display()
+        );
+    }
+}

@@ -1,0 +1,451 @@
+//! One segment's QEMU: the process, its QMP connection, and the steps of
+//! the segment template on it (start, run, save over QMP; quit or kill).
+//!
+//! A restore loads the checkpoint with `migrate-incoming`; a save stops
+//! the guest and migrates it with the `mapped-ram` capability into a file:
+//! RAM pages sit at fixed 4 KiB-aligned offsets and zero pages are holes,
+//! so the file is sparse and successive checkpoints of one guest differ
+//! only where the guest wrote.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::net::UnixStream;
+use tokio::process::{Child, Command};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::args::{Accel, command_line, utf8};
+use super::qmp::{
+    self, Cont, Migrate, MigrateIncoming, MigrateSetCapabilities, MigrationCapability,
+    MigrationCapabilityStatus, MigrationChannel, MigrationStatus, Qmp, QmpCapabilities, QmpError,
+    QueryMigrate, Quit, Stop,
+};
+use crate::driver::api::{DriverError, SegmentEnd, SegmentPlan, SegmentStart};
+use crate::driver::host::{io_err, remove_if_exists, spawn_error};
+use crate::driver::template::Machine;
+
+/// Used when [`super::QemuConfig::binary`] is not set; looked up on `PATH`.
+pub const DEFAULT_BINARY: &str = "qemu-system-x86_64";
+/// The Debian package that ships [`DEFAULT_BINARY`], named in errors.
+pub const PACKAGE: &str = "qemu-system-x86";
+
+/// QEMU creates its QMP socket within milliseconds; this only bounds a
+/// process that neither opens it nor exits.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+/// Saves and loads are local file copies of guest RAM (~0.6 s for 128 MiB
+/// here); this only catches a wedged migration.
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(600);
+const MIGRATION_POLL: Duration = Duration::from_millis(20);
+const QUIT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The segment's QEMU as the template drives it.
+pub(crate) struct QemuMachine {
+    binary: PathBuf,
+    accel: Accel,
+    /// The serial console file.
+    console: PathBuf,
+    /// QEMU's stdout and stderr.
+    stderr: PathBuf,
+    socket: PathBuf,
+    process: Option<Process>,
+}
+
+impl QemuMachine {
+    pub fn new(binary: PathBuf, accel: Accel, console: PathBuf, stderr: PathBuf, socket: PathBuf) -> Self {
+        QemuMachine {
+            binary,
+            accel,
+            console,
+            stderr,
+            socket,
+            process: None,
+        }
+    }
+
+    fn process(&mut self) -> Result<&mut Process, DriverError> {
+        self.process
+            .as_mut()
+            .ok_or_else(|| DriverError::Qmp("QEMU is not running".into()))
+    }
+}
+
+impl Machine for QemuMachine {
+    async fn start(&mut self, plan: &SegmentPlan, cancel: &CancellationToken) -> Result<(), DriverError> {
+        let args = command_line(plan, self.accel, &self.console, &self.socket)?;
+        let process = Process::spawn(&self.binary, &args, &self.stderr, self.socket.clone())?;
+        tracing::debug!(workdir = %plan.workdir.display(), accel = ?self.accel, "QEMU started");
+        let vm = self.process.insert(process);
+        vm.connect(cancel).await?;
+        if let SegmentStart::Restore { machine_state } = &plan.start {
+            restore(vm, machine_state, cancel).await?;
+        }
+        // Booted with -S, and a restored machine stays paused (it was saved
+        // stopped): either way the guest runs from here.
+        vm.command(&Cont, cancel).await.map_err(|e| vm.qmp_error(e))?;
+        Ok(())
+    }
+
+    async fn run(
+        &mut self,
+        run_for: Duration,
+        cancel: &CancellationToken,
+    ) -> Result<Option<SegmentEnd>, DriverError> {
+        run_guest(self.process()?, run_for, cancel).await
+    }
+
+    async fn save(
+        &mut self,
+        partial: &Path,
+        cancel: &CancellationToken,
+    ) -> Result<Option<SegmentEnd>, DriverError> {
+        save(self.process()?, partial, cancel).await
+    }
+
+    async fn stop(&mut self, outcome: Result<&SegmentEnd, &DriverError>) {
+        if let Some(mut vm) = self.process.take() {
+            match outcome {
+                Ok(_) => vm.quit().await,
+                Err(_) => vm.kill().await,
+            }
+        }
+    }
+
+    async fn console(&mut self) -> Result<Vec<u8>, DriverError> {
+        match tokio::fs::read(&self.console).await {
+            Ok(bytes) => Ok(bytes),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(io_err("read", &self.console, e)),
+        }
+    }
+}
+
+/// Loads `machine_state` into a QEMU started with `-incoming defer`.
+async fn restore(
+    vm: &mut Process,
+    machine_state: &Path,
+    cancel: &CancellationToken,
+) -> Result<(), DriverError> {
+    let filename = utf8(machine_state).map_err(DriverError::Restore)?;
+    set_mapped_ram(vm, cancel).await?;
+    // exit-on-error=false: a bad file leaves QEMU up, so query-migrate can
+    // tell why instead of QEMU just exiting.
+    let incoming = MigrateIncoming {
+        channels: MigrationChannel::file(filename),
+        exit_on_error: false,
+    };
+    match vm.command(&incoming, cancel).await {
+        Ok(_) => {}
+        Err(QmpError::Closed) => return Err(DriverError::Restore(vm.exit_message().await)),
+        Err(e) => return Err(vm.qmp_error(e)),
+    }
+    match wait_migration(vm, cancel).await {
+        Ok(()) => Ok(()),
+        Err(MigrationError::Failed(why)) => Err(DriverError::Restore(why)),
+        Err(MigrationError::Qmp(QmpError::Closed)) => Err(DriverError::Restore(vm.exit_message().await)),
+        Err(MigrationError::Qmp(e)) => Err(vm.qmp_error(e)),
+    }
+}
+
+/// Lets the guest run until `run_for` has passed (`None`) or it ended.
+async fn run_guest(
+    vm: &mut Process,
+    run_for: Duration,
+    cancel: &CancellationToken,
+) -> Result<Option<SegmentEnd>, DriverError> {
+    let deadline = Instant::now() + run_for;
+    loop {
+        if let Some(end) = vm.guest_end() {
+            return Ok(Some(end));
+        }
+        let qmp = vm
+            .qmp
+            .as_mut()
+            .ok_or_else(|| DriverError::Qmp("not connected".into()))?;
+        let msg = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return Err(DriverError::Cancelled),
+            msg = qmp.recv() => msg,
+            _ = tokio::time::sleep_until(deadline) => return Ok(None),
+        };
+        match msg {
+            Ok(msg) => qmp.keep_event(&msg),
+            // QEMU went away on its own: not a guest poweroff (that is a
+            // SHUTDOWN event first, and -no-shutdown keeps QEMU up).
+            Err(QmpError::Closed) => {
+                return Ok(Some(vm.guest_end().unwrap_or(SegmentEnd::Crashed {
+                    reason: vm.exit_message().await,
+                })));
+            }
+            Err(e) => return Err(vm.qmp_error(e)),
+        }
+    }
+}
+
+/// Stops the guest and saves it to `state`: `None`, or how the guest
+/// ended if it powered off or crashed just before the stop.
+async fn save(
+    vm: &mut Process,
+    state: &Path,
+    cancel: &CancellationToken,
+) -> Result<Option<SegmentEnd>, DriverError> {
+    match vm.command(&Stop, cancel).await {
+        Ok(_) => {}
+        Err(QmpError::Closed) => {
+            return match vm.guest_end() {
+                Some(end) => Ok(Some(end)),
+                None => Err(DriverError::Save(vm.exit_message().await)),
+            };
+        }
+        Err(e) => return Err(vm.qmp_error(e)),
+    }
+    if let Some(end) = vm.guest_end() {
+        return Ok(Some(end));
+    }
+    let filename = utf8(state).map_err(DriverError::Save)?;
+    set_mapped_ram(vm, cancel).await?;
+    // QEMU truncates its target, but a fresh file is surely sparse even if
+    // the old one is still open elsewhere (e.g. by an upload).
+    remove_if_exists(state)?;
+    let migrate = Migrate {
+        channels: MigrationChannel::file(filename),
+    };
+    match vm.command(&migrate, cancel).await {
+        Ok(_) => {}
+        Err(QmpError::Closed) => return Err(DriverError::Save(vm.exit_message().await)),
+        Err(e) => return Err(vm.qmp_error(e)),
+    }
+    match wait_migration(vm, cancel).await {
+        Ok(()) => {}
+        Err(MigrationError::Failed(why)) => return Err(DriverError::Save(why)),
+        Err(MigrationError::Qmp(QmpError::Closed)) => {
+            return Err(DriverError::Save(vm.exit_message().await));
+        }
+        Err(MigrationError::Qmp(e)) => return Err(vm.qmp_error(e)),
+    }
+    // A poweroff the guest requested just before the stop is only handled
+    // by QEMU's main loop afterwards; such a save would restore into a guest
+    // that already asked to be switched off.
+    if let Some(end) = vm.guest_end() {
+        return Ok(Some(end));
+    }
+    match std::fs::metadata(state) {
+        Ok(m) if m.is_file() => {}
+        Ok(_) => return Err(DriverError::Save(format!("{} is not a file", state.display()))),
+        Err(e) => return Err(DriverError::Save(format!("{}: {e}", state.display()))),
+    }
+    Ok(None)
+}
+
+async fn set_mapped_ram(vm: &mut Process, cancel: &CancellationToken) -> Result<(), DriverError> {
+    let command = MigrateSetCapabilities {
+        capabilities: vec![MigrationCapabilityStatus {
+            capability: MigrationCapability::MappedRam,
+            state: true,
+        }],
+    };
+    vm.command(&command, cancel)
+        .await
+        .map(|_| ())
+        .map_err(|e| vm.qmp_error(e))
+}
+
+enum MigrationError {
+    Failed(String),
+    Qmp(QmpError),
+}
+
+/// Polls `query-migrate` until it says `completed` (both ends of a
+/// migration report there). MIGRATION events would need the `events`
+/// capability and still leave the error text to `query-migrate`.
+async fn wait_migration(vm: &mut Process, cancel: &CancellationToken) -> Result<(), MigrationError> {
+    let deadline = Instant::now() + MIGRATION_TIMEOUT;
+    loop {
+        let info = vm
+            .command(&QueryMigrate, cancel)
+            .await
+            .map_err(MigrationError::Qmp)?;
+        let status = info.status.unwrap_or(MigrationStatus::None);
+        match status {
+            MigrationStatus::Completed => return Ok(()),
+            MigrationStatus::Failed | MigrationStatus::Cancelled => {
+                let why = info.error_desc.as_deref().unwrap_or("(no error-desc)");
+                return Err(MigrationError::Failed(format!("migration {status}: {why}")));
+            }
+            _ => {}
+        }
+        if Instant::now() >= deadline {
+            return Err(MigrationError::Failed(format!(
+                "migration still '{status}' after {} s",
+                MIGRATION_TIMEOUT.as_secs()
+            )));
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return Err(MigrationError::Qmp(QmpError::Cancelled)),
+            _ = tokio::time::sleep(MIGRATION_POLL) => {}
+        }
+    }
+}
+
+/// One QEMU process and its QMP connection.
+struct Process {
+    child: Child,
+    qmp: Option<Qmp>,
+    binary: PathBuf,
+    stderr: PathBuf,
+    socket: PathBuf,
+}
+
+impl Process {
+    fn spawn(
+        binary: &Path,
+        args: &[OsString],
+        stderr: &Path,
+        socket: PathBuf,
+    ) -> Result<Process, DriverError> {
+        let log = std::fs::File::create(stderr).map_err(|e| io_err("create", stderr, e))?;
+        let log2 = log.try_clone().map_err(|e| io_err("dup", stderr, e))?;
+        let mut cmd = Command::new(binary);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            // Every way out of a segment, a panic included, ends QEMU.
+            .kill_on_drop(true);
+        // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+        // A provider killed outright (SIGKILL runs no destructor) must not
+        // leave its guest running: the kernel kills QEMU with it.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| spawn_error(binary, PACKAGE, e, DriverError::Start))?;
+        Ok(Process {
+            child,
+            qmp: None,
+            binary: binary.to_path_buf(),
+            stderr: stderr.to_path_buf(),
+            socket,
+        })
+    }
+
+    /// Waits for the QMP socket, reads the greeting, leaves negotiation mode.
+    async fn connect(&mut self, cancel: &CancellationToken) -> Result<(), DriverError> {
+        let deadline = Instant::now() + CONNECT_TIMEOUT;
+        let stream = loop {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return Err(DriverError::Start(self.exit_message().await));
+            }
+            if let Ok(stream) = UnixStream::connect(&self.socket).await {
+                break stream;
+            }
+            if Instant::now() >= deadline {
+                return Err(DriverError::Start(format!(
+                    "no QMP socket at {} after {} s",
+                    self.socket.display(),
+                    CONNECT_TIMEOUT.as_secs()
+                )));
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return Err(DriverError::Cancelled),
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+        };
+        let mut qmp = Qmp::new(stream);
+        let greeting = tokio::select! {
+            _ = cancel.cancelled() => return Err(DriverError::Cancelled),
+            g = tokio::time::timeout(COMMAND_TIMEOUT, qmp.recv()) => g,
+        };
+        match greeting {
+            Ok(Ok(g)) if g.get("QMP").is_some() => {}
+            Ok(Ok(g)) => return Err(DriverError::Qmp(format!("unexpected greeting {g}"))),
+            Ok(Err(QmpError::Closed)) => return Err(DriverError::Start(self.exit_message().await)),
+            Ok(Err(e)) => return Err(DriverError::Qmp(e.to_string())),
+            Err(_) => return Err(DriverError::Qmp("no QMP greeting".into())),
+        }
+        self.qmp = Some(qmp);
+        match self.command(&QmpCapabilities, cancel).await {
+            Ok(_) => Ok(()),
+            Err(QmpError::Closed) => Err(DriverError::Start(self.exit_message().await)),
+            Err(e) => Err(self.qmp_error(e)),
+        }
+    }
+
+    async fn command<C: qmp::Command>(
+        &mut self,
+        command: &C,
+        cancel: &CancellationToken,
+    ) -> Result<C::Return, QmpError> {
+        let qmp = self.qmp.as_mut().ok_or(QmpError::Closed)?;
+        qmp.execute(command, COMMAND_TIMEOUT, cancel).await
+    }
+
+    fn qmp_error(&self, e: QmpError) -> DriverError {
+        match e {
+            QmpError::Cancelled => DriverError::Cancelled,
+            e => DriverError::Qmp(e.to_string()),
+        }
+    }
+
+    /// How the guest ended, from the events seen so far.
+    fn guest_end(&self) -> Option<SegmentEnd> {
+        self.qmp.as_ref().and_then(Qmp::guest_end)
+    }
+
+    /// Why QEMU stopped talking: its exit status and the end of its stderr.
+    async fn exit_message(&mut self) -> String {
+        let status = tokio::time::timeout(Duration::from_secs(2), self.child.wait()).await;
+        let mut err = std::fs::read(&self.stderr).unwrap_or_default();
+        if err.len() > 4096 {
+            err.drain(..err.len() - 4096);
+        }
+        let err = String::from_utf8_lossy(&err);
+        let err = err.trim();
+        let err = if err.is_empty() { "(no stderr)" } else { err };
+        let binary = self.binary.display();
+        match status {
+            Ok(Ok(status)) => format!("{binary} exited ({status}): {err}"),
+            Ok(Err(e)) => format!("{binary}: wait: {e}; stderr: {err}"),
+            Err(_) => format!("{binary} closed QMP but keeps running; stderr: {err}"),
+        }
+    }
+
+    /// Ends QEMU politely (`quit` flushes and closes its files), then by force.
+    async fn quit(&mut self) {
+        if let Some(qmp) = self.qmp.as_mut() {
+            let never = CancellationToken::new();
+            let _ = qmp.execute(&Quit, QUIT_TIMEOUT, &never).await;
+        }
+        if tokio::time::timeout(QUIT_TIMEOUT, self.child.wait())
+            .await
+            .is_err()
+        {
+            self.kill().await;
+        }
+    }
+
+    /// SIGKILL and reap: no QEMU outlives a failed or cancelled segment.
+    async fn kill(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        if let Err(e) = self.child.kill().await {
+            tracing::warn!("killing QEMU: {e}");
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
