@@ -1,11 +1,13 @@
-//! Baselines shared by the benchmarks: rsync's delta transfer, tool
-//! versions for the report, best-of-n timing.
+//! Baselines and meters shared by the benchmarks: rsync's delta transfer,
+//! tool versions for the report, best-of-n timing, CPU seconds of the
+//! nats-server and of this process.
 
 use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+use vmlot_tests::NatsServer;
 
 /// What rsync sent for one file.
 pub struct Rsync {
@@ -79,4 +81,35 @@ pub fn best_of(n: usize, mut f: impl FnMut()) -> f64 {
             t.elapsed().as_secs_f64()
         })
         .fold(f64::MAX, f64::min)
+}
+
+/// CPU seconds used so far by a nats-server and by this process: two
+/// readings, [`Cpu::since`] the other, say where a step's time went.
+#[derive(Clone, Copy)]
+pub struct Cpu {
+    pub server: f64,
+    pub own: f64,
+}
+
+impl Cpu {
+    pub fn now(server: &NatsServer) -> Self {
+        Self {
+            server: server.cpu_seconds().unwrap_or(0.0),
+            own: vmlot_tests::own_cpu_seconds().unwrap_or(0.0),
+        }
+    }
+
+    /// What was used between `before` and this reading.
+    pub fn since(self, before: Cpu) -> Cpu {
+        Cpu {
+            server: self.server - before.server,
+            own: self.own - before.own,
+        }
+    }
+
+    /// What was used from this reading until now: (server, own).
+    pub fn stop(self, server: &NatsServer) -> (f64, f64) {
+        let used = Cpu::now(server).since(self);
+        (used.server, used.own)
+    }
 }

@@ -17,7 +17,7 @@ use vmlot_cas::{BlockStore, StoreOptions, pull_file, push_file};
 use vmlot_schemas::{BlockId, Chunking, Manifest, ObjectKind};
 use vmlot_tests::NatsServer;
 
-use crate::baseline::{best_of, rsync_delta, version};
+use crate::baseline::{Cpu, best_of, rsync_delta, version};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -123,14 +123,14 @@ pub async fn run(args: Args) -> Result<()> {
             let stored = stored_bytes(&path, &manifest)?;
             let (raw_pub, raw_read) = raw_jetstream(&client, &stored).await?;
             let store = BlockStore::open(client, store_options()).await?;
-            let cpu = Cpu::start(&server);
+            let cpu = Cpu::now(&server);
             let started = Instant::now();
             let none = HashSet::new();
             let pushed = push_file(&store, None, &path, ObjectKind::MachineState, chunking, &none).await?;
             let push_s = started.elapsed().as_secs_f64();
             let push_cpu = cpu.stop(&server);
             let tmp = tempfile::tempdir()?;
-            let cpu = Cpu::start(&server);
+            let cpu = Cpu::now(&server);
             let started = Instant::now();
             pull_file(&store, None, &pushed.manifest_id, &tmp.path().join("out")).await?;
             let pull_s = started.elapsed().as_secs_f64();
@@ -171,28 +171,6 @@ fn store_options() -> StoreOptions {
         concurrency: env("VMLOT_BENCH_CONCURRENCY").unwrap_or(defaults.concurrency),
         batch: env("VMLOT_BENCH_BATCH").unwrap_or(defaults.batch),
         ..defaults
-    }
-}
-
-/// CPU seconds of the server and of this process across one step.
-struct Cpu {
-    server: f64,
-    client: f64,
-}
-
-impl Cpu {
-    fn start(server: &NatsServer) -> Self {
-        Self {
-            server: server.cpu_seconds().unwrap_or(0.0),
-            client: vmlot_tests::own_cpu_seconds().unwrap_or(0.0),
-        }
-    }
-
-    fn stop(self, server: &NatsServer) -> (f64, f64) {
-        (
-            server.cpu_seconds().unwrap_or(0.0) - self.server,
-            vmlot_tests::own_cpu_seconds().unwrap_or(0.0) - self.client,
-        )
     }
 }
 

@@ -18,8 +18,10 @@ use anyhow::{Context, Result, bail, ensure};
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use futures::StreamExt;
 use futures::stream::FuturesUnordered;
+use futures::{StreamExt, TryStreamExt};
+use rand::rngs::StdRng;
+use rand::{Rng, RngCore, SeedableRng};
 use rust_decimal::Decimal;
 use vmlot_ledger::Books;
 use vmlot_ledger::read::{self, Filter};
@@ -31,6 +33,9 @@ use vmlot_schemas::market::{
 use vmlot_schemas::{
     HypervisorKind, JobId, LotId, ManifestId, Money, ProviderId, VmConfig, WIRE_VERSION, subjects,
 };
+use vmlot_tests::{Fsync, NatsServer};
+
+use crate::baseline::Cpu;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -63,15 +68,19 @@ const FEE_RATE: Decimal = Decimal::from_parts(5, 0, 0, false, 2);
 const CLOCK_SLACK: chrono::Duration = chrono::Duration::minutes(5);
 
 pub async fn run(args: Args) -> Result<()> {
-    let server = Server::start()?;
-    let client = vmlot_tests::connect(&server.url).await?;
+    // JetStream's default sync interval, not the harness's usual
+    // `sync_interval: always`: fsyncing every write holds a pipelined fill
+    // to a few hundred messages a second here (a million records would
+    // take most of an hour). What is measured is reads, which never fsync.
+    let server = NatsServer::start_with(Fsync::Default)?;
+    let client = server.client().await?;
     let js = jetstream::new(client.clone());
     println!(
         "nats-server with JetStream's default sync interval (reads only are measured; see below); {} users, {} providers, fee {FEE_RATE}, target {} ledger records (a record = one stream message: a transaction or a posting)",
         args.users, args.providers, args.records
     );
     Books::provision(&js, 1).await?;
-    let kv = js
+    let jobs = js
         .create_key_value(kv::Config {
             bucket: subjects::JOB_BUCKET.to_string(),
             history: 1,
@@ -80,11 +89,10 @@ pub async fn run(args: Args) -> Result<()> {
             ..Default::default()
         })
         .await?;
-    drop(kv);
 
     let started = Instant::now();
     let mut book = Book::new(&args);
-    let fill = book.fill(&js, &args).await?;
+    let fill = book.fill(&js, &jobs, &args).await?;
     let fill_s = started.elapsed().as_secs_f64();
     let stored = js
         .get_stream(subjects::LEDGER_STREAM)
@@ -343,90 +351,14 @@ pub async fn run(args: Args) -> Result<()> {
     );
     println!(
         "CPU seconds: nats-server {:.1}, this process {:.1}",
-        vmlot_tests::proc_cpu_seconds(&format!("/proc/{}/stat", server.child.id())).unwrap_or(0.0),
+        server.cpu_seconds().unwrap_or(0.0),
         vmlot_tests::own_cpu_seconds().unwrap_or(0.0)
     );
     Ok(())
 }
 
-/// A `nats-server` of its own on a free port and a temporary store, killed
-/// on drop. Not the test harness's `NatsServer`: that one fsyncs every
-/// write (`sync_interval: always`), which holds a pipelined fill to a few
-/// hundred messages a second here (a million records would take most of an
-/// hour). What is measured is reads, which never fsync.
-struct Server {
-    child: std::process::Child,
-    url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Server {
-    fn start() -> Result<Self> {
-        let dir = tempfile::Builder::new().prefix("vmlot-bench-ledger-").tempdir()?;
-        let port = vmlot_tests::free_port();
-        let config = dir.path().join("nats.conf");
-        std::fs::write(
-            &config,
-            format!(
-                "listen: 127.0.0.1:{port}\nmax_payload: 8MB\njetstream {{\n  store_dir: \"{}\"\n}}\n",
-                dir.path().join("store").display()
-            ),
-        )?;
-        let log = std::fs::File::create(dir.path().join("nats.log"))?;
-        let child = std::process::Command::new(vmlot_tests::nats_server_binary()?)
-            .arg("-c")
-            .arg(&config)
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("starting nats-server")?;
-        let server = Self {
-            child,
-            url: format!("nats://127.0.0.1:{port}"),
-            _dir: dir,
-        };
-        let deadline = Instant::now() + std::time::Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            ensure!(Instant::now() < deadline, "nats-server not ready after 20 s");
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        Ok(server)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// A named query, the subjects it reads and where its read starts.
 type Query = (String, Filter, Vec<String>, Option<DateTime<Utc>>);
-
-/// CPU seconds used so far by the server and by this process.
-#[derive(Clone, Copy)]
-struct Cpu {
-    server: f64,
-    own: f64,
-}
-
-impl Cpu {
-    fn now(server: &Server) -> Self {
-        Self {
-            server: vmlot_tests::proc_cpu_seconds(&format!("/proc/{}/stat", server.child.id()))
-                .unwrap_or(0.0),
-            own: vmlot_tests::own_cpu_seconds().unwrap_or(0.0),
-        }
-    }
-
-    fn since(self, before: Cpu) -> Cpu {
-        Cpu {
-            server: self.server - before.server,
-            own: self.own - before.own,
-        }
-    }
-}
 
 fn row(name: &str, messages: u64, secs: f64, raw_secs: f64, cpu: Cpu) {
     println!(
@@ -448,7 +380,7 @@ struct RawRead {
 /// same batch size), payloads only counted.
 async fn raw(
     js: &jetstream::Context,
-    server: &Server,
+    server: &NatsServer,
     filters: Vec<String>,
     start: Option<DateTime<Utc>>,
     last_per_subject: bool,
@@ -475,30 +407,22 @@ async fn raw(
     })
 }
 
-/// A tiny deterministic generator (xorshift64*): the same book every run.
-struct Rng(u64);
+/// The book's random choices, from a seeded generator: the same book every run.
+struct Dice(StdRng);
 
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
+impl Dice {
     fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
+        self.0.gen_range(0..n)
     }
 
     fn uuid(&mut self) -> uuid::Uuid {
-        uuid::Builder::from_random_bytes(
-            ((u128::from(self.next()) << 64) | u128::from(self.next())).to_le_bytes(),
-        )
-        .into_uuid()
+        let mut bytes = [0u8; 16];
+        self.0.fill_bytes(&mut bytes);
+        uuid::Builder::from_random_bytes(bytes).into_uuid()
     }
 
     fn manifest(&mut self) -> ManifestId {
-        ManifestId::of(&self.next().to_le_bytes())
+        ManifestId::of(&self.0.next_u64().to_le_bytes())
     }
 }
 
@@ -522,7 +446,7 @@ struct Fill {
 
 /// The book being written, with the running balance of every posting subject.
 struct Book {
-    rng: Rng,
+    rng: Dice,
     users: Vec<String>,
     providers: Vec<ProviderId>,
     balances: HashMap<String, Decimal>,
@@ -533,7 +457,7 @@ struct Book {
 
 impl Book {
     fn new(args: &Args) -> Self {
-        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut rng = Dice(StdRng::seed_from_u64(0x9e37_79b9_7f4a_7c15));
         let providers = (0..args.providers).map(|_| ProviderId(rng.uuid())).collect();
         let image = Image {
             vm: VmConfig {
@@ -768,7 +692,7 @@ impl Book {
     /// time, one transaction of a random running job after another, until
     /// `records` messages; the jobs still running then stay running. Then
     /// every job's record.
-    async fn fill(&mut self, js: &jetstream::Context, args: &Args) -> Result<Fill> {
+    async fn fill(&mut self, js: &jetstream::Context, jobs: &kv::Store, args: &Args) -> Result<Fill> {
         let mut fill = Fill {
             began: Utc::now(),
             window_start: Utc::now(),
@@ -835,17 +759,18 @@ impl Book {
                 self.jobs.push(job.status);
             }
         }
-        for status in &self.jobs {
-            let subject = format!("$KV.{}.{}", subjects::JOB_BUCKET, status.job);
-            let payload = serde_json::to_vec(status)?;
-            acks.push(js.publish(subject, payload.into()).await?.into_future());
-            while acks.len() >= args.in_flight {
-                acks.next().await.context("ack")??;
-            }
-        }
         while let Some(ack) = acks.next().await {
             ack?;
         }
+        futures::stream::iter(&self.jobs)
+            .map(|status| async move {
+                let payload = serde_json::to_vec(status)?;
+                jobs.put(status.job.to_string(), payload.into()).await?;
+                anyhow::Ok(())
+            })
+            .buffer_unordered(args.in_flight)
+            .try_collect::<()>()
+            .await?;
         Ok(fill)
     }
 }

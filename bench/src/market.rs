@@ -5,19 +5,16 @@
 //! server measured in the same run.
 
 use std::collections::HashSet;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use async_nats::jetstream::{self, stream};
 use futures::StreamExt;
 use rust_decimal::Decimal;
-use vmlot_provider::config::ProviderConfig;
-use vmlot_provider::driver::Driver;
-use vmlot_provider::driver::synthetic::{SyntheticConfig, SyntheticDriver};
-use vmlot_schemas::market::{Image, JobSpec, JobStatus, SegmentCount, SubmitJob, Submitted};
-use vmlot_schemas::{Chunking, HypervisorKind, Money, ObjectKind, ProviderId, VmConfig, WIRE_VERSION};
-use vmlot_tests::market::api;
+use vmlot_schemas::market::{Image, JobSpec, SegmentCount};
+use vmlot_schemas::{Chunking, HypervisorKind, Money, ObjectKind, VmConfig};
+use vmlot_tests::in_process::InProcessOptions;
+use vmlot_tests::market::{Market, ProviderSpec};
 use vmlot_tests::{NatsServer, Process};
 
 #[derive(clap::Args)]
@@ -35,7 +32,6 @@ pub struct Args {
 pub async fn run(args: Args) -> Result<()> {
     let server = NatsServer::start()?;
     let client = server.client().await?;
-    let dir = tempfile::tempdir()?;
     println!(
         "nats-server with sync_interval: always; {} providers, {} jobs × {} segments of 0 s, r = 1, bid window {} ms",
         args.providers, args.jobs, args.segments, args.bid_window_ms
@@ -46,57 +42,35 @@ pub async fn run(args: Args) -> Result<()> {
         "JetStream acknowledged publishes, 256 B: pipelined {ceiling_pipelined:.0} msg/s, one at a time {ceiling_sequential:.0} msg/s"
     );
 
+    // The market harness the tests use: the broker as its own process (so
+    // its memory can be read), the providers as tasks of this process.
     let broker_args: Vec<String> = vec![
         "--bid-window-ms".into(),
         args.bid_window_ms.to_string(),
         "--transfer-allowance-s".into(),
         "30".into(),
     ];
-    let broker = Process::start("vmlot-broker", "broker", &server.url(), &broker_args, dir.path())?;
-
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let mut handles = Vec::new();
-    for i in 0..args.providers {
-        let config = ProviderConfig {
-            id: ProviderId::new(),
-            name: format!("p{i:03}"),
-            hypervisors: vec![HypervisorKind::Synthetic],
-            memory_mib: 64,
-            slots: 1,
-            price_per_second: Decimal::ZERO,
-            min_price: Decimal::new(10 + (i as i64 % 50), 2),
-            hot_discount: Decimal::ZERO,
-            cache_dir: dir.path().join(format!("p{i}/cache")),
-            cache_bytes: 256 << 20,
-            work_dir: dir.path().join(format!("p{i}/work")),
-            heartbeat: Duration::from_secs(2),
-            ..ProviderConfig::default()
-        };
-        let drivers: Vec<Arc<dyn Driver>> = vec![Arc::new(SyntheticDriver::new(SyntheticConfig {
-            changed_fraction: 0.05,
-        }))];
-        let client = server.client().await?;
-        let stop = shutdown.clone();
-        handles.push(tokio::spawn(async move {
-            vmlot_provider::daemon::run(client, config, drivers, stop.cancelled_owned()).await
-        }));
-    }
+    let mut market = Market::on(server, broker_args, &[])?;
+    let api = market.api().await;
+    let providers: Vec<ProviderSpec> = (0..args.providers)
+        .map(|i| {
+            ProviderSpec::synthetic(
+                &format!("p{i:03}"),
+                &Decimal::new(10 + (i as i64 % 50), 2).to_string(),
+            )
+        })
+        .collect();
+    market
+        .add_in_process_providers(&providers, &InProcessOptions::default())
+        .await?;
     // Wait for every provider to be listed.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(Ok(list)) = api::<(), Vec<serde_json::Value>>(&client, "providers", &()).await
-            && list.len() >= args.providers
-        {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("providers never all listed; broker log:\n{}", broker.log());
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    market
+        .ready_within(args.providers, Duration::from_secs(60))
+        .await?;
+    let dir = market.path().to_path_buf();
 
     let store = vmlot_cas::BlockStore::open(client.clone(), Default::default()).await?;
-    let kernel = dir.path().join("kernel");
+    let kernel = dir.join("kernel");
     std::fs::write(&kernel, b"synthetic: no kernel")?;
     let pushed = vmlot_cas::push_file(
         &store,
@@ -122,8 +96,8 @@ pub async fn run(args: Args) -> Result<()> {
         disks: vec![],
     };
     // One submitter funds every job: its account is the busiest on the books.
-    vmlot_tests::market::fund(&client, "bench", &(args.jobs as u64 * 100).to_string()).await?;
-    let cpu_before = cpu_now(&server, &broker);
+    vmlot_tests::market::fund(&api, "bench", &(args.jobs as u64 * 100).to_string()).await?;
+    let cpu_before = cpu_now(&market.server, &market.broker);
     let started = Instant::now();
     // Submitted 64 at a time, as many clients would.
     let spec = JobSpec {
@@ -137,18 +111,9 @@ pub async fn run(args: Args) -> Result<()> {
     };
     let submissions = futures::stream::iter(0..args.jobs)
         .map(|_| {
-            let (client, spec) = (client.clone(), spec.clone());
+            let (api, spec) = (api.clone(), spec.clone());
             async move {
-                let submitted: Submitted = api(
-                    &client,
-                    "submit",
-                    &SubmitJob {
-                        version: WIRE_VERSION,
-                        spec,
-                    },
-                )
-                .await?
-                .map_err(|e| anyhow::anyhow!("submit refused: {}", e.message))?;
+                let submitted = api.submit(spec).await.context("submit")?;
                 anyhow::Ok(submitted.job)
             }
         })
@@ -157,7 +122,7 @@ pub async fn run(args: Args) -> Result<()> {
         .await;
     submissions.into_iter().collect::<Result<Vec<_>>>()?;
     let submitted_s = started.elapsed().as_secs_f64();
-    let peak_rss = broker_rss_kib(&broker);
+    let peak_rss = broker_rss_kib(&market.broker);
     let limit = Duration::from_secs(600);
     let mut last_report = Instant::now();
     let expected = (args.jobs * args.segments as usize) as u64;
@@ -187,18 +152,18 @@ pub async fn run(args: Args) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let wall = started.elapsed().as_secs_f64();
-    let cpu = cpu_now(&server, &broker).since(&cpu_before);
-    let broker_rss = broker_rss_kib(&broker).max(peak_rss);
+    let cpu = cpu_now(&market.server, &market.broker).since(&cpu_before);
+    let broker_rss = broker_rss_kib(&market.broker).max(peak_rss);
     // Listing reads every job record one by one: at 10 000 jobs it can
     // outlast the request timeout, and it is only a note.
-    match api::<(), Vec<JobStatus>>(&client, "list", &()).await {
-        Ok(Ok(list)) => {
+    match api.list().await {
+        Ok(list) => {
             let not_ended = list.iter().filter(|s| !s.state.is_final()).count();
             if not_ended > 0 {
                 println!("note: {not_ended} jobs still closing when the last segment was paid");
             }
         }
-        Ok(Err(e)) => println!("note: job list refused: {}", e.message),
+        Err(vmlot_client::CallError::Refused(e)) => println!("note: job list refused: {}", e.message),
         Err(e) => println!("note: job list not read ({e})"),
     }
     let payments = vmlot_ledger::read::settlements(&js).await?;
@@ -244,10 +209,7 @@ pub async fn run(args: Args) -> Result<()> {
             args.jobs * args.segments as usize
         );
     }
-    shutdown.cancel();
-    for h in handles {
-        let _ = h.await;
-    }
+    market.in_process.stop().await;
     Ok(())
 }
 

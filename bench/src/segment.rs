@@ -24,7 +24,6 @@
 //! Row 0 (boot) starts from empty caches and an empty store, so everything
 //! is cold; the summary counts rows 1.. only.
 
-use crate::baseline::version;
 use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -40,6 +39,8 @@ use vmlot_provider::driver::qemu::{Accel, QemuConfig, QemuDriver};
 use vmlot_provider::driver::{BootFiles, Driver, SegmentEnd, SegmentPlan, SegmentReport, SegmentStart};
 use vmlot_schemas::{BlockId, Chunking, HypervisorKind, Manifest, ManifestId, ObjectKind, VmConfig};
 use vmlot_tests::NatsServer;
+
+use crate::baseline::{Cpu, version};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -249,7 +250,7 @@ pub async fn run(args: Args) -> Result<()> {
             .iter()
             .flat_map(|m| m.unique_blocks().into_iter().map(|(id, _)| id))
             .collect();
-        let cpu = Cpu::start(&server);
+        let cpu = Cpu::now(&server);
         let pushed = push_file(
             &a.store,
             Some(&a.cache),
@@ -267,7 +268,7 @@ pub async fn run(args: Args) -> Result<()> {
         let b_seg = b.dir.join(format!("seg{k}"));
         std::fs::create_dir_all(&b_seg)?;
         let b_state = b_seg.join("machine-state.in");
-        let cpu = Cpu::start(&server);
+        let cpu = Cpu::now(&server);
         let fetched = pull_file(&b.store, Some(&b.cache), &pushed.manifest_id, &b_state)
             .await
             .context("B pulls the checkpoint")?;
@@ -458,28 +459,6 @@ fn print_tables(rows: &[Row], t: f64) {
         naive / t * 100.0,
         naive / total,
     );
-}
-
-/// CPU seconds of the server and of this process across one step.
-struct Cpu {
-    server: f64,
-    client: f64,
-}
-
-impl Cpu {
-    fn start(server: &NatsServer) -> Self {
-        Self {
-            server: server.cpu_seconds().unwrap_or(0.0),
-            client: vmlot_tests::own_cpu_seconds().unwrap_or(0.0),
-        }
-    }
-
-    fn stop(self, server: &NatsServer) -> (f64, f64) {
-        (
-            server.cpu_seconds().unwrap_or(0.0) - self.server,
-            vmlot_tests::own_cpu_seconds().unwrap_or(0.0) - self.client,
-        )
-    }
 }
 
 /// The saved machine-state file of a segment that was meant to go on.

@@ -6,8 +6,9 @@
 //! A broker that died between paying and recording finds the payment
 //! before offering the segment again and applies it instead.
 //!
-//! The broker builds a [`SegmentPayment`] in one place ([`payment`]) and
-//! reads one back into the job in one place ([`settled_segment`]).
+//! The broker builds the ledger's [`Settlement`] record in one place
+//! ([`payment`]) and reads one back into the job in one place
+//! ([`settled_segment`]).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -16,8 +17,9 @@ use chrono::Utc;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
-use vmlot_schemas::market::{GuestState, JobStatus, Lot, SegmentPayment, SegmentResult, SettledSegment};
-use vmlot_schemas::{BlockId, Money, ProviderId, WIRE_VERSION, subjects};
+use vmlot_schemas::ledger::Settlement;
+use vmlot_schemas::market::{GuestState, JobStatus, Lot, SegmentResult, SettledSegment};
+use vmlot_schemas::{BlockId, Money, ProviderId};
 
 use crate::error::BrokerError;
 use crate::lifecycle::{self, Refused};
@@ -162,11 +164,9 @@ async fn settle(
     Ok(())
 }
 
-/// The payment the broker writes for `result` settling `lot` at `price`.
-fn payment(status: &JobStatus, lot: &Lot, result: &SegmentResult, price: Money) -> SegmentPayment {
-    SegmentPayment {
-        version: WIRE_VERSION,
-        id: vmlot_ledger::tx_id(&subjects::settlement_tx(&status.job, lot.segment)),
+/// The settlement the broker writes for `result` settling `lot` at `price`.
+fn payment(status: &JobStatus, lot: &Lot, result: &SegmentResult, price: Money) -> Settlement {
+    Settlement {
         job: status.job,
         segment: lot.segment,
         lot: lot.lot,
@@ -174,15 +174,19 @@ fn payment(status: &JobStatus, lot: &Lot, result: &SegmentResult, price: Money) 
         provider: result.provider,
         payer: status.spec.account.clone(),
         amount: price,
-        result: result.clone(),
         at: Utc::now(),
+        guest: result.guest.clone(),
+        console: result.console,
+        timings: result.timings,
+        fetched_bytes: result.fetched_bytes,
+        sent_bytes: result.sent_bytes,
+        finished_at: result.finished_at,
     }
 }
 
 /// The settled segment a payment records in its job (its `awarded` is
 /// filled by [`lifecycle::settle`] from the job's open lot).
-fn settled_segment(payment: &SegmentPayment) -> SettledSegment {
-    let result = &payment.result;
+fn settled_segment(payment: &Settlement) -> SettledSegment {
     SettledSegment {
         segment: payment.segment,
         attempt: payment.attempt,
@@ -190,17 +194,17 @@ fn settled_segment(payment: &SegmentPayment) -> SettledSegment {
         provider: payment.provider,
         awarded: Vec::new(),
         price: payment.amount.clone(),
-        guest: result.guest.clone(),
-        console: result.console,
-        timings: result.timings,
-        fetched_bytes: result.fetched_bytes,
-        sent_bytes: result.sent_bytes,
+        guest: payment.guest.clone(),
+        console: payment.console,
+        timings: payment.timings,
+        fetched_bytes: payment.fetched_bytes,
+        sent_bytes: payment.sent_bytes,
         settled_at: payment.at,
     }
 }
 
 /// Records a paid segment in the job (once: a repeat finds it applied).
-async fn apply(shared: &Shared, payment: &SegmentPayment) -> Result<(), BrokerError> {
+async fn apply(shared: &Shared, payment: &Settlement) -> Result<(), BrokerError> {
     let paid = settled_segment(payment);
     match shared
         .jobs

@@ -1,17 +1,24 @@
-//! `vmlot`: the command-line client. Thin: it parses arguments and calls the
-//! same library functions the tests use.
+//! `vmlot`: the command-line client. Thin: it parses arguments, builds the
+//! [`context::Context`] from the global options and hands it to one
+//! command; the commands call the same library the tests use
+//! (`vmlot_client::api`).
+//!
+//! Layers, each importing only those below it: `cli` (what clap parses) →
+//! `commands` (one module per command or group) → `output` (JSON or text,
+//! tables, exit codes) → `context` (the NATS connection and what is built
+//! on it).
 
 use std::process::ExitCode;
 
 use clap::Parser;
 
-mod books;
 mod cli;
-mod fetch;
-mod logs;
-mod market;
-mod store;
-mod watch;
+mod commands;
+mod context;
+mod output;
+
+use cli::{Cli, Command, ImageCommand};
+use commands::{admin, balances, fetch, image, ledger, logs, market, status, submit, watch};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -19,12 +26,39 @@ async fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("VMLOT_LOG"))
         .with_writer(std::io::stderr)
         .init();
-    let cli = cli::Cli::parse();
-    match cli.run().await {
+    let cli = Cli::parse();
+    match run(&cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("vmlot: {err:#}");
-            cli::exit_code(&err)
+            output::exit_code(&err)
         }
+    }
+}
+
+/// Runs the command `cli` names.
+async fn run(cli: &Cli) -> anyhow::Result<()> {
+    let ctx = &cli.context();
+    match &cli.command {
+        Command::Store(cmd) => cmd.run(ctx).await,
+        Command::Image(ImageCommand::Push { files, output }) => {
+            image::push(ctx, files, output.as_deref()).await
+        }
+        Command::Submit(args) => submit::submit(ctx, args).await,
+        Command::Status { job } => status::status(ctx, *job).await,
+        Command::Watch { job } => watch::watch(ctx, *job).await,
+        Command::Logs { job, follow } => logs::logs(ctx, *job, *follow).await,
+        Command::Fetch {
+            job,
+            output,
+            any_state,
+        } => fetch::fetch(ctx, *job, output, *any_state).await,
+        Command::Cancel { job } => status::cancel(ctx, *job).await,
+        Command::Providers => market::providers(ctx).await,
+        Command::Market => market::market(ctx).await,
+        Command::Ledger(args) => ledger::ledger(ctx, args).await,
+        Command::Statement { account, period } => balances::statement(ctx, account, period).await,
+        Command::Balance { account } => balances::balance(ctx, account.as_deref()).await,
+        Command::Admin(cmd) => admin::admin(ctx, cmd).await,
     }
 }

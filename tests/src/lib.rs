@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+pub mod in_process;
 pub mod market;
 pub mod vm;
 pub mod xen;
@@ -83,24 +84,49 @@ pub struct NatsServer {
     _temp: Option<tempfile::TempDir>,
 }
 
+/// When JetStream writes reach the disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fsync {
+    /// `sync_interval: always`: an acknowledged write is on disk.
+    Always,
+    /// JetStream's default interval: for benchmarks that measure reads and
+    /// must write millions of records first.
+    Default,
+}
+
 impl NatsServer {
     /// Starts a standalone server with `sync_interval: always` (an ack means on disk).
     pub fn start() -> Result<Self> {
+        Self::start_with(Fsync::Always)
+    }
+
+    /// Starts a standalone server writing to disk as `fsync` says.
+    pub fn start_with(fsync: Fsync) -> Result<Self> {
         let temp = tempfile::Builder::new().prefix("vmlot-nats-").tempdir()?;
         let dir = temp.path().to_path_buf();
-        let mut server = Self::configure(&dir, "n1", free_port(), None)?;
+        let mut server = Self::configure(&dir, "n1", free_port(), None, fsync)?;
         server._temp = Some(temp);
         server.spawn()?;
         server.wait_ready(Duration::from_secs(20))?;
         Ok(server)
     }
 
-    fn configure(dir: &Path, name: &str, port: u16, cluster: Option<(u16, &[u16])>) -> Result<Self> {
+    fn configure(
+        dir: &Path,
+        name: &str,
+        port: u16,
+        cluster: Option<(u16, &[u16])>,
+        fsync: Fsync,
+    ) -> Result<Self> {
         let store = dir.join(format!("{name}-store"));
         std::fs::create_dir_all(&store)?;
+        let sync = match fsync {
+            Fsync::Always => "  sync_interval: always\n",
+            Fsync::Default => "",
+        };
         let mut text = format!(
             "server_name: {name}\nlisten: 127.0.0.1:{port}\nmax_payload: 8MB\n\
-             jetstream {{\n  store_dir: \"{}\"\n  sync_interval: always\n}}\n",
+             jetstream {{\n  store_dir: \"{}\"\n{sync}}}\n",
             store.display()
         );
         if let Some((cluster_port, routes)) = cluster {
@@ -264,6 +290,7 @@ impl NatsCluster {
                 &format!("n{}", i + 1),
                 client_ports[i],
                 Some((cluster_ports[i], &cluster_ports)),
+                Fsync::Always,
             )?;
             server.spawn()?;
             servers.push(server);

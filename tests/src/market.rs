@@ -1,14 +1,23 @@
-//! A whole market on loopback for integration tests: a real nats-server,
-//! the `vmlot-broker` and `vmlot-provider` binaries as processes (so a test
-//! can SIGKILL them), and API calls as the CLI makes them.
+//! A whole market on loopback for integration tests and benchmarks: a
+//! real nats-server, the `vmlot-broker` binary as a process (so a test can
+//! SIGKILL it), providers as processes or (for load) as tasks of this
+//! process, and the job API called through the client library, as the CLI
+//! calls it.
 
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
-use serde::Serialize;
-use serde::de::DeserializeOwned;
+use anyhow::{Context as _, Result, bail};
+use rust_decimal::Decimal;
+use tokio::sync::OnceCell;
+use vmlot_client::Api;
+use vmlot_client::api::{Answer, Submit};
+use vmlot_schemas::ledger::{Account, CreditRequest};
+use vmlot_schemas::market::{JobSpec, JobStatus, SubmitJob, Submitted};
+use vmlot_schemas::{JobId, Money, WIRE_VERSION};
 
+use crate::in_process::{InProcessOptions, InProcessProviders};
 use crate::{NatsServer, Process};
 
 /// The operator secret every test broker is started with.
@@ -45,24 +54,37 @@ impl ProviderSpec {
     }
 }
 
-/// The market's processes; everything stops on drop.
+/// How long [`Market::status`] waits for a broker to answer (tests restart it).
+pub const STATUS_PATIENCE: Duration = Duration::from_secs(30);
+
+/// The market's processes and tasks; everything stops on drop.
 pub struct Market {
     pub server: NatsServer,
     pub broker: Process,
     pub providers: Vec<Process>,
+    /// Providers running as tasks of this process ([`Market::add_in_process_providers`]).
+    pub in_process: InProcessProviders,
     pub dir: tempfile::TempDir,
+    api: OnceCell<Api>,
 }
 
 impl Market {
+    /// A new nats-server, the broker with `broker_args`, and `providers` as processes.
     pub fn start(broker_args: Vec<String>, providers: &[ProviderSpec]) -> Result<Self> {
-        let server = NatsServer::start()?;
+        Self::on(NatsServer::start()?, broker_args, providers)
+    }
+
+    /// The same on a server already running (a benchmark measures it alone first).
+    pub fn on(server: NatsServer, broker_args: Vec<String>, providers: &[ProviderSpec]) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("vmlot-market-").tempdir()?;
         let broker = Process::start("vmlot-broker", "broker", &server.url(), &broker_args, dir.path())?;
         let mut market = Self {
             server,
             broker,
             providers: Vec::new(),
+            in_process: InProcessProviders::default(),
             dir,
+            api: OnceCell::new(),
         };
         for spec in providers {
             market.add_provider(spec)?;
@@ -77,12 +99,10 @@ impl Market {
 
     /// [`Market::ready`] with a time limit of its own (nested hosts boot slowly).
     pub async fn ready_within(&self, providers: usize, limit: Duration) -> Result<()> {
-        let client = self.server.client().await?;
-        let seen = wait_for(limit, async || {
-            match api::<(), Vec<serde_json::Value>>(&client, "providers", &()).await {
-                Ok(Ok(list)) if list.len() >= providers => Some(()),
-                _ => None,
-            }
+        let api = self.api().await;
+        let seen = wait_for(limit, async || match api.providers().await {
+            Ok(list) if list.len() >= providers => Some(()),
+            _ => None,
         })
         .await;
         seen.map_err(|e| anyhow::anyhow!("market not ready: {e}\n{}", self.logs()))
@@ -120,13 +140,86 @@ impl Market {
         Ok(())
     }
 
+    /// Starts `specs` as synthetic providers in this process, each a task
+    /// running the provider daemon on its own connection (a load of
+    /// hundreds of providers without hundreds of processes).
+    pub async fn add_in_process_providers(
+        &mut self,
+        specs: &[ProviderSpec],
+        options: &InProcessOptions,
+    ) -> Result<()> {
+        self.in_process
+            .add(&self.server, self.dir.path(), specs, options)
+            .await
+    }
+
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
 
+    /// The job API, on one connection that rides out server restarts.
+    pub async fn api(&self) -> Api {
+        self.api
+            .get_or_init(|| async {
+                let client = self.server.client().await.expect("connect to the market's NATS");
+                Api::new(client)
+            })
+            .await
+            .clone()
+    }
+
     /// Credits `amount` CRD to user `account`, as the operator.
     pub async fn fund(&self, account: &str, amount: &str) -> Result<()> {
-        fund(&self.server.client().await?, account, amount).await
+        fund(&self.api().await, account, amount).await
+    }
+
+    /// Funds the spec's account with its budget and submits it; the job.
+    pub async fn submit(&self, spec: JobSpec) -> JobId {
+        self.fund(&spec.account, &spec.budget.amount.to_string())
+            .await
+            .expect("funds credited");
+        let submitted = self.try_submit(spec).await.expect("submit accepted");
+        submitted.job
+    }
+
+    /// A submission and the broker's answer (accepted or refused).
+    pub async fn try_submit(&self, spec: JobSpec) -> Answer<Submitted> {
+        let request = SubmitJob {
+            version: WIRE_VERSION,
+            spec,
+        };
+        self.api()
+            .await
+            .answer::<Submit>(&request)
+            .await
+            .expect("the broker answers submit")
+    }
+
+    /// A job's record; asks again while no broker answers (tests restart
+    /// it), for up to [`STATUS_PATIENCE`]. A refusal fails the test.
+    pub async fn status(&self, job: JobId) -> JobStatus {
+        let api = self.api().await;
+        let reply = wait_for(STATUS_PATIENCE, async || match api.status(job).await {
+            Ok(status) => Some(Ok(status)),
+            Err(vmlot_client::CallError::Refused(refused)) => Some(Err(refused)),
+            Err(_) => None,
+        })
+        .await
+        .expect("a broker answers status");
+        reply.expect("status")
+    }
+
+    /// Waits until the job ends (in any final state); fails the test with
+    /// its record and the logs after `limit`.
+    pub async fn wait_final(&self, job: JobId, limit: Duration) -> JobStatus {
+        match self.api().await.wait_final(job, limit).await {
+            Ok(status) => status,
+            Err(e) => panic!(
+                "{e}: job {job} never ended\n{:#?}\n{}",
+                self.status(job).await,
+                self.logs()
+            ),
+        }
     }
 
     /// Every process log, for failure messages.
@@ -145,50 +238,22 @@ fn tail(s: &str) -> String {
 }
 
 /// Credits `amount` CRD to user `account`, as the operator.
-pub async fn fund(client: &async_nats::Client, account: &str, amount: &str) -> Result<()> {
-    let request = serde_json::json!({
-        "version": 1,
-        "id": uuid::Uuid::new_v4(),
-        "account": format!("user:{account}"),
-        "amount": {"amount": amount, "unit": "CRD"},
-        "memo": "test funds",
-        "operator_token": TEST_OPERATOR_TOKEN,
-    });
-    match api::<_, serde_json::Value>(client, "credit", &request).await? {
+pub async fn fund(api: &Api, account: &str, amount: &str) -> Result<()> {
+    let request = CreditRequest {
+        version: WIRE_VERSION,
+        id: uuid::Uuid::new_v4(),
+        account: Account::User(account.to_string()),
+        amount: Money::new(
+            Decimal::from_str(amount).with_context(|| format!("amount {amount:?}"))?,
+            "CRD",
+        ),
+        memo: "test funds".into(),
+        operator_token: TEST_OPERATOR_TOKEN.into(),
+    };
+    match api.credit(&request).await {
         Ok(_) => Ok(()),
-        Err(e) => bail!("credit refused: {} {}", e.code, e.message),
-    }
-}
-
-/// One API call, decoded.
-pub async fn api<T: Serialize, R: DeserializeOwned>(
-    client: &async_nats::Client,
-    endpoint: &str,
-    body: &T,
-) -> Result<Result<R, vmlot_schemas_reply::ApiError>> {
-    let payload = serde_json::to_vec(body)?;
-    let reply = tokio::time::timeout(
-        Duration::from_secs(20),
-        client.request(format!("vmlot.api.{endpoint}"), payload.into()),
-    )
-    .await??;
-    let value: serde_json::Value = serde_json::from_slice(&reply.payload)?;
-    if let Some(ok) = value.get("ok") {
-        return Ok(Ok(serde_json::from_value(ok.clone())?));
-    }
-    if let Some(err) = value.get("error") {
-        return Ok(Err(serde_json::from_value(err.clone())?));
-    }
-    bail!("reply is neither ok nor error: {value}")
-}
-
-/// The error shape of the API, kept here so the harness does not depend on
-/// the crate under test for decoding.
-pub mod vmlot_schemas_reply {
-    #[derive(Debug, serde::Deserialize)]
-    pub struct ApiError {
-        pub code: String,
-        pub message: String,
+        Err(vmlot_client::CallError::Refused(e)) => bail!("credit refused: {} {}", e.code, e.message),
+        Err(e) => Err(e.into()),
     }
 }
 

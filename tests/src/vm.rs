@@ -9,11 +9,11 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use rust_decimal::Decimal;
+use vmlot_schemas::JobId;
 use vmlot_schemas::ledger::Settlement;
-use vmlot_schemas::market::{GuestState, JobRef, JobState, JobStatus};
-use vmlot_schemas::{JobId, WIRE_VERSION};
+use vmlot_schemas::market::{GuestState, JobState, JobStatus};
 
-use crate::market::{self, Market, TEST_OPERATOR_TOKEN, api, kill_pids, processes_mentioning, wait_for};
+use crate::market::{self, Market, TEST_OPERATOR_TOKEN, kill_pids, processes_mentioning, wait_for};
 use crate::{repo_root, workspace_binary};
 
 const SETUP: &str = "run `make deps guest` in the repository root";
@@ -181,18 +181,7 @@ impl VmMarket {
     }
 
     pub async fn status(&self, job: JobId) -> JobStatus {
-        let client = self.market.server.client().await.unwrap();
-        api(
-            &client,
-            "status",
-            &JobRef {
-                version: WIRE_VERSION,
-                job,
-            },
-        )
-        .await
-        .unwrap()
-        .expect("status")
+        self.market.status(job).await
     }
 
     /// Polls until `check` holds for the job's status; fails with the logs
@@ -220,16 +209,14 @@ impl VmMarket {
 
     /// Waits for the job's end, which must be `Done`.
     pub async fn wait_final(&self, job: JobId) -> JobStatus {
-        let done = self
-            .until(job, "job never ended", |s| s.state.is_final().then(|| s.clone()))
-            .await;
+        let done = self.market.wait_final(job, self.patience).await;
         assert_eq!(done.state, JobState::Done, "{done:#?}\n{}", self.market.logs());
         done
     }
 
     /// The settlement payments of `job`, read from the books.
     pub async fn payments(&self, job: JobId) -> Vec<Settlement> {
-        market::payments(&self.market.server.client().await.unwrap(), job).await
+        market::payments(self.market.api().await.nats(), job).await
     }
 
     /// Exactly one payment per settled segment, to the provider that

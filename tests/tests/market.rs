@@ -7,13 +7,12 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use rust_decimal::Decimal;
+use vmlot_client::api::{Credit, Status};
 use vmlot_schemas::market::{
-    Image, JobRef, JobSpec, JobState, JobStatus, SegmentCount, SegmentResult, SubmitJob, Submitted,
+    Image, JobRef, JobSpec, JobState, JobStatus, SegmentCount, SegmentResult, Submitted,
 };
 use vmlot_schemas::{HypervisorKind, JobId, Money, ProviderId, VmConfig, WIRE_VERSION, subjects};
-use vmlot_tests::market::{
-    Market, ProviderSpec, api, fake_kernel, fast_broker_args, fund, payments, wait_for,
-};
+use vmlot_tests::market::{Market, ProviderSpec, fake_kernel, fast_broker_args, payments, wait_for};
 
 fn money(s: &str) -> Money {
     Money::new(Decimal::from_str(s).unwrap(), "CRD")
@@ -59,66 +58,6 @@ fn spec(image: Image, seconds: u32, segments: u32, r: u32, reserve: &str, budget
         reserve_price: money(reserve),
         budget: money(budget),
         account: "alice".into(),
-    }
-}
-
-/// A submission and the broker's answer.
-async fn try_submit(
-    client: &async_nats::Client,
-    spec: JobSpec,
-) -> Result<Submitted, vmlot_tests::market::vmlot_schemas_reply::ApiError> {
-    api(
-        client,
-        "submit",
-        &SubmitJob {
-            version: WIRE_VERSION,
-            spec,
-        },
-    )
-    .await
-    .unwrap()
-}
-
-async fn submit(client: &async_nats::Client, spec: JobSpec) -> JobId {
-    fund(client, &spec.account, &spec.budget.amount.to_string())
-        .await
-        .expect("funds credited");
-    let submitted: Submitted = try_submit(client, spec).await.expect("submit accepted");
-    submitted.job
-}
-
-/// A job's status; retries while no broker answers (tests restart it).
-async fn status(client: &async_nats::Client, job: JobId) -> JobStatus {
-    let reply = wait_for(Duration::from_secs(30), async || {
-        api(
-            client,
-            "status",
-            &JobRef {
-                version: WIRE_VERSION,
-                job,
-            },
-        )
-        .await
-        .ok()
-    })
-    .await
-    .expect("a broker answers status");
-    reply.expect("status")
-}
-
-async fn wait_final(market: &Market, client: &async_nats::Client, job: JobId, limit: Duration) -> JobStatus {
-    match wait_for(limit, async || {
-        let s = status(client, job).await;
-        s.state.is_final().then_some(s)
-    })
-    .await
-    {
-        Ok(s) => s,
-        Err(e) => panic!(
-            "{e}: job {job} never ended\n{:#?}\n{}",
-            status(client, job).await,
-            market.logs()
-        ),
     }
 }
 
@@ -169,8 +108,8 @@ async fn ten_segments_with_two_replicas_pay_the_first_result_each_time() {
     let market = Market::start(fast_broker_args(), &providers).unwrap();
     let client = market.server.client().await.unwrap();
     let image = synthetic_image(&market).await;
-    let job = submit(&client, spec(image, 1, 10, 2, "1.00", "20")).await;
-    let done = wait_final(&market, &client, job, Duration::from_secs(120)).await;
+    let job = market.submit(spec(image, 1, 10, 2, "1.00", "20")).await;
+    let done = market.wait_final(job, Duration::from_secs(120)).await;
     assert_eq!(done.state, JobState::Done, "{done:#?}\n{}", market.logs());
     assert_eq!(done.settled.len(), 10);
 
@@ -213,11 +152,11 @@ async fn a_provider_killed_mid_segment_costs_one_attempt_not_the_job() {
     let mut market = Market::start(fast_broker_args(), &providers).unwrap();
     let client = market.server.client().await.unwrap();
     let image = synthetic_image(&market).await;
-    let job = submit(&client, spec(image, 3, 5, 1, "1.00", "20")).await;
+    let job = market.submit(spec(image, 3, 5, 1, "1.00", "20")).await;
 
     // Kill the cheap provider while it runs segment 1.
     wait_for(Duration::from_secs(60), async || {
-        let s = status(&client, job).await;
+        let s = market.status(job).await;
         let running = s.settled.len() == 1
             && s.open_lot
                 .as_ref()
@@ -228,7 +167,7 @@ async fn a_provider_killed_mid_segment_costs_one_attempt_not_the_job() {
     .unwrap_or_else(|e| panic!("{e}\n{}", market.logs()));
     market.providers[0].kill();
 
-    let done = wait_final(&market, &client, job, Duration::from_secs(120)).await;
+    let done = market.wait_final(job, Duration::from_secs(120)).await;
     assert_eq!(done.state, JobState::Done, "{done:#?}\n{}", market.logs());
     assert!(
         done.settled[1].attempt >= 2,
@@ -244,17 +183,17 @@ async fn a_provider_killed_mid_segment_costs_one_attempt_not_the_job() {
 async fn six_segments_survive(mut market: Market, interrupt: impl FnOnce(&mut Market)) {
     let client = market.server.client().await.unwrap();
     let image = synthetic_image(&market).await;
-    let job = submit(&client, spec(image, 1, 6, 1, "1.00", "20")).await;
+    let job = market.submit(spec(image, 1, 6, 1, "1.00", "20")).await;
     wait_for(Duration::from_secs(60), async || {
-        (status(&client, job).await.settled.len() >= 2).then_some(())
+        (market.status(job).await.settled.len() >= 2).then_some(())
     })
     .await
     .unwrap();
     interrupt(&mut market);
-    let done = wait_final(&market, &client, job, Duration::from_secs(180)).await;
+    let done = market.wait_final(job, Duration::from_secs(180)).await;
     assert_eq!(done.state, JobState::Done, "{done:#?}\n{}", market.logs());
     assert_paid_once_per_segment(&payments(&client, job).await, 6);
-    wait_refunded(&market, &client, job).await;
+    wait_refunded(&market, job).await;
     assert_books_verify(&market).await;
 }
 
@@ -274,13 +213,13 @@ async fn the_job_stops_when_its_budget_is_spent() {
     let market = Market::start(fast_broker_args(), &[ProviderSpec::synthetic("p1", "1.00")]).unwrap();
     let client = market.server.client().await.unwrap();
     let image = synthetic_image(&market).await;
-    let job = submit(&client, spec(image, 0, 10, 1, "1.00", "3.5")).await;
-    let done = wait_final(&market, &client, job, Duration::from_secs(60)).await;
+    let job = market.submit(spec(image, 0, 10, 1, "1.00", "3.5")).await;
+    let done = market.wait_final(job, Duration::from_secs(60)).await;
     assert_eq!(done.state, JobState::BudgetSpent, "{done:#?}");
     assert_eq!(done.settled.len(), 3);
     assert_eq!(done.spent, money("3.00"));
     assert_paid_once_per_segment(&payments(&client, job).await, 3);
-    wait_refunded(&market, &client, job).await;
+    wait_refunded(&market, job).await;
     assert_books_verify(&market).await;
 }
 
@@ -290,6 +229,7 @@ async fn hostile_input_is_refused_and_changes_nothing() {
     let provider_id = ProviderId(provider.id);
     let market = Market::start(fast_broker_args(), &[provider]).unwrap();
     let client = market.server.client().await.unwrap();
+    let api = market.api().await;
     let image = synthetic_image(&market).await;
 
     // The job API: garbage, wrong types, bad values, unknown ids.
@@ -321,31 +261,28 @@ async fn hostile_input_is_refused_and_changes_nothing() {
         spec(image.clone(), 1, 3, 1, "5", "1"),
     ];
     for bad in bad_specs {
-        let refused: Result<Submitted, _> = try_submit(&client, bad).await;
+        let refused: Result<Submitted, _> = market.try_submit(bad).await;
         assert_eq!(refused.unwrap_err().code, "bad-request");
     }
     let mut unknown_image = image.clone();
     unknown_image.kernel = vmlot_schemas::ManifestId::of(b"no such kernel");
-    let refused: Result<Submitted, _> = try_submit(&client, spec(unknown_image, 1, 3, 1, "1", "10")).await;
+    let refused: Result<Submitted, _> = market.try_submit(spec(unknown_image, 1, 3, 1, "1", "10")).await;
     assert_eq!(refused.unwrap_err().code, "not-found");
-    let unknown: Result<JobStatus, _> = api(
-        &client,
-        "status",
-        &JobRef {
+    let unknown: Result<JobStatus, _> = api
+        .answer::<Status>(&JobRef {
             version: WIRE_VERSION,
             job: JobId::new(),
-        },
-    )
-    .await
-    .unwrap();
+        })
+        .await
+        .unwrap();
     assert_eq!(unknown.unwrap_err().code, "not-found");
-    let listed: Vec<JobStatus> = api(&client, "list", &()).await.unwrap().unwrap();
+    let listed: Vec<JobStatus> = api.list().await.unwrap();
     assert!(listed.is_empty(), "refused submissions left no job behind");
 
     // A real job runs while the market subjects are attacked.
-    let job = submit(&client, spec(image, 1, 4, 1, "1.00", "20")).await;
+    let job = market.submit(spec(image, 1, 4, 1, "1.00", "20")).await;
     let first = wait_for(Duration::from_secs(60), async || {
-        let s = status(&client, job).await;
+        let s = market.status(job).await;
         s.open_lot.filter(|o| !o.awarded.is_empty()).map(|o| o.lot)
     })
     .await
@@ -428,7 +365,7 @@ async fn hostile_input_is_refused_and_changes_nothing() {
     .await
     .unwrap();
 
-    let done = wait_final(&market, &client, job, Duration::from_secs(120)).await;
+    let done = market.wait_final(job, Duration::from_secs(120)).await;
     assert_eq!(done.state, JobState::Done, "{done:#?}\n{}", market.logs());
     assert!(done.settled.iter().all(|s| s.provider == provider_id));
     let paid = payments(&client, job).await;
@@ -450,7 +387,7 @@ async fn hostile_input_is_refused_and_changes_nothing() {
     .unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(payments(&client, job).await.len(), 4);
-    let after = status(&client, job).await;
+    let after = market.status(job).await;
     assert_eq!(after.settled.len(), 4);
     assert_eq!(after.spent, done.spent);
     let log = market.broker.log();
@@ -481,7 +418,7 @@ async fn lots_go_only_to_providers_of_their_hypervisor() {
     image.vm.hypervisor = HypervisorKind::Qemu;
     let mut qemu_lots = client.subscribe("vmlot.lot.qemu.>").await.unwrap();
     let mut synthetic_lots = client.subscribe("vmlot.lot.synthetic.>").await.unwrap();
-    let job = submit(&client, spec(image, 1, 2, 1, "1.00", "10")).await;
+    let job = market.submit(spec(image, 1, 2, 1, "1.00", "10")).await;
 
     let lot_msg = tokio::time::timeout(Duration::from_secs(20), qemu_lots.next())
         .await
@@ -520,7 +457,7 @@ async fn lots_go_only_to_providers_of_their_hypervisor() {
         market.logs()
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let s = status(&client, job).await;
+    let s = market.status(job).await;
     assert!(s.settled.is_empty(), "{s:#?}");
     assert!(
         s.open_lot.as_ref().is_none_or(|o| o.awarded.is_empty()),
@@ -564,9 +501,9 @@ async fn assert_books_verify(market: &Market) {
 }
 
 /// Waits until the ended job's escrow went back to its submitter.
-async fn wait_refunded(market: &Market, client: &async_nats::Client, job: JobId) {
+async fn wait_refunded(market: &Market, job: JobId) {
     wait_for(Duration::from_secs(30), async || {
-        status(client, job).await.refunded.then_some(())
+        market.status(job).await.refunded.then_some(())
     })
     .await
     .unwrap_or_else(|e| panic!("{e}: job {job} never refunded\n{}", market.logs()));
@@ -590,6 +527,7 @@ async fn books_hold_pay_refund_answer_queries_and_verify() {
     args.extend(["--fee-rate".to_string(), "0.1".to_string()]);
     let market = Market::start(args, &[provider]).unwrap();
     let client = market.server.client().await.unwrap();
+    let api = market.api().await;
     let image = synthetic_image(&market).await;
 
     // Funding: only the operator, only positive amounts, once per request id.
@@ -600,17 +538,16 @@ async fn books_hold_pay_refund_answer_queries_and_verify() {
         })
     };
     let id = uuid::Uuid::new_v4();
-    let refused: Result<serde_json::Value, _> =
-        api(&client, "credit", &credit("guess", id, "10")).await.unwrap();
-    assert_eq!(refused.unwrap_err().code, "forbidden");
-    for bad in ["-10", "0", "1e3", "0.000000001", "99999999999999999"] {
-        let refused: Result<serde_json::Value, _> = api(
-            &client,
-            "credit",
-            &credit(vmlot_tests::market::TEST_OPERATOR_TOKEN, id, bad),
-        )
+    let refused = api
+        .answer_body::<Credit>(&credit("guess", id, "10"))
         .await
         .unwrap();
+    assert_eq!(refused.unwrap_err().code, "forbidden");
+    for bad in ["-10", "0", "1e3", "0.000000001", "99999999999999999"] {
+        let refused = api
+            .answer_body::<Credit>(&credit(vmlot_tests::market::TEST_OPERATOR_TOKEN, id, bad))
+            .await
+            .unwrap();
         assert_eq!(refused.unwrap_err().code, "bad-request", "credit of {bad}");
     }
     assert_eq!(balance(&market, "user:alice").await, Decimal::ZERO);
@@ -635,31 +572,30 @@ async fn books_hold_pay_refund_answer_queries_and_verify() {
         dec("10"),
         "one credit per request id"
     );
-    let reused: Result<serde_json::Value, _> = api(
-        &client,
-        "credit",
-        &credit(vmlot_tests::market::TEST_OPERATOR_TOKEN, id, "11"),
-    )
-    .await
-    .unwrap();
+    let reused = api
+        .answer_body::<Credit>(&credit(vmlot_tests::market::TEST_OPERATOR_TOKEN, id, "11"))
+        .await
+        .unwrap();
     assert_eq!(reused.unwrap_err().code, "conflict");
 
     // A budget beyond the balance is refused, and leaves no job behind.
-    let too_big: Result<Submitted, _> =
-        try_submit(&client, spec(image.clone(), 1, 3, 1, "1.00", "10.01")).await;
+    let too_big: Result<Submitted, _> = market
+        .try_submit(spec(image.clone(), 1, 3, 1, "1.00", "10.01"))
+        .await;
     let refusal = too_big.unwrap_err();
     assert_eq!(refusal.code, "insufficient-funds", "{}", refusal.message);
-    let listed: Vec<JobStatus> = api(&client, "list", &()).await.unwrap().unwrap();
+    let listed: Vec<JobStatus> = api.list().await.unwrap();
     assert!(listed.is_empty(), "{listed:#?}");
     assert_eq!(balance(&market, "user:alice").await, dec("10"));
 
     // A job: its budget into escrow, each segment paid from it, the rest back.
-    let submitted: Submitted = try_submit(&client, spec(image, 1, 3, 1, "1.00", "4"))
+    let submitted: Submitted = market
+        .try_submit(spec(image, 1, 3, 1, "1.00", "4"))
         .await
         .unwrap();
     let job = submitted.job;
     assert_eq!(balance(&market, "user:alice").await, dec("6"));
-    let done = wait_final(&market, &client, job, Duration::from_secs(60)).await;
+    let done = market.wait_final(job, Duration::from_secs(60)).await;
     assert_eq!(done.state, JobState::Done, "{done:#?}");
     let paid = payments(&client, job).await;
     assert_paid_once_per_segment(&paid, 3);
@@ -669,7 +605,7 @@ async fn books_hold_pay_refund_answer_queries_and_verify() {
         .map(|p| vmlot_ledger::split_fee(p.amount.amount, dec("0.1")).1)
         .sum();
     assert!(fee > Decimal::ZERO);
-    wait_refunded(&market, &client, job).await;
+    wait_refunded(&market, job).await;
     assert_eq!(balance(&market, "user:alice").await, dec("10") - price);
     assert_eq!(balance(&market, &format!("escrow:{job}")).await, Decimal::ZERO);
     assert_eq!(
@@ -779,7 +715,7 @@ async fn books_a_broker_killed_between_settlement_and_next_lot_pays_once() {
     market.broker.restart().unwrap();
     let client = market.server.client().await.unwrap();
     let image = synthetic_image(&market).await;
-    let job = submit(&client, spec(image, 1, 4, 1, "1.00", "20")).await;
+    let job = market.submit(spec(image, 1, 4, 1, "1.00", "20")).await;
     wait_for(Duration::from_secs(60), async || {
         market_broker_exited(&mut market).then_some(())
     })
@@ -799,10 +735,10 @@ async fn books_a_broker_killed_between_settlement_and_next_lot_pays_once() {
 
     market.broker.set_env("VMLOT_FAULT", None);
     market.broker.restart().unwrap();
-    let done = wait_final(&market, &client, job, Duration::from_secs(120)).await;
+    let done = market.wait_final(job, Duration::from_secs(120)).await;
     assert_eq!(done.state, JobState::Done, "{done:#?}\n{}", market.logs());
     assert_paid_once_per_segment(&payments(&client, job).await, 4);
-    wait_refunded(&market, &client, job).await;
+    wait_refunded(&market, job).await;
     assert_books_verify(&market).await;
 }
 

@@ -6,117 +6,28 @@
 //! one line per settled segment followed by the tail of its console. With
 //! `--json`: one [`SettledSegment`] per line, nothing else.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::time::Duration;
 
 use anyhow::Result;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use vmlot_cas::{BlockStore, StoreOptions};
-use vmlot_schemas::market::{GuestState, Heartbeat, JobState, JobStatus, SegmentCount, SettledSegment};
+use vmlot_schemas::market::{JobState, JobStatus, SegmentCount, SettledSegment};
 use vmlot_schemas::{JobId, ProviderId};
 
-use crate::cli::Cli;
-use crate::logs::segment_console;
-use crate::market::{JobDidNotFinish, job_status, request};
+use crate::commands::console::{ConsoleTail, segment_console};
+use crate::commands::names::Names;
+use crate::context::Context;
+use crate::output::{JobDidNotFinish, guest_word, print_json_line, reason_suffix, short, wall_ms};
 
 /// Console lines shown under the bar (and after each segment in line mode).
 const TAIL_LINES: usize = 8;
 const POLL: Duration = Duration::from_millis(300);
 
-/// The last lines of a console fed to it piece by piece; a segment may end
-/// in the middle of a line, which the next one finishes.
-#[derive(Default)]
-pub struct ConsoleTail {
-    lines: VecDeque<String>,
-    partial: Vec<u8>,
-    max: usize,
-}
-
-impl ConsoleTail {
-    pub fn new(max: usize) -> Self {
-        Self {
-            max,
-            ..Default::default()
-        }
-    }
-
-    pub fn push(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            if b == b'\n' {
-                let line = std::mem::take(&mut self.partial);
-                let text = String::from_utf8_lossy(&line);
-                self.lines.push_back(text.trim_end_matches('\r').to_string());
-                if self.lines.len() > self.max {
-                    self.lines.pop_front();
-                }
-            } else {
-                self.partial.push(b);
-            }
-        }
-    }
-
-    /// The last `max` lines, an unfinished one last.
-    pub fn lines(&self) -> Vec<String> {
-        let mut out: Vec<String> = self.lines.iter().cloned().collect();
-        if !self.partial.is_empty() {
-            out.push(String::from_utf8_lossy(&self.partial).into_owned());
-        }
-        let skip = out.len().saturating_sub(self.max);
-        out.split_off(skip)
-    }
-}
-
-/// Provider names from the broker's heartbeats, asked again when an
-/// unknown provider shows up.
-struct Names {
-    known: HashMap<ProviderId, String>,
-}
-
-impl Names {
-    async fn of(&mut self, client: &async_nats::Client, id: &ProviderId) -> String {
-        if !self.known.contains_key(id) {
-            self.known.extend(provider_names(client).await);
-        }
-        match self.known.get(id) {
-            Some(name) => name.clone(),
-            None => short(id),
-        }
-    }
-}
-
-/// Names of the providers the broker has heard from recently (empty if it
-/// does not answer: names are a courtesy, never a reason to fail).
-pub async fn provider_names(client: &async_nats::Client) -> HashMap<ProviderId, String> {
-    match request::<_, Vec<Heartbeat>>(client, "providers", &()).await {
-        Ok(list) => list.into_iter().map(|h| (h.provider, h.name)).collect(),
-        Err(_) => HashMap::new(),
-    }
-}
-
-/// The first 8 hex digits of a provider id.
-pub fn short(id: &ProviderId) -> String {
-    id.to_string().chars().take(8).collect()
-}
-
 fn total(s: &JobStatus) -> Option<u32> {
     match s.spec.segments {
         SegmentCount::Count(n) => Some(n),
         SegmentCount::UntilHalt => None,
-    }
-}
-
-/// Wall time a provider spent on a segment: fetch, start, run, save, upload.
-pub fn wall_ms(seg: &SettledSegment) -> u64 {
-    let t = &seg.timings;
-    t.fetch_ms + t.start_ms + t.run_ms + t.save_ms + t.upload_ms
-}
-
-fn guest_word(g: &GuestState) -> String {
-    match g {
-        GuestState::Running { .. } => "running".into(),
-        GuestState::Halted => "halted".into(),
-        GuestState::Crashed { reason } => format!("crashed: {reason}"),
     }
 }
 
@@ -148,26 +59,25 @@ fn activity(s: &JobStatus, names: &HashMap<ProviderId, String>) -> String {
 }
 
 /// Follows `job` until it ends; an end other than done is an error (exit code 8).
-pub async fn watch(cli: &Cli, client: &async_nats::Client, job: JobId) -> Result<()> {
-    let store = BlockStore::open(client.clone(), StoreOptions::default()).await?;
-    let mut names = Names {
-        known: provider_names(client).await,
-    };
-    let live = !cli.json && std::io::stderr().is_terminal();
+pub async fn watch(ctx: &Context, job: JobId) -> Result<()> {
+    let api = ctx.api().await?;
+    let store = ctx.store().await?;
+    let mut names = Names::load(&api).await;
+    let live = !ctx.json && std::io::stderr().is_terminal();
     let mut bar = live.then(Bar::new);
     let mut tail = ConsoleTail::new(TAIL_LINES);
     let mut shown = 0usize;
     let mut waiting_said = false;
     let status = loop {
-        let s = job_status(client, job).await?;
+        let s = api.status(job).await?;
         for seg in &s.settled[shown..] {
-            if cli.json {
-                println!("{}", serde_json::to_string(seg)?);
+            if ctx.json {
+                print_json_line(seg)?;
                 continue;
             }
             let console = segment_console(&store, seg).await?;
             tail.push(&console);
-            let who = names.of(client, &seg.provider).await;
+            let who = names.of(&api, &seg.provider).await;
             let of = total(&s).map(|n| n.to_string()).unwrap_or_else(|| "?".into());
             match &mut bar {
                 Some(bar) => bar.settled(seg, &who, &tail),
@@ -197,7 +107,7 @@ pub async fn watch(cli: &Cli, client: &async_nats::Client, job: JobId) -> Result
         shown = s.settled.len();
         if let Some(bar) = &mut bar {
             bar.update(&s, &names.known);
-        } else if s.waiting_for_providers && !waiting_said && !cli.json {
+        } else if s.waiting_for_providers && !waiting_said && !ctx.json {
             println!("waiting for providers…");
             waiting_said = true;
         }
@@ -209,16 +119,12 @@ pub async fn watch(cli: &Cli, client: &async_nats::Client, job: JobId) -> Result
     if let Some(bar) = bar {
         bar.finish(&status);
     }
-    if !cli.json {
+    if !ctx.json {
         println!(
             "job {} ended: {:?}{}",
             job,
             status.state,
-            status
-                .end_reason
-                .as_ref()
-                .map(|r| format!(" ({r})"))
-                .unwrap_or_default()
+            reason_suffix(status.end_reason.as_ref())
         );
     }
     if status.state != JobState::Done {
@@ -308,22 +214,5 @@ impl Bar {
             format!("{:?}", s.state).to_lowercase(),
             self.last
         ));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::ConsoleTail;
-
-    #[test]
-    fn the_tail_joins_lines_split_across_segments_and_keeps_the_last_ones() {
-        let mut tail = ConsoleTail::new(3);
-        tail.push(b"one\ntwo\nthr");
-        assert_eq!(tail.lines(), ["one", "two", "thr"]);
-        tail.push(b"ee\r\nfour\n");
-        assert_eq!(tail.lines(), ["two", "three", "four"]);
-        tail.push(b"");
-        tail.push(b"five");
-        assert_eq!(tail.lines(), ["three", "four", "five"]);
     }
 }

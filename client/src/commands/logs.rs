@@ -8,39 +8,21 @@
 use std::io::Write;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde_json::json;
-use vmlot_cas::{BlockStore, StoreOptions, pull_file};
-use vmlot_schemas::market::{JobState, JobStatus, SettledSegment};
-use vmlot_schemas::{JobId, ManifestId};
+use vmlot_schemas::JobId;
+use vmlot_schemas::market::{JobState, SettledSegment};
 
-use crate::cli::Cli;
-use crate::market::{JobDidNotFinish, job_status};
+use crate::commands::console::segment_console;
+use crate::context::Context;
+use crate::output::JobDidNotFinish;
 
 /// How often `--follow` asks for the job's status.
 const FOLLOW_POLL: Duration = Duration::from_millis(500);
 
-/// A console manifest's bytes, every block verified.
-pub async fn console_bytes(store: &BlockStore, id: &ManifestId) -> Result<Vec<u8>> {
-    let dir = tempfile::tempdir()?;
-    let path = dir.path().join("console");
-    pull_file(store, None, id, &path)
-        .await
-        .with_context(|| format!("reading console {id}"))?;
-    Ok(std::fs::read(&path)?)
-}
-
-/// The console of one settled segment (empty when the guest printed nothing).
-pub async fn segment_console(store: &BlockStore, seg: &SettledSegment) -> Result<Vec<u8>> {
-    match &seg.console {
-        Some(id) => console_bytes(store, id).await,
-        None => Ok(Vec::new()),
-    }
-}
-
-fn print_segment(cli: &Cli, seg: &SettledSegment, bytes: &[u8]) -> std::io::Result<()> {
+fn print_segment(json: bool, seg: &SettledSegment, bytes: &[u8]) -> std::io::Result<()> {
     let mut out = std::io::stdout().lock();
-    if cli.json {
+    if json {
         let line = json!({
             "segment": seg.segment,
             "attempt": seg.attempt,
@@ -64,15 +46,15 @@ fn print_segment(cli: &Cli, seg: &SettledSegment, bytes: &[u8]) -> std::io::Resu
 /// whole job is exactly the guest's console. `--json` prints one object per
 /// segment: `{segment, attempt, provider, console, bytes, text}` (`text`
 /// with invalid UTF-8 replaced by U+FFFD).
-pub async fn logs(cli: &Cli, job: JobId, follow: bool) -> Result<()> {
-    let client = cli.connect().await?;
-    let store = BlockStore::open(client.clone(), StoreOptions::default()).await?;
+pub async fn logs(ctx: &Context, job: JobId, follow: bool) -> Result<()> {
+    let api = ctx.api().await?;
+    let store = ctx.store().await?;
     let mut shown = 0usize;
     loop {
-        let status: JobStatus = job_status(&client, job).await?;
+        let status = api.status(job).await?;
         for seg in &status.settled[shown..] {
             let bytes = segment_console(&store, seg).await?;
-            match print_segment(cli, seg, &bytes) {
+            match print_segment(ctx.json, seg, &bytes) {
                 Ok(()) => {}
                 // A reader that has seen enough (`| head`) is no error.
                 Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),

@@ -4,14 +4,14 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{Context as _, Result};
 use serde::Serialize;
-use vmlot_cas::{BlockStore, StoreOptions, pull_file};
+use vmlot_cas::{BlockStore, pull_file};
 use vmlot_schemas::market::{GuestState, Image, JobState, JobStatus};
 use vmlot_schemas::{JobId, ManifestId};
 
-use crate::cli::Cli;
-use crate::market::{JobDidNotFinish, job_status};
+use crate::context::Context;
+use crate::output::{JobDidNotFinish, print_json};
 
 /// The description written beside the files, last (its presence means the
 /// files are complete).
@@ -55,16 +55,15 @@ pub struct FetchedFile {
 
 /// Writes the checkpoint of `job` into `dir`. A job still running, or one
 /// that ended other than done, is refused (exit code 8) unless `any_state`.
-pub async fn fetch(cli: &Cli, job: JobId, dir: &Path, any_state: bool) -> Result<()> {
-    let client = cli.connect().await?;
-    let status = job_status(&client, job).await?;
+pub async fn fetch(ctx: &Context, job: JobId, dir: &Path, any_state: bool) -> Result<()> {
+    let status = ctx.api().await?.status(job).await?;
     if !status.state.is_final() || (status.state != JobState::Done && !any_state) {
         return Err(JobDidNotFinish(status.state).into());
     }
-    let store = BlockStore::open(client, StoreOptions::default()).await?;
+    let store = ctx.store().await?;
     let manifest = write_checkpoint(&store, &status, dir).await?;
-    if cli.json {
-        println!("{}", serde_json::to_string_pretty(&manifest)?);
+    if ctx.json {
+        print_json(&manifest)?;
     } else {
         match manifest.after_segment {
             Some(k) => println!("checkpoint after segment {k} of job {job}"),

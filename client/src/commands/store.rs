@@ -3,13 +3,13 @@
 use std::collections::HashSet;
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{Context as _, Result};
 use clap::{Subcommand, ValueEnum};
 use serde_json::json;
-use vmlot_cas::{BlockCache, BlockStore, StoreOptions, pull_file, push_file};
+use vmlot_cas::{BlockCache, StoreOptions, pull_file, push_file};
 use vmlot_schemas::{Chunking, ManifestId, ObjectKind};
 
-use crate::cli::Cli;
+use crate::context::Context;
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum ChunkingArg {
@@ -67,8 +67,8 @@ pub enum StoreCommand {
 const CACHE_CAP: u64 = 4 << 30;
 
 impl StoreCommand {
-    pub async fn run(&self, cli: &Cli) -> Result<()> {
-        let store = BlockStore::open(cli.connect().await?, StoreOptions::default()).await?;
+    pub async fn run(&self, ctx: &Context) -> Result<()> {
+        let store = ctx.store().await?;
         match self {
             StoreCommand::Push {
                 file,
@@ -78,13 +78,10 @@ impl StoreCommand {
                 cache,
             } => {
                 let store = if zstd.is_some() {
-                    BlockStore::open(
-                        cli.connect().await?,
-                        StoreOptions {
-                            compression: *zstd,
-                            ..Default::default()
-                        },
-                    )
+                    ctx.store_with(StoreOptions {
+                        compression: *zstd,
+                        ..Default::default()
+                    })
                     .await?
                 } else {
                     store
@@ -108,7 +105,7 @@ impl StoreCommand {
                 let report = push_file(&store, cache.as_ref(), file, kind, chunking, &HashSet::new())
                     .await
                     .with_context(|| format!("pushing {}", file.display()))?;
-                if cli.json {
+                if ctx.json {
                     println!(
                         "{}",
                         json!({
@@ -144,7 +141,7 @@ impl StoreCommand {
                     .map(|dir| BlockCache::open(dir, CACHE_CAP))
                     .transpose()?;
                 let report = pull_file(&store, cache.as_ref(), manifest, output).await?;
-                if cli.json {
+                if ctx.json {
                     println!(
                         "{}",
                         json!({
@@ -178,7 +175,7 @@ impl StoreCommand {
                 let cache = BlockCache::open(cache, CACHE_CAP)?;
                 let manifest = store.get_manifest(manifest).await?;
                 let have = cache.have(&manifest);
-                if cli.json {
+                if ctx.json {
                     println!(
                         "{}",
                         json!({

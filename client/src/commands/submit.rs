@@ -1,0 +1,81 @@
+//! `vmlot submit`: the image (pushed now, or described by `image push`),
+//! the job's terms, and the broker's answer; `--watch` follows the job.
+
+use std::path::PathBuf;
+
+use anyhow::{Context as _, Result, bail};
+use clap::Args;
+use rust_decimal::Decimal;
+use vmlot_schemas::Money;
+use vmlot_schemas::market::{JobSpec, SegmentCount};
+
+use crate::commands::image::{ImageArgs, push_image};
+use crate::commands::watch;
+use crate::context::Context;
+use crate::output::print_json_line;
+
+/// `vmlot submit`.
+#[derive(Args)]
+pub struct SubmitArgs {
+    /// An image description written by `vmlot image push -o`; or give the files below.
+    #[arg(long)]
+    pub image: Option<PathBuf>,
+    #[command(flatten)]
+    pub files: ImageArgs,
+    /// Segment length T in seconds.
+    #[arg(long)]
+    pub segment_seconds: u32,
+    /// Number of segments; omit with --until-halt.
+    #[arg(long, conflicts_with = "until_halt")]
+    pub segments: Option<u32>,
+    #[arg(long)]
+    pub until_halt: bool,
+    #[arg(long, default_value_t = 1)]
+    pub redundancy: u32,
+    /// Most paid for one segment.
+    #[arg(long)]
+    pub reserve: Decimal,
+    /// Most paid in all.
+    #[arg(long)]
+    pub budget: Decimal,
+    #[arg(long, default_value = "CRD")]
+    pub unit: String,
+    #[arg(long, env = "VMLOT_ACCOUNT", default_value = "default")]
+    pub account: String,
+    /// Follow the job to its end, like `vmlot watch`.
+    #[arg(long)]
+    pub watch: bool,
+}
+
+pub async fn submit(ctx: &Context, args: &SubmitArgs) -> Result<()> {
+    let image = match &args.image {
+        Some(path) => {
+            serde_json::from_slice(&std::fs::read(path)?).context("reading the image description")?
+        }
+        None => push_image(ctx, &args.files).await?,
+    };
+    let segments = match (args.segments, args.until_halt) {
+        (Some(n), false) => SegmentCount::Count(n),
+        (None, true) => SegmentCount::UntilHalt,
+        _ => bail!("give --segments N or --until-halt"),
+    };
+    let spec = JobSpec {
+        image,
+        segment_seconds: args.segment_seconds,
+        segments,
+        redundancy: args.redundancy,
+        reserve_price: Money::new(args.reserve, args.unit.clone()),
+        budget: Money::new(args.budget, args.unit.clone()),
+        account: args.account.clone(),
+    };
+    let submitted = ctx.api().await?.submit(spec).await?;
+    if ctx.json && !args.watch {
+        print_json_line(&submitted)?;
+    } else if !ctx.json {
+        println!("job {}", submitted.job);
+    }
+    if args.watch {
+        watch::watch(ctx, submitted.job).await?;
+    }
+    Ok(())
+}
