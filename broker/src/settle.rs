@@ -6,8 +6,8 @@
 //! A broker that died between paying and recording finds the payment
 //! before offering the segment again and applies it instead.
 //!
-//! The broker builds a [`SegmentPayment`] in one place ([`payment`]) and
-//! reads one back into the job in one place ([`settled_segment`]).
+//! The broker builds a [`SegmentPayment`] in one place (`payment`) and
+//! reads one back into the job in one place (`settled_segment`).
 
 use std::collections::HashSet;
 use std::sync::Arc;
