@@ -85,7 +85,9 @@ pub(crate) async fn await_result(
         let settled = async {
             match check(shared, status, &result, &known).await {
                 Ok(price) => {
-                    settle(shared, status, &open.lot, &result, price).await?;
+                    settle(shared, status, &open.lot, &result, price)
+                        .instrument(tracing::info_span!("settle"))
+                        .await?;
                     let _ = msg.ack().await;
                     Ok::<_, BrokerError>(true)
                 }
