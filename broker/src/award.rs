@@ -81,6 +81,7 @@ pub(crate) async fn award(
 /// hold their providers' slots again.
 pub(crate) fn resume(shared: &Shared, status: &JobStatus) {
     let Some(open) = &status.open_lot else { return };
+    let _resume = tracing::info_span!("resume").entered();
     tracing::info!(deadline = ?open.award_deadline, "waiting for the results of the awarded lot");
     let mut capacity = shared.capacity.lock().expect("capacity lock");
     for (provider, _) in &open.awarded {

@@ -1,7 +1,7 @@
 //! One task per running job: the loop over the market's steps. Each pass
 //! reads the job's record and takes the next step: refund an ended job
 //! ([`crate::refund`]), apply a payment written before a crash
-//! ([`crate::settle::resume_paid`]), end a job whose count or budget is
+//! (`settle::resume_paid`), end a job whose count or budget is
 //! reached, wait for a lot still awarded, or offer a new attempt
 //! ([`crate::offer`]) and award it ([`crate::award`]), then wait for its
 //! results ([`crate::settle`]). The rules are [`crate::lifecycle`]'s; this
@@ -151,11 +151,11 @@ pub(crate) async fn drive(
             Err(Refused::AwardPending { .. }) => {
                 let lot = status.open_lot.as_ref().map(|open| open.lot.clone());
                 let Some(lot) = lot else { continue };
-                let span = attempt_span(&lot);
-                award::resume(shared, &status);
-                wait_for_results(shared, &status, &lot, &tx, rx, &stop)
-                    .instrument(span)
-                    .await?;
+                let resumed = async {
+                    award::resume(shared, &status);
+                    wait_for_results(shared, &status, &lot, &tx, rx, &stop).await
+                };
+                resumed.instrument(attempt_span(&lot)).await?;
                 continue;
             }
             Ok(next) => {

@@ -1,10 +1,10 @@
 //! A job's life as pure transitions over its record ([`JobStatus`]): each
 //! step of the market is a function of the record, the event and the time
 //! that returns the next record or a named refusal, with no NATS in sight.
-//! The job task (`job`, `offer`, `award`, `settle`, `refund`, `hold`) and
-//! the API's cancel apply these to the stored record (through
-//! [`crate::state::JobStore::transition`]), so the rules of a job's life are
-//! here, and unit tested, rather than spread through closures.
+//! The job task (`job`, `offer`, `award`, `settle`, `refund`, `hold`)
+//! applies these to the stored record (through `JobStore::transition` in
+//! `state`), and [`cancel`] is the job API's, so the rules of a job's life
+//! are here, and unit tested, rather than spread through closures.
 //!
 //! The life of a job, segment by segment:
 //!

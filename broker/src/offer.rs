@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use vmlot_schemas::market::{Bid, JobStatus, Lot};
 use vmlot_schemas::{Money, subjects};
 
@@ -49,7 +50,9 @@ pub(crate) async fn offer(
     }
     tracing::debug!(shards = ?lot.shards, invited = lot.invited.len(), "lot offered");
     let remaining = lifecycle::remaining(status);
-    let collected = collect_bids(shared, &lot, &remaining, rx, stop).await;
+    let collected = collect_bids(shared, &lot, &remaining, rx, stop)
+        .instrument(tracing::info_span!("bids"))
+        .await;
     shared.unroute_lot(&lot.lot);
     Ok(match collected {
         Some((bids, over_budget)) => Offered::Bids {

@@ -7,8 +7,8 @@
 //! before offering the segment again and applies it instead.
 //!
 //! The broker builds the ledger's [`Settlement`] record in one place
-//! ([`payment`]) and reads one back into the job in one place
-//! ([`settled_segment`]).
+//! (`payment`) and reads one back into the job in one place
+//! (`settled_segment`).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -87,7 +87,9 @@ pub(crate) async fn await_result(
         let settled = async {
             match check(shared, status, &result, &known).await {
                 Ok(price) => {
-                    settle(shared, status, &open.lot, &result, price).await?;
+                    settle(shared, status, &open.lot, &result, price)
+                        .instrument(tracing::info_span!("settle"))
+                        .await?;
                     let _ = msg.ack().await;
                     Ok::<_, BrokerError>(true)
                 }
