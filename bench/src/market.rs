@@ -164,7 +164,7 @@ pub async fn run(args: Args) -> Result<()> {
             }
         }
         Err(vmlot_client::CallError::Refused(e)) => println!("note: job list refused: {}", e.message),
-        Err(e) => println!("note: job list not read ({e})"),
+        Err(e) => println!("note: job list not read ({:#})", anyhow::Error::from(e)),
     }
     let payments = vmlot_ledger::read::settlements(&js).await?;
     let settled = payments.len();
