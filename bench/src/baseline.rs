@@ -7,6 +7,9 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+use async_nats::jetstream;
+use bytes::Bytes;
+use futures::StreamExt;
 use vmlot_tests::NatsServer;
 
 /// What rsync sent for one file.
@@ -112,4 +115,29 @@ impl Cpu {
         let used = Cpu::now(server).since(self);
         (used.server, used.own)
     }
+}
+
+/// The write half of a raw-JetStream baseline: `pieces` published to
+/// `subject` with their acknowledgements pipelined, at most `in_flight`
+/// outstanding, waited for in order. Returns the bytes published.
+pub async fn publish_pipelined(
+    js: &jetstream::Context,
+    subject: &'static str,
+    pieces: impl Iterator<Item = std::io::Result<Bytes>>,
+    in_flight: usize,
+) -> Result<u64> {
+    let mut acks = futures::stream::FuturesOrdered::new();
+    let mut bytes = 0u64;
+    for piece in pieces {
+        let piece = piece?;
+        bytes += piece.len() as u64;
+        acks.push_back(js.publish(subject, piece).await?.into_future());
+        if acks.len() >= in_flight {
+            acks.next().await.context("ack")??;
+        }
+    }
+    while let Some(ack) = acks.next().await {
+        ack?;
+    }
+    Ok(bytes)
 }

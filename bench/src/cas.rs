@@ -8,8 +8,9 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use async_nats::jetstream::{self, stream};
+use bytes::Bytes;
 use futures::StreamExt;
 use sha1::{Digest, Sha1};
 use vmlot_cas::chunk::manifest_of;
@@ -17,7 +18,7 @@ use vmlot_cas::{BlockStore, StoreOptions, pull_file, push_file};
 use vmlot_schemas::{BlockId, Chunking, Manifest, ObjectKind};
 use vmlot_tests::NatsServer;
 
-use crate::baseline::{Cpu, best_of, rsync_delta, version};
+use crate::baseline::{Cpu, best_of, publish_pipelined, rsync_delta, version};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -206,20 +207,10 @@ async fn raw_jetstream(client: &async_nats::Client, bytes: &[u8]) -> Result<(f64
         })
         .await?;
     let started = Instant::now();
-    let mut acks = futures::stream::FuturesOrdered::new();
-    for piece in bytes.chunks(1 << 20) {
-        acks.push_back(
-            js.publish("raw.baseline", bytes::Bytes::copy_from_slice(piece))
-                .await?
-                .into_future(),
-        );
-        if acks.len() >= 64 {
-            acks.next().await.context("ack")??;
-        }
-    }
-    while let Some(ack) = acks.next().await {
-        ack?;
-    }
+    let pieces = bytes
+        .chunks(1 << 20)
+        .map(|piece| Ok(Bytes::copy_from_slice(piece)));
+    publish_pipelined(&js, "raw.baseline", pieces, 64).await?;
     let publish_s = started.elapsed().as_secs_f64();
 
     let started = Instant::now();

@@ -4,18 +4,17 @@
 //! read), against the acknowledged-publish rate of the same JetStream
 //! server measured in the same run.
 
-use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use async_nats::jetstream::{self, stream};
 use futures::StreamExt;
 use rust_decimal::Decimal;
-use vmlot_schemas::market::{Image, JobSpec, SegmentCount};
-use vmlot_schemas::{Chunking, HypervisorKind, Money, ObjectKind, VmConfig};
+use vmlot_schemas::Money;
+use vmlot_schemas::market::{JobSpec, SegmentCount};
+use vmlot_tests::NatsServer;
 use vmlot_tests::in_process::InProcessOptions;
 use vmlot_tests::market::{Market, ProviderSpec};
-use vmlot_tests::{NatsServer, Process};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -67,37 +66,14 @@ pub async fn run(args: Args) -> Result<()> {
     market
         .ready_within(args.providers, Duration::from_secs(60))
         .await?;
-    let dir = market.path().to_path_buf();
-
-    let store = vmlot_cas::BlockStore::open(client.clone(), Default::default()).await?;
-    let kernel = dir.join("kernel");
-    std::fs::write(&kernel, b"synthetic: no kernel")?;
-    let pushed = vmlot_cas::push_file(
-        &store,
-        None,
-        &kernel,
-        ObjectKind::Kernel,
-        Chunking::FIXED_4K,
-        &HashSet::new(),
-    )
-    .await?;
-    let image = Image {
-        vm: VmConfig {
-            hypervisor: HypervisorKind::Synthetic,
-            arch: "x86_64".into(),
-            memory_mib: 16,
-            vcpus: 1,
-            // 64 KiB of state: the market's own cost is what is measured
-            // here, not hashing big states (bench-cas measures that).
-            cmdline: "synthetic.seed=bench synthetic.state_kib=64".into(),
-        },
-        kernel: pushed.manifest_id,
-        initrd: None,
-        disks: vec![],
-    };
+    // 64 KiB of state: the market's own cost is what is measured here,
+    // not hashing big states (bench-cas measures that).
+    let image = market
+        .push_synthetic_image("synthetic.seed=bench synthetic.state_kib=64")
+        .await?;
     // One submitter funds every job: its account is the busiest on the books.
     vmlot_tests::market::fund(&api, "bench", &(args.jobs as u64 * 100).to_string()).await?;
-    let cpu_before = cpu_now(&market.server, &market.broker);
+    let cpu_before = Cpu::now(&market);
     let started = Instant::now();
     // Submitted 64 at a time, as many clients would.
     let spec = JobSpec {
@@ -122,7 +98,7 @@ pub async fn run(args: Args) -> Result<()> {
         .await;
     submissions.into_iter().collect::<Result<Vec<_>>>()?;
     let submitted_s = started.elapsed().as_secs_f64();
-    let peak_rss = broker_rss_kib(&market.broker);
+    let peak_rss = market.broker.peak_rss_kib().unwrap_or(0);
     let limit = Duration::from_secs(600);
     let mut last_report = Instant::now();
     let expected = (args.jobs * args.segments as usize) as u64;
@@ -152,8 +128,8 @@ pub async fn run(args: Args) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let wall = started.elapsed().as_secs_f64();
-    let cpu = cpu_now(&market.server, &market.broker).since(&cpu_before);
-    let broker_rss = broker_rss_kib(&market.broker).max(peak_rss);
+    let cpu = Cpu::now(&market).since(&cpu_before);
+    let broker_rss = market.broker.peak_rss_kib().unwrap_or(0).max(peak_rss);
     // Listing reads every job record one by one: at 10 000 jobs it can
     // outlast the request timeout, and it is only a note.
     match api.list().await {
@@ -164,7 +140,7 @@ pub async fn run(args: Args) -> Result<()> {
             }
         }
         Err(vmlot_client::CallError::Refused(e)) => println!("note: job list refused: {}", e.message),
-        Err(e) => println!("note: job list not read ({e})"),
+        Err(e) => println!("note: job list not read ({:#})", anyhow::Error::from(e)),
     }
     let payments = vmlot_ledger::read::settlements(&js).await?;
     let settled = payments.len();
@@ -213,7 +189,7 @@ pub async fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-#[derive(Default)]
+/// CPU seconds used so far by the server, the broker and this process.
 struct Cpu {
     server: f64,
     broker: f64,
@@ -221,6 +197,14 @@ struct Cpu {
 }
 
 impl Cpu {
+    fn now(market: &Market) -> Cpu {
+        Cpu {
+            server: market.server.cpu_seconds().unwrap_or(0.0),
+            broker: market.broker.cpu_seconds().unwrap_or(0.0),
+            this: vmlot_tests::own_cpu_seconds().unwrap_or(0.0),
+        }
+    }
+
     fn since(&self, before: &Cpu) -> Cpu {
         Cpu {
             server: self.server - before.server,
@@ -228,29 +212,6 @@ impl Cpu {
             this: self.this - before.this,
         }
     }
-}
-
-fn cpu_now(server: &NatsServer, broker: &Process) -> Cpu {
-    Cpu {
-        server: server.cpu_seconds().unwrap_or(0.0),
-        broker: broker
-            .pid()
-            .and_then(|pid| vmlot_tests::proc_cpu_seconds(&format!("/proc/{pid}/stat")))
-            .unwrap_or(0.0),
-        this: vmlot_tests::own_cpu_seconds().unwrap_or(0.0),
-    }
-}
-
-fn broker_rss_kib(broker: &Process) -> u64 {
-    broker
-        .pid()
-        .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
 }
 
 /// Acknowledged publishes of 256-byte messages: pipelined (256 in flight)

@@ -40,7 +40,7 @@ use vmlot_provider::driver::{BootFiles, Driver, SegmentEnd, SegmentPlan, Segment
 use vmlot_schemas::{BlockId, Chunking, HypervisorKind, Manifest, ManifestId, ObjectKind, VmConfig};
 use vmlot_tests::NatsServer;
 
-use crate::baseline::{Cpu, version};
+use crate::baseline::{Cpu, publish_pipelined, version};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -523,23 +523,15 @@ async fn naive_copy(js: &jetstream::Context, path: &Path, dest: &Path) -> Result
         .await?;
     let started = Instant::now();
     let mut file = std::fs::File::open(path)?;
-    let mut acks = futures::stream::FuturesOrdered::new();
-    let mut bytes = 0u64;
-    loop {
+    let pieces = std::iter::from_fn(|| {
         let mut piece = Vec::with_capacity(NAIVE_MESSAGE);
-        (&mut file).take(NAIVE_MESSAGE as u64).read_to_end(&mut piece)?;
-        if piece.is_empty() {
-            break;
+        match (&mut file).take(NAIVE_MESSAGE as u64).read_to_end(&mut piece) {
+            Ok(0) => None,
+            Ok(_) => Some(Ok(piece.into())),
+            Err(e) => Some(Err(e)),
         }
-        bytes += piece.len() as u64;
-        acks.push_back(js.publish(NAIVE_SUBJECT, piece.into()).await?.into_future());
-        if acks.len() >= NAIVE_IN_FLIGHT {
-            acks.next().await.context("ack")??;
-        }
-    }
-    while let Some(ack) = acks.next().await {
-        ack?;
-    }
+    });
+    let bytes = publish_pipelined(js, NAIVE_SUBJECT, pieces, NAIVE_IN_FLIGHT).await?;
     let publish = started.elapsed().as_secs_f64();
 
     let started = Instant::now();

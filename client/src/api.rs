@@ -18,7 +18,8 @@ use vmlot_schemas::{JobId, WIRE_VERSION};
 /// The endpoints, so a caller needs one import.
 pub use vmlot_schemas::api::{ApiError, Cancel, Credit, Endpoint, List, Market, Providers, Status, Submit};
 
-/// Why a call to the job API did not return its value.
+/// Why a call to the job API did not return its value. The cause, where
+/// there is one, is the error's source (`{:#}` prints the chain).
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
     /// The broker answered and refused; `code` is stable (`not-found`,
@@ -27,21 +28,21 @@ pub enum CallError {
     Refused(ApiError),
     /// No broker answered: none is running, it did not answer in time, or
     /// the NATS connection failed under the request.
-    #[error("request {endpoint}: is a broker running?: {source}")]
+    #[error("request {endpoint}: is a broker running?")]
     NoBroker {
         endpoint: &'static str,
         #[source]
         source: async_nats::RequestError,
     },
     /// The request could not be encoded.
-    #[error("request {endpoint}: cannot encode it: {source}")]
+    #[error("request {endpoint}: cannot encode it")]
     Encode {
         endpoint: &'static str,
         #[source]
         source: serde_json::Error,
     },
     /// Something answered, but not with a reply of this endpoint.
-    #[error("request {endpoint}: undecodable broker reply: {source}")]
+    #[error("request {endpoint}: undecodable broker reply")]
     BadReply {
         endpoint: &'static str,
         #[source]

@@ -4,6 +4,7 @@
 //! process, and the job API called through the client library, as the CLI
 //! calls it.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
@@ -14,8 +15,8 @@ use tokio::sync::OnceCell;
 use vmlot_client::Api;
 use vmlot_client::api::{Answer, Submit};
 use vmlot_schemas::ledger::{Account, CreditRequest};
-use vmlot_schemas::market::{JobSpec, JobStatus, SubmitJob, Submitted};
-use vmlot_schemas::{JobId, Money, WIRE_VERSION};
+use vmlot_schemas::market::{Image, JobSpec, JobStatus, SubmitJob, Submitted};
+use vmlot_schemas::{Chunking, HypervisorKind, JobId, Money, ObjectKind, VmConfig, WIRE_VERSION};
 
 use crate::in_process::{InProcessOptions, InProcessProviders};
 use crate::{NatsServer, Process};
@@ -155,6 +156,34 @@ impl Market {
 
     pub fn path(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// An image for the synthetic driver: [`fake_kernel`] pushed to the
+    /// store, `cmdline` its parameters (`synthetic.seed=…`, `synthetic.state_kib=…`).
+    pub async fn push_synthetic_image(&self, cmdline: &str) -> Result<Image> {
+        let store = vmlot_cas::BlockStore::open(self.server.client().await?, Default::default()).await?;
+        let kernel = fake_kernel(self.path())?;
+        let pushed = vmlot_cas::push_file(
+            &store,
+            None,
+            &kernel,
+            ObjectKind::Kernel,
+            Chunking::FIXED_4K,
+            &HashSet::new(),
+        )
+        .await?;
+        Ok(Image {
+            vm: VmConfig {
+                hypervisor: HypervisorKind::Synthetic,
+                arch: "x86_64".into(),
+                memory_mib: 16,
+                vcpus: 1,
+                cmdline: cmdline.into(),
+            },
+            kernel: pushed.manifest_id,
+            initrd: None,
+            disks: vec![],
+        })
     }
 
     /// The job API, on one connection that rides out server restarts.

@@ -11,8 +11,8 @@ use vmlot_client::api::{Credit, Status};
 use vmlot_schemas::market::{
     Image, JobRef, JobSpec, JobState, JobStatus, SegmentCount, SegmentResult, Submitted,
 };
-use vmlot_schemas::{HypervisorKind, JobId, Money, ProviderId, VmConfig, WIRE_VERSION, subjects};
-use vmlot_tests::market::{Market, ProviderSpec, fake_kernel, fast_broker_args, payments, wait_for};
+use vmlot_schemas::{HypervisorKind, JobId, Money, ProviderId, WIRE_VERSION, subjects};
+use vmlot_tests::market::{Market, ProviderSpec, fast_broker_args, payments, wait_for};
 
 fn money(s: &str) -> Money {
     Money::new(Decimal::from_str(s).unwrap(), "CRD")
@@ -20,33 +20,10 @@ fn money(s: &str) -> Money {
 
 async fn synthetic_image(market: &Market) -> Image {
     market.ready(market.providers.len()).await.unwrap();
-    let client = market.server.client().await.unwrap();
-    let store = vmlot_cas::BlockStore::open(client, Default::default())
+    market
+        .push_synthetic_image("synthetic.seed=market-test")
         .await
-        .unwrap();
-    let kernel = fake_kernel(market.path()).unwrap();
-    let pushed = vmlot_cas::push_file(
-        &store,
-        None,
-        &kernel,
-        vmlot_schemas::ObjectKind::Kernel,
-        vmlot_schemas::Chunking::FIXED_4K,
-        &HashSet::new(),
-    )
-    .await
-    .unwrap();
-    Image {
-        vm: VmConfig {
-            hypervisor: HypervisorKind::Synthetic,
-            arch: "x86_64".into(),
-            memory_mib: 16,
-            vcpus: 1,
-            cmdline: "synthetic.seed=market-test".into(),
-        },
-        kernel: pushed.manifest_id,
-        initrd: None,
-        disks: vec![],
-    }
+        .unwrap()
 }
 
 fn spec(image: Image, seconds: u32, segments: u32, r: u32, reserve: &str, budget: &str) -> JobSpec {
