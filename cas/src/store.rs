@@ -19,7 +19,7 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::{self, message::OutboundMessage, stream};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
-use jetstream_extra::batch_fetch::BatchFetchExt;
+use jetstream_extra::batch_fetch::{BatchFetchError, BatchFetchErrorKind, BatchFetchExt};
 use jetstream_extra::batch_publish::BatchPublishExt;
 use vmlot_schemas::manifest::{MAX_BLOCK_BYTES, MAX_MANIFEST_BYTES};
 use vmlot_schemas::{BlockId, Manifest, ManifestError, ManifestId, subjects};
@@ -425,11 +425,13 @@ impl BlockStore {
 }
 
 /// True when a batched direct get failed because none of its subjects
-/// holds a message: the server answers 404, which the client surfaces only
-/// as error text.
-fn none_stored(err: &impl std::fmt::Display) -> bool {
-    let text = err.to_string();
-    text.contains("404") || text.to_lowercase().contains("not found")
+/// holds a message: the server answers status 404, which jetstream-extra
+/// reports as [`BatchFetchErrorKind::NoMessages`]. (With async-nats 0.48 the
+/// status arrives on the message rather than as a header, and
+/// jetstream-extra then ends the stream without an error: the same answer,
+/// nothing stored.)
+fn none_stored(err: &BatchFetchError) -> bool {
+    err.kind() == BatchFetchErrorKind::NoMessages
 }
 
 /// Bytes per manifest message: well under any sensible `max_payload`.
