@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export PATH := $(CURDIR)/.tools/bin:$(PATH)
 
-.PHONY: all deps build guest xen-host test test-xen lint unit bench-xen demo bench-cas bench-market bench-segment bench-ledger schemas clean
+.PHONY: all deps build bench-build guest xen-host test test-xen lint unit check-release bench-xen demo bench-cas bench-market bench-segment bench-ledger schemas clean
 
 all: build
 
@@ -11,8 +11,17 @@ all: build
 deps:
 	@bash scripts/deps.sh
 
+## The release binaries only: built apart from the tests and benchmarks so
+## their test machinery (fault injection, the synthetic driver) stays out.
+RELEASE_PACKAGES := -p vmlot-broker -p vmlot-provider -p vmlot-client
 build: deps
-	$(CARGO) build --release --workspace
+	$(CARGO) build --release $(RELEASE_PACKAGES)
+
+## The benchmarks, with the test-capable broker and provider they drive
+## (synthetic jobs), in a profile of their own: target/bench-build/.
+BENCH := ./target/bench-build/vmlot-bench
+bench-build: deps
+	$(CARGO) build --profile bench-build --workspace --bins
 
 ## The test guest: a Debian kernel and a busybox initramfs.
 guest: deps
@@ -24,11 +33,15 @@ xen-host: deps guest
 
 ## Every test: formatting, lints, unit and integration tests against real
 ## nats-server and real QEMU guests (hence the guest).
-test: deps guest lint unit
+test: deps guest lint unit check-release
 
 lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets --features vmlot-tests/xen -- -D warnings
+
+# The release broker and provider carry no fault injection and no synthetic driver.
+check-release:
+	@bash scripts/check-release.sh
 
 # The integration tests run the workspace's binaries as real processes.
 unit:
@@ -46,27 +59,27 @@ demo: build guest
 	@bash scripts/demo.sh
 
 ## Checkpoint-transfer benchmark on real QEMU saves (writes .tools/bench/ckpt).
-bench-cas: build guest
+bench-cas: build bench-build guest
 	mkdir -p .tools/bench && python3 scripts/qemu-checkpoints.py .tools/bench/ckpt > .tools/bench/ckpt.json
-	./target/release/vmlot-bench cas --dir .tools/bench/ckpt
+	$(BENCH) cas --dir .tools/bench/ckpt
 
 ## Market throughput on the synthetic driver, against JetStream's ack rate.
-bench-market: build
-	./target/release/vmlot-bench market --providers 200 --jobs 100 --segments 3 --bid-window-ms 200
+bench-market: build bench-build
+	$(BENCH) market --providers 200 --jobs 100 --segments 3 --bid-window-ms 200
 
 ## Per-segment overhead of a real 128 MiB QEMU guest (save, upload, download, restore) at T = 60 s,
 ## against a whole-file copy through the same nats-server.
-bench-segment: build guest
-	./target/release/vmlot-bench segment --segment-seconds 60 --segments 3
+bench-segment: build bench-build guest
+	$(BENCH) segment --segment-seconds 60 --segments 3
 
 ## Transfer of real `xl save` files: one nested Xen host runs a memory-writing guest
 ## for 11 segments; two pairs of consecutive saves against rsync, FastCDC and fixed blocks.
-bench-xen: build guest xen-host
+bench-xen: build bench-build guest xen-host
 	bash scripts/bench-xen.sh 5 11
 
 ## Ledger verify and filtered queries over 1 M ledger records, against a raw read of the same messages.
-bench-ledger: build
-	./target/release/vmlot-bench ledger --records 1000000
+bench-ledger: build bench-build
+	$(BENCH) ledger --records 1000000
 
 ## Regenerate schemas/json/ after changing a wire type.
 schemas:

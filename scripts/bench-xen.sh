@@ -21,8 +21,9 @@ segments=${2:-11}
 out=$root/.tools/bench/xen
 bin=$root/target/release
 vmlot=$bin/vmlot
+bench=$root/target/bench-build/vmlot-bench
 guest=$root/.tools/guest
-for f in "$vmlot" "$bin/vmlot-broker" "$bin/vmlot-bench" "$guest/vmlinuz" "$guest/initrd.cpio.gz" .tools/xen/dom0.cpio.gz; do
+for f in "$vmlot" "$bin/vmlot-broker" "$bench" "$guest/vmlinuz" "$guest/initrd.cpio.gz" .tools/xen/dom0.cpio.gz; do
   [ -e "$f" ] || { echo "bench-xen: $f is missing: run 'make bench-xen'" >&2; exit 1; }
 done
 
@@ -97,6 +98,6 @@ PY
 # then 10), shifting everything after the header by one byte; the pair
 # before has names of one length.
 echo "== pair A: segments $((segments - 3)) -> $((segments - 2)) (domain names of equal length)"
-"$bin/vmlot-bench" xen-save --old "$out/save-1" --new "$out/save-2"
+"$bench" xen-save --old "$out/save-1" --new "$out/save-2"
 echo "== pair B: segments $((segments - 2)) -> $((segments - 1)) (the name one character longer)"
-"$bin/vmlot-bench" xen-save --old "$out/save-2" --new "$out/save-3"
+"$bench" xen-save --old "$out/save-2" --new "$out/save-3"
