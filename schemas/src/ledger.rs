@@ -1,10 +1,10 @@
 //! The books: double-entry transactions between accounts, and the
 //! per-account postings that index them.
 //!
-//! This module sits beside [`crate::market`], not above it: the books keep
-//! their own record of a settled segment ([`Settlement`]), built from the
-//! ids, money and VM types below both, so a ledger reader needs no market
-//! message to read them.
+//! This module sits beside the market module, not above it: the books
+//! keep their own record of a settled segment ([`Settlement`]), built from
+//! the ids, money and VM types below both, so a ledger reader needs no
+//! market message to read them.
 //!
 //! Sign convention: an entry either debits or credits an account, and an
 //! account's balance is its credits minus its debits. Money moves *from*

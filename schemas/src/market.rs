@@ -1,6 +1,6 @@
 //! Market messages: jobs, lots, bids, awards, results.
 //!
-//! Who sends what (the subjects are in `crate::subjects`, a layer above):
+//! Who sends what (the subject map, `subjects`, is a layer above):
 //! client → broker: [`SubmitJob`]; broker → all providers: [`Lot`];
 //! provider → broker: [`Bid`], [`SegmentResult`], [`Heartbeat`];
 //! broker → one provider: [`Award`], [`CancelAttempt`].

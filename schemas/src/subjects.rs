@@ -59,6 +59,16 @@ pub const LEDGER_SUBJECTS: &str = "vmlot.ledger.>";
 pub const LEDGER_TX_ALL: &str = "vmlot.ledger.tx.>";
 /// Every posting.
 pub const LEDGER_POST_ALL: &str = "vmlot.ledger.post.>";
+
+/// True when `subject` is a transaction's (under [`LEDGER_TX_ALL`]).
+pub fn is_ledger_tx(subject: &str) -> bool {
+    subject.starts_with("vmlot.ledger.tx.")
+}
+
+/// True when `subject` is a posting's (under [`LEDGER_POST_ALL`]).
+pub fn is_ledger_posting(subject: &str) -> bool {
+    subject.starts_with("vmlot.ledger.post.")
+}
 /// Key-value bucket of job records, keyed by job id.
 pub const JOB_BUCKET: &str = "vmlot-jobs";
 /// The stream under [`JOB_BUCKET`] (JetStream names a bucket's stream `KV_<bucket>`).
@@ -186,6 +196,14 @@ fn subject_token(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ledger_subjects_are_told_apart() {
+        let job = crate::ids::JobId::new();
+        assert!(is_ledger_tx(&settlement_tx(&job, 0)) && !is_ledger_posting(&settlement_tx(&job, 0)));
+        let escrow = crate::ledger::Account::Escrow(job);
+        assert!(is_ledger_posting(&posting(&escrow, "CRD")) && !is_ledger_tx(&posting(&escrow, "CRD")));
+    }
 
     #[test]
     fn the_job_bucket_stream_is_the_buckets() {

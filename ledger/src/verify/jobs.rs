@@ -177,3 +177,105 @@ impl JobBooks {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use chrono::Utc;
+    use rust_decimal::Decimal;
+    use vmlot_schemas::ledger::Settlement;
+    use vmlot_schemas::market::{
+        Checkpoint, GuestState, Image, JobSpec, JobState, JobStatus, SegmentCount, SettledSegment,
+    };
+    use vmlot_schemas::{HypervisorKind, ManifestId, Money, ProviderId, VmConfig, WIRE_VERSION};
+
+    use super::*;
+    use crate::verify::shape::{self, tests::settled};
+
+    fn job_with(settlement: &Settlement, settled_by: ProviderId) -> JobStatus {
+        let money = |n| Money::new(Decimal::from(n), "CRD");
+        JobStatus {
+            version: WIRE_VERSION,
+            job: settlement.job,
+            spec: JobSpec {
+                image: Image {
+                    vm: VmConfig {
+                        hypervisor: HypervisorKind::Qemu,
+                        arch: "x86_64".into(),
+                        memory_mib: 64,
+                        vcpus: 1,
+                        cmdline: String::new(),
+                    },
+                    kernel: ManifestId::of(b"k"),
+                    initrd: None,
+                    disks: vec![],
+                },
+                segment_seconds: 10,
+                segments: SegmentCount::UntilHalt,
+                redundancy: 2,
+                reserve_price: money(1),
+                budget: money(5),
+                account: "alice".into(),
+            },
+            state: JobState::Running,
+            checkpoint: Checkpoint {
+                machine_state: None,
+                disks: vec![],
+                stored_bytes: 0,
+            },
+            settled: vec![SettledSegment {
+                segment: settlement.segment,
+                attempt: settlement.attempt,
+                lot: settlement.lot,
+                provider: settled_by,
+                awarded: vec![settled_by, settlement.provider],
+                price: settlement.amount.clone(),
+                guest: GuestState::Halted,
+                console: None,
+                timings: settlement.timings,
+                fetched_bytes: 0,
+                sent_bytes: 0,
+                settled_at: Utc::now(),
+            }],
+            open_lot: None,
+            attempts: 0,
+            waiting_for_providers: false,
+            spent: money(1),
+            created_at: Utc::now(),
+            updated_at: Utc::now(),
+            end_reason: None,
+            refunded: false,
+        }
+    }
+
+    /// The problems of one job whose segment 0 `paid` pays, as the job
+    /// record says `settled_by` settled it.
+    fn problems(paid: ProviderId, settled_by: ProviderId) -> Vec<String> {
+        let settlement = settled(vmlot_schemas::JobId::new(), paid);
+        let status = job_with(&settlement, settled_by);
+        let (_, tx) = crate::build::settlement(settlement, Decimal::ZERO);
+        let (_, effect) = shape::check("the payment", &tx);
+        let mut books = JobBooks::default();
+        let mut report = Report::default();
+        books.apply(&mut report, &"the payment", effect);
+        books.check(&mut report, &status);
+        report
+            .problems
+            .into_iter()
+            .filter(|p| p.record == "the payment")
+            .map(|p| p.what)
+            .collect()
+    }
+
+    #[test]
+    fn a_segment_is_paid_to_the_provider_whose_result_settled_it() {
+        let (winner, loser) = (ProviderId::new(), ProviderId::new());
+        assert!(problems(winner, winner).is_empty());
+        assert_eq!(
+            problems(loser, winner),
+            [format!(
+                "paid {loser}, but the result of {winner} settled the segment"
+            )],
+            "a losing replica paid"
+        );
+    }
+}

@@ -31,14 +31,14 @@ impl Replay {
     /// One ledger stream message, as read.
     pub fn message(&mut self, seq: u64, subject: &str, payload: &[u8]) {
         let record = &Rec(subject, seq);
-        if subject.starts_with("vmlot.ledger.tx.") {
+        if subjects::is_ledger_tx(subject) {
             match serde_json::from_slice::<Transaction>(payload) {
                 Ok(tx) => self.transaction(record, subject, tx),
                 Err(e) => self
                     .report
                     .problem(record, format!("undecodable transaction: {e}")),
             }
-        } else if subject.starts_with("vmlot.ledger.post.") {
+        } else if subjects::is_ledger_posting(subject) {
             match serde_json::from_slice::<Posting>(payload) {
                 Ok(p) => self.posting(record, subject, p),
                 Err(e) => self.report.problem(record, format!("undecodable posting: {e}")),

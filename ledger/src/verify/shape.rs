@@ -141,3 +141,58 @@ pub(super) fn check(record: &str, tx: &Transaction) -> (Vec<String>, Effect) {
         }
     }
 }
+
+#[cfg(test)]
+pub(super) mod tests {
+    use chrono::Utc;
+    use vmlot_schemas::ledger::Settlement;
+    use vmlot_schemas::market::{GuestState, SegmentTimings};
+    use vmlot_schemas::{JobId, LotId, Money, ProviderId};
+
+    use super::*;
+
+    /// The books' record of segment 0 of `job`, paid 1 CRD to `provider`.
+    pub fn settled(job: JobId, provider: ProviderId) -> Settlement {
+        Settlement {
+            job,
+            segment: 0,
+            lot: LotId::new(),
+            attempt: 1,
+            provider,
+            payer: "alice".into(),
+            amount: Money::new(Decimal::ONE, "CRD"),
+            at: Utc::now(),
+            guest: GuestState::Halted,
+            console: None,
+            timings: SegmentTimings::default(),
+            fetched_bytes: 0,
+            sent_bytes: 0,
+            finished_at: Utc::now(),
+        }
+    }
+
+    #[test]
+    fn a_settlement_pays_the_provider_its_record_names() {
+        let (job, provider) = (JobId::new(), ProviderId::new());
+        let (_, tx) = crate::build::settlement(settled(job, provider), Decimal::ZERO);
+        let (problems, effect) = check("rec", &tx);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert!(matches!(effect, Effect::Paid { segment: 0, ref paid, .. } if paid.provider == provider));
+
+        let mut forged = tx.clone();
+        forged.settlement.as_mut().unwrap().provider = ProviderId::new();
+        let (problems, _) = check("rec", &forged);
+        assert_eq!(problems, ["pays a provider other than the one its details name"]);
+
+        let mut forged = tx.clone();
+        forged.settlement.as_mut().unwrap().segment = 1;
+        let (problems, _) = check("rec", &forged);
+        assert_eq!(problems, ["details name another job or segment"]);
+
+        let mut bare = tx;
+        bare.settlement = None;
+        let (problems, effect) = check("rec", &bare);
+        assert_eq!(problems, ["a settlement without its details"]);
+        assert!(matches!(effect, Effect::Nothing));
+    }
+}
