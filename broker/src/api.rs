@@ -27,7 +27,7 @@ use vmlot_ledger::LedgerError;
 use vmlot_schemas::ledger::{Account, CreditRequest, Transaction};
 
 use crate::state::UpdateError;
-use crate::{BrokerError, Shared, verify};
+use crate::{BrokerError, Shared, lifecycle, verify};
 
 /// The most replicas a job may ask for.
 pub const MAX_REDUNDANCY: u32 = 16;
@@ -379,21 +379,10 @@ async fn status(shared: &Arc<Shared>, req: JobRef) -> Result<JobStatus, ApiError
 
 async fn cancel(shared: &Arc<Shared>, req: JobRef) -> Result<JobStatus, ApiError> {
     check_version(req.version)?;
-    let updated = shared
-        .jobs
-        .update(&req.job, move |s| {
-            if s.state.is_final() {
-                return Err(error("conflict", format!("job already ended ({:?})", s.state)));
-            }
-            s.state = JobState::Cancelled;
-            s.end_reason = Some("cancelled by the submitter".into());
-            Ok(())
-        })
-        .await;
-    let status = match updated {
+    let status = match shared.jobs.transition(&req.job, lifecycle::cancel).await {
         Ok(status) => status,
         Err(UpdateError::NotFound) => return Err(error("not-found", format!("no job {}", req.job))),
-        Err(UpdateError::Refused(e)) => return Err(e),
+        Err(UpdateError::Refused(e)) => return Err(error("conflict", e.to_string())),
         Err(UpdateError::Broker(e)) => return Err(internal(e)),
     };
     if let Some(token) = shared.running.lock().expect("running lock").get(&req.job) {
