@@ -10,8 +10,9 @@ use anyhow::{Context, Result, bail};
 use async_nats::jetstream::{self, stream};
 use futures::StreamExt;
 use rust_decimal::Decimal;
-use vmlot_schemas::Money;
+use vmlot_schemas::ledger::TxKind;
 use vmlot_schemas::market::{JobSpec, SegmentCount};
+use vmlot_schemas::{Money, subjects};
 use vmlot_tests::NatsServer;
 use vmlot_tests::in_process::InProcessOptions;
 use vmlot_tests::market::{Market, ProviderSpec};
@@ -103,15 +104,21 @@ pub async fn run(args: Args) -> Result<()> {
     let mut last_report = Instant::now();
     let expected = (args.jobs * args.segments as usize) as u64;
     let js = jetstream::new(client.clone());
-    // Progress from the ledger's message count: cheap, unlike listing every job.
+    // Progress from the number of settlement transactions on the books, as
+    // a consumer that is never pulled from counts them (`num_pending`):
+    // cheap, unlike listing every job. (The ledger stream's whole message
+    // count also holds the credit, the holds and every posting.)
+    let mut settlements = js
+        .get_stream(subjects::LEDGER_STREAM)
+        .await?
+        .create_consumer(jetstream::consumer::pull::Config {
+            filter_subject: subjects::ledger_tx_kind(TxKind::Settlement),
+            inactive_threshold: limit * 2,
+            ..Default::default()
+        })
+        .await?;
     loop {
-        let paid = js
-            .get_stream(vmlot_schemas::subjects::LEDGER_STREAM)
-            .await?
-            .info()
-            .await?
-            .state
-            .messages;
+        let paid = settlements.info().await?.num_pending;
         if paid >= expected {
             break;
         }
