@@ -3,6 +3,7 @@
 //! receiver lacks ("cold" blocks) cross the network.
 //!
 //! - [`chunk`] cuts a byte stream into blocks and builds its manifest.
+//! - [`piece`] is what a cutter yields, and the fixed-size cutter.
 //! - [`xensave`] cuts an `xl save` file along its records, a block per guest page,
 //!   and reads its header (the one parser of it: the Xen driver uses it too).
 //! - [`store`] keeps blocks and manifests in JetStream.
@@ -14,6 +15,7 @@
 pub mod cache;
 pub mod chunk;
 pub mod error;
+pub mod piece;
 pub mod store;
 pub mod transfer;
 pub mod xensave;

@@ -50,7 +50,7 @@ use std::io::{self, BufReader, Cursor, Read};
 use vmlot_schemas::manifest::MAX_BLOCK_BYTES;
 use vmlot_schemas::{BlockId, Chunking};
 
-use crate::chunk::{Piece, chunk_fixed, is_zero, read_full};
+use crate::piece::{Piece, chunk_fixed, is_zero, read_full};
 
 mod header;
 

@@ -20,7 +20,7 @@ use vmlot_provider::driver::synthetic::{SyntheticConfig, SyntheticDriver};
 use vmlot_schemas::{HypervisorKind, ProviderId};
 
 use crate::NatsServer;
-use crate::market::ProviderSpec;
+use crate::spec::ProviderSpec;
 
 /// What in-process providers share beyond their [`ProviderSpec`].
 #[derive(Clone, Debug)]

@@ -13,6 +13,7 @@ use anyhow::{Context, Result, bail};
 
 pub mod in_process;
 pub mod market;
+pub mod spec;
 pub mod vm;
 pub mod xen;
 

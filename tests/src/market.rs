@@ -19,6 +19,7 @@ use vmlot_schemas::market::{Image, JobSpec, JobStatus, SubmitJob, Submitted};
 use vmlot_schemas::{Chunking, HypervisorKind, JobId, Money, ObjectKind, VmConfig, WIRE_VERSION};
 
 use crate::in_process::{InProcessOptions, InProcessProviders};
+pub use crate::spec::ProviderSpec;
 use crate::{NatsServer, Process};
 
 /// The operator secret every test broker is started with.
@@ -30,29 +31,6 @@ pub fn fast_broker_args() -> Vec<String> {
         .iter()
         .map(|s| s.to_string())
         .collect()
-}
-
-/// A provider of the synthetic driver (market tests; never a VM).
-pub struct ProviderSpec {
-    pub name: String,
-    pub id: uuid::Uuid,
-    pub price_per_second: String,
-    pub min_price: String,
-    pub hot_discount: String,
-    pub slots: u32,
-}
-
-impl ProviderSpec {
-    pub fn synthetic(name: &str, min_price: &str) -> Self {
-        Self {
-            name: name.into(),
-            id: uuid::Uuid::new_v4(),
-            price_per_second: "0".into(),
-            min_price: min_price.into(),
-            hot_discount: "0".into(),
-            slots: 1,
-        }
-    }
 }
 
 /// How long [`Market::status`] waits for a broker to answer (tests restart it).

@@ -6,7 +6,7 @@
 
 use std::io::{self, Read};
 
-use crate::chunk::read_full;
+use crate::piece::read_full;
 
 /// `savefileheader_magic` from `tools/xl/xl.h`: 32 bytes, the NUL included.
 pub const XL_MAGIC: [u8; 32] = *b"Xen saved domain, xl format\n \0 \r";
