@@ -94,7 +94,11 @@ impl XenMarket {
         // Lots reach a nested dom0 and its bid comes back through two
         // layers of emulation: a second for bids, not 300 ms.
         let mut m = VmMarket::start_with_bid_window(1000, allowance_s);
-        m.patience = Duration::from_secs(900);
+        // Measured 2026-12-01: dom0 steps (fetch over slirp, xl create,
+        // restore, save) 4-5x slower than the first runs of this suite, so
+        // segments took 57-65 s against a 60 s allowance; a timing knob, not
+        // an assertion.
+        m.patience = Duration::from_secs(1500);
         Self { hosts: Vec::new(), m }
     }
 
@@ -162,7 +166,7 @@ async fn a_pv_guest_migrated_between_two_nested_xen_hosts_prints_its_uninterrupt
     let x1 = XenHostSpec::new("x1", "0.30");
     let x2 = XenHostSpec::new("x2", "0.20");
     let q = QemuProviderSpec::new("q1", "0.01");
-    let mut xm = XenMarket::start(60);
+    let mut xm = XenMarket::start(120);
     xm.m.market.add_qemu_provider(&q).unwrap();
     xm.boot(&x1);
     xm.ready(2).await;
@@ -249,7 +253,7 @@ async fn a_xen_host_killed_mid_segment_costs_one_attempt_and_the_console_stays_e
     let expected = expected_console();
     let x1 = XenHostSpec::new("k1", "0.10");
     let x2 = XenHostSpec::new("k2", "0.20");
-    let mut xm = XenMarket::start(45);
+    let mut xm = XenMarket::start(120);
     xm.boot(&x1);
     xm.boot(&x2);
     xm.ready(2).await;
