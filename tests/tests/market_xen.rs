@@ -279,7 +279,7 @@ async fn a_xen_host_killed_mid_segment_costs_one_attempt_and_the_console_stays_e
     let running = wait_for(HOST_BOOT, async || {
         let console = xm.hosts[v].console();
         let started = console.find(&format!("running segment lot={lot}"))?;
-        console[started..].contains("domain running").then_some(())
+        console[started..].contains("guest running").then_some(())
     })
     .await;
     assert!(
