@@ -74,7 +74,8 @@ bench-segment: build bench-build guest
 
 ## Transfer of real `xl save` files: one nested Xen host runs a memory-writing guest
 ## for 11 segments; two pairs of consecutive saves against rsync, FastCDC and fixed blocks.
-bench-xen: build bench-build guest xen-host
+bench-xen: build bench-build guest
+	VMLOT_PROVIDER_BIN=$(CURDIR)/target/release/vmlot-provider bash scripts/xen-host.sh build
 	bash scripts/bench-xen.sh 5 11
 
 ## Ledger verify and filtered queries over 1 M ledger records, against a raw read of the same messages.

@@ -7,13 +7,16 @@
 #       vmlinuz             the Debian kernel, dom0 (and PV guest) kernel
 #       dom0.cpio.gz        dom0 initramfs: busybox, xl & co. with their
 #                           libraries, hotplug scripts, modules, xen/dom0-init
-#                           as /init, target/release/vmlot-provider
+#                           as /init, a stripped vmlot-provider
 #       dom0-selftest.cpio.gz  the same + the test guest (.tools/guest) and
 #                           xen/selftest, for --mode selftest
 #       debs/               the Debian packages (cached: rebuilds are offline)
 #     Idempotent: rebuilds only when an input changed (stamp .tools/xen/.inputs.sha256).
-#     It first runs `cargo build --release -p vmlot-provider` (a no-op when
-#     fresh) and fails with a clear message if that fails;
+#     It first builds the release package set (`cargo build -p vmlot-broker
+#     -p vmlot-provider -p vmlot-client`: the release binaries' features, no
+#     synthetic driver) in the dev profile, as scripts/check-release.sh does,
+#     so it is a no-op after `make test`; strips the provider and fails with a
+#     clear message if that fails;
 #     VMLOT_PROVIDER_BIN=/path/to/vmlot-provider skips cargo and ships that
 #     binary instead (e.g. one built from another checkout).
 #
@@ -184,7 +187,7 @@ cpio_dir() { # cpio_dir DIR > archive.gz (reproducible)
 }
 
 build() {
-  local kernel provider=${VMLOT_PROVIDER_BIN:-$root/target/release/vmlot-provider}
+  local kernel provider=${VMLOT_PROVIDER_BIN:-$root/target/xen-provider/vmlot-provider}
   kernel=$(kernel_file)
   [ -x "$busybox" ] || die "no static busybox at $busybox (apt-get install busybox-static)"
   file -L "$busybox" | grep -q "statically linked" || die "$busybox is not statically linked"
@@ -193,9 +196,11 @@ build() {
   # Always (re)build the provider so the image never carries a stale one
   # (a no-op when it is fresh), unless VMLOT_PROVIDER_BIN names a binary.
   if [ -z "${VMLOT_PROVIDER_BIN:-}" ]; then
-    log "cargo build --release -p vmlot-provider"
-    (cd "$root" && cargo build --release -p vmlot-provider) ||
-      die "cargo build --release -p vmlot-provider failed: fix the build (or set VMLOT_PROVIDER_BIN=/path/to/vmlot-provider), then rerun"
+    log "cargo build -p vmlot-broker -p vmlot-provider -p vmlot-client"
+    (cd "$root" && cargo build -p vmlot-broker -p vmlot-provider -p vmlot-client) ||
+      die "cargo build -p vmlot-provider failed: fix the build (or set VMLOT_PROVIDER_BIN=/path/to/vmlot-provider), then rerun"
+    mkdir -p "$(dirname "$provider")"
+    strip -o "$provider.new" "$root/target/debug/vmlot-provider" && mv "$provider.new" "$provider"
   fi
   [ -x "$provider" ] || die "no provider binary at $provider"
   fetch_debs
