@@ -37,21 +37,29 @@ cleanup() {
 trap cleanup EXIT
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+# Authentication on, as in any market: a deployment, then credentials for
+# the broker, the nested host's provider, an operator and a submitter.
+"$vmlot" admin init --dir "$out/deploy" > /dev/null
+provider_id=$(cat /proc/sys/kernel/random/uuid)
+provider_creds=$("$vmlot" admin add provider "$provider_id" --dir "$out/deploy")
+operator_creds=$("$vmlot" admin add operator house --dir "$out/deploy")
+submitter_creds=$("$vmlot" admin add submitter default --dir "$out/deploy")
 cat > "$out/nats.conf" <<CONF
 listen: 127.0.0.1:$port
 max_payload: 8MB
 jetstream { store_dir: "$out/nats-store", sync_interval: always }
 CONF
+cat "$out/deploy/auth.conf" >> "$out/nats.conf"
 .tools/bin/nats-server -c "$out/nats.conf" 2> "$out/nats.log" &
 pids+=($!)
 export VMLOT_NATS=nats://127.0.0.1:$port
 for _ in $(seq 100); do (echo > /dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
-export VMLOT_OPERATOR_TOKEN="bench-$$"
-"$bin/vmlot-broker" --bid-window-ms 500 --transfer-allowance-s 120 > "$out/broker.log" 2>&1 &
+export VMLOT_CREDS=$operator_creds
+"$bin/vmlot-broker" --creds "$out/deploy/creds/broker-broker.creds" --bid-window-ms 500 --transfer-allowance-s 120 > "$out/broker.log" 2>&1 &
 pids+=($!)
 
 bash scripts/xen-host.sh boot --nats "nats://10.0.2.2:$port" --name xb1 \
-  --id "$(cat /proc/sys/kernel/random/uuid)" --price 0 --min-price 0.1 --serial "$out/xb1.serial" \
+  --id "$provider_id" --creds "$provider_creds" --price 0 --min-price 0.1 --serial "$out/xb1.serial" \
   > "$out/xb1.qemu.log" 2>&1 &
 pids+=($!)
 echo "bench-xen: waiting for the nested Xen host to join (10-60 s)"
@@ -65,7 +73,7 @@ done
 "$vmlot" image push --hypervisor xen --kernel "$guest/vmlinuz" --initrd "$guest/initrd.cpio.gz" \
   --memory 128 --cmdline "console=hvc0 quiet loglevel=1 vmlot.mode=memwriter vmlot.rate_kib=256 vmlot.ring_mib=32" \
   -o "$out/image.json" > /dev/null
-job=$("$vmlot" --json submit --image "$out/image.json" --segment-seconds "$segment_seconds" \
+job=$(VMLOT_CREDS=$submitter_creds "$vmlot" --json submit --image "$out/image.json" --segment-seconds "$segment_seconds" \
   --segments "$segments" --reserve 1 --budget 10 | python3 -c 'import json,sys; print(json.load(sys.stdin)["job"])')
 echo "bench-xen: job $job, $segments segments of $segment_seconds s"
 "$vmlot" watch "$job" > "$out/watch.log" 2>&1 || { echo "bench-xen: the job did not finish; see $out/" >&2; exit 1; }

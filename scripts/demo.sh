@@ -54,12 +54,20 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# Who is who: a deployment (operator, accounts, signing keys) whose
+# auth.conf the server includes; credentials for the broker (made by init),
+# an operator, a submitter and each provider. Nobody connects without them.
+echo "== vmlot admin init: the server checks every participant's credentials"
+"$vmlot" admin init --dir "$demo/deploy" | sed 's/^/   /'
+operator_creds=$("$vmlot" admin add operator house --dir "$demo/deploy")
+submitter_creds=$("$vmlot" admin add submitter default --dir "$demo/deploy")
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 cat > "$demo/nats.conf" <<CONF
 listen: 127.0.0.1:$port
 max_payload: 8MB
 jetstream { store_dir: "$demo/nats-store", sync_interval: always }
 CONF
+cat "$demo/deploy/auth.conf" >> "$demo/nats.conf"
 .tools/bin/nats-server -c "$demo/nats.conf" 2> "$demo/nats.log" &
 echo $! > "$demo/pids/nats.pid"
 export VMLOT_NATS=nats://127.0.0.1:$port
@@ -74,9 +82,10 @@ for _ in $(seq 100); do (echo > /dev/tcp/127.0.0.1/$port) 2>/dev/null && break; 
 ) > "$demo/reference.log" 2>&1 &
 echo $! > "$demo/pids/reference.pid"
 
-# The operator's secret for this demo: only it may fund accounts.
-export VMLOT_OPERATOR_TOKEN="demo-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
-"$bin/vmlot-broker" --bid-window-ms 500 --transfer-allowance-s 30 --fee-rate 0.05 > "$demo/broker.log" 2>&1 &
+# The CLI runs as the operator unless told otherwise (the submission runs
+# as the submitter, whose account pays).
+export VMLOT_CREDS=$operator_creds
+"$bin/vmlot-broker" --creds "$demo/deploy/creds/broker-broker.creds" --bid-window-ms 500 --transfer-allowance-s 30 --fee-rate 0.05 > "$demo/broker.log" 2>&1 &
 echo $! > "$demo/pids/broker.pid"
 
 # provider NAME PRICE: a QEMU provider asking PRICE per segment (nothing per
@@ -95,7 +104,9 @@ cache_dir = "$demo/$name/cache"
 work_dir = "$demo/$name/work"
 qemu_accel = "auto"
 TOML
-  "$bin/vmlot-provider" --config "$demo/$name.toml" > "$demo/$name.log" 2>&1 &
+  local creds
+  creds=$("$vmlot" admin add provider --dir "$demo/deploy")
+  "$bin/vmlot-provider" --config "$demo/$name.toml" --creds "$creds" > "$demo/$name.log" 2>&1 &
   echo $! > "$demo/pids/provider-$name.pid"
   echo "demo: provider $name joins, asking $price CRD a segment"
 }
@@ -137,7 +148,7 @@ $vmlot admin credit default 20 --memo "demo funds"
 
 echo
 echo "== submit: ${segment_seconds} s segments until the guest powers off"
-job=$($vmlot --json submit --image "$demo/image.json" --segment-seconds "$segment_seconds" \
+job=$(VMLOT_CREDS=$submitter_creds $vmlot --json submit --image "$demo/image.json" --segment-seconds "$segment_seconds" \
   --until-halt --redundancy 1 --reserve 1 --budget 10 | python3 -c 'import json,sys; print(json.load(sys.stdin)["job"])')
 echo "job $job"
 

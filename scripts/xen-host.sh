@@ -20,7 +20,7 @@
 #     VMLOT_PROVIDER_BIN=/path/to/vmlot-provider skips cargo and ships that
 #     binary instead (e.g. one built from another checkout).
 #
-#   scripts/xen-host.sh boot --nats URL --name NAME --id UUID [--price DEC]
+#   scripts/xen-host.sh boot --nats URL --name NAME --id UUID [--creds FILE] [--price DEC]
 #       [--min-price DEC]   (--price: per second of segment; --min-price: the
 #                            least asked for any segment; provider defaults otherwise)
 #       [--mode provider|shell|selftest] [--serial FILE] [--mem MiB]
@@ -323,10 +323,11 @@ EOF
 # Prints the qemu command line (NUL-separated) for boot's options.
 boot_args() {
   local nats="" name="" id="" price="" min_price="" mode=provider serial="" mem=3072 dom0_mem=1024 smp=2
-  local slots="" debug=0 extra="" xen_extra=""
+  local slots="" debug=0 extra="" xen_extra="" creds=""
   while [ $# -gt 0 ]; do
     case "$1" in
       --nats) nats=$2; shift 2 ;;
+      --creds) creds=$2; shift 2 ;;
       --name) name=$2; shift 2 ;;
       --id) id=$2; shift 2 ;;
       --price) price=$2; shift 2 ;;
@@ -364,6 +365,20 @@ boot_args() {
   for v in "$nats" "$name" "$id" "$price" "$min_price" "$slots" "$out"; do
     case "$v" in *[[:space:]]*) die "boot: no spaces allowed in '$v'" ;; esac
   done
+  # The provider's credentials reach dom0 as a second cpio archive after the
+  # image's (the kernel unpacks both): /etc/vmlot/provider.creds.
+  if [ -n "$creds" ]; then
+    [ -f "$creds" ] || die "boot: no credentials file $creds"
+    local stage initrd
+    initrd=$(dirname "${serial:-/tmp/x}")/dom0-$name-$$.cpio.gz
+    case "$initrd" in *,*) die "boot: no commas allowed in '$initrd'" ;; esac
+    stage=$(mktemp -d)
+    mkdir -p "$stage/etc/vmlot"
+    install -m 600 "$creds" "$stage/etc/vmlot/provider.creds"
+    { cat "$cpio"; (cd "$stage" && find . | cpio -o -H newc --quiet | gzip -1); } >"$initrd"
+    rm -rf "$stage"
+    cpio=$initrd
+  fi
   local cmd="console=hvc0 rdinit=/init quiet vmlot.mode=$mode"
   [ -n "$nats" ] && cmd+=" vmlot.nats=$nats"
   [ -n "$name" ] && cmd+=" vmlot.name=$name"

@@ -86,9 +86,10 @@ pub async fn run(args: Args) -> Result<()> {
         budget: Money::new(Decimal::from(100), "CRD"),
         account: "bench".into(),
     };
+    let submitter = market.submitter("bench").await;
     let submissions = futures::stream::iter(0..args.jobs)
         .map(|_| {
-            let (api, spec) = (api.clone(), spec.clone());
+            let (api, spec) = (submitter.clone(), spec.clone());
             async move {
                 let submitted = api.submit(spec).await.context("submit")?;
                 anyhow::Ok(submitted.job)

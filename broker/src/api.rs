@@ -2,9 +2,11 @@
 //! `$SRV.PING`, with stats) whose endpoints are those of
 //! [`vmlot_schemas::api`], each served through its [`Endpoint`] type: the
 //! payload decoded as the endpoint's request, the answer its response in a
-//! [`Reply`]. Every request is decoded and validated before it touches
-//! state; a refusal is a `{"error": {"code", "message"}}` reply and changes
-//! nothing.
+//! [`Reply`]. The caller is read off the request's subject
+//! (`vmlot.api.<role>.<name>.<endpoint>`, which only that user may publish
+//! on) and [`crate::access`] decides what it may do. Every request is
+//! decoded and validated before it touches state; a refusal is a
+//! `{"error": {"code", "message"}}` reply and changes nothing.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -18,6 +20,7 @@ use serde::de::DeserializeOwned;
 use vmlot_schemas::api::{
     ApiError, Cancel, Credit, ENDPOINTS, Endpoint, List, Market, Providers, Reply, Status, Submit,
 };
+use vmlot_schemas::caller::Caller;
 use vmlot_schemas::market::{
     Checkpoint, Heartbeat, JobRef, JobState, JobStatus, MarketView, SegmentCount, SubmitJob, Submitted,
 };
@@ -27,7 +30,7 @@ use vmlot_ledger::LedgerError;
 use vmlot_schemas::ledger::{Account, CreditRequest, Transaction};
 
 use crate::state::UpdateError;
-use crate::{BrokerError, Shared, lifecycle, verify};
+use crate::{BrokerError, Shared, access, lifecycle, verify};
 
 /// The most replicas a job may ask for.
 pub const MAX_REDUNDANCY: u32 = 16;
@@ -89,9 +92,10 @@ trait Serve: Endpoint + 'static {
         decode(payload)
     }
 
-    /// Answers one decoded request.
+    /// Answers one decoded request from `caller`.
     fn serve(
         shared: &Arc<Shared>,
+        caller: &Caller,
         request: Self::Request,
     ) -> impl Future<Output = Result<Self::Response, ApiError>> + Send;
 }
@@ -99,7 +103,9 @@ trait Serve: Endpoint + 'static {
 /// Answers requests to `E` on `group` until shutdown; returns its name.
 async fn serve<E: Serve>(group: &service::Group, shared: &Arc<Shared>) -> Result<&'static str, BrokerError> {
     let mut endpoint = group
-        .endpoint(E::NAME)
+        .endpoint_builder()
+        .name(E::NAME)
+        .add(subjects::api_endpoint(E::NAME))
         .await
         .map_err(|e| BrokerError::nats("API endpoint", e))?;
     let shared = Arc::clone(shared);
@@ -113,7 +119,19 @@ async fn serve<E: Serve>(group: &service::Group, shared: &Arc<Shared>) -> Result
             .for_each_concurrent(API_CONCURRENCY, |request| {
                 let shared = Arc::clone(&shared);
                 async move {
-                    let reply = handle::<E>(&shared, &request.message.payload).await;
+                    // The broker may publish anywhere: it answers only into
+                    // an inbox, never onto a subject a caller chose to have
+                    // written (a stream's, say) with the broker's hand.
+                    let to_inbox = request
+                        .message
+                        .reply
+                        .as_ref()
+                        .is_some_and(|r| r.starts_with(subjects::INBOX_PREFIX));
+                    if !to_inbox {
+                        tracing::warn!(endpoint = E::NAME, reply = ?request.message.reply, "request not answered: its reply subject is not an inbox");
+                        return;
+                    }
+                    let reply = handle::<E>(&shared, &request.message.subject, &request.message.payload).await;
                     if let Err(err) = request.respond(Ok(reply.into())).await {
                         tracing::warn!(endpoint = E::NAME, %err, "could not reply");
                     }
@@ -124,12 +142,24 @@ async fn serve<E: Serve>(group: &service::Group, shared: &Arc<Shared>) -> Result
     Ok(E::NAME)
 }
 
-/// One request to `E`: decoded, answered, encoded as a [`Reply`].
-async fn handle<E: Serve>(shared: &Arc<Shared>, payload: &[u8]) -> Vec<u8> {
-    let reply = match E::decode(payload) {
-        Ok(request) => E::serve(shared, request).await,
+/// One request to `E` on `subject`: its caller checked, decoded,
+/// answered, encoded as a [`Reply`].
+async fn handle<E: Serve>(shared: &Arc<Shared>, subject: &str, payload: &[u8]) -> Vec<u8> {
+    let Some(caller) = subjects::api_caller(subject) else {
+        return encode::<()>(Err(error(
+            "bad-request",
+            format!("{subject}: no caller in the subject"),
+        )));
+    };
+    let reply = match access::may_call(&caller, E::NAME).and_then(|()| E::decode(payload)) {
+        Ok(request) => E::serve(shared, &caller, request).await,
         Err(refused) => Err(refused),
     };
+    if let Err(e) = &reply
+        && e.code == "forbidden"
+    {
+        tracing::warn!(%caller, endpoint = E::NAME, reason = %e.message, "refused");
+    }
     encode(reply)
 }
 
@@ -146,14 +176,14 @@ fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, ApiError> {
 }
 
 impl Serve for Submit {
-    async fn serve(shared: &Arc<Shared>, request: SubmitJob) -> Result<Submitted, ApiError> {
-        submit(shared, request).await
+    async fn serve(shared: &Arc<Shared>, caller: &Caller, request: SubmitJob) -> Result<Submitted, ApiError> {
+        submit(shared, caller, request).await
     }
 }
 
 impl Serve for Status {
-    async fn serve(shared: &Arc<Shared>, request: JobRef) -> Result<JobStatus, ApiError> {
-        status(shared, request).await
+    async fn serve(shared: &Arc<Shared>, caller: &Caller, request: JobRef) -> Result<JobStatus, ApiError> {
+        status(shared, caller, request).await
     }
 }
 
@@ -163,14 +193,15 @@ impl Serve for List {
         Ok(())
     }
 
-    async fn serve(shared: &Arc<Shared>, (): ()) -> Result<Vec<JobStatus>, ApiError> {
-        shared.jobs.all().await.map_err(internal)
+    async fn serve(shared: &Arc<Shared>, caller: &Caller, (): ()) -> Result<Vec<JobStatus>, ApiError> {
+        let all = shared.jobs.all().await.map_err(internal)?;
+        Ok(all.into_iter().filter(|j| access::may_see(caller, j)).collect())
     }
 }
 
 impl Serve for Cancel {
-    async fn serve(shared: &Arc<Shared>, request: JobRef) -> Result<JobStatus, ApiError> {
-        cancel(shared, request).await
+    async fn serve(shared: &Arc<Shared>, caller: &Caller, request: JobRef) -> Result<JobStatus, ApiError> {
+        cancel(shared, caller, request).await
     }
 }
 
@@ -180,7 +211,7 @@ impl Serve for Providers {
         Ok(())
     }
 
-    async fn serve(shared: &Arc<Shared>, (): ()) -> Result<Vec<Heartbeat>, ApiError> {
+    async fn serve(shared: &Arc<Shared>, _: &Caller, (): ()) -> Result<Vec<Heartbeat>, ApiError> {
         Ok(shared.live_providers())
     }
 }
@@ -191,13 +222,17 @@ impl Serve for Market {
         Ok(())
     }
 
-    async fn serve(shared: &Arc<Shared>, (): ()) -> Result<MarketView, ApiError> {
+    async fn serve(shared: &Arc<Shared>, _: &Caller, (): ()) -> Result<MarketView, ApiError> {
         market(shared).await
     }
 }
 
 impl Serve for Credit {
-    async fn serve(shared: &Arc<Shared>, request: CreditRequest) -> Result<Transaction, ApiError> {
+    async fn serve(
+        shared: &Arc<Shared>,
+        _: &Caller,
+        request: CreditRequest,
+    ) -> Result<Transaction, ApiError> {
         credit(shared, request).await
     }
 }
@@ -317,7 +352,8 @@ fn validate(req: &SubmitJob) -> Result<(), ApiError> {
     Ok(())
 }
 
-async fn submit(shared: &Arc<Shared>, req: SubmitJob) -> Result<Submitted, ApiError> {
+async fn submit(shared: &Arc<Shared>, caller: &Caller, mut req: SubmitJob) -> Result<Submitted, ApiError> {
+    req.spec.account = access::payer(caller, &req.spec)?;
     validate(&req)?;
     let image = &req.spec.image;
     let parts: Vec<_> = std::iter::once(image.kernel)
@@ -369,16 +405,27 @@ async fn submit(shared: &Arc<Shared>, req: SubmitJob) -> Result<Submitted, ApiEr
     Ok(Submitted { job })
 }
 
-async fn status(shared: &Arc<Shared>, req: JobRef) -> Result<JobStatus, ApiError> {
+/// Another's job is answered as no job at all: its existence is theirs.
+async fn status(shared: &Arc<Shared>, caller: &Caller, req: JobRef) -> Result<JobStatus, ApiError> {
     check_version(req.version)?;
     match shared.jobs.get(&req.job).await.map_err(internal)? {
-        Some((status, _)) => Ok(status),
-        None => Err(error("not-found", format!("no job {}", req.job))),
+        Some((status, _)) if access::may_see(caller, &status) => Ok(status),
+        _ => Err(error("not-found", format!("no job {}", req.job))),
     }
 }
 
-async fn cancel(shared: &Arc<Shared>, req: JobRef) -> Result<JobStatus, ApiError> {
+async fn cancel(shared: &Arc<Shared>, caller: &Caller, req: JobRef) -> Result<JobStatus, ApiError> {
     check_version(req.version)?;
+    match shared.jobs.get(&req.job).await.map_err(internal)? {
+        Some((status, _)) if access::may_cancel(caller, &status) => {}
+        Some((status, _)) if access::may_see(caller, &status) => {
+            return Err(error(
+                "forbidden",
+                format!("a {} may not cancel job {}", caller.role, req.job),
+            ));
+        }
+        _ => return Err(error("not-found", format!("no job {}", req.job))),
+    }
     let status = match shared.jobs.transition(&req.job, lifecycle::cancel).await {
         Ok(status) => status,
         Err(UpdateError::NotFound) => return Err(error("not-found", format!("no job {}", req.job))),
@@ -391,19 +438,10 @@ async fn cancel(shared: &Arc<Shared>, req: JobRef) -> Result<JobStatus, ApiError
     Ok(status)
 }
 
-/// The operator funds a user account. Only a request carrying the
-/// broker's operator token is obeyed (and NATS permissions should let only
-/// the operator publish on this endpoint's subject).
+/// The operator funds a user account ([`access::may_call`] lets only an
+/// operator's identity here; no secret travels in the request).
 async fn credit(shared: &Arc<Shared>, req: CreditRequest) -> Result<Transaction, ApiError> {
     check_version(req.version)?;
-    let authorized = shared
-        .config
-        .operator_token
-        .as_deref()
-        .is_some_and(|token| constant_time_eq(token.as_bytes(), req.operator_token.as_bytes()));
-    if !authorized {
-        return Err(error("forbidden", "only the operator may credit accounts"));
-    }
     check_money("credit", &req.amount)?;
     if req.amount.amount <= Decimal::ZERO {
         return Err(error("bad-request", "a credit must be positive"));
@@ -438,10 +476,6 @@ async fn credit(shared: &Arc<Shared>, req: CreditRequest) -> Result<Transaction,
     }
     tracing::info!(account = %req.account, amount = %req.amount, "account credited");
     Ok(tx)
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn market(shared: &Arc<Shared>) -> Result<MarketView, ApiError> {

@@ -23,8 +23,6 @@ pub struct BrokerConfig {
     /// The operator's share of each segment's price (0.05 = 5 %), paid to
     /// the operator account at settlement.
     pub fee_rate: rust_decimal::Decimal,
-    /// The secret `vmlot admin credit` must present; `None` refuses every credit.
-    pub operator_token: Option<String>,
 }
 
 impl Default for BrokerConfig {
@@ -38,7 +36,6 @@ impl Default for BrokerConfig {
             pricing: PricingRule::PayAsBid,
             provider_timeout: Duration::from_secs(10),
             fee_rate: rust_decimal::Decimal::ZERO,
-            operator_token: None,
         }
     }
 }

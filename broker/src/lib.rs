@@ -20,6 +20,7 @@
 //!   job's escrow, each settlement pays from it once, the job's end refunds.
 //! - [`logging`]: text or JSON logs for the binary.
 
+pub mod access;
 pub mod api;
 pub mod auction;
 pub mod award;

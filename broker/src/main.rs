@@ -36,9 +36,8 @@ struct Args {
     /// The operator's fee: a share of each segment's price (0.05 = 5 %).
     #[arg(long, default_value = "0", value_parser = parse_fee)]
     fee_rate: rust_decimal::Decimal,
-    /// The secret `vmlot admin credit` must present; unset, no account can be credited.
-    #[arg(long, env = "VMLOT_OPERATOR_TOKEN", hide_env_values = true)]
-    operator_token: Option<String>,
+    #[command(flatten)]
+    access: vmlot_identity::Access,
     /// Log lines as text or as JSON objects (filter with VMLOT_LOG).
     #[arg(long, env = "VMLOT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -53,7 +52,6 @@ impl Args {
             pricing: self.pricing,
             max_backoff: Duration::from_millis(self.max_backoff_ms),
             fee_rate: self.fee_rate,
-            operator_token: self.operator_token.clone().filter(|t| !t.is_empty()),
             ..BrokerConfig::default()
         }
     }
@@ -76,12 +74,31 @@ async fn main() -> anyhow::Result<()> {
         .split(',')
         .map(|u| u.trim().parse())
         .collect::<Result<_, _>>()?;
-    let client = async_nats::ConnectOptions::new()
+    let (options, creds) = args.access.options()?;
+    let client = options
         .retry_on_initial_connect()
         .max_reconnects(None)
         .connect(addrs)
         .await
         .with_context(|| format!("connecting to {}", args.nats))?;
+    // The server's INFO says whether it checks identities; with
+    // retry_on_initial_connect it arrives once the first connection is up.
+    while client.connection_state() != async_nats::connection::State::Connected {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if !client.server_info().auth_required {
+        if !args.access.open {
+            anyhow::bail!(
+                "the NATS server at {} checks no credentials: set it up with `vmlot admin init`, or run the broker with --open to accept that anyone may be anyone",
+                args.nats
+            );
+        }
+        tracing::warn!(
+            "running OPEN (--open): the server checks no identities, so anyone on it may be anyone"
+        );
+    } else if let Some(creds) = creds {
+        tracing::info!(user = %creds.caller, "connected with credentials");
+    }
     vmlot_broker::run(client, args.config(), shutdown_signal()).await?;
     Ok(())
 }

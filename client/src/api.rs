@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use vmlot_schemas::api::Reply;
+use vmlot_schemas::caller::Caller;
 use vmlot_schemas::ledger::{CreditRequest, Transaction};
 use vmlot_schemas::market::{Heartbeat, JobRef, JobSpec, JobStatus, MarketView, SubmitJob, Submitted};
 use vmlot_schemas::{JobId, WIRE_VERSION};
@@ -83,21 +84,31 @@ pub enum WaitError {
 /// How often [`Api::wait_final`] asks for a job's record.
 pub const WAIT_POLL: Duration = Duration::from_millis(200);
 
-/// A handle on the job API over one NATS connection; cheap to clone.
+/// A handle on the job API over one NATS connection, as one caller;
+/// cheap to clone.
 #[derive(Clone)]
 pub struct Api {
     client: async_nats::Client,
+    /// Who the calls are from: the role and name the connection's
+    /// credentials carry (the server lets it publish only under them).
+    caller: Caller,
     /// `None`: the connection's own request timeout.
     timeout: Option<Duration>,
 }
 
 impl Api {
-    /// Calls go out on `client`, with its request timeout.
-    pub fn new(client: async_nats::Client) -> Self {
+    /// Calls from `caller` go out on `client`, with its request timeout.
+    pub fn new(client: async_nats::Client, caller: Caller) -> Self {
         Self {
             client,
+            caller,
             timeout: None,
         }
+    }
+
+    /// Who the calls are from.
+    pub fn caller(&self) -> &Caller {
+        &self.caller
     }
 
     /// The same, each call waiting at most `timeout` for the broker.
@@ -135,7 +146,7 @@ impl Api {
         }
         let reply = self
             .client
-            .send_request(E::subject(), request)
+            .send_request(E::subject(&self.caller), request)
             .await
             .map_err(|source| CallError::NoBroker { endpoint, source })?;
         match serde_json::from_slice::<Reply<E::Response>>(&reply.payload) {

@@ -24,6 +24,11 @@ pub struct Cli {
     /// Print JSON instead of a human table.
     #[arg(long, global = true)]
     pub json: bool,
+    #[command(flatten)]
+    pub access: vmlot_identity::Access,
+    /// On an open server (--open), who to call the broker as: ROLE/NAME.
+    #[arg(long = "as", global = true, env = "VMLOT_AS")]
+    pub open_as: Option<vmlot_schemas::caller::Caller>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -31,7 +36,12 @@ pub struct Cli {
 impl Cli {
     /// What the commands get from the global options.
     pub fn context(&self) -> Context {
-        Context::new(self.nats.clone(), self.json)
+        Context::new(
+            self.nats.clone(),
+            self.json,
+            self.access.clone(),
+            self.open_as.clone(),
+        )
     }
 }
 

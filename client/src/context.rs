@@ -8,6 +8,8 @@ use std::time::Duration;
 use tokio::sync::OnceCell;
 use vmlot_cas::{BlockStore, StoreOptions};
 use vmlot_client::Api;
+use vmlot_identity::Access;
+use vmlot_schemas::caller::Caller;
 
 /// How long connecting to NATS may take before it counts as unreachable.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -26,14 +28,25 @@ pub struct Context {
     nats_url: String,
     /// Print JSON instead of text for people.
     pub json: bool,
-    nats: OnceCell<async_nats::Client>,
+    /// Credentials, TLS, or open.
+    access: Access,
+    /// Who to be on an open server (`--as`); with credentials, they decide.
+    open_as: Option<Caller>,
+    nats: OnceCell<(async_nats::Client, Option<Caller>)>,
 }
 
+/// With no credentials nobody is anyone in particular.
+#[derive(Debug, thiserror::Error)]
+#[error("who is calling? pass --creds FILE, or on an open server --as ROLE/NAME (e.g. submitter/alice)")]
+pub struct NoCaller;
+
 impl Context {
-    pub fn new(nats_url: String, json: bool) -> Self {
+    pub fn new(nats_url: String, json: bool, access: Access, open_as: Option<Caller>) -> Self {
         Self {
             nats_url,
             json,
+            access,
+            open_as,
             nats: OnceCell::new(),
         }
     }
@@ -42,16 +55,21 @@ impl Context {
     /// does not parse is a usage error; a server that does not answer is
     /// [`Unreachable`].
     pub async fn nats(&self) -> anyhow::Result<async_nats::Client> {
+        Ok(self.connection().await?.0)
+    }
+
+    async fn connection(&self) -> anyhow::Result<(async_nats::Client, Option<Caller>)> {
         self.nats.get_or_try_init(|| self.connect()).await.cloned()
     }
 
-    async fn connect(&self) -> anyhow::Result<async_nats::Client> {
+    async fn connect(&self) -> anyhow::Result<(async_nats::Client, Option<Caller>)> {
         let addrs: Vec<async_nats::ServerAddr> = self
             .nats_url
             .split(',')
             .map(|u| u.trim().parse())
             .collect::<Result<_, _>>()?;
-        let client = async_nats::ConnectOptions::new()
+        let (options, creds) = self.access.options()?;
+        let client = options
             .connection_timeout(CONNECT_TIMEOUT)
             .connect(addrs)
             .await
@@ -59,12 +77,14 @@ impl Context {
                 url: self.nats_url.clone(),
                 reason: e.to_string(),
             })?;
-        Ok(client)
+        let caller = creds.map(|c| c.caller).or_else(|| self.open_as.clone());
+        Ok((client, caller))
     }
 
-    /// The broker's job API.
+    /// The broker's job API, as whoever the credentials (or `--as`) say.
     pub async fn api(&self) -> anyhow::Result<Api> {
-        Ok(Api::new(self.nats().await?))
+        let (client, caller) = self.connection().await?;
+        Ok(Api::new(client, caller.ok_or(NoCaller)?))
     }
 
     /// The content-addressed store, with default options.

@@ -20,6 +20,8 @@ struct Cli {
     #[arg(long, env = "VMLOT_LOG_FORMAT", value_enum, default_value_t)]
     log_format: LogFormat,
     #[command(flatten)]
+    access: vmlot_identity::Access,
+    #[command(flatten)]
     settings: Settings,
 }
 
@@ -27,9 +29,16 @@ struct Cli {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     logging::init(cli.log_format);
-    let config = ProviderConfig::load(&cli.settings).context("reading the provider's settings")?;
+    let mut config = ProviderConfig::load(&cli.settings).context("reading the provider's settings")?;
     let drivers = vmlot_provider::setup::drivers(&config)?;
-    let client = vmlot_provider::daemon::connect(&cli.nats).await?;
+    let (options, creds) = cli.access.options()?;
+    // Among strangers a provider is who its credentials say: their name is
+    // its id, and the server lets it bid, beat and report only under it.
+    if let Some(creds) = &creds {
+        let id = vmlot_provider::setup::identity(&creds.caller, cli.settings.id)?;
+        config.id = id;
+    }
+    let client = vmlot_provider::daemon::connect(&cli.nats, options).await?;
     vmlot_provider::daemon::run(client, config, drivers, shutdown_signal()).await?;
     Ok(())
 }

@@ -23,6 +23,40 @@ pub enum SetupError {
     SyntheticNotBuilt,
     #[error("xen_guest_type: {0}")]
     XenGuestType(String),
+    #[error("the credentials are a {0}'s, not a provider's")]
+    NotAProvider(vmlot_schemas::caller::Role),
+    #[error("the credentials name provider {0:?}, which is not a provider id (a UUID)")]
+    BadProviderName(String),
+    #[error(
+        "the credentials name provider {creds}, the settings say id {settings}: a provider's id is its credentials' (drop the id setting)"
+    )]
+    IdMismatch {
+        creds: String,
+        settings: vmlot_schemas::ProviderId,
+    },
+}
+
+/// The provider's id from its credentials' name; a different `id` in the
+/// settings is refused rather than one of the two silently winning.
+pub fn identity(
+    caller: &vmlot_schemas::caller::Caller,
+    settings_id: Option<vmlot_schemas::ProviderId>,
+) -> Result<vmlot_schemas::ProviderId, SetupError> {
+    use vmlot_schemas::caller::Role;
+    if caller.role != Role::Provider {
+        return Err(SetupError::NotAProvider(caller.role));
+    }
+    let id: vmlot_schemas::ProviderId = caller
+        .name
+        .parse()
+        .map_err(|_| SetupError::BadProviderName(caller.name.clone()))?;
+    match settings_id {
+        Some(other) if other != id => Err(SetupError::IdMismatch {
+            creds: caller.name.clone(),
+            settings: other,
+        }),
+        _ => Ok(id),
+    }
 }
 
 /// The drivers for `config.hypervisors`.

@@ -1,5 +1,7 @@
 //! The broker's job API, one typed definition per endpoint: its name (and so
-//! its subject, `vmlot.api.<name>`), what it takes and what it answers. The
+//! its subject, `vmlot.api.<role>.<caller>.<name>`: the caller is whoever
+//! the subject names, which NATS lets only that caller publish on), what it
+//! takes and what it answers. The
 //! broker serves these and the client library calls them; neither spells a
 //! subject or a payload type of its own.
 //!
@@ -9,6 +11,7 @@
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::caller::Caller;
 use crate::ledger::{CreditRequest, Transaction};
 use crate::market::{Heartbeat, JobRef, JobStatus, MarketView, SubmitJob, Submitted};
 use crate::subjects;
@@ -24,9 +27,9 @@ pub trait Endpoint {
     /// What the broker answers, inside [`Reply::Ok`].
     type Response: Serialize + DeserializeOwned + Send + Sync;
 
-    /// The subject requests are sent on.
-    fn subject() -> String {
-        subjects::api(Self::NAME)
+    /// The subject `caller`'s requests are sent on.
+    fn subject(caller: &Caller) -> String {
+        subjects::api(caller, Self::NAME)
     }
 }
 
@@ -91,8 +94,8 @@ mod tests {
 
     #[test]
     fn endpoint_subjects_are_under_the_api_prefix() {
-        assert_eq!(Submit::subject(), "vmlot.api.submit");
-        assert_eq!(Credit::subject(), "vmlot.api.credit");
+        let op = Caller::new(crate::caller::Role::Operator, "root");
+        assert_eq!(Credit::subject(&op), "vmlot.api.operator.root.credit");
         let mut names = ENDPOINTS.to_vec();
         names.sort();
         names.dedup();

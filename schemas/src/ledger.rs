@@ -342,8 +342,6 @@ pub struct CreditRequest {
     pub account: Account,
     pub amount: Money,
     pub memo: String,
-    /// The operator's secret, as configured on the broker.
-    pub operator_token: String,
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! nowhere else, so a client in another language needs only this crate's
 //! JSON Schemas (`schemas/json/`) and the subject map in [`subjects`].
 //!
-//! Layers, each using only those before it: [`ids`], [`money`], [`vm`]
+//! Layers, each using only those before it: [`ids`], [`caller`], [`money`], [`vm`]
 //! (and [`manifest`]); then [`market`] and [`ledger`], which do not know
 //! each other; then [`subjects`], the subject map over all of them; then
 //! [`api`], the job API's endpoints.
@@ -12,6 +12,7 @@
 //! with a unit code.
 
 pub mod api;
+pub mod caller;
 pub mod catalog;
 pub mod ids;
 pub mod ledger;

@@ -53,7 +53,10 @@ pub struct JobSpec {
     pub reserve_price: Money,
     /// The most the job pays in all; held in escrow at submission.
     pub budget: Money,
-    /// The account that pays.
+    /// The account that pays: always the submitter's own, set by the
+    /// broker from the caller's identity (a client may leave it empty; a
+    /// request naming another account is refused).
+    #[serde(default)]
     pub account: String,
 }
 

@@ -1,6 +1,7 @@
 //! The NATS subject map. Every subject and stream name is built here, never
 //! by `format!` elsewhere, so the map in `docs/ARCHITECTURE.md` stays true.
 
+use crate::caller::{Caller, Role};
 use crate::ids::{BlockId, ManifestId, ProviderId};
 use crate::vm::HypervisorKind;
 
@@ -38,14 +39,74 @@ pub fn block(id: &BlockId) -> String {
 // `vmlot.award.P`.
 
 /// Prefix of the broker's job API (a NATS micro service named `vmlot-broker`);
-/// endpoints: `submit`, `status`, `list`, `cancel`, `providers`, `market`.
+/// a request's subject is `vmlot.api.<role>.<name>.<endpoint>`, naming its
+/// caller, and each user may publish only under its own role and name.
 pub const API_PREFIX: &str = "vmlot.api";
 /// Name of the broker's micro service.
 pub const API_SERVICE: &str = "vmlot-broker";
 
-/// One endpoint of the job API.
-pub fn api(endpoint: &str) -> String {
-    format!("{API_PREFIX}.{endpoint}")
+/// One endpoint of the job API, as `caller` sends it.
+pub fn api(caller: &Caller, endpoint: &str) -> String {
+    format!("{}.{endpoint}", api_of(caller.role, &caller.name))
+}
+
+/// Everything under which `role`'s user `name` (a literal, or a NATS
+/// permission template such as `{{name()}}`) sends API requests; the
+/// endpoint is the next token.
+pub fn api_of(role: Role, name: &str) -> String {
+    format!("{API_PREFIX}.{}.{name}", role.as_str())
+}
+
+/// What the broker's endpoint listens on, below [`API_PREFIX`]: the
+/// endpoint's requests from every caller.
+pub fn api_endpoint(endpoint: &str) -> String {
+    format!("*.*.{endpoint}")
+}
+
+/// The caller an API request's subject names, if it is one.
+pub fn api_caller(subject: &str) -> Option<Caller> {
+    let rest = subject.strip_prefix(API_PREFIX)?.strip_prefix('.')?;
+    let mut tokens = rest.split('.');
+    let (role, name, _endpoint) = (tokens.next()?, tokens.next()?, tokens.next()?);
+    if tokens.next().is_some() || !crate::caller::valid_name(name) {
+        return None;
+    }
+    Some(Caller::new(role.parse().ok()?, name))
+}
+
+/// The inbox prefix of the user whose public key is `key` (a literal, or
+/// the template `{{subject()}}`): replies to a user come only there, and
+/// only it may subscribe there.
+pub fn inbox_of(key: &str) -> String {
+    format!("{INBOX_PREFIX}{key}")
+}
+
+/// Where every inbox lives; the broker answers requests only there.
+pub const INBOX_PREFIX: &str = "_INBOX.";
+
+/// JetStream API subjects a user may be granted on one stream.
+pub mod js {
+    /// A stream's configuration and state (also how a client opens it).
+    pub fn stream_info(stream: &str) -> String {
+        format!("$JS.API.STREAM.INFO.{stream}")
+    }
+    /// Direct gets on a stream: by sequence or batch (the bare subject) and
+    /// by subject (the subject appended).
+    pub fn direct_get(stream: &str) -> [String; 2] {
+        [
+            format!("$JS.API.DIRECT.GET.{stream}"),
+            format!("$JS.API.DIRECT.GET.{stream}.>"),
+        ]
+    }
+    /// Creating, reading and deleting consumers of a stream (reading it in order).
+    pub fn consumers(stream: &str) -> [String; 4] {
+        [
+            format!("$JS.API.CONSUMER.CREATE.{stream}"),
+            format!("$JS.API.CONSUMER.CREATE.{stream}.>"),
+            format!("$JS.API.CONSUMER.INFO.{stream}.>"),
+            format!("$JS.API.CONSUMER.DELETE.{stream}.>"),
+        ]
+    }
 }
 
 /// Stream of results: a result is durable once the provider has its ack.
@@ -159,7 +220,12 @@ pub fn lot_shard(hypervisor: HypervisorKind, arch: &str, shard: u16) -> String {
 
 /// A provider's bids.
 pub fn bid(provider: &ProviderId) -> String {
-    format!("vmlot.bid.{provider}")
+    bid_of(&provider.to_string())
+}
+
+/// [`bid`] for a provider named by a literal or a permission template.
+pub fn bid_of(name: &str) -> String {
+    format!("vmlot.bid.{name}")
 }
 
 /// Awards and cancels for one provider, core request/reply: the provider
@@ -167,17 +233,35 @@ pub fn bid(provider: &ProviderId) -> String {
 /// durable in the job's record; a provider that is gone answers nothing and
 /// the lot is offered again at once.)
 pub fn award(provider: &ProviderId) -> String {
-    format!("vmlot.award.{provider}")
+    award_of(&provider.to_string())
 }
+
+/// [`award`] for a provider named by a literal or a permission template.
+pub fn award_of(name: &str) -> String {
+    format!("vmlot.award.{name}")
+}
+
+/// Every lot, of every kind and shard (what a provider may listen to).
+pub const ALL_LOTS: &str = "vmlot.lot.>";
 
 /// A provider's results.
 pub fn result(provider: &ProviderId) -> String {
-    format!("vmlot.result.{provider}")
+    result_of(&provider.to_string())
+}
+
+/// [`result`] for a provider named by a literal or a permission template.
+pub fn result_of(name: &str) -> String {
+    format!("vmlot.result.{name}")
 }
 
 /// A provider's heartbeats.
 pub fn heartbeat(provider: &ProviderId) -> String {
-    format!("vmlot.heartbeat.{provider}")
+    heartbeat_of(&provider.to_string())
+}
+
+/// [`heartbeat`] for a provider named by a literal or a permission template.
+pub fn heartbeat_of(name: &str) -> String {
+    format!("vmlot.heartbeat.{name}")
 }
 
 /// A string made safe as one subject token (no dots, wildcards or spaces).
@@ -196,6 +280,22 @@ fn subject_token(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn api_subjects_name_their_caller() {
+        let alice = Caller::new(Role::Submitter, "alice");
+        let subject = api(&alice, "submit");
+        assert_eq!(subject, "vmlot.api.submitter.alice.submit");
+        assert_eq!(api_caller(&subject), Some(alice));
+        for bad in [
+            "vmlot.api.submit",
+            "vmlot.api.king.alice.submit",
+            "vmlot.api.submitter.alice.submit.x",
+            "vmlot.apix.submitter.a.b",
+        ] {
+            assert_eq!(api_caller(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn ledger_subjects_are_told_apart() {

@@ -84,7 +84,9 @@ impl InProcessProviders {
             let drivers: Vec<Arc<dyn Driver>> = vec![Arc::new(SyntheticDriver::new(SyntheticConfig {
                 changed_fraction: options.changed_fraction,
             }))];
-            let client = server.client().await?;
+            let client = server
+                .client_as(vmlot_schemas::caller::Role::Provider, &spec.id.to_string())
+                .await?;
             let stopped = self.stop.clone().cancelled_owned();
             let name = spec.name.clone();
             self.tasks.push(tokio::spawn(async move {

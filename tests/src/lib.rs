@@ -1,5 +1,7 @@
 //! The test harness every integration test shares: real `nats-server`
-//! processes with JetStream on free loopback ports and temporary stores.
+//! processes with JetStream on free loopback ports and temporary stores,
+//! authentication on (a fresh deployment each: operator, accounts, and
+//! credentials issued per participant as a test asks for them).
 //! Each server is a guard: dropping it kills the process and removes its
 //! store, also when a test panics, so tests run in parallel and leak
 //! nothing.
@@ -10,6 +12,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use vmlot_identity::{Access, Deployment};
+use vmlot_schemas::caller::Role;
 
 pub mod in_process;
 pub mod market;
@@ -81,6 +85,8 @@ pub struct NatsServer {
     dir: PathBuf,
     config: PathBuf,
     child: Option<Child>,
+    /// Who may connect: keys, accounts, credentials.
+    deployment: Deployment,
     /// Owns the directory when this server is not part of a cluster.
     _temp: Option<tempfile::TempDir>,
 }
@@ -105,7 +111,8 @@ impl NatsServer {
     pub fn start_with(fsync: Fsync) -> Result<Self> {
         let temp = tempfile::Builder::new().prefix("vmlot-nats-").tempdir()?;
         let dir = temp.path().to_path_buf();
-        let mut server = Self::configure(&dir, "n1", free_port(), None, fsync)?;
+        let deployment = Deployment::create(&dir.join("deploy"))?;
+        let mut server = Self::configure(&dir, "n1", free_port(), None, fsync, &deployment)?;
         server._temp = Some(temp);
         server.spawn()?;
         server.wait_ready(Duration::from_secs(20))?;
@@ -118,6 +125,7 @@ impl NatsServer {
         port: u16,
         cluster: Option<(u16, &[u16])>,
         fsync: Fsync,
+        deployment: &Deployment,
     ) -> Result<Self> {
         let store = dir.join(format!("{name}-store"));
         std::fs::create_dir_all(&store)?;
@@ -130,6 +138,7 @@ impl NatsServer {
              jetstream {{\n  store_dir: \"{}\"\n{sync}}}\n",
             store.display()
         );
+        text.push_str(&std::fs::read_to_string(deployment.auth_conf())?);
         if let Some((cluster_port, routes)) = cluster {
             let routes: Vec<String> = routes
                 .iter()
@@ -148,6 +157,7 @@ impl NatsServer {
             dir: dir.to_path_buf(),
             config,
             child: None,
+            deployment: deployment.clone(),
             _temp: None,
         })
     }
@@ -203,9 +213,26 @@ impl NatsServer {
         self.port
     }
 
-    /// Connects a client that retries forever, so it rides out restarts.
+    /// The deployment the server checks connections against.
+    pub fn deployment(&self) -> &Deployment {
+        &self.deployment
+    }
+
+    /// Credentials for `role`'s user `name`: issued on first use, the same
+    /// file after.
+    pub fn creds(&self, role: Role, name: &str) -> Result<PathBuf> {
+        creds(&self.deployment, role, name)
+    }
+
+    /// Connects as the broker (the house's own view: everything), retrying
+    /// forever, so it rides out restarts.
     pub async fn client(&self) -> Result<async_nats::Client> {
-        connect(&self.url()).await
+        self.client_as(Role::Broker, "broker").await
+    }
+
+    /// Connects as `role`'s user `name`, with its own credentials.
+    pub async fn client_as(&self, role: Role, name: &str) -> Result<async_nats::Client> {
+        connect(&self.url(), &self.creds(role, name)?).await
     }
 
     /// Stops the server (SIGKILL: the store must survive a crash).
@@ -256,15 +283,30 @@ pub fn proc_cpu_seconds(stat_path: &str) -> Option<f64> {
     Some(ticks / 100.0)
 }
 
-/// Connects with unbounded reconnects (tests restart servers under clients).
-/// `url` may list several servers, comma-separated.
-pub async fn connect(url: &str) -> Result<async_nats::Client> {
+/// Credentials for `role`'s user `name` in `deployment`, issued once.
+pub fn creds(deployment: &Deployment, role: Role, name: &str) -> Result<PathBuf> {
+    let path = deployment.creds_path(role, name);
+    if path.exists() {
+        return Ok(path);
+    }
+    Ok(deployment.add(role, name)?)
+}
+
+/// Connects with `creds` and unbounded reconnects (tests restart servers
+/// under clients). `url` may list several servers, comma-separated.
+pub async fn connect(url: &str, creds: &Path) -> Result<async_nats::Client> {
     let addrs: Vec<async_nats::ServerAddr> = url
         .split(',')
         .map(|u| u.trim().parse())
         .collect::<Result<_, _>>()
         .context("parsing server URLs")?;
-    async_nats::ConnectOptions::new()
+    let access = Access {
+        creds: Some(creds.to_path_buf()),
+        ..Access::default()
+    };
+    access
+        .options()?
+        .0
         .retry_on_initial_connect()
         .max_reconnects(None)
         .connection_timeout(Duration::from_secs(5))
@@ -276,6 +318,7 @@ pub async fn connect(url: &str) -> Result<async_nats::Client> {
 /// A JetStream cluster of `n` servers on loopback, sharing one temp dir.
 pub struct NatsCluster {
     pub servers: Vec<NatsServer>,
+    deployment: Deployment,
     _temp: tempfile::TempDir,
 }
 
@@ -284,6 +327,7 @@ impl NatsCluster {
         let temp = tempfile::Builder::new().prefix("vmlot-cluster-").tempdir()?;
         let client_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let cluster_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let deployment = Deployment::create(&temp.path().join("deploy"))?;
         let mut servers = Vec::new();
         for i in 0..n {
             let mut server = NatsServer::configure(
@@ -292,6 +336,7 @@ impl NatsCluster {
                 client_ports[i],
                 Some((cluster_ports[i], &cluster_ports)),
                 Fsync::Always,
+                &deployment,
             )?;
             server.spawn()?;
             servers.push(server);
@@ -299,7 +344,11 @@ impl NatsCluster {
         for server in &mut servers {
             server.wait_ready(Duration::from_secs(20))?;
         }
-        Ok(Self { servers, _temp: temp })
+        Ok(Self {
+            servers,
+            deployment,
+            _temp: temp,
+        })
     }
 
     /// A comma-separated URL list naming every server.
@@ -307,8 +356,14 @@ impl NatsCluster {
         self.servers.iter().map(|s| s.url()).collect::<Vec<_>>().join(",")
     }
 
+    /// Connects as the broker to every server.
     pub async fn client(&self) -> Result<async_nats::Client> {
-        connect(&self.urls()).await
+        connect(&self.urls(), &creds(&self.deployment, Role::Broker, "broker")?).await
+    }
+
+    /// Credentials for `role`'s user `name`, valid on every server.
+    pub fn creds(&self, role: Role, name: &str) -> Result<PathBuf> {
+        creds(&self.deployment, role, name)
     }
 
     /// Waits until JetStream answers through `client` (a meta leader exists).
@@ -337,8 +392,16 @@ pub struct Process {
 }
 
 impl Process {
-    /// Starts `binary` (a workspace binary) with `args`, talking to `nats_url`.
-    pub fn start(binary: &str, name: &str, nats_url: &str, args: &[String], log_dir: &Path) -> Result<Self> {
+    /// Starts `binary` (a workspace binary) with `args`, talking to
+    /// `nats_url` with the credentials in `creds`.
+    pub fn start(
+        binary: &str,
+        name: &str,
+        nats_url: &str,
+        creds: &Path,
+        args: &[String],
+        log_dir: &Path,
+    ) -> Result<Self> {
         let mut process = Self {
             name: name.to_string(),
             program: workspace_binary(binary)?,
@@ -346,7 +409,7 @@ impl Process {
             envs: vec![
                 ("VMLOT_NATS".into(), nats_url.into()),
                 ("VMLOT_LOG".into(), "info".into()),
-                ("VMLOT_OPERATOR_TOKEN".into(), market::TEST_OPERATOR_TOKEN.into()),
+                ("VMLOT_CREDS".into(), creds.display().to_string()),
             ],
             log: log_dir.join(format!("{name}.log")),
             child: None,

@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 use rust_decimal::Decimal;
-use tokio::sync::OnceCell;
 use vmlot_client::Api;
 use vmlot_client::api::{Answer, Submit};
+use vmlot_schemas::caller::{Caller, Role};
 use vmlot_schemas::ledger::{Account, CreditRequest};
 use vmlot_schemas::market::{Image, JobSpec, JobStatus, SubmitJob, Submitted};
 use vmlot_schemas::{Chunking, HypervisorKind, JobId, Money, ObjectKind, VmConfig, WIRE_VERSION};
@@ -22,8 +22,8 @@ use crate::in_process::{InProcessOptions, InProcessProviders};
 pub use crate::spec::ProviderSpec;
 use crate::{NatsServer, Process};
 
-/// The operator secret every test broker is started with.
-pub const TEST_OPERATOR_TOKEN: &str = "vmlot-test-operator";
+/// The operator every test market has: funds accounts, sees every job.
+pub const TEST_OPERATOR: &str = "house";
 
 /// Broker flags that keep tests quick: short bid windows and deadlines.
 pub fn fast_broker_args() -> Vec<String> {
@@ -44,7 +44,8 @@ pub struct Market {
     /// Providers running as tasks of this process ([`Market::add_in_process_providers`]).
     pub in_process: InProcessProviders,
     pub dir: tempfile::TempDir,
-    api: OnceCell<Api>,
+    /// The job API as each caller a test has used, on one connection each.
+    apis: tokio::sync::Mutex<std::collections::HashMap<Caller, Api>>,
 }
 
 impl Market {
@@ -56,14 +57,21 @@ impl Market {
     /// The same on a server already running (a benchmark measures it alone first).
     pub fn on(server: NatsServer, broker_args: Vec<String>, providers: &[ProviderSpec]) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("vmlot-market-").tempdir()?;
-        let broker = Process::start("vmlot-broker", "broker", &server.url(), &broker_args, dir.path())?;
+        let broker = Process::start(
+            "vmlot-broker",
+            "broker",
+            &server.url(),
+            &server.creds(Role::Broker, "broker")?,
+            &broker_args,
+            dir.path(),
+        )?;
         let mut market = Self {
             server,
             broker,
             providers: Vec::new(),
             in_process: InProcessProviders::default(),
             dir,
-            api: OnceCell::new(),
+            apis: Default::default(),
         };
         for spec in providers {
             market.add_provider(spec)?;
@@ -113,6 +121,7 @@ impl Market {
             "vmlot-provider",
             &spec.name,
             &self.server.url(),
+            &self.server.creds(Role::Provider, &spec.id.to_string())?,
             &args,
             self.dir.path(),
         )?);
@@ -164,15 +173,31 @@ impl Market {
         })
     }
 
-    /// The job API, on one connection that rides out server restarts.
+    /// The job API as the operator ([`TEST_OPERATOR`]: sees every job,
+    /// funds accounts), on one connection that rides out server restarts.
     pub async fn api(&self) -> Api {
-        self.api
-            .get_or_init(|| async {
-                let client = self.server.client().await.expect("connect to the market's NATS");
-                Api::new(client)
-            })
+        self.api_as(&Caller::new(Role::Operator, TEST_OPERATOR)).await
+    }
+
+    /// The job API as submitter `name`, with its own credentials.
+    pub async fn submitter(&self, name: &str) -> Api {
+        self.api_as(&Caller::new(Role::Submitter, name)).await
+    }
+
+    /// The job API as `caller`, with its own credentials and connection.
+    pub async fn api_as(&self, caller: &Caller) -> Api {
+        let mut apis = self.apis.lock().await;
+        if let Some(api) = apis.get(caller) {
+            return api.clone();
+        }
+        let client = self
+            .server
+            .client_as(caller.role, &caller.name)
             .await
-            .clone()
+            .expect("connect to the market's NATS");
+        let api = Api::new(client, caller.clone());
+        apis.insert(caller.clone(), api.clone());
+        api
     }
 
     /// Credits `amount` CRD to user `account`, as the operator.
@@ -180,7 +205,8 @@ impl Market {
         fund(&self.api().await, account, amount).await
     }
 
-    /// Funds the spec's account with its budget and submits it; the job.
+    /// Funds the spec's account with its budget and submits it as that
+    /// account's submitter; the job.
     pub async fn submit(&self, spec: JobSpec) -> JobId {
         self.fund(&spec.account, &spec.budget.amount.to_string())
             .await
@@ -189,15 +215,15 @@ impl Market {
         submitted.job
     }
 
-    /// A submission and the broker's answer (accepted or refused).
+    /// A submission as the spec's account's submitter, and the broker's
+    /// answer (accepted or refused).
     pub async fn try_submit(&self, spec: JobSpec) -> Answer<Submitted> {
+        let api = self.submitter(&spec.account).await;
         let request = SubmitJob {
             version: WIRE_VERSION,
             spec,
         };
-        self.api()
-            .await
-            .answer::<Submit>(&request)
+        api.answer::<Submit>(&request)
             .await
             .expect("the broker answers submit")
     }
@@ -255,7 +281,6 @@ pub async fn fund(api: &Api, account: &str, amount: &str) -> Result<()> {
             "CRD",
         ),
         memo: "test funds".into(),
-        operator_token: TEST_OPERATOR_TOKEN.into(),
     };
     match api.credit(&request).await {
         Ok(_) => Ok(()),
@@ -343,6 +368,7 @@ impl Market {
             "vmlot-provider",
             &spec.name,
             &self.server.url(),
+            &self.server.creds(Role::Provider, &spec.id.to_string())?,
             &args,
             self.dir.path(),
         )?);

@@ -13,7 +13,9 @@ use vmlot_schemas::JobId;
 use vmlot_schemas::ledger::Settlement;
 use vmlot_schemas::market::{GuestState, JobState, JobStatus};
 
-use crate::market::{self, Market, TEST_OPERATOR_TOKEN, kill_pids, processes_mentioning, wait_for};
+use vmlot_schemas::caller::Role;
+
+use crate::market::{self, Market, TEST_OPERATOR, kill_pids, processes_mentioning, wait_for};
 use crate::{repo_root, workspace_binary};
 
 const SETUP: &str = "run `make deps guest` in the repository root";
@@ -95,17 +97,29 @@ impl VmMarket {
         }
     }
 
+    /// `vmlot` as the market's operator.
     pub fn vmlot(&self, args: &[&str]) -> Output {
+        self.vmlot_as(Role::Operator, TEST_OPERATOR, args)
+    }
+
+    /// `vmlot` with the credentials of `role`'s user `name`.
+    pub fn vmlot_as(&self, role: Role, name: &str, args: &[&str]) -> Output {
         Command::new(workspace_binary("vmlot").unwrap())
             .env("VMLOT_NATS", self.market.server.url())
+            .env("VMLOT_CREDS", self.market.server.creds(role, name).unwrap())
             .args(args)
             .output()
             .unwrap()
     }
 
-    /// `vmlot` that must succeed; its stdout.
+    /// `vmlot` as the operator, which must succeed; its stdout.
     pub fn vmlot_ok(&self, args: &[&str]) -> Vec<u8> {
-        let out = self.vmlot(args);
+        self.vmlot_ok_as(Role::Operator, TEST_OPERATOR, args)
+    }
+
+    /// `vmlot` as `role`'s user `name`, which must succeed; its stdout.
+    pub fn vmlot_ok_as(&self, role: Role, name: &str, args: &[&str]) -> Vec<u8> {
+        let out = self.vmlot_as(role, name, args);
         assert!(
             out.status.success(),
             "vmlot {args:?}: {}\n{}",
@@ -146,7 +160,7 @@ impl VmMarket {
         description
     }
 
-    /// Funds the default account and submits with `vmlot submit`; the job id.
+    /// Funds submitter `default` and submits as it with `vmlot submit`; the job id.
     /// `segments` is a count or `until-halt`.
     pub fn submit(&self, image: &Path, segment_seconds: &str, segments: &str, redundancy: &str) -> JobId {
         let mut args = vec![
@@ -167,15 +181,8 @@ impl VmMarket {
             "until-halt" => args.push("--until-halt"),
             n => args.extend(["--segments", n]),
         }
-        self.vmlot_ok(&[
-            "admin",
-            "credit",
-            "default",
-            "50",
-            "--operator-token",
-            TEST_OPERATOR_TOKEN,
-        ]);
-        let out = self.vmlot_ok(&args);
+        self.vmlot_ok(&["admin", "credit", "default", "50"]);
+        let out = self.vmlot_ok_as(Role::Submitter, "default", &args);
         let submitted: serde_json::Value = serde_json::from_slice(&out).unwrap();
         submitted["job"].as_str().unwrap().parse().unwrap()
     }

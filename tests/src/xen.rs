@@ -56,7 +56,7 @@ impl XenHost {
     /// Boots a host whose provider joins the market at `nats_port` on the
     /// test machine's loopback. The host's serial console (Xen's and
     /// dom0's, the provider's log among it) goes to `<dir>/<name>.serial`.
-    pub fn boot(spec: &XenHostSpec, nats_port: u16, dir: &Path) -> Result<Self> {
+    pub fn boot(spec: &XenHostSpec, nats_port: u16, creds: &Path, dir: &Path) -> Result<Self> {
         require_host_image()?;
         let serial = dir.join(format!("{}.serial", spec.name));
         let child = Command::new("bash")
@@ -65,6 +65,8 @@ impl XenHost {
             .args(["--nats", &format!("nats://10.0.2.2:{nats_port}")])
             .args(["--name", &spec.name])
             .args(["--id", &spec.id.to_string()])
+            .arg("--creds")
+            .arg(creds)
             .args(["--price", "0", "--min-price", &spec.price])
             .arg("--serial")
             .arg(&serial)

@@ -4,9 +4,14 @@ use std::process::{Command, Output};
 
 use vmlot_tests::{NatsServer, workspace_binary};
 
+/// `vmlot` as a submitter with its own credentials.
 fn vmlot(server: &NatsServer, args: &[&str]) -> Output {
+    let creds = server
+        .creds(vmlot_schemas::caller::Role::Submitter, "alice")
+        .unwrap();
     Command::new(workspace_binary("vmlot").unwrap())
         .env("VMLOT_NATS", server.url())
+        .env("VMLOT_CREDS", creds)
         .args(args)
         .output()
         .unwrap()
@@ -86,7 +91,7 @@ fn an_unreachable_server_is_exit_code_4() {
     let port = vmlot_tests::free_port();
     let out = Command::new(workspace_binary("vmlot").unwrap())
         .env("VMLOT_NATS", format!("nats://127.0.0.1:{port}"))
-        .args(["store", "have", &"0".repeat(40), "--cache", "/tmp"])
+        .args(["--open", "store", "have", &"0".repeat(40), "--cache", "/tmp"])
         .output()
         .unwrap();
     assert_eq!(

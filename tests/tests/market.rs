@@ -8,6 +8,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use rust_decimal::Decimal;
 use vmlot_client::api::{Credit, Status};
+use vmlot_schemas::caller::Role;
 use vmlot_schemas::market::{
     Image, JobRef, JobSpec, JobState, JobStatus, SegmentCount, SegmentResult, Submitted,
 };
@@ -209,7 +210,10 @@ async fn hostile_input_is_refused_and_changes_nothing() {
     let api = market.api().await;
     let image = synthetic_image(&market).await;
 
-    // The job API: garbage, wrong types, bad values, unknown ids.
+    // The job API: garbage, wrong types, bad values, unknown ids, from a
+    // submitter with valid credentials.
+    let alice = vmlot_schemas::caller::Caller::new(Role::Submitter, "alice");
+    let alice_client = market.server.client_as(alice.role, &alice.name).await.unwrap();
     for endpoint in ["submit", "status", "cancel"] {
         for body in [
             &b"\xff\x00garbage"[..],
@@ -217,8 +221,8 @@ async fn hostile_input_is_refused_and_changes_nothing() {
             b"[1,2,3]",
             b"{\"version\":1,\"job\":42}",
         ] {
-            let reply = client
-                .request(subjects::api(endpoint), body.to_vec().into())
+            let reply = alice_client
+                .request(subjects::api(&alice, endpoint), body.to_vec().into())
                 .await
                 .unwrap();
             let value: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
@@ -450,10 +454,15 @@ async fn lots_go_only_to_providers_of_their_hypervisor() {
 
 // The books: escrow, settlement, refund, queries and reconciliation.
 
-/// `vmlot ARGS` against the market's NATS.
+/// `vmlot ARGS` against the market's NATS, as its operator.
 fn vmlot(market: &Market, args: &[&str]) -> std::process::Output {
+    let creds = market
+        .server
+        .creds(Role::Operator, vmlot_tests::market::TEST_OPERATOR)
+        .unwrap();
     std::process::Command::new(vmlot_tests::workspace_binary("vmlot").unwrap())
         .env("VMLOT_NATS", market.server.url())
+        .env("VMLOT_CREDS", creds)
         .args(args)
         .output()
         .unwrap()
@@ -508,39 +517,29 @@ async fn books_hold_pay_refund_answer_queries_and_verify() {
     let image = synthetic_image(&market).await;
 
     // Funding: only the operator, only positive amounts, once per request id.
-    let credit = |token: &str, id: uuid::Uuid, amount: &str| {
+    let credit = |id: uuid::Uuid, amount: &str| {
         serde_json::json!({
             "version": 1, "id": id, "account": "user:alice",
-            "amount": {"amount": amount, "unit": "CRD"}, "memo": "", "operator_token": token,
+            "amount": {"amount": amount, "unit": "CRD"}, "memo": "",
         })
     };
     let id = uuid::Uuid::new_v4();
-    let refused = api
-        .answer_body::<Credit>(&credit("guess", id, "10"))
+    let refused = market
+        .submitter("alice")
+        .await
+        .answer_body::<Credit>(&credit(id, "10"))
         .await
         .unwrap();
     assert_eq!(refused.unwrap_err().code, "forbidden");
     for bad in ["-10", "0", "1e3", "0.000000001", "99999999999999999"] {
-        let refused = api
-            .answer_body::<Credit>(&credit(vmlot_tests::market::TEST_OPERATOR_TOKEN, id, bad))
-            .await
-            .unwrap();
+        let refused = api.answer_body::<Credit>(&credit(id, bad)).await.unwrap();
         assert_eq!(refused.unwrap_err().code, "bad-request", "credit of {bad}");
     }
     assert_eq!(balance(&market, "user:alice").await, Decimal::ZERO);
     for _ in 0..2 {
         let out = vmlot(
             &market,
-            &[
-                "admin",
-                "credit",
-                "alice",
-                "10",
-                "--id",
-                &id.to_string(),
-                "--operator-token",
-                vmlot_tests::market::TEST_OPERATOR_TOKEN,
-            ],
+            &["admin", "credit", "alice", "10", "--id", &id.to_string()],
         );
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
@@ -549,10 +548,7 @@ async fn books_hold_pay_refund_answer_queries_and_verify() {
         dec("10"),
         "one credit per request id"
     );
-    let reused = api
-        .answer_body::<Credit>(&credit(vmlot_tests::market::TEST_OPERATOR_TOKEN, id, "11"))
-        .await
-        .unwrap();
+    let reused = api.answer_body::<Credit>(&credit(id, "11")).await.unwrap();
     assert_eq!(reused.unwrap_err().code, "conflict");
 
     // A budget beyond the balance is refused, and leaves no job behind.

@@ -14,6 +14,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use rust_decimal::Decimal;
+use vmlot_schemas::caller::Role;
 use vmlot_schemas::market::GuestState;
 use vmlot_schemas::{ManifestId, ProviderId};
 use vmlot_tests::market::{QemuProviderSpec, kill_pids, processes_mentioning, wait_for};
@@ -118,8 +119,14 @@ async fn a_vm_migrated_across_three_providers_prints_what_an_uninterrupted_run_p
     let image = m.push_image(&qemu_image(&[]));
     let job = m.submit(&image, SEGMENT_SECONDS, "until-halt", "1");
     let follow_out = m.market.path().join("follow.out");
+    let operator = m
+        .market
+        .server
+        .creds(Role::Operator, vmlot_tests::market::TEST_OPERATOR)
+        .unwrap();
     let mut follow = Command::new(workspace_binary("vmlot").unwrap())
         .env("VMLOT_NATS", m.market.server.url())
+        .env("VMLOT_CREDS", operator)
         .args(["logs", "--follow", &job.to_string()])
         .stdout(std::fs::File::create(&follow_out).unwrap())
         .spawn()

@@ -108,7 +108,13 @@ impl XenMarket {
     }
 
     fn boot(&mut self, spec: &XenHostSpec) {
-        let host = XenHost::boot(spec, self.m.market.server.port(), self.m.market.path()).unwrap();
+        let creds = self
+            .m
+            .market
+            .server
+            .creds(vmlot_schemas::caller::Role::Provider, &spec.id.to_string())
+            .unwrap();
+        let host = XenHost::boot(spec, self.m.market.server.port(), &creds, self.m.market.path()).unwrap();
         self.hosts.push(host);
     }
 

@@ -1,8 +1,15 @@
-//! `vmlot admin`: the operator's commands. A credit goes through the
-//! broker, which alone writes the books.
+//! `vmlot admin`: the operator's commands. `init` sets up a deployment's
+//! identities (keys, the server's authentication, the broker's
+//! credentials), `add` issues a participant's credentials, both on the
+//! operator's machine with no NATS needed; a credit goes through the
+//! broker, which alone writes the books, and only from an operator.
+
+use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Subcommand;
+use vmlot_identity::Deployment;
+use vmlot_schemas::caller::Role;
 use vmlot_schemas::ledger::CreditRequest;
 use vmlot_schemas::{Money, WIRE_VERSION};
 
@@ -12,6 +19,24 @@ use crate::output::print_json;
 
 #[derive(Subcommand)]
 pub enum AdminCommand {
+    /// Set up a deployment in DIR: operator, accounts and signing keys, the
+    /// server's `auth.conf` (include it in nats-server.conf) and the
+    /// broker's credentials.
+    Init {
+        #[arg(long, env = "VMLOT_DEPLOYMENT", default_value = "vmlot-deployment")]
+        dir: PathBuf,
+    },
+    /// Issue credentials to a new participant (written to
+    /// DIR/creds/ROLE-NAME.creds and printed as its path). A provider's
+    /// name is its id: a new UUID when none is given.
+    Add {
+        /// provider, submitter, operator, accountant (or broker).
+        role: Role,
+        /// The participant's name (1-64 of A-Z a-z 0-9 _ -); for a provider, its id.
+        name: Option<String>,
+        #[arg(long, env = "VMLOT_DEPLOYMENT", default_value = "vmlot-deployment")]
+        dir: PathBuf,
+    },
     /// Fund a user account (operator only).
     Credit {
         /// NAME or user:NAME.
@@ -25,21 +50,41 @@ pub enum AdminCommand {
         /// The request's id: retrying with the same id credits once (default: a new one).
         #[arg(long)]
         id: Option<uuid::Uuid>,
-        #[arg(long, env = "VMLOT_OPERATOR_TOKEN", hide_env_values = true)]
-        operator_token: String,
     },
 }
 
 /// `vmlot admin …`.
 pub async fn admin(ctx: &Context, command: &AdminCommand) -> Result<()> {
     match command {
+        AdminCommand::Init { dir } => {
+            let d = Deployment::create(dir)?;
+            println!("deployment in {}", d.dir().display());
+            println!(
+                "  server: include {} in nats-server.conf",
+                d.auth_conf().display()
+            );
+            println!(
+                "  broker: --creds {}",
+                d.creds_path(Role::Broker, "broker").display()
+            );
+            Ok(())
+        }
+        AdminCommand::Add { role, name, dir } => {
+            let d = Deployment::open(dir)?;
+            let name = match (name, role) {
+                (Some(n), _) => n.clone(),
+                (None, Role::Provider) => vmlot_schemas::ProviderId::new().to_string(),
+                (None, _) => anyhow::bail!("a {role} needs a name"),
+            };
+            println!("{}", d.add(*role, &name)?.display());
+            Ok(())
+        }
         AdminCommand::Credit {
             account,
             amount,
             unit,
             memo,
             id,
-            operator_token,
         } => {
             let account = resolve_account(ctx, account).await?;
             let amount = vmlot_ledger::parse_amount(amount).map_err(anyhow::Error::msg)?;
@@ -49,7 +94,6 @@ pub async fn admin(ctx: &Context, command: &AdminCommand) -> Result<()> {
                 account: account.clone(),
                 amount: Money::new(amount, unit.clone()),
                 memo: memo.clone(),
-                operator_token: operator_token.clone(),
             };
             let tx = ctx.api().await?.credit(&req).await?;
             if ctx.json {

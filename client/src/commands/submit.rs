@@ -40,8 +40,6 @@ pub struct SubmitArgs {
     pub budget: Decimal,
     #[arg(long, default_value = "CRD")]
     pub unit: String,
-    #[arg(long, env = "VMLOT_ACCOUNT", default_value = "default")]
-    pub account: String,
     /// Follow the job to its end, like `vmlot watch`.
     #[arg(long)]
     pub watch: bool,
@@ -66,7 +64,8 @@ pub async fn submit(ctx: &Context, args: &SubmitArgs) -> Result<()> {
         redundancy: args.redundancy,
         reserve_price: Money::new(args.reserve, args.unit.clone()),
         budget: Money::new(args.budget, args.unit.clone()),
-        account: args.account.clone(),
+        // The broker charges the caller, whoever its credentials say.
+        account: String::new(),
     };
     let submitted = ctx.api().await?.submit(spec).await?;
     if ctx.json && !args.watch {

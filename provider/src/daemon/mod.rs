@@ -52,13 +52,16 @@ fn nats(op: &'static str, err: impl std::fmt::Display) -> ProviderError {
 
 /// Connects to the NATS servers in `urls` (comma-separated), retrying the
 /// first connection and reconnecting for ever after.
-pub async fn connect(urls: &str) -> Result<async_nats::Client, ProviderError> {
+pub async fn connect(
+    urls: &str,
+    options: async_nats::ConnectOptions,
+) -> Result<async_nats::Client, ProviderError> {
     let addrs: Vec<async_nats::ServerAddr> = urls
         .split(',')
         .map(|u| u.trim().parse())
         .collect::<Result<_, _>>()
         .map_err(|e| nats("server address", format!("{urls}: {e}")))?;
-    async_nats::ConnectOptions::new()
+    options
         .retry_on_initial_connect()
         .max_reconnects(None)
         .connect(addrs)

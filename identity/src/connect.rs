@@ -1,0 +1,59 @@
+//! How every vmlot program presents itself to NATS: its credentials (and
+//! so its inbox, the one place its replies may come), the CA that signs the
+//! server's certificate, or, only when asked for by name, nothing at all.
+
+use std::path::PathBuf;
+
+use crate::{Creds, IdentityError};
+
+/// What a program connects with: `--creds`, `--tls-ca` and `--open` (and
+/// their environment variables), flattened into each binary's flags.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct Access {
+    /// The user's NATS credentials file (from `vmlot admin add`).
+    #[arg(long, env = "VMLOT_CREDS", global = true)]
+    pub creds: Option<PathBuf>,
+    /// The CA certificate the server's TLS certificate must chain to;
+    /// given, the connection must be TLS.
+    #[arg(long, env = "VMLOT_TLS_CA", global = true)]
+    pub tls_ca: Option<PathBuf>,
+    /// Connect with no credentials, to a server that asks for none: anyone
+    /// on it may then be anyone (a developer's machine, a closed pool).
+    #[arg(long, env = "VMLOT_OPEN", global = true)]
+    pub open: bool,
+}
+
+/// Neither credentials nor `--open`: refused rather than guessed.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "no credentials: pass --creds FILE (from `vmlot admin add`), or --open for a server without authentication"
+)]
+pub struct NoCredentials;
+
+impl Access {
+    /// The connect options: credentials and the inbox they allow, TLS.
+    /// Returns who the credentials name, if any.
+    pub fn options(&self) -> Result<(async_nats::ConnectOptions, Option<Creds>), IdentityError> {
+        let mut opts = async_nats::ConnectOptions::new();
+        let creds = match (&self.creds, self.open) {
+            (Some(path), _) => {
+                let creds = Creds::load(path)?;
+                let text = std::fs::read_to_string(path).map_err(IdentityError::io(path))?;
+                opts = opts
+                    .credentials(&text)
+                    .map_err(|e| IdentityError::Creds {
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    })?
+                    .custom_inbox_prefix(creds.inbox_prefix());
+                Some(creds)
+            }
+            (None, true) => None,
+            (None, false) => return Err(IdentityError::Unauthenticated(NoCredentials)),
+        };
+        if let Some(ca) = &self.tls_ca {
+            opts = opts.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        Ok((opts, creds))
+    }
+}

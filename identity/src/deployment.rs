@@ -1,0 +1,254 @@
+//! A deployment: the operator's keys, its accounts, and the part of the
+//! nats-server configuration that makes the server check them. Users are
+//! added by signing a JWT with the role's signing key: nothing on the
+//! server changes, so a new participant joins a running market.
+//!
+//! On disk (`dir`): `operator.jwt`; `keys/` the seeds (secret, mode
+//! 0600); `accounts/` the account JWTs; `auth.conf` for the server to
+//! `include`; `creds/ROLE-NAME.creds` the users' credentials.
+
+use std::path::{Path, PathBuf};
+
+use nats_io_jwt::{
+    Account, KeyPair, Operator, OperatorLimits, Permission, ResponsePermission, SigningKeys, SigningKeysItem,
+    StringList, SystemAccount, TagList, Token, User, UserPermissionLimits, UserScope,
+};
+use vmlot_schemas::caller::{Role, valid_name};
+
+use crate::grants::grants;
+use crate::{IdentityError, creds};
+
+/// The operator's name in its JWT.
+pub const OPERATOR: &str = "vmlot";
+/// The account every market participant and the market's streams live in.
+pub const MARKET: &str = "MARKET";
+/// The server's own account (monitoring, the resolver).
+pub const SYSTEM: &str = "SYS";
+
+/// A deployment's directory.
+#[derive(Clone, Debug)]
+pub struct Deployment {
+    dir: PathBuf,
+}
+
+impl Deployment {
+    /// Creates a new deployment in `dir` (made if missing): fresh operator,
+    /// accounts and signing keys, the server's `auth.conf`, and the
+    /// broker's credentials. Refuses a directory that already holds one.
+    pub fn create(dir: &Path) -> Result<Self, IdentityError> {
+        if dir.join("operator.jwt").exists() {
+            return Err(IdentityError::Exists(dir.to_path_buf()));
+        }
+        for sub in ["keys", "accounts", "creds"] {
+            std::fs::create_dir_all(dir.join(sub)).map_err(IdentityError::io(dir.join(sub)))?;
+        }
+        let d = Self {
+            dir: dir.to_path_buf(),
+        };
+        let operator = KeyPair::new_operator();
+        let operator_signing = KeyPair::new_operator();
+        let system = KeyPair::new_account();
+        let market = KeyPair::new_account();
+        d.write_seed("operator", &operator)?;
+        d.write_seed("operator-signing", &operator_signing)?;
+        d.write_seed(SYSTEM, &system)?;
+        d.write_seed(MARKET, &market)?;
+
+        let operator_jwt = Token::new(operator.public_key())
+            .name(OPERATOR)
+            .claims(Operator {
+                signing_keys: Some(SigningKeys::from(&operator_signing)),
+                system_account: Some(SystemAccount(system.public_key())),
+                ..Default::default()
+            })
+            .sign(&operator);
+        d.write("operator.jwt", &operator_jwt, false)?;
+
+        let system_jwt = Token::new(system.public_key())
+            .name(SYSTEM)
+            .claims(Account {
+                limits: Some(OperatorLimits {
+                    disk_storage: 0,
+                    mem_storage: 0,
+                    streams: 0,
+                    consumer: 0,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .sign(&operator_signing);
+        d.write(&format!("accounts/{SYSTEM}.jwt"), &system_jwt, false)?;
+
+        let mut scopes = Vec::new();
+        for role in Role::ALL {
+            let key = KeyPair::new_account();
+            d.write_seed(&role_key(role), &key)?;
+            scopes.push(SigningKeysItem::UserScope(scope(role, &key)));
+        }
+        let market_jwt = Token::new(market.public_key())
+            .name(MARKET)
+            .claims(Account {
+                signing_keys: Some(SigningKeys(scopes)),
+                limits: Some(OperatorLimits::default()),
+                ..Default::default()
+            })
+            .sign(&operator_signing);
+        d.write(&format!("accounts/{MARKET}.jwt"), &market_jwt, false)?;
+
+        let conf = format!(
+            "# vmlot deployment: NATS decentralized authentication (written by `vmlot admin init`).\n\
+             operator: \"{operator_jwt}\"\n\
+             system_account: {sys}\n\
+             resolver: MEMORY\n\
+             resolver_preload: {{\n  {sys}: \"{system_jwt}\"\n  {mkt}: \"{market_jwt}\"\n}}\n",
+            sys = system.public_key(),
+            mkt = market.public_key(),
+        );
+        d.write("auth.conf", &conf, false)?;
+        d.add(Role::Broker, "broker")?;
+        Ok(d)
+    }
+
+    /// The deployment already in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, IdentityError> {
+        if !dir.join("operator.jwt").exists() {
+            return Err(IdentityError::NoDeployment(dir.to_path_buf()));
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The server configuration's authentication part, for `include`.
+    pub fn auth_conf(&self) -> PathBuf {
+        self.dir.join("auth.conf")
+    }
+
+    /// Where `role`'s user `name` keeps its credentials.
+    pub fn creds_path(&self, role: Role, name: &str) -> PathBuf {
+        self.dir.join("creds").join(format!("{role}-{name}.creds"))
+    }
+
+    /// Issues credentials to a new user `name` of `role` and writes them to
+    /// [`Deployment::creds_path`] (again: new keys, the old file replaced;
+    /// the old credentials stay valid). A provider's name is its id, a
+    /// UUID; other names are 1-64 of `A-Z a-z 0-9 _ -`.
+    pub fn add(&self, role: Role, name: &str) -> Result<PathBuf, IdentityError> {
+        if !valid_name(name) {
+            return Err(IdentityError::Name(
+                name.into(),
+                role,
+                "want 1-64 of A-Z a-z 0-9 _ -",
+            ));
+        }
+        if role == Role::Provider && name.parse::<vmlot_schemas::ProviderId>().is_err() {
+            return Err(IdentityError::Name(
+                name.into(),
+                role,
+                "a provider's name is its id, a UUID",
+            ));
+        }
+        let market = self.public_key(MARKET)?;
+        let signer = self.seed(&role_key(role))?;
+        let user = KeyPair::new_user();
+        let jwt = Token::new(user.public_key())
+            .name(name)
+            .claims(User {
+                issuer_account: Some(market),
+                bearer_token: false,
+                tags: Some(TagList(vec![format!("{}{role}", creds::ROLE_TAG)])),
+                // A scoped user must carry no limits of its own (the server
+                // compares them with Go's zero values): the template's apply.
+                data: 0,
+                payload: 0,
+                subs: 0,
+                ..Default::default()
+            })
+            .sign(&signer);
+        let seed = user.seed().map_err(|e| IdentityError::Key {
+            path: self.dir.clone(),
+            reason: e.to_string(),
+        })?;
+        let path = self.creds_path(role, name);
+        self.write(
+            path.strip_prefix(&self.dir).expect("under the deployment"),
+            &creds::format(&jwt, &seed),
+            true,
+        )?;
+        Ok(path)
+    }
+
+    fn public_key(&self, name: &str) -> Result<String, IdentityError> {
+        Ok(self.seed(name)?.public_key())
+    }
+
+    fn seed(&self, name: &str) -> Result<KeyPair, IdentityError> {
+        let path = self.dir.join("keys").join(format!("{name}.nk"));
+        let seed = std::fs::read_to_string(&path).map_err(IdentityError::io(&path))?;
+        KeyPair::from_seed(seed.trim()).map_err(|e| IdentityError::Key {
+            path,
+            reason: e.to_string(),
+        })
+    }
+
+    fn write_seed(&self, name: &str, key: &KeyPair) -> Result<(), IdentityError> {
+        let seed = key.seed().map_err(|e| IdentityError::Key {
+            path: self.dir.join("keys"),
+            reason: e.to_string(),
+        })?;
+        self.write(&format!("keys/{name}.nk"), &seed, true)
+    }
+
+    fn write(&self, rel: impl AsRef<Path>, text: &str, secret: bool) -> Result<(), IdentityError> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.dir.join(rel);
+        let tmp = path.with_extension("tmp");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(if secret { 0o600 } else { 0o644 })
+            .open(&tmp)
+            .map_err(IdentityError::io(&tmp))?;
+        f.write_all(text.as_bytes()).map_err(IdentityError::io(&tmp))?;
+        std::fs::rename(&tmp, &path).map_err(IdentityError::io(&path))
+    }
+}
+
+/// The seed file of `role`'s signing key in the market account.
+fn role_key(role: Role) -> String {
+    format!("{MARKET}-{role}")
+}
+
+/// `role`'s signing key with its permission template.
+fn scope(role: Role, key: &KeyPair) -> UserScope {
+    let g = grants(role);
+    UserScope {
+        key: Some(key.public_key()),
+        role: Some(role.to_string()),
+        description: Some(format!("vmlot {role}s")),
+        template: Some(UserPermissionLimits {
+            pub_: Some(allow(g.publish)),
+            sub: Some(allow(g.subscribe)),
+            resp: g.respond.then_some(ResponsePermission {
+                max: Some(1),
+                ttl: Some(0),
+            }),
+            bearer_token: false,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn allow(subjects: Vec<String>) -> Permission {
+    Permission {
+        allow: Some(StringList(subjects)),
+        deny: None,
+    }
+}

@@ -1,0 +1,24 @@
+//! Who is who in a vmlot market, with NATS decentralized authentication:
+//! one operator signs the accounts, each account's per-role signing keys
+//! sign its users, and the server checks every connection against that
+//! chain, so a participant is whoever its credentials say and can do only
+//! what its role's template allows.
+//!
+//! - [`grants`]: each role's permissions (pure; the table in
+//!   `docs/ARCHITECTURE.md` is checked against it).
+//! - [`deployment`]: a deployment's keys, the server's configuration, and
+//!   new users' credentials.
+//! - [`creds`]: reading a credentials file (who it names, its inbox).
+//! - [`connect`]: how a program connects: credentials, TLS, or open.
+
+pub mod connect;
+pub mod creds;
+pub mod deployment;
+pub mod error;
+pub mod grants;
+
+pub use connect::Access;
+pub use creds::Creds;
+pub use deployment::Deployment;
+pub use error::IdentityError;
+pub use grants::{Grants, grants};

@@ -1,0 +1,266 @@
+//! A market among strangers: each test acts as an attacker, either with no
+//! credentials or with its own valid ones (a registered but malicious
+//! submitter or provider), tries what the issue lists (mint money, spend
+//! another's, rewrite the books and job records, impersonate a provider,
+//! read sealed bids), and checks that the server or the broker refused it
+//! and that nothing changed: balances, job records, streams, and the books
+//! still verify.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use futures::StreamExt;
+use rust_decimal::Decimal;
+use vmlot_client::api::{Cancel, Credit, Status, Submit};
+use vmlot_schemas::caller::{Caller, Role};
+use vmlot_schemas::market::{Image, JobRef, JobSpec, SegmentCount, SubmitJob};
+use vmlot_schemas::{Money, ProviderId, WIRE_VERSION, subjects};
+use vmlot_tests::market::{Market, ProviderSpec, fast_broker_args, wait_for};
+
+fn money(s: &str) -> Money {
+    Money::new(Decimal::from_str(s).unwrap(), "CRD")
+}
+
+fn spec(image: Image, account: &str, segments: u32, budget: &str) -> JobSpec {
+    JobSpec {
+        image,
+        segment_seconds: 1,
+        segments: SegmentCount::Count(segments),
+        redundancy: 1,
+        reserve_price: money("1"),
+        budget: money(budget),
+        account: account.into(),
+    }
+}
+
+async fn balance(market: &Market, account: &str) -> Decimal {
+    let js = async_nats::jetstream::new(market.server.client().await.unwrap());
+    let books = vmlot_ledger::Books::open(&js).await.unwrap();
+    books.balance(&account.parse().unwrap(), "CRD").await.unwrap()
+}
+
+/// Messages in `stream` (the house's view).
+async fn messages_in(market: &Market, stream: &str) -> u64 {
+    let js = async_nats::jetstream::new(market.server.client().await.unwrap());
+    let mut stream = js.get_stream(stream).await.unwrap();
+    stream.info().await.unwrap().state.messages
+}
+
+async fn assert_books_verify(market: &Market) {
+    let js = async_nats::jetstream::new(market.server.client().await.unwrap());
+    let report = vmlot_ledger::verify::verify(&js).await.unwrap();
+    assert!(report.ok(), "{:#?}\n{}", report.problems, market.logs());
+}
+
+/// Waits until the server has logged a permission violation naming
+/// `subject`: the refusal was the server's, not a message lost.
+async fn refused_by_server(market: &Market, what: &str, subject: &str) {
+    let seen = wait_for(Duration::from_secs(5), async || {
+        let log = market.server.log();
+        log.lines()
+            .any(|l| l.contains(what) && l.contains("Violation") && l.contains(subject))
+            .then_some(())
+    })
+    .await;
+    assert!(
+        seen.is_ok(),
+        "the server logged no {what} violation on {subject}:\n{}",
+        market.server.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_credentials_nobody_connects() {
+    let market = Market::start(fast_broker_args(), &[]).unwrap();
+    let anonymous = async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(3))
+        .connect(market.server.url())
+        .await;
+    assert!(anonymous.is_err(), "an anonymous client connected");
+
+    // Credentials from another deployment (another operator's keys) are
+    // not this market's.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let other = vmlot_identity::Deployment::create(&elsewhere.path().join("d")).unwrap();
+    let forged = other.add(Role::Operator, "house").unwrap();
+    let access = vmlot_identity::Access {
+        creds: Some(forged),
+        ..Default::default()
+    };
+    let stranger = access
+        .options()
+        .unwrap()
+        .0
+        .connection_timeout(Duration::from_secs(3))
+        .connect(market.server.url())
+        .await;
+    assert!(stranger.is_err(), "a foreign operator's user connected");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submitter_cannot_mint_spend_anothers_or_touch_the_books() {
+    let provider = ProviderSpec::synthetic("p1", "0.10");
+    let market = Market::start(fast_broker_args(), &[provider]).unwrap();
+    market.ready(1).await.unwrap();
+    let image = market
+        .push_synthetic_image("synthetic.seed=strangers")
+        .await
+        .unwrap();
+    market.fund("alice", "20").await.unwrap();
+    let job = market.submit(spec(image.clone(), "alice", 3, "5")).await;
+    let done = market.wait_final(job, Duration::from_secs(60)).await;
+    let alice_after_job = balance(&market, "user:alice").await;
+    let record_before = vmlot_tests::market::read_job_record(&market.server.client().await.unwrap(), job)
+        .await
+        .unwrap();
+    let ledger_before = messages_in(&market, subjects::LEDGER_STREAM).await;
+
+    let mallory = Caller::new(Role::Submitter, "mallory");
+    let api = market.api_as(&mallory).await;
+    let nats = api.nats().clone();
+
+    // Mint: the credit endpoint answers only an operator.
+    let credit = serde_json::json!({
+        "version": WIRE_VERSION, "id": uuid::Uuid::new_v4(), "account": "user:mallory",
+        "amount": {"amount": "1000000", "unit": "CRD"}, "memo": "",
+    });
+    let refused = api.answer_body::<Credit>(&credit).await.unwrap().unwrap_err();
+    assert_eq!(refused.code, "forbidden", "{refused:?}");
+    // Nor can mallory send as the operator: the subject is fenced to its name.
+    let as_operator = subjects::api(&Caller::new(Role::Operator, "house"), "credit");
+    let sneaked = tokio::time::timeout(
+        Duration::from_secs(2),
+        nats.request(as_operator.clone(), serde_json::to_vec(&credit).unwrap().into()),
+    )
+    .await;
+    assert!(
+        !matches!(sneaked, Ok(Ok(_))),
+        "a submitter's request reached the operator's subject"
+    );
+    refused_by_server(&market, "Publish", &as_operator).await;
+
+    // Spend another's: a job naming alice's account is refused.
+    let theirs = api
+        .answer::<Submit>(&SubmitJob {
+            version: WIRE_VERSION,
+            spec: spec(image, "alice", 1, "5"),
+        })
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(theirs.code, "forbidden", "{theirs:?}");
+
+    // Another's job: not shown, not listed, not cancelled.
+    let job_ref = JobRef {
+        version: WIRE_VERSION,
+        job,
+    };
+    let unseen = api.answer::<Status>(&job_ref).await.unwrap().unwrap_err();
+    assert_eq!(unseen.code, "not-found");
+    let uncancelled = api.answer::<Cancel>(&job_ref).await.unwrap().unwrap_err();
+    assert_eq!(uncancelled.code, "not-found");
+    assert!(api.list().await.unwrap().is_empty(), "mallory listed alice's job");
+
+    // Rewrite the books and the job record, delete the streams: the server
+    // refuses every publish outside mallory's grants.
+    let posting = subjects::posting(&"user:mallory".parse().unwrap(), "CRD");
+    let forged = serde_json::json!({"balance": "1000000"});
+    nats.publish(posting.clone(), serde_json::to_vec(&forged).unwrap().into())
+        .await
+        .unwrap();
+    let record_subject = format!("$KV.{}.{job}", subjects::JOB_BUCKET);
+    nats.publish(record_subject.clone(), b"{}".to_vec().into())
+        .await
+        .unwrap();
+    let delete = format!("$JS.API.STREAM.DELETE.{}", subjects::LEDGER_STREAM);
+    let deleted = tokio::time::timeout(Duration::from_secs(2), nats.request(delete.clone(), "".into())).await;
+    assert!(!matches!(deleted, Ok(Ok(_))), "the stream API answered mallory");
+    nats.flush().await.unwrap();
+    refused_by_server(&market, "Publish", &posting).await;
+    refused_by_server(&market, "Publish", &record_subject).await;
+    refused_by_server(&market, "Publish", &delete).await;
+
+    // Sealed bids: mallory cannot listen to bids or awards.
+    let bids = nats.subscribe(subjects::ALL_BIDS).await.unwrap();
+    nats.flush().await.unwrap();
+    refused_by_server(&market, "Subscription", subjects::ALL_BIDS).await;
+    drop(bids);
+
+    // Nothing changed.
+    assert_eq!(balance(&market, "user:mallory").await, Decimal::ZERO);
+    assert_eq!(balance(&market, "user:alice").await, alice_after_job);
+    assert_eq!(messages_in(&market, subjects::LEDGER_STREAM).await, ledger_before);
+    let record_after = vmlot_tests::market::read_job_record(&market.server.client().await.unwrap(), job)
+        .await
+        .unwrap();
+    assert_eq!(record_after, record_before, "the job record changed");
+    assert_eq!(market.status(job).await, done);
+    assert_books_verify(&market).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_cannot_impersonate_another_or_read_its_bids() {
+    let honest = ProviderSpec::synthetic("honest", "0.10");
+    let honest_id = ProviderId(honest.id);
+    let market = Market::start(fast_broker_args(), &[honest]).unwrap();
+    market.ready(1).await.unwrap();
+    let image = market
+        .push_synthetic_image("synthetic.seed=impostor")
+        .await
+        .unwrap();
+
+    // Eve is a registered provider, with her own valid credentials.
+    let eve = ProviderId::new();
+    let nats = market
+        .server
+        .client_as(Role::Provider, &eve.to_string())
+        .await
+        .unwrap();
+    // Listening for everyone's bids and the honest provider's awards.
+    let mut bids = nats.subscribe(subjects::ALL_BIDS).await.unwrap();
+    let mut awards = nats.subscribe(subjects::award(&honest_id)).await.unwrap();
+    nats.flush().await.unwrap();
+    refused_by_server(&market, "Subscription", subjects::ALL_BIDS).await;
+    refused_by_server(&market, "Subscription", &subjects::award(&honest_id)).await;
+
+    // Heartbeats, bids and results in the honest provider's name; a forged
+    // award to it.
+    let ghost = ProviderId::new();
+    for subject in [
+        subjects::heartbeat(&ghost),
+        subjects::heartbeat(&honest_id),
+        subjects::bid(&honest_id),
+        subjects::result(&honest_id),
+        subjects::award(&honest_id),
+    ] {
+        nats.publish(subject.clone(), b"{}".to_vec().into())
+            .await
+            .unwrap();
+        nats.flush().await.unwrap();
+        refused_by_server(&market, "Publish", &subject).await;
+    }
+    let listed = market.api().await.providers().await.unwrap();
+    assert!(
+        listed.iter().all(|h| h.provider != ghost),
+        "a heartbeat in another's name was believed: {listed:#?}"
+    );
+
+    // A real job runs meanwhile; eve sees none of its bids or awards.
+    market.fund("alice", "10").await.unwrap();
+    let job = market.submit(spec(image, "alice", 2, "5")).await;
+    let done = market.wait_final(job, Duration::from_secs(60)).await;
+    assert!(done.settled.iter().all(|s| s.provider == honest_id), "{done:#?}");
+    let peek = async {
+        tokio::select! {
+            b = bids.next() => b.is_some(),
+            a = awards.next() => a.is_some(),
+        }
+    };
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), peek)
+            .await
+            .is_err(),
+        "eve read a bid or an award"
+    );
+    assert_books_verify(&market).await;
+}
