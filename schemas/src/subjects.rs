@@ -99,12 +99,13 @@ pub mod js {
         ]
     }
     /// Creating, reading and deleting consumers of a stream (reading it in order).
-    pub fn consumers(stream: &str) -> [String; 4] {
+    pub fn consumers(stream: &str) -> [String; 5] {
         [
             format!("$JS.API.CONSUMER.CREATE.{stream}"),
             format!("$JS.API.CONSUMER.CREATE.{stream}.>"),
             format!("$JS.API.CONSUMER.INFO.{stream}.>"),
             format!("$JS.API.CONSUMER.DELETE.{stream}.>"),
+            format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.>"),
         ]
     }
 }
