@@ -72,7 +72,44 @@ pub struct BlockStore {
 const MANIFEST_CACHE_ENTRIES: usize = 256;
 
 impl BlockStore {
-    /// Opens the store, creating its stream and bucket if they are missing.
+    /// Opens the store as a participant: its streams must exist (the
+    /// broker creates them; participants may not). Waits for them up to
+    /// `patience` (`None`: for ever, as a provider waiting for its broker).
+    pub async fn join(
+        client: async_nats::Client,
+        opts: StoreOptions,
+        patience: Option<Duration>,
+    ) -> Result<Self, CasError> {
+        let mut js = jetstream::new(client);
+        js.set_timeout(Duration::from_secs(30));
+        let started = std::time::Instant::now();
+        for name in [subjects::BLOCK_STREAM, subjects::MANIFEST_STREAM] {
+            loop {
+                match js.get_stream(name).await {
+                    Ok(_) => break,
+                    Err(e) if patience.is_some_and(|p| started.elapsed() >= p) => {
+                        return Err(CasError::nats(
+                            "open store stream",
+                            format!("{name}: {e} (the broker creates it: is one running?)"),
+                        ));
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+                }
+            }
+        }
+        let opts = StoreOptions {
+            batch: opts.batch.clamp(1, MAX_BATCH),
+            ..opts
+        };
+        Ok(Self {
+            js,
+            opts,
+            known_manifests: Default::default(),
+        })
+    }
+
+    /// Opens the store as its keeper (the broker, the house's tools),
+    /// creating its streams if they are missing.
     pub async fn open(client: async_nats::Client, opts: StoreOptions) -> Result<Self, CasError> {
         let mut js = jetstream::new(client);
         js.set_timeout(Duration::from_secs(30));

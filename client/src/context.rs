@@ -11,6 +11,9 @@ use vmlot_client::Api;
 use vmlot_identity::Access;
 use vmlot_schemas::caller::Caller;
 
+/// How long the store's streams may take to appear (a broker starting).
+pub const STORE_PATIENCE: Duration = Duration::from_secs(10);
+
 /// How long connecting to NATS may take before it counts as unreachable.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -94,7 +97,7 @@ impl Context {
 
     /// The content-addressed store, with `options`.
     pub async fn store_with(&self, options: StoreOptions) -> anyhow::Result<BlockStore> {
-        Ok(BlockStore::open(self.nats().await?, options).await?)
+        Ok(BlockStore::join(self.nats().await?, options, Some(STORE_PATIENCE)).await?)
     }
 
     /// JetStream over the connection (the ledger's reads).

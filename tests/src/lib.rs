@@ -230,6 +230,13 @@ impl NatsServer {
         self.client_as(Role::Broker, "broker").await
     }
 
+    /// Creates the store's streams as the broker would (participants may
+    /// only join them): for tests that run the store without a broker.
+    pub async fn provision_store(&self) -> Result<()> {
+        vmlot_cas::BlockStore::open(self.client().await?, Default::default()).await?;
+        Ok(())
+    }
+
     /// Connects as `role`'s user `name`, with its own credentials.
     pub async fn client_as(&self, role: Role, name: &str) -> Result<async_nats::Client> {
         connect(&self.url(), &self.creds(role, name)?).await

@@ -20,6 +20,8 @@ fn vmlot(server: &NatsServer, args: &[&str]) -> Output {
 #[test]
 fn push_pull_have_and_exit_codes() {
     let server = NatsServer::start().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(server.provision_store()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("disk.img");
     let data: Vec<u8> = (0..3 * 4096 + 100).map(|i| (i % 251) as u8).collect();

@@ -84,7 +84,8 @@ pub async fn run(
             return Err(ProviderError::NoDriver(*kind));
         }
     }
-    let store = BlockStore::open(client.clone(), StoreOptions::default()).await?;
+    // The broker creates the store's streams; a provider that starts first waits.
+    let store = BlockStore::join(client.clone(), StoreOptions::default(), None).await?;
     let cache = Arc::new(BlockCache::open(&config.cache_dir, config.cache_bytes)?);
     std::fs::create_dir_all(&config.work_dir)
         .map_err(|e| nats("create work dir", format!("{}: {e}", config.work_dir.display())))?;
