@@ -77,7 +77,7 @@ impl Deployment {
                 ..Default::default()
             })
             .sign(&operator_signing);
-        d.write(&format!("accounts/{SYSTEM}.jwt"), &system_jwt, false)?;
+        d.write(format!("accounts/{SYSTEM}.jwt"), &system_jwt, false)?;
 
         let mut scopes = Vec::new();
         for role in Role::ALL {
@@ -93,7 +93,7 @@ impl Deployment {
                 ..Default::default()
             })
             .sign(&operator_signing);
-        d.write(&format!("accounts/{MARKET}.jwt"), &market_jwt, false)?;
+        d.write(format!("accounts/{MARKET}.jwt"), &market_jwt, false)?;
 
         let conf = format!(
             "# vmlot deployment: NATS decentralized authentication (written by `vmlot admin init`).\n\
@@ -200,7 +200,7 @@ impl Deployment {
             path: self.dir.join("keys"),
             reason: e.to_string(),
         })?;
-        self.write(&format!("keys/{name}.nk"), &seed, true)
+        self.write(format!("keys/{name}.nk"), &seed, true)
     }
 
     fn write(&self, rel: impl AsRef<Path>, text: &str, secret: bool) -> Result<(), IdentityError> {
