@@ -97,15 +97,7 @@ impl BlockStore {
                 }
             }
         }
-        let opts = StoreOptions {
-            batch: opts.batch.clamp(1, MAX_BATCH),
-            ..opts
-        };
-        Ok(Self {
-            js,
-            opts,
-            known_manifests: Default::default(),
-        })
+        Ok(Self::over(js, opts))
     }
 
     /// Opens the store as its keeper (the broker, the house's tools),
@@ -134,15 +126,20 @@ impl BlockStore {
             .await
             .map_err(|e| CasError::nats("create store stream", format!("{name}: {e}")))?;
         }
+        Ok(Self::over(js, opts))
+    }
+
+    /// A handle over streams that exist.
+    fn over(js: jetstream::Context, opts: StoreOptions) -> Self {
         let opts = StoreOptions {
             batch: opts.batch.clamp(1, MAX_BATCH),
             ..opts
         };
-        Ok(Self {
+        Self {
             js,
             opts,
             known_manifests: Default::default(),
-        })
+        }
     }
 
     pub fn options(&self) -> &StoreOptions {
