@@ -37,8 +37,8 @@ impl Access {
         let mut opts = async_nats::ConnectOptions::new();
         let creds = match (&self.creds, self.open) {
             (Some(path), _) => {
-                let creds = Creds::load(path)?;
                 let text = std::fs::read_to_string(path).map_err(IdentityError::io(path))?;
+                let creds = Creds::parse(path, &text)?;
                 opts = opts
                     .credentials(&text)
                     .map_err(|e| IdentityError::Creds {

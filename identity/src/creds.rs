@@ -53,7 +53,8 @@ impl Creds {
         Self::parse(path, &text)
     }
 
-    fn parse(path: &Path, text: &str) -> Result<Self, IdentityError> {
+    /// Decodes credentials already read from `path`.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, IdentityError> {
         let bad = |reason: &str| IdentityError::Creds {
             path: path.to_path_buf(),
             reason: reason.to_string(),

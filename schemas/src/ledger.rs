@@ -51,10 +51,8 @@ pub struct BadAccount(pub String);
 
 /// True when `name` may name a user account: it becomes a NATS subject token.
 pub fn valid_user_name(name: &str) -> bool {
-    (1..=64).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    // A user account is its submitter's name: the same rule.
+    crate::caller::valid_name(name)
 }
 
 impl Account {
