@@ -21,6 +21,9 @@ pub(crate) async fn route_bids(shared: Arc<Shared>, mut bids: async_nats::Subscr
             _ = shared.shutdown.cancelled() => return,
             msg = bids.next() => match msg { Some(m) => m, None => return },
         };
+        if refuse_echo(&msg.subject, msg.headers.as_ref()) {
+            continue;
+        }
         let bid: Bid = match serde_json::from_slice(&msg.payload) {
             Ok(bid) => bid,
             Err(err) => {
@@ -56,6 +59,9 @@ pub(crate) async fn track_heartbeats(shared: Arc<Shared>, mut beats: async_nats:
             _ = shared.shutdown.cancelled() => return,
             msg = beats.next() => match msg { Some(m) => m, None => return },
         };
+        if refuse_echo(&msg.subject, msg.headers.as_ref()) {
+            continue;
+        }
         match serde_json::from_slice::<Heartbeat>(&msg.payload) {
             Ok(hb) if subjects::provider_of(&msg.subject) == Some(hb.provider) => {
                 shared
@@ -95,6 +101,10 @@ pub(crate) async fn route_results(shared: Arc<Shared>, consumer: consumer::PullC
                 }
                 None => break,
             };
+            if refuse_echo(&msg.subject, msg.headers.as_ref()) {
+                let _ = msg.ack().await;
+                continue;
+            }
             let result: SegmentResult = match serde_json::from_slice(&msg.payload) {
                 Ok(r) => r,
                 Err(err) => {
@@ -134,4 +144,14 @@ pub(crate) async fn route_results(shared: Arc<Shared>, consumer: consumer::PullC
             }
         }
     }
+}
+
+/// A stored message the server handed back on a provider's subject at
+/// someone else's request ([`vmlot_identity::echo`]) is not the provider's.
+fn refuse_echo(subject: &str, headers: Option<&async_nats::HeaderMap>) -> bool {
+    let echoed = vmlot_identity::echo::echoed(headers);
+    if echoed {
+        tracing::warn!(%subject, "refused a message the server echoed (a stored message handed back on another's subject)");
+    }
+    echoed
 }

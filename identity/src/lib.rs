@@ -10,10 +10,13 @@
 //!   new users' credentials.
 //! - [`creds`]: reading a credentials file (who it names, its inbox).
 //! - [`connect`]: how a program connects: credentials, TLS, or open.
+//! - [`echo`]: telling a message the server handed back from one its
+//!   subject's owner published.
 
 pub mod connect;
 pub mod creds;
 pub mod deployment;
+pub mod echo;
 pub mod error;
 pub mod grants;
 

@@ -239,6 +239,49 @@ async fn a_provider_cannot_impersonate_another_or_read_its_bids() {
         nats.flush().await.unwrap();
         refused_by_server(&market, "Publish", &subject).await;
     }
+    // The same through the server's own hand: eve stores a heartbeat in
+    // the ghost's name as a "block" (anyone may write one) and asks for it
+    // back with the ghost's heartbeat subject as the reply subject, so the
+    // server itself publishes it there. The answer carries the stream's
+    // headers, and the broker refuses any market message that does.
+    let forged = vmlot_schemas::market::Heartbeat {
+        version: WIRE_VERSION,
+        provider: ghost,
+        name: "ghost".into(),
+        hypervisors: vec![],
+        arch: "x86_64".into(),
+        memory_mib: 1024,
+        slots: 1,
+        free_slots: 1,
+        idle: true,
+        sent_at: chrono::Utc::now(),
+    };
+    let parked = "vmlot.cas.block.0000000000000000000000000000000000000000";
+    nats.request(parked, serde_json::to_vec(&forged).unwrap().into())
+        .await
+        .unwrap();
+    let get = format!("$JS.API.DIRECT.GET.{}", subjects::BLOCK_STREAM);
+    let body = serde_json::json!({ "last_by_subj": parked });
+    nats.publish_with_reply(
+        get,
+        subjects::heartbeat(&ghost),
+        serde_json::to_vec(&body).unwrap().into(),
+    )
+    .await
+    .unwrap();
+    nats.flush().await.unwrap();
+    let reflected = wait_for(Duration::from_secs(3), async || {
+        market
+            .logs()
+            .contains("refused a message the server echoed")
+            .then_some(())
+    })
+    .await;
+    assert!(
+        reflected.is_ok(),
+        "no refusal of the echoed heartbeat:\n{}",
+        market.logs()
+    );
     let listed = market.api().await.providers().await.unwrap();
     assert!(
         listed.iter().all(|h| h.provider != ghost),

@@ -21,6 +21,10 @@ pub(super) async fn take_awards(daemon: Arc<Daemon>, mut messages: async_nats::S
             _ = daemon.shutdown.cancelled() => return,
             msg = messages.next() => match msg { Some(m) => m, None => return },
         };
+        if vmlot_identity::echo::echoed(msg.headers.as_ref()) {
+            tracing::warn!(subject = %msg.subject, "refused a message the server echoed (a stored message handed back, not the broker's)");
+            continue;
+        }
         let answer: Reply<()> = match serde_json::from_slice::<ToProvider>(&msg.payload) {
             Ok(ToProvider::Award(award)) => {
                 let span = LotRef::of(&award.lot).span(Step::Award, &daemon.config.id);
