@@ -55,7 +55,7 @@ pids+=($!)
 export VMLOT_NATS=nats://127.0.0.1:$port
 for _ in $(seq 100); do (echo > /dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
 export VMLOT_CREDS=$operator_creds
-"$bin/vmlot-broker" --creds "$out/deploy/creds/broker-broker.creds" --bid-window-ms 500 --transfer-allowance-s 120 > "$out/broker.log" 2>&1 &
+"$bin/vmlot-broker" --creds "$out/deploy/creds/broker-broker.creds" --books-creds "$out/deploy/creds/broker-books.creds" --bid-window-ms 500 --transfer-allowance-s 120 > "$out/broker.log" 2>&1 &
 pids+=($!)
 
 bash scripts/xen-host.sh boot --nats "nats://10.0.2.2:$port" --name xb1 \

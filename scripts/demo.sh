@@ -85,7 +85,7 @@ echo $! > "$demo/pids/reference.pid"
 # The CLI runs as the operator unless told otherwise (the submission runs
 # as the submitter, whose account pays).
 export VMLOT_CREDS=$operator_creds
-"$bin/vmlot-broker" --creds "$demo/deploy/creds/broker-broker.creds" --bid-window-ms 500 --transfer-allowance-s 30 --fee-rate 0.05 > "$demo/broker.log" 2>&1 &
+"$bin/vmlot-broker" --creds "$demo/deploy/creds/broker-broker.creds" --books-creds "$demo/deploy/creds/broker-books.creds" --bid-window-ms 500 --transfer-allowance-s 30 --fee-rate 0.05 > "$demo/broker.log" 2>&1 &
 echo $! > "$demo/pids/broker.pid"
 
 # provider NAME PRICE: a QEMU provider asking PRICE per segment (nothing per

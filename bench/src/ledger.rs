@@ -73,8 +73,10 @@ pub async fn run(args: Args) -> Result<()> {
     // to a few hundred messages a second here (a million records would
     // take most of an hour). What is measured is reads, which never fsync.
     let server = NatsServer::start_with(Fsync::Default)?;
-    let client = server.client().await?;
-    let js = jetstream::new(client.clone());
+    // The books are written inside their own account, as the broker does,
+    // and read as an accountant does: through that account's exports.
+    let js = jetstream::new(server.books_client().await?);
+    let books = vmlot_ledger::BooksApi::imported(server.client().await?);
     println!(
         "nats-server with JetStream's default sync interval (reads only are measured; see below); {} users, {} providers, fee {FEE_RATE}, target {} ledger records (a record = one stream message: a transaction or a posting)",
         args.users, args.providers, args.records
@@ -136,7 +138,7 @@ pub async fn run(args: Args) -> Result<()> {
     );
 
     let (t, c) = (Instant::now(), Cpu::now(&server));
-    let report = vmlot_ledger::verify::verify(&js).await?;
+    let report = vmlot_ledger::verify::verify(&books).await?;
     let (verify_s, verify_cpu) = (t.elapsed().as_secs_f64(), Cpu::now(&server).since(c));
     if !report.ok() {
         for p in report.problems.iter().take(20) {
@@ -220,7 +222,7 @@ pub async fn run(args: Args) -> Result<()> {
     for (name, filter, filters, start) in queries {
         let base = raw(&js, &server, filters, start, false).await?;
         let (t, c) = (Instant::now(), Cpu::now(&server));
-        let rows = read::query(&js, &filter).await?;
+        let rows = read::query(&books, &filter).await?;
         let (s, cpu) = (t.elapsed().as_secs_f64(), Cpu::now(&server).since(c));
         worst_query = worst_query.max(s);
         ensure!(!rows.is_empty(), "{name}: no rows");
@@ -243,7 +245,7 @@ pub async fn run(args: Args) -> Result<()> {
     )
     .await?;
     let (t, c) = (Instant::now(), Cpu::now(&server));
-    let rows = read::query(&js, &every_settlement).await?;
+    let rows = read::query(&books, &every_settlement).await?;
     let (s, cpu) = (t.elapsed().as_secs_f64(), Cpu::now(&server).since(c));
     row(
         &format!(
@@ -266,7 +268,7 @@ pub async fn run(args: Args) -> Result<()> {
     )
     .await?;
     let (t, c) = (Instant::now(), Cpu::now(&server));
-    let statements = read::statement(&js, &provider, from, until).await?;
+    let statements = read::statement(&books, &provider, from, until).await?;
     let (s, cpu) = (t.elapsed().as_secs_f64(), Cpu::now(&server).since(c));
     worst_query = worst_query.max(s);
     let entries: usize = statements.iter().map(|s| s.entries.len()).sum();
@@ -283,7 +285,7 @@ pub async fn run(args: Args) -> Result<()> {
     );
     let base = raw(&js, &server, vec![subjects::postings_of(&provider)], None, true).await?;
     let (t, c) = (Instant::now(), Cpu::now(&server));
-    let balances = read::balances(&js, &provider).await?;
+    let balances = read::balances(&books, &provider).await?;
     let (s, cpu) = (t.elapsed().as_secs_f64(), Cpu::now(&server).since(c));
     ensure!(
         balances.get(UNIT) == Some(&book.balance(&provider)),
@@ -292,7 +294,7 @@ pub async fn run(args: Args) -> Result<()> {
     row("`balances` of that provider", base.messages, s, base.secs, cpu);
     let base = raw(&js, &server, vec![subjects::LEDGER_POST_ALL.into()], None, true).await?;
     let (t, c) = (Instant::now(), Cpu::now(&server));
-    let lasts = read::last_postings(&js, subjects::LEDGER_POST_ALL).await?;
+    let lasts = read::last_postings(&books, subjects::LEDGER_POST_ALL).await?;
     let (s, cpu) = (t.elapsed().as_secs_f64(), Cpu::now(&server).since(c));
     ensure!(
         lasts.len() == book.balances.len(),
@@ -320,7 +322,7 @@ pub async fn run(args: Args) -> Result<()> {
         .await?
         .await?;
     let (t, c) = (Instant::now(), Cpu::now(&server));
-    let tampered = vmlot_ledger::verify::verify(&js).await?;
+    let tampered = vmlot_ledger::verify::verify(&books).await?;
     let (tampered_s, tampered_cpu) = (t.elapsed().as_secs_f64(), Cpu::now(&server).since(c));
     let named = format!("{subject} (seq {})", ack.sequence);
     ensure!(
@@ -376,8 +378,11 @@ struct RawRead {
     cpu: Cpu,
 }
 
-/// The same reader the ledger uses (`read_raw`: an ordered consumer, the
-/// same batch size), payloads only counted.
+/// The baseline: what NATS alone delivers to a reader inside the books'
+/// account, an ordered pull consumer on the same filters and start (the
+/// way every ledger read went before the books moved out of participants'
+/// reach), payloads only counted. The readers measured against it go
+/// through the books' exported direct gets, as an accountant does.
 async fn raw(
     js: &jetstream::Context,
     server: &NatsServer,
@@ -385,20 +390,44 @@ async fn raw(
     start: Option<DateTime<Utc>>,
     last_per_subject: bool,
 ) -> Result<RawRead> {
+    use async_nats::jetstream::consumer;
+    use futures::StreamExt;
     let (t, c) = (Instant::now(), Cpu::now(server));
     let mut bytes = 0usize;
-    let messages = read::read_raw(
-        js,
-        subjects::LEDGER_STREAM,
-        filters,
-        start,
-        last_per_subject,
-        |_, _, payload| {
-            bytes += payload.len();
-            true
+    let stream = js.get_stream_no_info(subjects::LEDGER_STREAM).await?;
+    let deliver_policy = match (start, last_per_subject) {
+        (_, true) => consumer::DeliverPolicy::LastPerSubject,
+        (Some(t), false) => consumer::DeliverPolicy::ByStartTime {
+            start_time: time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(
+                t.timestamp_nanos_opt().unwrap_or(0),
+            ))?,
         },
-    )
-    .await?;
+        (None, false) => consumer::DeliverPolicy::All,
+    };
+    let mut config = consumer::pull::OrderedConfig {
+        deliver_policy,
+        max_batch: 10_000,
+        ..Default::default()
+    };
+    match filters.len() {
+        0 => {}
+        1 => config.filter_subject = filters[0].clone(),
+        _ => config.filter_subjects = filters,
+    }
+    let mut consumer = stream.create_consumer(config).await?;
+    let mut messages = 0u64;
+    if consumer.info().await?.num_pending > 0 {
+        let mut delivered = consumer.messages().await?;
+        while let Some(msg) = delivered.next().await {
+            let msg = msg?;
+            let left = msg.info().map_err(|e| anyhow::anyhow!("{e}"))?.pending;
+            bytes += msg.payload.len();
+            messages += 1;
+            if left == 0 {
+                break;
+            }
+        }
+    }
     std::hint::black_box(bytes);
     Ok(RawRead {
         messages,

@@ -49,6 +49,12 @@ pub async fn run(args: Args) -> Result<()> {
         args.bid_window_ms.to_string(),
         "--transfer-allowance-s".into(),
         "30".into(),
+        // One submitter sends every job: the per-account quotas are raised
+        // to the benchmark's size.
+        "--max-jobs-in-flight".into(),
+        args.jobs.to_string(),
+        "--max-requests-per-second".into(),
+        "100000".into(),
     ];
     let mut market = Market::on(server, broker_args, &[])?;
     let api = market.api().await;
@@ -104,7 +110,8 @@ pub async fn run(args: Args) -> Result<()> {
     let limit = Duration::from_secs(600);
     let mut last_report = Instant::now();
     let expected = (args.jobs * args.segments as usize) as u64;
-    let js = jetstream::new(client.clone());
+    // The house's view of the books, inside their own account.
+    let js = jetstream::new(market.server.books_client().await?);
     // Progress from the number of settlement transactions on the books, as
     // a consumer that is never pulled from counts them (`num_pending`):
     // cheap, unlike listing every job. (The ledger stream's whole message
@@ -150,7 +157,7 @@ pub async fn run(args: Args) -> Result<()> {
         Err(vmlot_client::CallError::Refused(e)) => println!("note: job list refused: {}", e.message),
         Err(e) => println!("note: job list not read ({:#})", anyhow::Error::from(e)),
     }
-    let payments = vmlot_ledger::read::settlements(&js).await?;
+    let payments = vmlot_ledger::read::settlements(&vmlot_ledger::BooksApi::imported(client.clone())).await?;
     let settled = payments.len();
     let mut latencies: Vec<f64> = payments
         .iter()

@@ -151,6 +151,15 @@ async fn handle<E: Serve>(shared: &Arc<Shared>, subject: &str, payload: &[u8]) -
             format!("{subject}: no caller in the subject"),
         )));
     };
+    if shared.rates.check_key(&caller).is_err() {
+        return encode::<()>(Err(error(
+            "rate-limited",
+            format!(
+                "{caller}: more than {} requests a second; slow down",
+                shared.config.quotas.requests_per_second
+            ),
+        )));
+    }
     let reply = match access::may_call(&caller, E::NAME).and_then(|()| E::decode(payload)) {
         Ok(request) => E::serve(shared, &caller, request).await,
         Err(refused) => Err(refused),
@@ -363,8 +372,22 @@ async fn submit(shared: &Arc<Shared>, caller: &Caller, mut req: SubmitJob) -> Re
     let stored_bytes = verify::stored_bytes(&shared.store, &parts)
         .await
         .map_err(|e| error("not-found", format!("image is not in the store: {e}")))?;
-    let now = Utc::now();
+    shared
+        .config
+        .quotas
+        .admit(&req.spec, stored_bytes)
+        .map_err(|over| error("quota-exceeded", over.to_string()))?;
     let job = JobId::new();
+    // A slot of the account's jobs in flight, taken before anything is
+    // written and given back if the submission fails.
+    shared
+        .in_flight
+        .lock()
+        .expect("in-flight lock")
+        .take(&req.spec.account, job, shared.config.quotas.jobs_in_flight)
+        .map_err(|over| error("quota-exceeded", over.to_string()))?;
+    let release = || shared.in_flight.lock().expect("in-flight lock").release(&job);
+    let now = Utc::now();
     let status = JobStatus {
         version: WIRE_VERSION,
         job,
@@ -389,10 +412,14 @@ async fn submit(shared: &Arc<Shared>, caller: &Caller, mut req: SubmitJob) -> Re
     // finds the job on restart and holds its budget then (never money in
     // an escrow with no job).
     let (user, budget) = (status.spec.account.clone(), status.spec.budget.clone());
-    shared.jobs.create(&status).await.map_err(internal)?;
+    if let Err(e) = shared.jobs.create(&status).await {
+        release();
+        return Err(internal(e));
+    }
     match shared.books.hold(job, &user, &budget).await {
         Ok(_) => {}
         Err(short @ LedgerError::InsufficientFunds { .. }) => {
+            release();
             shared.jobs.remove(&job).await.map_err(internal)?;
             return Err(error("insufficient-funds", short.to_string()));
         }

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use crate::auction::PricingRule;
+use crate::quota::Quotas;
 
 /// Broker settings.
 #[derive(Clone, Debug)]
@@ -23,6 +24,8 @@ pub struct BrokerConfig {
     /// The operator's share of each segment's price (0.05 = 5 %), paid to
     /// the operator account at settlement.
     pub fee_rate: rust_decimal::Decimal,
+    /// What one account may ask of the market.
+    pub quotas: Quotas,
 }
 
 impl Default for BrokerConfig {
@@ -36,6 +39,7 @@ impl Default for BrokerConfig {
             pricing: PricingRule::PayAsBid,
             provider_timeout: Duration::from_secs(10),
             fee_rate: rust_decimal::Decimal::ZERO,
+            quotas: Quotas::default(),
         }
     }
 }

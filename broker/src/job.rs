@@ -66,6 +66,7 @@ impl Shared {
                 pause = (pause * 2).min(RESUME_PAUSE_CAP);
             }
             shared.running.lock().expect("running lock").remove(&job);
+            shared.in_flight.lock().expect("in-flight lock").release(&job);
         };
         self.tasks
             .spawn(task.instrument(tracing::info_span!("job", %job)));

@@ -14,6 +14,8 @@
 //!   escrow's two ends).
 //! - [`auction`]: the sealed-bid reverse auction (pure).
 //! - [`capacity`]: awards outstanding per provider, never above its slots.
+//! - [`quota`]: what one account may ask (jobs in flight, segments,
+//!   redundancy, memory, image size, request rate) (pure).
 //! - [`state`]: job records in a KV bucket with revision checks.
 //! - [`verify`]: checks a result's checkpoint against the store.
 //! - the books are [`vmlot_ledger`]: a submission holds the budget in the
@@ -35,6 +37,7 @@ pub mod job;
 pub mod lifecycle;
 pub mod logging;
 pub mod offer;
+pub mod quota;
 pub mod refund;
 pub mod route;
 pub mod server;

@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use vmlot_broker::logging::{self, LogFormat};
+use vmlot_broker::quota::Quotas;
 use vmlot_broker::{BrokerConfig, PricingRule};
 
 #[derive(Parser)]
@@ -36,8 +37,31 @@ struct Args {
     /// The operator's fee: a share of each segment's price (0.05 = 5 %).
     #[arg(long, default_value = "0", value_parser = parse_fee)]
     fee_rate: rust_decimal::Decimal,
+    /// Jobs one account may have in flight at once.
+    #[arg(long, default_value_t = Quotas::default().jobs_in_flight)]
+    max_jobs_in_flight: usize,
+    /// Segments one job may ask for.
+    #[arg(long, default_value_t = Quotas::default().segments_per_job)]
+    max_segments: u32,
+    /// Replicas of each segment one job may ask for.
+    #[arg(long, default_value_t = Quotas::default().redundancy)]
+    max_redundancy: u32,
+    /// Guest memory one job may ask for, in MiB.
+    #[arg(long, default_value_t = Quotas::default().memory_mib)]
+    max_memory_mib: u32,
+    /// Bytes one job's image may store.
+    #[arg(long, default_value_t = Quotas::default().image_bytes)]
+    max_image_bytes: u64,
+    /// API requests per second per caller (bursts of twice as many).
+    #[arg(long, default_value_t = Quotas::default().requests_per_second)]
+    max_requests_per_second: u32,
     #[command(flatten)]
     access: vmlot_identity::Access,
+    /// The broker's credentials in the books' account, where the ledger and
+    /// the job records live (`vmlot admin init` writes
+    /// `creds/broker-books.creds`). Not needed with --open.
+    #[arg(long, env = "VMLOT_BOOKS_CREDS")]
+    books_creds: Option<std::path::PathBuf>,
     /// Log lines as text or as JSON objects (filter with VMLOT_LOG).
     #[arg(long, env = "VMLOT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -52,6 +76,14 @@ impl Args {
             pricing: self.pricing,
             max_backoff: Duration::from_millis(self.max_backoff_ms),
             fee_rate: self.fee_rate,
+            quotas: Quotas {
+                jobs_in_flight: self.max_jobs_in_flight,
+                segments_per_job: self.max_segments,
+                redundancy: self.max_redundancy,
+                memory_mib: self.max_memory_mib,
+                image_bytes: self.max_image_bytes,
+                requests_per_second: self.max_requests_per_second,
+            },
             ..BrokerConfig::default()
         }
     }
@@ -74,19 +106,9 @@ async fn main() -> anyhow::Result<()> {
         .split(',')
         .map(|u| u.trim().parse())
         .collect::<Result<_, _>>()?;
-    let (options, creds) = args.access.options()?;
-    let client = options
-        .retry_on_initial_connect()
-        .max_reconnects(None)
-        .connect(addrs)
-        .await
-        .with_context(|| format!("connecting to {}", args.nats))?;
-    // The server's INFO says whether it checks identities; with
-    // retry_on_initial_connect it arrives once the first connection is up.
-    while client.connection_state() != async_nats::connection::State::Connected {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    if !client.server_info().auth_required {
+    let (client, creds) = connect(&args.access, &addrs, &args.nats).await?;
+    // The server's INFO says whether it checks identities.
+    let books = if !client.server_info().auth_required {
         if !args.access.open {
             anyhow::bail!(
                 "the NATS server at {} checks no credentials: set it up with `vmlot admin init`, or run the broker with --open to accept that anyone may be anyone",
@@ -94,13 +116,50 @@ async fn main() -> anyhow::Result<()> {
             );
         }
         tracing::warn!(
-            "running OPEN (--open): the server checks no identities, so anyone on it may be anyone"
+            "running OPEN (--open): the server checks no identities, so anyone on it may be anyone, and the books share the market's account"
         );
-    } else if let Some(creds) = creds {
-        tracing::info!(user = %creds.caller, "connected with credentials");
-    }
-    vmlot_broker::run(client, args.config(), shutdown_signal()).await?;
+        client.clone()
+    } else {
+        if let Some(creds) = creds {
+            tracing::info!(user = %creds.caller, "connected with credentials");
+        }
+        let Some(path) = args.books_creds.clone() else {
+            anyhow::bail!(
+                "the books live in an account of their own: pass --books-creds (creds/broker-books.creds of the deployment)"
+            );
+        };
+        let access = vmlot_identity::Access {
+            creds: Some(path),
+            ..args.access.clone()
+        };
+        let (books, creds) = connect(&access, &addrs, &args.nats).await?;
+        if let Some(creds) = creds {
+            tracing::info!(user = %creds.caller, "connected to the books' account");
+        }
+        books
+    };
+    vmlot_broker::run(client, books, args.config(), shutdown_signal()).await?;
     Ok(())
+}
+
+/// Connects with `access`, retrying until the server answers; returns once
+/// the first connection is up (so the server's INFO is known).
+async fn connect(
+    access: &vmlot_identity::Access,
+    addrs: &[async_nats::ServerAddr],
+    url: &str,
+) -> anyhow::Result<(async_nats::Client, Option<vmlot_identity::Creds>)> {
+    let (options, creds) = access.options()?;
+    let client = options
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connect(addrs)
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    while client.connection_state() != async_nats::connection::State::Connected {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok((client, creds))
 }
 
 async fn shutdown_signal() {

@@ -53,7 +53,13 @@ pub(crate) async fn route_bids(shared: Arc<Shared>, mut bids: async_nats::Subscr
 }
 
 /// Keeps each provider's last heartbeat and when it came.
+/// Providers silent for this many provider timeouts are dropped from the
+/// table (only a valid provider identity can beat, one entry each, but
+/// identities come and go).
+const PRUNE_AFTER_TIMEOUTS: u32 = 6;
+
 pub(crate) async fn track_heartbeats(shared: Arc<Shared>, mut beats: async_nats::Subscriber) {
+    let mut pruned = std::time::Instant::now();
     loop {
         let msg = tokio::select! {
             _ = shared.shutdown.cancelled() => return,
@@ -64,11 +70,13 @@ pub(crate) async fn track_heartbeats(shared: Arc<Shared>, mut beats: async_nats:
         }
         match serde_json::from_slice::<Heartbeat>(&msg.payload) {
             Ok(hb) if subjects::provider_of(&msg.subject) == Some(hb.provider) => {
-                shared
-                    .providers
-                    .lock()
-                    .expect("providers lock")
-                    .insert(hb.provider, (hb, std::time::Instant::now()));
+                let mut providers = shared.providers.lock().expect("providers lock");
+                providers.insert(hb.provider, (hb, std::time::Instant::now()));
+                let stale = shared.config.provider_timeout * PRUNE_AFTER_TIMEOUTS;
+                if pruned.elapsed() > shared.config.provider_timeout {
+                    providers.retain(|_, (_, seen)| seen.elapsed() < stale);
+                    pruned = std::time::Instant::now();
+                }
             }
             _ => tracing::warn!(subject = %msg.subject, "refused malformed heartbeat"),
         }

@@ -15,7 +15,11 @@ use vmlot_schemas::{JobId, LotId, ProviderId};
 
 use crate::capacity::Capacity;
 use crate::config::BrokerConfig;
+use crate::quota::InFlight;
 use crate::state::JobStore;
+
+/// A rate limit per caller (`governor`'s keyed limiter).
+pub(crate) type RateLimiter = governor::DefaultKeyedRateLimiter<vmlot_schemas::caller::Caller>;
 
 /// What reaches a job task about its open lot.
 pub(crate) enum LotEvent {
@@ -43,6 +47,10 @@ pub(crate) struct Shared {
     /// on it (one wakes per slot, in turn) instead of re-offering blindly.
     pub slot_freed: tokio::sync::Notify,
     pub running: Mutex<HashMap<JobId, CancellationToken>>,
+    /// Each account's jobs in flight, against its quota.
+    pub in_flight: Mutex<InFlight>,
+    /// API requests per caller per second.
+    pub rates: RateLimiter,
     pub tasks: TaskTracker,
     pub shutdown: CancellationToken,
 }

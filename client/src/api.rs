@@ -205,6 +205,8 @@ impl Api {
             match self.status(job).await {
                 Ok(status) if status.state.is_final() => return Ok(status),
                 Ok(status) => last = Some(Box::new(status)),
+                // Over the caller's request rate: asked again after the pause.
+                Err(CallError::Refused(error)) if error.code == "rate-limited" => {}
                 Err(CallError::Refused(error)) => return Err(WaitError::Refused { job, error }),
                 Err(_) => {}
             }

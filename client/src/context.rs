@@ -100,8 +100,9 @@ impl Context {
         Ok(BlockStore::join(self.nats().await?, options, Some(STORE_PATIENCE)).await?)
     }
 
-    /// JetStream over the connection (the ledger's reads).
-    pub async fn jetstream(&self) -> anyhow::Result<async_nats::jetstream::Context> {
-        Ok(async_nats::jetstream::new(self.nats().await?))
+    /// The books, read-only: through the books' account's exports when
+    /// the server checks identities, directly when it runs open.
+    pub async fn books(&self) -> anyhow::Result<vmlot_ledger::BooksApi> {
+        Ok(vmlot_ledger::BooksApi::for_server(self.nats().await?).await)
     }
 }

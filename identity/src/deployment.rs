@@ -5,17 +5,24 @@
 //!
 //! On disk (`dir`): `operator.jwt`; `keys/` the seeds (secret, mode
 //! 0600); `accounts/` the account JWTs; `auth.conf` for the server to
-//! `include`; `creds/ROLE-NAME.creds` the users' credentials.
+//! `include`; `creds/ROLE-NAME.creds` the users' credentials
+//! (`creds/broker-books.creds`: the broker's user in the books' account).
+//!
+//! Accounts: `SYS` (the server's), `MARKET` (every participant, the
+//! market's subjects and the block store) and `BOOKS` (the ledger stream
+//! and the job records; only the broker has a user there; `MARKET`
+//! imports their info and direct gets under `vmlot.books`).
 
 use std::path::{Path, PathBuf};
 
 use nats_io_jwt::{
-    Account, KeyPair, Operator, OperatorLimits, Permission, ResponsePermission, SigningKeys, SigningKeysItem,
-    StringList, SystemAccount, TagList, Token, User, UserPermissionLimits, UserScope,
+    Account, Export, ExportType, Exports, Import, Imports, KeyPair, Operator, OperatorLimits, Permission,
+    RenamingSubject, ResponsePermission, ResponseType, SigningKeys, SigningKeysItem, StringList, Subject,
+    SystemAccount, TagList, Token, User, UserPermissionLimits, UserScope,
 };
 use vmlot_schemas::caller::{Role, valid_name};
 
-use crate::grants::grants;
+use crate::grants::{BooksExport, books_exports, grants};
 use crate::{IdentityError, creds};
 
 /// The operator's name in its JWT.
@@ -24,6 +31,11 @@ pub const OPERATOR: &str = "vmlot";
 pub const MARKET: &str = "MARKET";
 /// The server's own account (monitoring, the resolver).
 pub const SYSTEM: &str = "SYS";
+/// The account the books (ledger stream, job records) live in: only the
+/// broker has a user in it; the market account imports read-only views.
+pub const BOOKS: &str = "BOOKS";
+/// The broker's user in [`BOOKS`]: `creds/broker-books.creds`.
+pub const BOOKS_USER: &str = "books";
 
 /// A deployment's directory.
 #[derive(Clone, Debug)]
@@ -49,10 +61,12 @@ impl Deployment {
         let operator_signing = KeyPair::new_operator();
         let system = KeyPair::new_account();
         let market = KeyPair::new_account();
+        let books = KeyPair::new_account();
         d.write_seed("operator", &operator)?;
         d.write_seed("operator-signing", &operator_signing)?;
         d.write_seed(SYSTEM, &system)?;
         d.write_seed(MARKET, &market)?;
+        d.write_seed(BOOKS, &books)?;
 
         let operator_jwt = Token::new(operator.public_key())
             .name(OPERATOR)
@@ -79,6 +93,16 @@ impl Deployment {
             .sign(&operator_signing);
         d.write(format!("accounts/{SYSTEM}.jwt"), &system_jwt, false)?;
 
+        let books_jwt = Token::new(books.public_key())
+            .name(BOOKS)
+            .claims(Account {
+                exports: Some(Exports(books_exports().into_iter().map(export).collect())),
+                limits: Some(OperatorLimits::default()),
+                ..Default::default()
+            })
+            .sign(&operator_signing);
+        d.write(format!("accounts/{BOOKS}.jwt"), &books_jwt, false)?;
+
         let mut scopes = Vec::new();
         for role in Role::ALL {
             let key = KeyPair::new_account();
@@ -89,6 +113,12 @@ impl Deployment {
             .name(MARKET)
             .claims(Account {
                 signing_keys: Some(SigningKeys(scopes)),
+                imports: Some(Imports(
+                    books_exports()
+                        .into_iter()
+                        .map(|e| import(&books.public_key(), e))
+                        .collect(),
+                )),
                 limits: Some(OperatorLimits::default()),
                 ..Default::default()
             })
@@ -100,12 +130,14 @@ impl Deployment {
              operator: \"{operator_jwt}\"\n\
              system_account: {sys}\n\
              resolver: MEMORY\n\
-             resolver_preload: {{\n  {sys}: \"{system_jwt}\"\n  {mkt}: \"{market_jwt}\"\n}}\n",
+             resolver_preload: {{\n  {sys}: \"{system_jwt}\"\n  {mkt}: \"{market_jwt}\"\n  {bks}: \"{books_jwt}\"\n}}\n",
             sys = system.public_key(),
             mkt = market.public_key(),
+            bks = books.public_key(),
         );
         d.write("auth.conf", &conf, false)?;
         d.add(Role::Broker, "broker")?;
+        d.add_books_keeper()?;
         Ok(d)
     }
 
@@ -182,6 +214,38 @@ impl Deployment {
         Ok(path)
     }
 
+    /// Issues the broker's user in the books' account (signed by that
+    /// account's own key, unrestricted inside it) and writes it to
+    /// [`Deployment::books_creds_path`].
+    pub fn add_books_keeper(&self) -> Result<PathBuf, IdentityError> {
+        let books = self.seed(BOOKS)?;
+        let user = KeyPair::new_user();
+        let jwt = Token::new(user.public_key())
+            .name(BOOKS_USER)
+            .claims(User {
+                bearer_token: false,
+                tags: Some(TagList(vec![format!("{}{}", creds::ROLE_TAG, Role::Broker)])),
+                ..Default::default()
+            })
+            .sign(&books);
+        let seed = user.seed().map_err(|e| IdentityError::Key {
+            path: self.dir.clone(),
+            reason: e.to_string(),
+        })?;
+        let path = self.books_creds_path();
+        self.write(
+            path.strip_prefix(&self.dir).expect("under the deployment"),
+            &creds::format(&jwt, &seed),
+            true,
+        )?;
+        Ok(path)
+    }
+
+    /// Where the broker's user in the books' account keeps its credentials.
+    pub fn books_creds_path(&self) -> PathBuf {
+        self.creds_path(Role::Broker, BOOKS_USER)
+    }
+
     fn public_key(&self, name: &str) -> Result<String, IdentityError> {
         Ok(self.seed(name)?.public_key())
     }
@@ -243,6 +307,42 @@ fn scope(role: Role, key: &KeyPair) -> UserScope {
             ..Default::default()
         }),
         ..Default::default()
+    }
+}
+
+fn export(e: BooksExport) -> Export {
+    Export {
+        account_token_position: None,
+        advertise: None,
+        allow_trace: None,
+        description: None,
+        info_url: None,
+        name: Some(e.local.clone()),
+        response_threshold: None,
+        response_type: Some(if e.streamed {
+            ResponseType::Stream
+        } else {
+            ResponseType::Singleton
+        }),
+        revocations: None,
+        service_latency: None,
+        subject: Some(Subject(e.subject)),
+        token_req: false,
+        type_: Some(ExportType::Service),
+    }
+}
+
+fn import(books: &str, e: BooksExport) -> Import {
+    Import {
+        account: Some(books.to_string()),
+        allow_trace: None,
+        local_subject: Some(RenamingSubject(e.local.clone())),
+        name: Some(e.local),
+        share: None,
+        subject: Some(Subject(e.subject)),
+        to: None,
+        token: None,
+        type_: Some(ExportType::Service),
     }
 }
 

@@ -39,15 +39,37 @@ fn store() -> Vec<String> {
     v
 }
 
-/// Reading the books and the job records in order.
-fn books_read() -> Vec<String> {
+/// One service the books' account exports to the market account: the
+/// subject inside the books' account, the subject participants publish
+/// on, and whether the answer may come in several messages.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BooksExport {
+    pub subject: String,
+    pub local: String,
+    pub streamed: bool,
+}
+
+/// What the books' account exports: the batched direct gets of the ledger
+/// stream and of the job records' stream. A direct get only reads, and its
+/// answer travels back into the market account, never into the books'.
+/// (No consumer API: a consumer's creator chooses where the server
+/// delivers. No stream info: the JetStream API behind an import answers
+/// for the importing account, not the books'.)
+pub fn books_exports() -> Vec<BooksExport> {
     let mut v = Vec::new();
     for stream in [subjects::LEDGER_STREAM, subjects::JOB_BUCKET_STREAM] {
-        v.push(js::stream_info(stream));
-        v.extend(js::direct_get(stream));
-        v.extend(js::consumers(stream));
+        v.push(BooksExport {
+            subject: format!("$JS.API.DIRECT.GET.{stream}"),
+            local: format!("{}.DIRECT.GET.{stream}", subjects::BOOKS_API),
+            streamed: true,
+        });
     }
     v
+}
+
+/// Reading the books and the job records in order, through the exports.
+fn books_read() -> Vec<String> {
+    books_exports().into_iter().map(|e| e.local).collect()
 }
 
 /// The role's permissions.
@@ -109,7 +131,10 @@ mod tests {
         for role in Role::ALL.into_iter().filter(|r| *r != Role::Broker) {
             for s in grants(role).publish {
                 assert!(
-                    !s.starts_with("vmlot.ledger") && !s.starts_with("$KV.") && !s.contains("STREAM.DELETE"),
+                    !s.starts_with("vmlot.ledger")
+                        && !s.starts_with("$KV.")
+                        && !s.contains("STREAM.DELETE")
+                        && !s.contains("CONSUMER"),
                     "{role} may publish {s}"
                 );
             }

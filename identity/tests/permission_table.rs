@@ -1,7 +1,8 @@
 //! The permission table in `docs/ARCHITECTURE.md` is what `vmlot admin
 //! init` really writes: the table is rendered here from the market
 //! account's JWT in a fresh deployment (each role's signing key and its
-//! template) and must equal the one in the document.
+//! template, and what the account imports from the books' account) and
+//! must equal the one in the document.
 
 use data_encoding::BASE64URL_NOPAD;
 use serde_json::Value;
@@ -46,6 +47,17 @@ fn rendered(account_jwt: &str) -> String {
             },
         ));
     }
+    out.push_str(
+        "\n| the market account imports from `BOOKS` | as the books' subject | answers |\n|---|---|---|\n",
+    );
+    for import in account["nats"]["imports"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "| `{}` | `{}` | {} |\n",
+            import["local_subject"].as_str().unwrap(),
+            import["subject"].as_str().unwrap(),
+            import["type"].as_str().unwrap(),
+        ));
+    }
     out
 }
 
@@ -82,4 +94,23 @@ fn the_documented_permission_table_is_the_deployed_one() {
         "a bearer token needs no key"
     );
     assert_eq!(claims["nats"]["tags"][0], "role:submitter");
+}
+
+#[test]
+fn the_books_export_only_direct_gets() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = vmlot_identity::Deployment::create(&dir.path().join("d")).unwrap();
+    let books = claims(&std::fs::read_to_string(d.dir().join("accounts/BOOKS.jwt")).unwrap());
+    let exports = books["nats"]["exports"].as_array().unwrap();
+    assert!(!exports.is_empty());
+    for e in exports {
+        let subject = e["subject"].as_str().unwrap();
+        assert!(
+            subject.starts_with("$JS.API.DIRECT.GET.") && !subject.contains('>') && !subject.contains('*'),
+            "the books export {subject}"
+        );
+        assert_eq!(e["type"], "service");
+    }
+    // Only the broker has a user in the books' account.
+    assert!(books["nats"]["signing_keys"].is_null(), "{books}");
 }

@@ -15,12 +15,14 @@
 //!
 //! Modules, each using only those listed before it: [`error`], [`amount`]
 //! (fees, typed amounts), [`build`] (each kind of transaction, no I/O),
-//! [`books`] (writes), [`read`] (queries), [`verify`] (reconciliation).
+//! [`books`] (writes), [`direct`] (the read-only way in: batched direct
+//! gets), [`read`] (queries), [`verify`] (reconciliation).
 //! This file only declares them and re-exports what callers name.
 
 pub mod amount;
 pub mod books;
 pub mod build;
+pub mod direct;
 pub mod error;
 pub mod read;
 pub mod verify;
@@ -28,5 +30,6 @@ pub mod verify;
 pub use amount::{parse_amount, split_fee};
 pub use books::{Books, Recorded};
 pub use build::tx_id;
+pub use direct::BooksApi;
 pub use error::LedgerError;
 pub use verify::Balances;

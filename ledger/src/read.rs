@@ -5,14 +5,13 @@
 
 use std::collections::BTreeMap;
 
-use async_nats::jetstream::{self, consumer};
 use chrono::{DateTime, Utc};
-use futures::StreamExt;
 use rust_decimal::Decimal;
 use serde::{Serialize, de::DeserializeOwned};
 use vmlot_schemas::ledger::{Account, Posting, Settlement, Side, Transaction, TxKind};
 use vmlot_schemas::{JobId, ProviderId, subjects};
 
+use crate::direct::BooksApi;
 use crate::error::LedgerError;
 
 /// Slack between a record's own time and the stream's receive time, when
@@ -29,63 +28,42 @@ pub struct Stored<T> {
 /// Reads every message of `stream` on `filters` from `start` on (the
 /// stream's time), in stream order, handing each to `each` (sequence,
 /// subject, payload) until it returns false or the read reaches the end
-/// of what was there when it began. With `last_per_subject`, only each
-/// subject's last message.
+/// of what matched when it began. With `last_per_subject`, only each
+/// subject's last message. Reads with direct gets ([`BooksApi`]), the
+/// one way in that cannot write.
 pub async fn read_raw(
-    js: &jetstream::Context,
+    api: &BooksApi,
     stream: &str,
     filters: Vec<String>,
     start: Option<DateTime<Utc>>,
     last_per_subject: bool,
     mut each: impl FnMut(u64, &str, &[u8]) -> bool,
 ) -> Result<u64, LedgerError> {
-    let stream = js
-        .get_stream_no_info(stream)
-        .await
-        .map_err(|e| LedgerError::nats("open stream", e))?;
-    let deliver_policy = match (start, last_per_subject) {
-        (_, true) => consumer::DeliverPolicy::LastPerSubject,
-        (Some(t), false) => consumer::DeliverPolicy::ByStartTime {
-            start_time: time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(
-                t.timestamp_nanos_opt().unwrap_or(0),
-            ))
-            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
-        },
-        (None, false) => consumer::DeliverPolicy::All,
+    let filters = if filters.is_empty() {
+        vec![">".to_string()]
+    } else {
+        filters
     };
-    let mut config = consumer::pull::OrderedConfig {
-        deliver_policy,
-        max_batch: 10_000,
-        ..Default::default()
-    };
-    match filters.len() {
-        0 => {}
-        1 => config.filter_subject = filters[0].clone(),
-        _ => config.filter_subjects = filters,
+    if filters.len() == 1 && !last_per_subject {
+        return api.read(stream, Some(&filters[0]), start, each).await;
     }
-    let mut consumer = stream
-        .create_consumer(config)
-        .await
-        .map_err(|e| LedgerError::nats("ledger reader", e))?;
-    let pending = consumer
-        .info()
-        .await
-        .map_err(|e| LedgerError::nats("ledger reader", e))?
-        .num_pending;
-    if pending == 0 {
-        return Ok(0);
+    // Several filters: each read on its own, merged in stream order.
+    let mut merged: BTreeMap<u64, (String, Vec<u8>)> = BTreeMap::new();
+    for filter in &filters {
+        let mut keep = |seq: u64, subject: &str, payload: &[u8]| {
+            merged.insert(seq, (subject.to_string(), payload.to_vec()));
+            true
+        };
+        if last_per_subject {
+            api.last_per_subject(stream, filter, &mut keep).await?;
+        } else {
+            api.read(stream, Some(filter), start, &mut keep).await?;
+        }
     }
-    let mut messages = consumer
-        .messages()
-        .await
-        .map_err(|e| LedgerError::nats("ledger reader", e))?;
-    let mut read = 0u64;
-    while let Some(msg) = messages.next().await {
-        let msg = msg.map_err(|e| LedgerError::nats("ledger read", e))?;
-        let info = msg.info().map_err(|e| LedgerError::nats("ledger read", e))?;
-        let (seq, left) = (info.stream_sequence, info.pending);
+    let mut read = 0;
+    for (seq, (subject, payload)) in merged {
         read += 1;
-        if !each(seq, msg.subject.as_str(), &msg.payload) || left == 0 {
+        if !each(seq, &subject, &payload) {
             break;
         }
     }
@@ -94,13 +72,13 @@ pub async fn read_raw(
 
 /// [`read_raw`] over the ledger stream, each message decoded.
 pub async fn read_all<T: DeserializeOwned>(
-    js: &jetstream::Context,
+    api: &BooksApi,
     filters: Vec<String>,
     start: Option<DateTime<Utc>>,
     mut each: impl FnMut(Stored<T>) -> bool,
 ) -> Result<u64, LedgerError> {
     read_raw(
-        js,
+        api,
         subjects::LEDGER_STREAM,
         filters,
         start,
@@ -209,17 +187,17 @@ impl Filter {
 
 /// Ledger lines matching `filter`, in the order they were written.
 /// Records that cannot be decoded are an error naming them.
-pub async fn query(js: &jetstream::Context, filter: &Filter) -> Result<Vec<Row>, LedgerError> {
+pub async fn query(api: &BooksApi, filter: &Filter) -> Result<Vec<Row>, LedgerError> {
     let start = filter.since.map(|t| t - CLOCK_SLACK);
     let until = filter.until.map(|t| t + CLOCK_SLACK);
     let mut rows = Vec::new();
     let mut bad = None;
     if let Some(account) = filter.account_to_read() {
-        let filters = posting_subjects(js, &account).await?;
+        let filters = posting_subjects(api, &account).await?;
         if filters.is_empty() {
             return Ok(rows);
         }
-        read_all::<Posting>(js, filters, start, |m| match m.value {
+        read_all::<Posting>(api, filters, start, |m| match m.value {
             Ok(p) => {
                 let past = until.is_some_and(|u| p.at > u);
                 let row = Row::of_posting(p);
@@ -240,7 +218,7 @@ pub async fn query(js: &jetstream::Context, filter: &Filter) -> Result<Vec<Row>,
             (None, Some(kind)) => vec![subjects::ledger_tx_kind(kind)],
             (None, None) => vec![subjects::LEDGER_TX_ALL.to_string()],
         };
-        read_all::<Transaction>(js, filters, start, |m| match m.value {
+        read_all::<Transaction>(api, filters, start, |m| match m.value {
             Ok(tx) => {
                 let past = until.is_some_and(|u| tx.at > u);
                 rows.extend(Row::of_transaction(&tx).filter(|r| filter.keeps(r)));
@@ -295,14 +273,14 @@ pub struct Statement {
 /// read: the opening balance is the balance before the first posting
 /// read, plus every change read that is dated before the period.
 pub async fn statement(
-    js: &jetstream::Context,
+    api: &BooksApi,
     account: &Account,
     from: DateTime<Utc>,
     until: DateTime<Utc>,
 ) -> Result<Vec<Statement>, LedgerError> {
     // Units whose last posting is older than the read's start: unchanged
     // through the period. The others must each be met in the read.
-    let mut unmet: BTreeMap<String, Posting> = last_postings(js, &subjects::postings_of(account))
+    let mut unmet: BTreeMap<String, Posting> = last_postings(api, &subjects::postings_of(account))
         .await?
         .into_iter()
         .map(|p| (p.unit.clone(), p))
@@ -324,7 +302,7 @@ pub async fn statement(
             .keys()
             .map(|unit| subjects::posting(account, unit))
             .collect();
-        read_all::<Posting>(js, filters, Some(start), |m| match m.value {
+        read_all::<Posting>(api, filters, Some(start), |m| match m.value {
             Ok(p) => {
                 unmet.remove(&p.unit);
                 let s = by_unit
@@ -384,8 +362,8 @@ fn new_statement(
 /// filter on these literal subjects, not on the account's wildcard: the
 /// server finds a literal subject's messages from its index instead of
 /// scanning every block of the stream.
-async fn posting_subjects(js: &jetstream::Context, account: &Account) -> Result<Vec<String>, LedgerError> {
-    Ok(last_postings(js, &subjects::postings_of(account))
+async fn posting_subjects(api: &BooksApi, account: &Account) -> Result<Vec<String>, LedgerError> {
+    Ok(last_postings(api, &subjects::postings_of(account))
         .await?
         .into_iter()
         .map(|p| subjects::posting(account, &p.unit))
@@ -393,20 +371,17 @@ async fn posting_subjects(js: &jetstream::Context, account: &Account) -> Result<
 }
 
 /// Balances of one account, per unit it has ever held.
-pub async fn balances(
-    js: &jetstream::Context,
-    account: &Account,
-) -> Result<BTreeMap<String, Decimal>, LedgerError> {
-    let last = last_postings(js, &subjects::postings_of(account)).await?;
+pub async fn balances(api: &BooksApi, account: &Account) -> Result<BTreeMap<String, Decimal>, LedgerError> {
+    let last = last_postings(api, &subjects::postings_of(account)).await?;
     Ok(last.into_iter().map(|p| (p.unit, p.balance)).collect())
 }
 
 /// The last posting of every account and unit under `filter`.
-pub async fn last_postings(js: &jetstream::Context, filter: &str) -> Result<Vec<Posting>, LedgerError> {
+pub async fn last_postings(api: &BooksApi, filter: &str) -> Result<Vec<Posting>, LedgerError> {
     let mut out = Vec::new();
     let mut bad = None;
     read_raw(
-        js,
+        api,
         subjects::LEDGER_STREAM,
         vec![filter.to_string()],
         None,
@@ -427,11 +402,11 @@ pub async fn last_postings(js: &jetstream::Context, filter: &str) -> Result<Vec<
 }
 
 /// Every settlement's details, in the order they were written.
-pub async fn settlements(js: &jetstream::Context) -> Result<Vec<Settlement>, LedgerError> {
+pub async fn settlements(api: &BooksApi) -> Result<Vec<Settlement>, LedgerError> {
     let mut out = Vec::new();
     let mut bad = None;
     read_all::<Transaction>(
-        js,
+        api,
         vec![subjects::ledger_tx_kind(TxKind::Settlement)],
         None,
         |m| {

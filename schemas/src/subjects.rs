@@ -116,6 +116,10 @@ pub const RESULT_SUBJECTS: &str = "vmlot.result.*";
 /// Stream of the books: transactions and the per-account postings that
 /// index them (see [`crate::ledger`]).
 pub const LEDGER_STREAM: &str = "VMLOT_LEDGER";
+/// Where the books' exports (their streams' direct gets and info) are
+/// imported into the market account: `vmlot.books.DIRECT.GET.<stream>`
+/// answers as `$JS.API.DIRECT.GET.<stream>` does inside the books' account.
+pub const BOOKS_API: &str = "vmlot.books";
 pub const LEDGER_SUBJECTS: &str = "vmlot.ledger.>";
 /// Every transaction.
 pub const LEDGER_TX_ALL: &str = "vmlot.ledger.tx.>";

@@ -230,6 +230,12 @@ impl NatsServer {
         self.client_as(Role::Broker, "broker").await
     }
 
+    /// Connects as the broker's user in the books' account (where the
+    /// ledger and the job records live), retrying forever.
+    pub async fn books_client(&self) -> Result<async_nats::Client> {
+        connect(&self.url(), &self.deployment.books_creds_path()).await
+    }
+
     /// Creates the store's streams as the broker would (participants may
     /// only join them): for tests that run the store without a broker.
     pub async fn provision_store(&self) -> Result<()> {
@@ -366,6 +372,11 @@ impl NatsCluster {
     /// Connects as the broker to every server.
     pub async fn client(&self) -> Result<async_nats::Client> {
         connect(&self.urls(), &creds(&self.deployment, Role::Broker, "broker")?).await
+    }
+
+    /// Connects as the broker's user in the books' account to every server.
+    pub async fn books_client(&self) -> Result<async_nats::Client> {
+        connect(&self.urls(), &self.deployment.books_creds_path()).await
     }
 
     /// Credentials for `role`'s user `name`, valid on every server.

@@ -62,7 +62,14 @@ impl Market {
             "broker",
             &server.url(),
             &server.creds(Role::Broker, "broker")?,
-            &broker_args,
+            &[
+                broker_args,
+                vec![
+                    "--books-creds".into(),
+                    server.deployment().books_creds_path().display().to_string(),
+                ],
+            ]
+            .concat(),
             dir.path(),
         )?;
         let mut market = Self {
@@ -414,7 +421,9 @@ pub fn kill_pids(pids: &[u32]) {
     }
 }
 
-/// A job's record as stored in the broker's KV bucket (readable while no broker runs).
+/// A job's record as stored in the broker's KV bucket (readable while no
+/// broker runs), through `client`, a connection to the books' account
+/// ([`crate::NatsServer::books_client`]).
 pub async fn read_job_record(client: &async_nats::Client, job: impl std::fmt::Display) -> Result<String> {
     let js = async_nats::jetstream::new(client.clone());
     let kv = js.get_key_value("vmlot-jobs").await?;
@@ -429,8 +438,8 @@ pub async fn payments(
     client: &async_nats::Client,
     job: vmlot_schemas::JobId,
 ) -> Vec<vmlot_schemas::ledger::Settlement> {
-    let js = async_nats::jetstream::new(client.clone());
-    vmlot_ledger::read::settlements(&js)
+    let api = vmlot_ledger::BooksApi::for_server(client.clone()).await;
+    vmlot_ledger::read::settlements(&api)
         .await
         .unwrap()
         .into_iter()

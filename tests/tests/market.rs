@@ -479,8 +479,8 @@ fn vmlot_json(market: &Market, args: &[&str]) -> serde_json::Value {
 }
 
 async fn assert_books_verify(market: &Market) {
-    let js = async_nats::jetstream::new(market.server.client().await.unwrap());
-    let report = vmlot_ledger::verify::verify(&js).await.unwrap();
+    let api = vmlot_ledger::BooksApi::for_server(market.server.client().await.unwrap()).await;
+    let report = vmlot_ledger::verify::verify(&api).await.unwrap();
     assert!(report.ok(), "{:#?}\n{}", report.problems, market.logs());
     let out = vmlot(market, &["ledger", "verify"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
@@ -496,7 +496,7 @@ async fn wait_refunded(market: &Market, job: JobId) {
 }
 
 async fn balance(market: &Market, account: &str) -> Decimal {
-    let js = async_nats::jetstream::new(market.server.client().await.unwrap());
+    let js = async_nats::jetstream::new(market.server.books_client().await.unwrap());
     let books = vmlot_ledger::Books::open(&js).await.unwrap();
     books.balance(&account.parse().unwrap(), "CRD").await.unwrap()
 }
@@ -634,7 +634,7 @@ async fn books_hold_pay_refund_answer_queries_and_verify() {
 
     // The same settlement written again, even naming another provider, is
     // the first one: no second record, no second payment.
-    let js = async_nats::jetstream::new(client.clone());
+    let js = async_nats::jetstream::new(market.server.books_client().await.unwrap());
     let books = vmlot_ledger::Books::open(&js).await.unwrap();
     let mut again = paid[1].clone();
     again.provider = ProviderId::new();
@@ -694,13 +694,15 @@ async fn books_a_broker_killed_between_settlement_and_next_lot_pays_once() {
     })
     .await
     .unwrap_or_else(|e| panic!("{e}: the fault never fired\n{}", market.logs()));
-    let js = async_nats::jetstream::new(client.clone());
+    let js = async_nats::jetstream::new(market.server.books_client().await.unwrap());
     let books = vmlot_ledger::Books::open(&js).await.unwrap();
     assert!(
         books.settlement(job, 0).await.unwrap().is_some(),
         "settlement written"
     );
-    let record = vmlot_tests::market::read_job_record(&client, job).await.unwrap();
+    let record = vmlot_tests::market::read_job_record(&market.server.books_client().await.unwrap(), job)
+        .await
+        .unwrap();
     assert!(
         record.contains("\"settled\":[]"),
         "the job record did not see it: {record}"

@@ -34,21 +34,21 @@ fn spec(image: Image, account: &str, segments: u32, budget: &str) -> JobSpec {
 }
 
 async fn balance(market: &Market, account: &str) -> Decimal {
-    let js = async_nats::jetstream::new(market.server.client().await.unwrap());
+    let js = async_nats::jetstream::new(market.server.books_client().await.unwrap());
     let books = vmlot_ledger::Books::open(&js).await.unwrap();
     books.balance(&account.parse().unwrap(), "CRD").await.unwrap()
 }
 
-/// Messages in `stream` (the house's view).
+/// Messages in `stream` of the books' account (the house's view).
 async fn messages_in(market: &Market, stream: &str) -> u64 {
-    let js = async_nats::jetstream::new(market.server.client().await.unwrap());
+    let js = async_nats::jetstream::new(market.server.books_client().await.unwrap());
     let mut stream = js.get_stream(stream).await.unwrap();
     stream.info().await.unwrap().state.messages
 }
 
 async fn assert_books_verify(market: &Market) {
-    let js = async_nats::jetstream::new(market.server.client().await.unwrap());
-    let report = vmlot_ledger::verify::verify(&js).await.unwrap();
+    let api = vmlot_ledger::BooksApi::for_server(market.server.client().await.unwrap()).await;
+    let report = vmlot_ledger::verify::verify(&api).await.unwrap();
     assert!(report.ok(), "{:#?}\n{}", report.problems, market.logs());
 }
 
@@ -108,11 +108,19 @@ async fn a_submitter_cannot_mint_spend_anothers_or_touch_the_books() {
         .unwrap();
     market.fund("alice", "20").await.unwrap();
     let job = market.submit(spec(image.clone(), "alice", 3, "5")).await;
-    let done = market.wait_final(job, Duration::from_secs(60)).await;
+    market.wait_final(job, Duration::from_secs(60)).await;
+    // The escrow's refund follows the end: the snapshot is taken after it.
+    let done = wait_for(Duration::from_secs(30), async || {
+        let status = market.status(job).await;
+        status.refunded.then_some(status)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: job {job} never refunded\n{}", market.logs()));
     let alice_after_job = balance(&market, "user:alice").await;
-    let record_before = vmlot_tests::market::read_job_record(&market.server.client().await.unwrap(), job)
-        .await
-        .unwrap();
+    let record_before =
+        vmlot_tests::market::read_job_record(&market.server.books_client().await.unwrap(), job)
+            .await
+            .unwrap();
     let ledger_before = messages_in(&market, subjects::LEDGER_STREAM).await;
 
     let mallory = Caller::new(Role::Submitter, "mallory");
@@ -190,9 +198,10 @@ async fn a_submitter_cannot_mint_spend_anothers_or_touch_the_books() {
     assert_eq!(balance(&market, "user:mallory").await, Decimal::ZERO);
     assert_eq!(balance(&market, "user:alice").await, alice_after_job);
     assert_eq!(messages_in(&market, subjects::LEDGER_STREAM).await, ledger_before);
-    let record_after = vmlot_tests::market::read_job_record(&market.server.client().await.unwrap(), job)
-        .await
-        .unwrap();
+    let record_after =
+        vmlot_tests::market::read_job_record(&market.server.books_client().await.unwrap(), job)
+            .await
+            .unwrap();
     assert_eq!(record_after, record_before, "the job record changed");
     assert_eq!(market.status(job).await, done);
     assert_books_verify(&market).await;
@@ -305,5 +314,174 @@ async fn a_provider_cannot_impersonate_another_or_read_its_bids() {
             .is_err(),
         "eve read a bid or an award"
     );
+    assert_books_verify(&market).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_accountant_reads_the_books_and_cannot_write_them() {
+    let provider = ProviderSpec::synthetic("p1", "0.10");
+    let market = Market::start(fast_broker_args(), &[provider]).unwrap();
+    market.ready(1).await.unwrap();
+    market.fund("alice", "7").await.unwrap();
+    let ledger_before = messages_in(&market, subjects::LEDGER_STREAM).await;
+
+    // The accountant reads the books through the books' account's export.
+    let nats = market.server.client_as(Role::Accountant, "audit").await.unwrap();
+    let books = vmlot_ledger::BooksApi::for_server(nats.clone()).await;
+    let balances = vmlot_ledger::read::balances(&books, &"user:alice".parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(balances.get("CRD"), Some(&Decimal::from(7)), "{balances:?}");
+
+    // Mint or spend: the API refuses an accountant.
+    let api = market.api_as(&Caller::new(Role::Accountant, "audit")).await;
+    let credit = serde_json::json!({
+        "version": WIRE_VERSION, "id": uuid::Uuid::new_v4(), "account": "user:audit",
+        "amount": {"amount": "1000", "unit": "CRD"}, "memo": "",
+    });
+    let refused = api.answer_body::<Credit>(&credit).await.unwrap().unwrap_err();
+    assert_eq!(refused.code, "forbidden", "{refused:?}");
+
+    // A consumer on the books (its creator would choose where the server
+    // delivers) is not in any participant's grants.
+    let create = format!(
+        "{}.CONSUMER.CREATE.{}",
+        subjects::BOOKS_API,
+        subjects::LEDGER_STREAM
+    );
+    let push = serde_json::json!({
+        "stream_name": subjects::LEDGER_STREAM,
+        "config": {"deliver_subject": subjects::posting(&"user:audit".parse().unwrap(), "CRD")},
+    });
+    nats.publish(create.clone(), serde_json::to_vec(&push).unwrap().into())
+        .await
+        .unwrap();
+    nats.flush().await.unwrap();
+    refused_by_server(&market, "Publish", &create).await;
+
+    // A direct get answered onto the ledger's subjects, the job records'
+    // and the stream API: the answer lands in the market account, where
+    // none of them is.
+    let get = format!("{}.DIRECT.GET.{}", subjects::BOOKS_API, subjects::LEDGER_STREAM);
+    for aim in [
+        subjects::posting(&"user:audit".parse().unwrap(), "CRD"),
+        format!("$KV.{}.x", subjects::JOB_BUCKET),
+        format!("$JS.API.STREAM.DELETE.{}", subjects::LEDGER_STREAM),
+        format!("$JS.API.STREAM.DELETE.{}", subjects::BLOCK_STREAM),
+    ] {
+        nats.publish_with_reply(get.clone(), aim, b"{\"seq\":1}".to_vec().into())
+            .await
+            .unwrap();
+    }
+    nats.flush().await.unwrap();
+
+    // A submitter may not read the books at all.
+    let bob = market.server.client_as(Role::Submitter, "bob").await.unwrap();
+    bob.publish(get.clone(), b"{\"seq\":1}".to_vec().into())
+        .await
+        .unwrap();
+    bob.flush().await.unwrap();
+    refused_by_server(&market, "Publish", &get).await;
+
+    // Nothing changed: the books, the block store, alice's balance.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(messages_in(&market, subjects::LEDGER_STREAM).await, ledger_before);
+    assert_eq!(balance(&market, "user:alice").await, Decimal::from(7));
+    assert_eq!(balance(&market, "user:audit").await, Decimal::ZERO);
+    let store = async_nats::jetstream::new(market.server.client().await.unwrap());
+    assert!(
+        store.get_stream(subjects::BLOCK_STREAM).await.is_ok(),
+        "the block store was deleted"
+    );
+    assert_books_verify(&market).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submitter_is_held_to_its_quotas_and_its_request_rate() {
+    let mut args = fast_broker_args();
+    for (flag, value) in [
+        ("--max-jobs-in-flight", "2"),
+        ("--max-redundancy", "1"),
+        ("--max-memory-mib", "64"),
+        ("--max-requests-per-second", "5"),
+    ] {
+        args.extend([flag.to_string(), value.to_string()]);
+    }
+    let market = Market::start(args, &[ProviderSpec::synthetic("p1", "0.10")]).unwrap();
+    market.ready(1).await.unwrap();
+    let image = market.push_synthetic_image("synthetic.seed=quota").await.unwrap();
+    market.fund("alice", "100").await.unwrap();
+    let alice = market.api_as(&Caller::new(Role::Submitter, "alice")).await;
+    let submit = |spec: JobSpec| {
+        let alice = alice.clone();
+        async move {
+            alice
+                .answer::<Submit>(&SubmitJob {
+                    version: WIRE_VERSION,
+                    spec,
+                })
+                .await
+                .unwrap()
+        }
+    };
+    // Two long jobs fill alice's quota of jobs in flight; a third is
+    // refused, and holds nothing.
+    let first = submit(spec(image.clone(), "alice", 500, "10")).await.unwrap().job;
+    let second = submit(spec(image.clone(), "alice", 500, "10")).await.unwrap().job;
+    let third = submit(spec(image.clone(), "alice", 1, "10")).await.unwrap_err();
+    assert_eq!(third.code, "quota-exceeded", "{third:?}");
+    assert_eq!(balance(&market, "user:alice").await, Decimal::from(80));
+    // Per-job limits: redundancy and memory.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut redundant = spec(image.clone(), "alice", 1, "10");
+    redundant.redundancy = 2;
+    let mut big = spec(image.clone(), "alice", 1, "10");
+    big.image.vm.memory_mib = 65;
+    for over in [redundant, big] {
+        let refused = submit(over).await.unwrap_err();
+        assert_eq!(refused.code, "quota-exceeded", "{refused:?}");
+    }
+
+    // Mallory floods the API: past its rate it is refused, and alice is
+    // still answered.
+    let mallory = market.api_as(&Caller::new(Role::Submitter, "mallory")).await;
+    let flood = futures::future::join_all((0..40).map(|_| mallory.list())).await;
+    let limited = flood
+        .iter()
+        .filter(|r| matches!(r, Err(vmlot_client::CallError::Refused(e)) if e.code == "rate-limited"))
+        .count();
+    assert!(
+        limited >= 20,
+        "only {limited} of 40 requests refused as over the rate"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let seen = alice.list().await.unwrap();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+
+    // Ending a job gives its slot back.
+    let cancelled = alice
+        .answer::<Cancel>(&JobRef {
+            version: WIRE_VERSION,
+            job: first,
+        })
+        .await
+        .unwrap();
+    assert!(cancelled.is_ok(), "{cancelled:?}");
+    market.wait_final(first, Duration::from_secs(30)).await;
+    let again = wait_for(Duration::from_secs(10), async || {
+        submit(spec(image.clone(), "alice", 1, "10")).await.ok()
+    })
+    .await;
+    assert!(
+        again.is_ok(),
+        "a slot freed by a cancelled job was not given back"
+    );
+    let _ = alice
+        .answer::<Cancel>(&JobRef {
+            version: WIRE_VERSION,
+            job: second,
+        })
+        .await;
+    market.wait_final(second, Duration::from_secs(30)).await;
     assert_books_verify(&market).await;
 }

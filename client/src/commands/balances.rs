@@ -15,8 +15,8 @@ use crate::output::{Align, Table, print_json};
 pub async fn statement(ctx: &Context, account: &str, period: &str) -> Result<()> {
     let account = resolve_account(ctx, account).await?;
     let (from, until) = parse_period(period)?;
-    let js = ctx.jetstream().await?;
-    let statements = read::statement(&js, &account, from, until).await?;
+    let books = ctx.books().await?;
+    let statements = read::statement(&books, &account, from, until).await?;
     if ctx.json {
         return print_json(&statements);
     }
@@ -58,11 +58,11 @@ pub async fn statement(ctx: &Context, account: &str, period: &str) -> Result<()>
 
 /// `vmlot balance`: one account's balances, or every account's.
 pub async fn balance(ctx: &Context, account: Option<&str>) -> Result<()> {
-    let js = ctx.jetstream().await?;
+    let books = ctx.books().await?;
     let balances: Vec<(Account, String, Decimal)> = match account {
         Some(text) => {
             let account = resolve_account(ctx, text).await?;
-            let found = read::balances(&js, &account).await?;
+            let found = read::balances(&books, &account).await?;
             if found.is_empty() {
                 vec![(account, "CRD".to_string(), Decimal::ZERO)]
             } else {
@@ -70,7 +70,7 @@ pub async fn balance(ctx: &Context, account: Option<&str>) -> Result<()> {
             }
         }
         // Every account but the escrows of ended jobs (zero, and many).
-        None => read::last_postings(&js, subjects::LEDGER_POST_ALL)
+        None => read::last_postings(&books, subjects::LEDGER_POST_ALL)
             .await?
             .into_iter()
             .filter(|p| !(matches!(p.account, Account::Escrow(_)) && p.balance.is_zero()))

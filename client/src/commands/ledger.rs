@@ -90,8 +90,8 @@ pub async fn ledger(ctx: &Context, args: &LedgerArgs) -> Result<()> {
         return verify(ctx).await;
     }
     let filter = filter_of(ctx, &args.filter).await?;
-    let js = ctx.jetstream().await?;
-    let rows = read::query(&js, &filter).await?;
+    let books = ctx.books().await?;
+    let rows = read::query(&books, &filter).await?;
     let totals = read::totals(&rows);
     let format = if ctx.json { Format::Json } else { args.format };
     match format {
@@ -202,9 +202,9 @@ fn print_totals(totals: &BTreeMap<(Account, String), (Decimal, Decimal)>) {
 
 /// `vmlot ledger verify`: exit code 3 naming every problem found.
 async fn verify(ctx: &Context) -> Result<()> {
-    let js = ctx.jetstream().await?;
+    let books = ctx.books().await?;
     let started = std::time::Instant::now();
-    let report = vmlot_ledger::verify::verify(&js).await?;
+    let report = vmlot_ledger::verify::verify(&books).await?;
     let took = started.elapsed();
     if ctx.json {
         print_json(&report)?;

@@ -17,7 +17,7 @@
 //! the job records), `replay` (the stream in order); this module reads the
 //! streams and feeds them.
 
-use async_nats::jetstream;
+use crate::direct::BooksApi;
 use vmlot_schemas::market::JobStatus;
 use vmlot_schemas::subjects;
 
@@ -44,7 +44,7 @@ const REPLAY_QUEUE: usize = 64;
 /// decoded and replayed on a thread of their own, in stream order, while
 /// the next ones are read: decoding costs about as much as reading, and the
 /// two then overlap.
-pub async fn verify(js: &jetstream::Context) -> Result<Report, LedgerError> {
+pub async fn verify(api: &BooksApi) -> Result<Report, LedgerError> {
     type Batch = Vec<(u64, String, Vec<u8>)>;
     let (queue, batches) = std::sync::mpsc::sync_channel::<Batch>(REPLAY_QUEUE);
     let replayer = tokio::task::spawn_blocking(move || {
@@ -58,7 +58,7 @@ pub async fn verify(js: &jetstream::Context) -> Result<Report, LedgerError> {
     });
     let mut batch: Batch = Vec::with_capacity(REPLAY_BATCH);
     let read = read_raw(
-        js,
+        api,
         subjects::LEDGER_STREAM,
         vec![],
         None,
@@ -84,10 +84,10 @@ pub async fn verify(js: &jetstream::Context) -> Result<Report, LedgerError> {
     // The job records are read while the replay catches up.
     let mut jobs = Vec::new();
     let mut undecodable = Vec::new();
-    let found = js.get_stream_no_info(subjects::JOB_BUCKET_STREAM).await.is_ok();
+    let found = api.exists(subjects::JOB_BUCKET_STREAM).await?;
     if found {
         read_raw(
-            js,
+            api,
             subjects::JOB_BUCKET_STREAM,
             vec![subjects::JOB_BUCKET_SUBJECTS.to_string()],
             None,
