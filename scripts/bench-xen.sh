@@ -55,11 +55,12 @@ pids+=($!)
 export VMLOT_NATS=nats://127.0.0.1:$port
 for _ in $(seq 100); do (echo > /dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
 export VMLOT_CREDS=$operator_creds
+export VMLOT_TLS_CA=$out/deploy/tls/ca.pem
 "$bin/vmlot-broker" --creds "$out/deploy/creds/broker-broker.creds" --books-creds "$out/deploy/creds/broker-books.creds" --bid-window-ms 500 --transfer-allowance-s 120 > "$out/broker.log" 2>&1 &
 pids+=($!)
 
 bash scripts/xen-host.sh boot --nats "nats://10.0.2.2:$port" --name xb1 \
-  --id "$provider_id" --creds "$provider_creds" --price 0 --min-price 0.1 --serial "$out/xb1.serial" \
+  --id "$provider_id" --creds "$provider_creds" --tls-ca "$VMLOT_TLS_CA" --price 0 --min-price 0.1 --serial "$out/xb1.serial" \
   > "$out/xb1.qemu.log" 2>&1 &
 pids+=($!)
 echo "bench-xen: waiting for the nested Xen host to join (10-60 s)"

@@ -54,10 +54,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# Who is who: a deployment (operator, accounts, signing keys) whose
-# auth.conf the server includes; credentials for the broker (made by init),
+# Who is who: a deployment (operator, accounts, signing keys, a CA and the
+# server's TLS certificate) whose auth.conf the server includes; credentials for the broker (made by init),
 # an operator, a submitter and each provider. Nobody connects without them.
-echo "== vmlot admin init: the server checks every participant's credentials"
+echo "== vmlot admin init: the server checks every participant's credentials, over TLS"
 "$vmlot" admin init --dir "$demo/deploy" | sed 's/^/   /'
 operator_creds=$("$vmlot" admin add operator house --dir "$demo/deploy")
 submitter_creds=$("$vmlot" admin add submitter default --dir "$demo/deploy")
@@ -71,6 +71,8 @@ cat "$demo/deploy/auth.conf" >> "$demo/nats.conf"
 .tools/bin/nats-server -c "$demo/nats.conf" 2> "$demo/nats.log" &
 echo $! > "$demo/pids/nats.pid"
 export VMLOT_NATS=nats://127.0.0.1:$port
+# Every connection is TLS, checked against the deployment's own CA.
+export VMLOT_TLS_CA=$demo/deploy/tls/ca.pem
 for _ in $(seq 100); do (echo > /dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
 
 # The reference: the same guest booted once by QEMU itself, run to its

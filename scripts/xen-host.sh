@@ -20,7 +20,7 @@
 #     VMLOT_PROVIDER_BIN=/path/to/vmlot-provider skips cargo and ships that
 #     binary instead (e.g. one built from another checkout).
 #
-#   scripts/xen-host.sh boot --nats URL --name NAME --id UUID [--creds FILE] [--price DEC]
+#   scripts/xen-host.sh boot --nats URL --name NAME --id UUID [--creds FILE] [--tls-ca FILE] [--price DEC]
 #       [--min-price DEC]   (--price: per second of segment; --min-price: the
 #                            least asked for any segment; provider defaults otherwise)
 #       [--mode provider|shell|selftest] [--serial FILE] [--mem MiB]
@@ -323,11 +323,12 @@ EOF
 # Prints the qemu command line (NUL-separated) for boot's options.
 boot_args() {
   local nats="" name="" id="" price="" min_price="" mode=provider serial="" mem=3072 dom0_mem=1024 smp=2
-  local slots="" debug=0 extra="" xen_extra="" creds=""
+  local slots="" debug=0 extra="" xen_extra="" creds="" tls_ca=""
   while [ $# -gt 0 ]; do
     case "$1" in
       --nats) nats=$2; shift 2 ;;
       --creds) creds=$2; shift 2 ;;
+      --tls-ca) tls_ca=$2; shift 2 ;;
       --name) name=$2; shift 2 ;;
       --id) id=$2; shift 2 ;;
       --price) price=$2; shift 2 ;;
@@ -365,16 +366,19 @@ boot_args() {
   for v in "$nats" "$name" "$id" "$price" "$min_price" "$slots" "$out"; do
     case "$v" in *[[:space:]]*) die "boot: no spaces allowed in '$v'" ;; esac
   done
-  # The provider's credentials reach dom0 as a second cpio archive after the
-  # image's (the kernel unpacks both): /etc/vmlot/provider.creds.
+  # The provider's credentials (and the deployment's CA) reach dom0 as a
+  # second cpio archive after the image's (the kernel unpacks both):
+  # /etc/vmlot/provider.creds, /etc/vmlot/ca.pem.
   if [ -n "$creds" ]; then
     [ -f "$creds" ] || die "boot: no credentials file $creds"
+    [ -z "$tls_ca" ] || [ -f "$tls_ca" ] || die "boot: no CA file $tls_ca"
     local stage initrd
     initrd=$(dirname "${serial:-/tmp/x}")/dom0-$name-$$.cpio.gz
     case "$initrd" in *,*) die "boot: no commas allowed in '$initrd'" ;; esac
     stage=$(mktemp -d)
     mkdir -p "$stage/etc/vmlot"
     install -m 600 "$creds" "$stage/etc/vmlot/provider.creds"
+    [ -z "$tls_ca" ] || install -m 644 "$tls_ca" "$stage/etc/vmlot/ca.pem"
     { cat "$cpio"; (cd "$stage" && find . | cpio -o -H newc --quiet | gzip -1); } >"$initrd"
     rm -rf "$stage"
     cpio=$initrd

@@ -5,7 +5,9 @@
 //!
 //! On disk (`dir`): `operator.jwt`; `keys/` the seeds (secret, mode
 //! 0600); `accounts/` the account JWTs; `auth.conf` for the server to
-//! `include`; `creds/ROLE-NAME.creds` the users' credentials
+//! `include` (it turns TLS on); `tls/` the deployment's CA (`ca.pem`, for
+//! clients) and the server's certificate and key; `creds/ROLE-NAME.creds`
+//! the users' credentials
 //! (`creds/broker-books.creds`: the broker's user in the books' account).
 //!
 //! Accounts: `SYS` (the server's), `MARKET` (every participant, the
@@ -48,10 +50,17 @@ impl Deployment {
     /// accounts and signing keys, the server's `auth.conf`, and the
     /// broker's credentials. Refuses a directory that already holds one.
     pub fn create(dir: &Path) -> Result<Self, IdentityError> {
+        let hosts: Vec<String> = crate::tls::DEFAULT_HOSTS.iter().map(|h| h.to_string()).collect();
+        Self::create_for(dir, &hosts)
+    }
+
+    /// [`Deployment::create`] with a server certificate for `hosts` (the
+    /// names and addresses clients reach the server by).
+    pub fn create_for(dir: &Path, hosts: &[String]) -> Result<Self, IdentityError> {
         if dir.join("operator.jwt").exists() {
             return Err(IdentityError::Exists(dir.to_path_buf()));
         }
-        for sub in ["keys", "accounts", "creds"] {
+        for sub in ["keys", "accounts", "creds", "tls"] {
             std::fs::create_dir_all(dir.join(sub)).map_err(IdentityError::io(dir.join(sub)))?;
         }
         let d = Self {
@@ -125,8 +134,15 @@ impl Deployment {
             .sign(&operator_signing);
         d.write(format!("accounts/{MARKET}.jwt"), &market_jwt, false)?;
 
+        let tls = crate::tls::generate(hosts)?;
+        d.write("tls/ca.pem", &tls.ca_cert, false)?;
+        d.write("tls/ca-key.pem", &tls.ca_key, true)?;
+        d.write("tls/server-cert.pem", &tls.server_cert, false)?;
+        d.write("tls/server-key.pem", &tls.server_key, true)?;
+        let abs = std::path::absolute(dir).map_err(IdentityError::io(dir))?;
         let conf = format!(
-            "# vmlot deployment: NATS decentralized authentication (written by `vmlot admin init`).\n\
+            "# vmlot deployment: NATS decentralized authentication and TLS (written by `vmlot admin init`).\n\
+             tls {{\n  cert_file: \"{cert}\"\n  key_file: \"{key}\"\n  timeout: 5\n}}\n\
              operator: \"{operator_jwt}\"\n\
              system_account: {sys}\n\
              resolver: MEMORY\n\
@@ -134,6 +150,8 @@ impl Deployment {
             sys = system.public_key(),
             mkt = market.public_key(),
             bks = books.public_key(),
+            cert = abs.join("tls/server-cert.pem").display(),
+            key = abs.join("tls/server-key.pem").display(),
         );
         d.write("auth.conf", &conf, false)?;
         d.add(Role::Broker, "broker")?;
@@ -158,6 +176,11 @@ impl Deployment {
     /// The server configuration's authentication part, for `include`.
     pub fn auth_conf(&self) -> PathBuf {
         self.dir.join("auth.conf")
+    }
+
+    /// The CA certificate clients check the server's against (`--tls-ca`).
+    pub fn tls_ca(&self) -> PathBuf {
+        self.dir.join("tls/ca.pem")
     }
 
     /// Where `role`'s user `name` keeps its credentials.

@@ -10,6 +10,7 @@
 //!   new users' credentials.
 //! - [`creds`]: reading a credentials file (who it names, its inbox).
 //! - [`connect`]: how a program connects: credentials, TLS, or open.
+//! - [`tls`]: the deployment's CA and the server's certificate.
 //! - [`echo`]: telling a message the server handed back from one its
 //!   subject's owner published.
 
@@ -19,6 +20,7 @@ pub mod deployment;
 pub mod echo;
 pub mod error;
 pub mod grants;
+pub mod tls;
 
 pub use connect::Access;
 pub use creds::Creds;

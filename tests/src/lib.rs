@@ -213,6 +213,11 @@ impl NatsServer {
         self.port
     }
 
+    /// The CA the server's TLS certificate chains to.
+    pub fn tls_ca(&self) -> PathBuf {
+        self.deployment.tls_ca()
+    }
+
     /// The deployment the server checks connections against.
     pub fn deployment(&self) -> &Deployment {
         &self.deployment
@@ -305,6 +310,13 @@ pub fn creds(deployment: &Deployment, role: Role, name: &str) -> Result<PathBuf>
     Ok(deployment.add(role, name)?)
 }
 
+/// The CA of the deployment `creds` belong to (`<dir>/creds/x.creds` →
+/// `<dir>/tls/ca.pem`): every harness server runs TLS.
+pub fn tls_ca_beside(creds: &Path) -> Option<PathBuf> {
+    let ca = creds.parent()?.parent()?.join("tls/ca.pem");
+    ca.exists().then_some(ca)
+}
+
 /// Connects with `creds` and unbounded reconnects (tests restart servers
 /// under clients). `url` may list several servers, comma-separated.
 pub async fn connect(url: &str, creds: &Path) -> Result<async_nats::Client> {
@@ -315,6 +327,7 @@ pub async fn connect(url: &str, creds: &Path) -> Result<async_nats::Client> {
         .context("parsing server URLs")?;
     let access = Access {
         creds: Some(creds.to_path_buf()),
+        tls_ca: tls_ca_beside(creds),
         ..Access::default()
     };
     access
@@ -428,7 +441,10 @@ impl Process {
                 ("VMLOT_NATS".into(), nats_url.into()),
                 ("VMLOT_LOG".into(), "info".into()),
                 ("VMLOT_CREDS".into(), creds.display().to_string()),
-            ],
+            ]
+            .into_iter()
+            .chain(tls_ca_beside(creds).map(|ca| ("VMLOT_TLS_CA".into(), ca.display().to_string())))
+            .collect(),
             log: log_dir.join(format!("{name}.log")),
             child: None,
         };

@@ -106,6 +106,7 @@ impl VmMarket {
     pub fn vmlot_as(&self, role: Role, name: &str, args: &[&str]) -> Output {
         Command::new(workspace_binary("vmlot").unwrap())
             .env("VMLOT_NATS", self.market.server.url())
+            .env("VMLOT_TLS_CA", self.market.server.tls_ca())
             .env("VMLOT_CREDS", self.market.server.creds(role, name).unwrap())
             .args(args)
             .output()

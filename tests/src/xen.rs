@@ -67,6 +67,11 @@ impl XenHost {
             .args(["--id", &spec.id.to_string()])
             .arg("--creds")
             .arg(creds)
+            .args(
+                crate::tls_ca_beside(creds)
+                    .map(|ca| vec!["--tls-ca".into(), ca.into_os_string()])
+                    .unwrap_or_default(),
+            )
             .args(["--price", "0", "--min-price", &spec.price])
             .arg("--serial")
             .arg(&serial)

@@ -11,6 +11,7 @@ fn vmlot(server: &NatsServer, args: &[&str]) -> Output {
         .unwrap();
     Command::new(workspace_binary("vmlot").unwrap())
         .env("VMLOT_NATS", server.url())
+        .env("VMLOT_TLS_CA", vmlot_tests::tls_ca_beside(&creds).unwrap())
         .env("VMLOT_CREDS", creds)
         .args(args)
         .output()

@@ -462,6 +462,7 @@ fn vmlot(market: &Market, args: &[&str]) -> std::process::Output {
         .unwrap();
     std::process::Command::new(vmlot_tests::workspace_binary("vmlot").unwrap())
         .env("VMLOT_NATS", market.server.url())
+        .env("VMLOT_TLS_CA", market.server.tls_ca())
         .env("VMLOT_CREDS", creds)
         .args(args)
         .output()

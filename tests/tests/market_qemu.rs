@@ -126,6 +126,7 @@ async fn a_vm_migrated_across_three_providers_prints_what_an_uninterrupted_run_p
         .unwrap();
     let mut follow = Command::new(workspace_binary("vmlot").unwrap())
         .env("VMLOT_NATS", m.market.server.url())
+        .env("VMLOT_TLS_CA", vmlot_tests::tls_ca_beside(&operator).unwrap())
         .env("VMLOT_CREDS", operator)
         .args(["logs", "--follow", &job.to_string()])
         .stdout(std::fs::File::create(&follow_out).unwrap())

@@ -78,6 +78,39 @@ async fn without_credentials_nobody_connects() {
         .await;
     assert!(anonymous.is_err(), "an anonymous client connected");
 
+    // TLS is on: valid credentials without the deployment's CA do not
+    // connect (the server's certificate is not one the client trusts), and
+    // with it the connection is encrypted.
+    let creds = market.server.creds(Role::Submitter, "alice").unwrap();
+    let untrusting = vmlot_identity::Access {
+        creds: Some(creds.clone()),
+        ..Default::default()
+    };
+    let plain = untrusting
+        .options()
+        .unwrap()
+        .0
+        .connection_timeout(Duration::from_secs(3))
+        .connect(market.server.url())
+        .await;
+    assert!(plain.is_err(), "connected without trusting the deployment's CA");
+    let trusting = vmlot_identity::Access {
+        creds: Some(creds),
+        tls_ca: Some(market.server.tls_ca()),
+        ..Default::default()
+    };
+    let client = trusting
+        .options()
+        .unwrap()
+        .0
+        .connect(market.server.url())
+        .await
+        .unwrap();
+    assert!(
+        client.server_info().tls_required,
+        "the server does not require TLS"
+    );
+
     // Credentials from another deployment (another operator's keys) are
     // not this market's.
     let elsewhere = tempfile::tempdir().unwrap();

@@ -19,12 +19,16 @@ use crate::output::print_json;
 
 #[derive(Subcommand)]
 pub enum AdminCommand {
-    /// Set up a deployment in DIR: operator, accounts and signing keys, the
-    /// server's `auth.conf` (include it in nats-server.conf) and the
-    /// broker's credentials.
+    /// Set up a deployment in DIR: operator, accounts and signing keys, a
+    /// CA and the server's TLS certificate, the server's `auth.conf`
+    /// (include it in nats-server.conf) and the broker's credentials.
     Init {
         #[arg(long, env = "VMLOT_DEPLOYMENT", default_value = "vmlot-deployment")]
         dir: PathBuf,
+        /// A name or address clients reach the server by, for its
+        /// certificate (repeat; default localhost, 127.0.0.1, 10.0.2.2).
+        #[arg(long = "tls-host")]
+        tls_hosts: Vec<String>,
     },
     /// Issue credentials to a new participant (written to
     /// DIR/creds/ROLE-NAME.creds and printed as its path). A provider's
@@ -56,17 +60,23 @@ pub enum AdminCommand {
 /// `vmlot admin …`.
 pub async fn admin(ctx: &Context, command: &AdminCommand) -> Result<()> {
     match command {
-        AdminCommand::Init { dir } => {
-            let d = Deployment::create(dir)?;
+        AdminCommand::Init { dir, tls_hosts } => {
+            let d = if tls_hosts.is_empty() {
+                Deployment::create(dir)?
+            } else {
+                Deployment::create_for(dir, tls_hosts)?
+            };
             println!("deployment in {}", d.dir().display());
             println!(
                 "  server: include {} in nats-server.conf",
                 d.auth_conf().display()
             );
             println!(
-                "  broker: --creds {}",
-                d.creds_path(Role::Broker, "broker").display()
+                "  broker: --creds {} --books-creds {}",
+                d.creds_path(Role::Broker, "broker").display(),
+                d.books_creds_path().display()
             );
+            println!("  everyone: --tls-ca {}", d.tls_ca().display());
             Ok(())
         }
         AdminCommand::Add { role, name, dir } => {
