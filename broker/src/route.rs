@@ -21,7 +21,7 @@ pub(crate) async fn route_bids(shared: Arc<Shared>, mut bids: async_nats::Subscr
             _ = shared.shutdown.cancelled() => return,
             msg = bids.next() => match msg { Some(m) => m, None => return },
         };
-        if refuse_echo(&msg.subject, msg.headers.as_ref()) {
+        if vmlot_identity::echo::refuse(&msg.subject, msg.headers.as_ref()) {
             continue;
         }
         let bid: Bid = match serde_json::from_slice(&msg.payload) {
@@ -65,7 +65,7 @@ pub(crate) async fn track_heartbeats(shared: Arc<Shared>, mut beats: async_nats:
             _ = shared.shutdown.cancelled() => return,
             msg = beats.next() => match msg { Some(m) => m, None => return },
         };
-        if refuse_echo(&msg.subject, msg.headers.as_ref()) {
+        if vmlot_identity::echo::refuse(&msg.subject, msg.headers.as_ref()) {
             continue;
         }
         match serde_json::from_slice::<Heartbeat>(&msg.payload) {
@@ -109,7 +109,7 @@ pub(crate) async fn route_results(shared: Arc<Shared>, consumer: consumer::PullC
                 }
                 None => break,
             };
-            if refuse_echo(&msg.subject, msg.headers.as_ref()) {
+            if vmlot_identity::echo::refuse(&msg.subject, msg.headers.as_ref()) {
                 let _ = msg.ack().await;
                 continue;
             }
@@ -152,14 +152,4 @@ pub(crate) async fn route_results(shared: Arc<Shared>, consumer: consumer::PullC
             }
         }
     }
-}
-
-/// A stored message the server handed back on a provider's subject at
-/// someone else's request ([`vmlot_identity::echo`]) is not the provider's.
-fn refuse_echo(subject: &str, headers: Option<&async_nats::HeaderMap>) -> bool {
-    let echoed = vmlot_identity::echo::echoed(headers);
-    if echoed {
-        tracing::warn!(%subject, "refused a message the server echoed (a stored message handed back on another's subject)");
-    }
-    echoed
 }

@@ -224,17 +224,7 @@ impl Deployment {
                 ..Default::default()
             })
             .sign(&signer);
-        let seed = user.seed().map_err(|e| IdentityError::Key {
-            path: self.dir.clone(),
-            reason: e.to_string(),
-        })?;
-        let path = self.creds_path(role, name);
-        self.write(
-            path.strip_prefix(&self.dir).expect("under the deployment"),
-            &creds::format(&jwt, &seed),
-            true,
-        )?;
-        Ok(path)
+        self.write_creds(self.creds_path(role, name), &jwt, &user)
     }
 
     /// Issues the broker's user in the books' account (signed by that
@@ -251,14 +241,19 @@ impl Deployment {
                 ..Default::default()
             })
             .sign(&books);
+        self.write_creds(self.books_creds_path(), &jwt, &user)
+    }
+
+    /// Writes `user`'s credentials (its signed `jwt` and its seed) to
+    /// `path`, a secret file under the deployment.
+    fn write_creds(&self, path: PathBuf, jwt: &str, user: &KeyPair) -> Result<PathBuf, IdentityError> {
         let seed = user.seed().map_err(|e| IdentityError::Key {
             path: self.dir.clone(),
             reason: e.to_string(),
         })?;
-        let path = self.books_creds_path();
         self.write(
             path.strip_prefix(&self.dir).expect("under the deployment"),
-            &creds::format(&jwt, &seed),
+            &creds::format(jwt, &seed),
             true,
         )?;
         Ok(path)

@@ -18,6 +18,16 @@ pub fn echoed(headers: Option<&HeaderMap>) -> bool {
     headers.is_some_and(|h| STREAM_HEADERS.iter().any(|name| h.get(*name).is_some()))
 }
 
+/// [`echoed`], logged as a refusal: what every receiver of market
+/// messages calls before reading one.
+pub fn refuse(subject: &str, headers: Option<&HeaderMap>) -> bool {
+    let echoed = echoed(headers);
+    if echoed {
+        tracing::warn!(%subject, "refused a message the server echoed (a stored message handed back on another's subject)");
+    }
+    echoed
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,8 +21,7 @@ pub(super) async fn take_awards(daemon: Arc<Daemon>, mut messages: async_nats::S
             _ = daemon.shutdown.cancelled() => return,
             msg = messages.next() => match msg { Some(m) => m, None => return },
         };
-        if vmlot_identity::echo::echoed(msg.headers.as_ref()) {
-            tracing::warn!(subject = %msg.subject, "refused a message the server echoed (a stored message handed back, not the broker's)");
+        if vmlot_identity::echo::refuse(&msg.subject, msg.headers.as_ref()) {
             continue;
         }
         let answer: Reply<()> = match serde_json::from_slice::<ToProvider>(&msg.payload) {

@@ -34,8 +34,7 @@ pub(super) async fn bid_on_lots(
             _ = daemon.shutdown.cancelled() => return,
             msg = lots.next() => match msg { Some(m) => m, None => return },
         };
-        if vmlot_identity::echo::echoed(msg.headers.as_ref()) {
-            tracing::warn!(subject = %msg.subject, "refused a message the server echoed (a stored message handed back, not the broker's)");
+        if vmlot_identity::echo::refuse(&msg.subject, msg.headers.as_ref()) {
             continue;
         }
         let lot: Lot = match serde_json::from_slice(&msg.payload) {
