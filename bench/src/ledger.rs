@@ -451,7 +451,10 @@ impl Dice {
     }
 
     fn manifest(&mut self) -> ManifestId {
-        ManifestId::of(&self.0.next_u64().to_le_bytes())
+        ManifestId::of(
+            vmlot_schemas::HashAlgorithm::Sha256,
+            &self.0.next_u64().to_le_bytes(),
+        )
     }
 }
 

@@ -2,7 +2,10 @@
 //! (zero-length segments, a stand-in, never a VM), many providers as tasks
 //! in this process, the broker as its own process (so its memory can be
 //! read), against the acknowledged-publish rate of the same JetStream
-//! server measured in the same run.
+//! server measured in the same run. The whole run is made twice, on a
+//! server with the deployment's accounts, credentials and TLS (how vmlot
+//! runs) and on one with none of them (`--open`), and the two are set side
+//! by side: what security costs.
 
 use std::time::{Duration, Instant};
 
@@ -13,9 +16,9 @@ use rust_decimal::Decimal;
 use vmlot_schemas::ledger::TxKind;
 use vmlot_schemas::market::{JobSpec, SegmentCount};
 use vmlot_schemas::{Money, subjects};
-use vmlot_tests::NatsServer;
 use vmlot_tests::in_process::InProcessOptions;
 use vmlot_tests::market::{Market, ProviderSpec};
+use vmlot_tests::{Auth, Fsync, NatsServer};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -30,12 +33,69 @@ pub struct Args {
 }
 
 pub async fn run(args: Args) -> Result<()> {
-    let server = NatsServer::start()?;
-    let client = server.client().await?;
     println!(
         "nats-server with sync_interval: always; {} providers, {} jobs × {} segments of 0 s, r = 1, bid window {} ms",
         args.providers, args.jobs, args.segments, args.bid_window_ms
     );
+    println!("\n## Secured: operator, accounts and users (JWT, nkeys), TLS\n");
+    let secured = run_once(&args, Auth::Secured).await?;
+    println!("\n## Open: no accounts, no credentials, no TLS (--open)\n");
+    let open = run_once(&args, Auth::Open).await?;
+    println!("\n## Secured against open, same run\n");
+    println!("| | secured | open | secured / open |");
+    println!("|---|---|---|---|");
+    let rows: [Row; 7] = [
+        (
+            "JetStream acked publishes, pipelined, msg/s",
+            |o| o.ceiling_pipelined,
+            0,
+        ),
+        (
+            "JetStream acked publishes, one at a time, msg/s",
+            |o| o.ceiling_sequential,
+            0,
+        ),
+        ("settled segments/s", |o| o.rate, 1),
+        ("settle latency p50, ms", |o| o.p50_ms, 0),
+        ("settle latency p99, ms", |o| o.p99_ms, 0),
+        (
+            "nats-server CPU µs per settled segment",
+            |o| o.server_us_per_segment,
+            0,
+        ),
+        (
+            "broker CPU µs per settled segment",
+            |o| o.broker_us_per_segment,
+            0,
+        ),
+    ];
+    for (name, value, digits) in rows {
+        let (a, b) = (value(&secured), value(&open));
+        println!(
+            "| {name} | {a:.digits$} | {b:.digits$} | {:.2} |",
+            if b > 0.0 { a / b } else { f64::NAN }
+        );
+    }
+    Ok(())
+}
+
+/// A line of the side-by-side table: its name, what it reads, decimals.
+type Row = (&'static str, fn(&Outcome) -> f64, usize);
+
+/// What one run measured, for the side-by-side table.
+struct Outcome {
+    ceiling_pipelined: f64,
+    ceiling_sequential: f64,
+    rate: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    server_us_per_segment: f64,
+    broker_us_per_segment: f64,
+}
+
+async fn run_once(args: &Args, auth: Auth) -> Result<Outcome> {
+    let server = NatsServer::start_as(Fsync::Always, auth)?;
+    let client = server.client().await?;
 
     let (ceiling_pipelined, ceiling_sequential) = ack_ceiling(&client).await?;
     println!(
@@ -157,7 +217,8 @@ pub async fn run(args: Args) -> Result<()> {
         Err(vmlot_client::CallError::Refused(e)) => println!("note: job list refused: {}", e.message),
         Err(e) => println!("note: job list not read ({:#})", anyhow::Error::from(e)),
     }
-    let payments = vmlot_ledger::read::settlements(&vmlot_ledger::BooksApi::imported(client.clone())).await?;
+    let payments =
+        vmlot_ledger::read::settlements(&vmlot_ledger::BooksApi::for_server(client.clone()).await).await?;
     let settled = payments.len();
     let mut latencies: Vec<f64> = payments
         .iter()
@@ -201,7 +262,15 @@ pub async fn run(args: Args) -> Result<()> {
         );
     }
     market.in_process.stop().await;
-    Ok(())
+    Ok(Outcome {
+        ceiling_pipelined,
+        ceiling_sequential,
+        rate,
+        p50_ms: pct(0.5),
+        p99_ms: pct(0.99),
+        server_us_per_segment: cpu.server * 1e6 / settled.max(1) as f64,
+        broker_us_per_segment: cpu.broker * 1e6 / settled.max(1) as f64,
+    })
 }
 
 /// CPU seconds used so far by the server, the broker and this process.

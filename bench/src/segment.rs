@@ -37,7 +37,9 @@ use vmlot_cas::chunk::manifest_of;
 use vmlot_cas::{BlockCache, BlockStore, StoreOptions, pull_file, push_file};
 use vmlot_provider::driver::qemu::{Accel, QemuConfig, QemuDriver};
 use vmlot_provider::driver::{BootFiles, Driver, SegmentEnd, SegmentPlan, SegmentReport, SegmentStart};
-use vmlot_schemas::{BlockId, Chunking, HypervisorKind, Manifest, ManifestId, ObjectKind, VmConfig};
+use vmlot_schemas::{
+    BlockId, Chunking, HashAlgorithm, HypervisorKind, Manifest, ManifestId, ObjectKind, VmConfig,
+};
 use vmlot_tests::NatsServer;
 
 use crate::baseline::{Cpu, publish_pipelined, version};
@@ -262,7 +264,7 @@ pub async fn run(args: Args) -> Result<()> {
         .await
         .context("A pushes the checkpoint")?;
         let (upload_server_cpu, upload_client_cpu) = cpu.stop(&server);
-        let chunk_hash = chunk_and_hash(&state).await?;
+        let chunk_hash = chunk_and_hash(&state, a.store.hash()).await?;
 
         // B, holding the previous checkpoint, fetches this one and restores it.
         let b_seg = b.dir.join(format!("seg{k}"));
@@ -474,12 +476,12 @@ fn saved(report: &SegmentReport) -> Result<PathBuf> {
 
 /// Seconds to read, cut and hash the file alone, as a push does before
 /// anything crosses the wire.
-async fn chunk_and_hash(path: &Path) -> Result<f64> {
+async fn chunk_and_hash(path: &Path, hash: HashAlgorithm) -> Result<f64> {
     let path = path.to_path_buf();
     tokio::task::spawn_blocking(move || -> Result<f64> {
         let started = Instant::now();
         let file = std::fs::File::open(&path)?;
-        manifest_of(file, ObjectKind::MachineState, Chunking::FIXED_4K)?;
+        manifest_of(file, ObjectKind::MachineState, Chunking::FIXED_4K, hash)?;
         Ok(started.elapsed().as_secs_f64())
     })
     .await?
@@ -488,7 +490,7 @@ async fn chunk_and_hash(path: &Path) -> Result<f64> {
 /// Size of the canonical manifest: what a provider reads before any block.
 fn manifest_len(id: &ManifestId, manifest: &Manifest) -> u64 {
     let bytes = manifest.canonical_bytes();
-    debug_assert_eq!(ManifestId::of(&bytes), *id);
+    debug_assert_eq!(ManifestId::of(manifest.hash, &bytes), *id);
     bytes.len() as u64
 }
 

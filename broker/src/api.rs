@@ -533,7 +533,7 @@ mod tests {
                         vcpus: 1,
                         cmdline: String::new(),
                     },
-                    kernel: ManifestId::of(b"kernel"),
+                    kernel: ManifestId::of(vmlot_schemas::HashAlgorithm::Sha256, b"kernel"),
                     initrd: None,
                     disks: vec![],
                 },

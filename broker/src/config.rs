@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use crate::auction::PricingRule;
 use crate::quota::Quotas;
+use vmlot_schemas::HashAlgorithm;
 
 /// Broker settings.
 #[derive(Clone, Debug)]
@@ -26,6 +27,9 @@ pub struct BrokerConfig {
     pub fee_rate: rust_decimal::Decimal,
     /// What one account may ask of the market.
     pub quotas: Quotas,
+    /// What the block store names blocks and manifests by, when the broker
+    /// creates it (a store keeps the algorithm it was made with).
+    pub block_hash: HashAlgorithm,
 }
 
 impl Default for BrokerConfig {
@@ -40,6 +44,7 @@ impl Default for BrokerConfig {
             provider_timeout: Duration::from_secs(10),
             fee_rate: rust_decimal::Decimal::ZERO,
             quotas: Quotas::default(),
+            block_hash: HashAlgorithm::Sha256,
         }
     }
 }

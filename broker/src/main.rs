@@ -8,6 +8,7 @@ use clap::Parser;
 use vmlot_broker::logging::{self, LogFormat};
 use vmlot_broker::quota::Quotas;
 use vmlot_broker::{BrokerConfig, PricingRule};
+use vmlot_schemas::HashAlgorithm;
 
 #[derive(Parser)]
 #[command(
@@ -55,6 +56,12 @@ struct Args {
     /// API requests per second per caller (bursts of twice as many).
     #[arg(long, default_value_t = Quotas::default().requests_per_second)]
     max_requests_per_second: u32,
+    /// What blocks and manifests are named by when the broker creates the
+    /// store: sha256 by default wherever identities are checked (strangers
+    /// may store blocks, and SHA-1 collisions can be made), sha1 (the
+    /// seed's) by default with --open. An existing store keeps its own.
+    #[arg(long, env = "VMLOT_BLOCK_HASH")]
+    block_hash: Option<HashAlgorithm>,
     #[command(flatten)]
     access: vmlot_identity::Access,
     /// The broker's credentials in the books' account, where the ledger and
@@ -68,8 +75,15 @@ struct Args {
 }
 
 impl Args {
-    fn config(&self) -> BrokerConfig {
+    /// The settings; `open` says the server checks no identities.
+    fn config(&self, open: bool) -> BrokerConfig {
+        let default_hash = if open {
+            HashAlgorithm::Sha1
+        } else {
+            HashAlgorithm::Sha256
+        };
         BrokerConfig {
+            block_hash: self.block_hash.unwrap_or(default_hash),
             replicas: self.replicas,
             bid_window: Duration::from_millis(self.bid_window_ms),
             transfer_allowance: Duration::from_secs(self.transfer_allowance_s),
@@ -108,7 +122,8 @@ async fn main() -> anyhow::Result<()> {
         .collect::<Result<_, _>>()?;
     let (client, creds) = connect(&args.access, &addrs, &args.nats).await?;
     // The server's INFO says whether it checks identities.
-    let books = if !client.server_info().auth_required {
+    let open = !client.server_info().auth_required;
+    let books = if open {
         if !args.access.open {
             anyhow::bail!(
                 "the NATS server at {} checks no credentials: set it up with `vmlot admin init`, or run the broker with --open to accept that anyone may be anyone",
@@ -138,7 +153,9 @@ async fn main() -> anyhow::Result<()> {
         }
         books
     };
-    vmlot_broker::run(client, books, args.config(), shutdown_signal()).await?;
+    let config = args.config(open);
+    tracing::info!(block_hash = %config.block_hash, "block store names");
+    vmlot_broker::run(client, books, config, shutdown_signal()).await?;
     Ok(())
 }
 

@@ -149,7 +149,7 @@ mod tests {
                     vcpus: 1,
                     cmdline: String::new(),
                 },
-                kernel: ManifestId([0; 20]),
+                kernel: ManifestId(vmlot_schemas::ids::Digest::Sha256([0; 32])),
                 initrd: None,
                 disks: vec![],
             },

@@ -33,6 +33,7 @@ pub async fn run(
         client.clone(),
         StoreOptions {
             replicas: config.replicas,
+            hash: config.block_hash,
             ..Default::default()
         },
     )

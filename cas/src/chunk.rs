@@ -20,12 +20,12 @@ pub struct ManifestBuilder {
 }
 
 impl ManifestBuilder {
-    pub fn new(kind: ObjectKind, chunking: Chunking) -> Self {
+    pub fn new(kind: ObjectKind, chunking: Chunking, hash: HashAlgorithm) -> Self {
         Self {
             manifest: Manifest {
                 version: WIRE_VERSION,
                 kind,
-                hash: HashAlgorithm::Sha1,
+                hash,
                 chunking,
                 size: 0,
                 extents: Vec::new(),
@@ -57,15 +57,16 @@ impl ManifestBuilder {
     }
 }
 
-/// Cuts `reader` by `chunking`, handing each piece to `sink` in order.
-/// The data slice is only valid during the call.
+/// Cuts `reader` by `chunking`, names each block by `hash` and hands each
+/// piece to `sink` in order. The data slice is only valid during the call.
 pub fn chunk_stream<R: Read>(
     reader: R,
     chunking: Chunking,
+    hash: HashAlgorithm,
     mut sink: impl FnMut(Piece<'_>) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
     match chunking {
-        Chunking::Fixed { size } => chunk_fixed(reader, size, sink),
+        Chunking::Fixed { size } => chunk_fixed(reader, size, hash, sink),
         Chunking::Fastcdc { min, avg, max } => {
             let chunker = fastcdc::v2020::StreamCDC::new(reader, min, avg, max);
             for chunk in chunker {
@@ -76,19 +77,24 @@ pub fn chunk_stream<R: Read>(
                 if is_zero(&chunk.data) {
                     sink(Piece::Zero(chunk.length as u64))?;
                 } else {
-                    sink(Piece::Data(BlockId::of(&chunk.data), &chunk.data))?;
+                    sink(Piece::Data(BlockId::of(hash, &chunk.data), &chunk.data))?;
                 }
             }
             Ok(())
         }
-        Chunking::XenRecords { max } => crate::xensave::chunk_xen_save(reader, max, sink).map(|_| ()),
+        Chunking::XenRecords { max } => crate::xensave::chunk_xen_save(reader, max, hash, sink).map(|_| ()),
     }
 }
 
 /// The manifest of `reader` alone, storing nothing (for benchmarks and `have`).
-pub fn manifest_of<R: Read>(reader: R, kind: ObjectKind, chunking: Chunking) -> std::io::Result<Manifest> {
-    let mut builder = ManifestBuilder::new(kind, chunking);
-    chunk_stream(reader, chunking, |piece| {
+pub fn manifest_of<R: Read>(
+    reader: R,
+    kind: ObjectKind,
+    chunking: Chunking,
+    hash: HashAlgorithm,
+) -> std::io::Result<Manifest> {
+    let mut builder = ManifestBuilder::new(kind, chunking, hash);
+    chunk_stream(reader, chunking, hash, |piece| {
         match piece {
             Piece::Zero(n) => builder.zero(n),
             Piece::Data(id, data) => builder.block(id, data.len() as u32),
@@ -107,7 +113,13 @@ mod tests {
         let mut data = vec![0u8; 4096 * 3];
         data.extend_from_slice(&[7u8; 4096]);
         data.extend_from_slice(&[0u8; 100]);
-        let m = manifest_of(&data[..], ObjectKind::Blob, Chunking::FIXED_4K).unwrap();
+        let m = manifest_of(
+            &data[..],
+            ObjectKind::Blob,
+            Chunking::FIXED_4K,
+            HashAlgorithm::Sha256,
+        )
+        .unwrap();
         assert_eq!(m.size, data.len() as u64);
         assert_eq!(m.extents.len(), 3);
         assert_eq!(m.extents[0], Extent::Zero { z: 4096 * 3 });
@@ -136,8 +148,20 @@ mod tests {
         rng.fill_bytes(&mut data);
         let mut shifted = vec![1u8; 100];
         shifted.extend_from_slice(&data);
-        let a = manifest_of(&data[..], ObjectKind::Blob, Chunking::FASTCDC_16K).unwrap();
-        let b = manifest_of(&shifted[..], ObjectKind::Blob, Chunking::FASTCDC_16K).unwrap();
+        let a = manifest_of(
+            &data[..],
+            ObjectKind::Blob,
+            Chunking::FASTCDC_16K,
+            HashAlgorithm::Sha256,
+        )
+        .unwrap();
+        let b = manifest_of(
+            &shifted[..],
+            ObjectKind::Blob,
+            Chunking::FASTCDC_16K,
+            HashAlgorithm::Sha256,
+        )
+        .unwrap();
         let a_ids: std::collections::HashSet<_> = a.unique_blocks().into_iter().collect();
         let shared = b.unique_blocks().iter().filter(|x| a_ids.contains(x)).count();
         assert!(

@@ -1,7 +1,7 @@
 //! Errors of the content-addressed store, one variant per thing that can go
 //! wrong, so callers (and tests) can tell a tampered block from a lost one.
 
-use vmlot_schemas::{BlockId, ManifestError, ManifestId};
+use vmlot_schemas::{BlockId, HashAlgorithm, ManifestError, ManifestId};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CasError {
@@ -17,6 +17,21 @@ pub enum CasError {
     },
     #[error("block {block} cannot be decoded: {reason}")]
     BlockEncoding { block: BlockId, reason: String },
+    #[error("{what} is named by {found}, but this store names everything by {store}")]
+    WrongHash {
+        what: String,
+        found: HashAlgorithm,
+        store: HashAlgorithm,
+    },
+    #[error(
+        "the block store was made with {made}; it cannot be reopened with {asked} (the algorithm is fixed when the store is created)"
+    )]
+    HashChanged {
+        made: HashAlgorithm,
+        asked: HashAlgorithm,
+    },
+    #[error("the block store's stream {stream} records an unknown hash algorithm {value:?}")]
+    UnknownHash { stream: String, value: String },
     #[error("manifest {0} is not in the store")]
     MissingManifest(ManifestId),
     #[error("manifest {id} refused: {source}")]

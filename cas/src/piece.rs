@@ -6,7 +6,7 @@
 
 use std::io::Read;
 
-use vmlot_schemas::BlockId;
+use vmlot_schemas::{BlockId, HashAlgorithm};
 
 /// True when every byte is zero; 16 bytes at a time because this runs on
 /// every block and the compiler vectorizes it.
@@ -24,10 +24,12 @@ pub enum Piece<'a> {
     Data(BlockId, &'a [u8]),
 }
 
-/// Cuts `reader` into blocks of `size` bytes (the last may be shorter).
+/// Cuts `reader` into blocks of `size` bytes (the last may be shorter),
+/// named by `hash`.
 pub(crate) fn chunk_fixed<R: Read>(
     mut reader: R,
     size: u32,
+    hash: HashAlgorithm,
     mut sink: impl FnMut(Piece<'_>) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
     // Read in large slabs to keep syscalls off the hot path.
@@ -43,7 +45,7 @@ pub(crate) fn chunk_fixed<R: Read>(
             if is_zero(block) {
                 sink(Piece::Zero(block.len() as u64))?;
             } else {
-                sink(Piece::Data(BlockId::of(block), block))?;
+                sink(Piece::Data(BlockId::of(hash, block), block))?;
             }
         }
         if filled < slab_len {

@@ -1,5 +1,5 @@
 //! The JetStream block store: one message per block on its own subject
-//! (`vmlot.cas.block.<sha1>`) in the `VMLOT_BLOCKS` stream, and manifests in
+//! (`vmlot.cas.block.<hash>`) in the `VMLOT_BLOCKS` stream, and manifests in
 //! the `VMLOT_MANIFESTS` stream, cut into parts (`vmlot.cas.manifest.<id>.<n>`)
 //! written in one atomic batch and read with direct gets. (An object store
 //! would do, but every read of one creates a consumer on the server: in a
@@ -11,6 +11,15 @@
 //! gets of up to 1000 subjects. The stream refuses a second message on a
 //! block's subject (`discard_new_per_subject`), so a stored block is never
 //! overwritten, whoever writes.
+//!
+//! A store names everything by one hash algorithm, chosen when it is
+//! created and kept in the block stream's metadata (`vmlot.block-hash`),
+//! so every participant that joins learns it from the store itself.
+//! SHA-256 for pools open to strangers (a SHA-1 collision lets whoever
+//! stores first decide what a name means for everyone after); SHA-1, the
+//! seed's choice, for closed pools. Names, manifests and block writes of
+//! the other algorithm are refused. A stream without the key predates the
+//! choice and is SHA-1.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -22,7 +31,7 @@ use futures::{StreamExt, TryStreamExt};
 use jetstream_extra::batch_fetch::{BatchFetchError, BatchFetchErrorKind, BatchFetchExt};
 use jetstream_extra::batch_publish::BatchPublishExt;
 use vmlot_schemas::manifest::{MAX_BLOCK_BYTES, MAX_MANIFEST_BYTES};
-use vmlot_schemas::{BlockId, Manifest, ManifestError, ManifestId, subjects};
+use vmlot_schemas::{BlockId, HashAlgorithm, Manifest, ManifestError, ManifestId, subjects};
 
 use crate::error::CasError;
 
@@ -44,6 +53,9 @@ pub struct StoreOptions {
     pub replicas: usize,
     /// Largest manifest accepted, checked before it is read.
     pub max_manifest_bytes: u64,
+    /// The algorithm a keeper creates the store with ([`BlockStore::open`]).
+    /// A participant joining takes the store's own ([`BlockStore::join`]).
+    pub hash: HashAlgorithm,
 }
 
 impl Default for StoreOptions {
@@ -54,6 +66,7 @@ impl Default for StoreOptions {
             compression: None,
             replicas: 1,
             max_manifest_bytes: MAX_MANIFEST_BYTES,
+            hash: HashAlgorithm::Sha256,
         }
     }
 }
@@ -62,10 +75,27 @@ impl Default for StoreOptions {
 #[derive(Clone)]
 pub struct BlockStore {
     js: jetstream::Context,
+    /// Its `hash` is what every name in this store is made with (the
+    /// stream's metadata, once opened).
     opts: StoreOptions,
     /// Manifests already read and verified. They are immutable (named by
     /// their hash), so a cached one is always right.
     known_manifests: std::sync::Arc<std::sync::Mutex<HashMap<ManifestId, Manifest>>>,
+}
+
+/// The block stream's metadata key naming the store's hash algorithm.
+pub const HASH_METADATA: &str = "vmlot.block-hash";
+
+/// The algorithm a block stream's configuration records (SHA-1 when it
+/// records none: such a store predates the choice).
+fn recorded_hash(config: &stream::Config) -> Result<HashAlgorithm, CasError> {
+    match config.metadata.get(HASH_METADATA) {
+        None => Ok(HashAlgorithm::Sha1),
+        Some(value) => value.parse().map_err(|_| CasError::UnknownHash {
+            stream: config.name.clone(),
+            value: value.chars().take(40).collect(),
+        }),
+    }
 }
 
 /// Manifests kept in memory per store handle before the cache starts over.
@@ -83,10 +113,16 @@ impl BlockStore {
         let mut js = jetstream::new(client);
         js.set_timeout(Duration::from_secs(30));
         let started = std::time::Instant::now();
+        let mut hash = None;
         for name in [subjects::BLOCK_STREAM, subjects::MANIFEST_STREAM] {
             loop {
                 match js.get_stream(name).await {
-                    Ok(_) => break,
+                    Ok(stream) => {
+                        if name == subjects::BLOCK_STREAM {
+                            hash = Some(recorded_hash(&stream.cached_info().config)?);
+                        }
+                        break;
+                    }
                     Err(e) if patience.is_some_and(|p| started.elapsed() >= p) => {
                         return Err(CasError::nats(
                             "open store stream",
@@ -97,7 +133,8 @@ impl BlockStore {
                 }
             }
         }
-        Ok(Self::over(js, opts))
+        let hash = hash.expect("the block stream was opened");
+        Ok(Self::over(js, StoreOptions { hash, ..opts }))
     }
 
     /// Opens the store as its keeper (the broker, the house's tools),
@@ -105,26 +142,43 @@ impl BlockStore {
     pub async fn open(client: async_nats::Client, opts: StoreOptions) -> Result<Self, CasError> {
         let mut js = jetstream::new(client);
         js.set_timeout(Duration::from_secs(30));
+        let mut made = opts.hash;
         for (name, subjects) in [
             (subjects::BLOCK_STREAM, subjects::BLOCK_SUBJECTS),
             (subjects::MANIFEST_STREAM, subjects::MANIFEST_SUBJECTS),
         ] {
+            let metadata = if name == subjects::BLOCK_STREAM {
+                HashMap::from([(HASH_METADATA.to_string(), opts.hash.name().to_string())])
+            } else {
+                HashMap::new()
+            };
             // One message per subject, and a second is refused: whatever is
             // stored under a content name is never overwritten.
-            js.get_or_create_stream(stream::Config {
-                name: name.to_string(),
-                subjects: vec![subjects.to_string()],
-                storage: stream::StorageType::File,
-                num_replicas: opts.replicas,
-                max_messages_per_subject: 1,
-                discard: stream::DiscardPolicy::New,
-                discard_new_per_subject: true,
-                allow_direct: true,
-                allow_atomic_publish: true,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| CasError::nats("create store stream", format!("{name}: {e}")))?;
+            let created = js
+                .get_or_create_stream(stream::Config {
+                    name: name.to_string(),
+                    subjects: vec![subjects.to_string()],
+                    storage: stream::StorageType::File,
+                    num_replicas: opts.replicas,
+                    max_messages_per_subject: 1,
+                    discard: stream::DiscardPolicy::New,
+                    discard_new_per_subject: true,
+                    allow_direct: true,
+                    allow_atomic_publish: true,
+                    metadata,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| CasError::nats("create store stream", format!("{name}: {e}")))?;
+            if name == subjects::BLOCK_STREAM {
+                made = recorded_hash(&created.cached_info().config)?;
+            }
+        }
+        if made != opts.hash {
+            return Err(CasError::HashChanged {
+                made,
+                asked: opts.hash,
+            });
         }
         Ok(Self::over(js, opts))
     }
@@ -144,6 +198,24 @@ impl BlockStore {
 
     pub fn options(&self) -> &StoreOptions {
         &self.opts
+    }
+
+    /// The algorithm every block and manifest in this store is named by.
+    pub fn hash(&self) -> HashAlgorithm {
+        self.opts.hash
+    }
+
+    /// Refuses a name made by another algorithm than the store's.
+    fn check_name(&self, what: impl std::fmt::Display, found: HashAlgorithm) -> Result<(), CasError> {
+        if found == self.opts.hash {
+            Ok(())
+        } else {
+            Err(CasError::WrongHash {
+                what: what.to_string(),
+                found,
+                store: self.opts.hash,
+            })
+        }
     }
 
     /// The JetStream context this store uses (for tests that plant bad data).
@@ -178,6 +250,9 @@ impl BlockStore {
     /// in the meantime makes its batch fail as a whole; that batch is checked
     /// again and only what is still missing is written.
     pub async fn put_blocks(&self, blocks: &[(BlockId, Bytes)]) -> Result<u64, CasError> {
+        for (id, _) in blocks {
+            self.check_name(format_args!("block {id}"), id.algorithm())?;
+        }
         let groups: Vec<Vec<(BlockId, Bytes)>> = blocks.chunks(self.opts.batch).map(<[_]>::to_vec).collect();
         let sizes: Vec<u64> = futures::stream::iter(groups)
             .map(|group| async move { self.put_group(&group).await })
@@ -247,8 +322,8 @@ impl BlockStore {
                 self.fetch_group(&group, |id, msg| {
                     wire += msg.payload.len() as u64;
                     let data = decode_block(&id, msg)?;
-                    let actual = BlockId::of(&data);
-                    if actual != id {
+                    if !id.matches(&data) {
+                        let actual = BlockId::of(id.algorithm(), &data);
                         return Err(CasError::CorruptBlock { block: id, actual });
                     }
                     seen.insert(id);
@@ -303,8 +378,9 @@ impl BlockStore {
 
     /// Stores a manifest (once: an existing one is left as it is).
     pub async fn put_manifest(&self, manifest: &Manifest) -> Result<ManifestId, CasError> {
+        self.check_name("the manifest", manifest.hash)?;
         let bytes = manifest.canonical_bytes();
-        let id = ManifestId::of(&bytes);
+        let id = manifest.id();
         if self.manifest_head(&id).await?.is_some() {
             return Ok(id);
         }
@@ -361,6 +437,7 @@ impl BlockStore {
         if let Some(known) = self.known_manifests.lock().expect("manifest cache lock").get(id) {
             return Ok(known.clone());
         }
+        self.check_name(format_args!("manifest {id}"), id.algorithm())?;
         let manifest = self.read_manifest(id).await?;
         let mut known = self.known_manifests.lock().expect("manifest cache lock");
         if known.len() >= MANIFEST_CACHE_ENTRIES {

@@ -61,15 +61,16 @@ pub async fn push_file(
     let (tx, mut rx) = mpsc::channel::<Vec<(BlockId, Bytes)>>(store.options().concurrency * 2);
     let known = known_present.clone();
     let owned_path = path.to_path_buf();
+    let hash = store.hash();
 
     // Reading and hashing is CPU and blocking I/O: its own thread, feeding
     // batches of new distinct blocks to the uploaders below.
     let chunker = tokio::task::spawn_blocking(move || -> Result<(Manifest, u64), CasError> {
-        let mut builder = ManifestBuilder::new(kind, chunking);
+        let mut builder = ManifestBuilder::new(kind, chunking, hash);
         let mut seen: HashSet<BlockId> = HashSet::new();
         let mut pending = Vec::with_capacity(batch);
         let reader = std::io::BufReader::with_capacity(1 << 20, file);
-        chunk_stream(reader, chunking, |piece| {
+        chunk_stream(reader, chunking, hash, |piece| {
             match piece {
                 Piece::Zero(n) => builder.zero(n),
                 Piece::Data(id, data) => {

@@ -48,7 +48,7 @@
 use std::io::{self, BufReader, Cursor, Read};
 
 use vmlot_schemas::manifest::MAX_BLOCK_BYTES;
-use vmlot_schemas::{BlockId, Chunking};
+use vmlot_schemas::{BlockId, Chunking, HashAlgorithm};
 
 use crate::piece::{Piece, chunk_fixed, is_zero, read_full};
 
@@ -107,7 +107,7 @@ pub struct Fallback {
 /// Cuts an `xl save` stream into pieces as described in the module docs,
 /// handing each to `sink` in order. Fails only on I/O (or a sink error) and
 /// on a `max` that cannot hold a 4 KiB page.
-pub fn chunk_xen_save<R, F>(reader: R, max: u32, mut sink: F) -> io::Result<XenWalk>
+pub fn chunk_xen_save<R, F>(reader: R, max: u32, hash: HashAlgorithm, mut sink: F) -> io::Result<XenWalk>
 where
     R: Read,
     F: FnMut(Piece<'_>) -> io::Result<()>,
@@ -128,6 +128,7 @@ where
         max: max as usize,
         offset: 0,
         walk: XenWalk::default(),
+        hash,
         sink: &mut sink,
     };
     let outcome = cutter.walk();
@@ -140,7 +141,7 @@ where
     } = cutter;
     match outcome {
         Ok(()) | Err(Stop::End) => {
-            emit(&mut sink, &gap)?;
+            emit(&mut sink, hash, &gap)?;
             walk.bytes = offset;
         }
         Err(Stop::Io(e)) => return Err(e),
@@ -154,7 +155,7 @@ where
                 inner: Cursor::new(gap).chain(reader),
                 count: 0,
             };
-            chunk_fixed(&mut rest, FALLBACK_BLOCK, &mut sink)?;
+            chunk_fixed(&mut rest, FALLBACK_BLOCK, hash, &mut sink)?;
             walk.bytes = start + rest.count;
         }
     }
@@ -188,6 +189,7 @@ struct Cutter<'s, R, F> {
     /// Bytes read from the input so far.
     offset: u64,
     walk: XenWalk,
+    hash: HashAlgorithm,
     sink: &'s mut F,
 }
 
@@ -317,7 +319,7 @@ where
             if is_zero(&page) {
                 self.walk.zero_pages += 1;
             }
-            emit(self.sink, &page).map_err(Stop::from)
+            emit(self.sink, self.hash, &page).map_err(Stop::from)
         };
         self.page = page;
         result
@@ -374,20 +376,24 @@ where
     }
 
     fn flush_gap(&mut self) -> io::Result<()> {
-        emit(self.sink, &self.gap)?;
+        emit(self.sink, self.hash, &self.gap)?;
         self.gap.clear();
         Ok(())
     }
 }
 
 /// Hands one block (or zero run) to the sink; nothing for no bytes.
-fn emit<F: FnMut(Piece<'_>) -> io::Result<()>>(sink: &mut F, data: &[u8]) -> io::Result<()> {
+fn emit<F: FnMut(Piece<'_>) -> io::Result<()>>(
+    sink: &mut F,
+    hash: HashAlgorithm,
+    data: &[u8],
+) -> io::Result<()> {
     if data.is_empty() {
         Ok(())
     } else if is_zero(data) {
         sink(Piece::Zero(data.len() as u64))
     } else {
-        sink(Piece::Data(BlockId::of(data), data))
+        sink(Piece::Data(BlockId::of(hash, data), data))
     }
 }
 
@@ -521,14 +527,14 @@ mod tests {
     fn cut(data: &[u8], max: u32) -> (Pieces, XenWalk, Vec<u8>) {
         let mut pieces = Vec::new();
         let mut rebuilt = Vec::new();
-        let walk = chunk_xen_save(data, max, |piece| {
+        let walk = chunk_xen_save(data, max, HashAlgorithm::Sha256, |piece| {
             match piece {
                 Piece::Zero(n) => {
                     pieces.push((None, n as usize));
                     rebuilt.extend(std::iter::repeat_n(0u8, n as usize));
                 }
                 Piece::Data(id, d) => {
-                    assert_eq!(id, BlockId::of(d));
+                    assert_eq!(id, BlockId::of(HashAlgorithm::Sha256, d));
                     pieces.push((Some(id), d.len()));
                     rebuilt.extend_from_slice(d);
                 }
@@ -573,7 +579,7 @@ mod tests {
 
         let in_a = ids(&pa);
         for (i, page) in pages.iter().enumerate().take(7) {
-            let id = BlockId::of(page);
+            let id = BlockId::of(HashAlgorithm::Sha256, page);
             let in_b = ids(&pb).contains(&id);
             assert_eq!(in_a.contains(&id), i <= 5, "page {i} in a");
             assert_eq!(in_b, i != 4, "page {i} in b");
@@ -581,14 +587,23 @@ mod tests {
         // The pages are not 4 KiB aligned in either file, so fixed blocks
         // would have matched nothing.
         let fixed = |d: &[u8]| -> HashSet<BlockId> {
-            manifest_of(d, ObjectKind::MachineState, Chunking::FIXED_4K)
-                .unwrap()
-                .unique_blocks()
-                .into_iter()
-                .map(|(id, _)| id)
-                .collect()
+            manifest_of(
+                d,
+                ObjectKind::MachineState,
+                Chunking::FIXED_4K,
+                HashAlgorithm::Sha256,
+            )
+            .unwrap()
+            .unique_blocks()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect()
         };
-        assert!(pages.iter().all(|p| !fixed(&a).contains(&BlockId::of(p))));
+        assert!(
+            pages
+                .iter()
+                .all(|p| !fixed(&a).contains(&BlockId::of(HashAlgorithm::Sha256, p)))
+        );
         assert_eq!(pb.iter().filter(|(id, n)| id.is_none() && *n == PAGE).count(), 1);
     }
 
@@ -607,6 +622,7 @@ mod tests {
             &data[..],
             ObjectKind::MachineState,
             Chunking::XenRecords { max: 8192 },
+            HashAlgorithm::Sha256,
         )
         .unwrap();
         m.validate().unwrap();
@@ -618,8 +634,20 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
         let mut data = vec![0u8; 50_000];
         rng.fill_bytes(&mut data[..30_000]);
-        let xen = manifest_of(&data[..], ObjectKind::Disk, Chunking::XEN_RECORDS).unwrap();
-        let fixed = manifest_of(&data[..], ObjectKind::Disk, Chunking::FIXED_4K).unwrap();
+        let xen = manifest_of(
+            &data[..],
+            ObjectKind::Disk,
+            Chunking::XEN_RECORDS,
+            HashAlgorithm::Sha256,
+        )
+        .unwrap();
+        let fixed = manifest_of(
+            &data[..],
+            ObjectKind::Disk,
+            Chunking::FIXED_4K,
+            HashAlgorithm::Sha256,
+        )
+        .unwrap();
         assert_eq!(xen.extents, fixed.extents);
         let (_, walk, _) = cut(&data, 65536);
         assert_eq!(
@@ -667,7 +695,7 @@ mod tests {
             walk.fallback.as_ref().map(|f| f.offset),
             Some(page_record_end as u64)
         );
-        assert!(ids(&pieces).contains(&BlockId::of(&pages[1])));
+        assert!(ids(&pieces).contains(&BlockId::of(HashAlgorithm::Sha256, &pages[1])));
 
         // A PAGE_DATA count that does not add up: passed over as bytes.
         let mut miscounted = clean.clone();
@@ -728,7 +756,13 @@ mod tests {
             let (_, walk, rebuilt) = cut(&data, max);
             assert_eq!(rebuilt, data, "round {round}");
             assert_eq!(walk.bytes, data.len() as u64);
-            let m = manifest_of(&data[..], ObjectKind::Blob, Chunking::XenRecords { max }).unwrap();
+            let m = manifest_of(
+                &data[..],
+                ObjectKind::Blob,
+                Chunking::XenRecords { max },
+                HashAlgorithm::Sha256,
+            )
+            .unwrap();
             m.validate().unwrap();
             assert_eq!(m.size, data.len() as u64);
         }
@@ -736,7 +770,7 @@ mod tests {
 
     #[test]
     fn a_max_below_a_page_is_refused() {
-        let err = chunk_xen_save(&b""[..], 2048, |_| Ok(())).unwrap_err();
+        let err = chunk_xen_save(&b""[..], 2048, HashAlgorithm::Sha256, |_| Ok(())).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
     }
 
@@ -747,12 +781,18 @@ mod tests {
         let mut s = SaveFile::new(b"cfg\0");
         s.pages(0, &[Some(&zero[..]), Some(&zero[..]), Some(&data_page[0][..])]);
         let data = s.finish(b"dm");
-        let m: Manifest = manifest_of(&data[..], ObjectKind::MachineState, Chunking::XEN_RECORDS).unwrap();
+        let m: Manifest = manifest_of(
+            &data[..],
+            ObjectKind::MachineState,
+            Chunking::XEN_RECORDS,
+            HashAlgorithm::Sha256,
+        )
+        .unwrap();
         assert!(m.extents.contains(&Extent::Zero { z: 2 * PAGE as u64 }));
         assert!(
             m.unique_blocks()
                 .iter()
-                .any(|(id, _)| *id == BlockId::of(&data_page[0]))
+                .any(|(id, _)| *id == BlockId::of(HashAlgorithm::Sha256, &data_page[0]))
         );
     }
 }

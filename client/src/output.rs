@@ -67,6 +67,7 @@ pub fn exit_code(err: &anyhow::Error) -> ExitCode {
             | vmlot_cas::CasError::BlockSize { .. }
             | vmlot_cas::CasError::BlockEncoding { .. }
             | vmlot_cas::CasError::MissingManifest(_)
+            | vmlot_cas::CasError::WrongHash { .. }
             | vmlot_cas::CasError::Manifest { .. },
         ) => ExitCode::from(EXIT_INTEGRITY),
         _ => ExitCode::FAILURE,

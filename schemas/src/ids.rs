@@ -6,7 +6,8 @@ use std::str::FromStr;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use sha1::{Digest, Sha1};
+use sha1::Sha1;
+use sha2::{Digest as _, Sha256};
 
 /// Error for a string that is not a valid id.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -17,21 +18,136 @@ pub struct IdError {
     pub reason: &'static str,
 }
 
-macro_rules! sha1_id {
+/// Hash algorithm naming blocks and manifests. A store has one (kept in its
+/// stream's metadata); every manifest records the one it was made with.
+/// SHA-1 is the seed's, kept for closed pools; SHA-256 is the default
+/// wherever strangers write blocks, because SHA-1 collisions can be made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum HashAlgorithm {
+    Sha1,
+    Sha256,
+}
+
+impl HashAlgorithm {
+    /// The name used in manifests, stream metadata and flags.
+    pub fn name(self) -> &'static str {
+        match self {
+            HashAlgorithm::Sha1 => "sha1",
+            HashAlgorithm::Sha256 => "sha256",
+        }
+    }
+
+    /// Length of a name made with this algorithm, in hex digits.
+    pub fn hex_len(self) -> usize {
+        match self {
+            HashAlgorithm::Sha1 => 40,
+            HashAlgorithm::Sha256 => 64,
+        }
+    }
+}
+
+impl fmt::Display for HashAlgorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for HashAlgorithm {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "sha1" => Ok(HashAlgorithm::Sha1),
+            "sha256" => Ok(HashAlgorithm::Sha256),
+            other => Err(format!(
+                "unknown hash algorithm {:?} (sha1 or sha256)",
+                other.chars().take(40).collect::<String>()
+            )),
+        }
+    }
+}
+
+/// A content hash: its algorithm is told by its length, so a name is
+/// self-describing in subjects and JSON (40 or 64 lower-case hex digits).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Digest {
+    Sha1([u8; 20]),
+    Sha256([u8; 32]),
+}
+
+impl Digest {
+    /// The hash of `bytes` by `algorithm`.
+    pub fn of(algorithm: HashAlgorithm, bytes: &[u8]) -> Self {
+        match algorithm {
+            HashAlgorithm::Sha1 => Digest::Sha1(Sha1::digest(bytes).into()),
+            HashAlgorithm::Sha256 => Digest::Sha256(Sha256::digest(bytes).into()),
+        }
+    }
+
+    pub fn algorithm(&self) -> HashAlgorithm {
+        match self {
+            Digest::Sha1(_) => HashAlgorithm::Sha1,
+            Digest::Sha256(_) => HashAlgorithm::Sha256,
+        }
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            Digest::Sha1(b) => b,
+            Digest::Sha256(b) => b,
+        }
+    }
+
+    /// True when `bytes` hash to this digest by its own algorithm.
+    pub fn matches(&self, bytes: &[u8]) -> bool {
+        Digest::of(self.algorithm(), bytes) == *self
+    }
+
+    fn parse(s: &str) -> Result<Self, &'static str> {
+        if s.bytes().any(|b| b.is_ascii_uppercase()) {
+            return Err("must be lower-case hex");
+        }
+        match s.len() {
+            40 => {
+                let mut out = [0u8; 20];
+                hex::decode_to_slice(s, &mut out).map_err(|_| "not hex")?;
+                Ok(Digest::Sha1(out))
+            }
+            64 => {
+                let mut out = [0u8; 32];
+                hex::decode_to_slice(s, &mut out).map_err(|_| "not hex")?;
+                Ok(Digest::Sha256(out))
+            }
+            _ => Err("must be 40 (SHA-1) or 64 (SHA-256) hex digits"),
+        }
+    }
+}
+
+macro_rules! content_id {
     ($(#[$doc:meta])* $name:ident, $kind:literal) => {
         $(#[$doc])*
         #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-        pub struct $name(pub [u8; 20]);
+        pub struct $name(pub Digest);
 
         impl $name {
-            /// The SHA-1 of `bytes`.
-            pub fn of(bytes: &[u8]) -> Self {
-                Self(Sha1::digest(bytes).into())
+            /// The hash of `bytes` by `algorithm`.
+            pub fn of(algorithm: HashAlgorithm, bytes: &[u8]) -> Self {
+                Self(Digest::of(algorithm, bytes))
+            }
+
+            /// The algorithm this name was made with.
+            pub fn algorithm(&self) -> HashAlgorithm {
+                self.0.algorithm()
+            }
+
+            /// True when `bytes` are what this name names.
+            pub fn matches(&self, bytes: &[u8]) -> bool {
+                self.0.matches(bytes)
             }
 
             /// Lower-case hex, as used in subjects and JSON.
             pub fn to_hex(&self) -> String {
-                hex::encode(self.0)
+                hex::encode(self.0.as_bytes())
             }
         }
 
@@ -50,16 +166,11 @@ macro_rules! sha1_id {
         impl FromStr for $name {
             type Err = IdError;
             fn from_str(s: &str) -> Result<Self, IdError> {
-                let err = |reason| IdError { kind: $kind, value: s.chars().take(80).collect(), reason };
-                if s.len() != 40 {
-                    return Err(err("must be 40 hex digits"));
-                }
-                if s.bytes().any(|b| b.is_ascii_uppercase()) {
-                    return Err(err("must be lower-case hex"));
-                }
-                let mut out = [0u8; 20];
-                hex::decode_to_slice(s, &mut out).map_err(|_| err("not hex"))?;
-                Ok(Self(out))
+                Digest::parse(s).map(Self).map_err(|reason| IdError {
+                    kind: $kind,
+                    value: s.chars().take(80).collect(),
+                    reason,
+                })
             }
         }
 
@@ -83,21 +194,22 @@ macro_rules! sha1_id {
             fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
                 schemars::json_schema!({
                     "type": "string",
-                    "pattern": "^[0-9a-f]{40}$",
-                    "description": concat!("SHA-1 name of a ", $kind, ", 40 lower-case hex digits")
+                    "pattern": "^([0-9a-f]{40}|[0-9a-f]{64})$",
+                    "description": concat!("SHA-1 (40 hex digits) or SHA-256 (64) name of a ", $kind, ", lower-case")
                 })
             }
         }
     };
 }
 
-sha1_id!(
-    /// Name of a block: the SHA-1 of its (uncompressed) content.
+content_id!(
+    /// Name of a block: the hash of its (uncompressed) content.
     BlockId,
     "block"
 );
-sha1_id!(
-    /// Name of a manifest: the SHA-1 of its canonical JSON bytes.
+content_id!(
+    /// Name of a manifest: the hash of its canonical JSON bytes, by the
+    /// algorithm the manifest records.
     ManifestId,
     "manifest"
 );
@@ -173,7 +285,7 @@ mod tests {
 
     #[test]
     fn block_id_round_trips_and_rejects_bad_hex() {
-        let id = BlockId::of(b"hello");
+        let id = BlockId::of(HashAlgorithm::Sha1, b"hello");
         assert_eq!(id.to_hex(), "aaf4c61ddcc5e8a2dabede0f3b482cd9aea9434d");
         assert_eq!(id.to_hex().parse::<BlockId>().unwrap(), id);
         assert!("zz".parse::<BlockId>().is_err());
@@ -183,5 +295,23 @@ mod tests {
                 .is_err()
         );
         assert!(serde_json::from_str::<BlockId>("\"aaf4\"").is_err());
+    }
+
+    #[test]
+    fn sha256_names_are_told_by_their_length() {
+        let id = BlockId::of(HashAlgorithm::Sha256, b"hello");
+        assert_eq!(
+            id.to_hex(),
+            "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
+        );
+        let back: BlockId = id.to_hex().parse().unwrap();
+        assert_eq!(back, id);
+        assert_eq!(back.algorithm(), HashAlgorithm::Sha256);
+        assert!(id.matches(b"hello"));
+        assert!(!id.matches(b"hellO"));
+        assert_ne!(id, BlockId::of(HashAlgorithm::Sha1, b"hello"));
+        assert!(id.to_hex()[..50].parse::<BlockId>().is_err());
+        assert_eq!("sha256".parse::<HashAlgorithm>(), Ok(HashAlgorithm::Sha256));
+        assert!("md5".parse::<HashAlgorithm>().is_err());
     }
 }

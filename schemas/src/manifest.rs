@@ -3,14 +3,15 @@
 //!
 //! Runs of zero bytes (all-zero blocks and sparse holes alike) are extents of
 //! their own, never stored or listed block by block. The manifest names its
-//! hash algorithm so a stronger one can be chosen later; its id is the hash
-//! of its canonical JSON bytes (`serde_json` compact output of this struct,
+//! hash algorithm (SHA-1 or SHA-256), every block in it is named by that
+//! one, and its id is the hash by that one of its canonical JSON bytes (`serde_json` compact output of this struct,
 //! fields in declaration order), and a reader re-encodes what it decoded to
 //! check the bytes were canonical.
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub use crate::ids::HashAlgorithm;
 use crate::ids::{BlockId, ManifestId};
 use crate::wire::WIRE_VERSION;
 
@@ -32,13 +33,6 @@ pub enum ObjectKind {
     MachineState,
     /// Anything else (tarballs, test data).
     Blob,
-}
-
-/// Hash algorithm naming blocks and the manifest itself.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "kebab-case")]
-pub enum HashAlgorithm {
-    Sha1,
 }
 
 /// How the object was cut into blocks.
@@ -146,9 +140,9 @@ impl Manifest {
         serde_json::to_vec(self).expect("a manifest always serializes")
     }
 
-    /// The manifest id (hash of the canonical bytes).
+    /// The manifest id (hash of the canonical bytes by its own algorithm).
     pub fn id(&self) -> ManifestId {
-        ManifestId::of(&self.canonical_bytes())
+        ManifestId::of(self.hash, &self.canonical_bytes())
     }
 
     /// Decodes stored manifest bytes that claim to be `expected`: size limit
@@ -166,11 +160,11 @@ impl Manifest {
         let peek: serde_json::Value =
             serde_json::from_slice(bytes).map_err(|e| ManifestError::Garbled(e.to_string()))?;
         if let Some(h) = peek.get("hash").and_then(|h| h.as_str())
-            && h != "sha1"
+            && h.parse::<HashAlgorithm>().is_err()
         {
             return Err(ManifestError::UnsupportedHash(h.chars().take(40).collect()));
         }
-        let actual = ManifestId::of(bytes);
+        let actual = ManifestId::of(expected.algorithm(), bytes);
         if actual != *expected {
             return Err(ManifestError::IdMismatch {
                 expected: *expected,
@@ -181,6 +175,13 @@ impl Manifest {
             serde_json::from_value(peek).map_err(|e| ManifestError::Garbled(e.to_string()))?;
         if manifest.canonical_bytes() != bytes {
             return Err(ManifestError::NotCanonical);
+        }
+        if manifest.hash != expected.algorithm() {
+            return Err(ManifestError::Inconsistent(format!(
+                "manifest records {} but is named by {}",
+                manifest.hash,
+                expected.algorithm()
+            )));
         }
         manifest.validate()?;
         Ok(manifest)
@@ -215,6 +216,13 @@ impl Manifest {
         let mut total: u64 = 0;
         for (i, extent) in self.extents.iter().enumerate() {
             match *extent {
+                Extent::Block { b, .. } if b.algorithm() != self.hash => {
+                    return Err(ManifestError::Inconsistent(format!(
+                        "extent {i}: block named by {}, manifest by {}",
+                        b.algorithm(),
+                        self.hash
+                    )));
+                }
                 Extent::Block { n, .. } if n == 0 || n > max_block => {
                     return Err(ManifestError::Inconsistent(format!(
                         "extent {i}: block of {n} bytes (limit {max_block})"
@@ -269,7 +277,7 @@ mod tests {
             size: 4096 + 8192,
             extents: vec![
                 Extent::Block {
-                    b: BlockId::of(b"x"),
+                    b: BlockId::of(HashAlgorithm::Sha1, b"x"),
                     n: 4096,
                 },
                 Extent::Zero { z: 8192 },
@@ -301,9 +309,9 @@ mod tests {
         ));
         let other = String::from_utf8(bytes.clone())
             .unwrap()
-            .replace("sha1", "sha256");
+            .replace("sha1", "blake3");
         assert!(
-            matches!(Manifest::decode(other.as_bytes(), &id), Err(ManifestError::UnsupportedHash(h)) if h == "sha256")
+            matches!(Manifest::decode(other.as_bytes(), &id), Err(ManifestError::UnsupportedHash(h)) if h == "blake3")
         );
         let mut bad = m.clone();
         bad.size += 1;
@@ -313,7 +321,7 @@ mod tests {
         ));
         let pretty = serde_json::to_vec_pretty(&m).unwrap();
         assert_eq!(
-            Manifest::decode(&pretty, &ManifestId::of(&pretty)),
+            Manifest::decode(&pretty, &ManifestId::of(HashAlgorithm::Sha1, &pretty)),
             Err(ManifestError::NotCanonical)
         );
         let huge = vec![b' '; MAX_MANIFEST_BYTES as usize + 1];
@@ -344,5 +352,28 @@ mod tests {
         assert!(matches!(m.validate(), Err(ManifestError::Inconsistent(_))));
         m.chunking = Chunking::XEN_RECORDS;
         m.validate().unwrap();
+    }
+
+    #[test]
+    fn sha256_manifests_hold_only_sha256_names() {
+        let mut m = sample();
+        m.hash = HashAlgorithm::Sha256;
+        // A SHA-1 block in a SHA-256 manifest is refused.
+        assert!(matches!(m.validate(), Err(ManifestError::Inconsistent(_))));
+        m.extents[0] = Extent::Block {
+            b: BlockId::of(HashAlgorithm::Sha256, b"x"),
+            n: 4096,
+        };
+        m.validate().unwrap();
+        let id = m.id();
+        assert_eq!(id.algorithm(), HashAlgorithm::Sha256);
+        assert_eq!(Manifest::decode(&m.canonical_bytes(), &id).unwrap(), m);
+        // The same bytes under their SHA-1 name: the manifest says sha256,
+        // so a reader expecting SHA-1 names refuses it.
+        let sha1_name = ManifestId::of(HashAlgorithm::Sha1, &m.canonical_bytes());
+        assert!(matches!(
+            Manifest::decode(&m.canonical_bytes(), &sha1_name),
+            Err(ManifestError::Inconsistent(_))
+        ));
     }
 }

@@ -325,7 +325,7 @@ mod invite_tests {
                     vcpus: 1,
                     cmdline: String::new(),
                 },
-                kernel: ManifestId::of(b"k"),
+                kernel: ManifestId::of(crate::HashAlgorithm::Sha256, b"k"),
                 initrd: None,
                 disks: vec![],
             },

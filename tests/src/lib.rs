@@ -1,7 +1,9 @@
 //! The test harness every integration test shares: real `nats-server`
 //! processes with JetStream on free loopback ports and temporary stores,
-//! authentication on (a fresh deployment each: operator, accounts, and
-//! credentials issued per participant as a test asks for them).
+//! authentication and TLS on (a fresh deployment each: operator, accounts,
+//! and credentials issued per participant as a test asks for them). A
+//! benchmark may start a server [`Auth::Open`] to measure what security
+//! costs; no test does.
 //! Each server is a guard: dropping it kills the process and removes its
 //! store, also when a test panics, so tests run in parallel and leak
 //! nothing.
@@ -85,10 +87,21 @@ pub struct NatsServer {
     dir: PathBuf,
     config: PathBuf,
     child: Option<Child>,
-    /// Who may connect: keys, accounts, credentials.
+    /// Who may connect: keys, accounts, credentials (unused when open).
     deployment: Deployment,
+    auth: Auth,
     /// Owns the directory when this server is not part of a cluster.
     _temp: Option<tempfile::TempDir>,
+}
+
+/// Whether the server checks identities.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Auth {
+    /// The deployment's accounts, users and TLS: how vmlot runs.
+    Secured,
+    /// No accounts, no TLS; everyone connects with `--open`. For the
+    /// benchmark that measures what security costs, never for a test.
+    Open,
 }
 
 /// When JetStream writes reach the disk.
@@ -109,10 +122,21 @@ impl NatsServer {
 
     /// Starts a standalone server writing to disk as `fsync` says.
     pub fn start_with(fsync: Fsync) -> Result<Self> {
+        Self::start_as(fsync, Auth::Secured)
+    }
+
+    /// Starts a standalone server with `fsync` and `auth`.
+    pub fn start_as(fsync: Fsync, auth: Auth) -> Result<Self> {
         let temp = tempfile::Builder::new().prefix("vmlot-nats-").tempdir()?;
         let dir = temp.path().to_path_buf();
         let deployment = Deployment::create(&dir.join("deploy"))?;
         let mut server = Self::configure(&dir, "n1", free_port(), None, fsync, &deployment)?;
+        if auth == Auth::Open {
+            let text = std::fs::read_to_string(&server.config)?;
+            let auth_conf = std::fs::read_to_string(deployment.auth_conf())?;
+            std::fs::write(&server.config, text.replace(&auth_conf, ""))?;
+            server.auth = Auth::Open;
+        }
         server._temp = Some(temp);
         server.spawn()?;
         server.wait_ready(Duration::from_secs(20))?;
@@ -158,6 +182,7 @@ impl NatsServer {
             config,
             child: None,
             deployment: deployment.clone(),
+            auth: Auth::Secured,
             _temp: None,
         })
     }
@@ -223,6 +248,20 @@ impl NatsServer {
         &self.deployment
     }
 
+    /// Whether the server checks identities.
+    pub fn auth(&self) -> Auth {
+        self.auth
+    }
+
+    /// What a process connects as `role`'s user `name` with: its
+    /// credentials, or none on an open server.
+    pub fn access(&self, role: Role, name: &str) -> Result<Option<PathBuf>> {
+        match self.auth {
+            Auth::Secured => self.creds(role, name).map(Some),
+            Auth::Open => Ok(None),
+        }
+    }
+
     /// Credentials for `role`'s user `name`: issued on first use, the same
     /// file after.
     pub fn creds(&self, role: Role, name: &str) -> Result<PathBuf> {
@@ -238,7 +277,10 @@ impl NatsServer {
     /// Connects as the broker's user in the books' account (where the
     /// ledger and the job records live), retrying forever.
     pub async fn books_client(&self) -> Result<async_nats::Client> {
-        connect(&self.url(), &self.deployment.books_creds_path()).await
+        match self.auth {
+            Auth::Secured => connect(&self.url(), &self.deployment.books_creds_path()).await,
+            Auth::Open => connect_open(&self.url()).await,
+        }
     }
 
     /// Creates the store's streams as the broker would (participants may
@@ -250,7 +292,10 @@ impl NatsServer {
 
     /// Connects as `role`'s user `name`, with its own credentials.
     pub async fn client_as(&self, role: Role, name: &str) -> Result<async_nats::Client> {
-        connect(&self.url(), &self.creds(role, name)?).await
+        match self.auth {
+            Auth::Secured => connect(&self.url(), &self.creds(role, name)?).await,
+            Auth::Open => connect_open(&self.url()).await,
+        }
     }
 
     /// Stops the server (SIGKILL: the store must survive a crash).
@@ -320,16 +365,35 @@ pub fn tls_ca_beside(creds: &Path) -> Option<PathBuf> {
 /// Connects with `creds` and unbounded reconnects (tests restart servers
 /// under clients). `url` may list several servers, comma-separated.
 pub async fn connect(url: &str, creds: &Path) -> Result<async_nats::Client> {
+    connect_with(
+        url,
+        Access {
+            creds: Some(creds.to_path_buf()),
+            tls_ca: tls_ca_beside(creds),
+            ..Access::default()
+        },
+    )
+    .await
+}
+
+/// Connects with no credentials to a server that asks for none.
+pub async fn connect_open(url: &str) -> Result<async_nats::Client> {
+    connect_with(
+        url,
+        Access {
+            open: true,
+            ..Access::default()
+        },
+    )
+    .await
+}
+
+async fn connect_with(url: &str, access: Access) -> Result<async_nats::Client> {
     let addrs: Vec<async_nats::ServerAddr> = url
         .split(',')
         .map(|u| u.trim().parse())
         .collect::<Result<_, _>>()
         .context("parsing server URLs")?;
-    let access = Access {
-        creds: Some(creds.to_path_buf()),
-        tls_ca: tls_ca_beside(creds),
-        ..Access::default()
-    };
     access
         .options()?
         .0
@@ -424,15 +488,21 @@ pub struct Process {
 
 impl Process {
     /// Starts `binary` (a workspace binary) with `args`, talking to
-    /// `nats_url` with the credentials in `creds`.
+    /// `nats_url` with the credentials in `creds` (none: `--open`).
     pub fn start(
         binary: &str,
         name: &str,
         nats_url: &str,
-        creds: &Path,
+        creds: Option<&Path>,
         args: &[String],
         log_dir: &Path,
     ) -> Result<Self> {
+        let access: Vec<(String, String)> = match creds {
+            Some(creds) => std::iter::once(("VMLOT_CREDS".into(), creds.display().to_string()))
+                .chain(tls_ca_beside(creds).map(|ca| ("VMLOT_TLS_CA".into(), ca.display().to_string())))
+                .collect(),
+            None => vec![("VMLOT_OPEN".into(), "true".into())],
+        };
         let mut process = Self {
             name: name.to_string(),
             program: workspace_binary(binary)?,
@@ -440,10 +510,9 @@ impl Process {
             envs: vec![
                 ("VMLOT_NATS".into(), nats_url.into()),
                 ("VMLOT_LOG".into(), "info".into()),
-                ("VMLOT_CREDS".into(), creds.display().to_string()),
             ]
             .into_iter()
-            .chain(tls_ca_beside(creds).map(|ca| ("VMLOT_TLS_CA".into(), ca.display().to_string())))
+            .chain(access)
             .collect(),
             log: log_dir.join(format!("{name}.log")),
             child: None,

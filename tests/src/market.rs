@@ -57,19 +57,19 @@ impl Market {
     /// The same on a server already running (a benchmark measures it alone first).
     pub fn on(server: NatsServer, broker_args: Vec<String>, providers: &[ProviderSpec]) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("vmlot-market-").tempdir()?;
+        let books = match server.auth() {
+            crate::Auth::Secured => vec![
+                "--books-creds".into(),
+                server.deployment().books_creds_path().display().to_string(),
+            ],
+            crate::Auth::Open => vec![],
+        };
         let broker = Process::start(
             "vmlot-broker",
             "broker",
             &server.url(),
-            &server.creds(Role::Broker, "broker")?,
-            &[
-                broker_args,
-                vec![
-                    "--books-creds".into(),
-                    server.deployment().books_creds_path().display().to_string(),
-                ],
-            ]
-            .concat(),
+            server.access(Role::Broker, "broker")?.as_deref(),
+            &[broker_args, books].concat(),
             dir.path(),
         )?;
         let mut market = Self {
@@ -128,7 +128,9 @@ impl Market {
             "vmlot-provider",
             &spec.name,
             &self.server.url(),
-            &self.server.creds(Role::Provider, &spec.id.to_string())?,
+            self.server
+                .access(Role::Provider, &spec.id.to_string())?
+                .as_deref(),
             &args,
             self.dir.path(),
         )?);
@@ -155,7 +157,12 @@ impl Market {
     /// An image for the synthetic driver: [`fake_kernel`] pushed to the
     /// store, `cmdline` its parameters (`synthetic.seed=…`, `synthetic.state_kib=…`).
     pub async fn push_synthetic_image(&self, cmdline: &str) -> Result<Image> {
-        let store = vmlot_cas::BlockStore::open(self.server.client().await?, Default::default()).await?;
+        let store = vmlot_cas::BlockStore::join(
+            self.server.client().await?,
+            Default::default(),
+            Some(std::time::Duration::from_secs(30)),
+        )
+        .await?;
         let kernel = fake_kernel(self.path())?;
         let pushed = vmlot_cas::push_file(
             &store,
@@ -375,7 +382,9 @@ impl Market {
             "vmlot-provider",
             &spec.name,
             &self.server.url(),
-            &self.server.creds(Role::Provider, &spec.id.to_string())?,
+            self.server
+                .access(Role::Provider, &spec.id.to_string())?
+                .as_deref(),
             &args,
             self.dir.path(),
         )?);

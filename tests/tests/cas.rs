@@ -8,7 +8,7 @@ use std::path::Path;
 use rand::{RngCore, SeedableRng};
 use sha1::{Digest, Sha1};
 use vmlot_cas::{BlockCache, BlockStore, CasError, StoreOptions, pull_file, push_file};
-use vmlot_schemas::{BlockId, Chunking, ManifestError, ManifestId, ObjectKind, subjects};
+use vmlot_schemas::{BlockId, Chunking, HashAlgorithm, ManifestError, ManifestId, ObjectKind, subjects};
 use vmlot_tests::{NatsCluster, NatsServer};
 
 fn sha1_file(path: &Path) -> [u8; 20] {
@@ -356,7 +356,7 @@ async fn bad_manifests_are_refused_by_name() {
     };
 
     // Truncated, under the id of the real manifest.
-    let truncated = ManifestId::of(b"truncated");
+    let truncated = ManifestId::of(HashAlgorithm::Sha256, b"truncated");
     store
         .put_manifest_bytes(&truncated, &bytes[..bytes.len() / 2])
         .await
@@ -368,27 +368,34 @@ async fn bad_manifests_are_refused_by_name() {
     let mut garbled = bytes.clone();
     let at = garbled.iter().rposition(|b| b.is_ascii_digit()).unwrap();
     garbled[at] = if garbled[at] == b'1' { b'2' } else { b'1' };
-    let swapped = ManifestId::of(b"swapped");
+    let swapped = ManifestId::of(HashAlgorithm::Sha256, b"swapped");
     store.put_manifest_bytes(&swapped, &garbled).await.unwrap();
     let err = refused(pull_file(&store, None, &swapped, &dest).await.unwrap_err());
     assert!(matches!(err, ManifestError::IdMismatch { .. }), "{err}");
 
-    // Another hash algorithm, under its own (SHA-1) name.
+    // An unknown hash algorithm, under a name of the store's.
     let other_hash = String::from_utf8(bytes.clone())
         .unwrap()
-        .replace("\"sha1\"", "\"sha256\"")
+        .replace("\"sha256\"", "\"blake3\"")
         .into_bytes();
-    let other_id = ManifestId::of(&other_hash);
+    let other_id = ManifestId::of(HashAlgorithm::Sha256, &other_hash);
     store.put_manifest_bytes(&other_id, &other_hash).await.unwrap();
     let err = refused(pull_file(&store, None, &other_id, &dest).await.unwrap_err());
     assert!(
-        matches!(err, ManifestError::UnsupportedHash(ref h) if h == "sha256"),
+        matches!(err, ManifestError::UnsupportedHash(ref h) if h == "blake3"),
         "{err}"
     );
 
+    // A manifest that says sha256 stored under its SHA-1 name: SHA-1 names
+    // are refused in a SHA-256 store before anything is read.
+    let sha1_id = ManifestId::of(HashAlgorithm::Sha1, &bytes);
+    store.put_manifest_bytes(&sha1_id, &bytes).await.unwrap();
+    let err = pull_file(&store, None, &sha1_id, &dest).await.unwrap_err();
+    assert!(matches!(err, CasError::WrongHash { .. }), "{err}");
+
     // Oversized: refused before it is read.
     let huge = vec![b' '; 100 << 10];
-    let huge_id = ManifestId::of(&huge);
+    let huge_id = ManifestId::of(HashAlgorithm::Sha256, &huge);
     store.put_manifest_bytes(&huge_id, &huge).await.unwrap();
     let err = refused(pull_file(&store, None, &huge_id, &dest).await.unwrap_err());
     assert!(matches!(err, ManifestError::TooLarge { .. }), "{err}");
@@ -396,7 +403,7 @@ async fn bad_manifests_are_refused_by_name() {
     // Part headers that lie: more parts than the size needs, or none at all.
     let js = store.jetstream();
     for (name, parts, size) in [("lying-parts", Some("5"), Some("10")), ("no-headers", None, None)] {
-        let id = ManifestId::of(name.as_bytes());
+        let id = ManifestId::of(HashAlgorithm::Sha256, name.as_bytes());
         let mut headers = async_nats::HeaderMap::new();
         if let (Some(parts), Some(size)) = (parts, size) {
             headers.insert(subjects::MANIFEST_PARTS_HEADER, parts);
@@ -412,11 +419,70 @@ async fn bad_manifests_are_refused_by_name() {
     }
 
     // Unknown id.
-    let unknown = ManifestId::of(b"nobody stored this");
+    let unknown = ManifestId::of(HashAlgorithm::Sha256, b"nobody stored this");
     assert!(
         matches!(pull_file(&store, None, &unknown, &dest).await, Err(CasError::MissingManifest(id)) if id == unknown)
     );
     assert!(!dest.exists());
+}
+
+#[tokio::test]
+async fn a_store_names_everything_by_the_algorithm_it_was_made_with() {
+    let server = NatsServer::start().unwrap();
+    let sha1 = StoreOptions {
+        hash: HashAlgorithm::Sha1,
+        ..Default::default()
+    };
+    let closed = store(&server, sha1.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (manifest, block) = small_object(&closed, dir.path()).await;
+    assert_eq!(
+        (manifest.algorithm(), block.algorithm()),
+        (HashAlgorithm::Sha1, HashAlgorithm::Sha1)
+    );
+    assert_eq!(manifest.to_hex().len(), 40);
+
+    // A participant learns the algorithm from the store, whatever it asked.
+    let joined = BlockStore::join(server.client().await.unwrap(), StoreOptions::default(), None)
+        .await
+        .unwrap();
+    assert_eq!(joined.hash(), HashAlgorithm::Sha1);
+    pull_file(&joined, None, &manifest, &dir.path().join("back"))
+        .await
+        .unwrap();
+
+    // The keeper cannot change it after the fact.
+    let reopened = BlockStore::open(server.client().await.unwrap(), StoreOptions::default()).await;
+    assert!(
+        matches!(
+            reopened,
+            Err(CasError::HashChanged {
+                made: HashAlgorithm::Sha1,
+                asked: HashAlgorithm::Sha256
+            })
+        ),
+        "{:?}",
+        reopened.err()
+    );
+
+    // Names of the other algorithm are refused, written or read.
+    let data = bytes::Bytes::from_static(b"a block named by the wrong algorithm");
+    let wrong = BlockId::of(HashAlgorithm::Sha256, &data);
+    let err = joined.put_blocks(&[(wrong, data)]).await.unwrap_err();
+    assert!(matches!(err, CasError::WrongHash { .. }), "{err}");
+    let other = ManifestId::of(HashAlgorithm::Sha256, b"anything");
+    let err = joined.get_manifest(&other).await.unwrap_err();
+    assert!(matches!(err, CasError::WrongHash { .. }), "{err}");
+
+    // A fresh store is SHA-256 by default, with 64-digit names.
+    let open_server = NatsServer::start().unwrap();
+    let open = store(&open_server, StoreOptions::default()).await;
+    let (manifest, block) = small_object(&open, dir.path()).await;
+    assert_eq!(
+        (manifest.algorithm(), block.algorithm()),
+        (HashAlgorithm::Sha256, HashAlgorithm::Sha256)
+    );
+    assert_eq!(block.to_hex().len(), 64);
 }
 
 #[tokio::test]

@@ -69,20 +69,23 @@ fn push_pull_have_and_exit_codes() {
     assert_eq!(have["cold_blocks"], 0);
     assert!(have["hot_blocks"].as_u64().unwrap() > 0);
 
-    // An unknown manifest: refused data, exit code 3, a message naming it.
-    let unknown = "0".repeat(40);
-    let out = vmlot(
-        &server,
-        &[
-            "store",
-            "pull",
-            &unknown,
-            "-o",
-            dir.path().join("x").to_str().unwrap(),
-        ],
-    );
-    assert_eq!(out.status.code(), Some(3));
-    assert!(String::from_utf8_lossy(&out.stderr).contains(&unknown));
+    // An unknown manifest, and a SHA-1 name in this SHA-256 store: refused
+    // data, exit code 3, a message naming it.
+    for (unknown, says) in [("0".repeat(64), "not in the store"), ("0".repeat(40), "sha1")] {
+        let out = vmlot(
+            &server,
+            &[
+                "store",
+                "pull",
+                &unknown,
+                "-o",
+                dir.path().join("x").to_str().unwrap(),
+            ],
+        );
+        assert_eq!(out.status.code(), Some(3));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(&unknown) && stderr.contains(says), "{stderr}");
+    }
 
     // A malformed id is a usage error.
     let out = vmlot(&server, &["store", "pull", "not-an-id", "-o", "x"]);

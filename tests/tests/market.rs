@@ -246,7 +246,8 @@ async fn hostile_input_is_refused_and_changes_nothing() {
         assert_eq!(refused.unwrap_err().code, "bad-request");
     }
     let mut unknown_image = image.clone();
-    unknown_image.kernel = vmlot_schemas::ManifestId::of(b"no such kernel");
+    unknown_image.kernel =
+        vmlot_schemas::ManifestId::of(vmlot_schemas::HashAlgorithm::Sha256, b"no such kernel");
     let refused: Result<Submitted, _> = market.try_submit(spec(unknown_image, 1, 3, 1, "1", "10")).await;
     assert_eq!(refused.unwrap_err().code, "not-found");
     let unknown: Result<JobStatus, _> = api

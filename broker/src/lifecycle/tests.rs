@@ -21,7 +21,7 @@ fn money(s: &str) -> Money {
 
 fn checkpoint(name: &[u8]) -> Checkpoint {
     Checkpoint {
-        machine_state: Some(ManifestId::of(name)),
+        machine_state: Some(ManifestId::of(vmlot_schemas::HashAlgorithm::Sha256, name)),
         disks: vec![],
         stored_bytes: 4096,
     }
@@ -42,7 +42,7 @@ fn job(segments: SegmentCount) -> JobStatus {
                     vcpus: 1,
                     cmdline: String::new(),
                 },
-                kernel: ManifestId::of(b"kernel"),
+                kernel: ManifestId::of(vmlot_schemas::HashAlgorithm::Sha256, b"kernel"),
                 initrd: None,
                 disks: vec![],
             },

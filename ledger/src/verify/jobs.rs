@@ -205,7 +205,7 @@ mod tests {
                         vcpus: 1,
                         cmdline: String::new(),
                     },
-                    kernel: ManifestId::of(b"k"),
+                    kernel: ManifestId::of(vmlot_schemas::HashAlgorithm::Sha256, b"k"),
                     initrd: None,
                     disks: vec![],
                 },
