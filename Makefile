@@ -65,7 +65,7 @@ bench-cas: build bench-build guest
 
 ## Market throughput on the synthetic driver, against JetStream's ack rate.
 bench-market: build bench-build
-	$(BENCH) market --providers 200 --jobs 100 --segments 3 --bid-window-ms 200
+	$(BENCH) market --providers 200 --jobs 1000 --segments 3 --bid-window-ms 200
 
 ## Per-segment overhead of a real 128 MiB QEMU guest (save, upload, download, restore) at T = 60 s,
 ## against a whole-file copy through the same nats-server.

@@ -30,6 +30,10 @@ pub struct Args {
     segments: u32,
     #[arg(long, default_value_t = 200)]
     bid_window_ms: u64,
+    /// Secured and open runs each, alternating (secured first): one pair
+    /// on a shared 2-core machine says little, the median of a few does.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
 }
 
 pub async fn run(args: Args) -> Result<()> {
@@ -37,13 +41,19 @@ pub async fn run(args: Args) -> Result<()> {
         "nats-server with sync_interval: always; {} providers, {} jobs × {} segments of 0 s, r = 1, bid window {} ms",
         args.providers, args.jobs, args.segments, args.bid_window_ms
     );
-    println!("\n## Secured: operator, accounts and users (JWT, nkeys), TLS\n");
-    let secured = run_once(&args, Auth::Secured).await?;
-    println!("\n## Open: no accounts, no credentials, no TLS (--open)\n");
-    let open = run_once(&args, Auth::Open).await?;
-    println!("\n## Secured against open, same run\n");
-    println!("| | secured | open | secured / open |");
-    println!("|---|---|---|---|");
+    let (mut secured, mut open) = (Vec::new(), Vec::new());
+    for round in 1..=args.rounds.max(1) {
+        println!("\n## Round {round}, secured: operator, accounts and users (JWT, nkeys), TLS\n");
+        secured.push(run_once(&args, Auth::Secured).await?);
+        println!("\n## Round {round}, open: no accounts, no credentials, no TLS (--open)\n");
+        open.push(run_once(&args, Auth::Open).await?);
+    }
+    println!(
+        "\n## Secured against open, same run: medians of {} rounds each\n",
+        secured.len()
+    );
+    println!("| | secured | open | secured / open | per round, secured / open |");
+    println!("|---|---|---|---|---|");
     let rows: [Row; 7] = [
         (
             "JetStream acked publishes, pipelined, msg/s",
@@ -69,14 +79,31 @@ pub async fn run(args: Args) -> Result<()> {
             0,
         ),
     ];
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
     for (name, value, digits) in rows {
-        let (a, b) = (value(&secured), value(&open));
+        let (a, b) = (median(secured.iter().map(value)), median(open.iter().map(value)));
+        let rounds: Vec<String> = secured
+            .iter()
+            .zip(&open)
+            .map(|(s, o)| format!("{:.2}", ratio(value(s), value(o))))
+            .collect();
         println!(
-            "| {name} | {a:.digits$} | {b:.digits$} | {:.2} |",
-            if b > 0.0 { a / b } else { f64::NAN }
+            "| {name} | {a:.digits$} | {b:.digits$} | {:.2} | {} |",
+            ratio(a, b),
+            rounds.join(", ")
         );
     }
     Ok(())
+}
+
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut values: Vec<f64> = values.collect();
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
 }
 
 /// A line of the side-by-side table: its name, what it reads, decimals.

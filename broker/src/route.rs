@@ -3,14 +3,15 @@
 //! task whose lot they name (heartbeats fill the provider table). What
 //! names no open lot is refused and logged.
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
 use tokio::sync::mpsc;
 use vmlot_schemas::market::{Bid, Heartbeat, SegmentResult};
-use vmlot_schemas::{WIRE_VERSION, subjects};
+use vmlot_schemas::{ProviderId, WIRE_VERSION, subjects};
 
 use crate::shared::{LotEvent, Shared};
 
@@ -59,7 +60,7 @@ pub(crate) async fn route_bids(shared: Arc<Shared>, mut bids: async_nats::Subscr
 const PRUNE_AFTER_TIMEOUTS: u32 = 6;
 
 pub(crate) async fn track_heartbeats(shared: Arc<Shared>, mut beats: async_nats::Subscriber) {
-    let mut pruned = std::time::Instant::now();
+    let mut pruned = Instant::now();
     loop {
         let msg = tokio::select! {
             _ = shared.shutdown.cancelled() => return,
@@ -71,15 +72,34 @@ pub(crate) async fn track_heartbeats(shared: Arc<Shared>, mut beats: async_nats:
         match serde_json::from_slice::<Heartbeat>(&msg.payload) {
             Ok(hb) if subjects::provider_of(&msg.subject) == Some(hb.provider) => {
                 let mut providers = shared.providers.lock().expect("providers lock");
-                providers.insert(hb.provider, (hb, std::time::Instant::now()));
-                let stale = shared.config.provider_timeout * PRUNE_AFTER_TIMEOUTS;
-                if pruned.elapsed() > shared.config.provider_timeout {
-                    providers.retain(|_, (_, seen)| seen.elapsed() < stale);
-                    pruned = std::time::Instant::now();
-                }
+                record_heartbeat(
+                    &mut providers,
+                    &mut pruned,
+                    hb,
+                    Instant::now(),
+                    shared.config.provider_timeout,
+                );
             }
             _ => tracing::warn!(subject = %msg.subject, "refused malformed heartbeat"),
         }
+    }
+}
+
+/// Records `hb` as heard `now`; at most once per `timeout`, drops every
+/// provider silent for [`PRUNE_AFTER_TIMEOUTS`] timeouts. Pure: the table
+/// and the clock are the caller's.
+fn record_heartbeat(
+    providers: &mut HashMap<ProviderId, (Heartbeat, Instant)>,
+    pruned: &mut Instant,
+    hb: Heartbeat,
+    now: Instant,
+    timeout: Duration,
+) {
+    providers.insert(hb.provider, (hb, now));
+    if now.saturating_duration_since(*pruned) > timeout {
+        let stale = timeout * PRUNE_AFTER_TIMEOUTS;
+        providers.retain(|_, (_, seen)| now.saturating_duration_since(*seen) < stale);
+        *pruned = now;
     }
 }
 
@@ -151,5 +171,68 @@ pub(crate) async fn route_results(shared: Arc<Shared>, consumer: consumer::PullC
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn beat(provider: ProviderId) -> Heartbeat {
+        Heartbeat {
+            version: vmlot_schemas::WIRE_VERSION,
+            provider,
+            name: provider.to_string(),
+            hypervisors: vec![vmlot_schemas::HypervisorKind::Synthetic],
+            arch: "x86_64".into(),
+            memory_mib: 64,
+            slots: 1,
+            free_slots: 1,
+            idle: true,
+            sent_at: chrono::Utc::now(),
+        }
+    }
+
+    #[test]
+    fn silent_providers_leave_the_table_and_beating_ones_stay() {
+        let timeout = Duration::from_secs(10);
+        let t0 = Instant::now();
+        let (mut table, mut pruned) = (HashMap::new(), t0);
+        let (gone, stays, late) = (ProviderId::new(), ProviderId::new(), ProviderId::new());
+        record_heartbeat(&mut table, &mut pruned, beat(gone), t0, timeout);
+        record_heartbeat(&mut table, &mut pruned, beat(stays), t0, timeout);
+        // `stays` beats every 10 s; `gone` never again.
+        for k in 1..=5 {
+            let now = t0 + timeout * k;
+            record_heartbeat(&mut table, &mut pruned, beat(stays), now, timeout);
+            assert!(table.contains_key(&gone), "dropped after only {k} timeouts");
+        }
+        let now = t0 + timeout * 6 + Duration::from_secs(1);
+        record_heartbeat(&mut table, &mut pruned, beat(late), now, timeout);
+        assert!(!table.contains_key(&gone));
+        assert!(table.contains_key(&stays) && table.contains_key(&late));
+        assert_eq!(table.len(), 2);
+    }
+
+    #[test]
+    fn a_flood_of_beats_prunes_at_most_once_per_timeout() {
+        let timeout = Duration::from_secs(10);
+        let t0 = Instant::now();
+        let (mut table, mut pruned) = (HashMap::new(), t0);
+        let old = ProviderId::new();
+        record_heartbeat(&mut table, &mut pruned, beat(old), t0, timeout);
+        let now = t0 + timeout * 7;
+        record_heartbeat(&mut table, &mut pruned, beat(ProviderId::new()), now, timeout);
+        assert!(!table.contains_key(&old));
+        assert_eq!(pruned, now);
+        // Within the next timeout, no sweep: the clock of the last one stands.
+        record_heartbeat(
+            &mut table,
+            &mut pruned,
+            beat(ProviderId::new()),
+            now + Duration::from_secs(1),
+            timeout,
+        );
+        assert_eq!(pruned, now);
     }
 }

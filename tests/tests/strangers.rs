@@ -347,6 +347,25 @@ async fn a_provider_cannot_impersonate_another_or_read_its_bids() {
             .is_err(),
         "eve read a bid or an award"
     );
+
+    // Her own results subject is hers to publish on, but the results
+    // stream is bounded: a result over 1 MiB is refused by the server and
+    // nothing is stored.
+    let house = async_nats::jetstream::new(market.server.client().await.unwrap());
+    let results = async || {
+        let mut stream = house.get_stream(subjects::RESULT_STREAM).await.unwrap();
+        stream.info().await.unwrap().state.messages
+    };
+    let before = results().await;
+    let js = async_nats::jetstream::new(nats.clone());
+    let huge = vec![b'x'; (1 << 20) + 1];
+    let stored = js
+        .publish(subjects::result(&eve), huge.into())
+        .await
+        .unwrap()
+        .await;
+    assert!(stored.is_err(), "a result over 1 MiB was stored: {stored:?}");
+    assert_eq!(results().await, before);
     assert_books_verify(&market).await;
 }
 
