@@ -62,18 +62,10 @@ pub async fn run(args: Args) -> Result<()> {
             let path_b = args.dir.join(format!("{b}.{ext}"));
             let rsync = rsync_delta(&path_a, &path_b)?;
             for (chunk_name, chunking) in chunkings {
-                let ma = manifest_of(
-                    std::fs::File::open(&path_a)?,
-                    ObjectKind::MachineState,
-                    chunking,
-                    HASH,
-                )?;
-                let mb = manifest_of(
-                    std::fs::File::open(&path_b)?,
-                    ObjectKind::MachineState,
-                    chunking,
-                    HASH,
-                )?;
+                let (ma, mb) = (
+                    file_manifest(&path_a, chunking)?,
+                    file_manifest(&path_b, chunking)?,
+                );
                 let have: HashSet<BlockId> = ma.unique_blocks().into_iter().map(|(id, _)| id).collect();
                 let (hot, cold) = mb.unique_blocks().iter().fold((0u64, 0u64), |(h, c), (id, n)| {
                     if have.contains(id) {
@@ -141,12 +133,7 @@ pub async fn run(args: Args) -> Result<()> {
         for (chunk_name, chunking) in chunkings {
             let server = NatsServer::start()?;
             let client = server.client().await?;
-            let manifest = manifest_of(
-                std::fs::File::open(&path)?,
-                ObjectKind::MachineState,
-                chunking,
-                HASH,
-            )?;
+            let manifest = file_manifest(&path, chunking)?;
             let stored = stored_bytes(&path, &manifest)?;
             let (raw_pub, raw_read) = raw_jetstream(&client, &stored).await?;
             let store = BlockStore::open(client, store_options()).await?;
@@ -188,6 +175,16 @@ pub async fn run(args: Args) -> Result<()> {
         println!("{line}");
     }
     Ok(())
+}
+
+/// The manifest of the checkpoint at `path`, names by [`HASH`], storing nothing.
+fn file_manifest(path: &Path, chunking: Chunking) -> Result<Manifest> {
+    Ok(manifest_of(
+        std::fs::File::open(path)?,
+        ObjectKind::MachineState,
+        chunking,
+        HASH,
+    )?)
 }
 
 /// Store tuning, overridable for experiments (`VMLOT_BENCH_CONCURRENCY`, `VMLOT_BENCH_BATCH`).

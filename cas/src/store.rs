@@ -322,8 +322,8 @@ impl BlockStore {
                 self.fetch_group(&group, |id, msg| {
                     wire += msg.payload.len() as u64;
                     let data = decode_block(&id, msg)?;
-                    if !id.matches(&data) {
-                        let actual = BlockId::of(id.algorithm(), &data);
+                    let actual = BlockId::of(id.algorithm(), &data);
+                    if actual != id {
                         return Err(CasError::CorruptBlock { block: id, actual });
                     }
                     seen.insert(id);
@@ -380,7 +380,7 @@ impl BlockStore {
     pub async fn put_manifest(&self, manifest: &Manifest) -> Result<ManifestId, CasError> {
         self.check_name("the manifest", manifest.hash)?;
         let bytes = manifest.canonical_bytes();
-        let id = manifest.id();
+        let id = ManifestId::of(manifest.hash, &bytes);
         if self.manifest_head(&id).await?.is_some() {
             return Ok(id);
         }

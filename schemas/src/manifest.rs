@@ -4,9 +4,10 @@
 //! Runs of zero bytes (all-zero blocks and sparse holes alike) are extents of
 //! their own, never stored or listed block by block. The manifest names its
 //! hash algorithm (SHA-1 or SHA-256), every block in it is named by that
-//! one, and its id is the hash by that one of its canonical JSON bytes (`serde_json` compact output of this struct,
-//! fields in declaration order), and a reader re-encodes what it decoded to
-//! check the bytes were canonical.
+//! one, and its id is the hash by that one of its canonical JSON bytes
+//! (`serde_json` compact output of this struct, fields in declaration
+//! order); a reader re-encodes what it decoded to check the bytes were
+//! canonical.
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};

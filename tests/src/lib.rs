@@ -130,13 +130,7 @@ impl NatsServer {
         let temp = tempfile::Builder::new().prefix("vmlot-nats-").tempdir()?;
         let dir = temp.path().to_path_buf();
         let deployment = Deployment::create(&dir.join("deploy"))?;
-        let mut server = Self::configure(&dir, "n1", free_port(), None, fsync, &deployment)?;
-        if auth == Auth::Open {
-            let text = std::fs::read_to_string(&server.config)?;
-            let auth_conf = std::fs::read_to_string(deployment.auth_conf())?;
-            std::fs::write(&server.config, text.replace(&auth_conf, ""))?;
-            server.auth = Auth::Open;
-        }
+        let mut server = Self::configure(&dir, "n1", free_port(), None, fsync, &deployment, auth)?;
         server._temp = Some(temp);
         server.spawn()?;
         server.wait_ready(Duration::from_secs(20))?;
@@ -150,6 +144,7 @@ impl NatsServer {
         cluster: Option<(u16, &[u16])>,
         fsync: Fsync,
         deployment: &Deployment,
+        auth: Auth,
     ) -> Result<Self> {
         let store = dir.join(format!("{name}-store"));
         std::fs::create_dir_all(&store)?;
@@ -162,7 +157,9 @@ impl NatsServer {
              jetstream {{\n  store_dir: \"{}\"\n{sync}}}\n",
             store.display()
         );
-        text.push_str(&std::fs::read_to_string(deployment.auth_conf())?);
+        if auth == Auth::Secured {
+            text.push_str(&std::fs::read_to_string(deployment.auth_conf())?);
+        }
         if let Some((cluster_port, routes)) = cluster {
             let routes: Vec<String> = routes
                 .iter()
@@ -182,7 +179,7 @@ impl NatsServer {
             config,
             child: None,
             deployment: deployment.clone(),
-            auth: Auth::Secured,
+            auth,
             _temp: None,
         })
     }
@@ -427,6 +424,7 @@ impl NatsCluster {
                 Some((cluster_ports[i], &cluster_ports)),
                 Fsync::Always,
                 &deployment,
+                Auth::Secured,
             )?;
             server.spawn()?;
             servers.push(server);
