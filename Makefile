@@ -37,6 +37,7 @@ test: deps guest lint unit check-release
 
 lint:
 	$(CARGO) fmt --all --check
+	python3 scripts/check-layout.py
 	$(CARGO) clippy --workspace --all-targets --features vmlot-tests/xen -- -D warnings
 
 # The release broker and provider carry no fault injection and no synthetic driver.
