@@ -602,6 +602,7 @@ impl Book {
                 updated_at: now,
                 end_reason: None,
                 refunded: false,
+                refused: Vec::new(),
             },
             segments,
             price,
@@ -633,7 +634,7 @@ impl Book {
             let attempt = self.rng.below(3) as u32;
             let last = segment + 1 == job.segments;
             let guest = if last {
-                GuestState::Halted
+                GuestState::Halted { final_state: None }
             } else {
                 GuestState::Running {
                     checkpoint: Checkpoint {

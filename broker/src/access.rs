@@ -3,7 +3,9 @@
 //! user publish on (see `vmlot-identity`): nothing here believes a field of
 //! the message. Pure, and tested without NATS.
 
-use vmlot_schemas::api::{ApiError, Cancel, Credit, Endpoint, List, Market, Providers, Status, Submit};
+use vmlot_schemas::api::{
+    ApiError, Cancel, Credit, Endpoint, List, Market, Providers, Standings, Status, Submit,
+};
 use vmlot_schemas::caller::{Caller, Role};
 use vmlot_schemas::market::{JobSpec, JobStatus};
 
@@ -21,7 +23,7 @@ pub(crate) fn may_call(caller: &Caller, endpoint: &str) -> Result<(), ApiError> 
         Submit::NAME => &[Submitter],
         Status::NAME | List::NAME => &[Submitter, Operator, Accountant],
         Cancel::NAME => &[Submitter, Operator],
-        Providers::NAME | Market::NAME => &[Submitter, Operator, Accountant],
+        Providers::NAME | Market::NAME | Standings::NAME => &[Submitter, Operator, Accountant],
         Credit::NAME => &[Operator],
         _ => &[],
     };

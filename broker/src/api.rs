@@ -18,12 +18,13 @@ use rust_decimal::Decimal;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use vmlot_schemas::api::{
-    ApiError, Cancel, Credit, ENDPOINTS, Endpoint, List, Market, Providers, Reply, Status, Submit,
+    ApiError, Cancel, Credit, ENDPOINTS, Endpoint, List, Market, Providers, Reply, Standings, Status, Submit,
 };
 use vmlot_schemas::caller::Caller;
 use vmlot_schemas::market::{
     Checkpoint, Heartbeat, JobRef, JobState, JobStatus, MarketView, SegmentCount, SubmitJob, Submitted,
 };
+use vmlot_schemas::standing::Standing;
 use vmlot_schemas::{HypervisorKind, JobId, Money, WIRE_VERSION, subjects};
 
 use vmlot_ledger::LedgerError;
@@ -78,6 +79,7 @@ pub(crate) async fn start(shared: Arc<Shared>) -> Result<Api, BrokerError> {
         serve::<Cancel>(&group, &shared).await?,
         serve::<Providers>(&group, &shared).await?,
         serve::<Market>(&group, &shared).await?,
+        serve::<Standings>(&group, &shared).await?,
         serve::<Credit>(&group, &shared).await?,
     ];
     debug_assert_eq!(served, ENDPOINTS, "every endpoint served, in order");
@@ -233,6 +235,17 @@ impl Serve for Market {
 
     async fn serve(shared: &Arc<Shared>, _: &Caller, (): ()) -> Result<MarketView, ApiError> {
         market(shared).await
+    }
+}
+
+impl Serve for Standings {
+    /// Takes nothing: whatever it is sent is ignored.
+    fn decode(_: &[u8]) -> Result<(), ApiError> {
+        Ok(())
+    }
+
+    async fn serve(shared: &Arc<Shared>, _: &Caller, (): ()) -> Result<Vec<Standing>, ApiError> {
+        shared.standings.all().await.map_err(internal)
     }
 }
 
@@ -407,6 +420,7 @@ async fn submit(shared: &Arc<Shared>, caller: &Caller, mut req: SubmitJob) -> Re
         updated_at: now,
         end_reason: None,
         refunded: false,
+        refused: Vec::new(),
     };
     // The record first, then the hold: a broker that dies between the two
     // finds the job on restart and holds its budget then (never money in

@@ -40,9 +40,11 @@ pub(crate) async fn award(
     shared: &Arc<Shared>,
     status: &JobStatus,
     lot: &Lot,
-    bids: Vec<Bid>,
+    mut bids: Vec<Bid>,
     over_budget: bool,
 ) -> Result<Awarded, BrokerError> {
+    // A provider that sent this job a refused result bids in vain.
+    bids.retain(|b| !status.refused.contains(&b.provider));
     let valid_bids = bids.len();
     let winners = choose_winners(shared, lot, bids, status.spec.redundancy as usize);
     if winners.is_empty() {
@@ -146,11 +148,11 @@ async fn record(
     winners: &[(ProviderId, Money)],
     deadline: DateTime<Utc>,
 ) -> Result<JobStatus, UpdateError<Refused>> {
-    let (lot, winners) = (lot.clone(), winners.to_vec());
+    let (lot, winners, now) = (lot.clone(), winners.to_vec(), Utc::now());
     shared
         .jobs
         .transition(&status.job, move |s| {
-            lifecycle::award(s, &lot, &winners, deadline)
+            lifecycle::award(s, &lot, &winners, deadline, now)
         })
         .await
 }

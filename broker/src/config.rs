@@ -30,6 +30,9 @@ pub struct BrokerConfig {
     /// What the block store names blocks and manifests by, when the broker
     /// creates it (a store keeps the algorithm it was made with).
     pub block_hash: HashAlgorithm,
+    /// How much sooner than its award plus T a running guest's result may
+    /// arrive (clock skew between the broker and the NATS server, rounding).
+    pub early_allowance: Duration,
 }
 
 impl Default for BrokerConfig {
@@ -45,6 +48,7 @@ impl Default for BrokerConfig {
             fee_rate: rust_decimal::Decimal::ZERO,
             quotas: Quotas::default(),
             block_hash: HashAlgorithm::Sha256,
+            early_allowance: Duration::from_secs(2),
         }
     }
 }

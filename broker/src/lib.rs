@@ -28,10 +28,13 @@ pub mod auction;
 pub mod award;
 pub mod cancel;
 pub mod capacity;
+pub mod check;
 pub mod config;
 pub mod error;
 #[cfg(feature = "fault-injection")]
 mod fault;
+#[cfg(test)]
+mod fixtures;
 pub mod hold;
 pub mod job;
 pub mod lifecycle;
@@ -43,6 +46,7 @@ pub mod route;
 pub mod server;
 pub mod settle;
 mod shared;
+pub mod standing;
 pub mod state;
 pub mod verify;
 

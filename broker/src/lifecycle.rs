@@ -102,6 +102,12 @@ pub enum Refused {
     /// A payment applied again (a repeat finds it applied).
     #[error("segment {0} is already settled")]
     AlreadySettled(u32),
+    /// A provider refused once, refused again (a repeat changes nothing).
+    #[error("provider {0} is already refused for this job")]
+    AlreadyRefused(ProviderId),
+    /// A provider whose result for this job was refused is not awarded again.
+    #[error("provider {0} sent this job a result that was refused")]
+    Excluded(ProviderId),
 }
 
 fn running(status: &JobStatus) -> Result<(), Refused> {
@@ -192,6 +198,7 @@ pub fn award(
     lot: &Lot,
     winners: &[(ProviderId, Money)],
     deadline: DateTime<Utc>,
+    now: DateTime<Utc>,
 ) -> Result<JobStatus, Refused> {
     running(status)?;
     if lot.job != status.job {
@@ -212,15 +219,42 @@ pub fn award(
     if winners.is_empty() {
         return Err(Refused::NoWinner);
     }
+    if let Some((p, _)) = winners.iter().find(|(p, _)| status.refused.contains(p)) {
+        return Err(Refused::Excluded(*p));
+    }
     let mut next = status.clone();
     next.open_lot = Some(OpenLot {
         lot: lot.clone(),
         awarded: winners.to_vec(),
         award_deadline: Some(deadline),
+        awarded_at: Some(now),
     });
     next.attempts = lot.attempt;
     next.waiting_for_providers = false;
     Ok(next)
+}
+
+/// **Result refused**: `provider` sent a result for this job that failed
+/// its checks; it is never awarded one of the job's lots again. Its award
+/// stays in the open lot (its slot is its own problem), so the other
+/// replicas can still settle. A repeat changes nothing.
+pub fn refuse_provider(status: &JobStatus, provider: ProviderId) -> Result<JobStatus, Refused> {
+    running(status)?;
+    if status.refused.contains(&provider) {
+        return Err(Refused::AlreadyRefused(provider));
+    }
+    let mut next = status.clone();
+    next.refused.push(provider);
+    Ok(next)
+}
+
+/// True when every provider awarded the open attempt has had a result
+/// refused for this job: no valid result can come, so the attempt is over
+/// before its deadline.
+pub fn all_awarded_refused(status: &JobStatus) -> bool {
+    status.open_lot.as_ref().is_some_and(|open| {
+        !open.awarded.is_empty() && open.awarded.iter().all(|(p, _)| status.refused.contains(p))
+    })
 }
 
 /// **Waiting for providers**: an offer drew no bid, or only bids from
@@ -281,6 +315,9 @@ pub fn check_result(status: &JobStatus, result: &SegmentResult) -> Result<Money,
     {
         return Err(Refused::NotOpen);
     }
+    if status.refused.contains(&result.provider) {
+        return Err(Refused::Excluded(result.provider));
+    }
     match open.awarded.iter().find(|(p, _)| *p == result.provider) {
         Some((_, price)) => Ok(price.clone()),
         None => Err(Refused::NotAwarded(result.provider)),
@@ -318,11 +355,17 @@ pub fn settle(status: &JobStatus, mut paid: SettledSegment) -> Result<JobStatus,
     if !next.state.is_final() {
         match &paid.guest {
             GuestState::Running { checkpoint } => next.checkpoint = checkpoint.clone(),
-            GuestState::Halted => {
+            GuestState::Halted { final_state } => {
                 next.state = JobState::Done;
                 next.end_reason = Some("guest halted".into());
+                if let Some(last) = final_state {
+                    next.checkpoint = last.clone();
+                }
             }
-            GuestState::Crashed { reason } => {
+            GuestState::Crashed { reason, final_state } => {
+                if let Some(last) = final_state {
+                    next.checkpoint = last.clone();
+                }
                 next.state = JobState::Failed;
                 next.end_reason = Some(format!("guest crashed: {reason}"));
             }

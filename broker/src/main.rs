@@ -29,6 +29,11 @@ struct Args {
     /// Time allowed beyond the segment length for fetch, restore, save and upload, in seconds.
     #[arg(long, default_value_t = 60)]
     transfer_allowance_s: u64,
+    /// How much sooner than its award plus the segment's length a running
+    /// guest's result may arrive and still be believed, in milliseconds
+    /// (clock skew between the broker and the NATS server).
+    #[arg(long, default_value_t = 2000)]
+    early_allowance_ms: u64,
     /// Longest wait before re-offering a segment that drew no bid, in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     max_backoff_ms: u64,
@@ -87,6 +92,7 @@ impl Args {
             replicas: self.replicas,
             bid_window: Duration::from_millis(self.bid_window_ms),
             transfer_allowance: Duration::from_secs(self.transfer_allowance_s),
+            early_allowance: Duration::from_millis(self.early_allowance_ms),
             pricing: self.pricing,
             max_backoff: Duration::from_millis(self.max_backoff_ms),
             fee_rate: self.fee_rate,

@@ -17,7 +17,7 @@ use crate::capacity::Capacity;
 use crate::config::BrokerConfig;
 use crate::error::BrokerError;
 use crate::shared::Shared;
-use crate::{api, route, state};
+use crate::{api, route, standing, state};
 
 /// `client` is the broker's connection to the market, `books_client` to
 /// the account of the books and the job records.
@@ -47,11 +47,13 @@ pub async fn run(
     books_js.set_timeout(Duration::from_secs(15));
     let books = vmlot_ledger::Books::provision(&books_js, config.replicas).await?;
     let jobs = state::JobStore::open(&books_js, config.replicas).await?;
+    let standings = standing::Standings::open(&books_js, config.replicas).await?;
     let shared = Arc::new(Shared {
         client: client.clone(),
         store,
         jobs,
         books,
+        standings,
         config: config.clone(),
         lots: Mutex::new(HashMap::new()),
         providers: Mutex::new(HashMap::new()),

@@ -13,17 +13,21 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use chrono::Utc;
+use async_nats::jetstream::{self, AckKind};
+use chrono::{DateTime, Utc};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use vmlot_schemas::ledger::Settlement;
 use vmlot_schemas::market::{GuestState, JobStatus, Lot, SegmentResult, SettledSegment};
+use vmlot_schemas::standing::RefusalKind;
 use vmlot_schemas::{BlockId, Money, ProviderId};
 
+use crate::check::{self, Refusal};
 use crate::error::BrokerError;
 use crate::lifecycle::{self, Refused};
 use crate::shared::{LotEvent, Shared};
+use crate::standing::Outcome;
 use crate::state::UpdateError;
 use crate::{cancel, verify};
 
@@ -31,8 +35,14 @@ use crate::{cancel, verify};
 pub(crate) enum Waited {
     Settled,
     TimedOut,
+    /// Every awarded provider's result was refused: no valid one can come.
+    AllRefused,
     Stopped,
 }
+
+/// How long a result the store could not check waits before it is
+/// delivered again.
+const RECHECK_DELAY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Before offering the job's next segment: a payment for it written before
 /// a crash settles it, and is not paid again. True when one was applied.
@@ -73,6 +83,8 @@ pub(crate) async fn await_result(
     let timeout = tokio::time::sleep(left);
     tokio::pin!(timeout);
     let known = verify::known_blocks(&shared.store, &status.checkpoint).await;
+    // Providers refused during this wait (the record has those before it).
+    let mut refused: Vec<ProviderId> = Vec::new();
     loop {
         let (result, msg) = tokio::select! {
             _ = stop.cancelled() => return Ok(Waited::Stopped),
@@ -83,44 +95,125 @@ pub(crate) async fn await_result(
                 None => return Ok(Waited::Stopped),
             }
         };
+        let received = received_at(&msg);
         let span = tracing::info_span!("result", provider = %result.provider);
-        let settled = async {
-            match check(shared, status, &result, &known).await {
+        let outcome = async {
+            match check(shared, status, &result, received, &known).await {
                 Ok(price) => {
+                    shared.standings.count(result.provider, Outcome::Valid).await;
                     settle(shared, status, &open.lot, &result, price)
                         .instrument(tracing::info_span!("settle"))
                         .await?;
                     let _ = msg.ack().await;
-                    Ok::<_, BrokerError>(true)
+                    Ok::<_, BrokerError>(Some(Waited::Settled))
                 }
-                Err(reason) => {
-                    tracing::warn!(%reason, "result refused");
+                Err(Checked::Refused(refusal)) => {
+                    tracing::warn!(kind = %refusal.kind, reason = %refusal.why, "result refused");
+                    let awarded = open.awarded.iter().any(|(p, _)| *p == result.provider);
+                    if awarded && !refused.contains(&result.provider) {
+                        refuse(shared, status, result.provider, &refusal).await?;
+                        refused.push(result.provider);
+                    }
                     let _ = msg.ack().await;
-                    Ok(false)
+                    let all_refused = open
+                        .awarded
+                        .iter()
+                        .all(|(p, _)| refused.contains(p) || status.refused.contains(p));
+                    Ok(all_refused.then_some(Waited::AllRefused))
+                }
+                Err(Checked::Unverifiable(why)) => {
+                    // The broker's trouble, not the provider's: the result
+                    // comes back later and is checked again.
+                    tracing::warn!(%why, "result not checked now; asking for it again");
+                    let _ = msg.ack_with(AckKind::Nak(Some(RECHECK_DELAY))).await;
+                    Ok(None)
                 }
             }
         }
         .instrument(span)
         .await?;
-        if settled {
-            return Ok(Waited::Settled);
+        if let Some(waited) = outcome {
+            return Ok(waited);
         }
     }
 }
 
-/// Checks a result against the open attempt, then its checkpoint against
-/// the store; returns the price owed.
+/// When the NATS server stored `msg` (not a clock the provider sets).
+fn received_at(msg: &jetstream::Message) -> DateTime<Utc> {
+    msg.info()
+        .ok()
+        .and_then(|info| {
+            let nanos = info.published.unix_timestamp_nanos();
+            DateTime::from_timestamp((nanos / 1_000_000_000) as i64, (nanos % 1_000_000_000) as u32)
+        })
+        .unwrap_or_else(Utc::now)
+}
+
+/// Counts a refused result against its provider and keeps the provider
+/// off the job's later lots.
+async fn refuse(
+    shared: &Shared,
+    status: &JobStatus,
+    provider: ProviderId,
+    refusal: &Refusal,
+) -> Result<(), BrokerError> {
+    shared
+        .standings
+        .count(provider, Outcome::Refused(refusal.kind, &refusal.why))
+        .await;
+    match shared
+        .jobs
+        .transition(&status.job, move |s| lifecycle::refuse_provider(s, provider))
+        .await
+    {
+        Ok(_) | Err(UpdateError::Refused(Refused::AlreadyRefused(_) | Refused::Final(_))) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Why a result was not accepted.
+enum Checked {
+    /// It failed a check: the provider's doing.
+    Refused(Refusal),
+    /// The store could not be read: the broker's trouble.
+    Unverifiable(String),
+}
+
+impl From<Refusal> for Checked {
+    fn from(refusal: Refusal) -> Self {
+        Checked::Refused(refusal)
+    }
+}
+
+impl From<verify::Invalid> for Checked {
+    fn from(invalid: verify::Invalid) -> Self {
+        match invalid {
+            verify::Invalid::Store(why) => Checked::Unverifiable(why),
+            other => Checked::Refused(Refusal::new(RefusalKind::Incomplete, other.to_string())),
+        }
+    }
+}
+
+/// Checks a result: its claims against the open attempt and the clock,
+/// then the state it names against the store, then the machine state's
+/// kind; returns the price owed.
 async fn check(
     shared: &Shared,
     status: &JobStatus,
     result: &SegmentResult,
+    received: DateTime<Utc>,
     known: &HashSet<BlockId>,
-) -> Result<Money, String> {
-    let price = lifecycle::check_result(status, result).map_err(|e| e.to_string())?;
-    if let GuestState::Running { checkpoint } = &result.guest {
-        verify::checkpoint(&shared.store, checkpoint, known)
-            .await
-            .map_err(|e| e.to_string())?;
+) -> Result<Money, Checked> {
+    let price = check::claims(status, result, received, shared.config.early_allowance)?;
+    let Some(state) = result.guest.state() else {
+        return Err(Refusal::new(RefusalKind::NoFinalState, "no state").into());
+    };
+    verify::checkpoint(&shared.store, state, known, !result.guest.ended()).await?;
+    if let (GuestState::Running { .. }, Some(machine_state)) = (&result.guest, state.machine_state) {
+        let vm = &status.spec.image.vm;
+        let want = check::prefix_len(vm.hypervisor);
+        let (size, prefix) = verify::prefix(&shared.store, &machine_state, want).await?;
+        check::state_kind(vm, result.segment, size, &prefix)?;
     }
     Ok(price)
 }

@@ -39,6 +39,8 @@ pub(crate) struct Shared {
     pub store: BlockStore,
     pub jobs: JobStore,
     pub books: vmlot_ledger::Books,
+    /// What each provider's results came to.
+    pub standings: crate::standing::Standings,
     pub config: BrokerConfig,
     pub lots: Mutex<HashMap<LotId, LotRoute>>,
     pub providers: Mutex<HashMap<ProviderId, (Heartbeat, std::time::Instant)>>,

@@ -3,11 +3,11 @@
 //! claims. Blocks of the checkpoint the segment started from were checked
 //! when that one settled, so only new blocks are looked up.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use vmlot_cas::BlockStore;
 use vmlot_schemas::market::Checkpoint;
-use vmlot_schemas::{BlockId, ManifestId};
+use vmlot_schemas::{BlockId, Extent, ManifestId};
 
 /// Why a checkpoint was refused.
 #[derive(Debug, thiserror::Error)]
@@ -39,13 +39,16 @@ pub async fn known_blocks(store: &BlockStore, cp: &Checkpoint) -> HashSet<BlockI
     known
 }
 
-/// Verifies `new`, taking `known` blocks as present.
+/// Verifies `new`, taking `known` blocks as present. A running guest's
+/// checkpoint needs a machine state; an ended guest's final state need not
+/// have one (`machine_state_needed`).
 pub async fn checkpoint(
     store: &BlockStore,
     new: &Checkpoint,
     known: &HashSet<BlockId>,
+    machine_state_needed: bool,
 ) -> Result<(), Invalid> {
-    if new.machine_state.is_none() {
+    if machine_state_needed && new.machine_state.is_none() {
         return Err(Invalid::NoMachineState);
     }
     let mut actual = 0u64;
@@ -79,6 +82,59 @@ pub async fn checkpoint(
         });
     }
     Ok(())
+}
+
+/// The first `want` bytes of the object `id` names (all of it if shorter)
+/// and its length: what the result checks read of a machine state. Only
+/// the blocks holding those bytes are fetched.
+pub async fn prefix(store: &BlockStore, id: &ManifestId, want: usize) -> Result<(u64, Vec<u8>), Invalid> {
+    let manifest = store.get_manifest(id).await.map_err(|e| Invalid::Manifest {
+        id: *id,
+        reason: e.to_string(),
+    })?;
+    let mut needed = Vec::new();
+    let mut covered = 0u64;
+    for extent in &manifest.extents {
+        if covered >= want as u64 {
+            break;
+        }
+        if let Extent::Block { b, .. } = extent {
+            needed.push(*b);
+        }
+        covered += extent.len();
+    }
+    let blocks = std::sync::Mutex::new(HashMap::new());
+    store
+        .get_blocks(&needed, |b, bytes| {
+            blocks.lock().expect("blocks lock").insert(b, bytes);
+            Ok(())
+        })
+        .await
+        .map_err(|e| Invalid::Store(e.to_string()))?;
+    let blocks = blocks.into_inner().expect("blocks lock");
+    let mut out = Vec::with_capacity(want);
+    for extent in &manifest.extents {
+        if out.len() >= want {
+            break;
+        }
+        match extent {
+            Extent::Block { b, .. } => match blocks.get(b) {
+                Some(bytes) => out.extend_from_slice(bytes),
+                None => {
+                    return Err(Invalid::MissingBlocks {
+                        count: 1,
+                        example: *b,
+                    });
+                }
+            },
+            Extent::Zero { z } => {
+                let n = (*z).min((want - out.len()) as u64) as usize;
+                out.resize(out.len() + n, 0);
+            }
+        }
+    }
+    out.truncate(want);
+    Ok((manifest.size, out))
 }
 
 /// Stored bytes of a set of manifests (for a job's first checkpoint).

@@ -6,6 +6,9 @@
 //! - [`piece`] is what a cutter yields, and the fixed-size cutter.
 //! - [`xensave`] cuts an `xl save` file along its records, a block per guest page,
 //!   and reads its header (the one parser of it: the Xen driver uses it too).
+//! - `synthetic` (feature `synthetic`, test machinery) reads and writes the synthetic
+//!   driver's state header.
+//! - [`qemusave`] reads the head of a QEMU `mapped-ram` save: machine type and RAM blocks.
 //! - [`store`] keeps blocks and manifests in JetStream.
 //! - [`cache`] keeps blocks on a provider's or client's disk.
 //! - [`transfer`] pushes a file into the store and pulls it back out.
@@ -16,12 +19,16 @@ pub mod cache;
 pub mod chunk;
 pub mod error;
 pub mod piece;
+pub mod qemusave;
 pub mod store;
+#[cfg(feature = "synthetic")]
+pub mod synthetic;
 pub mod transfer;
 pub mod xensave;
 
 pub use cache::{BlockCache, HaveReport};
 pub use error::CasError;
+pub use qemusave::{QemuSaveError, QemuSaveHeader, RamBlock};
 pub use store::{BlockStore, StoreOptions};
 pub use transfer::{PullReport, PushReport, pull_file, push_file};
 pub use xensave::{SavedConfig, XlHeader, XlHeaderError, read_saved_config};

@@ -17,7 +17,9 @@ use vmlot_schemas::market::{Heartbeat, JobRef, JobSpec, JobStatus, MarketView, S
 use vmlot_schemas::{JobId, WIRE_VERSION};
 
 /// The endpoints, so a caller needs one import.
-pub use vmlot_schemas::api::{ApiError, Cancel, Credit, Endpoint, List, Market, Providers, Status, Submit};
+pub use vmlot_schemas::api::{
+    ApiError, Cancel, Credit, Endpoint, List, Market, Providers, Standings, Status, Submit,
+};
 
 /// Why a call to the job API did not return its value. The cause, where
 /// there is one, is the error's source (`{:#}` prints the chain).
@@ -183,6 +185,11 @@ impl Api {
     /// Providers heard from recently.
     pub async fn providers(&self) -> Result<Vec<Heartbeat>, CallError> {
         self.call::<Providers>(&()).await
+    }
+
+    /// What the broker made of each provider's results.
+    pub async fn standing(&self) -> Result<Vec<vmlot_schemas::standing::Standing>, CallError> {
+        self.call::<Standings>(&()).await
     }
 
     /// Open lots, running jobs and live providers.

@@ -79,6 +79,8 @@ pub enum Command {
     Cancel { job: JobId },
     /// Providers seen recently.
     Providers,
+    /// Each provider's standing: results valid, and refused by reason.
+    Standing,
     /// Open lots and running jobs.
     Market,
     /// The books: lines filtered by account, job, provider, kind and time;

@@ -55,6 +55,7 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
         } => fetch::fetch(ctx, *job, output, *any_state).await,
         Command::Cancel { job } => status::cancel(ctx, *job).await,
         Command::Providers => market::providers(ctx).await,
+        Command::Standing => market::standing(ctx).await,
         Command::Market => market::market(ctx).await,
         Command::Ledger(args) => ledger::ledger(ctx, args).await,
         Command::Statement { account, period } => balances::statement(ctx, account, period).await,

@@ -151,8 +151,8 @@ pub fn wall_ms(seg: &SettledSegment) -> u64 {
 pub fn guest_word(g: &GuestState) -> String {
     match g {
         GuestState::Running { .. } => "running".into(),
-        GuestState::Halted => "halted".into(),
-        GuestState::Crashed { reason } => format!("crashed: {reason}"),
+        GuestState::Halted { .. } => "halted".into(),
+        GuestState::Crashed { reason, .. } => format!("crashed: {reason}"),
     }
 }
 

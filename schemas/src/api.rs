@@ -14,6 +14,7 @@ use serde::de::DeserializeOwned;
 use crate::caller::Caller;
 use crate::ledger::{CreditRequest, Transaction};
 use crate::market::{Heartbeat, JobRef, JobStatus, MarketView, SubmitJob, Submitted};
+use crate::standing::Standing;
 use crate::subjects;
 
 pub use crate::market::{ApiError, Reply};
@@ -73,18 +74,24 @@ endpoint!(
     Market, "market", () => MarketView
 );
 endpoint!(
+    /// What the broker made of each provider's results: valid ones, and
+    /// refusals by reason.
+    Standings, "standing", () => Vec<Standing>
+);
+endpoint!(
     /// Fund a user account (operator only).
     Credit, "credit", CreditRequest => Transaction
 );
 
 /// Every endpoint's name, in the order the service registers them.
-pub const ENDPOINTS: [&str; 7] = [
+pub const ENDPOINTS: [&str; 8] = [
     Submit::NAME,
     Status::NAME,
     List::NAME,
     Cancel::NAME,
     Providers::NAME,
     Market::NAME,
+    Standings::NAME,
     Credit::NAME,
 ];
 

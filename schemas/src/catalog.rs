@@ -2,7 +2,7 @@
 //! the crate, naming the types of every layer below, so a client in
 //! another language gets each message's schema by file name.
 
-use crate::{ledger, manifest, market, money, vm};
+use crate::{ledger, manifest, market, money, standing, vm};
 
 /// Every schema published in `schemas/json/`, by file stem.
 pub fn json_schemas() -> Vec<(&'static str, schemars::Schema)> {
@@ -23,6 +23,7 @@ pub fn json_schemas() -> Vec<(&'static str, schemars::Schema)> {
         ("credit-request", schemars::schema_for!(ledger::CreditRequest)),
         ("settlement", schemars::schema_for!(ledger::Settlement)),
         ("market-view", schemars::schema_for!(market::MarketView)),
+        ("standing", schemars::schema_for!(standing::Standing)),
         (
             "reply-submitted",
             schemars::schema_for!(market::Reply<market::Submitted>),

@@ -3,8 +3,8 @@
 //! JSON Schemas (`schemas/json/`) and the subject map in [`subjects`].
 //!
 //! Layers, each using only those before it: [`ids`], [`caller`], [`money`], [`vm`]
-//! (and [`manifest`]); then [`market`] and [`ledger`], which do not know
-//! each other; then [`subjects`], the subject map over all of them; then
+//! (and [`manifest`]); then [`market`], [`standing`] and [`ledger`], which do
+//! not know each other; then [`subjects`], the subject map over all of them; then
 //! [`api`], the job API's endpoints.
 //!
 //! Conventions: every message carries a `version`; ids are UUIDs (or SHA-1
@@ -19,6 +19,7 @@ pub mod ledger;
 pub mod manifest;
 pub mod market;
 pub mod money;
+pub mod standing;
 pub mod subjects;
 pub mod vm;
 pub mod wire;

@@ -247,6 +247,10 @@ pub struct OpenLot {
     /// Providers awarded this attempt, with their prices; empty while bidding.
     pub awarded: Vec<(ProviderId, Money)>,
     pub award_deadline: Option<DateTime<Utc>>,
+    /// When the awards went out: no honest result of a running guest
+    /// arrives before this plus the segment's length.
+    #[serde(default)]
+    pub awarded_at: Option<DateTime<Utc>>,
 }
 
 /// A job's durable record (the broker's KV value) and what `status` returns.
@@ -265,6 +269,10 @@ pub struct JobStatus {
     pub attempts: u32,
     /// True when the last offer drew no bid: the job waits for providers.
     pub waiting_for_providers: bool,
+    /// Providers whose result for this job was refused: never awarded
+    /// one of its lots again.
+    #[serde(default)]
+    pub refused: Vec<ProviderId>,
     pub spent: Money,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,

@@ -142,6 +142,10 @@ pub const JOB_BUCKET_STREAM: &str = "KV_vmlot-jobs";
 /// Every job record's subject in [`JOB_BUCKET_STREAM`].
 pub const JOB_BUCKET_SUBJECTS: &str = "$KV.vmlot-jobs.>";
 
+/// Key-value bucket of providers' standing, keyed by provider id; only the
+/// broker reaches it (it lives beside the job records).
+pub const STANDING_BUCKET: &str = "vmlot-standing";
+
 /// The one subject a segment's settlement may be written to: the stream
 /// refuses a second message there, so a segment is paid at most once.
 pub fn settlement_tx(job: &crate::ids::JobId, segment: u32) -> String {

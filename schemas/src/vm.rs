@@ -64,10 +64,38 @@ pub struct Checkpoint {
 pub enum GuestState {
     /// Still running: saved as this checkpoint, C(k+1).
     Running { checkpoint: Checkpoint },
-    /// Powered off: the job is done.
-    Halted,
-    /// Crashed: the job is done, failed by its own guest.
-    Crashed { reason: String },
+    /// Powered off: the job is done. `final_state` is the guest as it
+    /// stood when it stopped (its disks; no machine state): a result must
+    /// carry it to be paid (records written before it existed have none).
+    Halted {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        final_state: Option<Checkpoint>,
+    },
+    /// Crashed: the job is done, failed by its own guest; `final_state` as
+    /// for [`GuestState::Halted`].
+    Crashed {
+        reason: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        final_state: Option<Checkpoint>,
+    },
+}
+
+impl GuestState {
+    /// The state the guest was left in: the next checkpoint of a running
+    /// guest, the final state of one that ended.
+    pub fn state(&self) -> Option<&Checkpoint> {
+        match self {
+            GuestState::Running { checkpoint } => Some(checkpoint),
+            GuestState::Halted { final_state } | GuestState::Crashed { final_state, .. } => {
+                final_state.as_ref()
+            }
+        }
+    }
+
+    /// True once the guest has powered off or crashed.
+    pub fn ended(&self) -> bool {
+        !matches!(self, GuestState::Running { .. })
+    }
 }
 
 /// Time spent in each step of a segment, in milliseconds.

@@ -17,6 +17,7 @@ use anyhow::{Context, Result, bail};
 use vmlot_identity::{Access, Deployment};
 use vmlot_schemas::caller::Role;
 
+pub mod cheat;
 pub mod in_process;
 pub mod market;
 pub mod spec;

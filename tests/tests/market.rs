@@ -322,7 +322,7 @@ async fn hostile_input_is_refused_and_changes_nothing() {
         segment: first.segment,
         attempt: first.attempt,
         provider: intruder,
-        guest: vmlot_schemas::market::GuestState::Halted,
+        guest: vmlot_schemas::market::GuestState::Halted { final_state: None },
         console: None,
         timings: Default::default(),
         fetched_bytes: 0,

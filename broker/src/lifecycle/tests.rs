@@ -1,110 +1,11 @@
 //! Every transition of a job's life, and its refusals, without NATS.
 
-use std::str::FromStr;
-use std::time::Duration;
-
 use chrono::{DateTime, Utc};
-use rust_decimal::Decimal;
-use vmlot_schemas::market::{
-    Checkpoint, GuestState, Image, JobSpec, JobState, JobStatus, Lot, SegmentCount, SegmentResult,
-    SegmentTimings, SettledSegment,
-};
-use vmlot_schemas::{HypervisorKind, JobId, LotId, ManifestId, Money, ProviderId, VmConfig, WIRE_VERSION};
+use vmlot_schemas::market::{GuestState, JobState, JobStatus, SegmentCount, SegmentResult, SettledSegment};
+use vmlot_schemas::{JobId, LotId, Money, ProviderId};
 
 use super::*;
-
-const WINDOW: Duration = Duration::from_secs(2);
-
-fn money(s: &str) -> Money {
-    Money::new(Decimal::from_str(s).unwrap(), "CRD")
-}
-
-fn checkpoint(name: &[u8]) -> Checkpoint {
-    Checkpoint {
-        machine_state: Some(ManifestId::of(vmlot_schemas::HashAlgorithm::Sha256, name)),
-        disks: vec![],
-        stored_bytes: 4096,
-    }
-}
-
-/// A running job of `segments` segments, budget 10, reserve 1, 2 replicas.
-fn job(segments: SegmentCount) -> JobStatus {
-    let now = Utc::now();
-    JobStatus {
-        version: WIRE_VERSION,
-        job: JobId::new(),
-        spec: JobSpec {
-            image: Image {
-                vm: VmConfig {
-                    hypervisor: HypervisorKind::Synthetic,
-                    arch: "x86_64".into(),
-                    memory_mib: 16,
-                    vcpus: 1,
-                    cmdline: String::new(),
-                },
-                kernel: ManifestId::of(vmlot_schemas::HashAlgorithm::Sha256, b"kernel"),
-                initrd: None,
-                disks: vec![],
-            },
-            segment_seconds: 1,
-            segments,
-            redundancy: 2,
-            reserve_price: money("1"),
-            budget: money("10"),
-            account: "alice".into(),
-        },
-        state: JobState::Running,
-        checkpoint: Checkpoint {
-            machine_state: None,
-            disks: vec![],
-            stored_bytes: 0,
-        },
-        settled: vec![],
-        open_lot: None,
-        attempts: 0,
-        waiting_for_providers: false,
-        spent: money("0"),
-        created_at: now,
-        updated_at: now,
-        end_reason: None,
-        refunded: false,
-    }
-}
-
-fn ended(state: JobState) -> JobStatus {
-    let mut s = job(SegmentCount::UntilHalt);
-    s.state = state;
-    s
-}
-
-fn offered(status: &JobStatus, now: DateTime<Utc>) -> Lot {
-    offer(status, LotId::new(), now, WINDOW).expect("offer")
-}
-
-/// `status` with a fresh lot awarded to `winners` at 0.5 each, due at `deadline`.
-fn awarded(status: &JobStatus, winners: &[ProviderId], deadline: DateTime<Utc>) -> JobStatus {
-    let lot = offered(status, Utc::now());
-    let winners: Vec<_> = winners.iter().map(|p| (*p, money("0.5"))).collect();
-    award(status, &lot, &winners, deadline).expect("award")
-}
-
-fn result_of(status: &JobStatus, provider: ProviderId, guest: GuestState) -> SegmentResult {
-    let lot = &status.open_lot.as_ref().expect("an open lot").lot;
-    SegmentResult {
-        version: WIRE_VERSION,
-        lot: lot.lot,
-        job: lot.job,
-        segment: lot.segment,
-        attempt: lot.attempt,
-        provider,
-        guest,
-        console: None,
-        timings: SegmentTimings::default(),
-        fetched_bytes: 0,
-        sent_bytes: 0,
-        finished_at: Utc::now(),
-    }
-}
+use crate::fixtures::*;
 
 /// What the settle step builds from a payment of `price` for `result`.
 fn paid(result: &SegmentResult, price: Money) -> SettledSegment {
@@ -194,7 +95,7 @@ fn award_records_the_winners_and_their_deadline() {
     let (a, b) = (ProviderId::new(), ProviderId::new());
     let winners = vec![(a, money("0.4")), (b, money("0.6"))];
     let deadline = later();
-    let next = award(&s, &lot, &winners, deadline).unwrap();
+    let next = award(&s, &lot, &winners, deadline, Utc::now()).unwrap();
     let open = next.open_lot.as_ref().unwrap();
     assert_eq!(open.lot, lot);
     assert_eq!(open.awarded, winners);
@@ -212,25 +113,28 @@ fn award_is_refused_on_a_final_job_and_for_another_attempt() {
     let mut cancelled = s.clone();
     cancelled.state = JobState::Cancelled;
     assert_eq!(
-        award(&cancelled, &lot, &winners, later()),
+        award(&cancelled, &lot, &winners, later(), Utc::now()),
         Err(Refused::Final(JobState::Cancelled))
     );
     let mut stale = lot.clone();
     stale.attempt = 5;
     assert_eq!(
-        award(&s, &stale, &winners, later()),
+        award(&s, &stale, &winners, later(), Utc::now()),
         Err(Refused::NotNextAttempt { next: 1, got: 5 })
     );
     let mut ahead = lot.clone();
     ahead.segment = 2;
     assert_eq!(
-        award(&s, &ahead, &winners, later()),
+        award(&s, &ahead, &winners, later(), Utc::now()),
         Err(Refused::NotNextSegment { next: 0, got: 2 })
     );
     let mut other = lot.clone();
     other.job = JobId::new();
-    assert_eq!(award(&s, &other, &winners, later()), Err(Refused::OtherJob));
-    assert_eq!(award(&s, &lot, &[], later()), Err(Refused::NoWinner));
+    assert_eq!(
+        award(&s, &other, &winners, later(), Utc::now()),
+        Err(Refused::OtherJob)
+    );
+    assert_eq!(award(&s, &lot, &[], later(), Utc::now()), Err(Refused::NoWinner));
 }
 
 #[test]
@@ -268,10 +172,13 @@ fn a_result_of_the_open_attempt_from_an_awarded_provider_is_owed_its_price() {
 fn a_result_for_another_attempt_or_from_a_stranger_is_refused() {
     let a = ProviderId::new();
     let s = awarded(&job(SegmentCount::UntilHalt), &[a], later());
-    let good = result_of(&s, a, GuestState::Halted);
+    let good = result_of(&s, a, GuestState::Halted { final_state: None });
     let stranger = ProviderId::new();
     assert_eq!(
-        check_result(&s, &result_of(&s, stranger, GuestState::Halted)),
+        check_result(
+            &s,
+            &result_of(&s, stranger, GuestState::Halted { final_state: None })
+        ),
         Err(Refused::NotAwarded(stranger))
     );
     for wrong in [
@@ -363,7 +270,10 @@ fn a_settlement_applied_twice_or_out_of_order_is_refused() {
 fn a_payment_for_a_lot_no_longer_open_names_only_its_provider() {
     let a = ProviderId::new();
     let s = awarded(&job(SegmentCount::UntilHalt), &[a, ProviderId::new()], later());
-    let payment = paid(&result_of(&s, a, GuestState::Halted), money("0.5"));
+    let payment = paid(
+        &result_of(&s, a, GuestState::Halted { final_state: None }),
+        money("0.5"),
+    );
     let next = settle(&withdraw_lot(&s).unwrap(), payment).unwrap();
     assert_eq!(next.settled[0].awarded, vec![a]);
 }
@@ -372,7 +282,14 @@ fn a_payment_for_a_lot_no_longer_open_names_only_its_provider() {
 fn the_guest_halting_ends_the_job_done() {
     let a = ProviderId::new();
     let s = awarded(&job(SegmentCount::UntilHalt), &[a], later());
-    let next = settle(&s, paid(&result_of(&s, a, GuestState::Halted), money("0.5"))).unwrap();
+    let next = settle(
+        &s,
+        paid(
+            &result_of(&s, a, GuestState::Halted { final_state: None }),
+            money("0.5"),
+        ),
+    )
+    .unwrap();
     assert_eq!(next.state, JobState::Done);
     assert_eq!(next.end_reason.as_deref(), Some("guest halted"));
     assert_eq!(next.checkpoint, s.checkpoint, "no checkpoint after a halt");
@@ -388,6 +305,7 @@ fn the_guest_crashing_fails_the_job() {
     let s = awarded(&job(SegmentCount::UntilHalt), &[a], later());
     let crashed = GuestState::Crashed {
         reason: "oops".into(),
+        final_state: None,
     };
     let next = settle(&s, paid(&result_of(&s, a, crashed), money("0.5"))).unwrap();
     assert_eq!(next.state, JobState::Failed);
@@ -531,4 +449,75 @@ fn only_an_ended_job_is_refunded_and_only_once() {
     let next = refunded(&ended(JobState::Done)).unwrap();
     assert!(next.refunded);
     assert_eq!(refunded(&next), Err(Refused::AlreadyRefunded));
+}
+
+#[test]
+fn a_refused_provider_is_never_awarded_the_job_again_nor_heard() {
+    let (cheat, honest) = (ProviderId::new(), ProviderId::new());
+    let s = awarded(&job(SegmentCount::UntilHalt), &[cheat, honest], later());
+    assert!(!all_awarded_refused(&s));
+    let s = refuse_provider(&s, cheat).unwrap();
+    assert_eq!(s.refused, vec![cheat]);
+    assert_eq!(refuse_provider(&s, cheat), Err(Refused::AlreadyRefused(cheat)));
+    // The honest replica can still settle; the refused one cannot.
+    assert!(!all_awarded_refused(&s));
+    assert_eq!(
+        check_result(
+            &s,
+            &result_of(&s, cheat, GuestState::Halted { final_state: None })
+        ),
+        Err(Refused::Excluded(cheat))
+    );
+    assert!(
+        check_result(
+            &s,
+            &result_of(&s, honest, GuestState::Halted { final_state: None })
+        )
+        .is_ok()
+    );
+    let s = refuse_provider(&s, honest).unwrap();
+    assert!(all_awarded_refused(&s));
+    // The next attempt cannot go to either.
+    let s = withdraw_lot(&s).unwrap();
+    let lot = offered(&s, Utc::now());
+    assert_eq!(
+        award(&s, &lot, &[(cheat, money("0.1"))], later(), Utc::now()),
+        Err(Refused::Excluded(cheat))
+    );
+    assert!(
+        award(
+            &s,
+            &lot,
+            &[(ProviderId::new(), money("0.1"))],
+            later(),
+            Utc::now()
+        )
+        .is_ok()
+    );
+    assert!(matches!(
+        refuse_provider(&ended(JobState::Done), cheat),
+        Err(Refused::Final(JobState::Done))
+    ));
+}
+
+#[test]
+fn a_halted_guests_final_state_is_the_jobs_last_checkpoint() {
+    let a = ProviderId::new();
+    let s = awarded(&job(SegmentCount::UntilHalt), &[a], later());
+    let last = checkpoint(b"final disks");
+    let halted = GuestState::Halted {
+        final_state: Some(last.clone()),
+    };
+    let next = settle(&s, paid(&result_of(&s, a, halted), money("0.5"))).unwrap();
+    assert_eq!(next.state, JobState::Done);
+    assert_eq!(next.checkpoint, last);
+}
+
+#[test]
+fn an_award_records_when_it_was_made() {
+    let s = job(SegmentCount::UntilHalt);
+    let lot = offered(&s, Utc::now());
+    let at = Utc::now() - chrono::Duration::seconds(3);
+    let next = award(&s, &lot, &[(ProviderId::new(), money("0.5"))], later(), at).unwrap();
+    assert_eq!(next.open_lot.unwrap().awarded_at, Some(at));
 }

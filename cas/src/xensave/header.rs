@@ -195,6 +195,27 @@ impl SavedConfig {
     }
 }
 
+impl SavedConfig {
+    /// Where the saved domain is not a machine of `memory_mib` MiB and
+    /// `vcpus` vCPUs, in words; `None` when it is.
+    pub fn differs_from(&self, memory_mib: u32, vcpus: u32) -> Option<String> {
+        let Some(memkb) = self.max_memkb.or(self.target_memkb) else {
+            return Some("the save's config has no memory size".into());
+        };
+        if memkb != u64::from(memory_mib) * 1024 {
+            return Some(format!(
+                "memory is {} KiB in the save, {} MiB in the lot",
+                memkb, memory_mib
+            ));
+        }
+        match self.max_vcpus {
+            None => Some("the save's config has no vCPU count".into()),
+            Some(n) if n != u64::from(vcpus) => Some(format!("{n} vCPU(s) in the save, {vcpus} in the lot")),
+            Some(_) => None,
+        }
+    }
+}
+
 /// Reads the header and the embedded domain config from the start of an
 /// xl save file, refusing what this host's xl could not restore (see
 /// [`XlHeader::check_restorable`]). Reads no further than the config.

@@ -77,7 +77,12 @@ pub async fn fetch(ctx: &Context, job: JobId, dir: &Path, any_state: bool) -> Re
         }
         println!("  {MANIFEST_FILE:<16} describes them");
         if let Some(ended) = &manifest.last_segment_ended {
-            println!("note: the guest {ended} in the segment after this checkpoint");
+            let last = manifest.segments_settled.checked_sub(1);
+            if manifest.after_segment.is_some() && manifest.after_segment == last {
+                println!("note: the guest {ended}; these are its disks as it left them");
+            } else {
+                println!("note: the guest {ended} in the segment after this checkpoint");
+            }
         }
     }
     Ok(())
@@ -107,12 +112,12 @@ pub async fn write_checkpoint(store: &BlockStore, status: &JobStatus, dir: &Path
         .settled
         .iter()
         .rev()
-        .find(|s| matches!(&s.guest, GuestState::Running { checkpoint: c } if c == checkpoint))
+        .find(|s| s.guest.state() == Some(checkpoint))
         .map(|s| s.segment);
     let last_segment_ended = status.settled.last().and_then(|s| match &s.guest {
         GuestState::Running { .. } => None,
-        GuestState::Halted => Some("halted".to_string()),
-        GuestState::Crashed { reason } => Some(format!("crashed ({reason})")),
+        GuestState::Halted { .. } => Some("halted".to_string()),
+        GuestState::Crashed { reason, .. } => Some(format!("crashed ({reason})")),
     });
     let manifest = FetchManifest {
         job: status.job,

@@ -35,6 +35,33 @@ pub async fn providers(ctx: &Context) -> Result<()> {
     Ok(())
 }
 
+/// `vmlot standing`: what the broker made of each provider's results.
+pub async fn standing(ctx: &Context) -> Result<()> {
+    let list = ctx.api().await?.standing().await?;
+    if ctx.json {
+        return print_json(&list);
+    }
+    let mut table = Table::new(&[
+        ("provider", Align::Left),
+        ("valid", Align::Right),
+        ("refused", Align::Right),
+        ("by reason", Align::Left),
+        ("last refusal", Align::Left),
+    ]);
+    for s in list {
+        let reasons: Vec<String> = s.refused.iter().map(|(k, n)| format!("{k} {n}")).collect();
+        table.row([
+            s.provider.to_string(),
+            s.valid.to_string(),
+            s.refused_total().to_string(),
+            reasons.join(", "),
+            s.last_refusal.clone().unwrap_or_default(),
+        ]);
+    }
+    table.print();
+    Ok(())
+}
+
 /// `vmlot market`: open lots, running jobs, live providers.
 pub async fn market(ctx: &Context) -> Result<()> {
     let view = ctx.api().await?.market().await?;

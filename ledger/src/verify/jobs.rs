@@ -229,7 +229,7 @@ mod tests {
                 provider: settled_by,
                 awarded: vec![settled_by, settlement.provider],
                 price: settlement.amount.clone(),
-                guest: GuestState::Halted,
+                guest: GuestState::Halted { final_state: None },
                 console: None,
                 timings: settlement.timings,
                 fetched_bytes: 0,
@@ -244,6 +244,7 @@ mod tests {
             updated_at: Utc::now(),
             end_reason: None,
             refunded: false,
+            refused: vec![],
         }
     }
 

@@ -162,7 +162,7 @@ pub(super) mod tests {
             payer: "alice".into(),
             amount: Money::new(Decimal::ONE, "CRD"),
             at: Utc::now(),
-            guest: GuestState::Halted,
+            guest: GuestState::Halted { final_state: None },
             console: None,
             timings: SegmentTimings::default(),
             fetched_bytes: 0,

@@ -66,9 +66,16 @@ pub(super) async fn run(
     .await?;
 
     let upload_started = Instant::now();
-    let (guest, console, sent_bytes) = push(daemon, lot, report.end, &report.console, workdir)
-        .instrument(at.span(Step::Push, me))
-        .await?;
+    let (guest, console, sent_bytes) = push(
+        daemon,
+        lot,
+        report.end,
+        &plan.files.disks,
+        &report.console,
+        workdir,
+    )
+    .instrument(at.span(Step::Push, me))
+    .await?;
     if cancel.is_cancelled() {
         return Err(AttemptError::Driver(DriverError::Cancelled));
     }
@@ -140,13 +147,15 @@ async fn fetch(daemon: &Daemon, lot: &Lot, workdir: &Path) -> Result<(SegmentPla
     Ok((plan, fetched_bytes))
 }
 
-/// Pushes what the segment left: the new checkpoint (if the guest still
-/// runs) and the console. Returns the guest's state for the result, the
+/// Pushes what the segment left: the new checkpoint if the guest still
+/// runs, its final disks (`disks`, as the guest left them) if it ended,
+/// and the console. Returns the guest's state for the result, the
 /// console's manifest and the bytes sent.
 async fn push(
     daemon: &Daemon,
     lot: &Lot,
     end: SegmentEnd,
+    disks: &[PathBuf],
     console: &[u8],
     workdir: &Path,
 ) -> Result<(GuestState, Option<ManifestId>, u64), AttemptError> {
@@ -165,33 +174,22 @@ async fn push(
             .await
             .map_err(AttemptError::Upload)?;
             sent_bytes += state.sent_bytes;
-            let mut stored_bytes = state.manifest.stored_bytes();
-            let mut disk_ids = Vec::new();
-            for disk in &disks {
-                let pushed = push_file(
-                    &daemon.store,
-                    Some(&daemon.cache),
-                    disk,
-                    ObjectKind::Disk,
-                    Chunking::FIXED_4K,
-                    &known,
-                )
-                .await
-                .map_err(AttemptError::Upload)?;
-                sent_bytes += pushed.sent_bytes;
-                stored_bytes += pushed.manifest.stored_bytes();
-                disk_ids.push(pushed.manifest_id);
-            }
+            let (disk_ids, disk_bytes) = push_disks(daemon, &disks, &known, &mut sent_bytes).await?;
             GuestState::Running {
                 checkpoint: Checkpoint {
                     machine_state: Some(state.manifest_id),
                     disks: disk_ids,
-                    stored_bytes,
+                    stored_bytes: state.manifest.stored_bytes() + disk_bytes,
                 },
             }
         }
-        SegmentEnd::Halted => GuestState::Halted,
-        SegmentEnd::Crashed { reason } => GuestState::Crashed { reason },
+        SegmentEnd::Halted => GuestState::Halted {
+            final_state: Some(final_state(daemon, disks, &known, &mut sent_bytes).await?),
+        },
+        SegmentEnd::Crashed { reason } => GuestState::Crashed {
+            reason,
+            final_state: Some(final_state(daemon, disks, &known, &mut sent_bytes).await?),
+        },
     };
     let console = if console.is_empty() {
         None
@@ -212,6 +210,50 @@ async fn push(
     };
     tracing::debug!(sent_bytes, "pushed");
     Ok((guest, console, sent_bytes))
+}
+
+/// Pushes `disks`; returns their manifests and stored bytes, adding the
+/// bytes sent to `sent_bytes`.
+async fn push_disks(
+    daemon: &Daemon,
+    disks: &[PathBuf],
+    known: &HashSet<BlockId>,
+    sent_bytes: &mut u64,
+) -> Result<(Vec<ManifestId>, u64), AttemptError> {
+    let mut ids = Vec::new();
+    let mut stored_bytes = 0;
+    for disk in disks {
+        let pushed = push_file(
+            &daemon.store,
+            Some(&daemon.cache),
+            disk,
+            ObjectKind::Disk,
+            Chunking::FIXED_4K,
+            known,
+        )
+        .await
+        .map_err(AttemptError::Upload)?;
+        *sent_bytes += pushed.sent_bytes;
+        stored_bytes += pushed.manifest.stored_bytes();
+        ids.push(pushed.manifest_id);
+    }
+    Ok((ids, stored_bytes))
+}
+
+/// An ended guest's final state: its disks as it left them (a powered-off
+/// guest has no machine state worth restoring).
+async fn final_state(
+    daemon: &Daemon,
+    disks: &[PathBuf],
+    known: &HashSet<BlockId>,
+    sent_bytes: &mut u64,
+) -> Result<Checkpoint, AttemptError> {
+    let (disks, stored_bytes) = push_disks(daemon, disks, known, sent_bytes).await?;
+    Ok(Checkpoint {
+        machine_state: None,
+        disks,
+        stored_bytes,
+    })
 }
 
 /// Publishes `result` to the provider's results subject (JetStream: the

@@ -17,7 +17,7 @@
 //!   (a multiple of 4, at least 8), so market load tests measure the market
 //!   rather than hashing.
 //!
-//! Layout: block 0 is a header (magic, seed, segment counter, a chain
+//! Layout (the header: `vmlot_cas::synthetic`): block 0 is a header (magic, seed, segment counter, a chain
 //! digest of all changes so far); blocks 1.. are "RAM", zero at boot (holes:
 //! the file is sparse). The random choices are ChaCha8 streams
 //! (`rand_chacha`, whose output is fixed for a seed across versions) seeded
@@ -38,6 +38,7 @@ use rand_chacha::rand_core::RngCore;
 use sha1::{Digest, Sha1};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use vmlot_cas::synthetic::SyntheticHeader as Header;
 use vmlot_schemas::HypervisorKind;
 
 use super::api::{
@@ -50,8 +51,6 @@ use super::template::{self, Machine};
 pub const BLOCK: usize = 4096;
 /// The "RAM" a segment works on in its workdir, until it is saved.
 const RAM_FILE: &str = "synthetic-ram";
-const MAGIC: &[u8; 8] = b"VMLOTSYN";
-const VERSION: u32 = 2;
 /// Blocks copied or changed between two looks at the cancellation token.
 const CANCEL_EVERY: usize = 256;
 
@@ -252,42 +251,6 @@ impl Job {
         let blocks = state_kib * 1024 / BLOCK as u64;
         let seed = u64_of(&Sha1::digest(seed.unwrap_or(cmdline).as_bytes()));
         Ok(Job { seed, limit, blocks })
-    }
-}
-
-/// Block 0 of the state file.
-#[derive(Clone, Copy)]
-struct Header {
-    seed: u64,
-    /// Segments completed.
-    counter: u64,
-    /// Chained over every change: equal digests, equal states.
-    digest: [u8; 20],
-    state_kib: u32,
-}
-
-impl Header {
-    fn encode(&self) -> Vec<u8> {
-        let mut b = vec![0u8; BLOCK];
-        b[0..8].copy_from_slice(MAGIC);
-        b[8..12].copy_from_slice(&VERSION.to_le_bytes());
-        b[12..16].copy_from_slice(&self.state_kib.to_le_bytes());
-        b[16..24].copy_from_slice(&self.seed.to_le_bytes());
-        b[24..32].copy_from_slice(&self.counter.to_le_bytes());
-        b[32..52].copy_from_slice(&self.digest);
-        b
-    }
-
-    fn decode(b: &[u8]) -> Option<Header> {
-        if b.len() < 52 || &b[0..8] != MAGIC || b[8..12] != VERSION.to_le_bytes() {
-            return None;
-        }
-        Some(Header {
-            state_kib: u32::from_le_bytes(b[12..16].try_into().ok()?),
-            seed: u64::from_le_bytes(b[16..24].try_into().ok()?),
-            counter: u64::from_le_bytes(b[24..32].try_into().ok()?),
-            digest: b[32..52].try_into().ok()?,
-        })
     }
 }
 

@@ -1,0 +1,312 @@
+//! A dishonest provider, for the tests of checkable results: it holds its
+//! own valid provider credentials, sends heartbeats, bids the lowest price
+//! on the lots of the jobs it is told to cheat, takes their awards, and
+//! answers each with a lie instead of running anything (one lie per job).
+//! It runs no hypervisor; what it stores in the block store is crafted.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Result;
+use futures::StreamExt;
+use rust_decimal::Decimal;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use vmlot_cas::BlockStore;
+use vmlot_cas::synthetic::SyntheticHeader;
+use vmlot_schemas::caller::Role;
+use vmlot_schemas::market::{
+    Award, Bid, Checkpoint, GuestState, Heartbeat, Lot, Reply, SegmentResult, ToProvider,
+};
+use vmlot_schemas::{
+    Chunking, HypervisorKind, JobId, ManifestId, Money, ObjectKind, ProviderId, WIRE_VERSION, subjects,
+};
+
+use crate::NatsServer;
+
+/// What the cheat answers an award of a job with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Lie {
+    /// Names the image's kernel as the new machine state.
+    KernelAsState,
+    /// Hands the segment's input checkpoint back (bids from segment 1 on,
+    /// where there is one).
+    InputUnchanged,
+    /// Claims the guest halted, at once, with nothing to show.
+    HaltedAtOnce,
+    /// A state that looks run (the right segment count) but for twice the
+    /// lot's memory, sent after the segment's length.
+    OtherMemorySize,
+    /// A state of the right kind, sent as soon as the award comes.
+    TooEarly,
+}
+
+/// The cheat's price: below any honest provider's.
+const PRICE: &str = "0.01";
+
+/// A running dishonest provider; stopped on drop.
+pub struct Cheat {
+    pub id: ProviderId,
+    targets: Arc<Mutex<HashMap<JobId, Lie>>>,
+    told: Arc<Mutex<Vec<(JobId, Lie)>>>,
+    stop: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Cheat {
+    /// Connects as provider `id` (its own credentials) and starts cheating
+    /// on the jobs it is later told to.
+    pub async fn start(server: &NatsServer) -> Result<Cheat> {
+        let id = ProviderId::new();
+        let client = server.client_as(Role::Provider, &id.to_string()).await?;
+        let store =
+            BlockStore::join(client.clone(), Default::default(), Some(Duration::from_secs(30))).await?;
+        let dir = tempfile::tempdir()?;
+        let (targets, told) = (Arc::default(), Arc::default());
+        let stop = CancellationToken::new();
+        let cheat = Run {
+            id,
+            client,
+            store,
+            dir: dir.path().to_path_buf(),
+            targets: Arc::clone(&targets),
+            told: Arc::clone(&told),
+            stop: stop.clone(),
+        };
+        let mut lots = futures::stream::select_all(Vec::new());
+        for subject in [
+            subjects::lot(HypervisorKind::Synthetic, "x86_64"),
+            subjects::lot_shard(HypervisorKind::Synthetic, "x86_64", subjects::shard_of(&id)),
+            subjects::lot_for(HypervisorKind::Synthetic, "x86_64", &id),
+        ] {
+            lots.push(cheat.client.subscribe(subject).await?);
+        }
+        let awards = cheat.client.subscribe(subjects::award(&id)).await?;
+        let task = tokio::spawn(async move {
+            let _dir = dir;
+            cheat.run(lots, awards).await
+        });
+        Ok(Cheat {
+            id,
+            targets,
+            told,
+            stop,
+            task: Some(task),
+        })
+    }
+
+    /// From now on, answers an award of `job` with `lie` (once).
+    pub fn target(&self, job: JobId, lie: Lie) {
+        self.targets.lock().unwrap().insert(job, lie);
+    }
+
+    /// The lies told so far, by job.
+    pub fn told(&self) -> Vec<(JobId, Lie)> {
+        self.told.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Cheat {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// The cheat's own task.
+struct Run {
+    id: ProviderId,
+    client: async_nats::Client,
+    store: BlockStore,
+    dir: PathBuf,
+    targets: Arc<Mutex<HashMap<JobId, Lie>>>,
+    told: Arc<Mutex<Vec<(JobId, Lie)>>>,
+    stop: CancellationToken,
+}
+
+impl Run {
+    async fn run(
+        self,
+        mut lots: futures::stream::SelectAll<async_nats::Subscriber>,
+        mut awards: async_nats::Subscriber,
+    ) {
+        let me = Arc::new(self);
+        let mut beat = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                _ = me.stop.cancelled() => return,
+                _ = beat.tick() => me.heartbeat().await,
+                Some(msg) = lots.next() => {
+                    if let Ok(lot) = serde_json::from_slice::<Lot>(&msg.payload) {
+                        me.bid(&lot).await;
+                    }
+                }
+                Some(msg) = awards.next() => {
+                    if let Some(reply) = msg.reply.clone() {
+                        let ok = serde_json::to_vec(&Reply::Ok(())).unwrap();
+                        let _ = me.client.publish(reply, ok.into()).await;
+                    }
+                    if let Ok(ToProvider::Award(award)) = serde_json::from_slice(&msg.payload) {
+                        let me = Arc::clone(&me);
+                        tokio::spawn(async move { me.lie(*award).await });
+                    }
+                }
+            }
+        }
+    }
+
+    async fn heartbeat(&self) {
+        let hb = Heartbeat {
+            version: WIRE_VERSION,
+            provider: self.id,
+            name: "cheat".into(),
+            hypervisors: vec![HypervisorKind::Synthetic],
+            arch: "x86_64".into(),
+            memory_mib: 4096,
+            slots: 8,
+            free_slots: 8,
+            idle: true,
+            sent_at: chrono::Utc::now(),
+        };
+        let body = serde_json::to_vec(&hb).unwrap();
+        let _ = self
+            .client
+            .publish(subjects::heartbeat(&self.id), body.into())
+            .await;
+    }
+
+    /// The lie this lot would get, if the cheat still owes its job one.
+    fn lie_for(&self, lot: &Lot) -> Option<Lie> {
+        let lie = *self.targets.lock().unwrap().get(&lot.job)?;
+        let told = self.told.lock().unwrap().iter().any(|(j, _)| *j == lot.job);
+        let fits = lie != Lie::InputUnchanged || lot.checkpoint.machine_state.is_some();
+        (!told && fits).then_some(lie)
+    }
+
+    async fn bid(&self, lot: &Lot) {
+        if self.lie_for(lot).is_none() {
+            return;
+        }
+        let bid = Bid {
+            version: WIRE_VERSION,
+            lot: lot.lot,
+            provider: self.id,
+            price: Money::new(Decimal::from_str(PRICE).unwrap(), lot.reserve_price.unit.clone()),
+            hot_bytes: lot.checkpoint.stored_bytes,
+            slots: 8,
+            sent_at: chrono::Utc::now(),
+        };
+        let body = serde_json::to_vec(&bid).unwrap();
+        let _ = self.client.publish(subjects::bid(&self.id), body.into()).await;
+    }
+
+    async fn lie(&self, award: Award) {
+        let lot = award.lot;
+        let Some(lie) = self.lie_for(&lot) else { return };
+        self.told.lock().unwrap().push((lot.job, lie));
+        let after_the_segment = Duration::from_secs(lot.segment_seconds as u64 + 1);
+        let guest = match lie {
+            Lie::KernelAsState => {
+                tokio::time::sleep(after_the_segment).await;
+                running(Checkpoint {
+                    machine_state: Some(lot.image.kernel),
+                    disks: lot.checkpoint.disks.clone(),
+                    stored_bytes: lot.checkpoint.stored_bytes,
+                })
+            }
+            Lie::InputUnchanged => {
+                tokio::time::sleep(after_the_segment).await;
+                running(lot.checkpoint.clone())
+            }
+            Lie::HaltedAtOnce => GuestState::Halted { final_state: None },
+            Lie::OtherMemorySize => {
+                let state = self.crafted_state(&lot, 2).await;
+                tokio::time::sleep(after_the_segment).await;
+                running(state)
+            }
+            Lie::TooEarly => running(self.crafted_state(&lot, 1).await),
+        };
+        let result = SegmentResult {
+            version: WIRE_VERSION,
+            lot: lot.lot,
+            job: lot.job,
+            segment: lot.segment,
+            attempt: lot.attempt,
+            provider: self.id,
+            guest,
+            console: None,
+            timings: Default::default(),
+            fetched_bytes: 0,
+            sent_bytes: 0,
+            finished_at: chrono::Utc::now(),
+        };
+        let body = serde_json::to_vec(&result).unwrap();
+        let js = async_nats::jetstream::new(self.client.clone());
+        if let Ok(ack) = js.publish(subjects::result(&self.id), body.into()).await {
+            let _ = ack.await;
+        }
+    }
+
+    /// A synthetic state that says it ran the lot's segment, `times` the
+    /// size the lot's machine has, stored for real; its checkpoint.
+    async fn crafted_state(&self, lot: &Lot, times: u32) -> Checkpoint {
+        let asked = lot
+            .image
+            .vm
+            .cmdline
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("synthetic.state_kib="))
+            .and_then(|k| k.parse::<u32>().ok())
+            .unwrap_or(lot.image.vm.memory_mib * 1024);
+        let state_kib = asked * times;
+        let mut bytes = SyntheticHeader {
+            seed: 0,
+            counter: u64::from(lot.segment) + 1,
+            digest: [0xc4; 20],
+            state_kib,
+        }
+        .encode();
+        bytes.resize(state_kib as usize * 1024, 0);
+        let path = self.dir.join(format!("{}-{}", lot.lot, times));
+        std::fs::write(&path, &bytes).unwrap();
+        let pushed = vmlot_cas::push_file(
+            &self.store,
+            None,
+            &path,
+            ObjectKind::MachineState,
+            Chunking::FIXED_4K,
+            &HashSet::new(),
+        )
+        .await
+        .unwrap();
+        let disks: u64 = {
+            let mut total = 0;
+            for id in &lot.checkpoint.disks {
+                total += stored_bytes(&self.store, id).await;
+            }
+            total
+        };
+        Checkpoint {
+            machine_state: Some(pushed.manifest_id),
+            disks: lot.checkpoint.disks.clone(),
+            stored_bytes: pushed.manifest.stored_bytes() + disks,
+        }
+    }
+}
+
+async fn stored_bytes(store: &BlockStore, id: &ManifestId) -> u64 {
+    store
+        .get_manifest(id)
+        .await
+        .map(|m| m.stored_bytes())
+        .unwrap_or(0)
+}
+
+fn running(checkpoint: Checkpoint) -> GuestState {
+    GuestState::Running { checkpoint }
+}

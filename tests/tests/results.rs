@@ -1,0 +1,126 @@
+//! Results you can check (issue 14): a provider with its own valid
+//! credentials that runs nothing, bids lowest and answers its awards with
+//! lies (the image's kernel or its input as the new state, a halt at once
+//! with nothing to show, a state for another machine, a result before the
+//! segment could have run) is refused every time and never paid; the jobs
+//! finish on honest providers exactly as a job the cheat never touched;
+//! its standing shows each refusal by name; the books verify.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use rust_decimal::Decimal;
+use vmlot_schemas::market::{JobSpec, JobState, SegmentCount};
+use vmlot_schemas::standing::RefusalKind;
+use vmlot_schemas::{Money, ProviderId};
+use vmlot_tests::cheat::{Cheat, Lie};
+use vmlot_tests::market::{Market, ProviderSpec, fast_broker_args, payments};
+
+fn money(s: &str) -> Money {
+    Money::new(Decimal::from_str(s).unwrap(), "CRD")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_does_not_run_its_segments_is_never_paid() {
+    let honest: Vec<ProviderSpec> = ["honest-a", "honest-b"]
+        .iter()
+        .map(|name| ProviderSpec {
+            slots: 3,
+            ..ProviderSpec::synthetic(name, "0.10")
+        })
+        .collect();
+    let honest_ids: Vec<ProviderId> = honest.iter().map(|p| ProviderId(p.id)).collect();
+    let market = Market::start(fast_broker_args(), &honest).unwrap();
+    market.ready(2).await.unwrap();
+    let cheat = Cheat::start(&market.server).await.unwrap();
+    let image = market
+        .push_synthetic_image("synthetic.seed=checkable synthetic.state_kib=64")
+        .await
+        .unwrap();
+    let spec = JobSpec {
+        image,
+        segment_seconds: 3,
+        segments: SegmentCount::Count(3),
+        redundancy: 1,
+        reserve_price: money("1"),
+        budget: money("10"),
+        account: "alice".into(),
+    };
+
+    // A job the cheat leaves alone: what every job should come to.
+    let control = market.submit(spec.clone()).await;
+    let lies = [
+        Lie::KernelAsState,
+        Lie::InputUnchanged,
+        Lie::HaltedAtOnce,
+        Lie::OtherMemorySize,
+        Lie::TooEarly,
+    ];
+    let mut cheated = Vec::new();
+    for lie in lies {
+        let job = market.submit(spec.clone()).await;
+        cheat.target(job, lie);
+        cheated.push((job, lie));
+    }
+
+    let limit = Duration::from_secs(180);
+    let reference = market.wait_final(control, limit).await;
+    assert_eq!(reference.state, JobState::Done, "{}", market.logs());
+    for (job, lie) in &cheated {
+        let done = market.wait_final(*job, limit).await;
+        assert_eq!(
+            done.state,
+            JobState::Done,
+            "{lie:?}: {:?}\n{}",
+            done.end_reason,
+            market.logs()
+        );
+        assert!(
+            cheat.told().contains(&(*job, *lie)),
+            "the cheat never got to tell {lie:?} on job {job}: {:?}",
+            cheat.told()
+        );
+        // Refused and kept off the job; every segment settled by the honest.
+        assert_eq!(done.refused, vec![cheat.id], "{lie:?}");
+        assert_eq!(done.settled.len(), 3);
+        assert!(
+            done.settled.iter().all(|s| honest_ids.contains(&s.provider)),
+            "{lie:?}"
+        );
+        // The job came to what the untouched one came to: same consoles,
+        // same final state (the synthetic guest is deterministic).
+        let consoles =
+            |s: &vmlot_schemas::market::JobStatus| s.settled.iter().map(|x| x.console).collect::<Vec<_>>();
+        assert_eq!(consoles(&done), consoles(&reference), "{lie:?}");
+        assert_eq!(done.checkpoint, reference.checkpoint, "{lie:?}");
+        // Never paid.
+        let client = market.server.client().await.unwrap();
+        let paid = payments(&client, *job).await;
+        assert_eq!(paid.len(), 3);
+        assert!(paid.iter().all(|p| p.provider != cheat.id), "{lie:?}: {paid:#?}");
+    }
+
+    // The cheat's standing names every refusal; the honest have none.
+    let standing = market.api().await.standing().await.unwrap();
+    let of = |p: &ProviderId| standing.iter().find(|s| s.provider == *p).cloned();
+    let cheat_standing = of(&cheat.id).expect("the cheat has a standing");
+    assert_eq!(cheat_standing.valid, 0);
+    assert_eq!(
+        cheat_standing.refused,
+        BTreeMap::from([
+            (RefusalKind::Unchanged, 2),
+            (RefusalKind::NoFinalState, 1),
+            (RefusalKind::WrongKind, 1),
+            (RefusalKind::TooEarly, 1),
+        ]),
+        "{cheat_standing:#?}"
+    );
+    let honest_valid: u64 = honest_ids.iter().filter_map(of).map(|s| s.valid).sum();
+    assert_eq!(honest_valid, 18, "{standing:#?}");
+    assert!(honest_ids.iter().filter_map(of).all(|s| s.refused_total() == 0));
+
+    let api = vmlot_ledger::BooksApi::for_server(market.server.client().await.unwrap()).await;
+    let report = vmlot_ledger::verify::verify(&api).await.unwrap();
+    assert!(report.ok(), "{:#?}", report.problems);
+}
