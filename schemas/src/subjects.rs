@@ -146,6 +146,13 @@ pub const JOB_BUCKET_SUBJECTS: &str = "$KV.vmlot-jobs.>";
 /// broker reaches it (it lives beside the job records).
 pub const STANDING_BUCKET: &str = "vmlot-standing";
 
+/// The subject of `provider`'s entry in [`STANDING_BUCKET`] (only the
+/// broker may publish it: a provider writing its own standing is refused
+/// by the server).
+pub fn standing_entry(provider: &ProviderId) -> String {
+    format!("$KV.{STANDING_BUCKET}.{provider}")
+}
+
 /// The one subject a segment's settlement may be written to: the stream
 /// refuses a second message there, so a segment is paid at most once.
 pub fn settlement_tx(job: &crate::ids::JobId, segment: u32) -> String {

@@ -274,6 +274,8 @@ async fn a_provider_cannot_impersonate_another_or_read_its_bids() {
         subjects::bid(&honest_id),
         subjects::result(&honest_id),
         subjects::award(&honest_id),
+        // Its own standing, made spotless.
+        subjects::standing_entry(&eve),
     ] {
         nats.publish(subject.clone(), b"{}".to_vec().into())
             .await
