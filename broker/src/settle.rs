@@ -100,11 +100,11 @@ pub(crate) async fn await_result(
         let outcome = async {
             match check(shared, status, &result, received, &known).await {
                 Ok(price) => {
-                    shared.standings.count(result.provider, Outcome::Valid).await;
                     settle(shared, status, &open.lot, &result, price)
                         .instrument(tracing::info_span!("settle"))
                         .await?;
                     let _ = msg.ack().await;
+                    count_valid(shared, result.provider);
                     Ok::<_, BrokerError>(Some(Waited::Settled))
                 }
                 Err(Checked::Refused(refusal)) => {
@@ -136,6 +136,15 @@ pub(crate) async fn await_result(
             return Ok(waited);
         }
     }
+}
+
+/// Counts a valid result in its provider's standing, off the settlement's
+/// path (a task of the broker's, which shutdown waits for).
+fn count_valid(shared: &Arc<Shared>, provider: ProviderId) {
+    let standings = shared.standings.clone();
+    shared
+        .tasks
+        .spawn(async move { standings.count(provider, Outcome::Valid).await }.in_current_span());
 }
 
 /// When the NATS server stored `msg` (not a clock the provider sets).
@@ -208,12 +217,11 @@ async fn check(
     let Some(state) = result.guest.state() else {
         return Err(Refusal::new(RefusalKind::NoFinalState, "no state").into());
     };
-    verify::checkpoint(&shared.store, state, known, !result.guest.ended()).await?;
-    if let (GuestState::Running { .. }, Some(machine_state)) = (&result.guest, state.machine_state) {
+    let machine_state = verify::checkpoint(&shared.store, state, known, !result.guest.ended()).await?;
+    if let (GuestState::Running { .. }, Some(manifest)) = (&result.guest, machine_state) {
         let vm = &status.spec.image.vm;
-        let want = check::prefix_len(vm.hypervisor);
-        let (size, prefix) = verify::prefix(&shared.store, &machine_state, want).await?;
-        check::state_kind(vm, result.segment, size, &prefix)?;
+        let prefix = verify::prefix(&shared.store, &manifest, check::prefix_len(vm.hypervisor)).await?;
+        check::state_kind(vm, result.segment, manifest.size, &prefix)?;
     }
     Ok(price)
 }

@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 
 use vmlot_cas::BlockStore;
 use vmlot_schemas::market::Checkpoint;
-use vmlot_schemas::{BlockId, Extent, ManifestId};
+use vmlot_schemas::{BlockId, Extent, Manifest, ManifestId};
 
 /// Why a checkpoint was refused.
 #[derive(Debug, thiserror::Error)]
@@ -42,21 +42,28 @@ pub async fn known_blocks(store: &BlockStore, cp: &Checkpoint) -> HashSet<BlockI
 /// Verifies `new`, taking `known` blocks as present. A running guest's
 /// checkpoint needs a machine state; an ended guest's final state need not
 /// have one (`machine_state_needed`).
+///
+/// Returns the machine state's manifest, if there is one (the result
+/// checks read its first bytes).
 pub async fn checkpoint(
     store: &BlockStore,
     new: &Checkpoint,
     known: &HashSet<BlockId>,
     machine_state_needed: bool,
-) -> Result<(), Invalid> {
+) -> Result<Option<Manifest>, Invalid> {
     if machine_state_needed && new.machine_state.is_none() {
         return Err(Invalid::NoMachineState);
     }
     let mut actual = 0u64;
+    let mut machine_state = None;
     for id in parts(new) {
         let manifest = store.get_manifest(&id).await.map_err(|e| Invalid::Manifest {
             id,
             reason: e.to_string(),
         })?;
+        if Some(id) == new.machine_state {
+            machine_state = Some(manifest.clone());
+        }
         actual += manifest.stored_bytes();
         let fresh: Vec<BlockId> = manifest
             .unique_blocks()
@@ -81,17 +88,13 @@ pub async fn checkpoint(
             actual,
         });
     }
-    Ok(())
+    Ok(machine_state)
 }
 
-/// The first `want` bytes of the object `id` names (all of it if shorter)
-/// and its length: what the result checks read of a machine state. Only
-/// the blocks holding those bytes are fetched.
-pub async fn prefix(store: &BlockStore, id: &ManifestId, want: usize) -> Result<(u64, Vec<u8>), Invalid> {
-    let manifest = store.get_manifest(id).await.map_err(|e| Invalid::Manifest {
-        id: *id,
-        reason: e.to_string(),
-    })?;
+/// The first `want` bytes of the object `manifest` describes (all of it if
+/// shorter): what the result checks read of a machine state. Only the
+/// blocks holding those bytes are fetched.
+pub async fn prefix(store: &BlockStore, manifest: &Manifest, want: usize) -> Result<Vec<u8>, Invalid> {
     let mut needed = Vec::new();
     let mut covered = 0u64;
     for extent in &manifest.extents {
@@ -134,7 +137,7 @@ pub async fn prefix(store: &BlockStore, id: &ManifestId, want: usize) -> Result<
         }
     }
     out.truncate(want);
-    Ok((manifest.size, out))
+    Ok(out)
 }
 
 /// Stored bytes of a set of manifests (for a job's first checkpoint).
