@@ -240,9 +240,7 @@ async fn wait_for_results(
         Waited::TimedOut => tracing::warn!("no valid result by the deadline; offering again"),
         Waited::AllRefused => {
             tracing::warn!("every awarded provider's result was refused; offering again");
-            if let Some((now, _)) = shared.jobs.get(&status.job).await? {
-                cancel::open_lot(shared, &now, "your result was refused").await;
-            }
+            cancel::open_lot(shared, status, "your result was refused").await;
             match shared.jobs.transition(&status.job, lifecycle::withdraw_lot).await {
                 Ok(_) | Err(UpdateError::Refused(Refused::NoOpenLot | Refused::Final(_))) => {}
                 Err(e) => return Err(e.into()),

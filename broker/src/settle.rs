@@ -217,7 +217,7 @@ async fn check(
     let Some(state) = result.guest.state() else {
         return Err(Refusal::new(RefusalKind::NoFinalState, "no state").into());
     };
-    let machine_state = verify::checkpoint(&shared.store, state, known, !result.guest.ended()).await?;
+    let machine_state = verify::checkpoint(&shared.store, state, known).await?;
     if let (GuestState::Running { .. }, Some(manifest)) = (&result.guest, machine_state) {
         let vm = &status.spec.image.vm;
         let prefix = verify::prefix(&shared.store, &manifest, check::prefix_len(vm.hypervisor)).await?;

@@ -12,6 +12,7 @@ use vmlot_schemas::standing::{RefusalKind, Standing};
 use vmlot_schemas::subjects::STANDING_BUCKET;
 
 use crate::error::BrokerError;
+use crate::state::open_bucket;
 
 /// Tries before a count is given up (each try lost a race to another writer).
 const TRIES: usize = 8;
@@ -31,19 +32,7 @@ pub enum Outcome<'a> {
 
 impl Standings {
     pub async fn open(js: &jetstream::Context, replicas: usize) -> Result<Self, BrokerError> {
-        let kv = match js.get_key_value(STANDING_BUCKET).await {
-            Ok(kv) => kv,
-            Err(_) => js
-                .create_key_value(kv::Config {
-                    bucket: STANDING_BUCKET.to_string(),
-                    history: 1,
-                    storage: jetstream::stream::StorageType::File,
-                    num_replicas: replicas,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| BrokerError::nats("create standing bucket", e))?,
-        };
+        let kv = open_bucket(js, STANDING_BUCKET, replicas).await?;
         Ok(Standings { kv })
     }
 

@@ -39,21 +39,31 @@ impl From<UpdateError<Refused>> for BrokerError {
     }
 }
 
+/// The broker's KV bucket `name` (file storage, one revision kept per
+/// key), created if it does not exist yet.
+pub(crate) async fn open_bucket(
+    js: &jetstream::Context,
+    name: &str,
+    replicas: usize,
+) -> Result<kv::Store, BrokerError> {
+    match js.get_key_value(name).await {
+        Ok(kv) => Ok(kv),
+        Err(_) => js
+            .create_key_value(kv::Config {
+                bucket: name.to_string(),
+                history: 1,
+                storage: jetstream::stream::StorageType::File,
+                num_replicas: replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| BrokerError::nats("create a KV bucket", format!("{name}: {e}"))),
+    }
+}
+
 impl JobStore {
     pub async fn open(js: &jetstream::Context, replicas: usize) -> Result<Self, BrokerError> {
-        let kv = match js.get_key_value(vmlot_schemas::subjects::JOB_BUCKET).await {
-            Ok(kv) => kv,
-            Err(_) => js
-                .create_key_value(kv::Config {
-                    bucket: vmlot_schemas::subjects::JOB_BUCKET.to_string(),
-                    history: 1,
-                    storage: jetstream::stream::StorageType::File,
-                    num_replicas: replicas,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| BrokerError::nats("create job bucket", e))?,
-        };
+        let kv = open_bucket(js, vmlot_schemas::subjects::JOB_BUCKET, replicas).await?;
         Ok(Self { kv })
     }
 
