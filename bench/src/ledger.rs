@@ -110,7 +110,7 @@ pub async fn run(args: Args) -> Result<()> {
         fill.records
     );
     println!(
-        "filled in {fill_s:.1} s ({:.0} msg/s): {} records ({} transactions, {} postings; {} credits, {} holds, {} settlements, {} refunds), {:.1} MB; {} job records ({} still running)",
+        "filled in {fill_s:.1} s ({:.0} msg/s): {} records ({} transactions, {} postings; {} credits, {} holds, {} settlements, {} posts, {} voids, {} refunds), {:.1} MB; {} job records ({} still running)",
         fill.records as f64 / fill_s,
         fill.records,
         fill.transactions,
@@ -119,6 +119,8 @@ pub async fn run(args: Args) -> Result<()> {
         fill.by_kind[1],
         fill.by_kind[2],
         fill.by_kind[3],
+        fill.by_kind[4],
+        fill.by_kind[5],
         stored.bytes as f64 / 1e6,
         book.jobs.len(),
         book.jobs.iter().filter(|s| !s.state.is_final()).count(),
@@ -464,13 +466,15 @@ struct Running {
     segments: u32,
     price: Decimal,
     held: bool,
+    /// The last settlement, pending until the next one (or the refund) posts it.
+    pending: Option<Settlement>,
 }
 
 #[derive(Default)]
 struct Fill {
     records: u64,
     transactions: u64,
-    by_kind: [u64; 4],
+    by_kind: [u64; 6],
     began: DateTime<Utc>,
     /// When the last tenth of the records began.
     window_start: DateTime<Utc>,
@@ -607,12 +611,15 @@ impl Book {
             segments,
             price,
             held: false,
+            pending: None,
         }
     }
 
-    /// The next transaction of `job`: its hold, a settlement, or its refund
-    /// (then `true`: the job has ended).
-    fn step(&mut self, job: &mut Running, out: &mut Vec<(String, Bytes)>) -> (TxKind, bool) {
+    /// The next transactions of `job`, as the broker writes them: its hold;
+    /// a settlement, with the post of the one before (whose checkpoint it
+    /// continued from); or the last post and the refund (then `true`: the
+    /// job has ended).
+    fn step(&mut self, job: &mut Running, out: &mut Vec<(String, Bytes)>) -> (Vec<TxKind>, bool) {
         let status = &mut job.status;
         let id = status.job;
         let user = Account::User(status.spec.account.clone());
@@ -624,7 +631,7 @@ impl Book {
             }
             let (subject, tx) = vmlot_ledger::build::hold(id, &status.spec.account, &status.spec.budget);
             out.extend(self.record(subject, &tx));
-            return (TxKind::Hold, false);
+            return (vec![TxKind::Hold], false);
         }
         let segment = status.settled.len() as u32;
         if segment < job.segments {
@@ -682,8 +689,15 @@ impl Book {
                 sent_bytes: result.sent_bytes,
                 finished_at: result.finished_at,
             };
-            let (subject, tx) = vmlot_ledger::build::settlement(payment, FEE_RATE);
+            let mut kinds = vec![TxKind::Settlement];
+            let (subject, tx) = vmlot_ledger::build::settlement(payment.clone());
             out.extend(self.record(subject, &tx));
+            if let Some(before) = job.pending.replace(payment) {
+                let (subject, tx) = vmlot_ledger::build::post(&before, FEE_RATE);
+                out.extend(self.record(subject, &tx));
+                status.settled[before.segment as usize].posted = true;
+                kinds.push(TxKind::Post);
+            }
             let mut awarded = vec![provider];
             if status.spec.redundancy > 1 {
                 awarded.push(self.providers[self.rng.below(self.providers.len() as u64) as usize]);
@@ -701,6 +715,7 @@ impl Book {
                 fetched_bytes: result.fetched_bytes,
                 sent_bytes: result.sent_bytes,
                 settled_at: now,
+                posted: false,
             });
             status.spent.amount += job.price;
             status.attempts = 0;
@@ -708,7 +723,14 @@ impl Book {
             if let GuestState::Running { checkpoint } = &status.settled[segment as usize].guest {
                 status.checkpoint = checkpoint.clone();
             }
-            return (TxKind::Settlement, false);
+            return (kinds, false);
+        }
+        let mut kinds = Vec::new();
+        if let Some(last) = job.pending.take() {
+            let (subject, tx) = vmlot_ledger::build::post(&last, FEE_RATE);
+            out.extend(self.record(subject, &tx));
+            status.settled[last.segment as usize].posted = true;
+            kinds.push(TxKind::Post);
         }
         // As `Books::refund` does: whatever the escrow holds.
         let left = self.balance(&Account::Escrow(id));
@@ -718,7 +740,8 @@ impl Book {
         status.end_reason = Some("the guest halted".into());
         status.refunded = true;
         status.updated_at = Utc::now();
-        (TxKind::Refund, true)
+        kinds.push(TxKind::Refund);
+        (kinds, true)
     }
 
     /// Writes the book: every user funded, then jobs `concurrent_jobs` at a
@@ -739,9 +762,9 @@ impl Book {
         let window_at = args.records - args.records / 10;
         let mut window_set = false;
         while fill.records < args.records {
-            let kind = if let Some(user) = user_iter.next() {
+            let kinds = if let Some(user) = user_iter.next() {
                 out.extend(self.credit(user, Decimal::from(200)));
-                TxKind::Credit
+                vec![TxKind::Credit]
             } else {
                 while active.len() < args.concurrent_jobs {
                     let job = self.new_job();
@@ -749,8 +772,8 @@ impl Book {
                 }
                 let i = self.rng.below(active.len() as u64) as usize;
                 let mut job = active.swap_remove(i);
-                let (kind, ended) = self.step(&mut job, &mut out);
-                if kind == TxKind::Hold && out.len() > 3 {
+                let (kinds, ended) = self.step(&mut job, &mut out);
+                if kinds == [TxKind::Hold] && out.len() > 3 {
                     // A top-up written before the hold.
                     fill.by_kind[0] += 1;
                     fill.transactions += 1;
@@ -760,11 +783,13 @@ impl Book {
                 } else {
                     active.push(job);
                 }
-                kind
+                kinds
             };
-            fill.by_kind[TxKind::ALL.iter().position(|k| *k == kind).expect("a kind")] += 1;
+            for kind in &kinds {
+                fill.by_kind[TxKind::ALL.iter().position(|k| k == kind).expect("a kind")] += 1;
+                fill.transactions += 1;
+            }
             fill.records += out.len() as u64;
-            fill.transactions += 1;
             if !window_set && fill.records >= window_at {
                 window_set = true;
                 while let Some(ack) = acks.next().await {

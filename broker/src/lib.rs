@@ -9,8 +9,9 @@
 //! - [`lifecycle`]: a job's life as pure transitions of its record.
 //! - the market's steps, one module each: [`offer`] (a lot out, bids in),
 //!   [`award`] (auction, capacity, winners recorded, awards sent),
-//!   [`settle`] (verify, pay once, record, cancel the other replicas),
-//!   [`cancel`] (tell providers to stop), [`hold`] and [`refund`] (the
+//!   [`settle`] (verify, pay once into pending, record, cancel the other
+//!   replicas), [`post`] (a pending payment posted once the next segment
+//!   continued from its checkpoint, or the job ended), [`cancel`] (tell providers to stop), [`hold`] and [`refund`] (the
 //!   escrow's two ends).
 //! - [`auction`]: the sealed-bid reverse auction (pure).
 //! - [`capacity`]: awards outstanding per provider, never above its slots.
@@ -19,7 +20,8 @@
 //! - [`state`]: job records in a KV bucket with revision checks.
 //! - [`verify`]: checks a result's checkpoint against the store.
 //! - the books are [`vmlot_ledger`]: a submission holds the budget in the
-//!   job's escrow, each settlement pays from it once, the job's end refunds.
+//!   job's escrow, each settlement pays from it once (pending, then
+//!   posted), the job's end refunds.
 //! - [`logging`]: text or JSON logs for the binary.
 
 pub mod access;
@@ -40,6 +42,7 @@ pub mod job;
 pub mod lifecycle;
 pub mod logging;
 pub mod offer;
+pub mod post;
 pub mod quota;
 pub mod refund;
 pub mod route;

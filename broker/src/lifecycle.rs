@@ -15,6 +15,8 @@
 //!   └──────────── deadline_passed ◄──┘
 //! before each offer: ending (count reached → Done, budget spent → BudgetSpent)
 //! settle: guest halted → Done, guest crashed → Failed
+//! posted: a settled segment's payment, once the next segment continued
+//!   from its checkpoint or the job ended (due_posts says which)
 //! cancel → Cancelled; withdraw_lot; once final: refunded
 //! ```
 
@@ -108,6 +110,9 @@ pub enum Refused {
     /// A provider whose result for this job was refused is not awarded again.
     #[error("provider {0} sent this job a result that was refused")]
     Excluded(ProviderId),
+    /// A post of a segment that is not settled, or is posted already.
+    #[error("segment {0} has no pending payment")]
+    NotPending(u32),
 }
 
 fn running(status: &JobStatus) -> Result<(), Refused> {
@@ -372,6 +377,30 @@ pub fn settle(status: &JobStatus, mut paid: SettledSegment) -> Result<JobStatus,
         }
     }
     next.settled.push(paid);
+    Ok(next)
+}
+
+/// The settled segments whose pending payment is due to be posted: each
+/// one whose checkpoint the next segment continued from (a result of the
+/// next segment was accepted, so its provider restored it), and, once the
+/// job has ended, every one left.
+pub fn due_posts(status: &JobStatus) -> Vec<&SettledSegment> {
+    let continued = if status.state.is_final() {
+        status.settled.len()
+    } else {
+        status.settled.len().saturating_sub(1)
+    };
+    status.settled[..continued].iter().filter(|s| !s.posted).collect()
+}
+
+/// **Posted**: a settled segment's pending payment went on to its
+/// provider. Applies to an ended job too; a repeat is refused.
+pub fn posted(status: &JobStatus, segment: u32) -> Result<JobStatus, Refused> {
+    let mut next = status.clone();
+    match next.settled.iter_mut().find(|s| s.segment == segment) {
+        Some(settled) if !settled.posted => settled.posted = true,
+        _ => return Err(Refused::NotPending(segment)),
+    }
     Ok(next)
 }
 

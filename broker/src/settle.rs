@@ -1,8 +1,10 @@
 //! Where a segment's money moves: wait for the awarded providers' results
 //! until the deadline; the first that verifies (the open attempt, an
 //! awarded provider, its checkpoint whole in the store) is paid exactly
-//! once (the settlement's ledger id is derived from job and segment), the
-//! payment is recorded in the job, and the other replicas are told to stop.
+//! once (the settlement's ledger id is derived from job, segment and
+//! attempt), into its provider's pending account until the next segment
+//! continues from its checkpoint (`post`); the payment is recorded in the
+//! job, and the other replicas are told to stop.
 //! A broker that died between paying and recording finds the payment
 //! before offering the segment again and applies it instead.
 //!
@@ -44,11 +46,24 @@ pub(crate) enum Waited {
 /// delivered again.
 const RECHECK_DELAY: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Before offering the job's next segment: a payment for it written before
-/// a crash settles it, and is not paid again. True when one was applied.
+/// Before offering the job's next segment: a payment for its open attempt
+/// written before a crash settles it, and is not paid again. True when one
+/// was applied. (Only the open attempt can have been paid: a result is
+/// settled only for the attempt the record holds open.)
 pub(crate) async fn resume_paid(shared: &Arc<Shared>, status: &JobStatus) -> Result<bool, BrokerError> {
     let segment = lifecycle::next_segment(status);
-    let Some(payment) = shared.books.settlement(status.job, segment).await? else {
+    let Some(open) = status
+        .open_lot
+        .as_ref()
+        .filter(|open| open.lot.segment == segment)
+    else {
+        return Ok(false);
+    };
+    let Some(payment) = shared
+        .books
+        .settlement(status.job, segment, open.lot.attempt)
+        .await?
+    else {
         return Ok(false);
     };
     let span = tracing::info_span!(
@@ -235,10 +250,7 @@ async fn settle(
     result: &SegmentResult,
     price: Money,
 ) -> Result<(), BrokerError> {
-    let recorded = shared
-        .books
-        .settle(payment(status, lot, result, price), shared.config.fee_rate)
-        .await?;
+    let recorded = shared.books.settle(payment(status, lot, result, price)).await?;
     match &recorded {
         vmlot_ledger::Recorded::Now(_) => {
             #[cfg(feature = "fault-injection")]
@@ -303,6 +315,7 @@ fn settled_segment(payment: &Settlement) -> SettledSegment {
         fetched_bytes: payment.fetched_bytes,
         sent_bytes: payment.sent_bytes,
         settled_at: payment.at,
+        posted: false,
     }
 }
 

@@ -274,19 +274,40 @@ impl Books {
         self.record(&subject, tx).await
     }
 
-    /// Pays a settled segment from the job's escrow: the provider's share
-    /// to the provider, the fee (if any) to the operator. Once per segment.
-    pub async fn settle(&self, settlement: Settlement, fee_rate: Decimal) -> Result<Recorded, LedgerError> {
-        let (subject, tx) = build::settlement(settlement, fee_rate);
+    /// Pays a settled segment from the job's escrow into its provider's
+    /// pending account. Once per attempt at a segment: its replicas race
+    /// for one subject.
+    pub async fn settle(&self, settlement: Settlement) -> Result<Recorded, LedgerError> {
+        let (subject, tx) = build::settlement(settlement);
         self.record(&subject, tx).await
     }
 
-    /// The settlement of a segment, if one was written.
-    pub async fn settlement(&self, job: JobId, segment: u32) -> Result<Option<Settlement>, LedgerError> {
+    /// The settlement of an attempt at a segment, if one was written.
+    pub async fn settlement(
+        &self,
+        job: JobId,
+        segment: u32,
+        attempt: u32,
+    ) -> Result<Option<Settlement>, LedgerError> {
         Ok(self
-            .transaction(&subjects::settlement_tx(&job, segment))
+            .transaction(&subjects::settlement_tx(&job, segment, attempt))
             .await?
             .and_then(|tx| tx.settlement.map(|s| *s)))
+    }
+
+    /// Posts a pending settlement: the provider is paid (less the fee).
+    /// A settlement resolved before (posted or voided) stays as it was:
+    /// the answer is that resolution.
+    pub async fn post(&self, settlement: &Settlement, fee_rate: Decimal) -> Result<Recorded, LedgerError> {
+        let (subject, tx) = build::post(settlement, fee_rate);
+        self.record(&subject, tx).await
+    }
+
+    /// Voids a pending settlement: its price goes back to the job's escrow.
+    /// A settlement resolved before stays as it was (see [`Books::post`]).
+    pub async fn void(&self, settlement: &Settlement, why: &str) -> Result<Recorded, LedgerError> {
+        let (subject, tx) = build::void(settlement, why);
+        self.record(&subject, tx).await
     }
 
     /// The job ended: what is left in its escrow goes back to `user`. Written

@@ -31,6 +31,7 @@ fn on(subject: &str, kind: TxKind, unit: &str, entries: Vec<Entry>, memo: String
         provider: None,
         memo,
         settlement: None,
+        resolves: None,
     }
 }
 
@@ -63,20 +64,20 @@ pub fn hold(job: JobId, user: &str, budget: &Money) -> (String, Transaction) {
     (subject, tx)
 }
 
-/// A settled segment paid from the job's escrow: the provider's share to
-/// the provider, the fee (if any) to the operator. The transaction carries
-/// `settlement`, the books' own record of what was settled.
-pub fn settlement(settlement: Settlement, fee_rate: Decimal) -> (String, Transaction) {
-    let subject = subjects::settlement_tx(&settlement.job, settlement.segment);
-    let (share, fee) = split_fee(settlement.amount.amount, fee_rate);
-    let mut entries = vec![
+/// A settled segment paid from the job's escrow into its provider's
+/// pending account, where it waits for the checkpoint to be restored. The
+/// transaction carries `settlement`, the books' own record of what was
+/// settled.
+pub fn settlement(settlement: Settlement) -> (String, Transaction) {
+    let subject = subjects::settlement_tx(&settlement.job, settlement.segment, settlement.attempt);
+    let entries = vec![
         Entry::debit(Account::Escrow(settlement.job), settlement.amount.amount),
-        Entry::credit(Account::Provider(settlement.provider), share),
+        Entry::credit(Account::Pending(settlement.provider), settlement.amount.amount),
     ];
-    if !fee.is_zero() {
-        entries.push(Entry::credit(Account::Operator, fee));
-    }
-    let memo = format!("segment {} of job {}", settlement.segment, settlement.job);
+    let memo = format!(
+        "segment {} of job {} (attempt {}), pending",
+        settlement.segment, settlement.job, settlement.attempt
+    );
     let mut tx = on(
         &subject,
         TxKind::Settlement,
@@ -89,6 +90,50 @@ pub fn settlement(settlement: Settlement, fee_rate: Decimal) -> (String, Transac
     tx.segment = Some(settlement.segment);
     tx.provider = Some(settlement.provider);
     tx.settlement = Some(Box::new(settlement));
+    (subject, tx)
+}
+
+/// The settlement's checkpoint was restored: its price from the provider's
+/// pending account to the provider, the fee (if any) to the operator.
+pub fn post(settlement: &Settlement, fee_rate: Decimal) -> (String, Transaction) {
+    let (share, fee) = split_fee(settlement.amount.amount, fee_rate);
+    let mut entries = vec![
+        Entry::debit(Account::Pending(settlement.provider), settlement.amount.amount),
+        Entry::credit(Account::Provider(settlement.provider), share),
+    ];
+    if !fee.is_zero() {
+        entries.push(Entry::credit(Account::Operator, fee));
+    }
+    resolution(settlement, TxKind::Post, entries, "posted")
+}
+
+/// The settlement's checkpoint did not restore: its price back from the
+/// provider's pending account to the job's escrow.
+pub fn void(settlement: &Settlement, why: &str) -> (String, Transaction) {
+    let entries = vec![
+        Entry::debit(Account::Pending(settlement.provider), settlement.amount.amount),
+        Entry::credit(Account::Escrow(settlement.job), settlement.amount.amount),
+    ];
+    resolution(settlement, TxKind::Void, entries, &format!("void: {why}"))
+}
+
+fn resolution(
+    settlement: &Settlement,
+    kind: TxKind,
+    entries: Vec<Entry>,
+    what: &str,
+) -> (String, Transaction) {
+    let subject = subjects::resolve_tx(&settlement.job, settlement.segment, settlement.attempt);
+    let memo = format!(
+        "segment {} of job {} (attempt {}) {what}",
+        settlement.segment, settlement.job, settlement.attempt
+    );
+    let mut tx = on(&subject, kind, &settlement.amount.unit, entries, memo);
+    tx.job = Some(settlement.job);
+    tx.segment = Some(settlement.segment);
+    tx.provider = Some(settlement.provider);
+    let settled_on = subjects::settlement_tx(&settlement.job, settlement.segment, settlement.attempt);
+    tx.resolves = Some(tx_id(&settled_on));
     (subject, tx)
 }
 

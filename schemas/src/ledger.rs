@@ -29,15 +29,20 @@ use crate::vm::{GuestState, SegmentTimings};
 pub const MAX_SCALE: u32 = 8;
 
 /// An account on the books. Written `operator`, `user:NAME`,
-/// `provider:UUID` or `escrow:JOB`.
+/// `provider:UUID`, `pending:UUID` or `escrow:JOB`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Account {
     /// Funds submitters (`vmlot admin credit`) and receives the broker's fee.
     Operator,
     /// A submitter's account (the job spec's `account`).
     User(String),
-    /// Where a provider's earnings go.
+    /// Where a provider's earnings go, once posted.
     Provider(ProviderId),
+    /// A provider's earnings not yet posted: paid for segments whose
+    /// checkpoint has not been restored by anyone yet (two-phase, as
+    /// TigerBeetle's pending transfers). A post moves them on to
+    /// [`Account::Provider`]; a void returns them to the job's escrow.
+    Pending(ProviderId),
     /// One per job: holds its budget from submission until it ends.
     Escrow(JobId),
 }
@@ -45,7 +50,7 @@ pub enum Account {
 /// Why an account name was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "bad account {0:?}: want operator, user:NAME (1-64 of A-Z a-z 0-9 _ -), provider:UUID or escrow:UUID"
+    "bad account {0:?}: want operator, user:NAME (1-64 of A-Z a-z 0-9 _ -), provider:UUID, pending:UUID or escrow:UUID"
 )]
 pub struct BadAccount(pub String);
 
@@ -73,6 +78,7 @@ impl fmt::Display for Account {
             Account::Operator => f.write_str("operator"),
             Account::User(name) => write!(f, "user:{name}"),
             Account::Provider(id) => write!(f, "provider:{id}"),
+            Account::Pending(id) => write!(f, "pending:{id}"),
             Account::Escrow(job) => write!(f, "escrow:{job}"),
         }
     }
@@ -90,6 +96,7 @@ impl FromStr for Account {
         match kind {
             "user" if valid_user_name(rest) => Ok(Account::User(rest.to_string())),
             "provider" => rest.parse().map(Account::Provider).map_err(|_| bad()),
+            "pending" => rest.parse().map(Account::Pending).map_err(|_| bad()),
             "escrow" => rest.parse().map(Account::Escrow).map_err(|_| bad()),
             _ => Err(bad()),
         }
@@ -117,7 +124,7 @@ impl JsonSchema for Account {
     fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
         schemars::json_schema!({
             "type": "string",
-            "pattern": "^(operator|user:[A-Za-z0-9_-]{1,64}|provider:[0-9a-f-]{36}|escrow:[0-9a-f-]{36})$"
+            "pattern": "^(operator|user:[A-Za-z0-9_-]{1,64}|(provider|pending|escrow):[0-9a-f-]{36})$"
         })
     }
 }
@@ -130,22 +137,48 @@ pub enum TxKind {
     Credit,
     /// A submission moves the job's budget from its submitter into escrow.
     Hold,
-    /// A settled segment: its price from escrow to the provider (less any fee, to the operator).
+    /// A settled segment: its price from escrow to the provider's pending
+    /// account, until its checkpoint is restored.
     Settlement,
+    /// A settlement's checkpoint was restored: its price from the
+    /// provider's pending account to the provider (less any fee, to the operator).
+    Post,
+    /// A settlement's checkpoint did not restore: its price back from the
+    /// provider's pending account to the job's escrow.
+    Void,
     /// The job ended: what is left in escrow back to the submitter.
     Refund,
 }
 
 impl TxKind {
-    pub const ALL: [TxKind; 4] = [TxKind::Credit, TxKind::Hold, TxKind::Settlement, TxKind::Refund];
+    pub const ALL: [TxKind; 6] = [
+        TxKind::Credit,
+        TxKind::Hold,
+        TxKind::Settlement,
+        TxKind::Post,
+        TxKind::Void,
+        TxKind::Refund,
+    ];
 
-    /// The subject token for this kind.
+    /// The kind's name, as written.
     pub fn as_str(&self) -> &'static str {
         match self {
             TxKind::Credit => "credit",
             TxKind::Hold => "hold",
             TxKind::Settlement => "settlement",
+            TxKind::Post => "post",
+            TxKind::Void => "void",
             TxKind::Refund => "refund",
+        }
+    }
+
+    /// The subject token its transactions are written under: a post and
+    /// a void of one settlement share one subject (`resolve`), which takes
+    /// one message, so a settlement is never both posted and voided.
+    pub fn subject_token(&self) -> &'static str {
+        match self {
+            TxKind::Post | TxKind::Void => "resolve",
+            other => other.as_str(),
         }
     }
 }
@@ -157,7 +190,7 @@ impl FromStr for TxKind {
         TxKind::ALL
             .into_iter()
             .find(|k| k.as_str() == s)
-            .ok_or_else(|| format!("unknown kind {s:?}: want credit, hold, settlement or refund"))
+            .ok_or_else(|| format!("unknown kind {s:?}: want credit, hold, settlement, post, void or refund"))
     }
 }
 
@@ -230,6 +263,9 @@ pub struct Transaction {
     /// The settlement's details, so a broker that crashed right after
     /// paying resumes from them.
     pub settlement: Option<Box<Settlement>>,
+    /// A post or void: the id of the settlement it resolves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolves: Option<uuid::Uuid>,
 }
 
 /// A settled segment as the books record it, inside its settlement
@@ -352,6 +388,7 @@ mod tests {
             "operator".to_string(),
             "user:alice-2_b".to_string(),
             format!("provider:{}", ProviderId::new()),
+            format!("pending:{}", ProviderId::new()),
             format!("escrow:{}", JobId::new()),
         ] {
             let account: Account = text.parse().unwrap();
@@ -387,6 +424,7 @@ mod tests {
             provider: None,
             memo: String::new(),
             settlement: None,
+            resolves: None,
         }
     }
 

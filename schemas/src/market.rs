@@ -237,6 +237,10 @@ pub struct SettledSegment {
     pub fetched_bytes: u64,
     pub sent_bytes: u64,
     pub settled_at: DateTime<Utc>,
+    /// False while its payment is pending (its checkpoint not yet restored
+    /// by the next segment's provider); true once it is posted.
+    #[serde(default)]
+    pub posted: bool,
 }
 
 /// The lot a running job has out now.

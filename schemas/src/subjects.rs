@@ -153,10 +153,19 @@ pub fn standing_entry(provider: &ProviderId) -> String {
     format!("$KV.{STANDING_BUCKET}.{provider}")
 }
 
-/// The one subject a segment's settlement may be written to: the stream
-/// refuses a second message there, so a segment is paid at most once.
-pub fn settlement_tx(job: &crate::ids::JobId, segment: u32) -> String {
-    format!("vmlot.ledger.tx.settlement.{job}.{segment}")
+/// The one subject an attempt's settlement may be written to: the stream
+/// refuses a second message there, so an attempt at a segment is paid at
+/// most once (its replicas race for it). Another attempt at the same
+/// segment is paid only after this one's payment was voided.
+pub fn settlement_tx(job: &crate::ids::JobId, segment: u32, attempt: u32) -> String {
+    format!("vmlot.ledger.tx.settlement.{job}.{segment}.{attempt}")
+}
+
+/// The one subject the post or the void of [`settlement_tx`]'s settlement
+/// may be written to: it takes one message, so a settlement is resolved
+/// once, one way.
+pub fn resolve_tx(job: &crate::ids::JobId, segment: u32, attempt: u32) -> String {
+    format!("vmlot.ledger.tx.resolve.{job}.{segment}.{attempt}")
 }
 
 /// The one subject a job's hold (budget into escrow) may be written to.
@@ -176,14 +185,15 @@ pub fn credit_tx(request: &uuid::Uuid) -> String {
 
 /// Every transaction of one kind.
 pub fn ledger_tx_kind(kind: crate::ledger::TxKind) -> String {
-    format!("vmlot.ledger.tx.{}.>", kind.as_str())
+    format!("vmlot.ledger.tx.{}.>", kind.subject_token())
 }
 
-/// Every transaction of one job (its hold, settlements and refund).
+/// Every transaction of one job (its hold, settlements, their posts and
+/// voids, and its refund).
 pub fn ledger_tx_job(job: &crate::ids::JobId) -> [String; 2] {
     [
         format!("vmlot.ledger.tx.*.{job}"),
-        format!("vmlot.ledger.tx.settlement.{job}.*"),
+        format!("vmlot.ledger.tx.*.{job}.*.*"),
     ]
 }
 
@@ -316,7 +326,8 @@ mod tests {
     #[test]
     fn ledger_subjects_are_told_apart() {
         let job = crate::ids::JobId::new();
-        assert!(is_ledger_tx(&settlement_tx(&job, 0)) && !is_ledger_posting(&settlement_tx(&job, 0)));
+        assert!(is_ledger_tx(&settlement_tx(&job, 0, 1)) && !is_ledger_posting(&settlement_tx(&job, 0, 1)));
+        assert!(is_ledger_tx(&resolve_tx(&job, 0, 1)));
         let escrow = crate::ledger::Account::Escrow(job);
         assert!(is_ledger_posting(&posting(&escrow, "CRD")) && !is_ledger_tx(&posting(&escrow, "CRD")));
     }

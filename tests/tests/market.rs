@@ -600,27 +600,45 @@ async fn books_hold_pay_refund_answer_queries_and_verify() {
         .collect();
     assert_eq!(kinds, ["credit", "hold", "refund"]);
     let rows = vmlot_json(&market, &["--json", "ledger", "--job", &job.to_string()]);
-    assert_eq!(rows.as_array().unwrap().len(), 2 + 3 * 3 + 2, "{rows:#}");
+    // Hold, three settlements into pending (escrow, pending), three posts
+    // (pending, provider, fee), refund.
+    assert_eq!(rows.as_array().unwrap().len(), 2 + 3 * 2 + 3 * 3 + 2, "{rows:#}");
+    // Each payment is posted only after the next segment's settlement (its
+    // provider restored the checkpoint); the last one at the end, before the refund.
+    let first = |kind: &str, segment: u64| {
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .position(|r| r["kind"] == kind && r["segment"] == segment)
+            .unwrap_or_else(|| panic!("no {kind} of segment {segment}: {rows:#}"))
+    };
+    let refund = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|r| r["kind"] == "refund")
+        .unwrap();
+    assert!(first("post", 0) > first("settlement", 1), "{rows:#}");
+    assert!(first("post", 1) > first("settlement", 2), "{rows:#}");
+    assert!(first("post", 2) < refund, "{rows:#}");
     let rows = vmlot_json(
         &market,
-        &[
-            "ledger",
-            "--format",
-            "json",
-            "--kind",
-            "settlement",
-            "--provider",
-            "p1",
-        ],
+        &["ledger", "--format", "json", "--kind", "post", "--provider", "p1"],
     );
     assert_eq!(rows.as_array().unwrap().len(), 3);
+    let pending = vmlot_json(&market, &["--json", "balance", &format!("pending:{provider_id}")]);
+    assert_eq!(
+        dec(pending[0]["balance"].as_str().unwrap()),
+        Decimal::ZERO,
+        "all posted"
+    );
     let tomorrow = (chrono::Utc::now() + chrono::Duration::days(1))
         .format("%Y-%m-%d")
         .to_string();
     let rows = vmlot_json(&market, &["--json", "ledger", "--since", &tomorrow]);
     assert_eq!(rows.as_array().unwrap().len(), 0);
     let rows = vmlot_json(&market, &["--json", "ledger", "--until", &tomorrow, "--totals"]);
-    assert_eq!(rows["rows"].as_array().unwrap().len(), 2 + 2 + 3 * 3 + 2);
+    assert_eq!(rows["rows"].as_array().unwrap().len(), 2 + 2 + 3 * 2 + 3 * 3 + 2);
     let csv = vmlot(&market, &["ledger", "--format", "csv", "--account", "operator"]);
     let csv = String::from_utf8(csv.stdout).unwrap();
     assert_eq!(csv.lines().count(), 1 + 1 + 3, "{csv}");
@@ -641,7 +659,7 @@ async fn books_hold_pay_refund_answer_queries_and_verify() {
     let mut again = paid[1].clone();
     again.provider = ProviderId::new();
     again.at = chrono::Utc::now();
-    let writes = (0..4).map(|_| books.settle(again.clone(), dec("0.1")));
+    let writes = (0..4).map(|_| books.settle(again.clone()));
     for recorded in futures::future::join_all(writes).await {
         match recorded.unwrap() {
             vmlot_ledger::Recorded::Before(tx) => {
@@ -656,10 +674,10 @@ async fn books_hold_pay_refund_answer_queries_and_verify() {
     // A forged payment for a segment the job never settled is named.
     let mut forged = paid[2].clone();
     forged.segment = 3;
-    books.settle(forged, Decimal::ZERO).await.unwrap_err(); // the escrow is empty
-    let subject = subjects::settlement_tx(&job, 3);
+    books.settle(forged.clone()).await.unwrap_err(); // the escrow is empty
+    let subject = subjects::settlement_tx(&job, 3, forged.attempt);
     let mut tx = books
-        .transaction(&subjects::settlement_tx(&job, 2))
+        .transaction(&subjects::settlement_tx(&job, 2, forged.attempt))
         .await
         .unwrap()
         .unwrap();
@@ -699,7 +717,7 @@ async fn books_a_broker_killed_between_settlement_and_next_lot_pays_once() {
     let js = async_nats::jetstream::new(market.server.books_client().await.unwrap());
     let books = vmlot_ledger::Books::open(&js).await.unwrap();
     assert!(
-        books.settlement(job, 0).await.unwrap().is_some(),
+        books.settlement(job, 0, 1).await.unwrap().is_some(),
         "settlement written"
     );
     let record = vmlot_tests::market::read_job_record(&market.server.books_client().await.unwrap(), job)

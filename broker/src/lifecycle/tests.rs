@@ -22,6 +22,7 @@ fn paid(result: &SegmentResult, price: Money) -> SettledSegment {
         fetched_bytes: result.fetched_bytes,
         sent_bytes: result.sent_bytes,
         settled_at: Utc::now(),
+        posted: false,
     }
 }
 
@@ -520,4 +521,26 @@ fn an_award_records_when_it_was_made() {
     let at = Utc::now() - chrono::Duration::seconds(3);
     let next = award(&s, &lot, &[(ProviderId::new(), money("0.5"))], later(), at).unwrap();
     assert_eq!(next.open_lot.unwrap().awarded_at, Some(at));
+}
+
+#[test]
+fn a_payment_is_due_once_the_next_segment_continued_from_its_checkpoint_or_the_job_ended() {
+    let one = settled_once(job(SegmentCount::UntilHalt));
+    assert!(
+        due_posts(&one).is_empty(),
+        "nothing restored segment 0's checkpoint yet"
+    );
+    let two = settled_once(one);
+    let due: Vec<u32> = due_posts(&two).iter().map(|s| s.segment).collect();
+    assert_eq!(due, [0]);
+    let posted_0 = posted(&two, 0).unwrap();
+    assert!(posted_0.settled[0].posted && !posted_0.settled[1].posted);
+    assert!(due_posts(&posted_0).is_empty());
+    assert_eq!(posted(&posted_0, 0), Err(Refused::NotPending(0)), "posted twice");
+    assert_eq!(posted(&posted_0, 7), Err(Refused::NotPending(7)), "never settled");
+    // Once the job ended, its last payment is due too.
+    let ended = cancel(&posted_0).unwrap();
+    let due: Vec<u32> = due_posts(&ended).iter().map(|s| s.segment).collect();
+    assert_eq!(due, [1]);
+    assert!(posted(&ended, 1).unwrap().settled.iter().all(|s| s.posted));
 }

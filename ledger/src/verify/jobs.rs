@@ -1,7 +1,8 @@
 //! The books against the job records: each job's hold, its settled
-//! segments each paid once to the provider whose result settled them, and
-//! its escrow, running or refunded. Also what is left over once every
-//! record is seen (payments and holds of jobs that have no record).
+//! segments each paid once to the provider whose result settled them
+//! (pending, then posted; a voided payment's segment ran again), and its
+//! escrow, running or refunded. Also what is left over once every record
+//! is seen (payments and holds of jobs that have no record).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -11,7 +12,7 @@ use vmlot_schemas::ledger::Account;
 use vmlot_schemas::market::JobStatus;
 
 use super::report::Report;
-use super::shape::{Effect, Paid};
+use super::shape::{Effect, Paid, Resolution};
 
 /// Balances by (account, unit), from replaying transactions.
 pub type Balances = HashMap<(Account, String), Decimal>;
@@ -22,7 +23,10 @@ pub(super) struct JobBooks {
     pub balances: Balances,
     /// Held budgets: job → (user, amount, unit).
     holds: HashMap<JobId, (String, Decimal, String)>,
-    paid: HashMap<JobId, BTreeMap<u32, Paid>>,
+    /// Payments by job, then (segment, attempt).
+    paid: HashMap<JobId, BTreeMap<(u32, u32), Paid>>,
+    /// Where each settlement's payment is kept: its id → (job, segment, attempt).
+    settlements: HashMap<uuid::Uuid, (JobId, u32, u32)>,
     refunds: HashSet<JobId>,
 }
 
@@ -43,17 +47,61 @@ impl JobBooks {
                 self.refunds.insert(job);
             }
             Effect::Paid { job, segment, paid } => {
-                if let Some(first) = self.paid.entry(job).or_default().insert(segment, paid) {
+                let of_job = self.paid.entry(job).or_default();
+                if let Some((_, other)) = of_job
+                    .iter()
+                    .find(|((s, _), other)| *s == segment && other.resolved != Some(false))
+                {
                     report.problem(
                         record,
                         format!(
-                            "segment {segment} of job {job} paid again (first: {})",
-                            first.record
+                            "segment {segment} of job {job} paid again (first: {}, not voided)",
+                            other.record
                         ),
                     );
                 }
+                self.settlements.insert(paid.tx, (job, segment, paid.attempt));
+                of_job.insert((segment, paid.attempt), paid);
             }
+            Effect::Resolved(resolution) => self.resolve(report, record, resolution),
         }
+    }
+
+    /// Where the settlement `tx` was written, if the books have it: the
+    /// subject its post or void belongs on.
+    pub fn resolution_subject(&self, tx: &uuid::Uuid) -> Option<String> {
+        self.settlements
+            .get(tx)
+            .map(|(job, segment, attempt)| vmlot_schemas::subjects::resolve_tx(job, *segment, *attempt))
+    }
+
+    fn resolve(&mut self, report: &mut Report, record: &dyn std::fmt::Display, r: Resolution) {
+        let paid = self
+            .settlements
+            .get(&r.resolves)
+            .and_then(|(job, segment, attempt)| self.paid.get_mut(job)?.get_mut(&(*segment, *attempt)));
+        let Some(paid) = paid else {
+            report.problem(
+                record,
+                format!("resolves {}, which is not a settlement before it", r.resolves),
+            );
+            return;
+        };
+        if paid.provider != r.provider || paid.amount != r.amount {
+            report.problem(
+                record,
+                "moves another provider's or another amount's pending payment",
+            );
+        }
+        if let Some(posted) = paid.resolved {
+            let was = if posted { "posted" } else { "voided" };
+            report.problem(record, format!("resolves a settlement already {was}"));
+            return;
+        }
+        if self.settlements.get(&r.resolves).map(|(job, ..)| *job) != Some(r.job) {
+            report.problem(record, "resolves another job's settlement");
+        }
+        paid.resolved = Some(r.posted);
     }
 
     /// Checks one job record against the books.
@@ -88,11 +136,17 @@ impl JobBooks {
         }
         let mut paid_total = Decimal::ZERO;
         let mut paid_of_job = self.paid.remove(&job).unwrap_or_default();
+        // A voided payment went back to the escrow: its segment ran again.
+        paid_of_job.retain(|_, paid| paid.resolved != Some(false));
+        let mut pending = Vec::new();
         for settled in &status.settled {
-            match paid_of_job.remove(&settled.segment) {
+            match paid_of_job.remove(&(settled.segment, settled.attempt)) {
                 None => report.problem(
                     &record,
-                    format!("segment {} settled but never paid", settled.segment),
+                    format!(
+                        "segment {} (attempt {}) settled but never paid, or its payment voided",
+                        settled.segment, settled.attempt
+                    ),
                 ),
                 Some(paid) => {
                     paid_total += paid.amount;
@@ -107,16 +161,30 @@ impl JobBooks {
                             ),
                         );
                     }
-                    if paid.amount != settled.price.amount
-                        || paid.lot != settled.lot
-                        || paid.attempt != settled.attempt
-                    {
+                    if paid.amount != settled.price.amount || paid.lot != settled.lot {
                         report.problem(&paid.record, "price or lot differ from the job's settled segment");
+                    }
+                    match (settled.posted, paid.resolved) {
+                        (true, None) => report.problem(
+                            &paid.record,
+                            format!(
+                                "the job records segment {} posted; the books have it pending",
+                                settled.segment
+                            ),
+                        ),
+                        (false, Some(true)) => report.notes.push(format!(
+                            "{record}: segment {} is posted, the job record has not caught up yet",
+                            settled.segment
+                        )),
+                        _ => {}
+                    }
+                    if paid.resolved.is_none() {
+                        pending.push(settled.segment);
                     }
                 }
             }
         }
-        for (segment, paid) in paid_of_job {
+        for ((segment, _), paid) in paid_of_job {
             paid_total += paid.amount;
             if status.state.is_final() {
                 report.problem(
@@ -127,6 +195,14 @@ impl JobBooks {
                 report.notes.push(format!(
                     "{record}: segment {segment} is paid, the job record has not caught up yet"
                 ));
+            }
+        }
+        if status.state.is_final() && status.refunded {
+            for segment in pending {
+                report.problem(
+                    &record,
+                    format!("ended and refunded with segment {segment}'s payment still pending"),
+                );
             }
         }
         let refunded = self.refunds.remove(&job);
@@ -162,7 +238,7 @@ impl JobBooks {
     /// Payments and holds of jobs that have no record.
     pub fn leftovers(&mut self, report: &mut Report) {
         for (job, paid) in std::mem::take(&mut self.paid) {
-            for (segment, paid) in paid {
+            for ((segment, _), paid) in paid {
                 report.problem(
                     &paid.record,
                     format!("pays segment {segment} of job {job}, which has no job record"),
@@ -235,6 +311,7 @@ mod tests {
                 fetched_bytes: 0,
                 sent_bytes: 0,
                 settled_at: Utc::now(),
+                posted: false,
             }],
             open_lot: None,
             attempts: 0,
@@ -253,7 +330,7 @@ mod tests {
     fn problems(paid: ProviderId, settled_by: ProviderId) -> Vec<String> {
         let settlement = settled(vmlot_schemas::JobId::new(), paid);
         let status = job_with(&settlement, settled_by);
-        let (_, tx) = crate::build::settlement(settlement, Decimal::ZERO);
+        let (_, tx) = crate::build::settlement(settlement);
         let (_, effect) = shape::check("the payment", &tx);
         let mut books = JobBooks::default();
         let mut report = Report::default();
@@ -277,6 +354,68 @@ mod tests {
                 "paid {loser}, but the result of {winner} settled the segment"
             )],
             "a losing replica paid"
+        );
+    }
+
+    /// The problems the books `txs` (in order) show against `status`.
+    fn check_all(status: &JobStatus, txs: &[vmlot_schemas::ledger::Transaction]) -> Vec<String> {
+        let mut books = JobBooks::default();
+        let mut report = Report::default();
+        let (_, hold) = crate::build::hold(status.job, &status.spec.account, &status.spec.budget);
+        for (i, tx) in std::iter::once(&hold).chain(txs).enumerate() {
+            let record = format!("tx {i}");
+            let (problems, effect) = shape::check(&record, tx);
+            assert!(problems.is_empty(), "{problems:?}");
+            books.apply(&mut report, &record, effect);
+            for e in &tx.entries {
+                *books
+                    .balances
+                    .entry((e.account.clone(), tx.unit.clone()))
+                    .or_default() += e.signed();
+            }
+        }
+        books.check(&mut report, status);
+        report.problems.into_iter().map(|p| p.what).collect()
+    }
+
+    #[test]
+    fn pending_posted_and_voided_payments_are_told_apart() {
+        let provider = ProviderId::new();
+        let settlement = settled(vmlot_schemas::JobId::new(), provider);
+        let (_, paid) = crate::build::settlement(settlement.clone());
+        let (_, post) = crate::build::post(&settlement, Decimal::ZERO);
+        let (_, void) = crate::build::void(&settlement, "did not restore");
+        assert_eq!(post.resolves, Some(paid.id));
+        let mut status = job_with(&settlement, provider);
+
+        // Pending, and the job says so; posted, and the job says so.
+        let none: [String; 0] = [];
+        assert_eq!(check_all(&status, std::slice::from_ref(&paid)), none);
+        assert_eq!(check_all(&status, &[paid.clone(), post.clone()]), none);
+        status.settled[0].posted = true;
+        assert_eq!(check_all(&status, &[paid.clone(), post.clone()]), none);
+        // The job says posted, the books say pending.
+        let problems = check_all(&status, std::slice::from_ref(&paid));
+        assert!(problems[0].contains("the books have it pending"), "{problems:?}");
+        // Voided, yet the job keeps the segment.
+        status.settled[0].posted = false;
+        let problems = check_all(&status, &[paid.clone(), void.clone()]);
+        assert!(problems[0].contains("its payment voided"), "{problems:?}");
+        // Resolved twice, or resolving nothing.
+        let problems = check_all(&status, &[paid.clone(), void, post.clone()]);
+        assert!(
+            problems.iter().any(|p| p.contains("already voided")),
+            "{problems:?}"
+        );
+        let problems = check_all(&status, std::slice::from_ref(&post));
+        assert!(problems[0].contains("not a settlement before it"), "{problems:?}");
+        // A job ended and refunded with a payment still pending.
+        status.state = JobState::Done;
+        status.refunded = true;
+        let problems = check_all(&status, std::slice::from_ref(&paid));
+        assert!(
+            problems.iter().any(|p| p.contains("still pending")),
+            "{problems:?}"
         );
     }
 }

@@ -72,7 +72,13 @@ impl Replay {
                 .map(|_| subject.to_string()),
             (TxKind::Hold, Some(job), _) => Some(subjects::hold_tx(&job)),
             (TxKind::Refund, Some(job), _) => Some(subjects::refund_tx(&job)),
-            (TxKind::Settlement, Some(job), Some(segment)) => Some(subjects::settlement_tx(&job, segment)),
+            (TxKind::Settlement, Some(job), Some(segment)) => tx
+                .settlement
+                .as_ref()
+                .map(|s| subjects::settlement_tx(&job, segment, s.attempt)),
+            (TxKind::Post | TxKind::Void, Some(_), Some(_)) => tx
+                .resolves
+                .and_then(|settled| self.books.resolution_subject(&settled)),
             _ => None,
         };
         if expected_subject.as_deref() != Some(subject) {

@@ -10,12 +10,16 @@ use vmlot_schemas::{JobId, LotId, ProviderId};
 /// A payment for a settled segment, as the replay keeps it until the job
 /// records are checked.
 pub(super) struct Paid {
+    /// The settlement transaction's id (what a post or void names).
+    pub tx: uuid::Uuid,
     pub provider: ProviderId,
     pub amount: Decimal,
     pub lot: LotId,
     pub attempt: u32,
     /// The ledger record that paid it, for problem reports.
     pub record: String,
+    /// Posted (`Some(true)`), voided (`Some(false)`) or still pending.
+    pub resolved: Option<bool>,
 }
 
 /// What a transaction does that the job checks need.
@@ -31,8 +35,20 @@ pub(super) enum Effect {
     },
     /// A job's escrow refunded.
     Refund { job: JobId },
-    /// A segment paid.
+    /// A segment paid (pending until resolved).
     Paid { job: JobId, segment: u32, paid: Paid },
+    /// A pending payment posted or voided.
+    Resolved(Resolution),
+}
+
+/// A post or void, as the replay keeps it to match with its settlement.
+pub(super) struct Resolution {
+    /// The settlement it resolves.
+    pub resolves: uuid::Uuid,
+    pub posted: bool,
+    pub job: JobId,
+    pub provider: ProviderId,
+    pub amount: Decimal,
 }
 
 /// Checks the entries of `tx` against its kind, and a settlement's record
@@ -75,14 +91,27 @@ pub(super) fn check(record: &str, tx: &Transaction) -> (Vec<String>, Effect) {
         TxKind::Settlement => {
             debits.len() == 1
                 && Some(debits[0]) == job_escrow.as_ref()
+                && matches!(credits[..], [Account::Pending(_)])
+        }
+        TxKind::Post => {
+            let pending = match debits[..] {
+                [Account::Pending(p)] => Some(*p),
+                _ => None,
+            };
+            pending.is_some()
                 && credits
                     .iter()
                     .all(|a| matches!(a, Account::Provider(_) | Account::Operator))
                 && credits
                     .iter()
-                    .filter(|a| matches!(a, Account::Provider(_)))
+                    .filter(|a| matches!(a, Account::Provider(p) if Some(*p) == pending))
                     .count()
                     == 1
+        }
+        TxKind::Void => {
+            matches!(debits[..], [Account::Pending(_)])
+                && credits.len() == 1
+                && Some(credits[0]) == job_escrow.as_ref()
         }
     };
     if !shape_ok {
@@ -112,11 +141,9 @@ pub(super) fn check(record: &str, tx: &Transaction) -> (Vec<String>, Effect) {
                 return (vec!["a settlement without its details".into()], Effect::Nothing);
             };
             let mut problems = Vec::new();
-            let paid_to = credits.iter().find_map(|a| match a {
-                Account::Provider(p) => Some(*p),
-                _ => None,
-            });
-            if paid_to != Some(s.provider) || tx.provider != Some(s.provider) {
+            if !matches!(credits[..], [Account::Pending(p)] if *p == s.provider)
+                || tx.provider != Some(s.provider)
+            {
                 problems.push("pays a provider other than the one its details name".into());
             }
             if s.job != job || Some(s.segment) != tx.segment {
@@ -126,11 +153,13 @@ pub(super) fn check(record: &str, tx: &Transaction) -> (Vec<String>, Effect) {
                 problems.push("the escrow is debited other than the settled price".into());
             }
             let paid = Paid {
+                tx: tx.id,
                 provider: s.provider,
                 amount: s.amount.amount,
                 lot: s.lot,
                 attempt: s.attempt,
                 record: record.to_string(),
+                resolved: None,
             };
             let effect = Effect::Paid {
                 job,
@@ -138,6 +167,26 @@ pub(super) fn check(record: &str, tx: &Transaction) -> (Vec<String>, Effect) {
                 paid,
             };
             (problems, effect)
+        }
+        TxKind::Post | TxKind::Void => {
+            let (Some(resolves), [Account::Pending(provider)]) = (tx.resolves, &debits[..]) else {
+                return (
+                    vec!["a post or void that names no settlement".into()],
+                    Effect::Nothing,
+                );
+            };
+            let mut problems = Vec::new();
+            if tx.provider != Some(*provider) {
+                problems.push("resolves a provider's pending payment other than the one it names".into());
+            }
+            let resolution = Resolution {
+                resolves,
+                posted: tx.kind == TxKind::Post,
+                job,
+                provider: *provider,
+                amount: amount_of(debits[0]),
+            };
+            (problems, Effect::Resolved(resolution))
         }
     }
 }
@@ -174,7 +223,7 @@ pub(super) mod tests {
     #[test]
     fn a_settlement_pays_the_provider_its_record_names() {
         let (job, provider) = (JobId::new(), ProviderId::new());
-        let (_, tx) = crate::build::settlement(settled(job, provider), Decimal::ZERO);
+        let (_, tx) = crate::build::settlement(settled(job, provider));
         let (problems, effect) = check("rec", &tx);
         assert!(problems.is_empty(), "{problems:?}");
         assert!(matches!(effect, Effect::Paid { segment: 0, ref paid, .. } if paid.provider == provider));
