@@ -607,6 +607,7 @@ impl Book {
                 end_reason: None,
                 refunded: false,
                 refused: Vec::new(),
+                restore_failures: Vec::new(),
             },
             segments,
             price,

@@ -421,6 +421,7 @@ async fn submit(shared: &Arc<Shared>, caller: &Caller, mut req: SubmitJob) -> Re
         end_reason: None,
         refunded: false,
         refused: Vec::new(),
+        restore_failures: Vec::new(),
     };
     // The record first, then the hold: a broker that dies between the two
     // finds the job on restart and holds its budget then (never money in

@@ -44,7 +44,9 @@ pub(crate) async fn award(
     over_budget: bool,
 ) -> Result<Awarded, BrokerError> {
     // A provider that sent this job a refused result bids in vain.
-    bids.retain(|b| !status.refused.contains(&b.provider));
+    // So does one that could not restore the job's checkpoint: another
+    // provider's word on it is what counts.
+    bids.retain(|b| !status.refused.contains(&b.provider) && !status.restore_failures.contains(&b.provider));
     let valid_bids = bids.len();
     let winners = choose_winners(shared, lot, bids, status.spec.redundancy as usize);
     if winners.is_empty() {

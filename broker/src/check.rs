@@ -116,6 +116,8 @@ pub fn claims(
             };
             disks_fit(last, image.disks.len())?;
         }
+        // Nothing to check: it claims no work and is never paid.
+        GuestState::RestoreFailed { .. } => {}
     }
     Ok(price)
 }

@@ -33,6 +33,10 @@ pub struct BrokerConfig {
     /// How much sooner than its award plus T a running guest's result may
     /// arrive (clock skew between the broker and the NATS server, rounding).
     pub early_allowance: Duration,
+    /// Distinct providers that must fail to restore a checkpoint before the
+    /// pending payment that produced it is voided (one could lie to void an
+    /// honest provider's pay).
+    pub restore_quorum: usize,
 }
 
 impl Default for BrokerConfig {
@@ -49,6 +53,7 @@ impl Default for BrokerConfig {
             quotas: Quotas::default(),
             block_hash: HashAlgorithm::Sha256,
             early_allowance: Duration::from_secs(2),
+            restore_quorum: 2,
         }
     }
 }

@@ -69,6 +69,7 @@ pub(crate) fn job(segments: SegmentCount) -> JobStatus {
         end_reason: None,
         refunded: false,
         refused: vec![],
+        restore_failures: vec![],
     }
 }
 

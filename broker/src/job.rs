@@ -1,6 +1,6 @@
 //! One task per running job: the loop over the market's steps. Each pass
-//! reads the job's record and takes the next step: post the payments
-//! that are due ([`crate::post`]), refund an ended job ([`crate::refund`]), apply a payment written before a crash
+//! reads the job's record and takes the next step: post or void the
+//! payments that are due ([`crate::resolve`]), refund an ended job ([`crate::refund`]), apply a payment written before a crash
 //! (`settle::resume_paid`), end a job whose count or budget is
 //! reached, wait for a lot still awarded, or offer a new attempt
 //! ([`crate::offer`]) and award it ([`crate::award`]), then wait for its
@@ -26,7 +26,7 @@ use crate::offer::{self, Offered};
 use crate::settle::{self, Waited};
 use crate::shared::{LotEvent, Shared};
 use crate::state::UpdateError;
-use crate::{cancel, hold, post, refund};
+use crate::{cancel, hold, refund, resolve};
 
 /// Longest wait before offering again when every bidder was busy.
 const BUSY_BACKOFF_CAP: Duration = Duration::from_secs(2);
@@ -135,7 +135,9 @@ pub(crate) async fn drive(
         let Some((status, _)) = shared.jobs.get(&job).await? else {
             return Ok(());
         };
-        post::due(shared, &status).await?;
+        if resolve::due(shared, &status).await? {
+            continue;
+        }
         if status.state.is_final() {
             cancel::open_lot(shared, &status, "job ended").await;
             return refund::refund(shared, &status).await;
@@ -239,9 +241,9 @@ async fn wait_for_results(
     match waited? {
         Waited::Settled | Waited::Stopped => {}
         Waited::TimedOut => tracing::warn!("no valid result by the deadline; offering again"),
-        Waited::AllRefused => {
-            tracing::warn!("every awarded provider's result was refused; offering again");
-            cancel::open_lot(shared, status, "your result was refused").await;
+        Waited::AllRefused | Waited::VoidDue => {
+            tracing::warn!("no awarded provider can settle the attempt; closing it");
+            cancel::open_lot(shared, status, "the attempt is over").await;
             match shared.jobs.transition(&status.job, lifecycle::withdraw_lot).await {
                 Ok(_) | Err(UpdateError::Refused(Refused::NoOpenLot | Refused::Final(_))) => {}
                 Err(e) => return Err(e.into()),
@@ -264,7 +266,7 @@ async fn on_stop(shared: &Arc<Shared>, job: JobId) -> Result<(), BrokerError> {
             Err(e) => return Err(e.into()),
         }
         if status.state.is_final() {
-            post::due(shared, &status).await?;
+            resolve::due(shared, &status).await?;
             refund::refund(shared, &status).await?;
         }
     }

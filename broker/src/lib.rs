@@ -10,9 +10,10 @@
 //! - the market's steps, one module each: [`offer`] (a lot out, bids in),
 //!   [`award`] (auction, capacity, winners recorded, awards sent),
 //!   [`settle`] (verify, pay once into pending, record, cancel the other
-//!   replicas), [`post`] (a pending payment posted once the next segment
-//!   continued from its checkpoint, or the job ended), [`cancel`] (tell providers to stop), [`hold`] and [`refund`] (the
-//!   escrow's two ends).
+//!   replicas), [`resolve`] (a pending payment posted once the next
+//!   segment continued from its checkpoint or the job ended, or voided when
+//!   it does not restore), [`cancel`] (tell providers to stop), [`hold`]
+//!   and [`refund`] (the escrow's two ends).
 //! - [`auction`]: the sealed-bid reverse auction (pure).
 //! - [`capacity`]: awards outstanding per provider, never above its slots.
 //! - [`quota`]: what one account may ask (jobs in flight, segments,
@@ -42,9 +43,9 @@ pub mod job;
 pub mod lifecycle;
 pub mod logging;
 pub mod offer;
-pub mod post;
 pub mod quota;
 pub mod refund;
+pub mod resolve;
 pub mod route;
 pub mod server;
 pub mod settle;

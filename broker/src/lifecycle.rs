@@ -110,9 +110,15 @@ pub enum Refused {
     /// A provider whose result for this job was refused is not awarded again.
     #[error("provider {0} sent this job a result that was refused")]
     Excluded(ProviderId),
-    /// A post of a segment that is not settled, or is posted already.
+    /// A post or void of a segment that is not settled, or is resolved already.
     #[error("segment {0} has no pending payment")]
     NotPending(u32),
+    /// A second report from one provider that the checkpoint does not restore.
+    #[error("provider {0} already reported that this checkpoint does not restore")]
+    AlreadyReported(ProviderId),
+    /// A restore failure settles nothing.
+    #[error("a result whose checkpoint did not restore settles nothing")]
+    NothingRan,
 }
 
 fn running(status: &JobStatus) -> Result<(), Refused> {
@@ -224,7 +230,10 @@ pub fn award(
     if winners.is_empty() {
         return Err(Refused::NoWinner);
     }
-    if let Some((p, _)) = winners.iter().find(|(p, _)| status.refused.contains(p)) {
+    if let Some((p, _)) = winners
+        .iter()
+        .find(|(p, _)| status.refused.contains(p) || status.restore_failures.contains(p))
+    {
         return Err(Refused::Excluded(*p));
     }
     let mut next = status.clone();
@@ -336,6 +345,9 @@ pub fn check_result(status: &JobStatus, result: &SegmentResult) -> Result<Money,
 /// keeps its final state). A payment already applied is refused, so a
 /// repeat changes nothing.
 pub fn settle(status: &JobStatus, mut paid: SettledSegment) -> Result<JobStatus, Refused> {
+    if matches!(paid.guest, GuestState::RestoreFailed { .. }) {
+        return Err(Refused::NothingRan);
+    }
     let next_segment = next_segment(status);
     if paid.segment < next_segment {
         return Err(Refused::AlreadySettled(paid.segment));
@@ -357,6 +369,7 @@ pub fn settle(status: &JobStatus, mut paid: SettledSegment) -> Result<JobStatus,
     next.open_lot = None;
     next.attempts = 0;
     next.waiting_for_providers = false;
+    next.restore_failures.clear();
     if !next.state.is_final() {
         match &paid.guest {
             GuestState::Running { checkpoint } => next.checkpoint = checkpoint.clone(),
@@ -374,6 +387,7 @@ pub fn settle(status: &JobStatus, mut paid: SettledSegment) -> Result<JobStatus,
                 next.state = JobState::Failed;
                 next.end_reason = Some(format!("guest crashed: {reason}"));
             }
+            GuestState::RestoreFailed { .. } => return Err(Refused::NothingRan),
         }
     }
     next.settled.push(paid);
@@ -401,6 +415,71 @@ pub fn posted(status: &JobStatus, segment: u32) -> Result<JobStatus, Refused> {
         Some(settled) if !settled.posted => settled.posted = true,
         _ => return Err(Refused::NotPending(segment)),
     }
+    Ok(next)
+}
+
+/// **Restore failed**: `provider`, awarded the open attempt, reports that
+/// the job's checkpoint does not restore on its hypervisor. It is not
+/// awarded this checkpoint again (another provider's word is what counts);
+/// see [`void_due`] for what enough such reports do. A repeat is refused.
+pub fn restore_failed(status: &JobStatus, provider: ProviderId) -> Result<JobStatus, Refused> {
+    running(status)?;
+    if status.restore_failures.contains(&provider) {
+        return Err(Refused::AlreadyReported(provider));
+    }
+    let mut next = status.clone();
+    next.restore_failures.push(provider);
+    Ok(next)
+}
+
+/// The settled segment whose payment is due to be voided: the last one,
+/// still pending, whose checkpoint (the job's current one) `quorum`
+/// distinct providers could not restore.
+pub fn void_due(status: &JobStatus, quorum: usize) -> Option<&SettledSegment> {
+    if status.state.is_final() || status.restore_failures.len() < quorum.max(1) {
+        return None;
+    }
+    status
+        .settled
+        .last()
+        .filter(|last| !last.posted && matches!(last.guest, GuestState::Running { .. }))
+}
+
+/// **Voided**: the last settled segment's pending payment went back to the
+/// escrow because its checkpoint does not restore. The job goes back to
+/// where that segment started (its attempts go on from the voided one, so
+/// the next attempt's settlement has a subject of its own), and the
+/// provider that produced it is not awarded this job again.
+pub fn void(status: &JobStatus, segment: u32) -> Result<JobStatus, Refused> {
+    running(status)?;
+    let Some(last) = status
+        .settled
+        .last()
+        .filter(|l| l.segment == segment && !l.posted)
+    else {
+        return Err(Refused::NotPending(segment));
+    };
+    let mut next = status.clone();
+    next.checkpoint = match status.settled.len() {
+        0 | 1 => vmlot_schemas::market::Checkpoint {
+            machine_state: None,
+            disks: status.spec.image.disks.clone(),
+            stored_bytes: status.checkpoint.stored_bytes,
+        },
+        n => match status.settled[n - 2].guest.state() {
+            Some(before) => before.clone(),
+            None => return Err(Refused::NotPending(segment)),
+        },
+    };
+    next.spent.amount -= last.price.amount;
+    next.attempts = last.attempt;
+    if !next.refused.contains(&last.provider) {
+        next.refused.push(last.provider);
+    }
+    next.settled.pop();
+    next.open_lot = None;
+    next.restore_failures.clear();
+    next.waiting_for_providers = false;
     Ok(next)
 }
 

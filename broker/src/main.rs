@@ -34,6 +34,10 @@ struct Args {
     /// (clock skew between the broker and the NATS server).
     #[arg(long, default_value_t = 2000)]
     early_allowance_ms: u64,
+    /// Distinct providers that must fail to restore a checkpoint before the
+    /// pending payment for the segment that produced it is voided.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..))]
+    restore_quorum: u64,
     /// Longest wait before re-offering a segment that drew no bid, in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     max_backoff_ms: u64,
@@ -93,6 +97,7 @@ impl Args {
             bid_window: Duration::from_millis(self.bid_window_ms),
             transfer_allowance: Duration::from_secs(self.transfer_allowance_s),
             early_allowance: Duration::from_millis(self.early_allowance_ms),
+            restore_quorum: self.restore_quorum as usize,
             pricing: self.pricing,
             max_backoff: Duration::from_millis(self.max_backoff_ms),
             fee_rate: self.fee_rate,

@@ -37,8 +37,12 @@ use crate::{cancel, verify};
 pub(crate) enum Waited {
     Settled,
     TimedOut,
-    /// Every awarded provider's result was refused: no valid one can come.
+    /// Every awarded provider's result was refused (or said the checkpoint
+    /// does not restore): no valid one can come.
     AllRefused,
+    /// Enough providers could not restore the job's checkpoint: the
+    /// payment that produced it is due to be voided.
+    VoidDue,
     Stopped,
 }
 
@@ -112,6 +116,16 @@ pub(crate) async fn await_result(
         };
         let received = received_at(&msg);
         let span = tracing::info_span!("result", provider = %result.provider);
+        if let GuestState::RestoreFailed { reason } = &result.guest {
+            let outcome = restore_failed(shared, status, &result, received, reason)
+                .instrument(span)
+                .await;
+            let _ = msg.ack().await;
+            match outcome? {
+                Some(waited) => return Ok(waited),
+                None => continue,
+            }
+        }
         let outcome = async {
             match check(shared, status, &result, received, &known).await {
                 Ok(price) => {
@@ -151,6 +165,44 @@ pub(crate) async fn await_result(
             return Ok(waited);
         }
     }
+}
+
+/// A provider awarded the open attempt says the job's checkpoint does not
+/// restore: recorded (it is not awarded this checkpoint again), and the
+/// wait ends when enough providers said so (the payment that produced the
+/// checkpoint is due to be voided) or no awarded provider is left to
+/// send a result.
+async fn restore_failed(
+    shared: &Arc<Shared>,
+    status: &JobStatus,
+    result: &SegmentResult,
+    received: DateTime<Utc>,
+    reason: &str,
+) -> Result<Option<Waited>, BrokerError> {
+    if let Err(refusal) = check::claims(status, result, received, shared.config.early_allowance) {
+        tracing::warn!(kind = %refusal.kind, reason = %refusal.why, "restore failure report refused");
+        return Ok(None);
+    }
+    tracing::warn!(%reason, "the checkpoint did not restore on this provider");
+    let provider = result.provider;
+    let recorded = match shared
+        .jobs
+        .transition(&status.job, move |s| lifecycle::restore_failed(s, provider))
+        .await
+    {
+        Ok(recorded) => recorded,
+        Err(UpdateError::Refused(Refused::AlreadyReported(_) | Refused::Final(_))) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    if lifecycle::void_due(&recorded, shared.config.restore_quorum).is_some() {
+        return Ok(Some(Waited::VoidDue));
+    }
+    let none_left = status.open_lot.as_ref().is_some_and(|open| {
+        open.awarded
+            .iter()
+            .all(|(p, _)| recorded.refused.contains(p) || recorded.restore_failures.contains(p))
+    });
+    Ok(none_left.then_some(Waited::AllRefused))
 }
 
 /// Counts a valid result in its provider's standing, off the settlement's

@@ -4,16 +4,17 @@
 //! written once, here, beside the real hypervisors' parsers.
 //!
 //! Block 0 of the state: magic `VMLOTSYN`, a `u32` version, the state's
-//! size in KiB, the boot seed, the segments completed, and a SHA-1 chain
-//! digest over every change; little-endian; the rest of the 4 KiB block
-//! is zero.
+//! size in KiB, the boot seed, the segments completed, a SHA-1 chain
+//! digest over every change, and the SHA-1 of the rest of the state (what
+//! a restore checks, as a hypervisor's load fails on a state it cannot
+//! read); little-endian; the rest of the 4 KiB block is zero.
 
 /// The block the header fills.
 pub const HEADER_BLOCK: usize = 4096;
 pub const MAGIC: &[u8; 8] = b"VMLOTSYN";
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// Bytes of the header that carry something.
-pub const HEADER_LEN: usize = 52;
+pub const HEADER_LEN: usize = 72;
 
 /// Block 0 of a synthetic machine state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,6 +25,8 @@ pub struct SyntheticHeader {
     /// Chained over every change: equal digests, equal states.
     pub digest: [u8; 20],
     pub state_kib: u32,
+    /// SHA-1 of every byte after the header block.
+    pub data: [u8; 20],
 }
 
 impl SyntheticHeader {
@@ -36,6 +39,7 @@ impl SyntheticHeader {
         b[16..24].copy_from_slice(&self.seed.to_le_bytes());
         b[24..32].copy_from_slice(&self.counter.to_le_bytes());
         b[32..52].copy_from_slice(&self.digest);
+        b[52..72].copy_from_slice(&self.data);
         b
     }
 
@@ -49,6 +53,7 @@ impl SyntheticHeader {
             seed: u64::from_le_bytes(b[16..24].try_into().ok()?),
             counter: u64::from_le_bytes(b[24..32].try_into().ok()?),
             digest: b[32..52].try_into().ok()?,
+            data: b[52..72].try_into().ok()?,
         })
     }
 }
@@ -64,13 +69,14 @@ mod tests {
             counter: 3,
             digest: [9; 20],
             state_kib: 64,
+            data: [5; 20],
         };
         let b = h.encode();
         assert_eq!(b.len(), HEADER_BLOCK);
         assert_eq!(SyntheticHeader::decode(&b), Some(h));
         assert_eq!(SyntheticHeader::decode(&b[..HEADER_LEN - 1]), None);
         let mut other = b.clone();
-        other[8] = 3;
+        other[8] = 2; // the version before
         assert_eq!(SyntheticHeader::decode(&other), None);
         assert_eq!(SyntheticHeader::decode(b"QEVM\0\0\0\x03 and more"), None);
     }

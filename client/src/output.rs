@@ -153,6 +153,7 @@ pub fn guest_word(g: &GuestState) -> String {
         GuestState::Running { .. } => "running".into(),
         GuestState::Halted { .. } => "halted".into(),
         GuestState::Crashed { reason, .. } => format!("crashed: {reason}"),
+        GuestState::RestoreFailed { reason } => format!("did not restore: {reason}"),
     }
 }
 

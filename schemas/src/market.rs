@@ -277,6 +277,11 @@ pub struct JobStatus {
     /// one of its lots again.
     #[serde(default)]
     pub refused: Vec<ProviderId>,
+    /// Providers that reported that the job's current checkpoint does not
+    /// restore (cleared whenever the checkpoint changes): not awarded it
+    /// again; enough of them void the payment that produced it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub restore_failures: Vec<ProviderId>,
     pub spent: Money,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,

@@ -29,16 +29,20 @@ pub enum RefusalKind {
     WrongKind,
     /// A manifest or block is missing or malformed, or a size is wrong.
     Incomplete,
+    /// A state this provider was paid for did not restore on the providers
+    /// of the next segment: its payment was voided.
+    Unrestorable,
 }
 
 impl RefusalKind {
-    pub const ALL: [RefusalKind; 6] = [
+    pub const ALL: [RefusalKind; 7] = [
         RefusalKind::NotOpen,
         RefusalKind::TooEarly,
         RefusalKind::NoFinalState,
         RefusalKind::Unchanged,
         RefusalKind::WrongKind,
         RefusalKind::Incomplete,
+        RefusalKind::Unrestorable,
     ];
 
     /// The stable name, as on the wire.
@@ -50,6 +54,7 @@ impl RefusalKind {
             RefusalKind::Unchanged => "unchanged",
             RefusalKind::WrongKind => "wrong-kind",
             RefusalKind::Incomplete => "incomplete",
+            RefusalKind::Unrestorable => "unrestorable",
         }
     }
 }

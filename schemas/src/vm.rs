@@ -78,6 +78,11 @@ pub enum GuestState {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         final_state: Option<Checkpoint>,
     },
+    /// The segment never started: the lot's checkpoint did not restore on
+    /// this provider's hypervisor. Never paid; reported by enough distinct
+    /// providers, it voids the pending payment of the segment that
+    /// produced the checkpoint. Never settles a segment.
+    RestoreFailed { reason: String },
 }
 
 impl GuestState {
@@ -89,12 +94,13 @@ impl GuestState {
             GuestState::Halted { final_state } | GuestState::Crashed { final_state, .. } => {
                 final_state.as_ref()
             }
+            GuestState::RestoreFailed { .. } => None,
         }
     }
 
     /// True once the guest has powered off or crashed.
     pub fn ended(&self) -> bool {
-        !matches!(self, GuestState::Running { .. })
+        matches!(self, GuestState::Halted { .. } | GuestState::Crashed { .. })
     }
 }
 

@@ -42,6 +42,10 @@ pub enum Lie {
     OtherMemorySize,
     /// A state of the right kind, sent as soon as the award comes.
     TooEarly,
+    /// A state of the right kind and size, sent after the segment's
+    /// length, that passes every check on its own but does not restore
+    /// (its data is not what its header says).
+    Unrestorable,
 }
 
 /// The cheat's price: below any honest provider's.
@@ -230,6 +234,11 @@ impl Run {
                 running(state)
             }
             Lie::TooEarly => running(self.crafted_state(&lot, 1).await),
+            Lie::Unrestorable => {
+                let state = self.crafted_state(&lot, 1).await;
+                tokio::time::sleep(after_the_segment).await;
+                running(state)
+            }
         };
         let result = SegmentResult {
             version: WIRE_VERSION,
@@ -269,6 +278,7 @@ impl Run {
             counter: u64::from(lot.segment) + 1,
             digest: [0xc4; 20],
             state_kib,
+            data: [0xc4; 20],
         }
         .encode();
         bytes.resize(state_kib as usize * 1024, 0);

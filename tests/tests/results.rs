@@ -4,7 +4,9 @@
 //! with nothing to show, a state for another machine, a result before the
 //! segment could have run) is refused every time and never paid; the jobs
 //! finish on honest providers exactly as a job the cheat never touched;
-//! its standing shows each refusal by name; the books verify.
+//! its standing shows each refusal by name; the books verify. A state that
+//! passes every check but does not restore is paid only into pending, and
+//! voided when two providers cannot restore it: the segment runs again.
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
@@ -118,6 +120,108 @@ async fn a_provider_that_does_not_run_its_segments_is_never_paid() {
     );
     let honest_valid: u64 = honest_ids.iter().filter_map(of).map(|s| s.valid).sum();
     assert_eq!(honest_valid, 18, "{standing:#?}");
+    assert!(honest_ids.iter().filter_map(of).all(|s| s.refused_total() == 0));
+
+    let api = vmlot_ledger::BooksApi::for_server(market.server.client().await.unwrap()).await;
+    let report = vmlot_ledger::verify::verify(&api).await.unwrap();
+    assert!(report.ok(), "{:#?}", report.problems);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_that_does_not_restore_is_voided_and_its_segment_runs_again() {
+    let honest: Vec<ProviderSpec> = ["honest-a", "honest-b"]
+        .iter()
+        .map(|name| ProviderSpec {
+            slots: 2,
+            ..ProviderSpec::synthetic(name, "0.10")
+        })
+        .collect();
+    let honest_ids: Vec<ProviderId> = honest.iter().map(|p| ProviderId(p.id)).collect();
+    let market = Market::start(fast_broker_args(), &honest).unwrap();
+    market.ready(2).await.unwrap();
+    let cheat = Cheat::start(&market.server).await.unwrap();
+    let image = market
+        .push_synthetic_image("synthetic.seed=voided synthetic.state_kib=64")
+        .await
+        .unwrap();
+    let spec = JobSpec {
+        image,
+        segment_seconds: 2,
+        segments: SegmentCount::Count(3),
+        redundancy: 1,
+        reserve_price: money("1"),
+        budget: money("10"),
+        account: "alice".into(),
+    };
+    let control = market.submit(spec.clone()).await;
+    let job = market.submit(spec).await;
+    cheat.target(job, Lie::Unrestorable);
+
+    let limit = Duration::from_secs(180);
+    let reference = market.wait_final(control, limit).await;
+    let done = market.wait_final(job, limit).await;
+    assert_eq!(
+        done.state,
+        JobState::Done,
+        "{:?}\n{}",
+        done.end_reason,
+        market.logs()
+    );
+    assert!(
+        cheat.told().contains(&(job, Lie::Unrestorable)),
+        "{:?}",
+        cheat.told()
+    );
+    // Every segment settled by the honest, from the same states as the
+    // untouched job; the cheat is off the job.
+    assert!(
+        done.settled.iter().all(|s| honest_ids.contains(&s.provider)),
+        "{done:#?}"
+    );
+    let consoles =
+        |s: &vmlot_schemas::market::JobStatus| s.settled.iter().map(|x| x.console).collect::<Vec<_>>();
+    assert_eq!(consoles(&done), consoles(&reference));
+    assert_eq!(done.checkpoint, reference.checkpoint);
+    assert_eq!(done.refused, vec![cheat.id]);
+    assert!(done.settled.iter().all(|s| s.posted));
+
+    // The cheat's settlement was written, into pending, and voided: it
+    // holds nothing, pending or posted, and the segment was paid again.
+    let client = market.server.client().await.unwrap();
+    let paid = payments(&client, job).await;
+    assert_eq!(paid.len(), 4, "{paid:#?}");
+    assert_eq!(paid.iter().filter(|p| p.provider == cheat.id).count(), 1);
+    let js = async_nats::jetstream::new(market.server.books_client().await.unwrap());
+    let books = vmlot_ledger::Books::open(&js).await.unwrap();
+    let account = |kind: &str| format!("{kind}:{}", cheat.id).parse().unwrap();
+    assert_eq!(
+        books.balance(&account("provider"), "CRD").await.unwrap(),
+        Decimal::ZERO
+    );
+    assert_eq!(
+        books.balance(&account("pending"), "CRD").await.unwrap(),
+        Decimal::ZERO
+    );
+    let voided = paid.iter().find(|p| p.provider == cheat.id).unwrap();
+    let void = books
+        .transaction(&vmlot_schemas::subjects::resolve_tx(
+            &job,
+            voided.segment,
+            voided.attempt,
+        ))
+        .await
+        .unwrap()
+        .expect("the cheat's payment was resolved");
+    assert_eq!(void.kind, vmlot_schemas::ledger::TxKind::Void, "{void:#?}");
+
+    let standing = market.api().await.standing().await.unwrap();
+    let of = |p: &ProviderId| standing.iter().find(|s| s.provider == *p).cloned();
+    let cheat_standing = of(&cheat.id).expect("the cheat has a standing");
+    assert_eq!(
+        cheat_standing.refused,
+        BTreeMap::from([(RefusalKind::Unrestorable, 1)]),
+        "{cheat_standing:#?}"
+    );
     assert!(honest_ids.iter().filter_map(of).all(|s| s.refused_total() == 0));
 
     let api = vmlot_ledger::BooksApi::for_server(market.server.client().await.unwrap()).await;

@@ -214,6 +214,7 @@ fn a_synthetic_state_must_have_run_this_segment_at_the_lots_size() {
             counter,
             digest: [7; 20],
             state_kib,
+            data: [8; 20],
         }
         .encode()
     };

@@ -544,3 +544,62 @@ fn a_payment_is_due_once_the_next_segment_continued_from_its_checkpoint_or_the_j
     assert_eq!(due, [1]);
     assert!(posted(&ended, 1).unwrap().settled.iter().all(|s| s.posted));
 }
+
+#[test]
+fn a_checkpoint_two_providers_cannot_restore_voids_its_payment_and_the_job_goes_back() {
+    let one = settled_once(job(SegmentCount::Count(5)));
+    let two = settled_once(one.clone());
+    let maker = two.settled[1].provider;
+    let (a, b) = (ProviderId::new(), ProviderId::new());
+    let reported = restore_failed(&two, a).unwrap();
+    assert_eq!(restore_failed(&reported, a), Err(Refused::AlreadyReported(a)));
+    assert!(
+        void_due(&reported, 2).is_none(),
+        "one provider's word is not enough"
+    );
+    // Not awarded the checkpoint it could not restore.
+    let lot = offered(&reported, Utc::now());
+    assert_eq!(
+        award(&reported, &lot, &[(a, money("1"))], later(), Utc::now()),
+        Err(Refused::Excluded(a))
+    );
+    let reported = restore_failed(&reported, b).unwrap();
+    let due = void_due(&reported, 2).expect("two providers failed");
+    assert_eq!((due.segment, due.attempt), (1, two.settled[1].attempt));
+
+    let voided = void(&reported, 1).unwrap();
+    assert_eq!(voided.settled.len(), 1, "segment 1 runs again");
+    assert_eq!(voided.checkpoint, one.checkpoint, "from its input");
+    assert_eq!(voided.spent, one.spent);
+    assert!(voided.restore_failures.is_empty());
+    assert_eq!(voided.refused, vec![maker]);
+    assert_eq!(
+        voided.attempts, two.settled[1].attempt,
+        "the next attempt has a subject of its own"
+    );
+    assert_eq!(offered(&voided, Utc::now()).segment, 1);
+    assert_eq!(void(&voided, 1), Err(Refused::NotPending(1)), "voided twice");
+
+    // A posted segment is never voided; nor is one whose guest ended.
+    let posted_1 = posted(&reported, 1).unwrap();
+    assert!(void_due(&posted_1, 2).is_none());
+    assert_eq!(void(&posted_1, 1), Err(Refused::NotPending(1)));
+    // Voiding segment 0 goes back to the image.
+    let first = restore_failed(&restore_failed(&one, a).unwrap(), b).unwrap();
+    let back = void(&first, 0).unwrap();
+    assert!(back.settled.is_empty() && back.checkpoint.machine_state.is_none());
+    assert_eq!(back.checkpoint.disks, one.spec.image.disks);
+    // A restore failure settles nothing.
+    let failed = paid(
+        &result_of(
+            &awarded(&one, &[a], later()),
+            a,
+            GuestState::RestoreFailed { reason: "x".into() },
+        ),
+        money("1"),
+    );
+    assert_eq!(
+        settle(&awarded(&one, &[a], later()), failed),
+        Err(Refused::NothingRan)
+    );
+}

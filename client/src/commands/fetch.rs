@@ -115,7 +115,7 @@ pub async fn write_checkpoint(store: &BlockStore, status: &JobStatus, dir: &Path
         .find(|s| s.guest.state() == Some(checkpoint))
         .map(|s| s.segment);
     let last_segment_ended = status.settled.last().and_then(|s| match &s.guest {
-        GuestState::Running { .. } => None,
+        GuestState::Running { .. } | GuestState::RestoreFailed { .. } => None,
         GuestState::Halted { .. } => Some("halted".to_string()),
         GuestState::Crashed { reason, .. } => Some(format!("crashed ({reason})")),
     });

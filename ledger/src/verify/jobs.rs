@@ -322,6 +322,7 @@ mod tests {
             end_reason: None,
             refunded: false,
             refused: vec![],
+            restore_failures: vec![],
         }
     }
 

@@ -63,7 +63,35 @@ pub(super) async fn run(
         driver.run_segment(&plan, cancel.clone()).await
     }
     .instrument(at.span(Step::Run, me))
-    .await?;
+    .await;
+    let report = match report {
+        // The lot's checkpoint does not load here: say so, so the broker
+        // can weigh it against the payment that produced it.
+        Err(DriverError::Restore(reason)) => {
+            tracing::warn!(%reason, "the lot's checkpoint did not restore; reporting it");
+            let result = SegmentResult {
+                version: WIRE_VERSION,
+                lot: lot.lot,
+                job: lot.job,
+                segment: lot.segment,
+                attempt: lot.attempt,
+                provider: daemon.config.id,
+                guest: GuestState::RestoreFailed { reason },
+                console: None,
+                timings: SegmentTimings {
+                    fetch_ms,
+                    ..Default::default()
+                },
+                fetched_bytes,
+                sent_bytes: 0,
+                finished_at: Utc::now(),
+            };
+            return publish(daemon, &result)
+                .instrument(at.span(Step::Result, me))
+                .await;
+        }
+        other => other?,
+    };
 
     let upload_started = Instant::now();
     let (guest, console, sent_bytes) = push(

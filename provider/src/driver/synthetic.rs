@@ -282,6 +282,7 @@ fn boot_or_restore(
             counter: 0,
             digest: Sha1::digest(job.seed.to_le_bytes()).into(),
             state_kib: (len / 1024) as u32,
+            data: [0; 20],
         }),
         SegmentStart::Restore { machine_state } => restore(machine_state, &out, ram, len, cancel),
     }
@@ -344,6 +345,7 @@ fn change(
     }
     header.digest = chain.finalize().into();
     header.counter = n + 1;
+    header.data = data_digest(&out, job.blocks, ram, cancel)?;
     out.write_all_at(&header.encode(), 0)
         .map_err(|e| io_err("write", ram, e))?;
     if cancel.is_cancelled() {
@@ -358,8 +360,33 @@ fn change(
     Ok((header, console.into_bytes()))
 }
 
-/// Checks the checkpoint and copies it into `out` (already sized),
-/// skipping zero blocks so the copy stays sparse.
+/// SHA-1 of every block after the header: what a restore checks.
+fn data_digest(
+    file: &File,
+    blocks: u64,
+    path: &Path,
+    cancel: &CancellationToken,
+) -> Result<[u8; 20], DriverError> {
+    let mut sha = Sha1::new();
+    let mut chunk = vec![0u8; BLOCK * CANCEL_EVERY];
+    let len = blocks * BLOCK as u64;
+    let mut offset = BLOCK as u64;
+    while offset < len {
+        if cancel.is_cancelled() {
+            return Err(DriverError::Cancelled);
+        }
+        let n = (len - offset).min(chunk.len() as u64) as usize;
+        file.read_exact_at(&mut chunk[..n], offset)
+            .map_err(|e| io_err("read", path, e))?;
+        sha.update(&chunk[..n]);
+        offset += n as u64;
+    }
+    Ok(sha.finalize().into())
+}
+
+/// Checks the checkpoint (its header, its size, the digest of its data)
+/// and copies it into `out` (already sized), skipping zero blocks so the
+/// copy stays sparse.
 fn restore(
     from: &Path,
     out: &File,
@@ -382,6 +409,7 @@ fn restore(
         )));
     }
     let mut chunk = vec![0u8; BLOCK * CANCEL_EVERY];
+    let mut data = Sha1::new();
     let mut offset = 0u64;
     while offset < len {
         if cancel.is_cancelled() {
@@ -390,6 +418,8 @@ fn restore(
         let n = (len - offset).min(chunk.len() as u64) as usize;
         src.read_exact_at(&mut chunk[..n], offset)
             .map_err(|e| bad(e.to_string()))?;
+        let skip = if offset == 0 { BLOCK.min(n) } else { 0 };
+        data.update(&chunk[skip..n]);
         for (i, block) in chunk[..n].chunks(BLOCK).enumerate() {
             if block.iter().any(|&b| b != 0) {
                 let at = offset + (i * BLOCK) as u64;
@@ -398,6 +428,9 @@ fn restore(
             }
         }
         offset += n as u64;
+    }
+    if <[u8; 20]>::from(data.finalize()) != header.data {
+        return Err(bad("its data does not match its header's digest".into()));
     }
     Ok(header)
 }
