@@ -269,6 +269,17 @@ impl Market {
         }
     }
 
+    /// Waits until the ended job's escrow went back to its submitter (its
+    /// last payments posted before that); its record then.
+    pub async fn wait_refunded(&self, job: JobId) -> JobStatus {
+        wait_for(Duration::from_secs(30), async || {
+            let status = self.status(job).await;
+            status.refunded.then_some(status)
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}: job {job} never refunded\n{}", self.logs()))
+    }
+
     /// Every process log, for failure messages.
     pub fn logs(&self) -> String {
         let mut out = format!("--- broker\n{}", tail(&self.broker.log()));

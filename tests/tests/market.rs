@@ -171,7 +171,7 @@ async fn six_segments_survive(mut market: Market, interrupt: impl FnOnce(&mut Ma
     let done = market.wait_final(job, Duration::from_secs(180)).await;
     assert_eq!(done.state, JobState::Done, "{done:#?}\n{}", market.logs());
     assert_paid_once_per_segment(&payments(&client, job).await, 6);
-    wait_refunded(&market, job).await;
+    market.wait_refunded(job).await;
     assert_books_verify(&market).await;
 }
 
@@ -197,7 +197,7 @@ async fn the_job_stops_when_its_budget_is_spent() {
     assert_eq!(done.settled.len(), 3);
     assert_eq!(done.spent, money("3.00"));
     assert_paid_once_per_segment(&payments(&client, job).await, 3);
-    wait_refunded(&market, job).await;
+    market.wait_refunded(job).await;
     assert_books_verify(&market).await;
 }
 
@@ -488,15 +488,6 @@ async fn assert_books_verify(market: &Market) {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
 }
 
-/// Waits until the ended job's escrow went back to its submitter.
-async fn wait_refunded(market: &Market, job: JobId) {
-    wait_for(Duration::from_secs(30), async || {
-        market.status(job).await.refunded.then_some(())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}: job {job} never refunded\n{}", market.logs()));
-}
-
 async fn balance(market: &Market, account: &str) -> Decimal {
     let js = async_nats::jetstream::new(market.server.books_client().await.unwrap());
     let books = vmlot_ledger::Books::open(&js).await.unwrap();
@@ -580,7 +571,7 @@ async fn books_hold_pay_refund_answer_queries_and_verify() {
         .map(|p| vmlot_ledger::split_fee(p.amount.amount, dec("0.1")).1)
         .sum();
     assert!(fee > Decimal::ZERO);
-    wait_refunded(&market, job).await;
+    market.wait_refunded(job).await;
     assert_eq!(balance(&market, "user:alice").await, dec("10") - price);
     assert_eq!(balance(&market, &format!("escrow:{job}")).await, Decimal::ZERO);
     assert_eq!(
@@ -733,7 +724,7 @@ async fn books_a_broker_killed_between_settlement_and_next_lot_pays_once() {
     let done = market.wait_final(job, Duration::from_secs(120)).await;
     assert_eq!(done.state, JobState::Done, "{done:#?}\n{}", market.logs());
     assert_paid_once_per_segment(&payments(&client, job).await, 4);
-    wait_refunded(&market, job).await;
+    market.wait_refunded(job).await;
     assert_books_verify(&market).await;
 }
 

@@ -23,12 +23,18 @@ fn money(s: &str) -> Money {
     Money::new(Decimal::from_str(s).unwrap(), "CRD")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_provider_that_does_not_run_its_segments_is_never_paid() {
+/// Two honest synthetic providers with `slots` each, a cheat with its own
+/// credentials, and the spec of a 3-segment job of `segment_seconds` on
+/// an image seeded `seed`.
+async fn market_with_a_cheat(
+    slots: u32,
+    seed: &str,
+    segment_seconds: u32,
+) -> (Market, Vec<ProviderId>, Cheat, JobSpec) {
     let honest: Vec<ProviderSpec> = ["honest-a", "honest-b"]
         .iter()
         .map(|name| ProviderSpec {
-            slots: 3,
+            slots,
             ..ProviderSpec::synthetic(name, "0.10")
         })
         .collect();
@@ -37,18 +43,24 @@ async fn a_provider_that_does_not_run_its_segments_is_never_paid() {
     market.ready(2).await.unwrap();
     let cheat = Cheat::start(&market.server).await.unwrap();
     let image = market
-        .push_synthetic_image("synthetic.seed=checkable synthetic.state_kib=64")
+        .push_synthetic_image(&format!("synthetic.seed={seed} synthetic.state_kib=64"))
         .await
         .unwrap();
     let spec = JobSpec {
         image,
-        segment_seconds: 3,
+        segment_seconds,
         segments: SegmentCount::Count(3),
         redundancy: 1,
         reserve_price: money("1"),
         budget: money("10"),
         account: "alice".into(),
     };
+    (market, honest_ids, cheat, spec)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_does_not_run_its_segments_is_never_paid() {
+    let (market, honest_ids, cheat, spec) = market_with_a_cheat(3, "checkable", 3).await;
 
     // A job the cheat leaves alone: what every job should come to.
     let control = market.submit(spec.clone()).await;
@@ -70,7 +82,8 @@ async fn a_provider_that_does_not_run_its_segments_is_never_paid() {
     let reference = market.wait_final(control, limit).await;
     assert_eq!(reference.state, JobState::Done, "{}", market.logs());
     for (job, lie) in &cheated {
-        let done = market.wait_final(*job, limit).await;
+        market.wait_final(*job, limit).await;
+        let done = market.wait_refunded(*job).await;
         assert_eq!(
             done.state,
             JobState::Done,
@@ -122,6 +135,7 @@ async fn a_provider_that_does_not_run_its_segments_is_never_paid() {
     assert_eq!(honest_valid, 18, "{standing:#?}");
     assert!(honest_ids.iter().filter_map(of).all(|s| s.refused_total() == 0));
 
+    market.wait_refunded(control).await;
     let api = vmlot_ledger::BooksApi::for_server(market.server.client().await.unwrap()).await;
     let report = vmlot_ledger::verify::verify(&api).await.unwrap();
     assert!(report.ok(), "{:#?}", report.problems);
@@ -129,30 +143,7 @@ async fn a_provider_that_does_not_run_its_segments_is_never_paid() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_state_that_does_not_restore_is_voided_and_its_segment_runs_again() {
-    let honest: Vec<ProviderSpec> = ["honest-a", "honest-b"]
-        .iter()
-        .map(|name| ProviderSpec {
-            slots: 2,
-            ..ProviderSpec::synthetic(name, "0.10")
-        })
-        .collect();
-    let honest_ids: Vec<ProviderId> = honest.iter().map(|p| ProviderId(p.id)).collect();
-    let market = Market::start(fast_broker_args(), &honest).unwrap();
-    market.ready(2).await.unwrap();
-    let cheat = Cheat::start(&market.server).await.unwrap();
-    let image = market
-        .push_synthetic_image("synthetic.seed=voided synthetic.state_kib=64")
-        .await
-        .unwrap();
-    let spec = JobSpec {
-        image,
-        segment_seconds: 2,
-        segments: SegmentCount::Count(3),
-        redundancy: 1,
-        reserve_price: money("1"),
-        budget: money("10"),
-        account: "alice".into(),
-    };
+    let (market, honest_ids, cheat, spec) = market_with_a_cheat(2, "voided", 2).await;
     let control = market.submit(spec.clone()).await;
     let job = market.submit(spec).await;
     cheat.target(job, Lie::Unrestorable);
@@ -167,6 +158,8 @@ async fn a_state_that_does_not_restore_is_voided_and_its_segment_runs_again() {
         done.end_reason,
         market.logs()
     );
+    // The last payment is posted when the job has ended, before its refund.
+    let done = market.wait_refunded(job).await;
     assert!(
         cheat.told().contains(&(job, Lie::Unrestorable)),
         "{:?}",
@@ -224,6 +217,7 @@ async fn a_state_that_does_not_restore_is_voided_and_its_segment_runs_again() {
     );
     assert!(honest_ids.iter().filter_map(of).all(|s| s.refused_total() == 0));
 
+    market.wait_refunded(control).await;
     let api = vmlot_ledger::BooksApi::for_server(market.server.client().await.unwrap()).await;
     let report = vmlot_ledger::verify::verify(&api).await.unwrap();
     assert!(report.ok(), "{:#?}", report.problems);

@@ -69,23 +69,12 @@ pub(super) async fn run(
         // can weigh it against the payment that produced it.
         Err(DriverError::Restore(reason)) => {
             tracing::warn!(%reason, "the lot's checkpoint did not restore; reporting it");
-            let result = SegmentResult {
-                version: WIRE_VERSION,
-                lot: lot.lot,
-                job: lot.job,
-                segment: lot.segment,
-                attempt: lot.attempt,
-                provider: daemon.config.id,
-                guest: GuestState::RestoreFailed { reason },
-                console: None,
-                timings: SegmentTimings {
-                    fetch_ms,
-                    ..Default::default()
-                },
-                fetched_bytes,
-                sent_bytes: 0,
-                finished_at: Utc::now(),
+            let timings = SegmentTimings {
+                fetch_ms,
+                ..Default::default()
             };
+            let guest = GuestState::RestoreFailed { reason };
+            let result = result_of(daemon, lot, guest, None, timings, (fetched_bytes, 0));
             return publish(daemon, &result)
                 .instrument(at.span(Step::Result, me))
                 .await;
@@ -107,7 +96,30 @@ pub(super) async fn run(
     if cancel.is_cancelled() {
         return Err(AttemptError::Driver(DriverError::Cancelled));
     }
-    let result = SegmentResult {
+    let timings = SegmentTimings {
+        fetch_ms,
+        start_ms: report.start_time.as_millis() as u64,
+        run_ms: report.run_time.as_millis() as u64,
+        save_ms: report.save_time.as_millis() as u64,
+        upload_ms: upload_started.elapsed().as_millis() as u64,
+    };
+    let result = result_of(daemon, lot, guest, console, timings, (fetched_bytes, sent_bytes));
+    publish(daemon, &result)
+        .instrument(at.span(Step::Result, me))
+        .await
+}
+
+/// This provider's result for `lot`, finished now; `bytes` are those
+/// fetched from and sent to the store.
+fn result_of(
+    daemon: &Daemon,
+    lot: &Lot,
+    guest: GuestState,
+    console: Option<ManifestId>,
+    timings: SegmentTimings,
+    (fetched_bytes, sent_bytes): (u64, u64),
+) -> SegmentResult {
+    SegmentResult {
         version: WIRE_VERSION,
         lot: lot.lot,
         job: lot.job,
@@ -116,20 +128,11 @@ pub(super) async fn run(
         provider: daemon.config.id,
         guest,
         console,
-        timings: SegmentTimings {
-            fetch_ms,
-            start_ms: report.start_time.as_millis() as u64,
-            run_ms: report.run_time.as_millis() as u64,
-            save_ms: report.save_time.as_millis() as u64,
-            upload_ms: upload_started.elapsed().as_millis() as u64,
-        },
+        timings,
         fetched_bytes,
         sent_bytes,
         finished_at: Utc::now(),
-    };
-    publish(daemon, &result)
-        .instrument(at.span(Step::Result, me))
-        .await
+    }
 }
 
 /// Pulls the image and the checkpoint into `workdir`: the segment's plan,
