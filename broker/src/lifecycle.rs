@@ -17,6 +17,9 @@
 //! settle: guest halted → Done, guest crashed → Failed
 //! posted: a settled segment's payment, once the next segment continued
 //!   from its checkpoint or the job ended (due_posts says which)
+//! restore_failed: an awarded provider could not restore the checkpoint;
+//!   at the quorum (void_due) → void: the last segment unsettled, the job
+//!   back at its input, its provider refused
 //! cancel → Cancelled; withdraw_lot; once final: refunded
 //! ```
 

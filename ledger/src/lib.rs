@@ -3,8 +3,10 @@
 //! A transaction is written together with one posting per entry, in one
 //! atomic batch:
 //! - the transaction on its own subject, derived from what it is for
-//!   (`vmlot.ledger.tx.settlement.<job>.<segment>`, ...), only if that
-//!   subject is empty: a retry is recognised, a second payment refused;
+//!   (`vmlot.ledger.tx.settlement.<job>.<segment>.<attempt>`, its post or
+//!   void on `vmlot.ledger.tx.resolve.<job>.<segment>.<attempt>`, ...), only
+//!   if that subject is empty: a retry is recognised, a second payment (or
+//!   a second resolution) refused;
 //! - each posting on its account's subject (`vmlot.ledger.post.<account>.<unit>`),
 //!   only if the last posting there is the one the balance was read from:
 //!   two writers racing for one account cannot both spend its balance.

@@ -76,10 +76,9 @@ impl JobBooks {
     }
 
     fn resolve(&mut self, report: &mut Report, record: &dyn std::fmt::Display, r: Resolution) {
-        let paid = self
-            .settlements
-            .get(&r.resolves)
-            .and_then(|(job, segment, attempt)| self.paid.get_mut(job)?.get_mut(&(*segment, *attempt)));
+        let settled = self.settlements.get(&r.resolves).copied();
+        let paid =
+            settled.and_then(|(job, segment, attempt)| self.paid.get_mut(&job)?.get_mut(&(segment, attempt)));
         let Some(paid) = paid else {
             report.problem(
                 record,
@@ -98,7 +97,7 @@ impl JobBooks {
             report.problem(record, format!("resolves a settlement already {was}"));
             return;
         }
-        if self.settlements.get(&r.resolves).map(|(job, ..)| *job) != Some(r.job) {
+        if settled.map(|(job, ..)| job) != Some(r.job) {
             report.problem(record, "resolves another job's settlement");
         }
         paid.resolved = Some(r.posted);
