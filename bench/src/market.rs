@@ -175,6 +175,7 @@ async fn run_once(args: &Args, auth: Auth) -> Result<Outcome> {
         segment_seconds: 0,
         segments: SegmentCount::Count(args.segments),
         redundancy: 1,
+        check: vmlot_schemas::market::ResultCheck::Continuation,
         reserve_price: Money::new(Decimal::ONE, "CRD"),
         budget: Money::new(Decimal::from(100), "CRD"),
         account: "bench".into(),

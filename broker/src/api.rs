@@ -422,6 +422,7 @@ async fn submit(shared: &Arc<Shared>, caller: &Caller, mut req: SubmitJob) -> Re
         refunded: false,
         refused: Vec::new(),
         restore_failures: Vec::new(),
+        check: None,
     };
     // The record first, then the hold: a broker that dies between the two
     // finds the job on restart and holds its budget then (never money in
@@ -555,6 +556,7 @@ mod tests {
                 segment_seconds,
                 segments: SegmentCount::Count(2),
                 redundancy: 1,
+                check: vmlot_schemas::market::ResultCheck::Continuation,
                 reserve_price: money(1),
                 budget: money(10),
                 account: "alice".into(),

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use tracing::Instrument;
-use vmlot_schemas::market::{Award, Bid, JobStatus, Lot, Reply, ToProvider};
+use vmlot_schemas::market::{Award, Bid, JobStatus, Lot, Reply, SegmentCount, ToProvider};
 use vmlot_schemas::{Money, ProviderId, WIRE_VERSION, subjects};
 
 use crate::auction;
@@ -46,7 +46,13 @@ pub(crate) async fn award(
     // A provider that sent this job a refused result bids in vain.
     // So does one that could not restore the job's checkpoint: another
     // provider's word on it is what counts.
-    bids.retain(|b| !status.refused.contains(&b.provider) && !status.restore_failures.contains(&b.provider));
+    // And the check restore of a checkpoint is never its producer's word.
+    let own = lifecycle::checked_provider(status, lot);
+    bids.retain(|b| {
+        !status.refused.contains(&b.provider)
+            && !status.restore_failures.contains(&b.provider)
+            && Some(b.provider) != own
+    });
     let valid_bids = bids.len();
     let winners = choose_winners(shared, lot, bids, status.spec.redundancy as usize);
     if winners.is_empty() {
@@ -120,7 +126,12 @@ async fn no_winner(
     over_budget: bool,
 ) -> Result<Awarded, BrokerError> {
     if over_budget && valid_bids == 0 {
-        shared.jobs.end(&status.job, Ending::NoBidFits).await?;
+        let ending = match status.spec.segments {
+            // The segments ran; only their check does not fit.
+            SegmentCount::Count(n) if lifecycle::check_due(status) => Ending::CheckUnaffordable(n),
+            _ => Ending::NoBidFits,
+        };
+        shared.jobs.end(&status.job, ending).await?;
         return Ok(Awarded::Stopped);
     }
     if lifecycle::wait_for_providers(status).as_ref() != Ok(status) {

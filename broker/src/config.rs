@@ -37,6 +37,9 @@ pub struct BrokerConfig {
     /// pending payment that produced it is voided (one could lie to void an
     /// honest provider's pay).
     pub restore_quorum: usize,
+    /// How long the check restore of a job's last checkpoint runs its
+    /// guest, in seconds (capped at the job's segment length).
+    pub check_seconds: u32,
 }
 
 impl Default for BrokerConfig {
@@ -54,6 +57,7 @@ impl Default for BrokerConfig {
             block_hash: HashAlgorithm::Sha256,
             early_allowance: Duration::from_secs(2),
             restore_quorum: 2,
+            check_seconds: 1,
         }
     }
 }

@@ -49,6 +49,7 @@ pub(crate) fn job(segments: SegmentCount) -> JobStatus {
             segment_seconds: 1,
             segments,
             redundancy: 2,
+            check: vmlot_schemas::market::ResultCheck::Continuation,
             reserve_price: money("1"),
             budget: money("10"),
             account: "alice".into(),
@@ -70,6 +71,7 @@ pub(crate) fn job(segments: SegmentCount) -> JobStatus {
         refunded: false,
         refused: vec![],
         restore_failures: vec![],
+        check: None,
     }
 }
 
@@ -80,7 +82,7 @@ pub(crate) fn ended(state: JobState) -> JobStatus {
 }
 
 pub(crate) fn offered(status: &JobStatus, now: DateTime<Utc>) -> Lot {
-    offer(status, LotId::new(), now, WINDOW).expect("offer")
+    offer(status, LotId::new(), now, WINDOW, 1).expect("offer")
 }
 
 /// `status` with a fresh lot awarded to `winners` at 0.5 each, due at `deadline`.

@@ -168,7 +168,13 @@ pub(crate) async fn drive(
             }
             Err(_) => status,
         };
-        let lot = lifecycle::offer(&status, LotId::new(), now, shared.config.bid_window)?;
+        let lot = lifecycle::offer(
+            &status,
+            LotId::new(),
+            now,
+            shared.config.bid_window,
+            shared.config.check_seconds,
+        )?;
         let span = attempt_span(&lot);
         attempt(shared, &status, lot, &mut pace, &tx, rx, &stop)
             .instrument(span)
@@ -176,9 +182,10 @@ pub(crate) async fn drive(
     }
 }
 
-/// The span of one attempt at one segment: every step of it logs inside.
+/// The span of one attempt at one segment (or at the check restore):
+/// every step of it logs inside.
 fn attempt_span(lot: &Lot) -> tracing::Span {
-    tracing::info_span!("attempt", segment = lot.segment, attempt = lot.attempt, lot = %lot.lot)
+    tracing::info_span!("attempt", segment = lot.segment, attempt = lot.attempt, lot = %lot.lot, check = lot.check)
 }
 
 /// One attempt: offer the lot, award it, wait for its results; or, when

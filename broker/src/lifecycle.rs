@@ -14,6 +14,8 @@
 //!   │        └─ no winner: wait_for_providers, or end (no bid fits)
 //!   └──────────── deadline_passed ◄──┘
 //! before each offer: ending (count reached → Done, budget spent → BudgetSpent)
+//! count reached, last payment pending: check_due → one more lot, the
+//!   check restore of the last checkpoint; its result accepted → Done
 //! settle: guest halted → Done, guest crashed → Failed
 //! posted: a settled segment's payment, once the next segment continued
 //!   from its checkpoint or the job ended (due_posts says which)
@@ -28,7 +30,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use vmlot_schemas::market::{
-    GuestState, JobState, JobStatus, Lot, OpenLot, SegmentCount, SegmentResult, SettledSegment,
+    GuestState, JobState, JobStatus, Lot, OpenLot, ResultCheck, SegmentCount, SegmentResult, SettledSegment,
 };
 use vmlot_schemas::{LotId, Money, ProviderId, WIRE_VERSION};
 
@@ -37,6 +39,10 @@ use vmlot_schemas::{LotId, Money, ProviderId, WIRE_VERSION};
 pub enum Ending {
     /// The job's segment count was reached.
     SegmentsRan(u32),
+    /// The segments ran, but no bid for the check restore of the last
+    /// checkpoint fits what is left of the budget: its payment is posted
+    /// unchecked.
+    CheckUnaffordable(u32),
     /// Nothing is left of the budget.
     BudgetSpent,
     /// Bids came, and every one was above what is left of the budget.
@@ -50,7 +56,7 @@ impl Ending {
     /// The final state the job ends in.
     pub fn state(&self) -> JobState {
         match self {
-            Ending::SegmentsRan(_) => JobState::Done,
+            Ending::SegmentsRan(_) | Ending::CheckUnaffordable(_) => JobState::Done,
             Ending::BudgetSpent | Ending::NoBidFits => JobState::BudgetSpent,
             Ending::Unfunded(_) => JobState::Failed,
         }
@@ -61,6 +67,10 @@ impl std::fmt::Display for Ending {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Ending::SegmentsRan(n) => write!(f, "all {n} segments ran"),
+            Ending::CheckUnaffordable(n) => write!(
+                f,
+                "all {n} segments ran; no check restore of the last checkpoint fits the remaining budget"
+            ),
             Ending::BudgetSpent => f.write_str("budget spent"),
             Ending::NoBidFits => f.write_str("no bid fits the remaining budget"),
             Ending::Unfunded(why) => f.write_str(why),
@@ -113,6 +123,9 @@ pub enum Refused {
     /// A provider whose result for this job was refused is not awarded again.
     #[error("provider {0} sent this job a result that was refused")]
     Excluded(ProviderId),
+    /// The check restore awarded to the provider whose checkpoint it checks.
+    #[error("provider {0} cannot check its own checkpoint")]
+    OwnCheckpoint(ProviderId),
     /// A post or void of a segment that is not settled, or is resolved already.
     #[error("segment {0} has no pending payment")]
     NotPending(u32),
@@ -144,18 +157,39 @@ pub fn remaining(status: &JobStatus) -> Money {
     )
 }
 
-/// Segment count reached or budget spent: the job ends before offering
-/// another segment.
+/// Segment count reached (and the last checkpoint checked, or no check
+/// possible) or budget spent: the job ends before offering another lot.
 pub fn ending(status: &JobStatus) -> Option<Ending> {
+    let budget_left = remaining(status).amount > Decimal::ZERO;
     if let SegmentCount::Count(n) = status.spec.segments
         && next_segment(status) >= n
     {
+        if check_due(status) && budget_left {
+            return None;
+        }
         return Some(Ending::SegmentsRan(n));
     }
-    if remaining(status).amount <= Decimal::ZERO {
+    if !budget_left {
         return Some(Ending::BudgetSpent);
     }
     None
+}
+
+/// True when the job's segments have all run and the checkpoint the last
+/// one produced waits for a check restore ([`Lot::check`]): its payment is
+/// pending, the guest still runs, and no check was accepted yet.
+pub fn check_due(status: &JobStatus) -> bool {
+    let SegmentCount::Count(n) = status.spec.segments else {
+        return false;
+    };
+    status.spec.check == ResultCheck::Continuation
+        && !status.state.is_final()
+        && status.check.is_none()
+        && next_segment(status) >= n
+        && status
+            .settled
+            .last()
+            .is_some_and(|last| !last.posted && matches!(last.guest, GuestState::Running { .. }))
 }
 
 /// The job's open lot if it is awarded and its deadline has not passed at
@@ -172,16 +206,27 @@ pub fn live_award(status: &JobStatus, now: DateTime<Utc>) -> Option<&OpenLot> {
 /// empty for the offer step to fill. The record does not change: nothing is
 /// recorded before the award, so a lot that dies with the broker during its
 /// bid window was never awarded and is simply offered anew.
+///
+/// Once the segments have all run ([`check_due`]) the lot is the check
+/// restore of the last checkpoint: it runs for `check_seconds` (never
+/// longer than a segment).
 pub fn offer(
     status: &JobStatus,
     lot: LotId,
     now: DateTime<Utc>,
     bid_window: Duration,
+    check_seconds: u32,
 ) -> Result<Lot, Refused> {
     running(status)?;
     if let Some(ending) = ending(status) {
         return Err(Refused::Ends(ending));
     }
+    let check = check_due(status);
+    let segment_seconds = if check {
+        check_seconds.min(status.spec.segment_seconds)
+    } else {
+        status.spec.segment_seconds
+    };
     if let Some(open) = live_award(status, now) {
         return Err(Refused::AwardPending {
             lot: open.lot.lot,
@@ -196,11 +241,12 @@ pub fn offer(
         attempt: status.attempts + 1,
         image: status.spec.image.clone(),
         checkpoint: status.checkpoint.clone(),
-        segment_seconds: status.spec.segment_seconds,
+        segment_seconds,
         reserve_price: status.spec.reserve_price.clone(),
         bid_deadline: now + chrono::Duration::from_std(bid_window).unwrap_or_default(),
         shards: None,
         invited: Vec::new(),
+        check,
     })
 }
 
@@ -238,6 +284,11 @@ pub fn award(
         .find(|(p, _)| status.refused.contains(p) || status.restore_failures.contains(p))
     {
         return Err(Refused::Excluded(*p));
+    }
+    if let Some(own) = checked_provider(status, lot)
+        && winners.iter().any(|(p, _)| *p == own)
+    {
+        return Err(Refused::OwnCheckpoint(own));
     }
     let mut next = status.clone();
     next.open_lot = Some(OpenLot {
@@ -352,7 +403,7 @@ pub fn settle(status: &JobStatus, mut paid: SettledSegment) -> Result<JobStatus,
         return Err(Refused::NothingRan);
     }
     let next_segment = next_segment(status);
-    if paid.segment < next_segment {
+    if paid.segment < next_segment || (status.check.is_some() && paid.segment == next_segment) {
         return Err(Refused::AlreadySettled(paid.segment));
     }
     if paid.segment > next_segment {
@@ -373,6 +424,22 @@ pub fn settle(status: &JobStatus, mut paid: SettledSegment) -> Result<JobStatus,
     next.attempts = 0;
     next.waiting_for_providers = false;
     next.restore_failures.clear();
+    if let SegmentCount::Count(n) = status.spec.segments
+        && paid.segment >= n
+    {
+        // The check restore: the last checkpoint restored and ran; the
+        // job ends with that checkpoint, not the check's.
+        if !next.state.is_final() {
+            next.state = JobState::Done;
+            next.end_reason = Some(format!(
+                "{}; the last checkpoint restored on {}",
+                Ending::SegmentsRan(n),
+                paid.provider
+            ));
+        }
+        next.check = Some(paid);
+        return Ok(next);
+    }
     if !next.state.is_final() {
         match &paid.guest {
             GuestState::Running { checkpoint } => next.checkpoint = checkpoint.clone(),
@@ -397,24 +464,42 @@ pub fn settle(status: &JobStatus, mut paid: SettledSegment) -> Result<JobStatus,
     Ok(next)
 }
 
-/// The settled segments whose pending payment is due to be posted: each
-/// one whose checkpoint the next segment continued from (a result of the
-/// next segment was accepted, so its provider restored it), and, once the
-/// job has ended, every one left.
+/// The payments that are due to be posted: each settled segment whose
+/// checkpoint another provider continued from (a result of a later
+/// segment from a provider other than the one before it was accepted, so
+/// that provider restored a checkpoint descending from it), and, once the
+/// job has ended (or when the job checks nothing more), every one left.
+/// A provider continuing from its own
+/// checkpoint proves nothing: a run of segments by one provider stays
+/// pending until someone else restores where it ended, or the check
+/// restore does ([`check_due`]; never awarded to that provider).
 pub fn due_posts(status: &JobStatus) -> Vec<&SettledSegment> {
-    let continued = if status.state.is_final() {
-        status.settled.len()
-    } else {
-        status.settled.len().saturating_sub(1)
-    };
-    status.settled[..continued].iter().filter(|s| !s.posted).collect()
+    if status.state.is_final() || status.spec.check == ResultCheck::None {
+        return status.payments().filter(|s| !s.posted).collect();
+    }
+    let settled = &status.settled;
+    let continued = (1..settled.len())
+        .rev()
+        .find(|&j| settled[j].provider != settled[j - 1].provider)
+        .unwrap_or(0);
+    settled[..continued].iter().filter(|s| !s.posted).collect()
 }
 
-/// **Posted**: a settled segment's pending payment went on to its
-/// provider. Applies to an ended job too; a repeat is refused.
+/// The provider that may not take `lot`'s award although nothing else
+/// bars it: for the check restore, the one whose checkpoint it checks.
+pub fn checked_provider(status: &JobStatus, lot: &Lot) -> Option<ProviderId> {
+    lot.check
+        .then(|| status.settled.last().map(|last| last.provider))
+        .flatten()
+}
+
+/// **Posted**: a settled segment's (or the check restore's) pending
+/// payment went on to its provider. Applies to an ended job too; a repeat
+/// is refused.
 pub fn posted(status: &JobStatus, segment: u32) -> Result<JobStatus, Refused> {
     let mut next = status.clone();
-    match next.settled.iter_mut().find(|s| s.segment == segment) {
+    let mut payments = next.settled.iter_mut().chain(next.check.as_mut());
+    match payments.find(|s| s.segment == segment) {
         Some(settled) if !settled.posted => settled.posted = true,
         _ => return Err(Refused::NotPending(segment)),
     }

@@ -38,6 +38,10 @@ struct Args {
     /// pending payment for the segment that produced it is voided.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..))]
     restore_quorum: u64,
+    /// How long the check restore of a job's last checkpoint (which proves
+    /// it restores before its payment is posted) runs the guest, in seconds.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    check_seconds: u32,
     /// Longest wait before re-offering a segment that drew no bid, in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     max_backoff_ms: u64,
@@ -98,6 +102,7 @@ impl Args {
             transfer_allowance: Duration::from_secs(self.transfer_allowance_s),
             early_allowance: Duration::from_millis(self.early_allowance_ms),
             restore_quorum: self.restore_quorum as usize,
+            check_seconds: self.check_seconds,
             pricing: self.pricing,
             max_backoff: Duration::from_millis(self.max_backoff_ms),
             fee_rate: self.fee_rate,

@@ -93,7 +93,7 @@ fn pick_shards(count: usize) -> Vec<u16> {
 
 /// Fills the lot's invitations: up to a handful of live providers with a
 /// free slot by name, plus the previous segment's provider (it holds the
-/// blocks hot), plus just enough random shards to reach a handful of
+/// blocks hot) unless the lot checks its checkpoint, plus just enough random shards to reach a handful of
 /// bidders when the named ones are too few.
 fn invite(shared: &Shared, status: &JobStatus, lot: &mut Lot, quiet_offers: u32) {
     let eligible = shared.eligible_providers(&status.spec.image.vm);
@@ -105,7 +105,9 @@ fn invite(shared: &Shared, status: &JobStatus, lot: &mut Lot, quiet_offers: u32)
     } else {
         shards_to_invite(status.spec.redundancy, eligible.len(), quiet_offers)
     };
+    // (Not to the check restore of its own checkpoint: it may not take it.)
     if let Some(previous) = status.settled.last()
+        && !lot.check
         && !lot.invited.contains(&previous.provider)
     {
         lot.invited.push(previous.provider);

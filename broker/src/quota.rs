@@ -156,6 +156,7 @@ mod tests {
             segment_seconds: 10,
             segments: SegmentCount::Count(segments),
             redundancy,
+            check: vmlot_schemas::market::ResultCheck::Continuation,
             reserve_price: Money::new(1.into(), "CRD"),
             budget: Money::new(10.into(), "CRD"),
             account: "alice".into(),

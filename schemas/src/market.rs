@@ -58,6 +58,24 @@ pub struct JobSpec {
     /// request naming another account is refused).
     #[serde(default)]
     pub account: String,
+    /// How a provider's result is checked before it is paid.
+    #[serde(default)]
+    pub check: ResultCheck,
+}
+
+/// How a job's results are checked before their providers are paid (every
+/// result is first checked for what it claims: its timing, its state's
+/// kind and size, its blocks in the store).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum ResultCheck {
+    /// Paid at settlement: nothing proves the state restores.
+    None,
+    /// Paid into pending, posted once another provider restored the state
+    /// (the next segment's, or the check restore after the last one) and
+    /// voided when enough providers cannot.
+    #[default]
+    Continuation,
 }
 
 /// client → broker: submit a job.
@@ -94,6 +112,14 @@ pub struct Lot {
     /// subject): providers the broker knows have a free slot, and the one
     /// that ran the previous segment, which holds its blocks hot.
     pub invited: Vec<ProviderId>,
+    /// A check restore, not a segment of the job: offered once the job's
+    /// segments have all run, to prove that the last checkpoint restores
+    /// on another provider before the payment that produced it is posted.
+    /// It runs like a segment (for the broker's `--check-seconds`), is
+    /// paid like one, and its result is recorded in [`JobStatus::check`];
+    /// the job's checkpoint stays the last segment's.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub check: bool,
 }
 
 impl Lot {
@@ -282,6 +308,10 @@ pub struct JobStatus {
     /// again; enough of them void the payment that produced it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub restore_failures: Vec<ProviderId>,
+    /// The check restore of the last checkpoint ([`Lot::check`]), once a
+    /// result of it was accepted and paid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<SettledSegment>,
     pub spent: Money,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -291,6 +321,14 @@ pub struct JobStatus {
     /// back to the submitter.
     #[serde(default)]
     pub refunded: bool,
+}
+
+impl JobStatus {
+    /// Every payment the job made: its settled segments, then its check
+    /// restore.
+    pub fn payments(&self) -> impl Iterator<Item = &SettledSegment> {
+        self.settled.iter().chain(self.check.as_ref())
+    }
 }
 
 /// Request naming one job.
@@ -356,6 +394,7 @@ mod invite_tests {
             bid_deadline: Utc::now(),
             shards,
             invited: vec![],
+            check: false,
         }
     }
 

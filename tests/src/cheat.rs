@@ -48,13 +48,16 @@ pub enum Lie {
     Unrestorable,
 }
 
+/// The lie owed to each job, and the only segment it is told on (any, if None).
+type Targets = Arc<Mutex<HashMap<JobId, (Lie, Option<u32>)>>>;
+
 /// The cheat's price: below any honest provider's.
 const PRICE: &str = "0.01";
 
 /// A running dishonest provider; stopped on drop.
 pub struct Cheat {
     pub id: ProviderId,
-    targets: Arc<Mutex<HashMap<JobId, Lie>>>,
+    targets: Targets,
     told: Arc<Mutex<Vec<(JobId, Lie)>>>,
     stop: CancellationToken,
     task: Option<JoinHandle<()>>,
@@ -104,7 +107,13 @@ impl Cheat {
 
     /// From now on, answers an award of `job` with `lie` (once).
     pub fn target(&self, job: JobId, lie: Lie) {
-        self.targets.lock().unwrap().insert(job, lie);
+        self.targets.lock().unwrap().insert(job, (lie, None));
+    }
+
+    /// From now on, answers the award of `segment` of `job` (not its
+    /// check restore) with `lie` (once).
+    pub fn target_at(&self, job: JobId, lie: Lie, segment: u32) {
+        self.targets.lock().unwrap().insert(job, (lie, Some(segment)));
     }
 
     /// The lies told so far, by job.
@@ -128,7 +137,7 @@ struct Run {
     client: async_nats::Client,
     store: BlockStore,
     dir: PathBuf,
-    targets: Arc<Mutex<HashMap<JobId, Lie>>>,
+    targets: Targets,
     told: Arc<Mutex<Vec<(JobId, Lie)>>>,
     stop: CancellationToken,
 }
@@ -186,7 +195,10 @@ impl Run {
 
     /// The lie this lot would get, if the cheat still owes its job one.
     fn lie_for(&self, lot: &Lot) -> Option<Lie> {
-        let lie = *self.targets.lock().unwrap().get(&lot.job)?;
+        let (lie, at) = *self.targets.lock().unwrap().get(&lot.job)?;
+        if at.is_some_and(|segment| lot.check || lot.segment != segment) {
+            return None;
+        }
         let told = self.told.lock().unwrap().iter().any(|(j, _)| *j == lot.job);
         let fits = lie != Lie::InputUnchanged || lot.checkpoint.machine_state.is_some();
         (!told && fits).then_some(lie)

@@ -164,7 +164,22 @@ impl VmMarket {
     /// Funds submitter `default` and submits as it with `vmlot submit`; the job id.
     /// `segments` is a count or `until-halt`.
     pub fn submit(&self, image: &Path, segment_seconds: &str, segments: &str, redundancy: &str) -> JobId {
+        self.submit_checked(image, segment_seconds, segments, redundancy, "continuation")
+    }
+
+    /// [`Self::submit`] with `vmlot submit --check CHECK` (`none` for a
+    /// market of one provider: nobody else could check its checkpoints).
+    pub fn submit_checked(
+        &self,
+        image: &Path,
+        segment_seconds: &str,
+        segments: &str,
+        redundancy: &str,
+        check: &str,
+    ) -> JobId {
         let mut args = vec![
+            "--check",
+            check,
             "--json",
             "submit",
             "--image",
@@ -232,18 +247,20 @@ impl VmMarket {
     pub async fn assert_paid_once(&self, done: &JobStatus) {
         let paid = self.payments(done.job).await;
         let segments: Vec<u32> = paid.iter().map(|p| p.segment).collect();
+        // The settled segments, then the check restore if one ran.
+        let recorded: Vec<_> = done.payments().collect();
         assert_eq!(
             segments.len(),
-            done.settled.len(),
+            recorded.len(),
             "one payment per settled segment: {paid:#?}"
         );
         assert_eq!(
             segments.iter().copied().collect::<HashSet<u32>>(),
-            (0..done.settled.len() as u32).collect(),
+            (0..recorded.len() as u32).collect(),
             "each segment paid once: {paid:#?}"
         );
         for p in &paid {
-            let settled = &done.settled[p.segment as usize];
+            let settled = recorded[p.segment as usize];
             assert_eq!(
                 (p.provider, p.attempt, &p.amount),
                 (settled.provider, settled.attempt, &settled.price),

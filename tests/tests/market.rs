@@ -10,7 +10,7 @@ use rust_decimal::Decimal;
 use vmlot_client::api::{Credit, Status};
 use vmlot_schemas::caller::Role;
 use vmlot_schemas::market::{
-    Image, JobRef, JobSpec, JobState, JobStatus, SegmentCount, SegmentResult, Submitted,
+    Image, JobRef, JobSpec, JobState, JobStatus, ResultCheck, SegmentCount, SegmentResult, Submitted,
 };
 use vmlot_schemas::{HypervisorKind, JobId, Money, ProviderId, WIRE_VERSION, subjects};
 use vmlot_tests::market::{Market, ProviderSpec, fast_broker_args, payments, wait_for};
@@ -33,6 +33,9 @@ fn spec(image: Image, seconds: u32, segments: u32, r: u32, reserve: &str, budget
         segment_seconds: seconds,
         segments: SegmentCount::Count(segments),
         redundancy: r,
+        // Most of these markets have one provider: nobody else could
+        // check its checkpoints (results.rs and the ten-segment test do).
+        check: ResultCheck::None,
         reserve_price: money(reserve),
         budget: money(budget),
         account: "alice".into(),
@@ -86,13 +89,22 @@ async fn ten_segments_with_two_replicas_pay_the_first_result_each_time() {
     let market = Market::start(fast_broker_args(), &providers).unwrap();
     let client = market.server.client().await.unwrap();
     let image = synthetic_image(&market).await;
-    let job = market.submit(spec(image, 1, 10, 2, "1.00", "20")).await;
+    let checked = JobSpec {
+        check: ResultCheck::Continuation,
+        ..spec(image, 1, 10, 2, "1.00", "20")
+    };
+    let job = market.submit(checked).await;
     let done = market.wait_final(job, Duration::from_secs(120)).await;
     assert_eq!(done.state, JobState::Done, "{done:#?}\n{}", market.logs());
     assert_eq!(done.settled.len(), 10);
+    // The last checkpoint was checked, by another provider than its own.
+    let check = done.check.as_ref().expect("a check restore ran");
+    assert_eq!(check.segment, 10);
+    assert_ne!(check.provider, done.settled[9].provider);
 
     let paid = payments(&client, job).await;
-    assert_paid_once_per_segment(&paid, 10);
+    // Ten segments and the check restore, each paid once.
+    assert_paid_once_per_segment(&paid, 11);
     // Each payment went to the provider whose result for that lot arrived
     // first (stream order), at its own bid (pay-as-bid).
     let mut first: HashMap<vmlot_schemas::LotId, ProviderId> = HashMap::new();
@@ -594,8 +606,10 @@ async fn books_hold_pay_refund_answer_queries_and_verify() {
     // Hold, three settlements into pending (escrow, pending), three posts
     // (pending, provider, fee), refund.
     assert_eq!(rows.as_array().unwrap().len(), 2 + 3 * 2 + 3 * 3 + 2, "{rows:#}");
-    // Each payment is posted only after the next segment's settlement (its
-    // provider restored the checkpoint); the last one at the end, before the refund.
+    // Unchecked (one provider, nobody to restore its checkpoints): each
+    // payment is posted as soon as it is settled, before the next segment's
+    // settlement; the last one before the refund. (results.rs checks when
+    // a payment continued by another provider is posted.)
     let first = |kind: &str, segment: u64| {
         rows.as_array()
             .unwrap()
@@ -609,8 +623,9 @@ async fn books_hold_pay_refund_answer_queries_and_verify() {
         .iter()
         .position(|r| r["kind"] == "refund")
         .unwrap();
-    assert!(first("post", 0) > first("settlement", 1), "{rows:#}");
-    assert!(first("post", 1) > first("settlement", 2), "{rows:#}");
+    assert!(first("settlement", 0) < first("post", 0), "{rows:#}");
+    assert!(first("post", 0) < first("settlement", 1), "{rows:#}");
+    assert!(first("post", 1) < first("settlement", 2), "{rows:#}");
     assert!(first("post", 2) < refund, "{rows:#}");
     let rows = vmlot_json(
         &market,

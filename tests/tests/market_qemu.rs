@@ -315,7 +315,8 @@ async fn fetch_writes_the_last_checkpoint_as_the_store_holds_it() {
     }
     std::fs::write(&disk, &content).unwrap();
     let image = m.push_image(&qemu_image(&[&disk]));
-    let job = m.submit(&image, SEGMENT_SECONDS, "2", "1");
+    // One provider: nobody else could check its checkpoints.
+    let job = m.submit_checked(&image, SEGMENT_SECONDS, "2", "1", "none");
     let out_dir = m.market.path().join("fetched");
     let early = m.vmlot(&["fetch", &job.to_string(), "-o", out_dir.to_str().unwrap()]);
     assert_eq!(

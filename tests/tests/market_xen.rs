@@ -242,7 +242,8 @@ async fn a_pv_guest_migrated_between_two_nested_xen_hosts_prints_its_uninterrupt
         cmdline: "console=ttyS0 quiet loglevel=1 panic=-1 vmlot.steps=2 vmlot.work_kib=64",
         disks: &[],
     });
-    let qjob = xm.m.submit(&qemu_image, "4", "1", "1");
+    // One QEMU provider: nobody else could check its checkpoint.
+    let qjob = xm.m.submit_checked(&qemu_image, "4", "1", "1", "none");
     let qdone = xm.wait_final(qjob).await;
     assert!(
         qdone.settled.iter().all(|s| s.provider == ProviderId(q.id)),

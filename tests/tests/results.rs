@@ -51,6 +51,7 @@ async fn market_with_a_cheat(
         segment_seconds,
         segments: SegmentCount::Count(3),
         redundancy: 1,
+        check: vmlot_schemas::market::ResultCheck::Continuation,
         reserve_price: money("1"),
         budget: money("10"),
         account: "alice".into(),
@@ -112,7 +113,7 @@ async fn a_provider_that_does_not_run_its_segments_is_never_paid() {
         // Never paid.
         let client = market.server.client().await.unwrap();
         let paid = payments(&client, *job).await;
-        assert_eq!(paid.len(), 3);
+        assert_eq!(paid.len(), 4, "three segments and the check restore");
         assert!(paid.iter().all(|p| p.provider != cheat.id), "{lie:?}: {paid:#?}");
     }
 
@@ -132,7 +133,7 @@ async fn a_provider_that_does_not_run_its_segments_is_never_paid() {
         "{cheat_standing:#?}"
     );
     let honest_valid: u64 = honest_ids.iter().filter_map(of).map(|s| s.valid).sum();
-    assert_eq!(honest_valid, 18, "{standing:#?}");
+    assert_eq!(honest_valid, 6 * 4, "{standing:#?}");
     assert!(honest_ids.iter().filter_map(of).all(|s| s.refused_total() == 0));
 
     market.wait_refunded(control).await;
@@ -145,47 +146,95 @@ async fn a_provider_that_does_not_run_its_segments_is_never_paid() {
 async fn a_state_that_does_not_restore_is_voided_and_its_segment_runs_again() {
     let (market, honest_ids, cheat, spec) = market_with_a_cheat(2, "voided", 2).await;
     let control = market.submit(spec.clone()).await;
-    let job = market.submit(spec).await;
-    cheat.target(job, Lie::Unrestorable);
+    // Caught by the next segment's providers; and, on the last segment,
+    // by the check restore's.
+    let first = market.submit(spec.clone()).await;
+    cheat.target(first, Lie::Unrestorable);
+    let last = market.submit(spec).await;
+    cheat.target_at(last, Lie::Unrestorable, 2);
 
-    let limit = Duration::from_secs(180);
+    let limit = Duration::from_secs(240);
     let reference = market.wait_final(control, limit).await;
-    let done = market.wait_final(job, limit).await;
-    assert_eq!(
-        done.state,
-        JobState::Done,
-        "{:?}\n{}",
-        done.end_reason,
-        market.logs()
-    );
-    // The last payment is posted when the job has ended, before its refund.
-    let done = market.wait_refunded(job).await;
-    assert!(
-        cheat.told().contains(&(job, Lie::Unrestorable)),
-        "{:?}",
-        cheat.told()
-    );
-    // Every segment settled by the honest, from the same states as the
-    // untouched job; the cheat is off the job.
-    assert!(
-        done.settled.iter().all(|s| honest_ids.contains(&s.provider)),
-        "{done:#?}"
-    );
-    let consoles =
-        |s: &vmlot_schemas::market::JobStatus| s.settled.iter().map(|x| x.console).collect::<Vec<_>>();
-    assert_eq!(consoles(&done), consoles(&reference));
-    assert_eq!(done.checkpoint, reference.checkpoint);
-    assert_eq!(done.refused, vec![cheat.id]);
-    assert!(done.settled.iter().all(|s| s.posted));
-
-    // The cheat's settlement was written, into pending, and voided: it
-    // holds nothing, pending or posted, and the segment was paid again.
     let client = market.server.client().await.unwrap();
-    let paid = payments(&client, job).await;
-    assert_eq!(paid.len(), 4, "{paid:#?}");
-    assert_eq!(paid.iter().filter(|p| p.provider == cheat.id).count(), 1);
     let js = async_nats::jetstream::new(market.server.books_client().await.unwrap());
     let books = vmlot_ledger::Books::open(&js).await.unwrap();
+    for job in [first, last] {
+        let done = market.wait_final(job, limit).await;
+        assert_eq!(
+            done.state,
+            JobState::Done,
+            "{:?}\n{}",
+            done.end_reason,
+            market.logs()
+        );
+        // The last payment is posted when the job has ended, before its refund.
+        let done = market.wait_refunded(job).await;
+        assert!(
+            cheat.told().contains(&(job, Lie::Unrestorable)),
+            "{:?}",
+            cheat.told()
+        );
+        // Every segment settled by the honest, from the same states as the
+        // untouched job; the cheat is off the job; the last checkpoint was
+        // checked by another honest provider than its own.
+        assert!(
+            done.settled.iter().all(|s| honest_ids.contains(&s.provider)),
+            "{done:#?}"
+        );
+        let check = done.check.as_ref().expect("checked");
+        assert!(honest_ids.contains(&check.provider) && check.provider != done.settled[2].provider);
+        let consoles =
+            |s: &vmlot_schemas::market::JobStatus| s.settled.iter().map(|x| x.console).collect::<Vec<_>>();
+        assert_eq!(consoles(&done), consoles(&reference));
+        assert_eq!(done.checkpoint, reference.checkpoint);
+        assert_eq!(done.refused, vec![cheat.id]);
+        assert!(done.payments().all(|s| s.posted));
+
+        // The cheat's settlement was written, into pending, and voided: the
+        // segment was paid again. Three segments, the check, the void.
+        let paid = payments(&client, job).await;
+        assert_eq!(paid.len(), 5, "{paid:#?}");
+        let voided: Vec<_> = paid.iter().filter(|p| p.provider == cheat.id).collect();
+        assert_eq!(voided.len(), 1, "{paid:#?}");
+        let void = books
+            .transaction(&vmlot_schemas::subjects::resolve_tx(
+                &job,
+                voided[0].segment,
+                voided[0].attempt,
+            ))
+            .await
+            .unwrap()
+            .expect("the cheat's payment was resolved");
+        assert_eq!(void.kind, vmlot_schemas::ledger::TxKind::Void, "{void:#?}");
+        // Each honest payment for a segment was posted only once another
+        // provider had restored a checkpoint descending from it (by the
+        // books: a voided continuation counts, its provider said it
+        // restored); the check's own payment with the job's end.
+        let segments = done.settled.len() as u32;
+        for p in paid
+            .iter()
+            .filter(|p| p.provider != cheat.id && p.segment < segments)
+        {
+            let post = books
+                .transaction(&vmlot_schemas::subjects::resolve_tx(&job, p.segment, p.attempt))
+                .await
+                .unwrap()
+                .expect("posted");
+            assert_eq!(post.kind, vmlot_schemas::ledger::TxKind::Post);
+            let continued = paid
+                .iter()
+                .filter(|later| later.segment > p.segment && later.provider != p.provider)
+                .map(|later| later.at)
+                .min()
+                .expect("another provider continued every segment");
+            assert!(
+                post.at >= continued,
+                "segment {} posted before it was continued",
+                p.segment
+            );
+        }
+    }
+    // It holds nothing, pending or posted.
     let account = |kind: &str| format!("{kind}:{}", cheat.id).parse().unwrap();
     assert_eq!(
         books.balance(&account("provider"), "CRD").await.unwrap(),
@@ -195,24 +244,13 @@ async fn a_state_that_does_not_restore_is_voided_and_its_segment_runs_again() {
         books.balance(&account("pending"), "CRD").await.unwrap(),
         Decimal::ZERO
     );
-    let voided = paid.iter().find(|p| p.provider == cheat.id).unwrap();
-    let void = books
-        .transaction(&vmlot_schemas::subjects::resolve_tx(
-            &job,
-            voided.segment,
-            voided.attempt,
-        ))
-        .await
-        .unwrap()
-        .expect("the cheat's payment was resolved");
-    assert_eq!(void.kind, vmlot_schemas::ledger::TxKind::Void, "{void:#?}");
 
     let standing = market.api().await.standing().await.unwrap();
     let of = |p: &ProviderId| standing.iter().find(|s| s.provider == *p).cloned();
     let cheat_standing = of(&cheat.id).expect("the cheat has a standing");
     assert_eq!(
         cheat_standing.refused,
-        BTreeMap::from([(RefusalKind::Unrestorable, 1)]),
+        BTreeMap::from([(RefusalKind::Unrestorable, 2)]),
         "{cheat_standing:#?}"
     );
     assert!(honest_ids.iter().filter_map(of).all(|s| s.refused_total() == 0));

@@ -1,7 +1,9 @@
 //! Every transition of a job's life, and its refusals, without NATS.
 
 use chrono::{DateTime, Utc};
-use vmlot_schemas::market::{GuestState, JobState, JobStatus, SegmentCount, SegmentResult, SettledSegment};
+use vmlot_schemas::market::{
+    GuestState, JobState, JobStatus, ResultCheck, SegmentCount, SegmentResult, SettledSegment,
+};
 use vmlot_schemas::{JobId, LotId, Money, ProviderId};
 
 use super::*;
@@ -46,7 +48,7 @@ fn offer_opens_the_next_attempt_of_the_next_segment() {
     s.attempts = 2;
     let now = Utc::now();
     let id = LotId::new();
-    let lot = offer(&s, id, now, WINDOW).unwrap();
+    let lot = offer(&s, id, now, WINDOW, 1).unwrap();
     assert_eq!((lot.lot, lot.job, lot.segment, lot.attempt), (id, s.job, 1, 3));
     assert_eq!(lot.checkpoint, s.checkpoint);
     assert_eq!(lot.reserve_price, s.spec.reserve_price);
@@ -66,24 +68,24 @@ fn offer_is_refused_on_a_final_job_an_ending_job_and_a_live_award() {
         JobState::BudgetSpent,
     ] {
         assert_eq!(
-            offer(&ended(state), LotId::new(), Utc::now(), WINDOW),
+            offer(&ended(state), LotId::new(), Utc::now(), WINDOW, 1),
             Err(Refused::Final(state))
         );
     }
-    let done = settled_once(job(SegmentCount::Count(1)));
+    let done = settled_once(unchecked(job(SegmentCount::Count(1))));
     assert_eq!(
-        offer(&done, LotId::new(), Utc::now(), WINDOW),
+        offer(&done, LotId::new(), Utc::now(), WINDOW, 1),
         Err(Refused::Ends(Ending::SegmentsRan(1)))
     );
     let mut broke = job(SegmentCount::UntilHalt);
     broke.spent = money("10");
     assert_eq!(
-        offer(&broke, LotId::new(), Utc::now(), WINDOW),
+        offer(&broke, LotId::new(), Utc::now(), WINDOW, 1),
         Err(Refused::Ends(Ending::BudgetSpent))
     );
     let waiting = awarded(&job(SegmentCount::UntilHalt), &[ProviderId::new()], later());
     assert!(matches!(
-        offer(&waiting, LotId::new(), Utc::now(), WINDOW),
+        offer(&waiting, LotId::new(), Utc::now(), WINDOW, 1),
         Err(Refused::AwardPending { .. })
     ));
 }
@@ -295,7 +297,7 @@ fn the_guest_halting_ends_the_job_done() {
     assert_eq!(next.end_reason.as_deref(), Some("guest halted"));
     assert_eq!(next.checkpoint, s.checkpoint, "no checkpoint after a halt");
     assert_eq!(
-        offer(&next, LotId::new(), Utc::now(), WINDOW),
+        offer(&next, LotId::new(), Utc::now(), WINDOW, 1),
         Err(Refused::Final(JobState::Done))
     );
 }
@@ -313,10 +315,16 @@ fn the_guest_crashing_fails_the_job() {
     assert_eq!(next.end_reason.as_deref(), Some("guest crashed: oops"));
 }
 
+/// `job` with results checked only for what they claim.
+fn unchecked(mut status: JobStatus) -> JobStatus {
+    status.spec.check = ResultCheck::None;
+    status
+}
+
 #[test]
 fn the_segment_count_reached_ends_the_job_done() {
     let a = ProviderId::new();
-    let s = awarded(&job(SegmentCount::Count(1)), &[a], later());
+    let s = awarded(&unchecked(job(SegmentCount::Count(1))), &[a], later());
     let running = GuestState::Running {
         checkpoint: checkpoint(b"c1"),
     };
@@ -366,11 +374,11 @@ fn the_deadline_passing_opens_a_new_attempt() {
     let after = due + chrono::Duration::seconds(1);
     let next = deadline_passed(&s, after).unwrap();
     assert!(next.open_lot.is_none());
-    let lot = offer(&next, LotId::new(), after, WINDOW).unwrap();
+    let lot = offer(&next, LotId::new(), after, WINDOW, 1).unwrap();
     assert_eq!((lot.segment, lot.attempt), (0, 2));
     // A record straight from the store still holding the timed-out lot is
     // offered anew too.
-    assert_eq!(offer(&s, LotId::new(), after, WINDOW).unwrap().attempt, 2);
+    assert_eq!(offer(&s, LotId::new(), after, WINDOW, 1).unwrap().attempt, 2);
     let mut cancelled = s.clone();
     cancelled.state = JobState::Cancelled;
     assert_eq!(
@@ -602,4 +610,93 @@ fn a_checkpoint_two_providers_cannot_restore_voids_its_payment_and_the_job_goes_
         settle(&awarded(&one, &[a], later()), failed),
         Err(Refused::NothingRan)
     );
+}
+
+#[test]
+fn a_run_of_segments_by_one_provider_is_posted_only_when_another_continues_it() {
+    let s = job(SegmentCount::UntilHalt);
+    let (a, b) = (ProviderId::new(), ProviderId::new());
+    let running = |name: &[u8]| GuestState::Running {
+        checkpoint: checkpoint(name),
+    };
+    let settle_by = |s: &JobStatus, p: ProviderId, name: &[u8]| {
+        let s = awarded(s, &[p], later());
+        settle(&s, paid(&result_of(&s, p, running(name)), money("1"))).unwrap()
+    };
+    let s = settle_by(&s, a, b"c1");
+    let s = settle_by(&s, a, b"c2");
+    let s = settle_by(&s, a, b"c3");
+    assert!(
+        due_posts(&s).is_empty(),
+        "a continuing from its own checkpoints proves nothing"
+    );
+    let s = settle_by(&s, b, b"c4");
+    let due: Vec<u32> = due_posts(&s).iter().map(|x| x.segment).collect();
+    assert_eq!(due, [0, 1, 2], "b restored c3, which descends from a's run");
+    // Unchecked, every payment is due at once.
+    let s = settle_by(&unchecked(job(SegmentCount::UntilHalt)), a, b"c1");
+    assert_eq!(due_posts(&s).len(), 1);
+}
+
+#[test]
+fn the_last_checkpoint_is_checked_by_another_provider_before_the_job_ends() {
+    let (a, b) = (ProviderId::new(), ProviderId::new());
+    let s = awarded(&job(SegmentCount::Count(1)), &[a], later());
+    let c1 = GuestState::Running {
+        checkpoint: checkpoint(b"c1"),
+    };
+    let ran = settle(&s, paid(&result_of(&s, a, c1), money("1"))).unwrap();
+    assert!(check_due(&ran));
+    assert_eq!(ending(&ran), None, "the check restore comes first");
+    assert!(due_posts(&ran).is_empty());
+    let lot = offer(&ran, LotId::new(), Utc::now(), WINDOW, 1).unwrap();
+    assert!(lot.check);
+    assert_eq!((lot.segment, lot.segment_seconds), (1, 1));
+    assert_eq!(lot.checkpoint, ran.checkpoint);
+    assert_eq!(checked_provider(&ran, &lot), Some(a));
+    assert_eq!(
+        award(&ran, &lot, &[(a, money("0.1"))], later(), Utc::now()),
+        Err(Refused::OwnCheckpoint(a)),
+        "nobody checks its own checkpoint"
+    );
+    let checking = award(&ran, &lot, &[(b, money("0.1"))], later(), Utc::now()).unwrap();
+    let c2 = GuestState::Running {
+        checkpoint: checkpoint(b"c2"),
+    };
+    let check = paid(&result_of(&checking, b, c2), money("0.1"));
+    let done = settle(&checking, check.clone()).unwrap();
+    assert_eq!(done.state, JobState::Done);
+    assert_eq!(
+        done.checkpoint, ran.checkpoint,
+        "the job's state is its last segment's"
+    );
+    assert_eq!(done.settled.len(), 1);
+    assert_eq!(done.check.as_ref().map(|c| c.provider), Some(b));
+    assert_eq!(done.spent, money("1.1"), "the segment and its check");
+    assert!(
+        done.end_reason.as_deref().unwrap().contains("restored on"),
+        "{:?}",
+        done.end_reason
+    );
+    assert_eq!(settle(&done, check), Err(Refused::AlreadySettled(1)), "a repeat");
+    let due: Vec<u32> = due_posts(&done).iter().map(|x| x.segment).collect();
+    assert_eq!(due, [0, 1], "the checked segment and the check itself");
+    let posted_all = posted(&posted(&done, 0).unwrap(), 1).unwrap();
+    assert!(posted_all.payments().all(|p| p.posted));
+    assert!(!check_due(&posted_all), "checked once");
+
+    // The check restore failing on two providers voids the last segment.
+    let failed = restore_failed(&restore_failed(&checking, b).unwrap(), ProviderId::new()).unwrap();
+    let voided = void(&failed, void_due(&failed, 2).unwrap().segment).unwrap();
+    assert!(voided.settled.is_empty() && !check_due(&voided));
+    assert!(!offer(&voided, LotId::new(), Utc::now(), WINDOW, 1).unwrap().check);
+
+    // Unchecked, the job ends when its segments ran.
+    let s = awarded(&unchecked(job(SegmentCount::Count(1))), &[a], later());
+    let c1 = GuestState::Running {
+        checkpoint: checkpoint(b"c1"),
+    };
+    let ran = settle(&s, paid(&result_of(&s, a, c1), money("1"))).unwrap();
+    assert!(!check_due(&ran));
+    assert_eq!(ending(&ran), Some(Ending::SegmentsRan(1)));
 }

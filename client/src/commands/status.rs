@@ -45,9 +45,13 @@ fn print_status(ctx: &Context, s: &JobStatus, names: &HashMap<ProviderId, String
         println!("waiting   for providers (no bid on the last offer)");
     }
     if let Some(open) = &s.open_lot {
+        let what = if open.lot.check {
+            "check restore".to_string()
+        } else {
+            format!("segment {}", open.lot.segment)
+        };
         println!(
-            "open lot  segment {} attempt {} ({} awarded)",
-            open.lot.segment,
+            "open lot  {what} attempt {} ({} awarded)",
             open.lot.attempt,
             open.awarded.len()
         );
@@ -70,13 +74,19 @@ fn print_status(ctx: &Context, s: &JobStatus, names: &HashMap<ProviderId, String
     ]);
     let seconds = |ms: u64| format!("{:.2}", ms as f64 / 1000.0);
     let (mut fetched, mut sent, mut wall) = (0u64, 0u64, 0u64);
-    for seg in &s.settled {
+    // The check restore of the last checkpoint is paid like a segment.
+    for seg in s.payments() {
+        let is_check = s.check.as_ref().is_some_and(|c| std::ptr::eq(c, seg));
         let who = match names.get(&seg.provider) {
             Some(name) => format!("{name} ({})", short(&seg.provider)),
             None => seg.provider.to_string(),
         };
         table.row([
-            seg.segment.to_string(),
+            if is_check {
+                "check".to_string()
+            } else {
+                seg.segment.to_string()
+            },
             seg.attempt.to_string(),
             who,
             seg.price.to_string(),

@@ -7,7 +7,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::Args;
 use rust_decimal::Decimal;
 use vmlot_schemas::Money;
-use vmlot_schemas::market::{JobSpec, SegmentCount};
+use vmlot_schemas::market::{JobSpec, ResultCheck, SegmentCount};
 
 use crate::commands::image::{ImageArgs, push_image};
 use crate::commands::watch;
@@ -32,6 +32,12 @@ pub struct SubmitArgs {
     pub until_halt: bool,
     #[arg(long, default_value_t = 1)]
     pub redundancy: u32,
+    /// How results are checked before their providers are paid:
+    /// `continuation` (paid once another provider restored the state;
+    /// the last one by a short check restore after the job's segments) or
+    /// `none` (paid at settlement on the result's own checks).
+    #[arg(long, default_value = "continuation", value_parser = parse_check)]
+    pub check: ResultCheck,
     /// Most paid for one segment.
     #[arg(long)]
     pub reserve: Decimal,
@@ -62,6 +68,7 @@ pub async fn submit(ctx: &Context, args: &SubmitArgs) -> Result<()> {
         segment_seconds: args.segment_seconds,
         segments,
         redundancy: args.redundancy,
+        check: args.check,
         reserve_price: Money::new(args.reserve, args.unit.clone()),
         budget: Money::new(args.budget, args.unit.clone()),
         // The broker charges the caller, whoever its credentials say.
@@ -77,4 +84,12 @@ pub async fn submit(ctx: &Context, args: &SubmitArgs) -> Result<()> {
         watch::watch(ctx, submitted.job).await?;
     }
     Ok(())
+}
+
+fn parse_check(s: &str) -> Result<ResultCheck, String> {
+    match s {
+        "none" => Ok(ResultCheck::None),
+        "continuation" => Ok(ResultCheck::Continuation),
+        _ => Err(format!("unknown check {s:?}: none or continuation")),
+    }
 }

@@ -138,7 +138,9 @@ impl JobBooks {
         // A voided payment went back to the escrow: its segment ran again.
         paid_of_job.retain(|_, paid| paid.resolved != Some(false));
         let mut pending = Vec::new();
-        for settled in &status.settled {
+        // The settled segments, then the check restore of the last
+        // checkpoint (paid like a segment, numbered after the last one).
+        for settled in status.payments() {
             match paid_of_job.remove(&(settled.segment, settled.attempt)) {
                 None => report.problem(
                     &record,
@@ -287,6 +289,7 @@ mod tests {
                 segment_seconds: 10,
                 segments: SegmentCount::UntilHalt,
                 redundancy: 2,
+                check: vmlot_schemas::market::ResultCheck::Continuation,
                 reserve_price: money(1),
                 budget: money(5),
                 account: "alice".into(),
@@ -322,6 +325,7 @@ mod tests {
             refunded: false,
             refused: vec![],
             restore_failures: vec![],
+            check: None,
         }
     }
 
