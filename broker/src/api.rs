@@ -22,7 +22,8 @@ use vmlot_schemas::api::{
 };
 use vmlot_schemas::caller::Caller;
 use vmlot_schemas::market::{
-    Checkpoint, Heartbeat, JobRef, JobState, JobStatus, MarketView, SegmentCount, SubmitJob, Submitted,
+    Checkpoint, Heartbeat, JobRef, JobState, JobStatus, MarketView, ResultCheck, SegmentCount, SubmitJob,
+    Submitted,
 };
 use vmlot_schemas::standing::Standing;
 use vmlot_schemas::{HypervisorKind, JobId, Money, WIRE_VERSION, subjects};
@@ -312,6 +313,26 @@ fn validate(req: &SubmitJob) -> Result<(), ApiError> {
             format!("redundancy must be 1..={MAX_REDUNDANCY}"),
         ));
     }
+    if spec.check == ResultCheck::Quorum {
+        if (spec.redundancy as usize) < crate::quorum::QUORUM {
+            return Err(error(
+                "bad-request",
+                format!(
+                    "a quorum check needs redundancy {} or more",
+                    crate::quorum::QUORUM
+                ),
+            ));
+        }
+        if !crate::quorum::comparable(spec.image.vm.hypervisor) {
+            return Err(error(
+                "bad-request",
+                format!(
+                    "a quorum check compares deterministic states; {:?} states cannot be compared yet",
+                    spec.image.vm.hypervisor
+                ),
+            ));
+        }
+    }
     if spec.segment_seconds > MAX_SEGMENT_SECONDS {
         return Err(error(
             "bad-request",
@@ -556,7 +577,7 @@ mod tests {
                 segment_seconds,
                 segments: SegmentCount::Count(2),
                 redundancy: 1,
-                check: vmlot_schemas::market::ResultCheck::Continuation,
+                check: ResultCheck::Continuation,
                 reserve_price: money(1),
                 budget: money(10),
                 account: "alice".into(),
@@ -586,6 +607,26 @@ mod tests {
                 assert_eq!(refused.code, "bad-request");
                 assert!(refused.message.contains("`synthetic` feature"), "{refused:?}");
             }
+        }
+    }
+
+    #[test]
+    fn a_quorum_needs_two_replicas_and_states_the_broker_can_compare() {
+        let quorum = |hypervisor, redundancy| {
+            let mut req = submission(hypervisor, 10);
+            req.spec.check = ResultCheck::Quorum;
+            req.spec.redundancy = redundancy;
+            validate(&req)
+        };
+        let alone = quorum(HypervisorKind::Synthetic, 1).unwrap_err();
+        assert_eq!(alone.message, "a quorum check needs redundancy 2 or more");
+        let qemu = quorum(HypervisorKind::Qemu, 2).unwrap_err();
+        assert!(
+            qemu.message.contains("Qemu states cannot be compared yet"),
+            "{qemu:?}"
+        );
+        if cfg!(feature = "synthetic") {
+            assert_eq!(quorum(HypervisorKind::Synthetic, 2), Ok(()));
         }
     }
 }

@@ -78,16 +78,8 @@ pub fn check_bid(bid: &Bid, reserve: &Money, remaining: &Money) -> Result<(), Bi
 /// Picks up to `r` winners among valid bids from distinct providers: lowest
 /// price first; ties go to more hot bytes, then the earlier bid. Returns
 /// each winner with the price it will be paid if its result settles.
-pub fn award(mut bids: Vec<Bid>, r: usize, rule: PricingRule, reserve: &Money) -> Vec<(ProviderId, Money)> {
-    bids.sort_by(|a, b| {
-        a.price
-            .amount
-            .cmp(&b.price.amount)
-            .then(b.hot_bytes.cmp(&a.hot_bytes))
-            .then(a.sent_at.cmp(&b.sent_at))
-    });
-    let mut seen = HashSet::new();
-    bids.retain(|b| seen.insert(b.provider));
+pub fn award(bids: Vec<Bid>, r: usize, rule: PricingRule, reserve: &Money) -> Vec<(ProviderId, Money)> {
+    let bids = rank(bids);
     let winners: Vec<&Bid> = bids.iter().take(r).collect();
     let clearing = match rule {
         PricingRule::PayAsBid => None,
@@ -100,6 +92,32 @@ pub fn award(mut bids: Vec<Bid>, r: usize, rule: PricingRule, reserve: &Money) -
     winners
         .into_iter()
         .map(|b| (b.provider, clearing.clone().unwrap_or_else(|| b.price.clone())))
+        .collect()
+}
+
+/// The bids in the auction's order (cheapest, then most blocks held, then
+/// earliest), one per provider.
+fn rank(mut bids: Vec<Bid>) -> Vec<Bid> {
+    bids.sort_by(|a, b| {
+        a.price
+            .amount
+            .cmp(&b.price.amount)
+            .then(b.hot_bytes.cmp(&a.hot_bytes))
+            .then(a.sent_at.cmp(&b.sent_at))
+    });
+    let mut seen = HashSet::new();
+    bids.retain(|b| seen.insert(b.provider));
+    bids
+}
+
+/// Up to `n` bidders that rank after `winners`, each at its own price: a
+/// quorum's tie-breakers, awarded one by one if its replicas disagree.
+pub fn standby(bids: Vec<Bid>, winners: &[(ProviderId, Money)], n: usize) -> Vec<(ProviderId, Money)> {
+    rank(bids)
+        .into_iter()
+        .filter(|b| !winners.iter().any(|(w, _)| *w == b.provider))
+        .take(n)
+        .map(|b| (b.provider, b.price))
         .collect()
 }
 

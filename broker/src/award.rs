@@ -9,14 +9,17 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use tracing::Instrument;
-use vmlot_schemas::market::{Award, Bid, JobStatus, Lot, Reply, SegmentCount, ToProvider};
-use vmlot_schemas::{Money, ProviderId, WIRE_VERSION, subjects};
+use vmlot_schemas::market::{Award, Bid, JobStatus, Lot, Reply, ResultCheck, SegmentCount, ToProvider};
+use vmlot_schemas::{JobId, Money, ProviderId, WIRE_VERSION, subjects};
 
 use crate::auction;
 use crate::error::BrokerError;
 use crate::lifecycle::{self, Ending, Refused};
 use crate::shared::Shared;
 use crate::state::UpdateError;
+
+/// Standby bidders kept for a quorum's tie-breaker.
+const STANDBY: usize = 3;
 
 /// How long a provider has to confirm an award.
 const AWARD_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -54,14 +57,19 @@ pub(crate) async fn award(
             && Some(b.provider) != own
     });
     let valid_bids = bids.len();
+    let standby = match status.spec.check {
+        ResultCheck::Quorum => bids.clone(),
+        _ => Vec::new(),
+    };
     let winners = choose_winners(shared, lot, bids, status.spec.redundancy as usize);
+    let standby = auction::standby(standby, &winners, STANDBY);
     if winners.is_empty() {
         return no_winner(shared, status, valid_bids, over_budget).await;
     }
     let release = || shared.release_slots(winners.iter().map(|(p, _)| *p), &lot.lot);
     let allowance = Duration::from_secs(lot.segment_seconds as u64) + shared.config.transfer_allowance;
     let deadline = Utc::now() + chrono::Duration::from_std(allowance).unwrap_or_default();
-    let recorded = match record(shared, status, lot, &winners, deadline).await {
+    let recorded = match record(shared, status, lot, &winners, &standby, deadline).await {
         Ok(recorded) => recorded,
         Err(UpdateError::Refused(refused)) => {
             tracing::info!(%refused, "award not recorded");
@@ -159,15 +167,85 @@ async fn record(
     status: &JobStatus,
     lot: &Lot,
     winners: &[(ProviderId, Money)],
+    standby: &[(ProviderId, Money)],
     deadline: DateTime<Utc>,
 ) -> Result<JobStatus, UpdateError<Refused>> {
-    let (lot, winners, now) = (lot.clone(), winners.to_vec(), Utc::now());
+    let (lot, winners, standby, now) = (lot.clone(), winners.to_vec(), standby.to_vec(), Utc::now());
     shared
         .jobs
         .transition(&status.job, move |s| {
-            lifecycle::award(s, &lot, &winners, deadline, now)
+            let awarded = lifecycle::award(s, &lot, &winners, deadline, now)?;
+            if standby.is_empty() {
+                return Ok(awarded);
+            }
+            lifecycle::standby(&awarded, &standby)
         })
         .await
+}
+
+/// Under a quorum check whose replicas disagree: awards the open attempt
+/// to the first of its standby bidders that has a free slot and takes it,
+/// too. The record with it awarded, or None when no standby bidder is left.
+pub(crate) async fn tie_breaker(
+    shared: &Arc<Shared>,
+    job: JobId,
+    lot: &Lot,
+) -> Result<Option<(JobStatus, ProviderId)>, BrokerError> {
+    loop {
+        let Some((status, _)) = shared.jobs.get(&job).await? else {
+            return Ok(None);
+        };
+        let Some(open) = status.open_lot.as_ref().filter(|open| open.lot.lot == lot.lot) else {
+            return Ok(None);
+        };
+        let Some((provider, price)) = open.standby.first().cloned() else {
+            return Ok(None);
+        };
+        let allowance = Duration::from_secs(lot.segment_seconds as u64) + shared.config.transfer_allowance;
+        let deadline = Utc::now() + chrono::Duration::from_std(allowance).unwrap_or_default();
+        shared
+            .capacity
+            .lock()
+            .expect("capacity lock")
+            .commit(provider, lot.lot);
+        let recorded = match shared
+            .jobs
+            .transition(&job, move |s| lifecycle::add_replica(s, provider, deadline))
+            .await
+        {
+            Ok(recorded) => recorded,
+            Err(UpdateError::Refused(refused)) => {
+                // Excluded since it bid: drop it from the standby and go on.
+                tracing::info!(%provider, %refused, "standby bidder not awarded");
+                shared.release_slots([provider], &lot.lot);
+                drop_standby(shared, job, provider).await?;
+                continue;
+            }
+            Err(UpdateError::NotFound) => return Ok(None),
+            Err(UpdateError::Broker(e)) => return Err(e),
+        };
+        let span = tracing::info_span!("tie-breaker", %provider);
+        if send_awards(shared, lot, &[(provider, price)], deadline)
+            .instrument(span)
+            .await
+            == 1
+        {
+            return Ok(Some((recorded, provider)));
+        }
+        // It did not take the award: it can send no result; the next one.
+    }
+}
+
+/// Takes `provider` off the open lot's standby bidders.
+async fn drop_standby(shared: &Shared, job: JobId, provider: ProviderId) -> Result<(), BrokerError> {
+    let dropped = shared
+        .jobs
+        .transition(&job, move |s| lifecycle::drop_standby(s, provider))
+        .await;
+    match dropped {
+        Ok(_) | Err(UpdateError::Refused(_) | UpdateError::NotFound) => Ok(()),
+        Err(UpdateError::Broker(e)) => Err(e),
+    }
 }
 
 /// Sends every winner its award; returns how many took it. A winner that

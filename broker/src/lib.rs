@@ -15,6 +15,8 @@
 //!   it does not restore), [`cancel`] (tell providers to stop), [`hold`]
 //!   and [`refund`] (the escrow's two ends).
 //! - [`auction`]: the sealed-bid reverse auction (pure).
+//! - [`quorum`]: what replicas of an attempt must agree on, and whether
+//!   they do (pure).
 //! - [`capacity`]: awards outstanding per provider, never above its slots.
 //! - [`quota`]: what one account may ask (jobs in flight, segments,
 //!   redundancy, memory, image size, request rate) (pure).
@@ -43,6 +45,7 @@ pub mod job;
 pub mod lifecycle;
 pub mod logging;
 pub mod offer;
+pub mod quorum;
 pub mod quota;
 pub mod refund;
 pub mod resolve;

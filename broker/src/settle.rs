@@ -21,17 +21,18 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use vmlot_schemas::ledger::Settlement;
-use vmlot_schemas::market::{GuestState, JobStatus, Lot, SegmentResult, SettledSegment};
+use vmlot_schemas::market::{GuestState, JobStatus, Lot, ResultCheck, SegmentResult, SettledSegment};
 use vmlot_schemas::standing::RefusalKind;
 use vmlot_schemas::{BlockId, Money, ProviderId};
 
 use crate::check::{self, Refusal};
 use crate::error::BrokerError;
 use crate::lifecycle::{self, Refused};
+use crate::quorum::{self, Decision, Vote};
 use crate::shared::{LotEvent, Shared};
 use crate::standing::Outcome;
 use crate::state::UpdateError;
-use crate::{cancel, verify};
+use crate::{award, cancel, verify};
 
 /// How waiting for an attempt's results ended.
 pub(crate) enum Waited {
@@ -87,23 +88,51 @@ pub(crate) async fn resume_paid(shared: &Arc<Shared>, status: &JobStatus) -> Res
 }
 
 /// Waits for the results of the awarded lot open in `status` until its
-/// deadline, and settles the segment with the first valid one.
+/// deadline, and settles the segment with the first valid one (under a
+/// quorum check, the first of two that agree, [`tally`]).
 pub(crate) async fn await_result(
     shared: &Arc<Shared>,
     status: &JobStatus,
     rx: &mut mpsc::Receiver<LotEvent>,
     stop: &CancellationToken,
 ) -> Result<Waited, BrokerError> {
-    let Some(open) = &status.open_lot else {
+    let mut added = Vec::new();
+    let waited = wait(shared, status, rx, stop, &mut added).await;
+    // A tie-breaker's slot is held by this wait, not by the awarded lot
+    // the job task started with.
+    if let Some(open) = &status.open_lot {
+        shared.release_slots(added, &open.lot.lot);
+    }
+    waited
+}
+
+async fn wait(
+    shared: &Arc<Shared>,
+    status: &JobStatus,
+    rx: &mut mpsc::Receiver<LotEvent>,
+    stop: &CancellationToken,
+    added: &mut Vec<ProviderId>,
+) -> Result<Waited, BrokerError> {
+    // The record as this wait knows it: a tie-breaker's award changes it.
+    let mut status = status.clone();
+    let Some(open) = status.open_lot.clone() else {
         return Err(Refused::NoOpenLot.into());
     };
-    let deadline = open.award_deadline.unwrap_or_else(Utc::now);
-    let left = (deadline - Utc::now()).to_std().unwrap_or_default();
-    let timeout = tokio::time::sleep(left);
+    let until = |status: &JobStatus| {
+        let deadline = status
+            .open_lot
+            .as_ref()
+            .and_then(|open| open.award_deadline)
+            .unwrap_or_else(Utc::now);
+        tokio::time::Instant::now() + (deadline - Utc::now()).to_std().unwrap_or_default()
+    };
+    let timeout = tokio::time::sleep_until(until(&status));
     tokio::pin!(timeout);
     let known = verify::known_blocks(&shared.store, &status.checkpoint).await;
     // Providers refused during this wait (the record has those before it).
     let mut refused: Vec<ProviderId> = Vec::new();
+    let mut ballots: Vec<Ballot> = Vec::new();
+    let quorum = status.spec.check == ResultCheck::Quorum;
     loop {
         let (result, msg) = tokio::select! {
             _ = stop.cancelled() => return Ok(Waited::Stopped),
@@ -117,7 +146,7 @@ pub(crate) async fn await_result(
         let received = received_at(&msg);
         let span = tracing::info_span!("result", provider = %result.provider);
         if let GuestState::RestoreFailed { reason } = &result.guest {
-            let outcome = restore_failed(shared, status, &result, received, reason)
+            let outcome = restore_failed(shared, &status, &result, received, reason)
                 .instrument(span)
                 .await;
             let _ = msg.ack().await;
@@ -127,9 +156,24 @@ pub(crate) async fn await_result(
             }
         }
         let outcome = async {
-            match check(shared, status, &result, received, &known).await {
+            match check(shared, &status, &result, received, &known).await {
+                Ok(price) if quorum => {
+                    let _ = msg.ack().await;
+                    match crate::quorum::canonical(status.spec.image.vm.hypervisor, &result) {
+                        Ok(canonical) => ballots.push(Ballot {
+                            vote: Vote {
+                                provider: result.provider,
+                                canonical,
+                            },
+                            result,
+                            price,
+                        }),
+                        Err(why) => tracing::warn!(%why, "result not counted in the quorum"),
+                    }
+                    Ok(None)
+                }
                 Ok(price) => {
-                    settle(shared, status, &open.lot, &result, price)
+                    settle(shared, &status, &open.lot, &result, price)
                         .instrument(tracing::info_span!("settle"))
                         .await?;
                     let _ = msg.ack().await;
@@ -138,17 +182,15 @@ pub(crate) async fn await_result(
                 }
                 Err(Checked::Refused(refusal)) => {
                     tracing::warn!(kind = %refusal.kind, reason = %refusal.why, "result refused");
-                    let awarded = open.awarded.iter().any(|(p, _)| *p == result.provider);
-                    if awarded && !refused.contains(&result.provider) {
-                        refuse(shared, status, result.provider, &refusal).await?;
+                    let was_awarded = awarded(&status).any(|p| p == result.provider);
+                    if was_awarded && !refused.contains(&result.provider) {
+                        refuse(shared, &status, result.provider, &refusal).await?;
                         refused.push(result.provider);
                     }
                     let _ = msg.ack().await;
-                    let all_refused = open
-                        .awarded
-                        .iter()
-                        .all(|(p, _)| refused.contains(p) || status.refused.contains(p));
-                    Ok(all_refused.then_some(Waited::AllRefused))
+                    let all_refused =
+                        awarded(&status).all(|p| refused.contains(&p) || status.refused.contains(&p));
+                    Ok((all_refused && !quorum).then_some(Waited::AllRefused))
                 }
                 Err(Checked::Unverifiable(why)) => {
                     // The broker's trouble, not the provider's: the result
@@ -164,6 +206,110 @@ pub(crate) async fn await_result(
         if let Some(waited) = outcome {
             return Ok(waited);
         }
+        if quorum {
+            match tally(shared, &status, &open.lot, &ballots, &refused).await? {
+                Tally::Open => {}
+                Tally::Over(waited) => return Ok(waited),
+                Tally::TieBreaker(recorded, provider) => {
+                    added.push(provider);
+                    status = *recorded;
+                    timeout.as_mut().reset(until(&status));
+                }
+            }
+        }
+    }
+}
+
+/// The providers awarded the open attempt in `status`.
+fn awarded(status: &JobStatus) -> impl Iterator<Item = ProviderId> + '_ {
+    status
+        .open_lot
+        .iter()
+        .flat_map(|open| open.awarded.iter().map(|(p, _)| *p))
+}
+
+/// A valid result under a quorum check, waiting for another to agree.
+struct Ballot {
+    vote: Vote,
+    result: SegmentResult,
+    price: Money,
+}
+
+/// What the quorum's count did.
+enum Tally {
+    /// No quorum yet; replicas may still answer.
+    Open,
+    /// The attempt is over (settled, or no replica left to break a tie).
+    Over(Waited),
+    /// The replicas disagree: the record with a tie-breaker awarded.
+    TieBreaker(Box<JobStatus>, ProviderId),
+}
+
+/// Under a quorum check, after each result: settles the attempt once two
+/// replicas agree (the first of them is paid; a replica whose state
+/// differs is refused as the minority), or awards a tie-breaker when every
+/// replica has answered and none agree.
+async fn tally(
+    shared: &Arc<Shared>,
+    status: &JobStatus,
+    lot: &Lot,
+    ballots: &[Ballot],
+    refused: &[ProviderId],
+) -> Result<Tally, BrokerError> {
+    let votes: Vec<Vote> = ballots.iter().map(|b| b.vote.clone()).collect();
+    let outstanding = awarded(status)
+        .filter(|p| {
+            !votes.iter().any(|v| v.provider == *p)
+                && !refused.contains(p)
+                && !status.refused.contains(p)
+                && !status.restore_failures.contains(p)
+        })
+        .count();
+    match quorum::decide(&votes, outstanding) {
+        Decision::Open => Ok(Tally::Open),
+        Decision::Agreed { winner, minority } => {
+            let paid = &ballots[winner];
+            settle(shared, status, lot, &paid.result, paid.price.clone())
+                .instrument(tracing::info_span!(
+                    "settle",
+                    agreed = votes.len() - minority.len()
+                ))
+                .await?;
+            for (i, ballot) in ballots.iter().enumerate() {
+                if !minority.contains(&i) {
+                    count_valid(shared, ballot.vote.provider);
+                    continue;
+                }
+                let why = format!(
+                    "its state differs from the one {} replicas agreed on",
+                    votes.len() - minority.len()
+                );
+                tracing::warn!(provider = %ballot.vote.provider, %why, "minority result");
+                refuse(
+                    shared,
+                    status,
+                    ballot.vote.provider,
+                    &Refusal::new(RefusalKind::Minority, why),
+                )
+                .await?;
+            }
+            // A tie-breaker still running is told to stop.
+            let running: Vec<ProviderId> = awarded(status)
+                .filter(|p| !votes.iter().any(|v| v.provider == *p))
+                .collect();
+            cancel::attempt(shared, lot.lot, &running, "the replicas agreed").await;
+            Ok(Tally::Over(Waited::Settled))
+        }
+        Decision::Split => match award::tie_breaker(shared, status.job, lot).await? {
+            Some((recorded, provider)) => {
+                tracing::warn!(%provider, "replicas disagree; a tie-breaker is awarded");
+                Ok(Tally::TieBreaker(Box::new(recorded), provider))
+            }
+            None => {
+                tracing::warn!("replicas disagree and no standby bidder is left; the attempt is over");
+                Ok(Tally::Over(Waited::AllRefused))
+            }
+        },
     }
 }
 

@@ -76,6 +76,12 @@ pub enum ResultCheck {
     /// voided when enough providers cannot.
     #[default]
     Continuation,
+    /// Every segment runs on r ≥ 2 replicas of a deterministic guest; a
+    /// result is paid when another replica's state agrees with it on its
+    /// canonical digest (the first of the agreeing results is paid; a
+    /// replica whose state differs from the agreed one is paid nothing);
+    /// a disagreement is broken by one more replica.
+    Quorum,
 }
 
 /// client → broker: submit a job.
@@ -281,6 +287,11 @@ pub struct OpenLot {
     /// arrives before this plus the segment's length.
     #[serde(default)]
     pub awarded_at: Option<DateTime<Utc>>,
+    /// Under a quorum check: the next bidders of the auction, in its order
+    /// and at their own prices, awarded one by one when the replicas
+    /// disagree.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub standby: Vec<(ProviderId, Money)>,
 }
 
 /// A job's durable record (the broker's KV value) and what `status` returns.

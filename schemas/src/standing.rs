@@ -32,10 +32,13 @@ pub enum RefusalKind {
     /// A state this provider was paid for did not restore on the providers
     /// of the next segment: its payment was voided.
     Unrestorable,
+    /// Under a quorum check, a state other replicas of the same attempt
+    /// agreed on, and this one's differs.
+    Minority,
 }
 
 impl RefusalKind {
-    pub const ALL: [RefusalKind; 7] = [
+    pub const ALL: [RefusalKind; 8] = [
         RefusalKind::NotOpen,
         RefusalKind::TooEarly,
         RefusalKind::NoFinalState,
@@ -43,6 +46,7 @@ impl RefusalKind {
         RefusalKind::WrongKind,
         RefusalKind::Incomplete,
         RefusalKind::Unrestorable,
+        RefusalKind::Minority,
     ];
 
     /// The stable name, as on the wire.
@@ -55,6 +59,7 @@ impl RefusalKind {
             RefusalKind::WrongKind => "wrong-kind",
             RefusalKind::Incomplete => "incomplete",
             RefusalKind::Unrestorable => "unrestorable",
+            RefusalKind::Minority => "minority",
         }
     }
 }

@@ -46,6 +46,10 @@ pub enum Lie {
     /// length, that passes every check on its own but does not restore
     /// (its data is not what its header says).
     Unrestorable,
+    /// A state of the right kind and size, sent after the segment's
+    /// length, that passes every check and restores, but is not what the
+    /// segment computes (under a quorum check, the minority).
+    Forged,
 }
 
 /// The lie owed to each job, and the only segment it is told on (any, if None).
@@ -246,6 +250,11 @@ impl Run {
                 running(state)
             }
             Lie::TooEarly => running(self.crafted_state(&lot, 1).await),
+            Lie::Forged => {
+                let state = self.crafted_state_restoring(&lot).await;
+                tokio::time::sleep(after_the_segment).await;
+                running(state)
+            }
             Lie::Unrestorable => {
                 let state = self.crafted_state(&lot, 1).await;
                 tokio::time::sleep(after_the_segment).await;
@@ -274,8 +283,20 @@ impl Run {
     }
 
     /// A synthetic state that says it ran the lot's segment, `times` the
-    /// size the lot's machine has, stored for real; its checkpoint.
+    /// size the lot's machine has, stored for real; its checkpoint. Its
+    /// data is zeros, not what its header's digest says.
     async fn crafted_state(&self, lot: &Lot, times: u32) -> Checkpoint {
+        self.crafted(lot, times, false).await
+    }
+
+    /// A synthetic state of the lot's size that says it ran the lot's
+    /// segment and restores (its data matches its digest), but holds
+    /// made-up data.
+    async fn crafted_state_restoring(&self, lot: &Lot) -> Checkpoint {
+        self.crafted(lot, 1, true).await
+    }
+
+    async fn crafted(&self, lot: &Lot, times: u32, restores: bool) -> Checkpoint {
         let asked = lot
             .image
             .vm
@@ -285,16 +306,25 @@ impl Run {
             .and_then(|k| k.parse::<u32>().ok())
             .unwrap_or(lot.image.vm.memory_mib * 1024);
         let state_kib = asked * times;
+        let header_block = vmlot_cas::synthetic::HEADER_BLOCK;
+        let fill = if restores { 0xc4 } else { 0 };
+        let data = vec![fill; state_kib as usize * 1024 - header_block];
+        let digest = if restores {
+            use sha1::Digest as _;
+            sha1::Sha1::digest(&data).into()
+        } else {
+            [0xc4; 20]
+        };
         let mut bytes = SyntheticHeader {
             seed: 0,
             counter: u64::from(lot.segment) + 1,
             digest: [0xc4; 20],
             state_kib,
-            data: [0xc4; 20],
+            data: digest,
         }
         .encode();
-        bytes.resize(state_kib as usize * 1024, 0);
-        let path = self.dir.join(format!("{}-{}", lot.lot, times));
+        bytes.extend_from_slice(&data);
+        let path = self.dir.join(format!("{}-{}-{restores}", lot.lot, times));
         std::fs::write(&path, &bytes).unwrap();
         let pushed = vmlot_cas::push_file(
             &self.store,

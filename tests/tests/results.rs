@@ -13,7 +13,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use rust_decimal::Decimal;
-use vmlot_schemas::market::{JobSpec, JobState, SegmentCount};
+use vmlot_schemas::market::{JobSpec, JobState, ResultCheck, SegmentCount};
 use vmlot_schemas::standing::RefusalKind;
 use vmlot_schemas::{Money, ProviderId};
 use vmlot_tests::cheat::{Cheat, Lie};
@@ -253,6 +253,88 @@ async fn a_state_that_does_not_restore_is_voided_and_its_segment_runs_again() {
         BTreeMap::from([(RefusalKind::Unrestorable, 2)]),
         "{cheat_standing:#?}"
     );
+    assert!(honest_ids.iter().filter_map(of).all(|s| s.refused_total() == 0));
+
+    market.wait_refunded(control).await;
+    let api = vmlot_ledger::BooksApi::for_server(market.server.client().await.unwrap()).await;
+    let report = vmlot_ledger::verify::verify(&api).await.unwrap();
+    assert!(report.ok(), "{:#?}", report.problems);
+}
+
+/// Under a quorum check (r = 2, deterministic synthetic states), each
+/// segment settles on two replicas that agree. A provider whose state
+/// passes every check and restores, but is not what the segment computes,
+/// disagrees with its honest partner: a third replica breaks the tie, the
+/// forger is the minority, refused and paid nothing, and the job ends as
+/// one it never touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_a_quorum_a_forged_state_is_the_minority_and_unpaid() {
+    let (market, honest_ids, cheat, spec) = market_with_a_cheat(3, "quorum", 2).await;
+    let spec = JobSpec {
+        redundancy: 2,
+        check: ResultCheck::Quorum,
+        ..spec
+    };
+    let control = market.submit(spec.clone()).await;
+    let job = market.submit(spec).await;
+    cheat.target(job, Lie::Forged);
+
+    let limit = Duration::from_secs(180);
+    let reference = market.wait_final(control, limit).await;
+    assert_eq!(reference.state, JobState::Done, "{}", market.logs());
+    market.wait_final(job, limit).await;
+    let done = market.wait_refunded(job).await;
+    assert_eq!(
+        done.state,
+        JobState::Done,
+        "{:?}\n{}",
+        done.end_reason,
+        market.logs()
+    );
+    assert!(cheat.told().contains(&(job, Lie::Forged)), "{:?}", cheat.told());
+    assert!(done.check.is_none(), "a quorum needs no check restore");
+
+    // Every segment settled by an honest replica another one agreed with;
+    // the one the forger ran needed a third replica.
+    assert!(
+        done.settled.iter().all(|s| honest_ids.contains(&s.provider)),
+        "{done:#?}"
+    );
+    assert!(done.settled.iter().all(|s| s.awarded.len() >= 2), "{done:#?}");
+    let forged = done
+        .settled
+        .iter()
+        .find(|s| s.awarded.contains(&cheat.id))
+        .expect("the forger was awarded a segment");
+    assert_eq!(forged.awarded.len(), 3, "a tie-breaker: {forged:#?}");
+    assert_eq!(done.refused, vec![cheat.id]);
+    let consoles =
+        |s: &vmlot_schemas::market::JobStatus| s.settled.iter().map(|x| x.console).collect::<Vec<_>>();
+    assert_eq!(consoles(&done), consoles(&reference));
+    assert_eq!(done.checkpoint, reference.checkpoint);
+    assert!(done.payments().all(|s| s.posted));
+
+    // One payment per segment, none to the forger, nothing pending.
+    let client = market.server.client().await.unwrap();
+    let paid = payments(&client, job).await;
+    assert_eq!(paid.len(), 3, "{paid:#?}");
+    assert!(paid.iter().all(|p| p.provider != cheat.id), "{paid:#?}");
+    let js = async_nats::jetstream::new(market.server.books_client().await.unwrap());
+    let books = vmlot_ledger::Books::open(&js).await.unwrap();
+    for kind in ["provider", "pending"] {
+        let account = format!("{kind}:{}", cheat.id).parse().unwrap();
+        assert_eq!(books.balance(&account, "CRD").await.unwrap(), Decimal::ZERO);
+    }
+
+    let standing = market.api().await.standing().await.unwrap();
+    let of = |p: &ProviderId| standing.iter().find(|s| s.provider == *p).cloned();
+    let cheat_standing = of(&cheat.id).expect("the cheat has a standing");
+    assert_eq!(
+        cheat_standing.refused,
+        BTreeMap::from([(RefusalKind::Minority, 1)]),
+        "{cheat_standing:#?}"
+    );
+    assert_eq!(cheat_standing.valid, 0);
     assert!(honest_ids.iter().filter_map(of).all(|s| s.refused_total() == 0));
 
     market.wait_refunded(control).await;

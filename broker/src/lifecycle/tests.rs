@@ -700,3 +700,53 @@ fn the_last_checkpoint_is_checked_by_another_provider_before_the_job_ends() {
     assert!(!check_due(&ran));
     assert_eq!(ending(&ran), Some(Ending::SegmentsRan(1)));
 }
+
+#[test]
+fn a_quorum_keeps_standby_bidders_and_awards_them_one_by_one_to_break_a_tie() {
+    let mut s = job(SegmentCount::Count(3));
+    s.spec.check = ResultCheck::Quorum;
+    let (a, b, c, d, refused) = (
+        ProviderId::new(),
+        ProviderId::new(),
+        ProviderId::new(),
+        ProviderId::new(),
+        ProviderId::new(),
+    );
+    s.refused.push(refused);
+    let s = awarded(&s, &[a, b], later());
+    let bidders = [
+        (a, money("0.1")),
+        (c, money("0.3")),
+        (refused, money("0.2")),
+        (d, money("0.4")),
+    ];
+    let s = standby(&s, &bidders).unwrap();
+    let open = s.open_lot.as_ref().unwrap();
+    assert_eq!(
+        open.standby,
+        [(c, money("0.3")), (d, money("0.4"))],
+        "in order, without winners or refused providers"
+    );
+    assert_eq!(
+        add_replica(&s, d, later()).map(|_| ()),
+        Ok(()),
+        "any standby bidder"
+    );
+    let far = later() + chrono::Duration::seconds(60);
+    let tied = add_replica(&s, c, far).unwrap();
+    let open = tied.open_lot.as_ref().unwrap();
+    assert_eq!(open.awarded.last(), Some(&(c, money("0.3"))), "at its own price");
+    assert_eq!(open.standby, [(d, money("0.4"))]);
+    assert_eq!(open.award_deadline, Some(far), "the deadline moves out for it");
+    assert_eq!(add_replica(&tied, c, far), Err(Refused::NotAwarded(c)), "once");
+    assert_eq!(add_replica(&tied, refused, far), Err(Refused::Excluded(refused)));
+    // The tie-breaker's result is one of the open attempt's.
+    let result = result_of(&tied, c, GuestState::Halted { final_state: None });
+    assert_eq!(check_result(&tied, &result), Ok(money("0.3")));
+    let dropped = drop_standby(&tied, d).unwrap();
+    assert!(dropped.open_lot.unwrap().standby.is_empty());
+    assert_eq!(drop_standby(&tied, c), Err(Refused::NotAwarded(c)));
+    // Payments of a quorum are posted as they settle: the replicas agreed.
+    let paid_now = settle(&tied, paid(&result, money("0.3"))).unwrap();
+    assert_eq!(due_posts(&paid_now).len(), 1);
+}

@@ -35,7 +35,8 @@ pub struct SubmitArgs {
     /// How results are checked before their providers are paid:
     /// `continuation` (paid once another provider restored the state;
     /// the last one by a short check restore after the job's segments) or
-    /// `none` (paid at settlement on the result's own checks).
+    /// `none` (paid at settlement on the result's own checks) or `quorum`
+    /// (r ≥ 2 replicas of a deterministic guest; paid when two agree).
     #[arg(long, default_value = "continuation", value_parser = parse_check)]
     pub check: ResultCheck,
     /// Most paid for one segment.
@@ -90,6 +91,7 @@ fn parse_check(s: &str) -> Result<ResultCheck, String> {
     match s {
         "none" => Ok(ResultCheck::None),
         "continuation" => Ok(ResultCheck::Continuation),
-        _ => Err(format!("unknown check {s:?}: none or continuation")),
+        "quorum" => Ok(ResultCheck::Quorum),
+        _ => Err(format!("unknown check {s:?}: none, continuation or quorum")),
     }
 }
