@@ -14,14 +14,17 @@ deps:
 ## The release binaries only: built apart from the tests and benchmarks so
 ## their test machinery (fault injection, the synthetic driver) stays out.
 RELEASE_PACKAGES := -p vmlot-broker -p vmlot-provider -p vmlot-client
+## The QEMU plugin of deterministic segments, beside the provider binary.
+PLUGIN := -p vmlot-icount-stop
 build: deps
-	$(CARGO) build --release $(RELEASE_PACKAGES)
+	$(CARGO) build --release $(RELEASE_PACKAGES) $(PLUGIN)
 
 ## The benchmarks, with the test-capable broker and provider they drive
 ## (synthetic jobs), in a profile of their own: target/bench-build/.
 BENCH := ./target/bench-build/vmlot-bench
 bench-build: deps
 	$(CARGO) build --profile bench-build --workspace --bins
+	$(CARGO) build --profile bench-build $(PLUGIN)
 
 ## The test guest: a Debian kernel and a busybox initramfs.
 guest: deps
@@ -47,6 +50,7 @@ check-release:
 # The integration tests run the workspace's binaries as real processes.
 unit:
 	$(CARGO) build --workspace --bins
+	$(CARGO) build $(PLUGIN)
 	$(CARGO) test --workspace
 
 ## Segments on real Xen: two nested Xen hosts (Debian's Xen 4.17 under QEMU TCG)

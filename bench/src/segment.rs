@@ -94,7 +94,11 @@ impl Provider {
     async fn new(server: &NatsServer, dir: PathBuf, accel: Accel) -> Result<Self> {
         let store = BlockStore::open(server.client().await?, StoreOptions::default()).await?;
         let cache = BlockCache::open(dir.join("cache"), CACHE_BYTES)?;
-        let driver = QemuDriver::new(QemuConfig { binary: None, accel });
+        let driver = QemuDriver::new(QemuConfig {
+            binary: None,
+            accel,
+            ..Default::default()
+        });
         Ok(Self {
             store,
             cache,
@@ -172,6 +176,7 @@ pub async fn run(args: Args) -> Result<()> {
     let accel = QemuDriver::new(QemuConfig {
         binary: None,
         accel: Accel::Auto,
+        ..Default::default()
     })
     .accel_for(&files.kernel, &never)
     .await
@@ -200,6 +205,7 @@ pub async fn run(args: Args) -> Result<()> {
         files: files.clone(),
         start,
         run_for,
+        instructions: None,
         workdir,
     };
 

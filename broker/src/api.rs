@@ -323,6 +323,12 @@ fn validate(req: &SubmitJob) -> Result<(), ApiError> {
                 ),
             ));
         }
+        if spec.image.vm.hypervisor == HypervisorKind::Qemu && spec.image.vm.vcpus != 1 {
+            return Err(error(
+                "bad-request",
+                "a quorum check on QEMU runs deterministic segments, with one vCPU",
+            ));
+        }
         if !crate::quorum::comparable(spec.image.vm.hypervisor) {
             return Err(error(
                 "bad-request",
@@ -620,11 +626,17 @@ mod tests {
         };
         let alone = quorum(HypervisorKind::Synthetic, 1).unwrap_err();
         assert_eq!(alone.message, "a quorum check needs redundancy 2 or more");
-        let qemu = quorum(HypervisorKind::Qemu, 2).unwrap_err();
+        let xen = quorum(HypervisorKind::Xen, 2).unwrap_err();
         assert!(
-            qemu.message.contains("Qemu states cannot be compared yet"),
-            "{qemu:?}"
+            xen.message.contains("Xen states cannot be compared yet"),
+            "{xen:?}"
         );
+        assert_eq!(quorum(HypervisorKind::Qemu, 2), Ok(()));
+        let mut two_vcpus = submission(HypervisorKind::Qemu, 10);
+        two_vcpus.spec.check = ResultCheck::Quorum;
+        two_vcpus.spec.redundancy = 2;
+        two_vcpus.spec.image.vm.vcpus = 2;
+        assert!(validate(&two_vcpus).unwrap_err().message.contains("one vCPU"));
         if cfg!(feature = "synthetic") {
             assert_eq!(quorum(HypervisorKind::Synthetic, 2), Ok(()));
         }

@@ -22,6 +22,8 @@
 //!   redundancy, memory, image size, request rate) (pure).
 //! - [`state`]: job records in a KV bucket with revision checks.
 //! - [`verify`]: checks a result's checkpoint against the store.
+//! - [`stored_save`]: the canonical digest of a QEMU save in the store,
+//!   for the quorum check.
 //! - the books are [`vmlot_ledger`]: a submission holds the budget in the
 //!   job's escrow, each settlement pays from it once (pending, then
 //!   posted), the job's end refunds.
@@ -55,6 +57,7 @@ pub mod settle;
 mod shared;
 pub mod standing;
 pub mod state;
+pub mod stored_save;
 pub mod verify;
 
 pub use auction::PricingRule;

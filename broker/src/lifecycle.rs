@@ -31,10 +31,11 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
+use vmlot_schemas::market::INSTRUCTIONS_PER_SECOND;
 use vmlot_schemas::market::{
     GuestState, JobState, JobStatus, Lot, OpenLot, ResultCheck, SegmentCount, SegmentResult, SettledSegment,
 };
-use vmlot_schemas::{LotId, Money, ProviderId, WIRE_VERSION};
+use vmlot_schemas::{HypervisorKind, LotId, Money, ProviderId, WIRE_VERSION};
 
 /// Why a job ends before its next segment is offered.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -194,6 +195,12 @@ pub fn check_due(status: &JobStatus) -> bool {
             .is_some_and(|last| !last.posted && matches!(last.guest, GuestState::Running { .. }))
 }
 
+/// True when the job's segments are counts of guest instructions: a
+/// quorum job on QEMU (whose replicas must end in the same state).
+pub fn deterministic(status: &JobStatus) -> bool {
+    status.spec.check == ResultCheck::Quorum && status.spec.image.vm.hypervisor == HypervisorKind::Qemu
+}
+
 /// The job's open lot if it is awarded and its deadline has not passed at
 /// `now`: the job waits for its results instead of offering again.
 pub fn live_award(status: &JobStatus, now: DateTime<Utc>) -> Option<&OpenLot> {
@@ -249,6 +256,7 @@ pub fn offer(
         shards: None,
         invited: Vec::new(),
         check,
+        instructions: deterministic(status).then(|| u64::from(segment_seconds) * INSTRUCTIONS_PER_SECOND),
     })
 }
 

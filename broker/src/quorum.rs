@@ -18,20 +18,28 @@ pub(crate) enum NotCanonical {
     Hypervisor(HypervisorKind),
     #[error("a restore failure has no state")]
     NothingRan,
+    #[error("a QEMU machine state is compared by its canonical digest, and none was given")]
+    NoDigest,
 }
 
 /// The hypervisors whose states the broker can compare. A synthetic state
 /// holds nothing of the host it ran on (no clock, no address), so its
-/// manifest id, a digest of its bytes, is already canonical. A QEMU or
-/// Xen save holds host time and layout details and needs a canonical
-/// digest of its own (issue 14, deterministic segments: not there yet).
+/// manifest id, a digest of its bytes, is already canonical. A QEMU save
+/// of a deterministic segment holds the host's clock in two fields of its
+/// timer section: its canonical digest ([`crate::stored_save`]) leaves
+/// them out. A Xen save holds more of the host (no canonical form yet).
 pub fn comparable(hypervisor: HypervisorKind) -> bool {
-    hypervisor == HypervisorKind::Synthetic
+    matches!(hypervisor, HypervisorKind::Synthetic | HypervisorKind::Qemu)
 }
 
 /// What two replicas of an attempt must agree on: how the guest ended,
 /// every object of its new checkpoint (or final state), and its console.
-pub(crate) fn canonical(hypervisor: HypervisorKind, result: &SegmentResult) -> Result<String, NotCanonical> {
+/// A QEMU machine state counts by `machine_state`, its canonical digest.
+pub(crate) fn canonical(
+    hypervisor: HypervisorKind,
+    result: &SegmentResult,
+    machine_state: Option<[u8; 32]>,
+) -> Result<String, NotCanonical> {
     if !comparable(hypervisor) {
         return Err(NotCanonical::Hypervisor(hypervisor));
     }
@@ -43,7 +51,14 @@ pub(crate) fn canonical(hypervisor: HypervisorKind, result: &SegmentResult) -> R
     };
     let mut parts = vec![how.to_string()];
     if let Some(state) = state {
-        parts.push(state.machine_state.map(|m| m.to_string()).unwrap_or_default());
+        parts.push(match (hypervisor, state.machine_state, machine_state) {
+            (_, None, _) => String::new(),
+            (HypervisorKind::Qemu, Some(_), Some(digest)) => {
+                digest.iter().map(|b| format!("{b:02x}")).collect()
+            }
+            (HypervisorKind::Qemu, Some(_), None) => return Err(NotCanonical::NoDigest),
+            (_, Some(named), _) => named.to_string(),
+        });
         parts.extend(state.disks.iter().map(|d| d.to_string()));
     }
     parts.push(result.console.map(|c| c.to_string()).unwrap_or_default());

@@ -23,7 +23,7 @@ use tracing::Instrument;
 use vmlot_schemas::ledger::Settlement;
 use vmlot_schemas::market::{GuestState, JobStatus, Lot, ResultCheck, SegmentResult, SettledSegment};
 use vmlot_schemas::standing::RefusalKind;
-use vmlot_schemas::{BlockId, Money, ProviderId};
+use vmlot_schemas::{BlockId, HypervisorKind, Money, ProviderId};
 
 use crate::check::{self, Refusal};
 use crate::error::BrokerError;
@@ -32,6 +32,7 @@ use crate::quorum::{self, Decision, Vote};
 use crate::shared::{LotEvent, Shared};
 use crate::standing::Outcome;
 use crate::state::UpdateError;
+use crate::stored_save::{self, StoredSaveError};
 use crate::{award, cancel, verify};
 
 /// How waiting for an attempt's results ended.
@@ -157,21 +158,37 @@ async fn wait(
         }
         let outcome = async {
             match check(shared, &status, &result, received, &known).await {
-                Ok(price) if quorum => {
-                    let _ = msg.ack().await;
-                    match crate::quorum::canonical(status.spec.image.vm.hypervisor, &result) {
-                        Ok(canonical) => ballots.push(Ballot {
-                            vote: Vote {
-                                provider: result.provider,
-                                canonical,
-                            },
-                            result,
-                            price,
-                        }),
-                        Err(why) => tracing::warn!(%why, "result not counted in the quorum"),
+                Ok(price) if quorum => match machine_state_digest(shared, &status, &result).await {
+                    Ok(digest) => {
+                        let _ = msg.ack().await;
+                        match quorum::canonical(status.spec.image.vm.hypervisor, &result, digest) {
+                            Ok(canonical) => ballots.push(Ballot {
+                                vote: Vote {
+                                    provider: result.provider,
+                                    canonical,
+                                },
+                                result,
+                                price,
+                            }),
+                            Err(why) => tracing::warn!(%why, "result not counted in the quorum"),
+                        }
+                        Ok(None)
                     }
-                    Ok(None)
-                }
+                    Err(Checked::Refused(refusal)) => {
+                        tracing::warn!(kind = %refusal.kind, reason = %refusal.why, "result refused");
+                        if !refused.contains(&result.provider) {
+                            refuse(shared, &status, result.provider, &refusal).await?;
+                            refused.push(result.provider);
+                        }
+                        let _ = msg.ack().await;
+                        Ok(None)
+                    }
+                    Err(Checked::Unverifiable(why)) => {
+                        tracing::warn!(%why, "result not checked now; asking for it again");
+                        let _ = msg.ack_with(AckKind::Nak(Some(RECHECK_DELAY))).await;
+                        Ok(None)
+                    }
+                },
                 Ok(price) => {
                     settle(shared, &status, &open.lot, &result, price)
                         .instrument(tracing::info_span!("settle"))
@@ -217,6 +234,30 @@ async fn wait(
                 }
             }
         }
+    }
+}
+
+/// Under a quorum check, the canonical digest of a QEMU result's machine
+/// state, read from the store (a synthetic state needs none: its manifest
+/// id is canonical).
+async fn machine_state_digest(
+    shared: &Shared,
+    status: &JobStatus,
+    result: &SegmentResult,
+) -> Result<Option<[u8; 32]>, Checked> {
+    let machine_state = result.guest.state().and_then(|state| state.machine_state);
+    let (HypervisorKind::Qemu, Some(id)) = (status.spec.image.vm.hypervisor, machine_state) else {
+        return Ok(None);
+    };
+    let manifest = shared
+        .store
+        .get_manifest(&id)
+        .await
+        .map_err(|e| Checked::Unverifiable(e.to_string()))?;
+    match stored_save::canonical_digest(&shared.store, &manifest).await {
+        Ok(digest) => Ok(Some(digest)),
+        Err(StoredSaveError::Invalid(why)) => Err(Refusal::new(RefusalKind::WrongKind, why).into()),
+        Err(StoredSaveError::Store(why)) => Err(Checked::Unverifiable(why)),
     }
 }
 

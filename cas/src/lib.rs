@@ -9,6 +9,8 @@
 //! - `synthetic` (feature `synthetic`, test machinery) reads and writes the synthetic
 //!   driver's state header.
 //! - [`qemusave`] reads the head of a QEMU `mapped-ram` save: machine type and RAM blocks.
+//! - [`qemucanon`] gives a QEMU `mapped-ram` save's canonical digest, equal for
+//!   two saves of one guest state (replicas), reading no guest page.
 //! - [`store`] keeps blocks and manifests in JetStream.
 //! - [`cache`] keeps blocks on a provider's or client's disk.
 //! - [`transfer`] pushes a file into the store and pulls it back out.
@@ -19,6 +21,7 @@ pub mod cache;
 pub mod chunk;
 pub mod error;
 pub mod piece;
+pub mod qemucanon;
 pub mod qemusave;
 pub mod store;
 #[cfg(feature = "synthetic")]
@@ -28,6 +31,7 @@ pub mod xensave;
 
 pub use cache::{BlockCache, HaveReport};
 pub use error::CasError;
+pub use qemucanon::{CanonError, SaveBytes, canonical_digest};
 pub use qemusave::{QemuSaveError, QemuSaveHeader, RamBlock};
 pub use store::{BlockStore, StoreOptions};
 pub use transfer::{PullReport, PushReport, pull_file, push_file};

@@ -286,6 +286,13 @@ impl QemuSaveHeader {
         Ok(r.pos)
     }
 
+    /// Where the migration stream goes on once every block's record has
+    /// been read (with mapped-ram: right after the last block's pages), or
+    /// `None` while [`QemuSaveHeader::next_block_at`] still has one to read.
+    pub fn stream_resumes_at(&self) -> Option<u64> {
+        self.next_block_at().is_none().then_some(self.next_at)
+    }
+
     /// The guest's RAM block, if read yet.
     pub fn guest_ram(&self) -> Option<&RamBlock> {
         self.ram_blocks.iter().find(|b| b.id == GUEST_RAM_ID)
@@ -391,10 +398,12 @@ mod tests {
         let mut h = parse_header(MAPPED_128).unwrap();
         let (mut rest, mut ats) = (RECORDS_128, vec![]);
         while let Some(at) = h.next_block_at() {
+            assert_eq!(h.stream_resumes_at(), None);
             ats.push(at);
             rest = &rest[h.read_next_block(rest).unwrap()..];
         }
         assert!(rest.is_empty());
+        assert_eq!(h.stream_resumes_at(), Some(0x860_1000));
         assert_eq!(ats, [0x810_0000, 0x822_0000, 0x834_0000, 0x842_0000, 0x850_1000]);
         assert_eq!(sizes(&h)[1..], ROMS);
         assert_eq!(h.guest_ram().map(|b| b.used_length), Some(128 * MIB));

@@ -5,6 +5,7 @@
 //! `hypervisors`, `arch`, `memory_mib`, `slots`, `price_per_second`,
 //! `min_price`, `unit`, `hot_discount`, `cache_dir`, `cache_bytes`,
 //! `work_dir`, `idle_load`, `heartbeat` in ms, `qemu_accel`,
+//! `qemu_icount_stop_plugin`,
 //! `xen_guest_type`, `xl_binary`, `xen_console_dir`,
 //! `synthetic_changed_fraction`); a missing key keeps its default, an
 //! unknown one is refused. Every key is also a flag (`--memory-mib`) and an
@@ -57,6 +58,9 @@ pub struct ProviderConfig {
     pub heartbeat: Duration,
     /// QEMU accelerator: auto (KVM only if it really runs guests), kvm or tcg.
     pub qemu_accel: String,
+    /// The `vmlot-icount-stop` QEMU plugin for deterministic segments
+    /// (default: `libvmlot_icount_stop.so` beside the provider binary).
+    pub qemu_icount_stop_plugin: Option<PathBuf>,
     /// Xen guest type: `pv` (works with Xen nested under TCG) or `pvh`
     /// (needs hardware virtualization). Checkpoints restore only into the
     /// same type, so a market's Xen providers should agree on it.
@@ -91,6 +95,7 @@ impl Default for ProviderConfig {
             idle_load: None,
             heartbeat: Duration::from_secs(1),
             qemu_accel: "auto".into(),
+            qemu_icount_stop_plugin: None,
             xen_guest_type: "pv".into(),
             xl_binary: None,
             xen_console_dir: crate::driver::xen::DEFAULT_CONSOLE_DIR.into(),
@@ -183,6 +188,10 @@ pub struct Settings {
     #[arg(long, env = "VMLOT_PROVIDER_QEMU_ACCEL")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub qemu_accel: Option<String>,
+    /// The icount-stop QEMU plugin for deterministic segments.
+    #[arg(long, env = "VMLOT_PROVIDER_QEMU_ICOUNT_STOP_PLUGIN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub qemu_icount_stop_plugin: Option<PathBuf>,
     /// Xen guest type: pv or pvh.
     #[arg(long, env = "VMLOT_PROVIDER_XEN_GUEST_TYPE")]
     #[serde(skip_serializing_if = "Option::is_none")]

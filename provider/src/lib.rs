@@ -12,5 +12,7 @@ pub mod bidding;
 pub mod config;
 pub mod daemon;
 pub mod driver;
+#[cfg(feature = "fault-injection")]
+pub mod fault;
 pub mod logging;
 pub mod setup;

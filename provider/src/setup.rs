@@ -76,7 +76,11 @@ fn driver(config: &ProviderConfig, kind: HypervisorKind) -> Result<Arc<dyn Drive
                 "tcg" => Accel::Tcg,
                 _ => Accel::Auto,
             };
-            Arc::new(QemuDriver::new(QemuConfig { binary: None, accel }))
+            Arc::new(QemuDriver::new(QemuConfig {
+                binary: None,
+                accel,
+                icount_stop_plugin: config.qemu_icount_stop_plugin.clone(),
+            }))
         }
         HypervisorKind::Xen => {
             let guest_type: GuestType = config.xen_guest_type.parse().map_err(SetupError::XenGuestType)?;

@@ -59,6 +59,7 @@ fn plan(
         files: files.clone(),
         start,
         run_for,
+        instructions: None,
         workdir: workdir.to_path_buf(),
     }
 }
@@ -67,6 +68,7 @@ fn tcg() -> QemuDriver {
     QemuDriver::new(QemuConfig {
         binary: None,
         accel: Accel::Tcg,
+        ..Default::default()
     })
 }
 
@@ -155,6 +157,7 @@ async fn segmented_run_matches_uninterrupted_run() {
     let auto = QemuDriver::new(QemuConfig {
         binary: None,
         accel: Accel::Auto,
+        ..Default::default()
     });
     let t = Instant::now();
     let accel = auto.accel_for(&files.kernel, &never).await.expect("probe");
@@ -231,7 +234,11 @@ async fn segmented_run_matches_uninterrupted_run() {
             disks: vec![disk],
             ..files.clone()
         };
-        let driver = QemuDriver::new(QemuConfig { binary: None, accel });
+        let driver = QemuDriver::new(QemuConfig {
+            binary: None,
+            accel,
+            ..Default::default()
+        });
         let workdir = dir.path().join("work");
         let report = driver
             .run_segment(
@@ -290,6 +297,7 @@ async fn missing_binary_is_reported() {
         let driver = QemuDriver::new(QemuConfig {
             binary: Some(binary.into()),
             accel: Accel::Auto,
+            ..Default::default()
         });
         let plan = plan(&files, "", SegmentStart::Boot, Duration::from_secs(1), dir.path());
         match driver.run_segment(&plan, CancellationToken::new()).await {

@@ -34,6 +34,7 @@ fn plan(
         },
         start,
         run_for,
+        instructions: None,
         workdir: workdir.to_path_buf(),
     }
 }

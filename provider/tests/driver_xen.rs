@@ -45,6 +45,7 @@ fn plan(files: &BootFiles, start: SegmentStart, workdir: &Path) -> SegmentPlan {
         files: files.clone(),
         start,
         run_for: Duration::from_secs(2),
+        instructions: None,
         workdir: workdir.to_path_buf(),
     }
 }

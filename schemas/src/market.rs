@@ -126,7 +126,17 @@ pub struct Lot {
     /// the job's checkpoint stays the last segment's.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub check: bool,
+    /// A deterministic segment (a quorum job on QEMU): the guest runs
+    /// exactly this many instructions under a virtual clock, the
+    /// segment's seconds converted at [`INSTRUCTIONS_PER_SECOND`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instructions: Option<u64>,
 }
+
+/// The fixed rate at which a deterministic segment's seconds become guest
+/// instructions: about what TCG under `-icount` runs on one core here
+/// (0.45–0.55 × 10⁹ a second), so a segment takes about its length.
+pub const INSTRUCTIONS_PER_SECOND: u64 = 500_000_000;
 
 impl Lot {
     /// True when `provider` is invited to bid on this lot.
@@ -406,6 +416,7 @@ mod invite_tests {
             shards,
             invited: vec![],
             check: false,
+            instructions: None,
         }
     }
 

@@ -496,6 +496,19 @@ impl Process {
         args: &[String],
         log_dir: &Path,
     ) -> Result<Self> {
+        Self::start_with_env(binary, name, nats_url, creds, args, log_dir, &[])
+    }
+
+    /// [`Self::start`] with more environment variables.
+    pub fn start_with_env(
+        binary: &str,
+        name: &str,
+        nats_url: &str,
+        creds: Option<&Path>,
+        args: &[String],
+        log_dir: &Path,
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let access: Vec<(String, String)> = match creds {
             Some(creds) => std::iter::once(("VMLOT_CREDS".into(), creds.display().to_string()))
                 .chain(tls_ca_beside(creds).map(|ca| ("VMLOT_TLS_CA".into(), ca.display().to_string())))
@@ -512,6 +525,7 @@ impl Process {
             ]
             .into_iter()
             .chain(access)
+            .chain(env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
             .collect(),
             log: log_dir.join(format!("{name}.log")),
             child: None,

@@ -346,6 +346,9 @@ pub struct QemuProviderSpec {
     /// QEMU accelerator (`auto`, `kvm`, `tcg`). Tests use `tcg`: the same
     /// on every machine, and no 5 s KVM probe in each provider's first segment.
     pub accel: String,
+    /// `VMLOT_PROVIDER_FAULT` for a provider that lies (the provider's
+    /// `fault-injection` feature), e.g. `flip-ram-byte`.
+    pub fault: Option<&'static str>,
 }
 
 impl QemuProviderSpec {
@@ -355,6 +358,7 @@ impl QemuProviderSpec {
             id: uuid::Uuid::new_v4(),
             price: price.into(),
             accel: "tcg".into(),
+            fault: None,
         }
     }
 }
@@ -389,7 +393,8 @@ impl Market {
             "--work-dir".into(),
             self.work_dir(&spec.name).display().to_string(),
         ];
-        self.providers.push(Process::start(
+        let fault: Vec<(&str, &str)> = spec.fault.iter().map(|f| ("VMLOT_PROVIDER_FAULT", *f)).collect();
+        self.providers.push(Process::start_with_env(
             "vmlot-provider",
             &spec.name,
             &self.server.url(),
@@ -398,6 +403,7 @@ impl Market {
                 .as_deref(),
             &args,
             self.dir.path(),
+            &fault,
         )?);
         Ok(())
     }

@@ -178,10 +178,10 @@ impl VmMarket {
         check: &str,
     ) -> JobId {
         let mut args = vec![
-            "--check",
-            check,
             "--json",
             "submit",
+            "--check",
+            check,
             "--image",
             image.to_str().unwrap(),
             "--segment-seconds",

@@ -230,6 +230,63 @@ async fn two_replicas_per_segment_still_print_exactly_the_uninterrupted_console(
     );
 }
 
+/// Deterministic segments under a quorum check (r = 2): every segment is
+/// a count of guest instructions, stopped exactly there, and settles when
+/// two replicas' states agree on their canonical digest. The cheapest of
+/// three providers flips one byte of guest RAM in each save it makes: in
+/// the first segment it is awarded, its state disagrees with its honest
+/// partner's, the third provider breaks the tie, and the liar is the
+/// minority, refused, unpaid and kept off the job. The console is still
+/// byte-identical to the direct run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quorum_of_deterministic_replicas_outvotes_a_provider_that_alters_guest_ram() {
+    let _turn = TURN.lock().await;
+    let _timed = Timed::start("quorum of deterministic replicas");
+    let reference = reference_console().await;
+    let liar = QemuProviderSpec {
+        fault: Some("flip-ram-byte"),
+        ..QemuProviderSpec::new("liar", "0.05")
+    };
+    let liar_id = ProviderId(liar.id);
+    let specs = [
+        liar,
+        QemuProviderSpec::new("d1", "0.10"),
+        QemuProviderSpec::new("d2", "0.20"),
+    ];
+    let m = qemu_market(&specs.iter().collect::<Vec<_>>(), 60);
+    m.market.ready(3).await.unwrap();
+    let image = m.push_image(&qemu_image(&[]));
+    let job = m.submit_checked(&image, SEGMENT_SECONDS, "until-halt", "2", "quorum");
+    let done = m.wait_final(job).await;
+    let logs = m.vmlot_ok(&["logs", &job.to_string()]);
+    assert_console_exact(&logs, reference, &done, "vmlot logs of a quorum job");
+    m.assert_paid_once(&done).await;
+    assert!(
+        done.settled.iter().all(|s| s.provider != liar_id),
+        "the liar settled a segment"
+    );
+    assert_eq!(done.refused, vec![liar_id], "the liar is off the job");
+    let tie_broken = done.settled.iter().filter(|s| s.awarded.len() == 3).count();
+    assert!(
+        tie_broken >= 1,
+        "a third replica broke the tie: {:#?}",
+        done.settled
+    );
+    assert!(
+        done.settled.iter().all(|s| s.awarded.len() >= 2),
+        "every segment ran twice"
+    );
+    let standing = m.vmlot_ok(&["--json", "standing"]);
+    let standing: serde_json::Value = serde_json::from_slice(&standing).unwrap();
+    let of_liar = standing
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["provider"] == liar_id.to_string())
+        .unwrap_or_else(|| panic!("no standing of the liar: {standing:#}"));
+    assert_eq!(of_liar["refused"]["minority"], 1, "{of_liar:#}");
+}
+
 /// A provider SIGKILLed while its QEMU runs segment 1: the attempt is lost,
 /// the lot is offered again after its deadline, another provider runs it
 /// from the same checkpoint, and the console is still exact; nobody is paid

@@ -171,6 +171,7 @@ async fn fetch(daemon: &Daemon, lot: &Lot, workdir: &Path) -> Result<(SegmentPla
         },
         start,
         run_for: Duration::from_secs(lot.segment_seconds as u64),
+        instructions: lot.instructions,
         workdir: workdir.join("run"),
     };
     std::fs::create_dir_all(&plan.workdir).map_err(|e| AttemptError::Io(e.to_string()))?;
@@ -194,6 +195,8 @@ async fn push(
     let mut sent_bytes = 0u64;
     let guest = match end {
         SegmentEnd::Saved { machine_state, disks } => {
+            #[cfg(feature = "fault-injection")]
+            crate::fault::after_save(&machine_state);
             let state = push_file(
                 &daemon.store,
                 Some(&daemon.cache),

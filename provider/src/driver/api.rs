@@ -39,6 +39,10 @@ pub struct SegmentPlan {
     pub start: SegmentStart,
     /// How long the guest runs before it is stopped and saved.
     pub run_for: Duration,
+    /// A deterministic segment: the guest runs exactly this many
+    /// instructions under a virtual clock (QEMU only), and `run_for` only
+    /// bounds how long that may take.
+    pub instructions: Option<u64>,
     /// A directory the driver owns for this segment (sockets, logs, the
     /// saved state it writes).
     pub workdir: PathBuf,

@@ -301,6 +301,7 @@ mod tests {
             },
             start: SegmentStart::Boot,
             run_for: Duration::ZERO,
+            instructions: None,
             workdir: workdir.to_path_buf(),
         }
     }

@@ -8,6 +8,7 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::exact::{ExactArgs, STOP_TRACE};
 use crate::driver::api::{DriverError, SegmentPlan, SegmentStart};
 
 /// Which QEMU accelerator runs the guest.
@@ -33,7 +34,6 @@ impl Accel {
     }
 }
 
-const QMP_SOCKET: &str = "qmp.sock";
 /// `sun_path` is 108 bytes including the NUL.
 const MAX_SOCKET_PATH: usize = 100;
 
@@ -45,8 +45,12 @@ pub(crate) fn command_line(
     accel: Accel,
     console: &Path,
     socket: &Path,
+    exact: Option<&ExactArgs>,
 ) -> Result<Vec<OsString>, DriverError> {
-    let mut args = machine_args(plan, accel, console)?;
+    let mut args = machine_args(plan, accel, console, exact.is_some())?;
+    if let Some(exact) = exact {
+        args.extend(exact_args(exact)?);
+    }
     args.push("-chardev".into());
     args.push(
         format!(
@@ -67,31 +71,75 @@ pub(crate) fn command_line(
     Ok(args)
 }
 
+/// A deterministic machine: one vCPU in one TCG thread, the guest's time
+/// its instruction count (`-icount shift=0`: one instruction, one virtual
+/// nanosecond; `sleep=off`: an idle guest skips to its next timer), its
+/// clock starting at a fixed date. Every replica of a segment, and every
+/// segment of the job, runs with these.
+const DETERMINISTIC: [&str; 6] = [
+    "-accel",
+    "tcg,thread=single",
+    "-icount",
+    "shift=0,sleep=off",
+    "-rtc",
+    "clock=vm,base=2024-01-01T00:00:00",
+];
+
+/// The plugin that parks the vCPU at a counted instruction, and the trace
+/// log that tells when QEMU began to stop (see [`super::exact`]).
+fn exact_args(exact: &ExactArgs) -> Result<Vec<OsString>, DriverError> {
+    let plugin = escape(&exact.plugin).map_err(DriverError::Start)?;
+    let ctl = escape(&exact.ctl).map_err(DriverError::Start)?;
+    Ok(vec![
+        "-plugin".into(),
+        format!("{plugin},ctl={ctl}").into(),
+        "-D".into(),
+        exact.trace.clone().into_os_string(),
+        "-trace".into(),
+        STOP_TRACE.into(),
+    ])
+}
+
 /// The machine: identical for a boot and for a restore into it.
-fn machine_args(plan: &SegmentPlan, accel: Accel, console: &Path) -> Result<Vec<OsString>, DriverError> {
+fn machine_args(
+    plan: &SegmentPlan,
+    accel: Accel,
+    console: &Path,
+    deterministic: bool,
+) -> Result<Vec<OsString>, DriverError> {
     let vm = &plan.vm;
-    let mut args: Vec<OsString> = [
-        "-accel",
-        accel.flag(),
-        "-machine",
-        "q35",
-        "-m",
-        &vm.memory_mib.to_string(),
-        "-smp",
-        &vm.vcpus.to_string(),
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        // A reset (panic=-1 after a panic, a triple fault) ends the guest
-        // instead of rebooting it; with -no-shutdown QEMU then stays up so
-        // the SHUTDOWN event, and not a closed socket, tells how it ended.
-        "-no-reboot",
-        "-no-shutdown",
-    ]
-    .iter()
-    .map(OsString::from)
-    .collect();
+    if deterministic && vm.vcpus != 1 {
+        return Err(DriverError::BadImage(format!(
+            "a deterministic segment runs one vCPU; the image has {}",
+            vm.vcpus
+        )));
+    }
+    let mut args: Vec<OsString> = if deterministic {
+        DETERMINISTIC.iter().map(OsString::from).collect()
+    } else {
+        vec!["-accel".into(), accel.flag().into()]
+    };
+    args.extend(
+        [
+            "-machine",
+            "q35",
+            "-m",
+            &vm.memory_mib.to_string(),
+            "-smp",
+            &vm.vcpus.to_string(),
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            // A reset (panic=-1 after a panic, a triple fault) ends the guest
+            // instead of rebooting it; with -no-shutdown QEMU then stays up so
+            // the SHUTDOWN event, and not a closed socket, tells how it ended.
+            "-no-reboot",
+            "-no-shutdown",
+        ]
+        .iter()
+        .map(OsString::from),
+    );
     let console = escape(console).map_err(DriverError::Start)?;
     args.push("-chardev".into());
     args.push(format!("file,id=console,path={console}").into());
@@ -116,13 +164,19 @@ fn machine_args(plan: &SegmentPlan, accel: Accel, console: &Path) -> Result<Vec<
 /// `<workdir>/qmp.sock`, or a short path under the temp dir when the
 /// workdir is too deep for a unix socket address.
 pub(crate) fn socket_path(workdir: &Path) -> PathBuf {
+    socket_path_named(workdir, "qmp")
+}
+
+/// `<workdir>/NAME.sock`, or a short path under the temp dir when the
+/// workdir is too deep for a unix socket address.
+pub(crate) fn socket_path_named(workdir: &Path, name: &str) -> PathBuf {
     static NEXT: AtomicU64 = AtomicU64::new(0);
-    let path = workdir.join(QMP_SOCKET);
+    let path = workdir.join(format!("{name}.sock"));
     if path.as_os_str().len() <= MAX_SOCKET_PATH {
         return path;
     }
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    std::env::temp_dir().join(format!("vmlot-qmp-{}-{n}.sock", std::process::id()))
+    std::env::temp_dir().join(format!("vmlot-{name}-{}-{n}.sock", std::process::id()))
 }
 
 /// A path as a QEMU option value: UTF-8, commas doubled.
@@ -161,6 +215,7 @@ mod tests {
             },
             start,
             run_for: Duration::ZERO,
+            instructions: None,
             workdir: "/w".into(),
         }
     }
@@ -171,6 +226,7 @@ mod tests {
             Accel::Tcg,
             Path::new("/w/console.log"),
             Path::new("/w/qmp.sock"),
+            None,
         )
         .unwrap()
         .into_iter()

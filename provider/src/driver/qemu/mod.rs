@@ -14,6 +14,8 @@
 //! - [`args`]: QEMU's command line (one machine for boot and restore).
 //! - [`qmp`]: typed QMP requests and the client that sends them.
 //! - [`vm`]: one segment's QEMU process and the template's steps on it.
+//! - [`exact`]: deterministic segments, stopped at an exact instruction
+//!   count with the `vmlot-icount-stop` plugin.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -30,6 +32,7 @@ use crate::driver::host::{expect_kind, find_binary, io_err, remove_if_exists, sp
 use crate::driver::template;
 
 pub(crate) mod args;
+pub mod exact;
 pub(crate) mod qmp;
 pub(crate) mod vm;
 
@@ -52,7 +55,16 @@ pub struct QemuConfig {
     /// Default: [`DEFAULT_BINARY`].
     pub binary: Option<PathBuf>,
     pub accel: Accel,
+    /// The `vmlot-icount-stop` plugin for deterministic segments. Default:
+    /// [`PLUGIN_FILE`] beside the running program (where cargo and the
+    /// release build put it).
+    pub icount_stop_plugin: Option<PathBuf>,
 }
+
+/// The plugin's file name as cargo builds it.
+pub const PLUGIN_FILE: &str = "libvmlot_icount_stop.so";
+/// QEMU's trace log of a deterministic segment, in the workdir.
+pub const TRACE_FILE: &str = "qemu-trace.log";
 
 /// Runs segments of x86_64 guests in QEMU, talking QMP over a unix socket.
 ///
@@ -61,15 +73,18 @@ pub struct QemuConfig {
 pub struct QemuDriver {
     binary: PathBuf,
     accel: Accel,
+    plugin: Option<PathBuf>,
     /// The answer of the KVM probe, for [`Accel::Auto`].
     probed: OnceCell<Accel>,
 }
 
 impl QemuDriver {
     pub fn new(config: QemuConfig) -> Self {
+        let beside_us = || Some(std::env::current_exe().ok()?.parent()?.join(PLUGIN_FILE));
         QemuDriver {
             binary: config.binary.unwrap_or_else(|| PathBuf::from(DEFAULT_BINARY)),
             accel: config.accel,
+            plugin: config.icount_stop_plugin.or_else(beside_us),
             probed: OnceCell::new(),
         }
     }
@@ -123,8 +138,34 @@ impl QemuDriver {
         // A fresh console per segment: its bytes are this segment's output.
         remove_if_exists(&console)?;
         remove_if_exists(&socket)?;
-        let machine = vm::QemuMachine::new(binary, accel, console, workdir.join(STDERR_FILE), socket);
+        let exact = match plan.instructions {
+            None => None,
+            Some(_) => Some(self.exact_args(workdir)?),
+        };
+        let machine = vm::QemuMachine::new(binary, accel, console, workdir.join(STDERR_FILE), socket, exact);
         template::run_segment(machine, plan, workdir, &cancel).await
+    }
+}
+
+impl QemuDriver {
+    /// The plugin, its control socket and the trace log of a deterministic
+    /// segment in `workdir`.
+    fn exact_args(&self, workdir: &Path) -> Result<exact::ExactArgs, DriverError> {
+        let plugin = self
+            .plugin
+            .clone()
+            .filter(|p| p.is_file())
+            .ok_or_else(|| DriverError::Start(format!(
+                "deterministic segments need the icount-stop plugin ({PLUGIN_FILE}: build it with `cargo build -p vmlot-icount-stop`, or set qemu.icount_stop_plugin); not found at {}",
+                self.plugin.as_deref().map_or("(nowhere)".into(), |p| p.display().to_string())
+            )))?;
+        let trace = workdir.join(TRACE_FILE);
+        remove_if_exists(&trace)?;
+        Ok(exact::ExactArgs {
+            plugin,
+            ctl: args::socket_path_named(workdir, "stop"),
+            trace,
+        })
     }
 }
 

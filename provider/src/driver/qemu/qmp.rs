@@ -66,6 +66,34 @@ unit_command!(
     Quit = "quit"
 );
 
+/// `query-replay`: the instruction count QEMU keeps under `-icount`
+/// (record/replay need not be on: `mode` is then `none`).
+#[derive(Debug, Serialize)]
+pub(crate) struct QueryReplay;
+
+impl Command for QueryReplay {
+    const NAME: &'static str = "query-replay";
+    type Return = ReplayInfo;
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct ReplayInfo {
+    pub icount: u64,
+}
+
+/// `human-monitor-command`: an HMP command (`one-insn-per-tb` has no QMP
+/// twin); returns what HMP printed.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) struct HumanMonitorCommand {
+    pub command_line: String,
+}
+
+impl Command for HumanMonitorCommand {
+    const NAME: &'static str = "human-monitor-command";
+    type Return = String;
+}
+
 /// `migrate-set-capabilities`.
 #[derive(Debug, Serialize)]
 pub(crate) struct MigrateSetCapabilities {
@@ -284,6 +312,19 @@ impl Qmp {
         timeout: Duration,
         cancel: &CancellationToken,
     ) -> Result<C::Return, QmpError> {
+        let deadline = Instant::now() + timeout;
+        let id = self.send(command, deadline, cancel).await?;
+        self.answer::<C>(id, deadline, cancel).await
+    }
+
+    /// Sends `command` without waiting for its answer (QEMU may answer
+    /// only after something else has happened); its id for [`Self::answer`].
+    pub async fn send<C: Command>(
+        &mut self,
+        command: &C,
+        deadline: Instant,
+        cancel: &CancellationToken,
+    ) -> Result<u64, QmpError> {
         let name = C::NAME;
         let id = self.next_id;
         self.next_id += 1;
@@ -295,16 +336,26 @@ impl Qmp {
         }
         let mut line = msg.to_string().into_bytes();
         line.push(b'\n');
-        let deadline = Instant::now() + timeout;
-        let timed_out = || QmpError::Timeout(format!("{name}: no answer within {} s", timeout.as_secs()));
         tokio::select! {
-            _ = cancel.cancelled() => return Err(QmpError::Cancelled),
+            _ = cancel.cancelled() => Err(QmpError::Cancelled),
             sent = tokio::time::timeout_at(deadline, self.writer.write_all(&line)) => match sent {
-                Err(_) => return Err(timed_out()),
-                Ok(Err(_)) => return Err(QmpError::Closed),
-                Ok(Ok(())) => {}
+                Err(_) => Err(QmpError::Timeout(format!("{name}: not sent in time"))),
+                Ok(Err(_)) => Err(QmpError::Closed),
+                Ok(Ok(())) => Ok(id),
             },
         }
+    }
+
+    /// Waits for the answer to the command sent as `id`, keeping the
+    /// events that come first.
+    pub async fn answer<C: Command>(
+        &mut self,
+        id: u64,
+        deadline: Instant,
+        cancel: &CancellationToken,
+    ) -> Result<C::Return, QmpError> {
+        let name = C::NAME;
+        let timed_out = || QmpError::Timeout(format!("{name}: no answer in time"));
         loop {
             let msg = tokio::select! {
                 _ = cancel.cancelled() => return Err(QmpError::Cancelled),

@@ -18,10 +18,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::args::{Accel, command_line, utf8};
+use super::exact::{self, ExactArgs, Leg, StopControl, StopListener};
 use super::qmp::{
-    self, Cont, Migrate, MigrateIncoming, MigrateSetCapabilities, MigrationCapability,
+    self, Cont, HumanMonitorCommand, Migrate, MigrateIncoming, MigrateSetCapabilities, MigrationCapability,
     MigrationCapabilityStatus, MigrationChannel, MigrationStatus, Qmp, QmpCapabilities, QmpError,
-    QueryMigrate, Quit, Stop,
+    QueryMigrate, QueryReplay, Quit, Stop,
 };
 use crate::driver::api::{DriverError, SegmentEnd, SegmentPlan, SegmentStart};
 use crate::driver::host::{io_err, remove_if_exists, spawn_error};
@@ -52,10 +53,31 @@ pub(crate) struct QemuMachine {
     stderr: PathBuf,
     socket: PathBuf,
     process: Option<Process>,
+    /// A deterministic segment's plugin and trace log, when the plan asks
+    /// for an exact instruction count.
+    exact: Option<ExactArgs>,
+    /// Its control socket and target once started.
+    stopper: Option<Stopper>,
+}
+
+/// An exact run under way: the plugin's control, the icount to stop at,
+/// and whether legs run one instruction per translation block.
+struct Stopper {
+    control: StopControl,
+    target: u64,
+    fine: bool,
+    fine_legs: u32,
 }
 
 impl QemuMachine {
-    pub fn new(binary: PathBuf, accel: Accel, console: PathBuf, stderr: PathBuf, socket: PathBuf) -> Self {
+    pub fn new(
+        binary: PathBuf,
+        accel: Accel,
+        console: PathBuf,
+        stderr: PathBuf,
+        socket: PathBuf,
+        exact: Option<ExactArgs>,
+    ) -> Self {
         QemuMachine {
             binary,
             accel,
@@ -63,6 +85,8 @@ impl QemuMachine {
             stderr,
             socket,
             process: None,
+            exact,
+            stopper: None,
         }
     }
 
@@ -75,13 +99,49 @@ impl QemuMachine {
 
 impl Machine for QemuMachine {
     async fn start(&mut self, plan: &SegmentPlan, cancel: &CancellationToken) -> Result<(), DriverError> {
-        let args = command_line(plan, self.accel, &self.console, &self.socket)?;
+        let exact = match (plan.instructions, &self.exact) {
+            (None, _) => None,
+            (Some(n), Some(args)) => Some((n, args)),
+            (Some(_), None) => {
+                return Err(DriverError::Start(
+                    "a deterministic segment needs the icount-stop plugin (qemu.icount_stop_plugin)".into(),
+                ));
+            }
+        };
+        let args = command_line(
+            plan,
+            self.accel,
+            &self.console,
+            &self.socket,
+            exact.map(|(_, a)| a),
+        )?;
+        // The plugin connects while QEMU loads it, before QMP is up.
+        let listener = exact.map(|(_, args)| StopListener::bind(args)).transpose()?;
         let process = Process::spawn(&self.binary, &args, &self.stderr, self.socket.clone())?;
-        tracing::debug!(workdir = %plan.workdir.display(), accel = ?self.accel, "QEMU started");
+        tracing::debug!(workdir = %plan.workdir.display(), accel = ?self.accel, exact = ?plan.instructions, "QEMU started");
         let vm = self.process.insert(process);
         vm.connect(cancel).await?;
+        let control = match listener {
+            Some(listener) => Some(listener.accept(cancel).await?),
+            None => None,
+        };
         if let SegmentStart::Restore { machine_state } = &plan.start {
             restore(vm, machine_state, cancel).await?;
+        }
+        if let (Some(control), Some(n)) = (control, plan.instructions) {
+            let icount = vm
+                .command(&QueryReplay, cancel)
+                .await
+                .map_err(|e| vm.qmp_error(e))?
+                .icount;
+            let mut stopper = Stopper {
+                control,
+                target: icount + n,
+                fine: false,
+                fine_legs: 0,
+            };
+            arm_next(vm, &mut stopper, icount, cancel).await?;
+            self.stopper = Some(stopper);
         }
         // Booted with -S, and a restored machine stays paused (it was saved
         // stopped): either way the guest runs from here.
@@ -94,7 +154,15 @@ impl Machine for QemuMachine {
         run_for: Duration,
         cancel: &CancellationToken,
     ) -> Result<Option<SegmentEnd>, DriverError> {
-        run_guest(self.process()?, run_for, cancel).await
+        let vm = self
+            .process
+            .as_mut()
+            .ok_or_else(|| DriverError::Qmp("QEMU is not running".into()))?;
+        match self.stopper.as_mut() {
+            // The instruction count ends it; the time only bounds it.
+            Some(stopper) => run_exact(vm, stopper, exact_limit(run_for), cancel).await,
+            None => run_guest(vm, run_for, cancel).await,
+        }
     }
 
     async fn save(
@@ -182,6 +250,128 @@ async fn run_guest(
             }
             Err(e) => return Err(vm.qmp_error(e)),
         }
+    }
+}
+
+/// How long an exact segment of `run_for` may take: the broker's rate is
+/// about what TCG runs here, a slower host or a busy one takes longer.
+fn exact_limit(run_for: Duration) -> Duration {
+    run_for * 4 + Duration::from_secs(60)
+}
+
+/// Arms the plugin for the next leg from `icount` (one instruction per
+/// translation block near the target).
+async fn arm_next(
+    vm: &mut Process,
+    stopper: &mut Stopper,
+    icount: u64,
+    cancel: &CancellationToken,
+) -> Result<Leg, DriverError> {
+    let leg = exact::next_leg(icount, stopper.target)?;
+    match leg {
+        Leg::There => {}
+        Leg::Coarse(k) => stopper.control.arm(k, cancel).await?,
+        Leg::Fine(k) => {
+            stopper.fine_legs += 1;
+            if stopper.fine_legs > exact::MAX_FINE_LEGS {
+                return Err(DriverError::Qmp(format!(
+                    "deterministic stop: icount {icount} still short of {} after {} fine legs",
+                    stopper.target,
+                    exact::MAX_FINE_LEGS
+                )));
+            }
+            if !stopper.fine {
+                one_insn_per_tb(vm, true, cancel).await?;
+                stopper.fine = true;
+            }
+            stopper.control.arm(k, cancel).await?;
+        }
+    }
+    Ok(leg)
+}
+
+async fn one_insn_per_tb(vm: &mut Process, on: bool, cancel: &CancellationToken) -> Result<(), DriverError> {
+    let command = HumanMonitorCommand {
+        command_line: format!("one-insn-per-tb {}", if on { "on" } else { "off" }),
+    };
+    let printed = vm.command(&command, cancel).await.map_err(|e| vm.qmp_error(e))?;
+    if !printed.trim().is_empty() {
+        return Err(DriverError::Qmp(format!("one-insn-per-tb: {}", printed.trim())));
+    }
+    Ok(())
+}
+
+/// Runs the guest leg by leg until QEMU's icount is the target (the guest
+/// is then stopped there: `None`) or it ended by itself.
+async fn run_exact(
+    vm: &mut Process,
+    stopper: &mut Stopper,
+    limit: Duration,
+    cancel: &CancellationToken,
+) -> Result<Option<SegmentEnd>, DriverError> {
+    let deadline = Instant::now() + limit;
+    loop {
+        // The guest runs (start() or the last leg sent `cont`).
+        loop {
+            if let Some(end) = vm.guest_end() {
+                return Ok(Some(end));
+            }
+            let qmp = vm
+                .qmp
+                .as_mut()
+                .ok_or_else(|| DriverError::Qmp("not connected".into()))?;
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return Err(DriverError::Cancelled),
+                parked = stopper.control.parked() => { parked?; break; }
+                msg = qmp.recv() => match msg {
+                    Ok(msg) => qmp.keep_event(&msg),
+                    Err(QmpError::Closed) => {
+                        return Ok(Some(vm.guest_end().unwrap_or(SegmentEnd::Crashed {
+                            reason: vm.exit_message().await,
+                        })));
+                    }
+                    Err(e) => return Err(vm.qmp_error(e)),
+                },
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(DriverError::Qmp(format!(
+                        "deterministic segment not at instruction {} after {} s",
+                        stopper.target,
+                        limit.as_secs()
+                    )));
+                }
+            }
+        }
+        // Parked: stop the VM, and let the vCPU go only once QEMU holds it.
+        stopper.control.before_stop()?;
+        let qmp = vm
+            .qmp
+            .as_mut()
+            .ok_or_else(|| DriverError::Qmp("not connected".into()))?;
+        let answer_by = Instant::now() + COMMAND_TIMEOUT;
+        let sent = qmp.send(&Stop, answer_by, cancel).await;
+        let stopped = match sent {
+            Ok(id) => match stopper.control.release_after_stop(cancel).await {
+                Ok(()) => qmp.answer::<Stop>(id, answer_by, cancel).await.map(|_| ()),
+                Err(e) => return Err(e),
+            },
+            Err(e) => Err(e),
+        };
+        stopped.map_err(|e| vm.qmp_error(e))?;
+        let icount = vm
+            .command(&QueryReplay, cancel)
+            .await
+            .map_err(|e| vm.qmp_error(e))?
+            .icount;
+        if arm_next(vm, stopper, icount, cancel).await? == Leg::There {
+            if stopper.fine {
+                one_insn_per_tb(vm, false, cancel).await?;
+                stopper.fine = false;
+            }
+            tracing::debug!(icount, "stopped at the segment's instruction count");
+            return Ok(None);
+        }
+        vm.command(&Cont, cancel).await.map_err(|e| vm.qmp_error(e))?;
     }
 }
 
