@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export PATH := $(CURDIR)/.tools/bin:$(PATH)
 
-.PHONY: all deps build bench-build guest xen-host test test-xen lint unit check-release bench-xen demo bench-cas bench-market bench-segment bench-ledger schemas clean
+.PHONY: all deps build bench-build guest xen-host test test-xen lint unit check-release bench-xen demo bench-cas bench-market bench-segment bench-deterministic bench-ledger schemas clean
 
 all: build
 
@@ -76,6 +76,10 @@ bench-market: build bench-build
 ## against a whole-file copy through the same nats-server.
 bench-segment: build bench-build guest
 	$(BENCH) segment --segment-seconds 60 --segments 3
+
+## Deterministic QEMU segments (exact instruction counts) against plain TCG; the canonical digest's cost.
+bench-deterministic: bench-build guest
+	$(BENCH) deterministic --segment-seconds 4 --rounds 3
 
 ## Transfer of real `xl save` files: one nested Xen host runs a memory-writing guest
 ## for 11 segments; two pairs of consecutive saves against rsync, FastCDC and fixed blocks.

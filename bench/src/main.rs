@@ -3,6 +3,7 @@
 
 mod baseline;
 mod cas;
+mod deterministic;
 mod ledger;
 mod market;
 mod segment;
@@ -21,6 +22,8 @@ struct Cli {
 enum Bench {
     /// Content-addressed transfer of real QEMU checkpoints (from scripts/qemu-checkpoints.py).
     Cas(cas::Args),
+    /// Deterministic QEMU segments against plain TCG on the same guest; the canonical digest against SHA-1/SHA-256.
+    Deterministic(deterministic::Args),
     /// Ledger verify and filtered queries over ~1 M records, against a raw read of the same messages.
     Ledger(ledger::Args),
     /// Settled segments per second on the synthetic driver, against JetStream's ack rate.
@@ -39,6 +42,7 @@ async fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().bench {
         Bench::Cas(args) => cas::run(args).await,
+        Bench::Deterministic(args) => deterministic::run(args).await,
         Bench::Ledger(args) => ledger::run(args).await,
         Bench::Market(args) => market::run(args).await,
         Bench::Segment(args) => segment::run(args).await,
