@@ -141,3 +141,23 @@ pub async fn publish_pipelined(
     }
     Ok(bytes)
 }
+
+/// The test guest's boot files, from `dir` or `.tools/guest`; an error
+/// naming the missing file and how to make it.
+pub fn guest_files(dir: Option<&Path>) -> Result<vmlot_provider::driver::BootFiles> {
+    let dir = dir.map_or_else(
+        || vmlot_tests::repo_root().join(".tools/guest"),
+        Path::to_path_buf,
+    );
+    let files = vmlot_provider::driver::BootFiles {
+        kernel: dir.join("vmlinuz"),
+        initrd: Some(dir.join("initrd.cpio.gz")),
+        disks: Vec::new(),
+    };
+    for file in [&files.kernel, files.initrd.as_ref().expect("set above")] {
+        if !file.is_file() {
+            anyhow::bail!("test guest file {} is missing: run `make guest`", file.display());
+        }
+    }
+    Ok(files)
+}

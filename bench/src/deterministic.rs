@@ -30,10 +30,12 @@ use tokio_util::sync::CancellationToken;
 use vmlot_cas::qemucanon::{canonical_digest, page_sha256};
 use vmlot_cas::{BlockStore, StoreOptions, push_file};
 use vmlot_provider::driver::qemu::{Accel, QemuConfig, QemuDriver};
-use vmlot_provider::driver::{BootFiles, Driver, SegmentEnd, SegmentPlan, SegmentReport, SegmentStart};
+use vmlot_provider::driver::{Driver, SegmentEnd, SegmentPlan, SegmentReport, SegmentStart};
 use vmlot_schemas::market::INSTRUCTIONS_PER_SECOND;
 use vmlot_schemas::{Chunking, HypervisorKind, ObjectKind, VmConfig};
 use vmlot_tests::NatsServer;
+
+use crate::baseline::guest_files;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -80,20 +82,7 @@ pub async fn run(args: Args) -> Result<()> {
     if args.segment_seconds == 0 || args.rounds == 0 {
         bail!("--segment-seconds and --rounds must be at least 1");
     }
-    let guest = args
-        .guest
-        .clone()
-        .unwrap_or_else(|| vmlot_tests::repo_root().join(".tools/guest"));
-    let files = BootFiles {
-        kernel: guest.join("vmlinuz"),
-        initrd: Some(guest.join("initrd.cpio.gz")),
-        disks: Vec::new(),
-    };
-    for file in [&files.kernel, files.initrd.as_ref().expect("set above")] {
-        if !file.is_file() {
-            bail!("test guest file {} is missing: run `make guest`", file.display());
-        }
-    }
+    let files = guest_files(args.guest.as_deref())?;
     let driver = QemuDriver::new(QemuConfig {
         binary: None,
         accel: Accel::Tcg,

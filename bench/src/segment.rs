@@ -36,13 +36,13 @@ use tokio_util::sync::CancellationToken;
 use vmlot_cas::chunk::manifest_of;
 use vmlot_cas::{BlockCache, BlockStore, StoreOptions, pull_file, push_file};
 use vmlot_provider::driver::qemu::{Accel, QemuConfig, QemuDriver};
-use vmlot_provider::driver::{BootFiles, Driver, SegmentEnd, SegmentPlan, SegmentReport, SegmentStart};
+use vmlot_provider::driver::{Driver, SegmentEnd, SegmentPlan, SegmentReport, SegmentStart};
 use vmlot_schemas::{
     BlockId, Chunking, HashAlgorithm, HypervisorKind, Manifest, ManifestId, ObjectKind, VmConfig,
 };
 use vmlot_tests::NatsServer;
 
-use crate::baseline::{Cpu, publish_pipelined, version};
+use crate::baseline::{Cpu, guest_files, publish_pipelined, version};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -156,20 +156,7 @@ pub async fn run(args: Args) -> Result<()> {
     if args.segment_seconds == 0 {
         bail!("--segment-seconds must be at least 1");
     }
-    let guest = args
-        .guest
-        .clone()
-        .unwrap_or_else(|| vmlot_tests::repo_root().join(".tools/guest"));
-    let files = BootFiles {
-        kernel: guest.join("vmlinuz"),
-        initrd: Some(guest.join("initrd.cpio.gz")),
-        disks: Vec::new(),
-    };
-    for file in [&files.kernel, files.initrd.as_ref().expect("set above")] {
-        if !file.is_file() {
-            bail!("test guest file {} is missing: run `make guest`", file.display());
-        }
-    }
+    let files = guest_files(args.guest.as_deref())?;
     let t = args.segment_seconds as f64;
     let began = Instant::now();
     let never = CancellationToken::new();

@@ -59,6 +59,27 @@ async fn market_with_a_cheat(
     (market, honest_ids, cheat, spec)
 }
 
+/// The cheat's standing shows exactly `refused`, the honest providers'
+/// no refusal; once `control` is refunded the books verify. Every standing.
+async fn assert_refused_and_books_verify(
+    market: &Market,
+    honest_ids: &[ProviderId],
+    cheat: &Cheat,
+    refused: BTreeMap<RefusalKind, u64>,
+    control: vmlot_schemas::JobId,
+) -> Vec<vmlot_schemas::standing::Standing> {
+    let standing = market.api().await.standing().await.unwrap();
+    let of = |p: &ProviderId| standing.iter().find(|s| s.provider == *p).cloned();
+    let cheat_standing = of(&cheat.id).expect("the cheat has a standing");
+    assert_eq!(cheat_standing.refused, refused, "{cheat_standing:#?}");
+    assert!(honest_ids.iter().filter_map(of).all(|s| s.refused_total() == 0));
+    market.wait_refunded(control).await;
+    let api = vmlot_ledger::BooksApi::for_server(market.server.client().await.unwrap()).await;
+    let report = vmlot_ledger::verify::verify(&api).await.unwrap();
+    assert!(report.ok(), "{:#?}", report.problems);
+    standing
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_provider_that_does_not_run_its_segments_is_never_paid() {
     let (market, honest_ids, cheat, spec) = market_with_a_cheat(3, "checkable", 3).await;
@@ -118,28 +139,17 @@ async fn a_provider_that_does_not_run_its_segments_is_never_paid() {
     }
 
     // The cheat's standing names every refusal; the honest have none.
-    let standing = market.api().await.standing().await.unwrap();
-    let of = |p: &ProviderId| standing.iter().find(|s| s.provider == *p).cloned();
-    let cheat_standing = of(&cheat.id).expect("the cheat has a standing");
-    assert_eq!(cheat_standing.valid, 0);
-    assert_eq!(
-        cheat_standing.refused,
-        BTreeMap::from([
-            (RefusalKind::Unchanged, 2),
-            (RefusalKind::NoFinalState, 1),
-            (RefusalKind::WrongKind, 1),
-            (RefusalKind::TooEarly, 1),
-        ]),
-        "{cheat_standing:#?}"
-    );
-    let honest_valid: u64 = honest_ids.iter().filter_map(of).map(|s| s.valid).sum();
+    let refused = BTreeMap::from([
+        (RefusalKind::Unchanged, 2),
+        (RefusalKind::NoFinalState, 1),
+        (RefusalKind::WrongKind, 1),
+        (RefusalKind::TooEarly, 1),
+    ]);
+    let standing = assert_refused_and_books_verify(&market, &honest_ids, &cheat, refused, control).await;
+    let valid = |p: &ProviderId| standing.iter().find(|s| s.provider == *p).map_or(0, |s| s.valid);
+    assert_eq!(valid(&cheat.id), 0);
+    let honest_valid: u64 = honest_ids.iter().map(valid).sum();
     assert_eq!(honest_valid, 6 * 4, "{standing:#?}");
-    assert!(honest_ids.iter().filter_map(of).all(|s| s.refused_total() == 0));
-
-    market.wait_refunded(control).await;
-    let api = vmlot_ledger::BooksApi::for_server(market.server.client().await.unwrap()).await;
-    let report = vmlot_ledger::verify::verify(&api).await.unwrap();
-    assert!(report.ok(), "{:#?}", report.problems);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -245,20 +255,8 @@ async fn a_state_that_does_not_restore_is_voided_and_its_segment_runs_again() {
         Decimal::ZERO
     );
 
-    let standing = market.api().await.standing().await.unwrap();
-    let of = |p: &ProviderId| standing.iter().find(|s| s.provider == *p).cloned();
-    let cheat_standing = of(&cheat.id).expect("the cheat has a standing");
-    assert_eq!(
-        cheat_standing.refused,
-        BTreeMap::from([(RefusalKind::Unrestorable, 2)]),
-        "{cheat_standing:#?}"
-    );
-    assert!(honest_ids.iter().filter_map(of).all(|s| s.refused_total() == 0));
-
-    market.wait_refunded(control).await;
-    let api = vmlot_ledger::BooksApi::for_server(market.server.client().await.unwrap()).await;
-    let report = vmlot_ledger::verify::verify(&api).await.unwrap();
-    assert!(report.ok(), "{:#?}", report.problems);
+    let refused = BTreeMap::from([(RefusalKind::Unrestorable, 2)]);
+    assert_refused_and_books_verify(&market, &honest_ids, &cheat, refused, control).await;
 }
 
 /// Under a quorum check (r = 2, deterministic synthetic states), each
@@ -326,19 +324,11 @@ async fn under_a_quorum_a_forged_state_is_the_minority_and_unpaid() {
         assert_eq!(books.balance(&account, "CRD").await.unwrap(), Decimal::ZERO);
     }
 
-    let standing = market.api().await.standing().await.unwrap();
-    let of = |p: &ProviderId| standing.iter().find(|s| s.provider == *p).cloned();
-    let cheat_standing = of(&cheat.id).expect("the cheat has a standing");
-    assert_eq!(
-        cheat_standing.refused,
-        BTreeMap::from([(RefusalKind::Minority, 1)]),
-        "{cheat_standing:#?}"
-    );
-    assert_eq!(cheat_standing.valid, 0);
-    assert!(honest_ids.iter().filter_map(of).all(|s| s.refused_total() == 0));
-
-    market.wait_refunded(control).await;
-    let api = vmlot_ledger::BooksApi::for_server(market.server.client().await.unwrap()).await;
-    let report = vmlot_ledger::verify::verify(&api).await.unwrap();
-    assert!(report.ok(), "{:#?}", report.problems);
+    let refused = BTreeMap::from([(RefusalKind::Minority, 1)]);
+    let standing = assert_refused_and_books_verify(&market, &honest_ids, &cheat, refused, control).await;
+    let cheat_valid = standing
+        .iter()
+        .find(|s| s.provider == cheat.id)
+        .map_or(0, |s| s.valid);
+    assert_eq!(cheat_valid, 0);
 }

@@ -8,6 +8,7 @@
 //! only where the guest wrote.
 
 use std::ffi::OsString;
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -225,6 +226,19 @@ async fn run_guest(
     cancel: &CancellationToken,
 ) -> Result<Option<SegmentEnd>, DriverError> {
     let deadline = Instant::now() + run_for;
+    run_until(vm, deadline, || Ok(None), std::future::pending(), cancel).await
+}
+
+/// Lets the guest run until `reached` resolves (`None`), the deadline
+/// passes (what `at_deadline` says) or the guest ends by itself (how).
+async fn run_until(
+    vm: &mut Process,
+    deadline: Instant,
+    at_deadline: impl FnOnce() -> Result<Option<SegmentEnd>, DriverError>,
+    reached: impl Future<Output = Result<(), DriverError>>,
+    cancel: &CancellationToken,
+) -> Result<Option<SegmentEnd>, DriverError> {
+    tokio::pin!(reached);
     loop {
         if let Some(end) = vm.guest_end() {
             return Ok(Some(end));
@@ -236,8 +250,9 @@ async fn run_guest(
         let msg = tokio::select! {
             biased;
             _ = cancel.cancelled() => return Err(DriverError::Cancelled),
+            done = &mut reached => return done.map(|()| None),
             msg = qmp.recv() => msg,
-            _ = tokio::time::sleep_until(deadline) => return Ok(None),
+            _ = tokio::time::sleep_until(deadline) => return at_deadline(),
         };
         match msg {
             Ok(msg) => qmp.keep_event(&msg),
@@ -311,36 +326,16 @@ async fn run_exact(
 ) -> Result<Option<SegmentEnd>, DriverError> {
     let deadline = Instant::now() + limit;
     loop {
-        // The guest runs (start() or the last leg sent `cont`).
-        loop {
-            if let Some(end) = vm.guest_end() {
-                return Ok(Some(end));
-            }
-            let qmp = vm
-                .qmp
-                .as_mut()
-                .ok_or_else(|| DriverError::Qmp("not connected".into()))?;
-            tokio::select! {
-                biased;
-                _ = cancel.cancelled() => return Err(DriverError::Cancelled),
-                parked = stopper.control.parked() => { parked?; break; }
-                msg = qmp.recv() => match msg {
-                    Ok(msg) => qmp.keep_event(&msg),
-                    Err(QmpError::Closed) => {
-                        return Ok(Some(vm.guest_end().unwrap_or(SegmentEnd::Crashed {
-                            reason: vm.exit_message().await,
-                        })));
-                    }
-                    Err(e) => return Err(vm.qmp_error(e)),
-                },
-                _ = tokio::time::sleep_until(deadline) => {
-                    return Err(DriverError::Qmp(format!(
-                        "deterministic segment not at instruction {} after {} s",
-                        stopper.target,
-                        limit.as_secs()
-                    )));
-                }
-            }
+        // The guest runs (start() or the last leg sent `cont`) until parked.
+        let target = stopper.target;
+        let too_long = || {
+            Err(DriverError::Qmp(format!(
+                "deterministic segment not at instruction {target} after {} s",
+                limit.as_secs()
+            )))
+        };
+        if let Some(end) = run_until(vm, deadline, too_long, stopper.control.parked(), cancel).await? {
+            return Ok(Some(end));
         }
         // Parked: stop the VM, and let the vCPU go only once QEMU holds it.
         stopper.control.before_stop()?;
