@@ -23,7 +23,7 @@ cp target/debug/vmlot-broker target/debug/vmlot-provider target/debug/vmlot "$re
 
 # Strings only the test machinery holds.
 broker_marks=(VMLOT_FAULT crash-after-settlement)
-provider_marks=(synthetic.state_kib synthetic.seed= flip-ram-byte)
+provider_marks=(synthetic.state_kib synthetic.seed= "guest RAM flipped")
 
 for m in "${broker_marks[@]}"; do
   ! grep -aqF -- "$m" "$rel/vmlot-broker" || fail "release vmlot-broker contains '$m' (fault injection)"
@@ -44,5 +44,5 @@ dbg=target/debug
 $cargo build --workspace --bins
 grep -aqF VMLOT_FAULT "$dbg/vmlot-broker" || fail "control: test vmlot-broker lacks VMLOT_FAULT (is the check looking at the right thing?)"
 grep -aqF synthetic.state_kib "$dbg/vmlot-provider" || fail "control: test vmlot-provider lacks the synthetic driver"
-grep -aqF flip-ram-byte "$dbg/vmlot-provider" || fail "control: test vmlot-provider lacks its fault injection"
+grep -aqF "guest RAM flipped" "$dbg/vmlot-provider" || fail "control: test vmlot-provider lacks its fault injection"
 echo "check-release: release broker and provider carry no fault injection and no synthetic driver"
