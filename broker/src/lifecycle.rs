@@ -17,7 +17,7 @@
 //! count reached, last payment pending: check_due → one more lot, the
 //!   check restore of the last checkpoint; its result accepted → Done
 //! settle: guest halted → Done, guest crashed → Failed
-//! posted: a settled segment's payment, once the next segment continued
+//! posted: a settled segment's payment, once another provider continued
 //!   from its checkpoint or the job ended (due_posts says which)
 //! restore_failed: an awarded provider could not restore the checkpoint;
 //!   at the quorum (void_due) → void: the last segment unsettled, the job
