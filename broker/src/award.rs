@@ -67,8 +67,7 @@ pub(crate) async fn award(
         return no_winner(shared, status, valid_bids, over_budget).await;
     }
     let release = || shared.release_slots(winners.iter().map(|(p, _)| *p), &lot.lot);
-    let allowance = Duration::from_secs(lot.segment_seconds as u64) + shared.config.transfer_allowance;
-    let deadline = Utc::now() + chrono::Duration::from_std(allowance).unwrap_or_default();
+    let deadline = result_deadline(shared, lot);
     let recorded = match record(shared, status, lot, &winners, &standby, deadline).await {
         Ok(recorded) => recorded,
         Err(UpdateError::Refused(refused)) => {
@@ -160,6 +159,13 @@ async fn no_winner(
     Ok(Awarded::AllBusy)
 }
 
+/// When a result of `lot` awarded now is due: the segment's length plus
+/// the time to fetch, restore, save and upload.
+fn result_deadline(shared: &Shared, lot: &Lot) -> DateTime<Utc> {
+    let allowance = Duration::from_secs(lot.segment_seconds as u64) + shared.config.transfer_allowance;
+    Utc::now() + chrono::Duration::from_std(allowance).unwrap_or_default()
+}
+
 /// Records the winners and the deadline in the job's record, before any
 /// award is sent: a broker that restarts finds the award and waits for it.
 async fn record(
@@ -201,8 +207,7 @@ pub(crate) async fn tie_breaker(
         let Some((provider, price)) = open.standby.first().cloned() else {
             return Ok(None);
         };
-        let allowance = Duration::from_secs(lot.segment_seconds as u64) + shared.config.transfer_allowance;
-        let deadline = Utc::now() + chrono::Duration::from_std(allowance).unwrap_or_default();
+        let deadline = result_deadline(shared, lot);
         shared
             .capacity
             .lock()

@@ -23,7 +23,7 @@ use tracing::Instrument;
 use vmlot_schemas::ledger::Settlement;
 use vmlot_schemas::market::{GuestState, JobStatus, Lot, ResultCheck, SegmentResult, SettledSegment};
 use vmlot_schemas::standing::RefusalKind;
-use vmlot_schemas::{BlockId, HypervisorKind, Money, ProviderId};
+use vmlot_schemas::{BlockId, HypervisorKind, Manifest, Money, ProviderId};
 
 use crate::check::{self, Refusal};
 use crate::error::BrokerError;
@@ -157,39 +157,30 @@ async fn wait(
             }
         }
         let outcome = async {
-            match check(shared, &status, &result, received, &known).await {
-                Ok(price) if quorum => match machine_state_digest(shared, &status, &result).await {
-                    Ok(digest) => {
-                        let _ = msg.ack().await;
-                        match quorum::canonical(status.spec.image.vm.hypervisor, &result, digest) {
-                            Ok(canonical) => ballots.push(Ballot {
-                                vote: Vote {
-                                    provider: result.provider,
-                                    canonical,
-                                },
-                                result,
-                                price,
-                            }),
-                            Err(why) => tracing::warn!(%why, "result not counted in the quorum"),
-                        }
-                        Ok(None)
+            let checked = match check(shared, &status, &result, received, &known).await {
+                Ok((price, manifest)) if quorum => machine_state_digest(shared, &status, manifest.as_ref())
+                    .await
+                    .map(|digest| (price, digest)),
+                Ok((price, _)) => Ok((price, None)),
+                Err(e) => Err(e),
+            };
+            match checked {
+                Ok((price, digest)) if quorum => {
+                    let _ = msg.ack().await;
+                    match quorum::canonical(status.spec.image.vm.hypervisor, &result, digest) {
+                        Ok(canonical) => ballots.push(Ballot {
+                            vote: Vote {
+                                provider: result.provider,
+                                canonical,
+                            },
+                            result,
+                            price,
+                        }),
+                        Err(why) => tracing::warn!(%why, "result not counted in the quorum"),
                     }
-                    Err(Checked::Refused(refusal)) => {
-                        tracing::warn!(kind = %refusal.kind, reason = %refusal.why, "result refused");
-                        if !refused.contains(&result.provider) {
-                            refuse(shared, &status, result.provider, &refusal).await?;
-                            refused.push(result.provider);
-                        }
-                        let _ = msg.ack().await;
-                        Ok(None)
-                    }
-                    Err(Checked::Unverifiable(why)) => {
-                        tracing::warn!(%why, "result not checked now; asking for it again");
-                        let _ = msg.ack_with(AckKind::Nak(Some(RECHECK_DELAY))).await;
-                        Ok(None)
-                    }
-                },
-                Ok(price) => {
+                    Ok(None)
+                }
+                Ok((price, _)) => {
                     settle(shared, &status, &open.lot, &result, price)
                         .instrument(tracing::info_span!("settle"))
                         .await?;
@@ -238,23 +229,17 @@ async fn wait(
 }
 
 /// Under a quorum check, the canonical digest of a QEMU result's machine
-/// state, read from the store (a synthetic state needs none: its manifest
-/// id is canonical).
+/// state (its manifest as the checks read it), from the store (a
+/// synthetic state needs none: its manifest id is canonical).
 async fn machine_state_digest(
     shared: &Shared,
     status: &JobStatus,
-    result: &SegmentResult,
+    machine_state: Option<&Manifest>,
 ) -> Result<Option<[u8; 32]>, Checked> {
-    let machine_state = result.guest.state().and_then(|state| state.machine_state);
-    let (HypervisorKind::Qemu, Some(id)) = (status.spec.image.vm.hypervisor, machine_state) else {
+    let (HypervisorKind::Qemu, Some(manifest)) = (status.spec.image.vm.hypervisor, machine_state) else {
         return Ok(None);
     };
-    let manifest = shared
-        .store
-        .get_manifest(&id)
-        .await
-        .map_err(|e| Checked::Unverifiable(e.to_string()))?;
-    match stored_save::canonical_digest(&shared.store, &manifest).await {
+    match stored_save::canonical_digest(&shared.store, manifest).await {
         Ok(digest) => Ok(Some(digest)),
         Err(StoredSaveError::Invalid(why)) => Err(Refusal::new(RefusalKind::WrongKind, why).into()),
         Err(StoredSaveError::Store(why)) => Err(Checked::Unverifiable(why)),
@@ -459,25 +444,25 @@ impl From<verify::Invalid> for Checked {
 
 /// Checks a result: its claims against the open attempt and the clock,
 /// then the state it names against the store, then the machine state's
-/// kind; returns the price owed.
+/// kind; returns the price owed and the machine state's manifest.
 async fn check(
     shared: &Shared,
     status: &JobStatus,
     result: &SegmentResult,
     received: DateTime<Utc>,
     known: &HashSet<BlockId>,
-) -> Result<Money, Checked> {
+) -> Result<(Money, Option<Manifest>), Checked> {
     let price = check::claims(status, result, received, shared.config.early_allowance)?;
     let Some(state) = result.guest.state() else {
         return Err(Refusal::new(RefusalKind::NoFinalState, "no state").into());
     };
     let machine_state = verify::checkpoint(&shared.store, state, known).await?;
-    if let (GuestState::Running { .. }, Some(manifest)) = (&result.guest, machine_state) {
+    if let (GuestState::Running { .. }, Some(manifest)) = (&result.guest, &machine_state) {
         let vm = &status.spec.image.vm;
-        let prefix = verify::prefix(&shared.store, &manifest, check::prefix_len(vm.hypervisor)).await?;
+        let prefix = verify::prefix(&shared.store, manifest, check::prefix_len(vm.hypervisor)).await?;
         check::state_kind(vm, result.segment, manifest.size, &prefix)?;
     }
-    Ok(price)
+    Ok((price, machine_state))
 }
 
 /// Pays for `result` (once, whoever asks again), records the payment in

@@ -1,6 +1,6 @@
 //! The canonical digest of a QEMU save as the block store holds it, for
 //! the quorum check: [`vmlot_cas::qemucanon`] reads the save's head, RAM
-//! bitmaps, device state and vmdesc (about 120 KB of a 128 MiB guest's
+//! bitmaps, device state and vmdesc (about 108 KB of a 128 MiB guest's
 //! 140 MB save), and takes each RAM page's digest from the manifest: the
 //! store keeps these saves in fixed 4 KiB blocks aligned to the file, so a
 //! page is one block, named by its digest, or a zero extent. The guest's

@@ -13,7 +13,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use rust_decimal::Decimal;
-use vmlot_schemas::market::{JobSpec, JobState, ResultCheck, SegmentCount};
+use vmlot_schemas::market::{JobSpec, JobState, JobStatus, ResultCheck, SegmentCount};
 use vmlot_schemas::standing::RefusalKind;
 use vmlot_schemas::{Money, ProviderId};
 use vmlot_tests::cheat::{Cheat, Lie};
@@ -59,8 +59,23 @@ async fn market_with_a_cheat(
     (market, honest_ids, cheat, spec)
 }
 
+/// Waits for `job` to end, done, and its last payment to be posted (the
+/// last payment is posted when the job has ended, before its refund).
+async fn done_and_refunded(market: &Market, job: vmlot_schemas::JobId, limit: Duration) -> JobStatus {
+    let done = market.wait_final(job, limit).await;
+    assert_eq!(
+        done.state,
+        JobState::Done,
+        "{:?}\n{}",
+        done.end_reason,
+        market.logs()
+    );
+    market.wait_refunded(job).await
+}
+
 /// The cheat's standing shows exactly `refused`, the honest providers'
-/// no refusal; once `control` is refunded the books verify. Every standing.
+/// no refusal; once `control` is refunded the books verify and the cheat
+/// holds nothing, pending or posted. Every standing.
 async fn assert_refused_and_books_verify(
     market: &Market,
     honest_ids: &[ProviderId],
@@ -77,6 +92,16 @@ async fn assert_refused_and_books_verify(
     let api = vmlot_ledger::BooksApi::for_server(market.server.client().await.unwrap()).await;
     let report = vmlot_ledger::verify::verify(&api).await.unwrap();
     assert!(report.ok(), "{:#?}", report.problems);
+    let js = async_nats::jetstream::new(market.server.books_client().await.unwrap());
+    let books = vmlot_ledger::Books::open(&js).await.unwrap();
+    for kind in ["provider", "pending"] {
+        let account = format!("{kind}:{}", cheat.id).parse().unwrap();
+        assert_eq!(
+            books.balance(&account, "CRD").await.unwrap(),
+            Decimal::ZERO,
+            "{kind}"
+        );
+    }
     standing
 }
 
@@ -169,16 +194,7 @@ async fn a_state_that_does_not_restore_is_voided_and_its_segment_runs_again() {
     let js = async_nats::jetstream::new(market.server.books_client().await.unwrap());
     let books = vmlot_ledger::Books::open(&js).await.unwrap();
     for job in [first, last] {
-        let done = market.wait_final(job, limit).await;
-        assert_eq!(
-            done.state,
-            JobState::Done,
-            "{:?}\n{}",
-            done.end_reason,
-            market.logs()
-        );
-        // The last payment is posted when the job has ended, before its refund.
-        let done = market.wait_refunded(job).await;
+        let done = done_and_refunded(&market, job, limit).await;
         assert!(
             cheat.told().contains(&(job, Lie::Unrestorable)),
             "{:?}",
@@ -244,17 +260,6 @@ async fn a_state_that_does_not_restore_is_voided_and_its_segment_runs_again() {
             );
         }
     }
-    // It holds nothing, pending or posted.
-    let account = |kind: &str| format!("{kind}:{}", cheat.id).parse().unwrap();
-    assert_eq!(
-        books.balance(&account("provider"), "CRD").await.unwrap(),
-        Decimal::ZERO
-    );
-    assert_eq!(
-        books.balance(&account("pending"), "CRD").await.unwrap(),
-        Decimal::ZERO
-    );
-
     let refused = BTreeMap::from([(RefusalKind::Unrestorable, 2)]);
     assert_refused_and_books_verify(&market, &honest_ids, &cheat, refused, control).await;
 }
@@ -280,15 +285,7 @@ async fn under_a_quorum_a_forged_state_is_the_minority_and_unpaid() {
     let limit = Duration::from_secs(180);
     let reference = market.wait_final(control, limit).await;
     assert_eq!(reference.state, JobState::Done, "{}", market.logs());
-    market.wait_final(job, limit).await;
-    let done = market.wait_refunded(job).await;
-    assert_eq!(
-        done.state,
-        JobState::Done,
-        "{:?}\n{}",
-        done.end_reason,
-        market.logs()
-    );
+    let done = done_and_refunded(&market, job, limit).await;
     assert!(cheat.told().contains(&(job, Lie::Forged)), "{:?}", cheat.told());
     assert!(done.check.is_none(), "a quorum needs no check restore");
 
@@ -317,13 +314,6 @@ async fn under_a_quorum_a_forged_state_is_the_minority_and_unpaid() {
     let paid = payments(&client, job).await;
     assert_eq!(paid.len(), 3, "{paid:#?}");
     assert!(paid.iter().all(|p| p.provider != cheat.id), "{paid:#?}");
-    let js = async_nats::jetstream::new(market.server.books_client().await.unwrap());
-    let books = vmlot_ledger::Books::open(&js).await.unwrap();
-    for kind in ["provider", "pending"] {
-        let account = format!("{kind}:{}", cheat.id).parse().unwrap();
-        assert_eq!(books.balance(&account, "CRD").await.unwrap(), Decimal::ZERO);
-    }
-
     let refused = BTreeMap::from([(RefusalKind::Minority, 1)]);
     let standing = assert_refused_and_books_verify(&market, &honest_ids, &cheat, refused, control).await;
     let cheat_valid = standing

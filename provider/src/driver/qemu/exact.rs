@@ -44,9 +44,12 @@ const CTL_TIMEOUT: Duration = Duration::from_secs(30);
 const TRACE_TIMEOUT: Duration = Duration::from_secs(10);
 const TRACE_POLL: Duration = Duration::from_micros(200);
 
-/// What an exact segment needs on QEMU's command line.
+/// An exact segment: its instruction count, and what it needs on QEMU's
+/// command line.
 #[derive(Clone, Debug)]
 pub struct ExactArgs {
+    /// Guest instructions the segment runs.
+    pub instructions: u64,
     /// The plugin's shared object.
     pub plugin: PathBuf,
     /// The unix socket the plugin connects to.

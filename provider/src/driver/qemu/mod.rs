@@ -140,7 +140,7 @@ impl QemuDriver {
         remove_if_exists(&socket)?;
         let exact = match plan.instructions {
             None => None,
-            Some(_) => Some(self.exact_args(workdir)?),
+            Some(n) => Some(self.exact_args(workdir, n)?),
         };
         let machine = vm::QemuMachine::new(binary, accel, console, workdir.join(STDERR_FILE), socket, exact);
         template::run_segment(machine, plan, workdir, &cancel).await
@@ -149,8 +149,8 @@ impl QemuDriver {
 
 impl QemuDriver {
     /// The plugin, its control socket and the trace log of a deterministic
-    /// segment in `workdir`.
-    fn exact_args(&self, workdir: &Path) -> Result<exact::ExactArgs, DriverError> {
+    /// segment of `instructions` in `workdir`.
+    fn exact_args(&self, workdir: &Path, instructions: u64) -> Result<exact::ExactArgs, DriverError> {
         let plugin = self
             .plugin
             .clone()
@@ -162,6 +162,7 @@ impl QemuDriver {
         let trace = workdir.join(TRACE_FILE);
         remove_if_exists(&trace)?;
         Ok(exact::ExactArgs {
+            instructions,
             plugin,
             ctl: args::socket_path_named(workdir, "stop"),
             trace,

@@ -100,24 +100,10 @@ impl QemuMachine {
 
 impl Machine for QemuMachine {
     async fn start(&mut self, plan: &SegmentPlan, cancel: &CancellationToken) -> Result<(), DriverError> {
-        let exact = match (plan.instructions, &self.exact) {
-            (None, _) => None,
-            (Some(n), Some(args)) => Some((n, args)),
-            (Some(_), None) => {
-                return Err(DriverError::Start(
-                    "a deterministic segment needs the icount-stop plugin (qemu.icount_stop_plugin)".into(),
-                ));
-            }
-        };
-        let args = command_line(
-            plan,
-            self.accel,
-            &self.console,
-            &self.socket,
-            exact.map(|(_, a)| a),
-        )?;
+        let exact = self.exact.as_ref();
+        let args = command_line(plan, self.accel, &self.console, &self.socket, exact)?;
         // The plugin connects while QEMU loads it, before QMP is up.
-        let listener = exact.map(|(_, args)| StopListener::bind(args)).transpose()?;
+        let listener = exact.map(StopListener::bind).transpose()?;
         let process = Process::spawn(&self.binary, &args, &self.stderr, self.socket.clone())?;
         tracing::debug!(workdir = %plan.workdir.display(), accel = ?self.accel, exact = ?plan.instructions, "QEMU started");
         let vm = self.process.insert(process);
@@ -129,7 +115,7 @@ impl Machine for QemuMachine {
         if let SegmentStart::Restore { machine_state } = &plan.start {
             restore(vm, machine_state, cancel).await?;
         }
-        if let (Some(control), Some(n)) = (control, plan.instructions) {
+        if let (Some(control), Some(exact)) = (control, exact) {
             let icount = vm
                 .command(&QueryReplay, cancel)
                 .await
@@ -137,7 +123,7 @@ impl Machine for QemuMachine {
                 .icount;
             let mut stopper = Stopper {
                 control,
-                target: icount + n,
+                target: icount + exact.instructions,
                 fine: false,
                 fine_legs: 0,
             };
@@ -339,20 +325,15 @@ async fn run_exact(
         }
         // Parked: stop the VM, and let the vCPU go only once QEMU holds it.
         stopper.control.before_stop()?;
-        let qmp = vm
-            .qmp
-            .as_mut()
-            .ok_or_else(|| DriverError::Qmp("not connected".into()))?;
         let answer_by = Instant::now() + COMMAND_TIMEOUT;
-        let sent = qmp.send(&Stop, answer_by, cancel).await;
-        let stopped = match sent {
-            Ok(id) => match stopper.control.release_after_stop(cancel).await {
-                Ok(()) => qmp.answer::<Stop>(id, answer_by, cancel).await.map(|_| ()),
-                Err(e) => return Err(e),
-            },
-            Err(e) => Err(e),
-        };
-        stopped.map_err(|e| vm.qmp_error(e))?;
+        let stop = vm
+            .send(&Stop, answer_by, cancel)
+            .await
+            .map_err(|e| vm.qmp_error(e))?;
+        stopper.control.release_after_stop(cancel).await?;
+        vm.answer::<Stop>(stop, answer_by, cancel)
+            .await
+            .map_err(|e| vm.qmp_error(e))?;
         let icount = vm
             .command(&QueryReplay, cancel)
             .await
@@ -572,6 +553,28 @@ impl Process {
     ) -> Result<C::Return, QmpError> {
         let qmp = self.qmp.as_mut().ok_or(QmpError::Closed)?;
         qmp.execute(command, COMMAND_TIMEOUT, cancel).await
+    }
+
+    /// Sends `command` and leaves its answer for [`Self::answer`].
+    async fn send<C: qmp::Command>(
+        &mut self,
+        command: &C,
+        answer_by: Instant,
+        cancel: &CancellationToken,
+    ) -> Result<u64, QmpError> {
+        let qmp = self.qmp.as_mut().ok_or(QmpError::Closed)?;
+        qmp.send(command, answer_by, cancel).await
+    }
+
+    /// The answer to the command [`Self::send`] sent as `id`.
+    async fn answer<C: qmp::Command>(
+        &mut self,
+        id: u64,
+        answer_by: Instant,
+        cancel: &CancellationToken,
+    ) -> Result<C::Return, QmpError> {
+        let qmp = self.qmp.as_mut().ok_or(QmpError::Closed)?;
+        qmp.answer::<C>(id, answer_by, cancel).await
     }
 
     fn qmp_error(&self, e: QmpError) -> DriverError {
