@@ -4,38 +4,31 @@
 //! payloads undecoded: what NATS alone delivers) in the same run.
 //!
 //! The ledger is filled with a valid book (credits, holds, settlements with
-//! their details, refunds, and the job records beside them) built exactly
-//! as `Books::record` builds it — the same transaction and posting values,
+//! their details, posts, refunds, providers' deposits, a few releases and
+//! forfeits, and the job records beside them: [`book`]) built exactly as
+//! `Books::record` builds it — the same transaction and posting values,
 //! serialized the same way, on the same subjects, in the same order — but
 //! published pipelined instead of one atomic batch at a time: writing a
 //! million records through `Books::record` (two reads and one fsynced batch
 //! per transaction) would take the better part of an hour.
 
-use std::collections::HashMap;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
 use async_nats::jetstream::{self, kv};
-use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use futures::stream::FuturesUnordered;
-use futures::{StreamExt, TryStreamExt};
-use rand::rngs::StdRng;
-use rand::{Rng, RngCore, SeedableRng};
 use rust_decimal::Decimal;
 use vmlot_ledger::Books;
 use vmlot_ledger::read::{self, Filter};
-use vmlot_schemas::ledger::{Account, Settlement, Transaction, TxKind};
-use vmlot_schemas::market::{
-    Checkpoint, GuestState, Image, JobSpec, JobState, JobStatus, SegmentCount, SegmentResult, SegmentTimings,
-    SettledSegment,
-};
-use vmlot_schemas::{
-    HypervisorKind, JobId, LotId, ManifestId, Money, ProviderId, VmConfig, WIRE_VERSION, subjects,
-};
+use vmlot_schemas::ledger::{Account, TxKind};
+use vmlot_schemas::subjects;
 use vmlot_tests::{Fsync, NatsServer};
 
 use crate::baseline::Cpu;
+
+mod book;
+
+use book::Book;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -58,6 +51,10 @@ pub struct Args {
     /// query then reads every settlement).
     #[arg(long, default_value_t = 315)]
     recent_pause_s: u64,
+    /// Forfeits of each cause (a minority result, a checkpoint that did
+    /// not restore) spread over the book, and as many releases: about.
+    #[arg(long, default_value_t = 20)]
+    forfeits: u64,
 }
 
 /// The unit every amount is in.
@@ -110,17 +107,22 @@ pub async fn run(args: Args) -> Result<()> {
         fill.records
     );
     println!(
-        "filled in {fill_s:.1} s ({:.0} msg/s): {} records ({} transactions, {} postings; {} credits, {} holds, {} settlements, {} posts, {} voids, {} refunds), {:.1} MB; {} job records ({} still running)",
+        "filled in {fill_s:.1} s ({:.0} msg/s): {} records ({} transactions, {} postings; {} credits, {} holds, {} settlements, {} posts, {} voids, {} refunds, {} deposits, {} releases, {} forfeits: {} minority, {} unrestorable), {:.1} MB; {} job records ({} still running)",
         fill.records as f64 / fill_s,
         fill.records,
         fill.transactions,
         fill.records - fill.transactions,
-        fill.by_kind[0],
-        fill.by_kind[1],
-        fill.by_kind[2],
-        fill.by_kind[3],
-        fill.by_kind[4],
-        fill.by_kind[5],
+        fill.of(TxKind::Credit),
+        fill.of(TxKind::Hold),
+        fill.of(TxKind::Settlement),
+        fill.of(TxKind::Post),
+        fill.of(TxKind::Void),
+        fill.of(TxKind::Refund),
+        fill.of(TxKind::Deposit),
+        fill.of(TxKind::Release),
+        fill.of(TxKind::Forfeit),
+        fill.minority,
+        fill.unrestorable,
         stored.bytes as f64 / 1e6,
         book.jobs.len(),
         book.jobs.iter().filter(|s| !s.state.is_final()).count(),
@@ -202,7 +204,11 @@ pub async fn run(args: Args) -> Result<()> {
                 job: Some(job),
                 ..Default::default()
             },
-            subjects::ledger_tx_job(&job).to_vec(),
+            {
+                let mut of_job = subjects::ledger_tx_job(&job).to_vec();
+                of_job.push(subjects::forfeits_of_job(&job));
+                of_job
+            },
             None,
         ),
         (
@@ -214,6 +220,15 @@ pub async fn run(args: Args) -> Result<()> {
             },
             vec![subjects::ledger_tx_kind(TxKind::Settlement)],
             Some(recent - CLOCK_SLACK),
+        ),
+        (
+            "`query` forfeits (a kind, no window)".into(),
+            Filter {
+                kind: Some(TxKind::Forfeit),
+                ..Default::default()
+            },
+            vec![subjects::ledger_tx_kind(TxKind::Forfeit)],
+            None,
         ),
     ];
     let every_settlement = Filter {
@@ -436,402 +451,4 @@ async fn raw(
         secs: t.elapsed().as_secs_f64(),
         cpu: Cpu::now(server).since(c),
     })
-}
-
-/// The book's random choices, from a seeded generator: the same book every run.
-struct Dice(StdRng);
-
-impl Dice {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0.gen_range(0..n)
-    }
-
-    fn uuid(&mut self) -> uuid::Uuid {
-        let mut bytes = [0u8; 16];
-        self.0.fill_bytes(&mut bytes);
-        uuid::Builder::from_random_bytes(bytes).into_uuid()
-    }
-
-    fn manifest(&mut self) -> ManifestId {
-        ManifestId::of(
-            vmlot_schemas::HashAlgorithm::Sha256,
-            &self.0.next_u64().to_le_bytes(),
-        )
-    }
-}
-
-/// A job being written: its record, and what is left to write.
-struct Running {
-    status: JobStatus,
-    segments: u32,
-    price: Decimal,
-    held: bool,
-    /// The last settlement, pending until the next one (or the refund) posts it.
-    pending: Option<Settlement>,
-}
-
-#[derive(Default)]
-struct Fill {
-    records: u64,
-    transactions: u64,
-    by_kind: [u64; 6],
-    began: DateTime<Utc>,
-    /// When the last tenth of the records began.
-    window_start: DateTime<Utc>,
-}
-
-/// The book being written, with the running balance of every posting subject.
-struct Book {
-    rng: Dice,
-    users: Vec<String>,
-    providers: Vec<ProviderId>,
-    balances: HashMap<String, Decimal>,
-    settlements_of: HashMap<ProviderId, u64>,
-    jobs: Vec<JobStatus>,
-    image: Image,
-}
-
-impl Book {
-    fn new(args: &Args) -> Self {
-        let mut rng = Dice(StdRng::seed_from_u64(0x9e37_79b9_7f4a_7c15));
-        let providers = (0..args.providers).map(|_| ProviderId(rng.uuid())).collect();
-        let image = Image {
-            vm: VmConfig {
-                hypervisor: HypervisorKind::Qemu,
-                arch: "x86_64".into(),
-                memory_mib: 128,
-                vcpus: 1,
-                cmdline: "console=ttyS0 quiet loglevel=1 panic=-1".into(),
-            },
-            kernel: rng.manifest(),
-            initrd: Some(rng.manifest()),
-            disks: vec![],
-        };
-        Self {
-            users: (0..args.users).map(|i| format!("u{i:04}")).collect(),
-            providers,
-            balances: HashMap::new(),
-            settlements_of: HashMap::new(),
-            jobs: Vec::new(),
-            image,
-            rng,
-        }
-    }
-
-    fn balance(&self, account: &Account) -> Decimal {
-        self.balances
-            .get(&subjects::posting(account, UNIT))
-            .copied()
-            .unwrap_or_default()
-    }
-
-    fn busiest_provider(&self) -> ProviderId {
-        self.settlements_of
-            .iter()
-            .max_by_key(|(p, n)| (**n, **p))
-            .map(|(p, _)| *p)
-            .unwrap_or(self.providers[0])
-    }
-
-    /// The messages `Books::record` writes for `tx` on `subject`: the
-    /// transaction, then one posting per entry carrying the balance it leaves.
-    fn record(&mut self, subject: String, tx: &Transaction) -> Vec<(String, Bytes)> {
-        assert!(tx.malformed().is_none(), "{subject}: {:?}", tx.malformed());
-        let mut out = Vec::with_capacity(tx.entries.len() + 1);
-        out.push((
-            subject,
-            Bytes::from(serde_json::to_vec(tx).expect("transaction serializes")),
-        ));
-        for entry in &tx.entries {
-            let posting_subject = subjects::posting(&entry.account, &tx.unit);
-            let balance = self.balances.entry(posting_subject.clone()).or_default();
-            let after = *balance + entry.signed();
-            assert!(
-                !(after.is_sign_negative() && !after.is_zero() && !entry.account.may_go_negative()),
-                "{} below zero",
-                entry.account
-            );
-            *balance = after;
-            let posting = vmlot_ledger::build::posting(tx, entry, after);
-            out.push((
-                posting_subject,
-                serde_json::to_vec(&posting).expect("posting serializes").into(),
-            ));
-        }
-        out
-    }
-
-    fn credit(&mut self, user: &str, amount: Decimal) -> Vec<(String, Bytes)> {
-        let request = self.rng.uuid();
-        let (subject, tx) = vmlot_ledger::build::credit(
-            &request,
-            &Account::User(user.to_string()),
-            &Money::new(amount, UNIT),
-            "bench top-up",
-        );
-        self.record(subject, &tx)
-    }
-
-    fn new_job(&mut self) -> Running {
-        let user = self.users[self.rng.below(self.users.len() as u64) as usize].clone();
-        let segments = 1 + self.rng.below(15) as u32;
-        let price = Decimal::new(10 + self.rng.below(51) as i64, 2);
-        let now = Utc::now();
-        let spec = JobSpec {
-            image: self.image.clone(),
-            segment_seconds: 60,
-            segments: SegmentCount::Count(segments),
-            redundancy: 1 + self.rng.below(2) as u32,
-            check: vmlot_schemas::market::ResultCheck::Continuation,
-            reserve_price: Money::new(Decimal::new(60, 2), UNIT),
-            budget: Money::new(Decimal::from(10), UNIT),
-            account: user,
-        };
-        Running {
-            status: JobStatus {
-                version: WIRE_VERSION,
-                job: JobId(self.rng.uuid()),
-                spec,
-                state: JobState::Running,
-                checkpoint: Checkpoint {
-                    machine_state: None,
-                    disks: vec![],
-                    stored_bytes: 20 << 20,
-                },
-                settled: Vec::new(),
-                open_lot: None,
-                attempts: 0,
-                waiting_for_providers: false,
-                spent: Money::new(Decimal::ZERO, UNIT),
-                created_at: now,
-                updated_at: now,
-                end_reason: None,
-                refunded: false,
-                refused: Vec::new(),
-                restore_failures: Vec::new(),
-                check: None,
-            },
-            segments,
-            price,
-            held: false,
-            pending: None,
-        }
-    }
-
-    /// The next transactions of `job`, as the broker writes them: its hold;
-    /// a settlement, with the post of the one before (whose checkpoint it
-    /// continued from); or the last post and the refund (then `true`: the
-    /// job has ended).
-    fn step(&mut self, job: &mut Running, out: &mut Vec<(String, Bytes)>) -> (Vec<TxKind>, bool) {
-        let status = &mut job.status;
-        let id = status.job;
-        let user = Account::User(status.spec.account.clone());
-        if !job.held {
-            job.held = true;
-            let budget = status.spec.budget.amount;
-            if self.balance(&user) < budget {
-                out.extend(self.credit(&status.spec.account, Decimal::from(500)));
-            }
-            let (subject, tx) = vmlot_ledger::build::hold(id, &status.spec.account, &status.spec.budget);
-            out.extend(self.record(subject, &tx));
-            return (vec![TxKind::Hold], false);
-        }
-        let segment = status.settled.len() as u32;
-        if segment < job.segments {
-            let provider = self.providers[self.rng.below(self.providers.len() as u64) as usize];
-            *self.settlements_of.entry(provider).or_default() += 1;
-            let lot = LotId(self.rng.uuid());
-            let attempt = self.rng.below(3) as u32;
-            let last = segment + 1 == job.segments;
-            let guest = if last {
-                GuestState::Halted { final_state: None }
-            } else {
-                GuestState::Running {
-                    checkpoint: Checkpoint {
-                        machine_state: Some(self.rng.manifest()),
-                        disks: vec![self.rng.manifest()],
-                        stored_bytes: (20 << 20) + self.rng.below(1 << 20),
-                    },
-                }
-            };
-            let timings = SegmentTimings {
-                fetch_ms: self.rng.below(2000),
-                start_ms: 40 + self.rng.below(100),
-                run_ms: 60_000,
-                save_ms: 500 + self.rng.below(300),
-                upload_ms: self.rng.below(1500),
-            };
-            let now = Utc::now();
-            let result = SegmentResult {
-                version: WIRE_VERSION,
-                lot,
-                job: id,
-                segment,
-                attempt,
-                provider,
-                guest: guest.clone(),
-                console: Some(self.rng.manifest()),
-                timings,
-                fetched_bytes: self.rng.below(20 << 20),
-                sent_bytes: self.rng.below(4 << 20),
-                finished_at: now,
-            };
-            let payment = Settlement {
-                job: id,
-                segment,
-                lot,
-                attempt,
-                provider,
-                payer: status.spec.account.clone(),
-                amount: Money::new(job.price, UNIT),
-                at: now,
-                guest: result.guest.clone(),
-                console: result.console,
-                timings: result.timings,
-                fetched_bytes: result.fetched_bytes,
-                sent_bytes: result.sent_bytes,
-                finished_at: result.finished_at,
-            };
-            let mut kinds = vec![TxKind::Settlement];
-            let (subject, tx) = vmlot_ledger::build::settlement(payment.clone());
-            out.extend(self.record(subject, &tx));
-            if let Some(before) = job.pending.replace(payment) {
-                let (subject, tx) = vmlot_ledger::build::post(&before, FEE_RATE);
-                out.extend(self.record(subject, &tx));
-                status.settled[before.segment as usize].posted = true;
-                kinds.push(TxKind::Post);
-            }
-            let mut awarded = vec![provider];
-            if status.spec.redundancy > 1 {
-                awarded.push(self.providers[self.rng.below(self.providers.len() as u64) as usize]);
-            }
-            status.settled.push(SettledSegment {
-                segment,
-                attempt,
-                lot,
-                provider,
-                awarded,
-                price: Money::new(job.price, UNIT),
-                guest: result.guest,
-                console: result.console,
-                timings,
-                fetched_bytes: result.fetched_bytes,
-                sent_bytes: result.sent_bytes,
-                settled_at: now,
-                posted: false,
-            });
-            status.spent.amount += job.price;
-            status.attempts = 0;
-            status.updated_at = now;
-            if let GuestState::Running { checkpoint } = &status.settled[segment as usize].guest {
-                status.checkpoint = checkpoint.clone();
-            }
-            return (kinds, false);
-        }
-        let mut kinds = Vec::new();
-        if let Some(last) = job.pending.take() {
-            let (subject, tx) = vmlot_ledger::build::post(&last, FEE_RATE);
-            out.extend(self.record(subject, &tx));
-            status.settled[last.segment as usize].posted = true;
-            kinds.push(TxKind::Post);
-        }
-        // As `Books::refund` does: whatever the escrow holds.
-        let left = self.balance(&Account::Escrow(id));
-        let (subject, tx) = vmlot_ledger::build::refund(id, &status.spec.account, UNIT, left);
-        out.extend(self.record(subject, &tx));
-        status.state = JobState::Done;
-        status.end_reason = Some("the guest halted".into());
-        status.refunded = true;
-        status.updated_at = Utc::now();
-        kinds.push(TxKind::Refund);
-        (kinds, true)
-    }
-
-    /// Writes the book: every user funded, then jobs `concurrent_jobs` at a
-    /// time, one transaction of a random running job after another, until
-    /// `records` messages; the jobs still running then stay running. Then
-    /// every job's record.
-    async fn fill(&mut self, js: &jetstream::Context, jobs: &kv::Store, args: &Args) -> Result<Fill> {
-        let mut fill = Fill {
-            began: Utc::now(),
-            window_start: Utc::now(),
-            ..Default::default()
-        };
-        let mut acks = FuturesUnordered::new();
-        let mut out = Vec::new();
-        let users = self.users.clone();
-        let mut active: Vec<Running> = Vec::new();
-        let mut user_iter = users.iter();
-        let window_at = args.records - args.records / 10;
-        let mut window_set = false;
-        while fill.records < args.records {
-            let kinds = if let Some(user) = user_iter.next() {
-                out.extend(self.credit(user, Decimal::from(200)));
-                vec![TxKind::Credit]
-            } else {
-                while active.len() < args.concurrent_jobs {
-                    let job = self.new_job();
-                    active.push(job);
-                }
-                let i = self.rng.below(active.len() as u64) as usize;
-                let mut job = active.swap_remove(i);
-                let (kinds, ended) = self.step(&mut job, &mut out);
-                if kinds == [TxKind::Hold] && out.len() > 3 {
-                    // A top-up written before the hold.
-                    fill.by_kind[0] += 1;
-                    fill.transactions += 1;
-                }
-                if ended {
-                    self.jobs.push(job.status);
-                } else {
-                    active.push(job);
-                }
-                kinds
-            };
-            for kind in &kinds {
-                fill.by_kind[TxKind::ALL.iter().position(|k| k == kind).expect("a kind")] += 1;
-                fill.transactions += 1;
-            }
-            fill.records += out.len() as u64;
-            if !window_set && fill.records >= window_at {
-                window_set = true;
-                while let Some(ack) = acks.next().await {
-                    ack?;
-                }
-                if args.recent_pause_s > 0 {
-                    println!(
-                        "{} records written; pausing {} s before the last tenth",
-                        fill.records, args.recent_pause_s
-                    );
-                    tokio::time::sleep(std::time::Duration::from_secs(args.recent_pause_s)).await;
-                }
-                fill.window_start = Utc::now();
-            }
-            for (subject, payload) in out.drain(..) {
-                acks.push(js.publish(subject, payload).await?.into_future());
-                while acks.len() >= args.in_flight {
-                    acks.next().await.context("ack")??;
-                }
-            }
-        }
-        // Jobs still running: budget held, some segments paid, no refund.
-        for job in active {
-            if job.held {
-                self.jobs.push(job.status);
-            }
-        }
-        while let Some(ack) = acks.next().await {
-            ack?;
-        }
-        futures::stream::iter(&self.jobs)
-            .map(|status| async move {
-                let payload = serde_json::to_vec(status)?;
-                jobs.put(status.job.to_string(), payload.into()).await?;
-                anyhow::Ok(())
-            })
-            .buffer_unordered(args.in_flight)
-            .try_collect::<()>()
-            .await?;
-        Ok(fill)
-    }
 }

@@ -39,6 +39,10 @@ pub struct Args {
     /// segment on two providers.
     #[arg(long, default_value = "continuation", value_parser = parse_check)]
     check: ResultCheck,
+    /// The broker's `--trust-after` (adaptive replication of quorum
+    /// attempts; 0 replicates every one); the broker's default when unset.
+    #[arg(long)]
+    trust_after: Option<u64>,
 }
 
 fn parse_check(s: &str) -> Result<ResultCheck, String> {
@@ -47,7 +51,8 @@ fn parse_check(s: &str) -> Result<ResultCheck, String> {
 }
 
 /// Lots each job settles: its segments, and its check restore when
-/// checked by continuation.
+/// checked by continuation (under a quorum, only a job whose last segment
+/// went unreplicated has one: counted after the run).
 fn lots_per_job(args: &Args) -> usize {
     args.segments as usize + usize::from(args.check == ResultCheck::Continuation)
 }
@@ -157,7 +162,7 @@ async fn run_once(args: &Args, auth: Auth) -> Result<Outcome> {
 
     // The market harness the tests use: the broker as its own process (so
     // its memory can be read), the providers as tasks of this process.
-    let broker_args: Vec<String> = vec![
+    let mut broker_args: Vec<String> = vec![
         "--bid-window-ms".into(),
         args.bid_window_ms.to_string(),
         "--transfer-allowance-s".into(),
@@ -169,6 +174,9 @@ async fn run_once(args: &Args, auth: Auth) -> Result<Outcome> {
         "--max-requests-per-second".into(),
         "100000".into(),
     ];
+    if let Some(n) = args.trust_after {
+        broker_args.extend(["--trust-after".into(), n.to_string()]);
+    }
     let mut market = Market::on(server, broker_args, &[])?;
     let api = market.api().await;
     let providers: Vec<ProviderSpec> = (0..args.providers)
@@ -262,17 +270,46 @@ async fn run_once(args: &Args, auth: Auth) -> Result<Outcome> {
     let cpu = Cpu::now(&market).since(&cpu_before);
     let broker_rss = market.broker.peak_rss_kib().unwrap_or(0).max(peak_rss);
     // Listing reads every job record one by one: at 10 000 jobs it can
-    // outlast the request timeout, and it is only a note.
-    match api.list().await {
-        Ok(list) => {
-            let not_ended = list.iter().filter(|s| !s.state.is_final()).count();
-            if not_ended > 0 {
-                println!("note: {not_ended} jobs still closing when the last segment was paid");
+    // outlast the request timeout, and it is only a note. Under a quorum,
+    // adaptive replication gives an unreplicated last segment a check
+    // restore: its jobs are waited for to the end, and counted.
+    let mut checks = 0;
+    loop {
+        match api.list().await {
+            Ok(list) => {
+                let not_ended = list.iter().filter(|s| !s.state.is_final()).count();
+                if not_ended > 0 && args.check == ResultCheck::Quorum && started.elapsed() < limit {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+                if not_ended > 0 {
+                    println!("note: {not_ended} jobs still closing when the last segment was paid");
+                }
+                if args.check == ResultCheck::Quorum {
+                    let segments: Vec<_> = list.iter().flat_map(|s| &s.settled).collect();
+                    let alone = segments.iter().filter(|s| s.unreplicated).count();
+                    checks = list.iter().filter(|s| s.check.is_some()).count();
+                    println!(
+                        "quorum: {} of {} segments replicated, {alone} left to one trusted provider (adaptive replication); {checks} check restores",
+                        segments.len() - alone,
+                        segments.len()
+                    );
+                }
             }
+            Err(vmlot_client::CallError::Refused(e)) => println!("note: job list refused: {}", e.message),
+            Err(e) => println!("note: job list not read ({:#})", anyhow::Error::from(e)),
         }
-        Err(vmlot_client::CallError::Refused(e)) => println!("note: job list refused: {}", e.message),
-        Err(e) => println!("note: job list not read ({:#})", anyhow::Error::from(e)),
+        break;
     }
+    // Under a quorum the run ends when the last job has (its checks included).
+    let (wall, cpu) = if args.check == ResultCheck::Quorum {
+        (
+            started.elapsed().as_secs_f64(),
+            Cpu::now(&market).since(&cpu_before),
+        )
+    } else {
+        (wall, cpu)
+    };
     let payments =
         vmlot_ledger::read::settlements(&vmlot_ledger::BooksApi::for_server(client.clone()).await).await?;
     let settled = payments.len();
@@ -311,10 +348,10 @@ async fn run_once(args: &Args, auth: Auth) -> Result<Outcome> {
         cpu.this,
         cpu.server * 1e6 / settled.max(1) as f64
     );
-    if settled != args.jobs * lots_per_job(args) {
+    if settled != args.jobs * lots_per_job(args) + checks {
         println!(
             "WARNING: expected {} settled lots",
-            args.jobs * lots_per_job(args)
+            args.jobs * lots_per_job(args) + checks
         );
     }
     market.in_process.stop().await;

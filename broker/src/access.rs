@@ -4,7 +4,7 @@
 //! the message. Pure, and tested without NATS.
 
 use vmlot_schemas::api::{
-    ApiError, Cancel, Credit, Endpoint, List, Market, Providers, Standings, Status, Submit,
+    ApiError, Cancel, Credit, Deposit, Endpoint, List, Market, Providers, Release, Standings, Status, Submit,
 };
 use vmlot_schemas::caller::{Caller, Role};
 use vmlot_schemas::market::{JobSpec, JobStatus};
@@ -25,6 +25,7 @@ pub(crate) fn may_call(caller: &Caller, endpoint: &str) -> Result<(), ApiError> 
         Cancel::NAME => &[Submitter, Operator],
         Providers::NAME | Market::NAME | Standings::NAME => &[Submitter, Operator, Accountant],
         Credit::NAME => &[Operator],
+        Deposit::NAME | Release::NAME => &[Provider],
         _ => &[],
     };
     if allowed.contains(&caller.role) {
@@ -93,11 +94,21 @@ mod tests {
     }
 
     #[test]
-    fn providers_and_the_broker_call_nothing() {
+    fn providers_only_move_their_deposit_and_the_broker_calls_nothing() {
         for endpoint in ENDPOINTS {
-            for role in [Role::Provider, Role::Broker] {
-                assert!(may_call(&who(role, "x"), endpoint).is_err(), "{role} {endpoint}");
-            }
+            let provider_may = [Deposit::NAME, Release::NAME].contains(&endpoint);
+            assert_eq!(
+                may_call(&who(Role::Provider, "x"), endpoint).is_ok(),
+                provider_may,
+                "provider {endpoint}"
+            );
+            assert!(
+                may_call(&who(Role::Broker, "x"), endpoint).is_err(),
+                "broker {endpoint}"
+            );
+        }
+        for role in [Role::Submitter, Role::Operator, Role::Accountant] {
+            assert!(may_call(&who(role, "x"), Deposit::NAME).is_err(), "{role}");
         }
         assert!(may_call(&who(Role::Operator, "x"), "nonsense").is_err());
     }

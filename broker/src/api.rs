@@ -18,7 +18,8 @@ use rust_decimal::Decimal;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use vmlot_schemas::api::{
-    ApiError, Cancel, Credit, ENDPOINTS, Endpoint, List, Market, Providers, Reply, Standings, Status, Submit,
+    ApiError, Cancel, Credit, Deposit, DepositRequest, Deposited, ENDPOINTS, Endpoint, List, Market,
+    Providers, Release, Reply, Standings, Status, Submit,
 };
 use vmlot_schemas::caller::Caller;
 use vmlot_schemas::market::{
@@ -32,7 +33,7 @@ use vmlot_ledger::LedgerError;
 use vmlot_schemas::ledger::{Account, CreditRequest, Transaction};
 
 use crate::state::UpdateError;
-use crate::{BrokerError, Shared, access, lifecycle, verify};
+use crate::{BrokerError, Shared, access, deposit, lifecycle, verify};
 
 /// The most replicas a job may ask for.
 pub const MAX_REDUNDANCY: u32 = 16;
@@ -82,6 +83,8 @@ pub(crate) async fn start(shared: Arc<Shared>) -> Result<Api, BrokerError> {
         serve::<Market>(&group, &shared).await?,
         serve::<Standings>(&group, &shared).await?,
         serve::<Credit>(&group, &shared).await?,
+        serve::<Deposit>(&group, &shared).await?,
+        serve::<Release>(&group, &shared).await?,
     ];
     debug_assert_eq!(served, ENDPOINTS, "every endpoint served, in order");
     Ok(Api { service })
@@ -258,6 +261,40 @@ impl Serve for Credit {
     ) -> Result<Transaction, ApiError> {
         credit(shared, request).await
     }
+}
+
+impl Serve for Deposit {
+    async fn serve(
+        shared: &Arc<Shared>,
+        caller: &Caller,
+        req: DepositRequest,
+    ) -> Result<Deposited, ApiError> {
+        let provider = provider_of(caller)?;
+        deposit::put(shared, provider, req).await.map_err(refused)
+    }
+}
+
+impl Serve for Release {
+    async fn serve(
+        shared: &Arc<Shared>,
+        caller: &Caller,
+        req: DepositRequest,
+    ) -> Result<Deposited, ApiError> {
+        let provider = provider_of(caller)?;
+        deposit::release(shared, provider, req).await.map_err(refused)
+    }
+}
+
+/// The provider a caller's credentials name (a provider's name is its id).
+fn provider_of(caller: &Caller) -> Result<vmlot_schemas::ProviderId, ApiError> {
+    caller
+        .name
+        .parse()
+        .map_err(|_| error("forbidden", format!("{caller} is not a provider id")))
+}
+
+fn refused(err: deposit::DepositError) -> ApiError {
+    error(err.code(), err.to_string())
 }
 
 fn internal(err: BrokerError) -> ApiError {
@@ -516,8 +553,12 @@ async fn credit(shared: &Arc<Shared>, req: CreditRequest) -> Result<Transaction,
     if req.amount.amount <= Decimal::ZERO {
         return Err(error("bad-request", "a credit must be positive"));
     }
-    if !matches!(req.account, Account::User(_)) {
-        return Err(error("bad-request", "only user accounts are credited"));
+    // A provider is credited to fund its deposit before it has earned.
+    if !matches!(req.account, Account::User(_) | Account::Provider(_)) {
+        return Err(error(
+            "bad-request",
+            "only user and provider accounts are credited",
+        ));
     }
     if req.memo.len() > 256 {
         return Err(error("bad-request", "memo over 256 bytes"));

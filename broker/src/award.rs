@@ -12,11 +12,11 @@ use tracing::Instrument;
 use vmlot_schemas::market::{Award, Bid, JobStatus, Lot, Reply, ResultCheck, SegmentCount, ToProvider};
 use vmlot_schemas::{JobId, Money, ProviderId, WIRE_VERSION, subjects};
 
-use crate::auction;
 use crate::error::BrokerError;
 use crate::lifecycle::{self, Ending, Refused};
 use crate::shared::Shared;
 use crate::state::UpdateError;
+use crate::{auction, deposit};
 
 /// Standby bidders kept for a quorum's tie-breaker.
 const STANDBY: usize = 3;
@@ -56,19 +56,30 @@ pub(crate) async fn award(
             && !status.restore_failures.contains(&b.provider)
             && Some(b.provider) != own
     });
+    let bids = deposit::eligible(shared, bids).await;
     let valid_bids = bids.len();
     let standby = match status.spec.check {
         ResultCheck::Quorum => bids.clone(),
         _ => Vec::new(),
     };
-    let winners = choose_winners(shared, lot, bids, status.spec.redundancy as usize);
+    let mut winners = choose_winners(shared, lot, bids, status.spec.redundancy as usize);
     let standby = auction::standby(standby, &winners, STANDBY);
     if winners.is_empty() {
         return no_winner(shared, status, valid_bids, over_budget).await;
     }
+    // Under a quorum, the check restore proves only that the last
+    // checkpoint restores: one provider does. Any other attempt goes to
+    // one provider when adaptive replication trusts its winner.
+    let unreplicated = status.spec.check == ResultCheck::Quorum
+        && (lot.check || (winners.len() > 1 && !replicate(shared, winners[0].0).await));
+    if unreplicated {
+        let others = winners.split_off(1);
+        shared.release_slots(others.iter().map(|(p, _)| *p), &lot.lot);
+        tracing::info!(provider = %winners[0].0, check = lot.check, "this attempt is not replicated");
+    }
     let release = || shared.release_slots(winners.iter().map(|(p, _)| *p), &lot.lot);
     let deadline = result_deadline(shared, lot);
-    let recorded = match record(shared, status, lot, &winners, &standby, deadline).await {
+    let recorded = match record(shared, status, lot, &winners, &standby, unreplicated, deadline).await {
         Ok(recorded) => recorded,
         Err(UpdateError::Refused(refused)) => {
             tracing::info!(%refused, "award not recorded");
@@ -166,6 +177,27 @@ fn result_deadline(shared: &Shared, lot: &Lot) -> DateTime<Utc> {
     Utc::now() + chrono::Duration::from_std(allowance).unwrap_or_default()
 }
 
+/// Whether the quorum job's attempt won by `provider` is replicated, by
+/// adaptive replication from its run of agreeing results ([`Policy`]).
+/// Its standing unreadable: replicated.
+///
+/// [`Policy`]: crate::replication::Policy
+async fn replicate(shared: &Shared, provider: ProviderId) -> bool {
+    let policy = shared.config.replication;
+    if policy.trust_after == 0 {
+        return true;
+    }
+    let streak = match shared.standings.get(provider).await {
+        Ok(standing) => standing.streak,
+        Err(err) => {
+            tracing::warn!(%provider, %err, "standing unreadable; replicating");
+            return true;
+        }
+    };
+    let draw = rand::Rng::gen_range(&mut rand::thread_rng(), 0..streak.max(1));
+    policy.replicate(streak, draw)
+}
+
 /// Records the winners and the deadline in the job's record, before any
 /// award is sent: a broker that restarts finds the award and waits for it.
 async fn record(
@@ -174,17 +206,21 @@ async fn record(
     lot: &Lot,
     winners: &[(ProviderId, Money)],
     standby: &[(ProviderId, Money)],
+    unreplicated: bool,
     deadline: DateTime<Utc>,
 ) -> Result<JobStatus, UpdateError<Refused>> {
     let (lot, winners, standby, now) = (lot.clone(), winners.to_vec(), standby.to_vec(), Utc::now());
     shared
         .jobs
         .transition(&status.job, move |s| {
-            let awarded = lifecycle::award(s, &lot, &winners, deadline, now)?;
-            if standby.is_empty() {
-                return Ok(awarded);
+            let mut awarded = lifecycle::award(s, &lot, &winners, deadline, now)?;
+            if !standby.is_empty() {
+                awarded = lifecycle::standby(&awarded, &standby)?;
             }
-            lifecycle::standby(&awarded, &standby)
+            if unreplicated {
+                awarded = lifecycle::unreplicated(&awarded)?;
+            }
+            Ok(awarded)
         })
         .await
 }

@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use crate::auction::PricingRule;
 use crate::quota::Quotas;
-use vmlot_schemas::HashAlgorithm;
+use crate::replication;
+use vmlot_schemas::{HashAlgorithm, Money};
 
 /// Broker settings.
 #[derive(Clone, Debug)]
@@ -40,6 +41,23 @@ pub struct BrokerConfig {
     /// How long the check restore of a job's last checkpoint runs its
     /// guest, in seconds (capped at the job's segment length).
     pub check_seconds: u32,
+    /// Adaptive replication of quorum jobs' attempts.
+    pub replication: replication::Policy,
+    /// Provider deposits: none asked for when unset.
+    pub deposit: Option<DepositPolicy>,
+}
+
+/// What the broker asks of providers' deposits (`deposit:PROVIDER` in the
+/// books, funded from their earnings).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DepositPolicy {
+    /// A provider whose deposit holds less than this (in its unit) does
+    /// not win lots.
+    pub minimum: Money,
+    /// Taken from a provider's deposit and given to the job's submitter
+    /// when the provider is proven to have cheated it (a checkpoint that
+    /// did not restore, a minority result); at most what the deposit holds.
+    pub forfeit: rust_decimal::Decimal,
 }
 
 impl Default for BrokerConfig {
@@ -58,6 +76,8 @@ impl Default for BrokerConfig {
             early_allowance: Duration::from_secs(2),
             restore_quorum: 2,
             check_seconds: 1,
+            replication: replication::Policy::default(),
+            deposit: None,
         }
     }
 }

@@ -17,7 +17,11 @@
 //! - [`auction`]: the sealed-bid reverse auction (pure).
 //! - [`quorum`]: what replicas of an attempt must agree on, and whether
 //!   they do (pure).
+//! - [`replication`]: whether a quorum job's attempt is replicated, from
+//!   its winner's run of agreeing results (pure).
 //! - [`capacity`]: awards outstanding per provider, never above its slots.
+//! - [`deposit`]: providers' deposits: the minimum to win a lot, the
+//!   forfeit of a proven cheat, a provider's deposit and release requests.
 //! - [`quota`]: what one account may ask (jobs in flight, segments,
 //!   redundancy, memory, image size, request rate) (pure).
 //! - [`state`]: job records in a KV bucket with revision checks.
@@ -37,6 +41,7 @@ pub mod cancel;
 pub mod capacity;
 pub mod check;
 pub mod config;
+pub mod deposit;
 pub mod error;
 #[cfg(feature = "fault-injection")]
 mod fault;
@@ -50,6 +55,7 @@ pub mod offer;
 pub mod quorum;
 pub mod quota;
 pub mod refund;
+pub mod replication;
 pub mod resolve;
 pub mod route;
 pub mod server;

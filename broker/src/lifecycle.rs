@@ -97,6 +97,8 @@ pub enum Refused {
     Ends(Ending),
     #[error("the job has no open lot")]
     NoOpenLot,
+    #[error("the job's results are not checked by a quorum")]
+    NotQuorum,
     /// The open lot is awarded and its deadline has not passed: wait for it.
     #[error("lot {lot} is awarded until {deadline}")]
     AwardPending { lot: LotId, deadline: DateTime<Utc> },
@@ -185,14 +187,14 @@ pub fn check_due(status: &JobStatus) -> bool {
     let SegmentCount::Count(n) = status.spec.segments else {
         return false;
     };
-    status.spec.check == ResultCheck::Continuation
-        && !status.state.is_final()
+    !status.state.is_final()
         && status.check.is_none()
         && next_segment(status) >= n
-        && status
-            .settled
-            .last()
-            .is_some_and(|last| !last.posted && matches!(last.guest, GuestState::Running { .. }))
+        && status.settled.last().is_some_and(|last| {
+            !last.posted
+                && awaits_continuation(status, last)
+                && matches!(last.guest, GuestState::Running { .. })
+        })
 }
 
 /// True when the job's segments are counts of guest instructions: a
@@ -307,6 +309,7 @@ pub fn award(
         award_deadline: Some(deadline),
         awarded_at: Some(now),
         standby: Vec::new(),
+        unreplicated: false,
     });
     next.attempts = lot.attempt;
     next.waiting_for_providers = false;
@@ -423,12 +426,11 @@ pub fn settle(status: &JobStatus, mut paid: SettledSegment) -> Result<JobStatus,
             got: paid.segment,
         });
     }
-    paid.awarded = status
-        .open_lot
-        .as_ref()
-        .filter(|open| open.lot.lot == paid.lot)
+    let open = status.open_lot.as_ref().filter(|open| open.lot.lot == paid.lot);
+    paid.awarded = open
         .map(|open| open.awarded.iter().map(|(p, _)| *p).collect())
         .unwrap_or_else(|| vec![paid.provider]);
+    paid.unreplicated = open.is_some_and(|open| open.unreplicated);
     let mut next = status.clone();
     next.spent.amount += paid.price.amount;
     next.open_lot = None;
@@ -513,8 +515,10 @@ pub fn refunded(status: &JobStatus) -> Result<JobStatus, Refused> {
 mod payments;
 mod replicas;
 
-pub use payments::{checked_provider, due_posts, posted, restore_failed, void, void_due};
-pub use replicas::{add_replica, drop_standby, standby};
+pub use payments::{
+    awaits_continuation, checked_provider, due_posts, posted, restore_failed, void, void_due,
+};
+pub use replicas::{add_replica, drop_standby, standby, unreplicated};
 
 #[cfg(test)]
 mod tests;

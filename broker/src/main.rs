@@ -5,10 +5,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use vmlot_broker::config::DepositPolicy;
 use vmlot_broker::logging::{self, LogFormat};
 use vmlot_broker::quota::Quotas;
 use vmlot_broker::{BrokerConfig, PricingRule};
-use vmlot_schemas::HashAlgorithm;
+use vmlot_schemas::{HashAlgorithm, Money};
 
 #[derive(Parser)]
 #[command(
@@ -42,6 +43,19 @@ struct Args {
     /// it restores before its payment is posted) runs the guest, in seconds.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     check_seconds: u32,
+    /// Agreeing results in a row a provider needs before a quorum job's
+    /// attempts it wins may go unreplicated (then replicated with
+    /// probability N / its run); 0 replicates every attempt.
+    #[arg(long, default_value_t = vmlot_broker::replication::Policy::default().trust_after)]
+    trust_after: u64,
+    /// The deposit a provider must hold to win lots, as AMOUNT UNIT (e.g.
+    /// "10 CRD"); none asked for when unset.
+    #[arg(long, value_parser = parse_money)]
+    min_deposit: Option<Money>,
+    /// Taken from a cheating provider's deposit for the job's submitter
+    /// (at most what it holds); the minimum deposit when unset.
+    #[arg(long, value_parser = parse_positive, requires = "min_deposit")]
+    forfeit: Option<rust_decimal::Decimal>,
     /// Longest wait before re-offering a segment that drew no bid, in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     max_backoff_ms: u64,
@@ -103,6 +117,13 @@ impl Args {
             early_allowance: Duration::from_millis(self.early_allowance_ms),
             restore_quorum: self.restore_quorum as usize,
             check_seconds: self.check_seconds,
+            replication: vmlot_broker::replication::Policy {
+                trust_after: self.trust_after,
+            },
+            deposit: self.min_deposit.clone().map(|minimum| DepositPolicy {
+                forfeit: self.forfeit.unwrap_or(minimum.amount),
+                minimum,
+            }),
             pricing: self.pricing,
             max_backoff: Duration::from_millis(self.max_backoff_ms),
             fee_rate: self.fee_rate,
@@ -125,6 +146,28 @@ fn parse_fee(text: &str) -> Result<rust_decimal::Decimal, String> {
         return Err(format!("fee rate {rate} must be at least 0 and below 1"));
     }
     Ok(rate)
+}
+
+/// A positive amount on the books.
+fn parse_positive(text: &str) -> Result<rust_decimal::Decimal, String> {
+    let amount = vmlot_ledger::parse_amount(text)?;
+    if amount.is_sign_negative() || amount.is_zero() {
+        return Err(format!("{amount} must be above 0"));
+    }
+    Ok(amount)
+}
+
+/// `AMOUNT UNIT`, e.g. `10 CRD`.
+fn parse_money(text: &str) -> Result<Money, String> {
+    let (amount, unit) = text
+        .trim()
+        .split_once(' ')
+        .ok_or_else(|| format!("{text:?}: want AMOUNT UNIT, e.g. \"10 CRD\""))?;
+    let money = Money::new(parse_positive(amount)?, unit.trim());
+    if !money.unit_is_valid() {
+        return Err(format!("{unit:?} is not a unit"));
+    }
+    Ok(money)
 }
 
 #[tokio::main]

@@ -4,17 +4,19 @@
 //! once a result of the next segment is accepted or the job has ended,
 //! and **voided** (the price goes back to the escrow) when enough distinct
 //! providers could not restore it; the job then goes back to that
-//! segment's input and offers it again. Each post or void is written once,
+//! segment's input and offers it again, and the provider forfeits part of
+//! its deposit to the submitter (when the broker asks for deposits). Each post or void is written once,
 //! on one subject for both, so a broker that died between writing it and
 //! recording it in the job writes it again harmlessly and records it.
 
 use std::sync::Arc;
 
 use tracing::Instrument;
-use vmlot_schemas::ledger::{Settlement, TxKind};
+use vmlot_schemas::ledger::{ForfeitCause, Settlement, TxKind};
 use vmlot_schemas::market::JobStatus;
 use vmlot_schemas::standing::RefusalKind;
 
+use crate::deposit;
 use crate::error::BrokerError;
 use crate::lifecycle::{self, Refused};
 use crate::shared::Shared;
@@ -95,6 +97,10 @@ async fn void(shared: &Shared, status: &JobStatus, segment: u32, attempt: u32) -
             format!("segment {segment} (attempt {attempt})'s payment was posted before"),
         ));
     }
+    // Before the job moves on: a broker that dies here voids (harmlessly)
+    // and forfeits (once) again.
+    let cause = ForfeitCause::Unrestorable;
+    deposit::forfeit(shared, status, segment, attempt, payment.provider, cause).await;
     match shared
         .jobs
         .transition(&status.job, move |s| lifecycle::void(s, segment))

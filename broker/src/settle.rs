@@ -20,7 +20,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
-use vmlot_schemas::ledger::Settlement;
+use vmlot_schemas::ledger::{ForfeitCause, Settlement};
 use vmlot_schemas::market::{GuestState, JobStatus, Lot, ResultCheck, SegmentResult, SettledSegment};
 use vmlot_schemas::standing::RefusalKind;
 use vmlot_schemas::{BlockId, HypervisorKind, Manifest, Money, ProviderId};
@@ -33,7 +33,7 @@ use crate::shared::{LotEvent, Shared};
 use crate::standing::Outcome;
 use crate::state::UpdateError;
 use crate::stored_save::{self, StoredSaveError};
-use crate::{award, cancel, verify};
+use crate::{award, cancel, deposit, verify};
 
 /// How waiting for an attempt's results ended.
 pub(crate) enum Waited {
@@ -133,7 +133,9 @@ async fn wait(
     // Providers refused during this wait (the record has those before it).
     let mut refused: Vec<ProviderId> = Vec::new();
     let mut ballots: Vec<Ballot> = Vec::new();
-    let quorum = status.spec.check == ResultCheck::Quorum;
+    // An attempt adaptive replication left to one provider settles on
+    // its first valid result.
+    let quorum = status.spec.check == ResultCheck::Quorum && !open.unreplicated;
     loop {
         let (result, msg) = tokio::select! {
             _ = stop.cancelled() => return Ok(Waited::Stopped),
@@ -185,7 +187,7 @@ async fn wait(
                         .instrument(tracing::info_span!("settle"))
                         .await?;
                     let _ = msg.ack().await;
-                    count_valid(shared, result.provider);
+                    count(shared, result.provider, Outcome::Valid);
                     Ok::<_, BrokerError>(Some(Waited::Settled))
                 }
                 Err(Checked::Refused(refusal)) => {
@@ -303,7 +305,7 @@ async fn tally(
                 .await?;
             for (i, ballot) in ballots.iter().enumerate() {
                 if !minority.contains(&i) {
-                    count_valid(shared, ballot.vote.provider);
+                    count(shared, ballot.vote.provider, Outcome::Agreed);
                     continue;
                 }
                 let why = format!(
@@ -318,6 +320,15 @@ async fn tally(
                     &Refusal::new(RefusalKind::Minority, why),
                 )
                 .await?;
+                deposit::forfeit(
+                    shared,
+                    status,
+                    lot.segment,
+                    lot.attempt,
+                    ballot.vote.provider,
+                    ForfeitCause::Minority,
+                )
+                .await;
             }
             // A tie-breaker still running is told to stop.
             let running: Vec<ProviderId> = awarded(status)
@@ -379,11 +390,11 @@ async fn restore_failed(
 
 /// Counts a valid result in its provider's standing, off the settlement's
 /// path (a task of the broker's, which shutdown waits for).
-fn count_valid(shared: &Arc<Shared>, provider: ProviderId) {
+fn count(shared: &Arc<Shared>, provider: ProviderId, outcome: Outcome<'static>) {
     let standings = shared.standings.clone();
     shared
         .tasks
-        .spawn(async move { standings.count(provider, Outcome::Valid).await }.in_current_span());
+        .spawn(async move { standings.count(provider, outcome).await }.in_current_span());
 }
 
 /// When the NATS server stored `msg` (not a clock the provider sets).
@@ -540,6 +551,7 @@ fn settled_segment(payment: &Settlement) -> SettledSegment {
         sent_bytes: payment.sent_bytes,
         settled_at: payment.at,
         posted: false,
+        unreplicated: false,
     }
 }
 

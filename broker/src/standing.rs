@@ -27,6 +27,8 @@ pub struct Standings {
 #[derive(Clone, Copy, Debug)]
 pub enum Outcome<'a> {
     Valid,
+    /// Valid, and other replicas agreed with it.
+    Agreed,
     Refused(RefusalKind, &'a str),
 }
 
@@ -60,6 +62,7 @@ impl Standings {
             };
             match outcome {
                 Outcome::Valid => standing.count_valid(Utc::now()),
+                Outcome::Agreed => standing.count_agreed(Utc::now()),
                 Outcome::Refused(kind, why) => standing.count_refused(kind, why, Utc::now()),
             }
             let bytes = serde_json::to_vec(&standing).expect("standing serializes");
@@ -75,6 +78,18 @@ impl Standings {
             "update standing",
             "too many concurrent writers",
         ))
+    }
+
+    /// `provider`'s standing (a fresh one if it has none).
+    pub async fn get(&self, provider: ProviderId) -> Result<Standing, BrokerError> {
+        let bytes = self
+            .kv
+            .get(provider.to_string())
+            .await
+            .map_err(|e| BrokerError::nats("read standing", e))?;
+        Ok(bytes
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_else(|| Standing::new(provider)))
     }
 
     /// Every provider's standing, by provider id.

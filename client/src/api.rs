@@ -18,7 +18,8 @@ use vmlot_schemas::{JobId, WIRE_VERSION};
 
 /// The endpoints, so a caller needs one import.
 pub use vmlot_schemas::api::{
-    ApiError, Cancel, Credit, Endpoint, List, Market, Providers, Standings, Status, Submit,
+    ApiError, Cancel, Credit, Deposit, DepositRequest, Deposited, Endpoint, List, Market, Providers, Release,
+    Standings, Status, Submit,
 };
 
 /// Why a call to the job API did not return its value. The cause, where

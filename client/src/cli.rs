@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use vmlot_schemas::JobId;
 
-use crate::commands::{admin, image, ledger, store, submit};
+use crate::commands::{admin, deposit, image, ledger, store, submit};
 use crate::context::Context;
 
 #[derive(Parser)]
@@ -96,6 +96,9 @@ pub enum Command {
     },
     /// Balances: one account's, or every account's.
     Balance { account: Option<String> },
+    /// A provider's deposit: put earnings in, or release them.
+    #[command(subcommand)]
+    Deposit(deposit::DepositCommand),
     /// Operator commands.
     #[command(subcommand)]
     Admin(admin::AdminCommand),

@@ -18,7 +18,7 @@ mod context;
 mod output;
 
 use cli::{Cli, Command, ImageCommand};
-use commands::{admin, balances, fetch, image, ledger, logs, market, status, submit, watch};
+use commands::{admin, balances, deposit, fetch, image, ledger, logs, market, status, submit, watch};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -60,6 +60,7 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
         Command::Ledger(args) => ledger::ledger(ctx, args).await,
         Command::Statement { account, period } => balances::statement(ctx, account, period).await,
         Command::Balance { account } => balances::balance(ctx, account.as_deref()).await,
+        Command::Deposit(cmd) => deposit::deposit(ctx, cmd).await,
         Command::Admin(cmd) => admin::admin(ctx, cmd).await,
     }
 }

@@ -88,6 +88,7 @@ pub fn grants(role: Role) -> Grants {
                     subjects::bid_of(NAME),
                     subjects::result_of(NAME),
                     subjects::heartbeat_of(NAME),
+                    api.clone(),
                 ],
                 store(),
             ]

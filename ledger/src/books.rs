@@ -11,8 +11,8 @@ use async_nats::jetstream::{self, message::OutboundMessage, stream};
 use bytes::Bytes;
 use jetstream_extra::batch_publish::BatchPublishExt;
 use rust_decimal::Decimal;
-use vmlot_schemas::ledger::{Account, Posting, Settlement, Transaction};
-use vmlot_schemas::{JobId, Money, subjects};
+use vmlot_schemas::ledger::{Account, Forfeit, Posting, Settlement, Transaction};
+use vmlot_schemas::{JobId, Money, ProviderId, subjects};
 
 use crate::build;
 use crate::error::LedgerError;
@@ -245,7 +245,8 @@ impl Books {
         }
     }
 
-    /// The operator funds a user account. `request` is the caller's id:
+    /// The operator funds a user account, or a provider's (so it can put
+    /// a deposit in before it has earned). `request` is the caller's id:
     /// the same request credits once.
     pub async fn credit(
         &self,
@@ -254,9 +255,9 @@ impl Books {
         amount: &Money,
         memo: &str,
     ) -> Result<Recorded, LedgerError> {
-        if !matches!(account, Account::User(_)) {
+        if !matches!(account, Account::User(_) | Account::Provider(_)) {
             return Err(LedgerError::Malformed(format!(
-                "only user accounts are funded, not {account}"
+                "only user and provider accounts are funded, not {account}"
             )));
         }
         if amount.amount <= Decimal::ZERO {
@@ -310,6 +311,78 @@ impl Books {
         self.record(&subject, tx).await
     }
 
+    /// A provider puts `amount` of its earnings into its deposit. `request`
+    /// is the provider's id for the request: the same request deposits
+    /// once, and another deposit under a used id is refused
+    /// ([`LedgerError::Conflict`]). More than the provider's balance is
+    /// refused as [`LedgerError::InsufficientFunds`] of `provider:P`.
+    pub async fn deposit(
+        &self,
+        request: &uuid::Uuid,
+        provider: ProviderId,
+        amount: &Money,
+    ) -> Result<Recorded, LedgerError> {
+        positive("deposit", amount)?;
+        let (subject, tx) = build::deposit(request, provider, amount);
+        self.record_request(&subject, tx).await
+    }
+
+    /// A provider takes `amount` of its deposit back into its earnings;
+    /// `request` as for [`Books::deposit`]. More than the deposit holds is
+    /// refused as [`LedgerError::InsufficientFunds`] of `deposit:P`.
+    pub async fn release(
+        &self,
+        request: &uuid::Uuid,
+        provider: ProviderId,
+        amount: &Money,
+    ) -> Result<Recorded, LedgerError> {
+        positive("release", amount)?;
+        let (subject, tx) = build::release(request, provider, amount);
+        self.record_request(&subject, tx).await
+    }
+
+    /// Gives part of a cheating provider's deposit to the job's submitter.
+    /// Once per (job, segment, attempt, provider): a forfeit written
+    /// before stands, and is the answer. More than the deposit holds is
+    /// refused as [`LedgerError::InsufficientFunds`] of `deposit:P`: the
+    /// caller takes at most the deposit's [`Books::balance`].
+    pub async fn forfeit(&self, forfeit: &Forfeit) -> Result<Recorded, LedgerError> {
+        positive("forfeit", &forfeit.amount)?;
+        if !vmlot_schemas::ledger::valid_user_name(&forfeit.payer) {
+            return Err(LedgerError::Malformed(format!(
+                "a forfeit goes to a user account, not {:?}",
+                forfeit.payer
+            )));
+        }
+        let (subject, tx) = build::forfeit(forfeit);
+        self.record(&subject, tx).await
+    }
+
+    /// [`Books::record`] for a transaction whose subject is a caller's
+    /// request id: one found there must be this same request.
+    async fn record_request(&self, subject: &str, tx: Transaction) -> Result<Recorded, LedgerError> {
+        let (kind, provider, unit, entries) = (tx.kind, tx.provider, tx.unit.clone(), tx.entries.clone());
+        match self.record(subject, tx).await? {
+            Recorded::Before(before)
+                if before.kind != kind
+                    || before.provider != provider
+                    || before.unit != unit
+                    || before.entries != entries =>
+            {
+                let amount = before.totals().0;
+                let of = before
+                    .provider
+                    .map(|p| format!(" of provider {p}"))
+                    .unwrap_or_default();
+                Err(LedgerError::Conflict {
+                    subject: subject.to_string(),
+                    found: format!("a {} of {amount} {}{of}", before.kind.as_str(), before.unit),
+                })
+            }
+            recorded => Ok(recorded),
+        }
+    }
+
     /// The job ended: what is left in its escrow goes back to `user`. Written
     /// once, even when nothing is left, so the books show the escrow closed.
     pub async fn refund(&self, job: JobId, user: &str, unit: &str) -> Result<Recorded, LedgerError> {
@@ -330,6 +403,16 @@ impl Books {
             }
         }
     }
+}
+
+/// Refuses an amount that moves nothing (or backwards).
+fn positive(what: &str, amount: &Money) -> Result<(), LedgerError> {
+    if amount.amount <= Decimal::ZERO {
+        return Err(LedgerError::Malformed(format!(
+            "a {what} must be positive, not {amount}"
+        )));
+    }
+    Ok(())
 }
 
 fn expect_last_subject_seq(seq: u64) -> HeaderMap {

@@ -4,8 +4,10 @@
 
 use chrono::Utc;
 use rust_decimal::Decimal;
-use vmlot_schemas::ledger::{Account, Entry, Posting, Settlement, Transaction, TxKind};
-use vmlot_schemas::{JobId, Money, WIRE_VERSION, subjects};
+use vmlot_schemas::ledger::{
+    Account, Entry, Forfeit, ForfeitCause, Posting, Settlement, Transaction, TxKind,
+};
+use vmlot_schemas::{JobId, Money, ProviderId, WIRE_VERSION, subjects};
 
 use crate::amount::split_fee;
 
@@ -32,6 +34,7 @@ fn on(subject: &str, kind: TxKind, unit: &str, entries: Vec<Entry>, memo: String
         memo,
         settlement: None,
         resolves: None,
+        forfeit: None,
     }
 }
 
@@ -152,6 +155,59 @@ pub fn refund(job: JobId, user: &str, unit: &str, left: Decimal) -> (String, Tra
         format!("job {job} ended"),
     );
     tx.job = Some(job);
+    (subject, tx)
+}
+
+/// A provider puts `amount` of its earnings into its deposit (its request
+/// `request`: the same request deposits once).
+pub fn deposit(request: &uuid::Uuid, provider: ProviderId, amount: &Money) -> (String, Transaction) {
+    let subject = subjects::deposit_tx(request);
+    let entries = vec![
+        Entry::debit(Account::Provider(provider), amount.amount),
+        Entry::credit(Account::Deposit(provider), amount.amount),
+    ];
+    let memo = format!("provider {provider} deposits");
+    let mut tx = on(&subject, TxKind::Deposit, &amount.unit, entries, memo);
+    tx.provider = Some(provider);
+    (subject, tx)
+}
+
+/// A provider takes `amount` of its deposit back into its earnings (its
+/// request `request`: the same request releases once).
+pub fn release(request: &uuid::Uuid, provider: ProviderId, amount: &Money) -> (String, Transaction) {
+    let subject = subjects::release_tx(request);
+    let entries = vec![
+        Entry::debit(Account::Deposit(provider), amount.amount),
+        Entry::credit(Account::Provider(provider), amount.amount),
+    ];
+    let memo = format!("provider {provider} takes back part of its deposit");
+    let mut tx = on(&subject, TxKind::Release, &amount.unit, entries, memo);
+    tx.provider = Some(provider);
+    (subject, tx)
+}
+
+/// A provider proven to have cheated on an attempt at a segment loses
+/// part of its deposit to the job's submitter. The transaction carries
+/// `forfeit`, the books' own record of who lost what to whom and why.
+pub fn forfeit(forfeit: &Forfeit) -> (String, Transaction) {
+    let subject = subjects::forfeit_tx(&forfeit.job, forfeit.segment, forfeit.attempt, &forfeit.provider);
+    let entries = vec![
+        Entry::debit(Account::Deposit(forfeit.provider), forfeit.amount.amount),
+        Entry::credit(Account::User(forfeit.payer.clone()), forfeit.amount.amount),
+    ];
+    let why = match forfeit.cause {
+        ForfeitCause::Unrestorable => "its checkpoint did not restore",
+        ForfeitCause::Minority => "its result was in the minority of a quorum",
+    };
+    let memo = format!(
+        "forfeit ({}): provider {} on segment {} of job {} (attempt {}): {why}",
+        forfeit.cause, forfeit.provider, forfeit.segment, forfeit.job, forfeit.attempt
+    );
+    let mut tx = on(&subject, TxKind::Forfeit, &forfeit.amount.unit, entries, memo);
+    tx.job = Some(forfeit.job);
+    tx.segment = Some(forfeit.segment);
+    tx.provider = Some(forfeit.provider);
+    tx.forfeit = Some(Box::new(forfeit.clone()));
     (subject, tx)
 }
 

@@ -10,6 +10,9 @@ use vmlot_schemas::ledger::Account;
 pub enum LedgerError {
     #[error("malformed transaction: {0}")]
     Malformed(String),
+    /// The write would take `account` below zero: a user short of a
+    /// budget, a provider depositing more than it has earned, a release
+    /// or forfeit of more than the deposit holds (`account` says which).
     #[error("insufficient funds: {account} holds {balance} {unit}, {needed} {unit} needed")]
     InsufficientFunds {
         account: Account,
@@ -17,6 +20,10 @@ pub enum LedgerError {
         balance: Decimal,
         needed: Decimal,
     },
+    /// A request id used before for another request: the transaction
+    /// already on its subject stands, and differs from this one.
+    #[error("{subject} already holds a different transaction: {found}")]
+    Conflict { subject: String, found: String },
     #[error("{account} was written by others {attempts} times in a row; gave up")]
     Contended { account: String, attempts: u32 },
     #[error("undecodable ledger record on {subject}: {reason}")]

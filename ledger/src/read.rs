@@ -214,7 +214,13 @@ pub async fn query(api: &BooksApi, filter: &Filter) -> Result<Vec<Row>, LedgerEr
         .await?;
     } else {
         let filters = match (filter.job, filter.kind) {
-            (Some(job), _) => subjects::ledger_tx_job(&job).to_vec(),
+            (Some(job), Some(TxKind::Forfeit)) => vec![subjects::forfeits_of_job(&job)],
+            (Some(job), _) => {
+                // A job's forfeits sit a token deeper than its other transactions.
+                let mut of_job = subjects::ledger_tx_job(&job).to_vec();
+                of_job.push(subjects::forfeits_of_job(&job));
+                of_job
+            }
             (None, Some(kind)) => vec![subjects::ledger_tx_kind(kind)],
             (None, None) => vec![subjects::LEDGER_TX_ALL.to_string()],
         };

@@ -8,12 +8,14 @@
 //! Every answer travels as [`Reply`]: the value, or an [`ApiError`] with a
 //! stable code.
 
-use serde::Serialize;
+use schemars::JsonSchema;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
 use crate::caller::Caller;
 use crate::ledger::{CreditRequest, Transaction};
 use crate::market::{Heartbeat, JobRef, JobStatus, MarketView, SubmitJob, Submitted};
+use crate::money::Money;
 use crate::standing::Standing;
 use crate::subjects;
 
@@ -83,8 +85,40 @@ endpoint!(
     Credit, "credit", CreditRequest => Transaction
 );
 
+endpoint!(
+    /// A provider moves part of its earnings into its deposit (the
+    /// broker may ask for one before it awards lots, and forfeits part of
+    /// it to a submitter the provider is proven to have cheated).
+    Deposit, "deposit", DepositRequest => Deposited
+);
+endpoint!(
+    /// A provider takes its deposit (or part of it) back into its
+    /// earnings: only while it holds no award and no pending payment.
+    Release, "release", DepositRequest => Deposited
+);
+
+/// provider → broker: how much to move into (or out of) its deposit.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DepositRequest {
+    pub version: u32,
+    /// Chosen by the caller: retrying with the same id moves the money once.
+    pub id: uuid::Uuid,
+    pub amount: Money,
+}
+
+/// What a deposit or release did, and where the provider's money stands.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Deposited {
+    pub tx: Transaction,
+    /// The deposit's balance after it, in the request's unit.
+    pub deposit: Money,
+    /// The provider's posted earnings after it, in the request's unit.
+    pub earnings: Money,
+}
+
 /// Every endpoint's name, in the order the service registers them.
-pub const ENDPOINTS: [&str; 8] = [
+pub const ENDPOINTS: [&str; 10] = [
     Submit::NAME,
     Status::NAME,
     List::NAME,
@@ -93,6 +127,8 @@ pub const ENDPOINTS: [&str; 8] = [
     Market::NAME,
     Standings::NAME,
     Credit::NAME,
+    Deposit::NAME,
+    Release::NAME,
 ];
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! the crate, naming the types of every layer below, so a client in
 //! another language gets each message's schema by file name.
 
-use crate::{ledger, manifest, market, money, standing, vm};
+use crate::{api, ledger, manifest, market, money, standing, vm};
 
 /// Every schema published in `schemas/json/`, by file stem.
 pub fn json_schemas() -> Vec<(&'static str, schemars::Schema)> {
@@ -21,6 +21,8 @@ pub fn json_schemas() -> Vec<(&'static str, schemars::Schema)> {
         ("transaction", schemars::schema_for!(ledger::Transaction)),
         ("posting", schemars::schema_for!(ledger::Posting)),
         ("credit-request", schemars::schema_for!(ledger::CreditRequest)),
+        ("deposit-request", schemars::schema_for!(api::DepositRequest)),
+        ("deposited", schemars::schema_for!(api::Deposited)),
         ("settlement", schemars::schema_for!(ledger::Settlement)),
         ("market-view", schemars::schema_for!(market::MarketView)),
         ("standing", schemars::schema_for!(standing::Standing)),

@@ -11,6 +11,12 @@
 //! the debited account *to* the credited one. Submitter, provider and
 //! escrow accounts never go below zero; the operator account, which funds
 //! submitters, goes negative by what it has issued.
+//!
+//! A provider may keep part of its earnings in a deposit held by the
+//! broker ([`Account::Deposit`]: [`TxKind::Deposit`] in, [`TxKind::Release`]
+//! out); when it is proven to have cheated on a job, part of the deposit
+//! goes to the job's submitter ([`TxKind::Forfeit`], with its [`Forfeit`]
+//! record saying why).
 
 use std::fmt;
 use std::str::FromStr;
@@ -29,10 +35,11 @@ use crate::vm::{GuestState, SegmentTimings};
 pub const MAX_SCALE: u32 = 8;
 
 /// An account on the books. Written `operator`, `user:NAME`,
-/// `provider:UUID`, `pending:UUID` or `escrow:JOB`.
+/// `provider:UUID`, `pending:UUID`, `deposit:UUID` or `escrow:JOB`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Account {
-    /// Funds submitters (`vmlot admin credit`) and receives the broker's fee.
+    /// Funds submitters and providers (`vmlot admin credit`) and receives
+    /// the broker's fee.
     Operator,
     /// A submitter's account (the job spec's `account`).
     User(String),
@@ -43,6 +50,11 @@ pub enum Account {
     /// TigerBeetle's pending transfers). A post moves them on to
     /// [`Account::Provider`]; a void returns them to the job's escrow.
     Pending(ProviderId),
+    /// A provider's deposit: earnings it put aside, held by the broker as
+    /// its stake in the market. It bids only while this holds the
+    /// broker's minimum; part of it goes to a job's submitter when the
+    /// provider is proven to have cheated on that job ([`Forfeit`]).
+    Deposit(ProviderId),
     /// One per job: holds its budget from submission until it ends.
     Escrow(JobId),
 }
@@ -50,7 +62,7 @@ pub enum Account {
 /// Why an account name was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "bad account {0:?}: want operator, user:NAME (1-64 of A-Z a-z 0-9 _ -), provider:UUID, pending:UUID or escrow:UUID"
+    "bad account {0:?}: want operator, user:NAME (1-64 of A-Z a-z 0-9 _ -), provider:UUID, pending:UUID, deposit:UUID or escrow:UUID"
 )]
 pub struct BadAccount(pub String);
 
@@ -79,6 +91,7 @@ impl fmt::Display for Account {
             Account::User(name) => write!(f, "user:{name}"),
             Account::Provider(id) => write!(f, "provider:{id}"),
             Account::Pending(id) => write!(f, "pending:{id}"),
+            Account::Deposit(id) => write!(f, "deposit:{id}"),
             Account::Escrow(job) => write!(f, "escrow:{job}"),
         }
     }
@@ -97,6 +110,7 @@ impl FromStr for Account {
             "user" if valid_user_name(rest) => Ok(Account::User(rest.to_string())),
             "provider" => rest.parse().map(Account::Provider).map_err(|_| bad()),
             "pending" => rest.parse().map(Account::Pending).map_err(|_| bad()),
+            "deposit" => rest.parse().map(Account::Deposit).map_err(|_| bad()),
             "escrow" => rest.parse().map(Account::Escrow).map_err(|_| bad()),
             _ => Err(bad()),
         }
@@ -124,7 +138,7 @@ impl JsonSchema for Account {
     fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
         schemars::json_schema!({
             "type": "string",
-            "pattern": "^(operator|user:[A-Za-z0-9_-]{1,64}|(provider|pending|escrow):[0-9a-f-]{36})$"
+            "pattern": "^(operator|user:[A-Za-z0-9_-]{1,64}|(provider|pending|deposit|escrow):[0-9a-f-]{36})$"
         })
     }
 }
@@ -133,7 +147,8 @@ impl JsonSchema for Account {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum TxKind {
-    /// The operator funds a user account.
+    /// The operator funds a user account, or a provider's (its deposit's
+    /// first money, before it has earned any).
     Credit,
     /// A submission moves the job's budget from its submitter into escrow.
     Hold,
@@ -148,16 +163,29 @@ pub enum TxKind {
     Void,
     /// The job ended: what is left in escrow back to the submitter.
     Refund,
+    /// A provider puts part of its earnings into its deposit: from
+    /// `provider:P` to `deposit:P`.
+    Deposit,
+    /// A provider takes (part of) its deposit back: from `deposit:P` to
+    /// `provider:P`.
+    Release,
+    /// A provider proven to have cheated on a job loses part of its
+    /// deposit to the job's submitter: from `deposit:P` to `user:PAYER`,
+    /// the transaction carrying its [`Forfeit`] record.
+    Forfeit,
 }
 
 impl TxKind {
-    pub const ALL: [TxKind; 6] = [
+    pub const ALL: [TxKind; 9] = [
         TxKind::Credit,
         TxKind::Hold,
         TxKind::Settlement,
         TxKind::Post,
         TxKind::Void,
         TxKind::Refund,
+        TxKind::Deposit,
+        TxKind::Release,
+        TxKind::Forfeit,
     ];
 
     /// The kind's name, as written.
@@ -169,6 +197,9 @@ impl TxKind {
             TxKind::Post => "post",
             TxKind::Void => "void",
             TxKind::Refund => "refund",
+            TxKind::Deposit => "deposit",
+            TxKind::Release => "release",
+            TxKind::Forfeit => "forfeit",
         }
     }
 
@@ -190,7 +221,7 @@ impl FromStr for TxKind {
         TxKind::ALL
             .into_iter()
             .find(|k| k.as_str() == s)
-            .ok_or_else(|| format!("unknown kind {s:?}: want credit, hold, settlement, post, void or refund"))
+            .ok_or_else(|| format!("unknown kind {s:?}: want credit, hold, settlement, post, void, refund, deposit, release or forfeit"))
     }
 }
 
@@ -256,7 +287,8 @@ pub struct Transaction {
     pub entries: Vec<Entry>,
     pub job: Option<JobId>,
     pub segment: Option<u32>,
-    /// The paid provider (settlements).
+    /// The provider whose accounts it moves: the paid one (settlements,
+    /// posts, voids), the depositor (deposits, releases, forfeits).
     pub provider: Option<ProviderId>,
     /// For people: who asked, why.
     pub memo: String,
@@ -266,6 +298,9 @@ pub struct Transaction {
     /// A post or void: the id of the settlement it resolves.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resolves: Option<uuid::Uuid>,
+    /// A forfeit: who lost what to whom, and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forfeit: Option<Box<Forfeit>>,
 }
 
 /// A settled segment as the books record it, inside its settlement
@@ -301,6 +336,56 @@ pub struct Settlement {
     pub sent_bytes: u64,
     /// When the provider finished the segment (its result's time).
     pub finished_at: DateTime<Utc>,
+}
+
+/// Why a provider's deposit was forfeited: the cheating its job's record
+/// or the books prove.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum ForfeitCause {
+    /// The provider's checkpoint did not restore: the payment for the
+    /// attempt ([`Settlement`]) was voided.
+    Unrestorable,
+    /// The provider's result was in the minority of a quorum: the job's
+    /// record lists it among those refused.
+    Minority,
+}
+
+impl ForfeitCause {
+    /// The cause's name, as written.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ForfeitCause::Unrestorable => "unrestorable",
+            ForfeitCause::Minority => "minority",
+        }
+    }
+}
+
+impl fmt::Display for ForfeitCause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A forfeit as the books record it, inside its forfeit [`Transaction`]:
+/// which provider lost how much of its deposit to which job's submitter,
+/// for which attempt at which segment, and why. Written at most once per
+/// (job, segment, attempt, provider): its transaction's subject takes one
+/// message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Forfeit {
+    pub job: JobId,
+    pub segment: u32,
+    /// The attempt at the segment the provider cheated on.
+    pub attempt: u32,
+    /// The provider whose deposit is taken.
+    pub provider: ProviderId,
+    /// The user account of the job's submitter, which receives it.
+    pub payer: String,
+    /// What is taken from the deposit.
+    pub amount: Money,
+    pub cause: ForfeitCause,
 }
 
 impl Transaction {
@@ -366,7 +451,7 @@ pub struct Posting {
     pub segment: Option<u32>,
 }
 
-/// operator → broker: fund a user account.
+/// operator → broker: fund a user account (or a provider's, for its deposit).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreditRequest {
@@ -379,103 +464,4 @@ pub struct CreditRequest {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn accounts_round_trip_through_their_written_form() {
-        for text in [
-            "operator".to_string(),
-            "user:alice-2_b".to_string(),
-            format!("provider:{}", ProviderId::new()),
-            format!("pending:{}", ProviderId::new()),
-            format!("escrow:{}", JobId::new()),
-        ] {
-            let account: Account = text.parse().unwrap();
-            assert_eq!(account.to_string(), text);
-            let json = serde_json::to_string(&account).unwrap();
-            assert_eq!(serde_json::from_str::<Account>(&json).unwrap(), account);
-        }
-        for bad in [
-            "",
-            "user:",
-            "user:a.b",
-            "user:a b",
-            "user:*",
-            "provider:x",
-            "bank:1",
-            "Operator",
-        ] {
-            assert!(bad.parse::<Account>().is_err(), "{bad:?} accepted");
-        }
-        assert!(!valid_user_name(&"a".repeat(65)));
-    }
-
-    fn tx(entries: Vec<Entry>) -> Transaction {
-        Transaction {
-            version: 1,
-            id: uuid::Uuid::nil(),
-            kind: TxKind::Credit,
-            at: Utc::now(),
-            unit: "CRD".into(),
-            entries,
-            job: None,
-            segment: None,
-            provider: None,
-            memo: String::new(),
-            settlement: None,
-            resolves: None,
-        }
-    }
-
-    #[test]
-    fn a_transaction_must_balance_with_sane_amounts() {
-        let d = |s: &str| Decimal::from_str(s).unwrap();
-        let alice = || Account::User("alice".into());
-        assert_eq!(
-            tx(vec![
-                Entry::debit(Account::Operator, d("5")),
-                Entry::credit(alice(), d("5.00"))
-            ])
-            .malformed(),
-            None
-        );
-        assert!(
-            tx(vec![
-                Entry::debit(Account::Operator, d("5")),
-                Entry::credit(alice(), d("4"))
-            ])
-            .malformed()
-            .unwrap()
-            .contains("unbalanced")
-        );
-        assert!(
-            tx(vec![
-                Entry::debit(Account::Operator, d("-5")),
-                Entry::credit(alice(), d("-5"))
-            ])
-            .malformed()
-            .unwrap()
-            .contains("negative")
-        );
-        assert!(
-            tx(vec![
-                Entry::debit(alice(), d("1")),
-                Entry::credit(alice(), d("1"))
-            ])
-            .malformed()
-            .unwrap()
-            .contains("twice")
-        );
-        assert!(
-            tx(vec![
-                Entry::debit(Account::Operator, d("0.000000001")),
-                Entry::credit(alice(), d("0.000000001"))
-            ])
-            .malformed()
-            .unwrap()
-            .contains("decimal places")
-        );
-        assert!(tx(vec![]).malformed().is_some());
-    }
-}
+mod tests;

@@ -283,6 +283,12 @@ pub struct SettledSegment {
     /// by the next segment's provider); true once it is posted.
     #[serde(default)]
     pub posted: bool,
+    /// Under a quorum check, an attempt awarded to one trusted provider
+    /// only (adaptive replication): it settled on that provider's result
+    /// alone, and its payment waits for another provider to continue from
+    /// it, as under a continuation check.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unreplicated: bool,
 }
 
 /// The lot a running job has out now.
@@ -302,6 +308,11 @@ pub struct OpenLot {
     /// disagree.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub standby: Vec<(ProviderId, Money)>,
+    /// Under a quorum check: awarded to one trusted provider only, chosen
+    /// at random by adaptive replication; it settles on that provider's
+    /// first valid result. The provider is not told.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unreplicated: bool,
 }
 
 /// A job's durable record (the broker's KV value) and what `status` returns.

@@ -78,6 +78,13 @@ pub struct Standing {
     pub provider: ProviderId,
     /// Results that passed every check.
     pub valid: u64,
+    /// Of those, results another replica's agreed with (a quorum check).
+    #[serde(default)]
+    pub agreed: u64,
+    /// Agreeing results since the last refusal: the run adaptive
+    /// replication trusts (a result checked by nobody leaves it as it is).
+    #[serde(default)]
+    pub streak: u64,
     /// Results refused, by reason.
     #[serde(default)]
     pub refused: BTreeMap<RefusalKind, u64>,
@@ -106,8 +113,17 @@ impl Standing {
         self.updated_at = Some(at);
     }
 
-    /// Counts one refusal.
+    /// Counts one valid result that other replicas agreed with: the run
+    /// grows.
+    pub fn count_agreed(&mut self, at: DateTime<Utc>) {
+        self.count_valid(at);
+        self.agreed += 1;
+        self.streak += 1;
+    }
+
+    /// Counts one refusal: the run of agreements ends.
     pub fn count_refused(&mut self, kind: RefusalKind, why: &str, at: DateTime<Utc>) {
+        self.streak = 0;
         *self.refused.entry(kind).or_default() += 1;
         self.last_refusal = Some(format!("{kind}: {why}"));
         self.updated_at = Some(at);
@@ -126,6 +142,12 @@ mod tests {
         s.count_refused(RefusalKind::Unchanged, "same state", Utc::now());
         s.count_valid(Utc::now());
         assert_eq!((s.valid, s.refused_total()), (1, 3));
+        s.count_agreed(Utc::now());
+        s.count_agreed(Utc::now());
+        s.count_valid(Utc::now());
+        assert_eq!((s.valid, s.agreed, s.streak), (4, 2, 2));
+        s.count_refused(RefusalKind::Minority, "differs", Utc::now());
+        assert_eq!((s.agreed, s.streak), (2, 0));
         let json = serde_json::to_value(&s).unwrap();
         assert_eq!(json["refused"]["too-early"], 2);
         assert_eq!(json["refused"]["unchanged"], 1);

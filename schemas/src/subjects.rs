@@ -183,6 +183,32 @@ pub fn credit_tx(request: &uuid::Uuid) -> String {
     format!("vmlot.ledger.tx.credit.{request}")
 }
 
+/// The one subject a provider's deposit request may be written to: the
+/// provider chooses the request id, and a retry with the same id deposits
+/// once (as [`credit_tx`]).
+pub fn deposit_tx(request: &uuid::Uuid) -> String {
+    format!("vmlot.ledger.tx.deposit.{request}")
+}
+
+/// The one subject a provider's release request (its deposit back to its
+/// earnings) may be written to; the same id releases once.
+pub fn release_tx(request: &uuid::Uuid) -> String {
+    format!("vmlot.ledger.tx.release.{request}")
+}
+
+/// The one subject the forfeit of `provider`'s deposit for its cheating
+/// on an attempt at a segment may be written to: it takes one message, so
+/// one proof takes from a deposit once.
+pub fn forfeit_tx(job: &crate::ids::JobId, segment: u32, attempt: u32, provider: &ProviderId) -> String {
+    format!("vmlot.ledger.tx.forfeit.{job}.{segment}.{attempt}.{provider}")
+}
+
+/// Every forfeit for one job: a token deeper than [`ledger_tx_job`]
+/// reaches, so a reader of a job's transactions reads these as well.
+pub fn forfeits_of_job(job: &crate::ids::JobId) -> String {
+    format!("vmlot.ledger.tx.forfeit.{job}.>")
+}
+
 /// Every transaction of one kind.
 pub fn ledger_tx_kind(kind: crate::ledger::TxKind) -> String {
     format!("vmlot.ledger.tx.{}.>", kind.subject_token())
@@ -330,6 +356,57 @@ mod tests {
         assert!(is_ledger_tx(&resolve_tx(&job, 0, 1)));
         let escrow = crate::ledger::Account::Escrow(job);
         assert!(is_ledger_posting(&posting(&escrow, "CRD")) && !is_ledger_tx(&posting(&escrow, "CRD")));
+    }
+
+    /// Whether NATS subject filter `filter` matches `subject`.
+    fn matches(filter: &str, subject: &str) -> bool {
+        let (mut f, mut s) = (filter.split('.'), subject.split('.'));
+        loop {
+            match (f.next(), s.next()) {
+                (Some(">"), Some(_)) => return true,
+                (Some(a), Some(b)) if a == "*" || a == b => {}
+                (None, None) => return true,
+                _ => return false,
+            }
+        }
+    }
+
+    #[test]
+    fn deposits_releases_and_forfeits_have_subjects_of_their_own() {
+        use crate::ledger::TxKind;
+        let (job, provider, request) = (crate::ids::JobId::new(), ProviderId::new(), uuid::Uuid::new_v4());
+        let deposit = deposit_tx(&request);
+        let release = release_tx(&request);
+        let forfeit = forfeit_tx(&job, 3, 1, &provider);
+        assert_eq!(deposit, format!("vmlot.ledger.tx.deposit.{request}"));
+        assert_eq!(forfeit, format!("vmlot.ledger.tx.forfeit.{job}.3.1.{provider}"));
+        for (kind, subject) in [
+            (TxKind::Deposit, &deposit),
+            (TxKind::Release, &release),
+            (TxKind::Forfeit, &forfeit),
+        ] {
+            assert!(is_ledger_tx(subject) && !is_ledger_posting(subject));
+            assert!(matches(LEDGER_TX_ALL, subject) && matches(LEDGER_SUBJECTS, subject));
+            assert!(matches(&ledger_tx_kind(kind), subject), "{subject}");
+            for other in TxKind::ALL
+                .into_iter()
+                .filter(|k| k.subject_token() != kind.as_str())
+            {
+                assert!(!matches(&ledger_tx_kind(other), subject), "{other:?} {subject}");
+            }
+        }
+        // A job's forfeits sit below the subjects of its other transactions.
+        assert!(matches(&forfeits_of_job(&job), &forfeit));
+        assert!(!matches(&forfeits_of_job(&crate::ids::JobId::new()), &forfeit));
+        assert!(!ledger_tx_job(&job).iter().any(|f| matches(f, &forfeit)));
+        assert!(
+            ledger_tx_job(&job)
+                .iter()
+                .any(|f| matches(f, &settlement_tx(&job, 3, 1)))
+        );
+        // One forfeit per provider and attempt.
+        assert_ne!(forfeit, forfeit_tx(&job, 3, 1, &ProviderId::new()));
+        assert_ne!(forfeit, forfeit_tx(&job, 3, 2, &provider));
     }
 
     #[test]

@@ -219,6 +219,32 @@ impl Market {
         fund(&self.api().await, account, amount).await
     }
 
+    /// Stakes `amount` CRD for provider `id`: the operator credits its
+    /// earnings account (its buy-in), and the provider, as itself, moves
+    /// them into its deposit. What the deposit holds after it.
+    pub async fn stake(&self, id: vmlot_schemas::ProviderId, amount: &str) -> Result<Decimal> {
+        let money = Money::new(
+            Decimal::from_str(amount).with_context(|| format!("amount {amount:?}"))?,
+            "CRD",
+        );
+        let credit = CreditRequest {
+            version: WIRE_VERSION,
+            id: uuid::Uuid::new_v4(),
+            account: Account::Provider(id),
+            amount: money.clone(),
+            memo: "buy-in".into(),
+        };
+        self.api().await.credit(&credit).await?;
+        let provider = self.api_as(&Caller::new(Role::Provider, id.to_string())).await;
+        let deposit = vmlot_client::api::DepositRequest {
+            version: WIRE_VERSION,
+            id: uuid::Uuid::new_v4(),
+            amount: money,
+        };
+        let done = provider.call::<vmlot_client::api::Deposit>(&deposit).await?;
+        Ok(done.deposit.amount)
+    }
+
     /// Funds the spec's account with its budget and submits it as that
     /// account's submitter; the job.
     pub async fn submit(&self, spec: JobSpec) -> JobId {

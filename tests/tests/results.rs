@@ -13,6 +13,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use rust_decimal::Decimal;
+use vmlot_schemas::ledger::{Account, ForfeitCause};
 use vmlot_schemas::market::{JobSpec, JobState, JobStatus, ResultCheck, SegmentCount};
 use vmlot_schemas::standing::RefusalKind;
 use vmlot_schemas::{Money, ProviderId};
@@ -25,11 +26,12 @@ fn money(s: &str) -> Money {
 
 /// Two honest synthetic providers with `slots` each, a cheat with its own
 /// credentials, and the spec of a 3-segment job of `segment_seconds` on
-/// an image seeded `seed`.
+/// an image seeded `seed`; the broker runs with `extra` flags.
 async fn market_with_a_cheat(
     slots: u32,
     seed: &str,
     segment_seconds: u32,
+    extra: &[&str],
 ) -> (Market, Vec<ProviderId>, Cheat, JobSpec) {
     let honest: Vec<ProviderSpec> = ["honest-a", "honest-b"]
         .iter()
@@ -39,7 +41,8 @@ async fn market_with_a_cheat(
         })
         .collect();
     let honest_ids: Vec<ProviderId> = honest.iter().map(|p| ProviderId(p.id)).collect();
-    let market = Market::start(fast_broker_args(), &honest).unwrap();
+    let args = [fast_broker_args(), extra.iter().map(|s| s.to_string()).collect()].concat();
+    let market = Market::start(args, &honest).unwrap();
     market.ready(2).await.unwrap();
     let cheat = Cheat::start(&market.server).await.unwrap();
     let image = market
@@ -107,7 +110,7 @@ async fn assert_refused_and_books_verify(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_provider_that_does_not_run_its_segments_is_never_paid() {
-    let (market, honest_ids, cheat, spec) = market_with_a_cheat(3, "checkable", 3).await;
+    let (market, honest_ids, cheat, spec) = market_with_a_cheat(3, "checkable", 3, &[]).await;
 
     // A job the cheat leaves alone: what every job should come to.
     let control = market.submit(spec.clone()).await;
@@ -179,7 +182,13 @@ async fn a_provider_that_does_not_run_its_segments_is_never_paid() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_state_that_does_not_restore_is_voided_and_its_segment_runs_again() {
-    let (market, honest_ids, cheat, spec) = market_with_a_cheat(2, "voided", 2).await;
+    // Everyone stakes a deposit of 1.5; each proven cheat forfeits 0.3 of
+    // it to the submitter.
+    let deposits = ["--min-deposit", "1 CRD", "--forfeit", "0.3"];
+    let (market, honest_ids, cheat, spec) = market_with_a_cheat(2, "voided", 2, &deposits).await;
+    for id in honest_ids.iter().chain([&cheat.id]) {
+        market.stake(*id, "1.5").await.unwrap();
+    }
     let control = market.submit(spec.clone()).await;
     // Caught by the next segment's providers; and, on the last segment,
     // by the check restore's.
@@ -232,6 +241,22 @@ async fn a_state_that_does_not_restore_is_voided_and_its_segment_runs_again() {
             .unwrap()
             .expect("the cheat's payment was resolved");
         assert_eq!(void.kind, vmlot_schemas::ledger::TxKind::Void, "{void:#?}");
+        // And the cheat's deposit paid the submitter for it.
+        let forfeit = books
+            .transaction(&vmlot_schemas::subjects::forfeit_tx(
+                &job,
+                voided[0].segment,
+                voided[0].attempt,
+                &cheat.id,
+            ))
+            .await
+            .unwrap()
+            .expect("the cheat forfeited part of its deposit");
+        let detail = forfeit.forfeit.as_deref().expect("its details");
+        assert_eq!(
+            (detail.cause, detail.payer.as_str(), &detail.amount),
+            (ForfeitCause::Unrestorable, "alice", &money("0.3"))
+        );
         // Each honest payment for a segment was posted only once another
         // provider had restored a checkpoint descending from it (by the
         // books: a voided continuation counts, its provider said it
@@ -262,6 +287,14 @@ async fn a_state_that_does_not_restore_is_voided_and_its_segment_runs_again() {
     }
     let refused = BTreeMap::from([(RefusalKind::Unrestorable, 2)]);
     assert_refused_and_books_verify(&market, &honest_ids, &cheat, refused, control).await;
+    let deposit = |id: ProviderId| {
+        let books = &books;
+        async move { books.balance(&Account::Deposit(id), "CRD").await.unwrap() }
+    };
+    assert_eq!(deposit(cheat.id).await, money("0.9").amount, "two forfeits");
+    for id in &honest_ids {
+        assert_eq!(deposit(*id).await, money("1.5").amount);
+    }
 }
 
 /// Under a quorum check (r = 2, deterministic synthetic states), each
@@ -272,7 +305,7 @@ async fn a_state_that_does_not_restore_is_voided_and_its_segment_runs_again() {
 /// one it never touched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_a_quorum_a_forged_state_is_the_minority_and_unpaid() {
-    let (market, honest_ids, cheat, spec) = market_with_a_cheat(3, "quorum", 2).await;
+    let (market, honest_ids, cheat, spec) = market_with_a_cheat(3, "quorum", 2, &[]).await;
     let spec = JobSpec {
         redundancy: 2,
         check: ResultCheck::Quorum,

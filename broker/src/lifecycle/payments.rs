@@ -8,25 +8,44 @@ use vmlot_schemas::market::{GuestState, JobStatus, Lot, ResultCheck, SettledSegm
 use super::{Refused, running};
 
 /// The payments that are due to be posted: each settled segment whose
-/// checkpoint another provider continued from (a result of a later
-/// segment from a provider other than the one before it was accepted, so
-/// that provider restored a checkpoint descending from it), and, once the
-/// job has ended (or when the job's check is not by continuation: none,
-/// or a quorum that agreed before paying), every one left.
+/// checkpoint another provider continued from (a later segment was run,
+/// from a checkpoint descending from it, by a provider other than the one
+/// before it, or by two agreeing replicas), those that wait for no
+/// continuation ([`awaits_continuation`]), and, once the job has ended,
+/// every one left.
 /// A provider continuing from its own
 /// checkpoint proves nothing: a run of segments by one provider stays
 /// pending until someone else restores where it ended, or the check
 /// restore does ([`check_due`]; never awarded to that provider).
 pub fn due_posts(status: &JobStatus) -> Vec<&SettledSegment> {
-    if status.state.is_final() || status.spec.check != ResultCheck::Continuation {
+    if status.state.is_final() {
         return status.payments().filter(|s| !s.posted).collect();
     }
     let settled = &status.settled;
+    let quorum = status.spec.check == ResultCheck::Quorum;
     let continued = (1..settled.len())
         .rev()
-        .find(|&j| settled[j].provider != settled[j - 1].provider)
+        .find(|&j| settled[j].provider != settled[j - 1].provider || (quorum && !settled[j].unreplicated))
         .unwrap_or(0);
-    settled[..continued].iter().filter(|s| !s.posted).collect()
+    settled
+        .iter()
+        .enumerate()
+        .filter(|(i, s)| !s.posted && (*i < continued || !awaits_continuation(status, s)))
+        .map(|(_, s)| s)
+        .collect()
+}
+
+/// True when `settled`'s payment waits for another provider to continue
+/// from its checkpoint: every segment under a continuation check, and
+/// under a quorum check one that adaptive replication left to a single
+/// provider (nobody compared it). A quorum's agreed segment and a job
+/// checked by nobody are paid at once.
+pub fn awaits_continuation(status: &JobStatus, settled: &SettledSegment) -> bool {
+    match status.spec.check {
+        ResultCheck::Continuation => true,
+        ResultCheck::Quorum => settled.unreplicated,
+        ResultCheck::None => false,
+    }
 }
 
 /// The provider that may not take `lot`'s award although nothing else

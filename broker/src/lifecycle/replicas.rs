@@ -1,9 +1,9 @@
-//! The quorum check's transitions: the auction's next bidders kept as
-//! standby, and one of them awarded the open attempt when its replicas
-//! disagree (what they must agree on is [`crate::quorum`]'s).
+//! The quorum check's transitions: an attempt left unreplicated, the
+//! auction's next bidders kept as standby, and one of them awarded the
+//! open attempt when its replicas disagree (what they must agree on is [`crate::quorum`]'s).
 
 use chrono::{DateTime, Utc};
-use vmlot_schemas::market::JobStatus;
+use vmlot_schemas::market::{JobStatus, ResultCheck};
 use vmlot_schemas::{Money, ProviderId};
 
 use super::{Refused, running};
@@ -30,6 +30,25 @@ pub fn standby(status: &JobStatus, bidders: &[(ProviderId, Money)]) -> Result<Jo
         open.standby = standby;
     }
     Ok(next)
+}
+
+/// **Unreplicated**: adaptive replication left the open attempt of a
+/// quorum job to its one awarded provider; it settles on that provider's
+/// first valid result, and its payment waits for a continuation.
+pub fn unreplicated(status: &JobStatus) -> Result<JobStatus, Refused> {
+    running(status)?;
+    if status.spec.check != ResultCheck::Quorum {
+        return Err(Refused::NotQuorum);
+    }
+    let mut next = status.clone();
+    match next.open_lot.as_mut() {
+        Some(open) if open.awarded.len() == 1 => {
+            open.unreplicated = true;
+            open.standby.clear();
+            Ok(next)
+        }
+        _ => Err(Refused::NoOpenLot),
+    }
 }
 
 /// **Tie-breaker awarded**: the open attempt's replicas disagree, so

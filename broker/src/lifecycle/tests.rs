@@ -25,6 +25,7 @@ fn paid(result: &SegmentResult, price: Money) -> SettledSegment {
         sent_bytes: result.sent_bytes,
         settled_at: Utc::now(),
         posted: false,
+        unreplicated: false,
     }
 }
 
@@ -749,4 +750,58 @@ fn a_quorum_keeps_standby_bidders_and_awards_them_one_by_one_to_break_a_tie() {
     // Payments of a quorum are posted as they settle: the replicas agreed.
     let paid_now = settle(&tied, paid(&result, money("0.3"))).unwrap();
     assert_eq!(due_posts(&paid_now).len(), 1);
+}
+
+#[test]
+fn an_unreplicated_quorum_attempt_is_paid_once_another_provider_continues_it() {
+    let mut s = job(SegmentCount::Count(4));
+    s.spec.check = ResultCheck::Quorum;
+    let (a, b) = (ProviderId::new(), ProviderId::new());
+    let running = |tag: &[u8]| GuestState::Running {
+        checkpoint: checkpoint(tag),
+    };
+    // Only a quorum job's attempt with one winner goes unreplicated.
+    let mut open = job(SegmentCount::Count(4));
+    open = awarded(&open, &[a], later());
+    assert_eq!(unreplicated(&open), Err(Refused::NotQuorum));
+    assert_eq!(
+        unreplicated(&awarded(&s, &[a, b], later())),
+        Err(Refused::NoOpenLot)
+    );
+    // Segment 0 by `a` alone, unreplicated: it waits.
+    let s0 = unreplicated(&awarded(&s, &[a], later())).unwrap();
+    assert!(s0.open_lot.as_ref().unwrap().unreplicated);
+    let s0 = settle(&s0, paid(&result_of(&s0, a, running(b"c1")), money("1"))).unwrap();
+    assert!(s0.settled[0].unreplicated);
+    assert!(awaits_continuation(&s0, &s0.settled[0]));
+    assert!(due_posts(&s0).is_empty(), "nobody compared it");
+    // Segment 1 by `a` alone again: still nobody else restored it.
+    let s1 = unreplicated(&awarded(&s0, &[a], later())).unwrap();
+    let s1 = settle(&s1, paid(&result_of(&s1, a, running(b"c2")), money("1"))).unwrap();
+    assert!(due_posts(&s1).is_empty());
+    // Segment 2 replicated on `a` and `b`, which agreed: both earlier
+    // checkpoints were restored by another provider; the agreed one is
+    // paid at once.
+    let s2 = awarded(&s1, &[a, b], later());
+    let s2 = settle(&s2, paid(&result_of(&s2, a, running(b"c3")), money("1"))).unwrap();
+    assert!(!s2.settled[2].unreplicated);
+    let due: Vec<u32> = due_posts(&s2).iter().map(|x| x.segment).collect();
+    assert_eq!(due, [0, 1, 2]);
+    // The last segment unreplicated: its checkpoint gets a check restore.
+    let mut s3 = s2.clone();
+    for x in s3.settled.iter_mut() {
+        x.posted = true;
+    }
+    let s3 = unreplicated(&awarded(&s3, &[a], later())).unwrap();
+    let s3 = settle(&s3, paid(&result_of(&s3, a, running(b"c4")), money("1"))).unwrap();
+    assert!(due_posts(&s3).is_empty());
+    assert!(check_due(&s3), "an unchecked last checkpoint is checked");
+    // A replicated last segment is not.
+    let replicated = awarded(&s2, &[a, b], later());
+    let replicated = settle(
+        &replicated,
+        paid(&result_of(&replicated, b, running(b"c4")), money("1")),
+    )
+    .unwrap();
+    assert!(!check_due(&replicated));
 }

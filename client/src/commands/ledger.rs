@@ -40,7 +40,7 @@ pub struct LedgerArgs {
 
 #[derive(Args, Default)]
 pub struct FilterArgs {
-    /// Only this account: NAME or user:NAME, provider:ID-or-NAME, escrow:JOB, operator.
+    /// Only this account: NAME or user:NAME, provider:ID-or-NAME, pending:ID, deposit:ID, escrow:JOB, operator.
     #[arg(long)]
     pub account: Option<String>,
     /// Only this job's transactions.
@@ -49,7 +49,7 @@ pub struct FilterArgs {
     /// Only this provider's earnings (its id or name).
     #[arg(long)]
     pub provider: Option<String>,
-    /// Only this kind: credit, hold, settlement, refund.
+    /// Only this kind: credit, hold, settlement, post, void, refund, deposit, release, forfeit.
     #[arg(long)]
     pub kind: Option<TxKind>,
     /// From this time on: RFC 3339 or a date (midnight UTC).
@@ -224,7 +224,7 @@ async fn verify(ctx: &Context) -> Result<()> {
         }
         if report.ok() {
             println!(
-                "ledger verify: OK (every transaction balances, every settled segment paid once, escrows of ended jobs empty, balances equal the replay)"
+                "ledger verify: OK (every transaction balances, every settled segment paid once, every forfeit backed by a proven cheat, escrows of ended jobs empty, balances equal the replay)"
             );
         }
     }

@@ -44,6 +44,8 @@ pub async fn standing(ctx: &Context) -> Result<()> {
     let mut table = Table::new(&[
         ("provider", Align::Left),
         ("valid", Align::Right),
+        ("agreed", Align::Right),
+        ("streak", Align::Right),
         ("refused", Align::Right),
         ("by reason", Align::Left),
         ("last refusal", Align::Left),
@@ -53,6 +55,8 @@ pub async fn standing(ctx: &Context) -> Result<()> {
         table.row([
             s.provider.to_string(),
             s.valid.to_string(),
+            s.agreed.to_string(),
+            s.streak.to_string(),
             s.refused_total().to_string(),
             reasons.join(", "),
             s.last_refusal.clone().unwrap_or_default(),

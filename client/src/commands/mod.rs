@@ -6,6 +6,7 @@ pub mod accounts;
 pub mod admin;
 pub mod balances;
 pub mod console;
+pub mod deposit;
 pub mod fetch;
 pub mod image;
 pub mod ledger;

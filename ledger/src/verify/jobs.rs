@@ -1,8 +1,9 @@
 //! The books against the job records: each job's hold, its settled
 //! segments each paid once to the provider whose result settled them
 //! (pending, then posted; a voided payment's segment ran again), and its
-//! escrow, running or refunded. Also what is left over once every record
-//! is seen (payments and holds of jobs that have no record).
+//! escrow, running or refunded; its forfeits ([`super::forfeits`]). Also
+//! what is left over once every record is seen (payments, holds and
+//! forfeits of jobs that have no record).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -11,8 +12,9 @@ use vmlot_schemas::JobId;
 use vmlot_schemas::ledger::Account;
 use vmlot_schemas::market::JobStatus;
 
+use super::forfeits;
 use super::report::Report;
-use super::shape::{Effect, Paid, Resolution};
+use super::shape::{Effect, Forfeited, Paid, Resolution};
 
 /// Balances by (account, unit), from replaying transactions.
 pub type Balances = HashMap<(Account, String), Decimal>;
@@ -28,6 +30,8 @@ pub(super) struct JobBooks {
     /// Where each settlement's payment is kept: its id → (job, segment, attempt).
     settlements: HashMap<uuid::Uuid, (JobId, u32, u32)>,
     refunds: HashSet<JobId>,
+    /// Forfeits by job.
+    forfeits: HashMap<JobId, Vec<Forfeited>>,
 }
 
 impl JobBooks {
@@ -64,6 +68,7 @@ impl JobBooks {
                 of_job.insert((segment, paid.attempt), paid);
             }
             Effect::Resolved(resolution) => self.resolve(report, record, resolution),
+            Effect::Forfeit { job, forfeited } => self.forfeits.entry(job).or_default().push(forfeited),
         }
     }
 
@@ -135,6 +140,9 @@ impl JobBooks {
         }
         let mut paid_total = Decimal::ZERO;
         let mut paid_of_job = self.paid.remove(&job).unwrap_or_default();
+        // Before the voided payments go: a forfeit may rest on one.
+        let forfeits = self.forfeits.remove(&job).unwrap_or_default();
+        forfeits::check(report, status, forfeits, &paid_of_job);
         // A voided payment went back to the escrow: its segment ran again.
         paid_of_job.retain(|_, paid| paid.resolved != Some(false));
         let mut pending = Vec::new();
@@ -246,6 +254,9 @@ impl JobBooks {
                 );
             }
         }
+        for (job, forfeits) in std::mem::take(&mut self.forfeits) {
+            forfeits::orphans(report, job, forfeits);
+        }
         for (job, _) in std::mem::take(&mut self.holds) {
             report.problem(
                 &format!("escrow:{job}"),
@@ -256,7 +267,7 @@ impl JobBooks {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use chrono::Utc;
     use rust_decimal::Decimal;
     use vmlot_schemas::ledger::Settlement;
@@ -268,7 +279,9 @@ mod tests {
     use super::*;
     use crate::verify::shape::{self, tests::settled};
 
-    fn job_with(settlement: &Settlement, settled_by: ProviderId) -> JobStatus {
+    /// A running job whose segment 0 `settlement` pays, the job record
+    /// saying `settled_by` settled it.
+    pub fn job_with(settlement: &Settlement, settled_by: ProviderId) -> JobStatus {
         let money = |n| Money::new(Decimal::from(n), "CRD");
         JobStatus {
             version: WIRE_VERSION,
@@ -314,6 +327,7 @@ mod tests {
                 sent_bytes: 0,
                 settled_at: Utc::now(),
                 posted: false,
+                unreplicated: false,
             }],
             open_lot: None,
             attempts: 0,

@@ -10,11 +10,22 @@
 //!   result settled it, at its price; no payment for a segment the job
 //!   never settled (a cancelled or losing replica);
 //! - every job's escrow holds its budget less its payments while it runs,
-//!   and is refunded to zero once it ends.
+//!   and is refunded to zero once it ends;
+//! - a deposit moves a provider's money from `provider:P` to `deposit:P`
+//!   only, a release back only, each naming P and no job; no deposit goes
+//!   below zero;
+//! - a forfeit takes from `deposit:P` for `user:PAYER` only, carrying its
+//!   details (job, segment, attempt, provider, payer, amount, cause) in
+//!   agreement with its entries, once per (job, segment, attempt,
+//!   provider); the job has a record, its submitter is the payer, and the
+//!   cheating is proven: for a minority result the job's record lists P
+//!   among those it refused, for a checkpoint that did not restore the
+//!   books hold a void of P's payment for that attempt at that segment.
 //!
 //! The checks live in one module per concept: [`report`] (what a replay
-//! says), `shape` (one transaction on its own), `jobs` (the books against
-//! the job records), `replay` (the stream in order); this module reads the
+//! says), `shape` (one transaction on its own), `forfeits` (forfeits
+//! against the job records and payments), `jobs` (the books against the
+//! job records), `replay` (the stream in order); this module reads the
 //! streams and feeds them.
 
 use crate::direct::BooksApi;
@@ -24,6 +35,7 @@ use vmlot_schemas::subjects;
 use crate::error::LedgerError;
 use crate::read::read_raw;
 
+mod forfeits;
 mod jobs;
 mod replay;
 pub mod report;

@@ -16,6 +16,13 @@ use super::report::{Rec, Report};
 use super::shape;
 use crate::build::tx_id;
 
+/// The subject `subject` would be for a transaction written under a
+/// caller's request id (its last token), by `of_request`.
+fn by_request(subject: &str, of_request: fn(&uuid::Uuid) -> String) -> Option<String> {
+    let (_, request) = subject.rsplit_once('.')?;
+    request.parse().ok().map(|request| of_request(&request))
+}
+
 #[derive(Default)]
 pub(super) struct Replay {
     pub report: Report,
@@ -65,11 +72,13 @@ impl Replay {
             return;
         }
         let expected_subject = match (tx.kind, tx.job, tx.segment) {
-            (TxKind::Credit, _, _) => subjects::credit_tx(&uuid::Uuid::nil())
-                .rsplit_once('.')
-                .map(|(prefix, _)| prefix.to_string())
-                .filter(|prefix| subject.starts_with(prefix.as_str()))
-                .map(|_| subject.to_string()),
+            (TxKind::Credit, _, _) => by_request(subject, subjects::credit_tx),
+            (TxKind::Deposit, _, _) => by_request(subject, subjects::deposit_tx),
+            (TxKind::Release, _, _) => by_request(subject, subjects::release_tx),
+            (TxKind::Forfeit, _, _) => tx
+                .forfeit
+                .as_ref()
+                .map(|f| subjects::forfeit_tx(&f.job, f.segment, f.attempt, &f.provider)),
             (TxKind::Hold, Some(job), _) => Some(subjects::hold_tx(&job)),
             (TxKind::Refund, Some(job), _) => Some(subjects::refund_tx(&job)),
             (TxKind::Settlement, Some(job), Some(segment)) => tx
@@ -195,5 +204,95 @@ impl Replay {
             }
         }
         self.report
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rust_decimal::Decimal;
+    use vmlot_schemas::ledger::{Forfeit, ForfeitCause};
+    use vmlot_schemas::{JobId, Money, ProviderId};
+
+    use super::*;
+
+    /// The problems replaying `tx` on `subject` (after `before`) names
+    /// about where it sits.
+    fn placed(before: &[(String, Transaction)], subject: &str, tx: &Transaction) -> Vec<String> {
+        let mut replay = Replay::default();
+        for (seq, (subject, tx)) in before
+            .iter()
+            .chain([&(subject.to_string(), tx.clone())])
+            .enumerate()
+        {
+            replay.message(seq as u64 + 1, subject, &serde_json::to_vec(tx).unwrap());
+        }
+        replay
+            .report
+            .problems
+            .into_iter()
+            .filter(|p| p.what.contains("subject") || p.what.contains("twice"))
+            .map(|p| p.what)
+            .collect()
+    }
+
+    #[test]
+    fn deposits_releases_and_forfeits_sit_on_their_own_subjects() {
+        let (provider, request) = (ProviderId::new(), uuid::Uuid::new_v4());
+        let crd = Money::new(Decimal::ONE, "CRD");
+        let (deposited_on, deposit) = crate::build::deposit(&request, provider, &crd);
+        let (released_on, release) = crate::build::release(&request, provider, &crd);
+        let forfeit = Forfeit {
+            job: JobId::new(),
+            segment: 2,
+            attempt: 1,
+            provider,
+            payer: "alice".into(),
+            amount: crd.clone(),
+            cause: ForfeitCause::Minority,
+        };
+        let (forfeited_on, forfeited) = crate::build::forfeit(&forfeit);
+        let none: Vec<String> = vec![];
+        assert_eq!(placed(&[], &deposited_on, &deposit), none);
+        assert_eq!(placed(&[], &released_on, &release), none);
+        assert_eq!(placed(&[], &forfeited_on, &forfeited), none);
+
+        // A deposit where its release belongs, or under no request id.
+        let problems = placed(&[], &released_on, &deposit);
+        assert!(
+            problems.contains(&"a Deposit transaction does not belong on this subject".to_string()),
+            "{problems:?}"
+        );
+        let problems = placed(&[], &format!("{deposited_on}.x"), &deposit);
+        assert!(
+            problems.iter().any(|p| p.contains("does not belong")),
+            "{problems:?}"
+        );
+        let mut forged = deposit.clone();
+        let elsewhere = format!("vmlot.ledger.tx.deposit.{}", request.simple());
+        forged.id = tx_id(&elsewhere);
+        assert_eq!(
+            placed(&[], &elsewhere, &forged),
+            ["a Deposit transaction does not belong on this subject"]
+        );
+
+        // A forfeit on another attempt's subject, or another provider's.
+        for elsewhere in [
+            subjects::forfeit_tx(&forfeit.job, 2, 2, &provider),
+            subjects::forfeit_tx(&forfeit.job, 2, 1, &ProviderId::new()),
+        ] {
+            let mut forged = forfeited.clone();
+            forged.id = tx_id(&elsewhere);
+            assert_eq!(
+                placed(&[], &elsewhere, &forged),
+                ["a Forfeit transaction does not belong on this subject"]
+            );
+        }
+        // The same forfeit twice.
+        let first = [(forfeited_on.clone(), forfeited.clone())];
+        let problems = placed(&first, &forfeited_on, &forfeited);
+        assert!(
+            problems.iter().any(|p| p.contains("written twice")),
+            "{problems:?}"
+        );
     }
 }
