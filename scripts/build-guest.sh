@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds the vmlot test guest: OUT_DIR/initrd.cpio.gz (busybox + guest/init,
-# cpio newc, gzip) and OUT_DIR/vmlinuz (copied from .tools/kernel, which
+# Builds the vmlot test guest: OUT_DIR/initrd.cpio.gz (busybox + guest/init
+# + the virtio-blk modules, cpio newc, gzip) and OUT_DIR/vmlinuz (copied
+# from .tools/kernel, which
 # scripts/deps.sh unpacks).  Usage: scripts/build-guest.sh [OUT_DIR]
 # Default OUT_DIR is .tools/guest in the repo.  Rebuilds only when an input
 # changed; the initramfs is reproducible (fixed mtimes/owners, gzip -n).
@@ -27,7 +28,7 @@ fi
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 stamp_file=$out/.inputs.sha256
-stamp=$(cat "$0" "$init" "$busybox" "$kernel" | sha256sum | cut -d' ' -f1)
+stamp=$(cat "$0" "$root/scripts/modules.sh" "$init" "$busybox" "$kernel" | sha256sum | cut -d' ' -f1)
 if [ -f "$out/initrd.cpio.gz" ] && [ -f "$out/vmlinuz" ] &&
    [ "$(cat "$stamp_file" 2>/dev/null)" = "$stamp" ]; then
   echo "build-guest: up to date in $out"
@@ -44,6 +45,16 @@ for applet in $("$busybox" --list); do
   [ "$applet" = busybox ] || ln -s busybox "$stage/rootfs/bin/$applet"
 done
 install -m 0755 "$init" "$stage/rootfs/init"
+# The disk driver (modules in Debian's kernel), loaded by init only when a
+# job asks the guest to write to its disk (vmlot.answer).
+rootfs=$stage/rootfs
+moddir=$(compgen -G "$root/.tools/kernel/lib/modules/*" | sort -V | tail -1)
+[ -n "$moddir" ] || die "no modules at $root/.tools/kernel/lib/modules (run scripts/deps.sh)"
+mkdir -p "$rootfs/lib/modules"
+: > "$rootfs/lib/modules/load.list"
+# shellcheck source=scripts/modules.sh
+source "$root/scripts/modules.sh"
+for m in virtio_pci virtio_blk; do add_module "$m"; done
 
 (
   cd "$stage/rootfs"

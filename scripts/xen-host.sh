@@ -153,30 +153,9 @@ copy_libs() {
   fi
 }
 
-# Resolves module $1 (and its dependencies, first) into $rootfs/lib/modules,
-# appending to load.list.
-declare -A mod_done=()
-add_module() {
-  local name=$1 f dep deps
-  [ -n "${mod_done[$name]:-}" ] && return 0
-  mod_done[$name]=1
-  f=$(find "$moddir/kernel" \( -name "$name.ko" -o -name "$name.ko.xz" -o -name "$name.ko.zst" \
-    -o -name "${name//-/_}.ko" -o -name "${name//-/_}.ko.xz" -o -name "${name//-/_}.ko.zst" \) | head -1)
-  [ -n "$f" ] || die "module $name not in $moddir"
-  local tmp=$stage/mod-$name.ko
-  case "$f" in
-    *.xz) xz -dc "$f" > "$tmp" ;;
-    *.zst) zstd -qdc "$f" > "$tmp" ;;
-    *) cp "$f" "$tmp" ;;
-  esac
-  deps=$(tr '\0' '\n' < "$tmp" | sed -n 's/^depends=//p' | head -1)
-  for dep in ${deps//,/ }; do add_module "$dep"; done
-  local base=${f##*/}
-  base=${base%.xz}
-  base=${base%.zst}
-  mv "$tmp" "$rootfs/lib/modules/$base"
-  echo "$base" >> "$rootfs/lib/modules/load.list"
-}
+# add_module NAME: the module and its dependencies into $rootfs/lib/modules.
+# shellcheck source=scripts/modules.sh
+source "$root/scripts/modules.sh"
 
 cpio_dir() { # cpio_dir DIR > archive.gz (reproducible)
   (
@@ -208,7 +187,7 @@ build() {
   mkdir -p "$out"
   local stamp
   stamp=$( {
-    cat "$0" "$root/xen/dom0-init" "$root/xen/selftest" "$busybox" "$kernel" "$provider" /bin/bash
+    cat "$0" "$root/scripts/modules.sh" "$root/xen/dom0-init" "$root/xen/selftest" "$busybox" "$kernel" "$provider" /bin/bash
     ls "$debs"/*.deb | LC_ALL=C sort | xargs cat
     [ -f "$guest_k" ] && cat "$guest_k" "$guest_i"
     dpkg-query -W libc6 libtinfo6 libgcc-s1 libuuid1 zlib1g liblzma5 libzstd1 2>/dev/null

@@ -41,27 +41,7 @@ async fn reference_console() -> &'static [u8] {
         .get_or_init(|| async {
             tokio::task::spawn_blocking(|| {
                 let _timed = Timed::start("direct reference run");
-                let (kernel, initrd) = guest_files();
-                let dir = tempfile::tempdir().unwrap();
-                let console = dir.path().join("console.log");
-                let status = Command::new("timeout")
-                    .arg("300")
-                    .arg("qemu-system-x86_64")
-                    .args(["-accel", "tcg", "-machine", "q35", "-m", &MEMORY_MIB.to_string()])
-                    .args(["-smp", "1", "-nodefaults", "-no-user-config", "-display", "none"])
-                    .arg("-no-reboot")
-                    .arg("-serial")
-                    .arg(format!("file:{}", console.display()))
-                    .arg("-kernel")
-                    .arg(&kernel)
-                    .arg("-initrd")
-                    .arg(&initrd)
-                    .args(["-append", CMDLINE])
-                    .stdin(Stdio::null())
-                    .status()
-                    .unwrap_or_else(|e| panic!("qemu-system-x86_64: {e}: {SETUP}"));
-                assert!(status.success(), "direct QEMU run: {status}");
-                let bytes = std::fs::read(&console).unwrap();
+                let bytes = direct_run(CMDLINE, None);
                 let text = String::from_utf8_lossy(&bytes);
                 assert!(
                     text.contains("step 48/48 ") && text.contains("vmlot-guest: done "),
@@ -73,6 +53,37 @@ async fn reference_console() -> &'static [u8] {
             .unwrap()
         })
         .await
+}
+
+/// Runs the test guest with `cmdline` (and `disk`, written in place) in
+/// QEMU itself to its power-off; its console.
+fn direct_run(cmdline: &str, disk: Option<&Path>) -> Vec<u8> {
+    let (kernel, initrd) = guest_files();
+    let dir = tempfile::tempdir().unwrap();
+    let console = dir.path().join("console.log");
+    let mut qemu = Command::new("timeout");
+    qemu.arg("300")
+        .arg("qemu-system-x86_64")
+        .args(["-accel", "tcg", "-machine", "q35", "-m", &MEMORY_MIB.to_string()])
+        .args(["-smp", "1", "-nodefaults", "-no-user-config", "-display", "none"])
+        .arg("-no-reboot")
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .arg("-kernel")
+        .arg(&kernel)
+        .arg("-initrd")
+        .arg(&initrd)
+        .args(["-append", cmdline]);
+    if let Some(disk) = disk {
+        qemu.arg("-drive")
+            .arg(format!("file={},format=raw,if=virtio", disk.display()));
+    }
+    let status = qemu
+        .stdin(Stdio::null())
+        .status()
+        .unwrap_or_else(|e| panic!("qemu-system-x86_64: {e}: {SETUP}"));
+    assert!(status.success(), "direct QEMU run: {status}");
+    std::fs::read(&console).unwrap()
 }
 
 /// A market with these QEMU providers.
@@ -431,4 +442,70 @@ async fn fetch_writes_the_last_checkpoint_as_the_store_holds_it() {
     // The guest never touched its disk: the checkpoint's is the image's.
     assert!(std::fs::read(out_dir.join("disk0.raw")).unwrap() == content);
     assert!(std::fs::metadata(out_dir.join("machine-state")).unwrap().len() > (MEMORY_MIB as u64) << 20);
+}
+
+/// The job's output comes home (issue 15): the guest computes over
+/// several segments, writes its answer at the start of its disk and powers
+/// off. The job's last checkpoint is the disk as the guest left it, and
+/// `vmlot fetch` writes it, byte-identical to the disk of one
+/// uninterrupted QEMU run of the same guest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_answer_a_guest_writes_to_its_disk_before_powering_off_is_fetched() {
+    let _turn = TURN.lock().await;
+    let _timed = Timed::start("answer on disk");
+    const ANSWERING: &str =
+        "console=ttyS0 quiet loglevel=1 panic=-1 vmlot.steps=24 vmlot.work_kib=2048 vmlot.answer=1";
+    let m = qemu_market(&[&QemuProviderSpec::new("a1", "0.10")], 30);
+    m.market.ready(1).await.unwrap();
+    let disk = m.market.path().join("disk.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let direct_disk = m.market.path().join("direct-disk.raw");
+    std::fs::copy(&disk, &direct_disk).unwrap();
+    let direct_console = {
+        let direct_disk = direct_disk.clone();
+        tokio::task::spawn_blocking(move || direct_run(ANSWERING, Some(&direct_disk)))
+            .await
+            .unwrap()
+    };
+    let direct_text = String::from_utf8_lossy(&direct_console).into_owned();
+    let answer = direct_text
+        .lines()
+        .find_map(|l| l.strip_prefix("vmlot-guest: done "))
+        .unwrap_or_else(|| panic!("the direct run did not finish:\n{direct_text}"));
+    assert!(
+        direct_text.contains("vmlot-guest: answer written"),
+        "{direct_text}"
+    );
+    let direct_bytes = std::fs::read(&direct_disk).unwrap();
+    assert!(
+        direct_bytes.starts_with(format!("vmlot-answer {answer}\n").as_bytes()),
+        "the direct run's disk holds no answer"
+    );
+
+    let image = m.push_image(&GuestImage {
+        cmdline: ANSWERING,
+        ..qemu_image(&[&disk])
+    });
+    let job = m.submit_checked(&image, SEGMENT_SECONDS, "until-halt", "1", "none");
+    let done = m.wait_final(job).await;
+    assert!(
+        done.settled.len() >= 2,
+        "powered off in a later segment: {done:#?}"
+    );
+    let last = done.settled.last().unwrap();
+    assert!(
+        matches!(&last.guest, GuestState::Halted { final_state: Some(_) }),
+        "{:#?}",
+        last.guest
+    );
+    let logs = m.vmlot_ok(&["logs", &job.to_string()]);
+    assert_console_exact(&logs, &direct_console, &done, "vmlot logs");
+    let out_dir = m.market.path().join("fetched");
+    m.vmlot_ok(&["fetch", &job.to_string(), "-o", out_dir.to_str().unwrap()]);
+    let fetched = std::fs::read(out_dir.join("disk0.raw")).unwrap();
+    assert!(
+        fetched == direct_bytes,
+        "the fetched disk differs from the direct run's"
+    );
+    m.assert_paid_once(&done).await;
 }
