@@ -4,7 +4,8 @@
 //! the message. Pure, and tested without NATS.
 
 use vmlot_schemas::api::{
-    ApiError, Cancel, Credit, Deposit, Endpoint, List, Market, Providers, Release, Standings, Status, Submit,
+    ApiError, Cancel, Credit, Deposit, Endpoint, List, Market, Providers, Release, Standings, Status, Stop,
+    Submit,
 };
 use vmlot_schemas::caller::{Caller, Role};
 use vmlot_schemas::market::{JobSpec, JobStatus};
@@ -22,7 +23,7 @@ pub(crate) fn may_call(caller: &Caller, endpoint: &str) -> Result<(), ApiError> 
     let allowed: &[Role] = match endpoint {
         Submit::NAME => &[Submitter],
         Status::NAME | List::NAME => &[Submitter, Operator, Accountant],
-        Cancel::NAME => &[Submitter, Operator],
+        Cancel::NAME | Stop::NAME => &[Submitter, Operator],
         Providers::NAME | Market::NAME | Standings::NAME => &[Submitter, Operator, Accountant],
         Credit::NAME => &[Operator],
         Deposit::NAME | Release::NAME => &[Provider],

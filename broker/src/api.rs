@@ -19,7 +19,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use vmlot_schemas::api::{
     ApiError, Cancel, Credit, Deposit, DepositRequest, Deposited, ENDPOINTS, Endpoint, List, Market,
-    Providers, Release, Reply, Standings, Status, Submit,
+    Providers, Release, Reply, Standings, Status, Stop, Submit,
 };
 use vmlot_schemas::caller::Caller;
 use vmlot_schemas::market::{
@@ -79,6 +79,7 @@ pub(crate) async fn start(shared: Arc<Shared>) -> Result<Api, BrokerError> {
         serve::<Status>(&group, &shared).await?,
         serve::<List>(&group, &shared).await?,
         serve::<Cancel>(&group, &shared).await?,
+        serve::<Stop>(&group, &shared).await?,
         serve::<Providers>(&group, &shared).await?,
         serve::<Market>(&group, &shared).await?,
         serve::<Standings>(&group, &shared).await?,
@@ -217,6 +218,12 @@ impl Serve for List {
 impl Serve for Cancel {
     async fn serve(shared: &Arc<Shared>, caller: &Caller, request: JobRef) -> Result<JobStatus, ApiError> {
         cancel(shared, caller, request).await
+    }
+}
+
+impl Serve for Stop {
+    async fn serve(shared: &Arc<Shared>, caller: &Caller, request: JobRef) -> Result<JobStatus, ApiError> {
+        stop(shared, caller, request).await
     }
 }
 
@@ -487,6 +494,7 @@ async fn submit(shared: &Arc<Shared>, caller: &Caller, mut req: SubmitJob) -> Re
         refused: Vec::new(),
         restore_failures: Vec::new(),
         check: None,
+        stop_after: None,
     };
     // The record first, then the hold: a broker that dies between the two
     // finds the job on restart and holds its budget then (never money in
@@ -522,27 +530,44 @@ async fn status(shared: &Arc<Shared>, caller: &Caller, req: JobRef) -> Result<Jo
 }
 
 async fn cancel(shared: &Arc<Shared>, caller: &Caller, req: JobRef) -> Result<JobStatus, ApiError> {
+    let status = end(shared, caller, &req, "cancel", lifecycle::cancel).await?;
+    if let Some(token) = shared.running.lock().expect("running lock").get(&req.job) {
+        token.cancel();
+    }
+    Ok(status)
+}
+
+/// `stop`: the job task sees the limit when the running segment settles.
+async fn stop(shared: &Arc<Shared>, caller: &Caller, req: JobRef) -> Result<JobStatus, ApiError> {
+    end(shared, caller, &req, "stop", lifecycle::stop).await
+}
+
+/// Applies `transition` to the job `req` names, for a caller who may end
+/// it (its owner or the operator).
+async fn end(
+    shared: &Arc<Shared>,
+    caller: &Caller,
+    req: &JobRef,
+    verb: &str,
+    transition: fn(&JobStatus) -> Result<JobStatus, lifecycle::Refused>,
+) -> Result<JobStatus, ApiError> {
     check_version(req.version)?;
     match shared.jobs.get(&req.job).await.map_err(internal)? {
         Some((status, _)) if access::may_cancel(caller, &status) => {}
         Some((status, _)) if access::may_see(caller, &status) => {
             return Err(error(
                 "forbidden",
-                format!("a {} may not cancel job {}", caller.role, req.job),
+                format!("a {} may not {verb} job {}", caller.role, req.job),
             ));
         }
         _ => return Err(error("not-found", format!("no job {}", req.job))),
     }
-    let status = match shared.jobs.transition(&req.job, lifecycle::cancel).await {
-        Ok(status) => status,
-        Err(UpdateError::NotFound) => return Err(error("not-found", format!("no job {}", req.job))),
-        Err(UpdateError::Refused(e)) => return Err(error("conflict", e.to_string())),
-        Err(UpdateError::Broker(e)) => return Err(internal(e)),
-    };
-    if let Some(token) = shared.running.lock().expect("running lock").get(&req.job) {
-        token.cancel();
+    match shared.jobs.transition(&req.job, transition).await {
+        Ok(status) => Ok(status),
+        Err(UpdateError::NotFound) => Err(error("not-found", format!("no job {}", req.job))),
+        Err(UpdateError::Refused(e)) => Err(error("conflict", e.to_string())),
+        Err(UpdateError::Broker(e)) => Err(internal(e)),
     }
-    Ok(status)
 }
 
 /// The operator funds a user account ([`access::may_call`] lets only an

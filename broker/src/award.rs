@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use tracing::Instrument;
-use vmlot_schemas::market::{Award, Bid, JobStatus, Lot, Reply, ResultCheck, SegmentCount, ToProvider};
+use vmlot_schemas::market::{Award, Bid, JobStatus, Lot, Reply, ResultCheck, ToProvider};
 use vmlot_schemas::{JobId, Money, ProviderId, WIRE_VERSION, subjects};
 
 use crate::error::BrokerError;
@@ -144,9 +144,9 @@ async fn no_winner(
     over_budget: bool,
 ) -> Result<Awarded, BrokerError> {
     if over_budget && valid_bids == 0 {
-        let ending = match status.spec.segments {
+        let ending = match lifecycle::segment_limit(status) {
             // The segments ran; only their check does not fit.
-            SegmentCount::Count(n) if lifecycle::check_due(status) => Ending::CheckUnaffordable(n),
+            Some(n) if lifecycle::check_due(status) => Ending::CheckUnaffordable(n),
             _ => Ending::NoBidFits,
         };
         shared.jobs.end(&status.job, ending).await?;

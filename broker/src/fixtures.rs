@@ -72,6 +72,7 @@ pub(crate) fn job(segments: SegmentCount) -> JobStatus {
         refused: vec![],
         restore_failures: vec![],
         check: None,
+        stop_after: None,
     }
 }
 

@@ -42,6 +42,8 @@ use vmlot_schemas::{HypervisorKind, LotId, Money, ProviderId, WIRE_VERSION};
 pub enum Ending {
     /// The job's segment count was reached.
     SegmentsRan(u32),
+    /// Its submitter (or the operator) stopped it: this many segments ran.
+    Stopped(u32),
     /// The segments ran, but no bid for the check restore of the last
     /// checkpoint fits what is left of the budget: its payment is posted
     /// unchecked.
@@ -59,7 +61,7 @@ impl Ending {
     /// The final state the job ends in.
     pub fn state(&self) -> JobState {
         match self {
-            Ending::SegmentsRan(_) | Ending::CheckUnaffordable(_) => JobState::Done,
+            Ending::SegmentsRan(_) | Ending::Stopped(_) | Ending::CheckUnaffordable(_) => JobState::Done,
             Ending::BudgetSpent | Ending::NoBidFits => JobState::BudgetSpent,
             Ending::Unfunded(_) => JobState::Failed,
         }
@@ -70,6 +72,7 @@ impl std::fmt::Display for Ending {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Ending::SegmentsRan(n) => write!(f, "all {n} segments ran"),
+            Ending::Stopped(n) => write!(f, "stopped after {n} segments"),
             Ending::CheckUnaffordable(n) => write!(
                 f,
                 "all {n} segments ran; no check restore of the last checkpoint fits the remaining budget"
@@ -166,13 +169,16 @@ pub fn remaining(status: &JobStatus) -> Money {
 /// possible) or budget spent: the job ends before offering another lot.
 pub fn ending(status: &JobStatus) -> Option<Ending> {
     let budget_left = remaining(status).amount > Decimal::ZERO;
-    if let SegmentCount::Count(n) = status.spec.segments
+    if let Some(n) = segment_limit(status)
         && next_segment(status) >= n
     {
         if check_due(status) && budget_left {
             return None;
         }
-        return Some(Ending::SegmentsRan(n));
+        return Some(match status.stop_after {
+            Some(stop) if stop == n => Ending::Stopped(n),
+            _ => Ending::SegmentsRan(n),
+        });
     }
     if !budget_left {
         return Some(Ending::BudgetSpent);
@@ -180,11 +186,24 @@ pub fn ending(status: &JobStatus) -> Option<Ending> {
     None
 }
 
+/// How many segments the job runs at most: its count, or fewer once it
+/// was stopped (`None`: until the guest halts).
+pub fn segment_limit(status: &JobStatus) -> Option<u32> {
+    let count = match status.spec.segments {
+        SegmentCount::Count(n) => Some(n),
+        SegmentCount::UntilHalt => None,
+    };
+    match (count, status.stop_after) {
+        (Some(n), Some(stop)) => Some(n.min(stop)),
+        (n, stop) => n.or(stop),
+    }
+}
+
 /// True when the job's segments have all run and the checkpoint the last
 /// one produced waits for a check restore ([`Lot::check`]): its payment is
 /// pending, the guest still runs, and no check was accepted yet.
 pub fn check_due(status: &JobStatus) -> bool {
-    let SegmentCount::Count(n) = status.spec.segments else {
+    let Some(n) = segment_limit(status) else {
         return false;
     };
     !status.state.is_final()
@@ -290,6 +309,10 @@ pub fn award(
     }
     if winners.is_empty() {
         return Err(Refused::NoWinner);
+    }
+    if let Some(ends) = ending(status) {
+        // Stopped while its lot took bids.
+        return Err(Refused::Ends(ends));
     }
     if let Some((p, _)) = winners
         .iter()
@@ -437,16 +460,19 @@ pub fn settle(status: &JobStatus, mut paid: SettledSegment) -> Result<JobStatus,
     next.attempts = 0;
     next.waiting_for_providers = false;
     next.restore_failures.clear();
-    if let SegmentCount::Count(n) = status.spec.segments
+    if let Some(n) = segment_limit(status)
         && paid.segment >= n
     {
         // The check restore: the last checkpoint restored and ran; the
         // job ends with that checkpoint, not the check's.
         if !next.state.is_final() {
+            let ended = match status.stop_after {
+                Some(stop) if stop == n => Ending::Stopped(n),
+                _ => Ending::SegmentsRan(n),
+            };
             next.state = JobState::Done;
             next.end_reason = Some(format!(
-                "{}; the last checkpoint restored on {}",
-                Ending::SegmentsRan(n),
+                "{ended}; the last checkpoint restored on {}",
                 paid.provider
             ));
         }
@@ -485,6 +511,25 @@ pub fn end(status: &JobStatus, ending: Ending) -> Result<JobStatus, Refused> {
     next.state = ending.state();
     next.end_reason = Some(ending.to_string());
     next.open_lot = None;
+    Ok(next)
+}
+
+/// **Stop**: the job runs no segment after the one running now (none
+/// running: no further one), then ends done with that segment's
+/// checkpoint (under a continuation check, after its check restore). A
+/// repeat changes nothing; an ended job is refused.
+pub fn stop(status: &JobStatus) -> Result<JobStatus, Refused> {
+    running(status)?;
+    if status.stop_after.is_some() {
+        return Ok(status.clone());
+    }
+    let running_now = status
+        .open_lot
+        .as_ref()
+        .filter(|open| !open.awarded.is_empty() && !open.lot.check)
+        .map(|open| open.lot.segment + 1);
+    let mut next = status.clone();
+    next.stop_after = Some(running_now.unwrap_or_else(|| next_segment(status)));
     Ok(next)
 }
 

@@ -19,7 +19,7 @@ use vmlot_schemas::{JobId, WIRE_VERSION};
 /// The endpoints, so a caller needs one import.
 pub use vmlot_schemas::api::{
     ApiError, Cancel, Credit, Deposit, DepositRequest, Deposited, Endpoint, List, Market, Providers, Release,
-    Standings, Status, Submit,
+    Standings, Status, Stop, Submit,
 };
 
 /// Why a call to the job API did not return its value. The cause, where
@@ -176,6 +176,11 @@ impl Api {
     /// Cancels a running job; its record as it ends.
     pub async fn cancel(&self, job: JobId) -> Result<JobStatus, CallError> {
         self.call::<Cancel>(&job_ref(job)).await
+    }
+
+    /// Ends a job after its current segment, keeping that checkpoint.
+    pub async fn stop(&self, job: JobId) -> Result<JobStatus, CallError> {
+        self.call::<Stop>(&job_ref(job)).await
     }
 
     /// Every job's record.

@@ -66,17 +66,31 @@ pub enum Command {
         #[arg(short, long)]
         follow: bool,
     },
-    /// Write the job's last checkpoint (machine state, disks) and a manifest.json to a directory.
+    /// Write the job's last checkpoint (machine state, disks), the kernel and
+    /// initrd it boots from and a manifest.json to a directory: a bundle
+    /// `vmlot run-local` resumes.
     Fetch {
         job: JobId,
         #[arg(short, long)]
         output: PathBuf,
-        /// Also for a job that ended other than done (cancelled, budget spent, failed).
+        /// Also for a job still running (its latest checkpoint) or one that
+        /// ended other than done (cancelled, budget spent, failed).
         #[arg(long)]
         any_state: bool,
     },
+    /// Resume a fetched bundle on this machine's QEMU, outside the market,
+    /// the console on standard output, until the guest powers off.
+    RunLocal {
+        dir: PathBuf,
+        /// auto (KVM if it works here), kvm or tcg; a state saved under
+        /// one accelerator restores most safely under the same.
+        #[arg(long, default_value = "auto")]
+        accel: String,
+    },
     /// Cancel a job.
     Cancel { job: JobId },
+    /// End a job after the segment it runs now, keeping that checkpoint.
+    Stop { job: JobId },
     /// Providers seen recently.
     Providers,
     /// Each provider's standing: results valid, and refused by reason.

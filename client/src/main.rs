@@ -18,7 +18,9 @@ mod context;
 mod output;
 
 use cli::{Cli, Command, ImageCommand};
-use commands::{admin, balances, deposit, fetch, image, ledger, logs, market, status, submit, watch};
+use commands::{
+    admin, balances, deposit, fetch, image, ledger, logs, market, run_local, status, submit, watch,
+};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -53,7 +55,9 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
             output,
             any_state,
         } => fetch::fetch(ctx, *job, output, *any_state).await,
+        Command::RunLocal { dir, accel } => run_local::run_local(dir, accel).await,
         Command::Cancel { job } => status::cancel(ctx, *job).await,
+        Command::Stop { job } => status::stop(ctx, *job).await,
         Command::Providers => market::providers(ctx).await,
         Command::Standing => market::standing(ctx).await,
         Command::Market => market::market(ctx).await,

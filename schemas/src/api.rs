@@ -68,6 +68,12 @@ endpoint!(
     Cancel, "cancel", JobRef => JobStatus
 );
 endpoint!(
+    /// End a running job after the segment it runs now (or before the
+    /// next one, if none runs), keeping that segment's checkpoint; answers
+    /// its record.
+    Stop, "stop", JobRef => JobStatus
+);
+endpoint!(
     /// Providers heard from recently.
     Providers, "providers", () => Vec<Heartbeat>
 );
@@ -118,11 +124,12 @@ pub struct Deposited {
 }
 
 /// Every endpoint's name, in the order the service registers them.
-pub const ENDPOINTS: [&str; 10] = [
+pub const ENDPOINTS: [&str; 11] = [
     Submit::NAME,
     Status::NAME,
     List::NAME,
     Cancel::NAME,
+    Stop::NAME,
     Providers::NAME,
     Market::NAME,
     Standings::NAME,

@@ -344,6 +344,10 @@ pub struct JobStatus {
     /// result of it was accepted and paid.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub check: Option<SettledSegment>,
+    /// Set by `stop`: the job runs no segment from this one on (the one
+    /// running when it was asked still settles), then ends done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_after: Option<u32>,
     pub spent: Money,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,

@@ -415,9 +415,12 @@ async fn fetch_writes_the_last_checkpoint_as_the_store_holds_it() {
         serde_json::from_slice(&std::fs::read(out_dir.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(described["after_segment"], 1);
     let checkpoint = &done.checkpoint;
-    let expected: [(&str, ManifestId); 2] = [
+    let image = &done.spec.image;
+    let expected: [(&str, ManifestId); 4] = [
         ("machine-state", checkpoint.machine_state.unwrap()),
         ("disk0.raw", checkpoint.disks[0]),
+        ("kernel", image.kernel),
+        ("initrd", image.initrd.unwrap()),
     ];
     let files = described["files"].as_array().unwrap();
     assert_eq!(files.len(), expected.len(), "{described:#}");
@@ -508,4 +511,56 @@ async fn the_answer_a_guest_writes_to_its_disk_before_powering_off_is_fetched() 
         "the fetched disk differs from the direct run's"
     );
     m.assert_paid_once(&done).await;
+}
+
+/// Take the VM back (issue 15 step 2): `vmlot stop` ends a running job
+/// after its current segment, `vmlot fetch` writes that checkpoint with the
+/// kernel and initrd, and `vmlot run-local` resumes it on plain QEMU
+/// outside the market: the market's console and the local run's, joined,
+/// are byte for byte the console of one uninterrupted run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_job_resumes_on_plain_qemu_where_the_market_left_it() {
+    let _turn = TURN.lock().await;
+    let _timed = Timed::start("stop, fetch, run-local");
+    let reference = reference_console().await;
+    let m = qemu_market(&[&QemuProviderSpec::new("s1", "0.10")], 30);
+    m.market.ready(1).await.unwrap();
+    let image = m.push_image(&qemu_image(&[]));
+    let job = m.submit_checked(&image, SEGMENT_SECONDS, "until-halt", "1", "none");
+    // Stopped once the guest has printed something in the market (it
+    // boots in 4.5-9 s under TCG), so both halves of the console count.
+    m.until(job, "two segments settled", |s| {
+        (s.settled.len() >= 2).then_some(())
+    })
+    .await;
+    m.vmlot_ok(&["stop", &job.to_string()]);
+    let done = m.wait_final(job).await;
+    assert!(
+        done.end_reason.as_deref().is_some_and(|r| r.contains("stopped")),
+        "{:?}",
+        done.end_reason
+    );
+    let last = done.settled.last().unwrap();
+    assert!(
+        matches!(last.guest, GuestState::Running { .. }),
+        "{:#?}",
+        last.guest
+    );
+    assert_eq!(done.stop_after, Some(done.settled.len() as u32));
+
+    let bundle = m.market.path().join("bundle");
+    m.vmlot_ok(&["fetch", &job.to_string(), "-o", bundle.to_str().unwrap()]);
+    let local = m.vmlot_ok(&["run-local", bundle.to_str().unwrap(), "--accel", "tcg"]);
+    let market = m.vmlot_ok(&["logs", &job.to_string()]);
+    assert!(
+        !local.is_empty(),
+        "run-local printed nothing; the market's console:\n{}",
+        String::from_utf8_lossy(&market)
+    );
+    let joined = [market, local].concat();
+    assert!(
+        joined == reference,
+        "the market's console and the local run's differ from an uninterrupted run:\n{}",
+        String::from_utf8_lossy(&joined)
+    );
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use rust_decimal::Decimal;
-use vmlot_client::api::{Cancel, Credit, Status, Submit};
+use vmlot_client::api::{Cancel, Credit, Status, Stop, Submit};
 use vmlot_schemas::caller::{Caller, Role};
 use vmlot_schemas::market::{Image, JobRef, JobSpec, SegmentCount, SubmitJob};
 use vmlot_schemas::{Money, ProviderId, WIRE_VERSION, subjects};
@@ -202,6 +202,8 @@ async fn a_submitter_cannot_mint_spend_anothers_or_touch_the_books() {
     assert_eq!(unseen.code, "not-found");
     let uncancelled = api.answer::<Cancel>(&job_ref).await.unwrap().unwrap_err();
     assert_eq!(uncancelled.code, "not-found");
+    let unstopped = api.answer::<Stop>(&job_ref).await.unwrap().unwrap_err();
+    assert_eq!(unstopped.code, "not-found");
     assert!(api.list().await.unwrap().is_empty(), "mallory listed alice's job");
 
     // Rewrite the books and the job record, delete the streams: the server

@@ -231,6 +231,7 @@ impl Book {
                 refused: Vec::new(),
                 restore_failures: Vec::new(),
                 check: None,
+                stop_after: None,
             },
             segments,
             price,

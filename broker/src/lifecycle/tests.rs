@@ -805,3 +805,43 @@ fn an_unreplicated_quorum_attempt_is_paid_once_another_provider_continues_it() {
     .unwrap();
     assert!(!check_due(&replicated));
 }
+
+#[test]
+fn stop_ends_the_job_after_the_segment_running_now() {
+    let a = ProviderId::new();
+    let running = |tag: &[u8]| GuestState::Running {
+        checkpoint: checkpoint(tag),
+    };
+    let idle = settled_once(unchecked(job(SegmentCount::UntilHalt)));
+    // Nothing runs: no further segment.
+    let stopped = stop(&idle).unwrap();
+    assert_eq!(stopped.stop_after, Some(1));
+    assert_eq!(ending(&stopped), Some(Ending::Stopped(1)));
+    assert_eq!(stop(&stopped), Ok(stopped.clone()), "a repeat changes nothing");
+    assert_eq!(
+        offer(&stopped, LotId::new(), Utc::now(), WINDOW, 1),
+        Err(Refused::Ends(Ending::Stopped(1)))
+    );
+    // A segment runs: it settles, then the job ends with its checkpoint.
+    let busy = awarded(&idle, &[a], later());
+    let stopping = stop(&busy).unwrap();
+    assert_eq!((stopping.stop_after, ending(&stopping)), (Some(2), None));
+    let ran = settle(
+        &stopping,
+        paid(&result_of(&stopping, a, running(b"c2")), money("1")),
+    )
+    .unwrap();
+    assert_eq!(ending(&ran), Some(Ending::Stopped(2)));
+    assert_eq!(ran.checkpoint, checkpoint(b"c2"));
+    // A lot that was taking bids when the job stopped is not awarded.
+    let lot = offer(&idle, LotId::new(), Utc::now(), WINDOW, 1).unwrap();
+    let bidding = stop(&idle).unwrap();
+    assert_eq!(
+        award(&bidding, &lot, &[(a, money("1"))], later(), Utc::now()),
+        Err(Refused::Ends(Ending::Stopped(1)))
+    );
+    // Under a continuation check the last checkpoint is checked first.
+    let checked = stop(&settled_once(job(SegmentCount::UntilHalt))).unwrap();
+    assert!(check_due(&checked) && ending(&checked).is_none());
+    assert_eq!(stop(&ended(JobState::Done)), Err(Refused::Final(JobState::Done)));
+}

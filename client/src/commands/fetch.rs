@@ -1,13 +1,15 @@
-//! `vmlot fetch`: a job's last checkpoint written to a directory, each file
-//! rebuilt from the store with every block verified (so byte-identical to
-//! what the store holds), and a `manifest.json` saying which file is what.
+//! `vmlot fetch`: a job's last checkpoint written to a directory with the
+//! kernel and initrd it boots from, each file rebuilt from the store with
+//! every block verified (so byte-identical to what the store holds), and a
+//! `manifest.json` saying which file is what and how the VM is set up:
+//! a bundle `vmlot run-local` resumes on the user's own QEMU.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use vmlot_cas::{BlockStore, pull_file};
-use vmlot_schemas::market::{GuestState, Image, JobState, JobStatus};
+use vmlot_schemas::market::{GuestState, Image, JobState, JobStatus, ResultCheck};
 use vmlot_schemas::{JobId, ManifestId};
 
 use crate::context::Context;
@@ -18,9 +20,12 @@ use crate::output::{JobDidNotFinish, print_json};
 pub const MANIFEST_FILE: &str = "manifest.json";
 /// The saved machine state, as the hypervisor wrote it.
 pub const MACHINE_STATE_FILE: &str = "machine-state";
+/// The image's kernel and initrd, which a restore boots the same machine from.
+pub const KERNEL_FILE: &str = "kernel";
+pub const INITRD_FILE: &str = "initrd";
 
 /// `manifest.json`.
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize)]
 pub struct FetchManifest {
     pub job: JobId,
     pub state: JobState,
@@ -33,6 +38,10 @@ pub struct FetchManifest {
     /// What the last segment ended in: `halted` or `crashed` means the
     /// guest stopped during it, after this checkpoint was taken.
     pub last_segment_ended: Option<String>,
+    /// The job's segments were exact instruction counts under a virtual
+    /// clock (a quorum job on QEMU): its state restores only so.
+    #[serde(default)]
+    pub deterministic: bool,
     /// The image the checkpoint belongs to: a restore rebuilds the same
     /// machine from it (`vmlot store pull` its manifests).
     pub image: Image,
@@ -40,12 +49,12 @@ pub struct FetchManifest {
 }
 
 /// One file written.
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize)]
 pub struct FetchedFile {
     /// Name inside the output directory.
     pub file: String,
-    /// `machine-state` or `disk`.
-    pub role: &'static str,
+    /// `machine-state`, `disk`, `kernel` or `initrd`.
+    pub role: String,
     /// The disk's position in the image's order (disks only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub index: Option<usize>,
@@ -53,11 +62,12 @@ pub struct FetchedFile {
     pub size: u64,
 }
 
-/// Writes the checkpoint of `job` into `dir`. A job still running, or one
-/// that ended other than done, is refused (exit code 8) unless `any_state`.
+/// Writes the checkpoint of `job` into `dir`. A job still running (its
+/// latest checkpoint), or one that ended other than done, is refused (exit
+/// code 8) unless `any_state`.
 pub async fn fetch(ctx: &Context, job: JobId, dir: &Path, any_state: bool) -> Result<()> {
     let status = ctx.api().await?.status(job).await?;
-    if !status.state.is_final() || (status.state != JobState::Done && !any_state) {
+    if status.state != JobState::Done && !any_state {
         return Err(JobDidNotFinish(status.state).into());
     }
     let store = ctx.store().await?;
@@ -107,6 +117,11 @@ pub async fn write_checkpoint(store: &BlockStore, status: &JobStatus, dir: &Path
     for (i, id) in checkpoint.disks.iter().enumerate() {
         files.push(pull(store, id, dir, format!("disk{i}.raw"), "disk", Some(i)).await?);
     }
+    let image = &status.spec.image;
+    files.push(pull(store, &image.kernel, dir, KERNEL_FILE.into(), "kernel", None).await?);
+    if let Some(initrd) = &image.initrd {
+        files.push(pull(store, initrd, dir, INITRD_FILE.into(), "initrd", None).await?);
+    }
     // The segment whose result this checkpoint is.
     let after_segment = status
         .settled
@@ -126,6 +141,8 @@ pub async fn write_checkpoint(store: &BlockStore, status: &JobStatus, dir: &Path
         segments_settled: status.settled.len() as u32,
         after_segment,
         last_segment_ended,
+        deterministic: status.spec.check == ResultCheck::Quorum
+            && status.spec.image.vm.hypervisor == vmlot_schemas::HypervisorKind::Qemu,
         image: status.spec.image.clone(),
         files,
     };
@@ -148,7 +165,7 @@ async fn pull(
         .with_context(|| format!("pulling {role} {id} to {}", path.display()))?;
     Ok(FetchedFile {
         file,
-        role,
+        role: role.into(),
         index,
         manifest: *id,
         size: report.manifest.size,

@@ -29,6 +29,17 @@ pub async fn cancel(ctx: &Context, job: JobId) -> Result<()> {
     print_status(ctx, &status, &HashMap::new())
 }
 
+/// `vmlot stop JOB`: the job ends after the segment it runs now.
+pub async fn stop(ctx: &Context, job: JobId) -> Result<()> {
+    let status = ctx.api().await?.stop(job).await?;
+    if !ctx.json
+        && let Some(after) = status.stop_after
+    {
+        println!("job {job} stops after segment {after}; `vmlot fetch` then writes that checkpoint");
+    }
+    print_status(ctx, &status, &HashMap::new())
+}
+
 fn print_status(ctx: &Context, s: &JobStatus, names: &HashMap<ProviderId, String>) -> Result<()> {
     if ctx.json {
         return print_json(s);

@@ -340,6 +340,7 @@ pub(super) mod tests {
             refused: vec![],
             restore_failures: vec![],
             check: None,
+            stop_after: None,
         }
     }
 
