@@ -5,9 +5,10 @@
 //! and **voided** (the price goes back to the escrow) when enough distinct
 //! providers could not restore it; the job then goes back to that
 //! segment's input and offers it again, and the provider forfeits part of
-//! its deposit to the submitter (when the broker asks for deposits). Each post or void is written once,
-//! on one subject for both, so a broker that died between writing it and
-//! recording it in the job writes it again harmlessly and records it.
+//! its deposit to the submitter (when the broker asks for deposits). Each
+//! post or void is written once, on one subject for both, so a broker that
+//! died between writing it and recording it in the job writes it again
+//! harmlessly and records it.
 
 use std::sync::Arc;
 

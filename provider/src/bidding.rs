@@ -58,16 +58,3 @@ pub fn decide(
     }
     Ok(price)
 }
-
-/// True while the machine is idle by the configured load threshold.
-pub fn machine_idle(threshold: Option<f64>) -> bool {
-    let Some(threshold) = threshold else { return true };
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
-    let load = std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse::<f64>().ok()));
-    match load {
-        Some(load) => load / cores < threshold,
-        None => true,
-    }
-}

@@ -51,8 +51,9 @@ pub struct ProviderConfig {
     pub cache_dir: PathBuf,
     pub cache_bytes: u64,
     pub work_dir: PathBuf,
-    /// Cycle scavenging: bid only while the 1-minute load per core is below
-    /// this (none: always bid).
+    /// Cycle scavenging: bid only while the machine owner's share of the
+    /// CPU (0 to 1, everything but this provider and its guests, over the
+    /// last second or more) is below this (none: always bid).
     pub idle_load: Option<f64>,
     #[serde(deserialize_with = "millis")]
     pub heartbeat: Duration,
@@ -176,7 +177,8 @@ pub struct Settings {
     #[arg(long, env = "VMLOT_PROVIDER_WORK_DIR")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub work_dir: Option<PathBuf>,
-    /// Bid only while the 1-minute load per core is below this.
+    /// Bid only while the owner's CPU share (0 to 1; this provider's
+    /// guests not counted) is below this.
     #[arg(long, env = "VMLOT_PROVIDER_IDLE_LOAD")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub idle_load: Option<f64>,

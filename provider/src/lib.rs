@@ -11,8 +11,10 @@
 pub mod bidding;
 pub mod config;
 pub mod daemon;
+pub mod doctor;
 pub mod driver;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
 pub mod logging;
+pub mod owner;
 pub mod setup;

@@ -1,8 +1,13 @@
 //! `vmlot-provider`: reads its settings (file, environment, flags), picks
 //! its drivers, runs [`vmlot_provider::daemon::run`] until SIGINT or SIGTERM.
+//! `vmlot-provider doctor` instead checks the host, the settings, the
+//! credentials and the NATS server, says what is missing, and exits 1 if
+//! anything is ([`vmlot_provider::doctor`]).
+
+use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use vmlot_provider::config::{ProviderConfig, Settings};
 use vmlot_provider::logging::{self, LogFormat};
 
@@ -10,7 +15,8 @@ use vmlot_provider::logging::{self, LogFormat};
 #[command(
     name = "vmlot-provider",
     version,
-    about = "Sells time segments of this machine on the vmlot market"
+    about = "Sells time segments of this machine on the vmlot market",
+    after_help = "With no subcommand, runs the provider daemon. Every flag may also come after a subcommand."
 )]
 struct Cli {
     /// NATS server URL(s), comma-separated.
@@ -23,11 +29,54 @@ struct Cli {
     access: vmlot_identity::Access,
     #[command(flatten)]
     settings: Settings,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Checks that this host can serve as a provider (QEMU, KVM, Xen, the
+    /// icount-stop plugin, disk space, the NATS server, the credentials)
+    /// and says what is missing; exits 0 when nothing is (warnings
+    /// allowed), 1 otherwise.
+    Doctor {
+        /// One JSON object instead of lines of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+impl Cli {
+    /// The command line with every top-level flag global, so the daemon's
+    /// flags (`--config`, `--nats`, `--creds`, …) mean the same before or
+    /// after `doctor`.
+    fn command_global() -> clap::Command {
+        Self::command().mut_args(|arg| match arg.get_id().as_str() {
+            "help" | "version" => arg,
+            _ => arg.global(true),
+        })
+    }
+
+    fn parse_global() -> Self {
+        let matches = Self::command_global().get_matches();
+        Self::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+    }
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+async fn main() -> anyhow::Result<ExitCode> {
+    let cli = Cli::parse_global();
+    if let Some(Command::Doctor { json }) = cli.command {
+        // No log subscriber: the report is the output, not the NATS
+        // client's own complaints about a failed connection.
+        let report = vmlot_provider::doctor::examine(&cli.nats, &cli.access, &cli.settings).await;
+        if json {
+            println!("{}", report.json());
+        } else {
+            print!("{}", report.text());
+        }
+        return Ok(ExitCode::from(report.exit_code()));
+    }
     logging::init(cli.log_format);
     let mut config = ProviderConfig::load(&cli.settings).context("reading the provider's settings")?;
     let drivers = vmlot_provider::setup::drivers(&config)?;
@@ -40,7 +89,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let client = vmlot_provider::daemon::connect(&cli.nats, options).await?;
     vmlot_provider::daemon::run(client, config, drivers, shutdown_signal()).await?;
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn shutdown_signal() {
@@ -48,5 +97,66 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        let matches = Cli::command_global()
+            .try_get_matches_from(std::iter::once("vmlot-provider").chain(args.iter().copied()))?;
+        Cli::from_arg_matches(&matches)
+    }
+
+    #[test]
+    fn the_daemon_is_the_default_and_flags_go_either_side_of_doctor() {
+        let daemon = parse(&["--nats", "nats://a:1", "--slots", "2", "--open"]).unwrap();
+        assert!(daemon.command.is_none());
+        assert_eq!(
+            (daemon.nats.as_str(), daemon.settings.slots),
+            ("nats://a:1", Some(2))
+        );
+        assert!(daemon.access.open);
+
+        for args in [
+            &[
+                "--config",
+                "/etc/p.toml",
+                "--slots",
+                "3",
+                "--creds",
+                "/c",
+                "doctor",
+                "--json",
+            ][..],
+            &[
+                "doctor",
+                "--config",
+                "/etc/p.toml",
+                "--json",
+                "--slots",
+                "3",
+                "--creds",
+                "/c",
+            ][..],
+        ] {
+            let cli = parse(args).unwrap();
+            assert!(
+                matches!(cli.command, Some(Command::Doctor { json: true })),
+                "{args:?}"
+            );
+            assert_eq!(
+                cli.settings.config.as_deref(),
+                Some(std::path::Path::new("/etc/p.toml"))
+            );
+            assert_eq!(cli.settings.slots, Some(3));
+            assert_eq!(cli.access.creds.as_deref(), Some(std::path::Path::new("/c")));
+        }
+        let late = parse(&["doctor", "--nats", "nats://b:2", "--open"]).unwrap();
+        assert_eq!(late.nats, "nats://b:2");
+        assert!(late.access.open);
+        assert!(parse(&["--hypervisors", "vmware"]).is_err());
     }
 }

@@ -80,6 +80,9 @@ fn driver(config: &ProviderConfig, kind: HypervisorKind) -> Result<Arc<dyn Drive
                 binary: None,
                 accel,
                 icount_stop_plugin: config.qemu_icount_stop_plugin.clone(),
+                // A provider scavenging cycles (bidding only while the
+                // owner is idle) also runs its guests behind the owner's work.
+                idle_priority: config.idle_load.is_some(),
             }))
         }
         HypervisorKind::Xen => {

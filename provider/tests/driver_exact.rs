@@ -51,6 +51,7 @@ fn driver() -> QemuDriver {
         binary: None,
         accel: Accel::Tcg,
         icount_stop_plugin: Some(plugin()),
+        ..Default::default()
     })
 }
 

@@ -84,33 +84,19 @@ mod tests {
     use vmlot_schemas::market::JobStatus;
     use vmlot_schemas::{JobId, ProviderId};
 
-    use crate::verify::jobs::{JobBooks, tests::job_with};
-    use crate::verify::report::Report;
-    use crate::verify::shape::{self, tests::forfeited, tests::settled};
+    use crate::verify::jobs::tests::{job_with, replay};
+    use crate::verify::shape::tests::{forfeited, settled};
 
     /// The problems of the forfeits among `txs` (replayed in order, after
     /// the job's hold) against `status`, and against no record at all.
     fn check_all(status: &JobStatus, txs: &[Transaction]) -> (Vec<String>, Vec<String>) {
         let replay = |with_record: bool| {
-            let mut books = JobBooks::default();
-            let mut report = Report::default();
-            let (_, hold) = crate::build::hold(status.job, &status.spec.account, &status.spec.budget);
-            let mut forfeits = Vec::new();
-            for (i, tx) in std::iter::once(&hold).chain(txs).enumerate() {
-                let record = format!("tx {i}");
-                let (problems, effect) = shape::check(&record, tx);
-                assert!(problems.is_empty(), "{problems:?}");
-                books.apply(&mut report, &record, effect);
-                for e in &tx.entries {
-                    *books
-                        .balances
-                        .entry((e.account.clone(), tx.unit.clone()))
-                        .or_default() += e.signed();
-                }
-                if tx.kind == TxKind::Forfeit {
-                    forfeits.push(record);
-                }
-            }
+            let (mut books, mut report) = replay(status, txs);
+            // `tx N` is txs[N - 1]: the hold is `tx 0`.
+            let forfeits: Vec<String> = (1..=txs.len())
+                .filter(|&i| txs[i - 1].kind == TxKind::Forfeit)
+                .map(|i| format!("tx {i}"))
+                .collect();
             if with_record {
                 books.check(&mut report, status);
             }

@@ -376,8 +376,12 @@ pub(super) mod tests {
         );
     }
 
-    /// The problems the books `txs` (in order) show against `status`.
-    fn check_all(status: &JobStatus, txs: &[vmlot_schemas::ledger::Transaction]) -> Vec<String> {
+    /// The books `txs` replayed in order after `status`'s hold, each named
+    /// `tx N` (the hold is `tx 0`): the books, and what the replay found.
+    pub(crate) fn replay(
+        status: &JobStatus,
+        txs: &[vmlot_schemas::ledger::Transaction],
+    ) -> (JobBooks, Report) {
         let mut books = JobBooks::default();
         let mut report = Report::default();
         let (_, hold) = crate::build::hold(status.job, &status.spec.account, &status.spec.budget);
@@ -393,6 +397,12 @@ pub(super) mod tests {
                     .or_default() += e.signed();
             }
         }
+        (books, report)
+    }
+
+    /// The problems the books `txs` (in order) show against `status`.
+    fn check_all(status: &JobStatus, txs: &[vmlot_schemas::ledger::Transaction]) -> Vec<String> {
+        let (mut books, mut report) = replay(status, txs);
         books.check(&mut report, status);
         report.problems.into_iter().map(|p| p.what).collect()
     }

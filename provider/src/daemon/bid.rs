@@ -58,7 +58,7 @@ pub(super) async fn bid_on_lots(
 /// Decides on `lot` and sends the bid, if any.
 async fn bid(daemon: &Daemon, lot: &Lot) {
     let hot_share = hot_share(daemon, &lot.checkpoint).await;
-    let idle = bidding::machine_idle(daemon.config.idle_load);
+    let idle = daemon.owner.idle(daemon.config.idle_load);
     match bidding::decide(&daemon.config, lot, daemon.free_slots(), idle, hot_share) {
         Ok(price) => {
             let bid = Bid {

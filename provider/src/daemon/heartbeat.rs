@@ -9,7 +9,6 @@ use vmlot_schemas::market::Heartbeat;
 use vmlot_schemas::{WIRE_VERSION, subjects};
 
 use super::state::Daemon;
-use crate::bidding;
 
 /// Sends heartbeats until shutdown.
 pub(super) async fn heartbeats(daemon: Arc<Daemon>) {
@@ -29,7 +28,7 @@ pub(super) async fn heartbeats(daemon: Arc<Daemon>) {
             memory_mib: daemon.config.memory_mib,
             slots: daemon.config.slots,
             free_slots: daemon.free_slots(),
-            idle: bidding::machine_idle(daemon.config.idle_load),
+            idle: daemon.owner.idle(daemon.config.idle_load),
             sent_at: Utc::now(),
         };
         let body = serde_json::to_vec(&beat).expect("heartbeat serializes");

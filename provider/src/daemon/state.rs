@@ -32,6 +32,8 @@ pub(super) struct Daemon {
     pub tasks: TaskTracker,
     /// Cancelled at shutdown; each attempt's token is a child of it.
     pub shutdown: CancellationToken,
+    /// The machine owner's activity, this daemon's guests left out.
+    pub owner: crate::owner::Meter,
 }
 
 /// An attempt this provider took on.

@@ -33,11 +33,12 @@ use crate::driver::template;
 
 pub(crate) mod args;
 pub mod exact;
+mod process;
 pub(crate) mod qmp;
 pub(crate) mod vm;
 
 pub use args::Accel;
-pub use vm::{DEFAULT_BINARY, PACKAGE};
+pub use process::{DEFAULT_BINARY, PACKAGE};
 
 /// The serial console of the segment, in its workdir.
 pub const CONSOLE_FILE: &str = "console.log";
@@ -59,6 +60,10 @@ pub struct QemuConfig {
     /// [`PLUGIN_FILE`] beside the running program (where cargo and the
     /// release build put it).
     pub icount_stop_plugin: Option<PathBuf>,
+    /// Run guests under the idle scheduling policy (`SCHED_IDLE`): they
+    /// get a CPU only when nothing else on the machine wants it, so the
+    /// owner's own work is not slowed (cycle scavenging).
+    pub idle_priority: bool,
 }
 
 /// The plugin's file name as cargo builds it.
@@ -74,6 +79,7 @@ pub struct QemuDriver {
     binary: PathBuf,
     accel: Accel,
     plugin: Option<PathBuf>,
+    idle_priority: bool,
     /// The answer of the KVM probe, for [`Accel::Auto`].
     probed: OnceCell<Accel>,
 }
@@ -85,6 +91,7 @@ impl QemuDriver {
             binary: config.binary.unwrap_or_else(|| PathBuf::from(DEFAULT_BINARY)),
             accel: config.accel,
             plugin: config.icount_stop_plugin.or_else(beside_us),
+            idle_priority: config.idle_priority,
             probed: OnceCell::new(),
         }
     }
@@ -142,7 +149,8 @@ impl QemuDriver {
             None => None,
             Some(n) => Some(self.exact_args(workdir, n)?),
         };
-        let machine = vm::QemuMachine::new(binary, accel, console, workdir.join(STDERR_FILE), socket, exact);
+        let machine = vm::QemuMachine::new(binary, accel, console, workdir.join(STDERR_FILE), socket, exact)
+            .idle_priority(self.idle_priority);
         template::run_segment(machine, plan, workdir, &cancel).await
     }
 }

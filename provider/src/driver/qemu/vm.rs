@@ -1,5 +1,5 @@
-//! One segment's QEMU: the process, its QMP connection, and the steps of
-//! the segment template on it (start, run, save over QMP; quit or kill).
+//! One segment's QEMU: the steps of the segment template on its process
+//! ([`super::process`]): start, run, save over QMP; quit or kill.
 //!
 //! A restore loads the checkpoint with `migrate-incoming`; a save stops
 //! the guest and migrates it with the `mapped-ram` capability into a file:
@@ -7,42 +7,28 @@
 //! so the file is sparse and successive checkpoints of one guest differ
 //! only where the guest wrote.
 
-use std::ffi::OsString;
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
-use tokio::net::UnixStream;
-use tokio::process::{Child, Command};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::args::{Accel, command_line, utf8};
 use super::exact::{self, ExactArgs, Leg, StopControl, StopListener};
+use super::process::{COMMAND_TIMEOUT, Process};
 use super::qmp::{
-    self, Cont, HumanMonitorCommand, Migrate, MigrateIncoming, MigrateSetCapabilities, MigrationCapability,
-    MigrationCapabilityStatus, MigrationChannel, MigrationStatus, Qmp, QmpCapabilities, QmpError,
-    QueryMigrate, QueryReplay, Quit, Stop,
+    Cont, HumanMonitorCommand, Migrate, MigrateIncoming, MigrateSetCapabilities, MigrationCapability,
+    MigrationCapabilityStatus, MigrationChannel, MigrationStatus, QmpError, QueryMigrate, QueryReplay, Stop,
 };
 use crate::driver::api::{DriverError, SegmentEnd, SegmentPlan, SegmentStart};
-use crate::driver::host::{io_err, remove_if_exists, spawn_error};
+use crate::driver::host::{io_err, remove_if_exists};
 use crate::driver::template::Machine;
 
-/// Used when [`super::QemuConfig::binary`] is not set; looked up on `PATH`.
-pub const DEFAULT_BINARY: &str = "qemu-system-x86_64";
-/// The Debian package that ships [`DEFAULT_BINARY`], named in errors.
-pub const PACKAGE: &str = "qemu-system-x86";
-
-/// QEMU creates its QMP socket within milliseconds; this only bounds a
-/// process that neither opens it nor exits.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 /// Saves and loads are local file copies of guest RAM (~0.6 s for 128 MiB
 /// here); this only catches a wedged migration.
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(600);
 const MIGRATION_POLL: Duration = Duration::from_millis(20);
-const QUIT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The segment's QEMU as the template drives it.
 pub(crate) struct QemuMachine {
@@ -59,6 +45,8 @@ pub(crate) struct QemuMachine {
     exact: Option<ExactArgs>,
     /// Its control socket and target once started.
     stopper: Option<Stopper>,
+    /// QEMU runs under `SCHED_IDLE`.
+    idle_priority: bool,
 }
 
 /// An exact run under way: the plugin's control, the icount to stop at,
@@ -88,7 +76,14 @@ impl QemuMachine {
             process: None,
             exact,
             stopper: None,
+            idle_priority: false,
         }
+    }
+
+    /// Runs QEMU under the idle scheduling policy (or not).
+    pub fn idle_priority(mut self, idle: bool) -> Self {
+        self.idle_priority = idle;
+        self
     }
 
     fn process(&mut self) -> Result<&mut Process, DriverError> {
@@ -104,7 +99,13 @@ impl Machine for QemuMachine {
         let args = command_line(plan, self.accel, &self.console, &self.socket, exact)?;
         // The plugin connects while QEMU loads it, before QMP is up.
         let listener = exact.map(StopListener::bind).transpose()?;
-        let process = Process::spawn(&self.binary, &args, &self.stderr, self.socket.clone())?;
+        let process = Process::spawn(
+            &self.binary,
+            &args,
+            &self.stderr,
+            self.socket.clone(),
+            self.idle_priority,
+        )?;
         tracing::debug!(workdir = %plan.workdir.display(), accel = ?self.accel, exact = ?plan.instructions, "QEMU started");
         let vm = self.process.insert(process);
         vm.connect(cancel).await?;
@@ -453,187 +454,5 @@ async fn wait_migration(vm: &mut Process, cancel: &CancellationToken) -> Result<
             _ = cancel.cancelled() => return Err(MigrationError::Qmp(QmpError::Cancelled)),
             _ = tokio::time::sleep(MIGRATION_POLL) => {}
         }
-    }
-}
-
-/// One QEMU process and its QMP connection.
-struct Process {
-    child: Child,
-    qmp: Option<Qmp>,
-    binary: PathBuf,
-    stderr: PathBuf,
-    socket: PathBuf,
-}
-
-impl Process {
-    fn spawn(
-        binary: &Path,
-        args: &[OsString],
-        stderr: &Path,
-        socket: PathBuf,
-    ) -> Result<Process, DriverError> {
-        let log = std::fs::File::create(stderr).map_err(|e| io_err("create", stderr, e))?;
-        let log2 = log.try_clone().map_err(|e| io_err("dup", stderr, e))?;
-        let mut cmd = Command::new(binary);
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            // Every way out of a segment, a panic included, ends QEMU.
-            .kill_on_drop(true);
-        // SAFETY: prctl is async-signal-safe and touches no memory of ours.
-        // A provider killed outright (SIGKILL runs no destructor) must not
-        // leave its guest running: the kernel kills QEMU with it.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd
-            .spawn()
-            .map_err(|e| spawn_error(binary, PACKAGE, e, DriverError::Start))?;
-        Ok(Process {
-            child,
-            qmp: None,
-            binary: binary.to_path_buf(),
-            stderr: stderr.to_path_buf(),
-            socket,
-        })
-    }
-
-    /// Waits for the QMP socket, reads the greeting, leaves negotiation mode.
-    async fn connect(&mut self, cancel: &CancellationToken) -> Result<(), DriverError> {
-        let deadline = Instant::now() + CONNECT_TIMEOUT;
-        let stream = loop {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return Err(DriverError::Start(self.exit_message().await));
-            }
-            if let Ok(stream) = UnixStream::connect(&self.socket).await {
-                break stream;
-            }
-            if Instant::now() >= deadline {
-                return Err(DriverError::Start(format!(
-                    "no QMP socket at {} after {} s",
-                    self.socket.display(),
-                    CONNECT_TIMEOUT.as_secs()
-                )));
-            }
-            tokio::select! {
-                _ = cancel.cancelled() => return Err(DriverError::Cancelled),
-                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-            }
-        };
-        let mut qmp = Qmp::new(stream);
-        let greeting = tokio::select! {
-            _ = cancel.cancelled() => return Err(DriverError::Cancelled),
-            g = tokio::time::timeout(COMMAND_TIMEOUT, qmp.recv()) => g,
-        };
-        match greeting {
-            Ok(Ok(g)) if g.get("QMP").is_some() => {}
-            Ok(Ok(g)) => return Err(DriverError::Qmp(format!("unexpected greeting {g}"))),
-            Ok(Err(QmpError::Closed)) => return Err(DriverError::Start(self.exit_message().await)),
-            Ok(Err(e)) => return Err(DriverError::Qmp(e.to_string())),
-            Err(_) => return Err(DriverError::Qmp("no QMP greeting".into())),
-        }
-        self.qmp = Some(qmp);
-        match self.command(&QmpCapabilities, cancel).await {
-            Ok(_) => Ok(()),
-            Err(QmpError::Closed) => Err(DriverError::Start(self.exit_message().await)),
-            Err(e) => Err(self.qmp_error(e)),
-        }
-    }
-
-    async fn command<C: qmp::Command>(
-        &mut self,
-        command: &C,
-        cancel: &CancellationToken,
-    ) -> Result<C::Return, QmpError> {
-        let qmp = self.qmp.as_mut().ok_or(QmpError::Closed)?;
-        qmp.execute(command, COMMAND_TIMEOUT, cancel).await
-    }
-
-    /// Sends `command` and leaves its answer for [`Self::answer`].
-    async fn send<C: qmp::Command>(
-        &mut self,
-        command: &C,
-        answer_by: Instant,
-        cancel: &CancellationToken,
-    ) -> Result<u64, QmpError> {
-        let qmp = self.qmp.as_mut().ok_or(QmpError::Closed)?;
-        qmp.send(command, answer_by, cancel).await
-    }
-
-    /// The answer to the command [`Self::send`] sent as `id`.
-    async fn answer<C: qmp::Command>(
-        &mut self,
-        id: u64,
-        answer_by: Instant,
-        cancel: &CancellationToken,
-    ) -> Result<C::Return, QmpError> {
-        let qmp = self.qmp.as_mut().ok_or(QmpError::Closed)?;
-        qmp.answer::<C>(id, answer_by, cancel).await
-    }
-
-    fn qmp_error(&self, e: QmpError) -> DriverError {
-        match e {
-            QmpError::Cancelled => DriverError::Cancelled,
-            e => DriverError::Qmp(e.to_string()),
-        }
-    }
-
-    /// How the guest ended, from the events seen so far.
-    fn guest_end(&self) -> Option<SegmentEnd> {
-        self.qmp.as_ref().and_then(Qmp::guest_end)
-    }
-
-    /// Why QEMU stopped talking: its exit status and the end of its stderr.
-    async fn exit_message(&mut self) -> String {
-        let status = tokio::time::timeout(Duration::from_secs(2), self.child.wait()).await;
-        let mut err = std::fs::read(&self.stderr).unwrap_or_default();
-        if err.len() > 4096 {
-            err.drain(..err.len() - 4096);
-        }
-        let err = String::from_utf8_lossy(&err);
-        let err = err.trim();
-        let err = if err.is_empty() { "(no stderr)" } else { err };
-        let binary = self.binary.display();
-        match status {
-            Ok(Ok(status)) => format!("{binary} exited ({status}): {err}"),
-            Ok(Err(e)) => format!("{binary}: wait: {e}; stderr: {err}"),
-            Err(_) => format!("{binary} closed QMP but keeps running; stderr: {err}"),
-        }
-    }
-
-    /// Ends QEMU politely (`quit` flushes and closes its files), then by force.
-    async fn quit(&mut self) {
-        if let Some(qmp) = self.qmp.as_mut() {
-            let never = CancellationToken::new();
-            let _ = qmp.execute(&Quit, QUIT_TIMEOUT, &never).await;
-        }
-        if tokio::time::timeout(QUIT_TIMEOUT, self.child.wait())
-            .await
-            .is_err()
-        {
-            self.kill().await;
-        }
-    }
-
-    /// SIGKILL and reap: no QEMU outlives a failed or cancelled segment.
-    async fn kill(&mut self) {
-        if let Ok(Some(_)) = self.child.try_wait() {
-            return;
-        }
-        if let Err(e) = self.child.kill().await {
-            tracing::warn!("killing QEMU: {e}");
-        }
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.socket);
     }
 }
