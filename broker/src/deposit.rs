@@ -119,21 +119,17 @@ fn check(req: &DepositRequest) -> Result<(), DepositError> {
     Ok(())
 }
 
-/// The transaction written for `req`; the same id reused for a different
-/// amount is refused rather than answered with the first.
+/// The transaction written for `req`. The books refuse the same id reused
+/// for another kind, provider, unit or amount ([`LedgerError::Conflict`]).
 fn conflict(
     recorded: Result<vmlot_ledger::Recorded, LedgerError>,
     req: &DepositRequest,
 ) -> Result<vmlot_schemas::ledger::Transaction, DepositError> {
-    let tx = match recorded {
-        Ok(recorded) => recorded.tx().clone(),
-        Err(LedgerError::Conflict { .. }) => return Err(DepositError::Conflict(req.id)),
-        Err(e) => return Err(e.into()),
-    };
-    if tx.unit != req.amount.unit || tx.entries.iter().any(|e| e.amount != req.amount.amount) {
-        return Err(DepositError::Conflict(req.id));
+    match recorded {
+        Ok(recorded) => Ok(recorded.tx().clone()),
+        Err(LedgerError::Conflict { .. }) => Err(DepositError::Conflict(req.id)),
+        Err(e) => Err(e.into()),
     }
-    Ok(tx)
 }
 
 /// The answer: the transaction, and the deposit and earnings after it.
