@@ -122,6 +122,7 @@ pub async fn run(args: Args) -> Result<()> {
             },
             instructions,
             workdir: dir.join(name),
+            owner: None,
         };
         let plain = halted(&driver, &plan(SegmentStart::Boot, None, "plain")).await?;
         let icount = halted(&driver, &plan(SegmentStart::Boot, Some(NEVER), "icount")).await?;

@@ -194,6 +194,7 @@ pub async fn run(args: Args) -> Result<()> {
         run_for,
         instructions: None,
         workdir,
+        owner: None,
     };
 
     println!(

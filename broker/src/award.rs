@@ -49,12 +49,15 @@ pub(crate) async fn award(
     // A provider that sent this job a refused result bids in vain.
     // So does one that could not restore the job's checkpoint: another
     // provider's word on it is what counts.
-    // And the check restore of a checkpoint is never its producer's word.
+    // And the check restore of a checkpoint is never its producer's word,
+    // nor is the rest of a preempted segment the preempted provider's.
     let own = lifecycle::checked_provider(status, lot);
+    let preempted = lifecycle::preempted_by(status);
     bids.retain(|b| {
         !status.refused.contains(&b.provider)
             && !status.restore_failures.contains(&b.provider)
             && Some(b.provider) != own
+            && Some(b.provider) != preempted
     });
     let bids = deposit::eligible(shared, bids).await;
     let valid_bids = bids.len();

@@ -15,7 +15,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use vmlot_schemas::market::{Checkpoint, GuestState, JobStatus, SegmentResult};
+use vmlot_schemas::market::{Checkpoint, GuestState, JobStatus, ResultCheck, SegmentResult};
 use vmlot_schemas::standing::RefusalKind;
 use vmlot_schemas::{HypervisorKind, ManifestId, Money, VmConfig};
 
@@ -68,9 +68,18 @@ pub fn claims(
     let price = lifecycle::check_result(status, result)?;
     let open = status.open_lot.as_ref().ok_or(Refused::NoOpenLot)?;
     let image = &open.lot.image;
+    let partial = crate::partial::ran_ms(open, result, received);
+    if partial.is_some() && status.spec.check == ResultCheck::Quorum {
+        return Err(Refusal::new(
+            RefusalKind::Incomplete,
+            "a quorum's replicas run the whole segment; a preempted one cannot be compared",
+        ));
+    }
     match &result.guest {
         GuestState::Running { checkpoint } => {
-            if let Some(awarded) = open.awarded_at {
+            // A partial segment may come early: it says how long it ran,
+            // and is paid for no more than the time since its award.
+            if let Some(awarded) = open.awarded_at.filter(|_| partial.is_none()) {
                 let run = chrono::Duration::seconds(open.lot.segment_seconds as i64);
                 let slack = chrono::Duration::from_std(allowance).unwrap_or_default();
                 let earliest = awarded + run - slack;

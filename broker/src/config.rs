@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use crate::auction::PricingRule;
+use crate::partial::PartialPay;
 use crate::quota::Quotas;
 use crate::replication;
 use vmlot_schemas::{HashAlgorithm, Money};
@@ -45,6 +46,8 @@ pub struct BrokerConfig {
     pub replication: replication::Policy,
     /// Provider deposits: none asked for when unset.
     pub deposit: Option<DepositPolicy>,
+    /// How a partial segment (its provider's owner preempted it) is paid.
+    pub partial_pay: PartialPay,
 }
 
 /// What the broker asks of providers' deposits (`deposit:PROVIDER` in the
@@ -78,6 +81,7 @@ impl Default for BrokerConfig {
             check_seconds: 1,
             replication: replication::Policy::default(),
             deposit: None,
+            partial_pay: PartialPay::default(),
         }
     }
 }

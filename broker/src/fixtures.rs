@@ -108,5 +108,6 @@ pub(crate) fn result_of(status: &JobStatus, provider: ProviderId, guest: GuestSt
         fetched_bytes: 0,
         sent_bytes: 0,
         finished_at: Utc::now(),
+        preempted: false,
     }
 }

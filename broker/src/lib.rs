@@ -17,6 +17,9 @@
 //! - [`auction`]: the sealed-bid reverse auction (pure).
 //! - [`quorum`]: what replicas of an attempt must agree on, and whether
 //!   they do (pure).
+//! - [`partial`]: a segment its provider's owner preempted: how long it
+//!   ran by the broker's clock, what it is paid, the rest of the segment
+//!   (pure).
 //! - [`replication`]: whether a quorum job's attempt is replicated, from
 //!   its winner's run of agreeing results (pure).
 //! - [`capacity`]: awards outstanding per provider, never above its slots.
@@ -52,6 +55,7 @@ pub mod job;
 pub mod lifecycle;
 pub mod logging;
 pub mod offer;
+pub mod partial;
 pub mod quorum;
 pub mod quota;
 pub mod refund;

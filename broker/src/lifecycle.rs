@@ -17,6 +17,9 @@
 //! count reached, last payment pending: check_due → one more lot, the
 //!   check restore of the last checkpoint; its result accepted → Done
 //! settle: guest halted → Done, guest crashed → Failed
+//! partial (its provider's owner preempted it): settled like a segment,
+//!   not counted as one (full_segments); the next lot runs the rest
+//!   (segment_seconds), never on the provider preempted (preempted_by)
 //! posted: a settled segment's payment, once another provider continued
 //!   from its checkpoint or the job ended (due_posts says which)
 //! restore_failed: an awarded provider could not restore the checkpoint;
@@ -170,7 +173,7 @@ pub fn remaining(status: &JobStatus) -> Money {
 pub fn ending(status: &JobStatus) -> Option<Ending> {
     let budget_left = remaining(status).amount > Decimal::ZERO;
     if let Some(n) = segment_limit(status)
-        && next_segment(status) >= n
+        && status.full_segments() >= n
     {
         if check_due(status) && budget_left {
             return None;
@@ -208,12 +211,32 @@ pub fn check_due(status: &JobStatus) -> bool {
     };
     !status.state.is_final()
         && status.check.is_none()
-        && next_segment(status) >= n
+        && status.full_segments() >= n
         && status.settled.last().is_some_and(|last| {
             !last.posted
                 && awaits_continuation(status, last)
                 && matches!(last.guest, GuestState::Running { .. })
         })
+}
+
+/// How long the job's next segment runs: its length, or what partial
+/// segments left of it ([`crate::partial::rest_seconds`]).
+pub fn segment_seconds(status: &JobStatus) -> u32 {
+    match status.partial_ms() {
+        0 => status.spec.segment_seconds,
+        ran => crate::partial::rest_seconds(status.spec.segment_seconds, ran),
+    }
+}
+
+/// The provider whose owner preempted the job's last segment: it is not
+/// awarded the rest (an honest one does not bid while its owner is busy;
+/// one that saves early on purpose cannot hold a job in tiny steps).
+pub fn preempted_by(status: &JobStatus) -> Option<ProviderId> {
+    status
+        .settled
+        .last()
+        .filter(|last| last.partial_ms.is_some())
+        .map(|last| last.provider)
 }
 
 /// True when the job's segments are counts of guest instructions: a
@@ -255,7 +278,7 @@ pub fn offer(
     let segment_seconds = if check {
         check_seconds.min(status.spec.segment_seconds)
     } else {
-        status.spec.segment_seconds
+        segment_seconds(status)
     };
     if let Some(open) = live_award(status, now) {
         return Err(Refused::AwardPending {
@@ -461,7 +484,7 @@ pub fn settle(status: &JobStatus, mut paid: SettledSegment) -> Result<JobStatus,
     next.waiting_for_providers = false;
     next.restore_failures.clear();
     if let Some(n) = segment_limit(status)
-        && paid.segment >= n
+        && status.full_segments() >= n
     {
         // The check restore: the last checkpoint restored and ran; the
         // job ends with that checkpoint, not the check's.
@@ -526,10 +549,9 @@ pub fn stop(status: &JobStatus) -> Result<JobStatus, Refused> {
     let running_now = status
         .open_lot
         .as_ref()
-        .filter(|open| !open.awarded.is_empty() && !open.lot.check)
-        .map(|open| open.lot.segment + 1);
+        .is_some_and(|open| !open.awarded.is_empty() && !open.lot.check);
     let mut next = status.clone();
-    next.stop_after = Some(running_now.unwrap_or_else(|| next_segment(status)));
+    next.stop_after = Some(status.full_segments() + u32::from(running_now));
     Ok(next)
 }
 

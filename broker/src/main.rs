@@ -56,6 +56,11 @@ struct Args {
     /// (at most what it holds); the minimum deposit when unset.
     #[arg(long, value_parser = parse_positive, requires = "min_deposit")]
     forfeit: Option<rust_decimal::Decimal>,
+    /// How a partial segment (saved early because its provider's machine
+    /// owner needed the machine) is paid: pro-rata (the winning bid times
+    /// the share of the lot's time it ran) or none.
+    #[arg(long, default_value = "pro-rata")]
+    partial_pay: vmlot_broker::partial::PartialPay,
     /// Longest wait before re-offering a segment that drew no bid, in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     max_backoff_ms: u64,
@@ -125,6 +130,7 @@ impl Args {
                 minimum,
             }),
             pricing: self.pricing,
+            partial_pay: self.partial_pay,
             max_backoff: Duration::from_millis(self.max_backoff_ms),
             fee_rate: self.fee_rate,
             quotas: Quotas {

@@ -8,9 +8,12 @@
 //! A broker that died between paying and recording finds the payment
 //! before offering the segment again and applies it instead.
 //!
-//! The broker builds the ledger's [`Settlement`] record in one place
-//! (`payment`) and reads one back into the job in one place
-//! (`settled_segment`).
+//! A partial segment (its provider's owner preempted it) is held while
+//! another replica may still run the whole segment, and settles when none
+//! can, paid by [`partial`]'s rules.
+//!
+//! The broker builds the ledger's [`Settlement`] record in one place and
+//! reads one back into the job in one place (`record`).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -21,7 +24,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use vmlot_schemas::ledger::{ForfeitCause, Settlement};
-use vmlot_schemas::market::{GuestState, JobStatus, Lot, ResultCheck, SegmentResult, SettledSegment};
+use vmlot_schemas::market::{GuestState, JobStatus, Lot, ResultCheck, SegmentResult};
 use vmlot_schemas::standing::RefusalKind;
 use vmlot_schemas::{BlockId, HypervisorKind, Manifest, Money, ProviderId};
 
@@ -33,7 +36,12 @@ use crate::shared::{LotEvent, Shared};
 use crate::standing::Outcome;
 use crate::state::UpdateError;
 use crate::stored_save::{self, StoredSaveError};
-use crate::{award, cancel, deposit, verify};
+use crate::{award, cancel, deposit, partial, verify};
+
+mod record;
+
+pub(crate) use record::resume_paid;
+use record::{apply, payment};
 
 /// How waiting for an attempt's results ended.
 pub(crate) enum Waited {
@@ -51,42 +59,6 @@ pub(crate) enum Waited {
 /// How long a result the store could not check waits before it is
 /// delivered again.
 const RECHECK_DELAY: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// Before offering the job's next segment: a payment for its open attempt
-/// written before a crash settles it, and is not paid again. True when one
-/// was applied. (Only the open attempt can have been paid: a result is
-/// settled only for the attempt the record holds open.)
-pub(crate) async fn resume_paid(shared: &Arc<Shared>, status: &JobStatus) -> Result<bool, BrokerError> {
-    let segment = lifecycle::next_segment(status);
-    let Some(open) = status
-        .open_lot
-        .as_ref()
-        .filter(|open| open.lot.segment == segment)
-    else {
-        return Ok(false);
-    };
-    let Some(payment) = shared
-        .books
-        .settlement(status.job, segment, open.lot.attempt)
-        .await?
-    else {
-        return Ok(false);
-    };
-    let span = tracing::info_span!(
-        "resume",
-        segment,
-        lot = %payment.lot,
-        attempt = payment.attempt,
-        provider = %payment.provider
-    );
-    async {
-        tracing::info!("segment already paid; applying the recorded settlement");
-        apply(shared, &payment).await
-    }
-    .instrument(span)
-    .await?;
-    Ok(true)
-}
 
 /// Waits for the results of the awarded lot open in `status` until its
 /// deadline, and settles the segment with the first valid one (under a
@@ -133,13 +105,16 @@ async fn wait(
     // Providers refused during this wait (the record has those before it).
     let mut refused: Vec<ProviderId> = Vec::new();
     let mut ballots: Vec<Ballot> = Vec::new();
+    // Valid partial segments (their providers' owners preempted them),
+    // held while another replica may still run the whole segment.
+    let mut held: Vec<Held> = Vec::new();
     // An attempt adaptive replication left to one provider settles on
     // its first valid result.
     let quorum = status.spec.check == ResultCheck::Quorum && !open.unreplicated;
     loop {
         let (result, msg) = tokio::select! {
             _ = stop.cancelled() => return Ok(Waited::Stopped),
-            _ = &mut timeout => return Ok(Waited::TimedOut),
+            _ = &mut timeout => return settle_held(shared, &status, &open.lot, &mut held, Waited::TimedOut).await,
             event = rx.recv() => match event {
                 Some(LotEvent::Result(event)) => *event,
                 Some(LotEvent::Bid(_)) => continue,
@@ -183,7 +158,22 @@ async fn wait(
                     Ok(None)
                 }
                 Ok((price, _)) => {
-                    settle(shared, &status, &open.lot, &result, price)
+                    if let Some(ran_ms) = partial::ran_ms(&open, &result, received) {
+                        held.push(Held {
+                            result,
+                            price,
+                            ran_ms,
+                        });
+                        let waited = if outstanding(&status, &refused, &held) > 0 {
+                            tracing::info!(ran_ms, "preempted by its owner; the other replicas run on");
+                            None
+                        } else {
+                            Some(settle_held(shared, &status, &open.lot, &mut held, Waited::TimedOut).await?)
+                        };
+                        let _ = msg.ack().await;
+                        return Ok(waited);
+                    }
+                    settle(shared, &status, &open.lot, &result, price, None)
                         .instrument(tracing::info_span!("settle"))
                         .await?;
                     let _ = msg.ack().await;
@@ -198,9 +188,13 @@ async fn wait(
                         refused.push(result.provider);
                     }
                     let _ = msg.ack().await;
-                    let all_refused =
-                        awarded(&status).all(|p| refused.contains(&p) || status.refused.contains(&p));
-                    Ok((all_refused && !quorum).then_some(Waited::AllRefused))
+                    if quorum || outstanding(&status, &refused, &held) > 0 {
+                        return Ok(None);
+                    }
+                    // Nothing whole can come: the best partial, if any, settles.
+                    Ok(Some(
+                        settle_held(shared, &status, &open.lot, &mut held, Waited::AllRefused).await?,
+                    ))
                 }
                 Err(Checked::Unverifiable(why)) => {
                     // The broker's trouble, not the provider's: the result
@@ -246,6 +240,52 @@ async fn machine_state_digest(
         Err(StoredSaveError::Invalid(why)) => Err(Refusal::new(RefusalKind::WrongKind, why).into()),
         Err(StoredSaveError::Store(why)) => Err(Checked::Unverifiable(why)),
     }
+}
+
+/// A valid partial segment waiting for the attempt's other replicas.
+struct Held {
+    result: SegmentResult,
+    price: Money,
+    ran_ms: u64,
+}
+
+/// The awarded providers that may still send a result for the open
+/// attempt: not refused (before or during this wait), not unable to
+/// restore its checkpoint, not holding a partial segment already.
+fn outstanding(status: &JobStatus, refused: &[ProviderId], held: &[Held]) -> usize {
+    awarded(status)
+        .filter(|p| {
+            !refused.contains(p)
+                && !status.refused.contains(p)
+                && !status.restore_failures.contains(p)
+                && !held.iter().any(|h| h.result.provider == *p)
+        })
+        .count()
+}
+
+/// No whole segment can come (every other replica refused, or the
+/// deadline passed): the held partial segment that ran longest settles
+/// the attempt; with none held, the wait ends with nothing valid.
+async fn settle_held(
+    shared: &Arc<Shared>,
+    status: &JobStatus,
+    lot: &Lot,
+    held: &mut Vec<Held>,
+    otherwise: Waited,
+) -> Result<Waited, BrokerError> {
+    let Some(best) = (0..held.len()).max_by_key(|&i| held[i].ran_ms) else {
+        return Ok(otherwise);
+    };
+    let Held {
+        result,
+        price,
+        ran_ms,
+    } = held.swap_remove(best);
+    settle(shared, status, lot, &result, price, Some(ran_ms))
+        .instrument(tracing::info_span!("settle", partial_ms = ran_ms))
+        .await?;
+    count(shared, result.provider, Outcome::Valid);
+    Ok(Waited::Settled)
 }
 
 /// The providers awarded the open attempt in `status`.
@@ -297,7 +337,7 @@ async fn tally(
         Decision::Open => Ok(Tally::Open),
         Decision::Agreed { winner, minority } => {
             let paid = &ballots[winner];
-            settle(shared, status, lot, &paid.result, paid.price.clone())
+            settle(shared, status, lot, &paid.result, paid.price.clone(), None)
                 .instrument(tracing::info_span!(
                     "settle",
                     agreed = votes.len() - minority.len()
@@ -484,8 +524,21 @@ async fn settle(
     lot: &Lot,
     result: &SegmentResult,
     price: Money,
+    partial_ms: Option<u64>,
 ) -> Result<(), BrokerError> {
-    let recorded = shared.books.settle(payment(status, lot, result, price)).await?;
+    let payment = match partial_ms {
+        Some(ran) => Settlement {
+            partial_ms,
+            ..payment(
+                status,
+                lot,
+                result,
+                partial::price(shared.config.partial_pay, &price, ran, lot.segment_seconds),
+            )
+        },
+        None => payment(status, lot, result, price),
+    };
+    let recorded = shared.books.settle(payment).await?;
     match &recorded {
         vmlot_ledger::Recorded::Now(_) => {
             #[cfg(feature = "fault-injection")]
@@ -512,60 +565,4 @@ async fn settle(
     cancel::attempt(shared, lot.lot, &losers, &format!("segment settled by {winner}")).await;
     tracing::info!(provider = %winner, amount = %paid.amount, "settled");
     Ok(())
-}
-
-/// The settlement the broker writes for `result` settling `lot` at `price`.
-fn payment(status: &JobStatus, lot: &Lot, result: &SegmentResult, price: Money) -> Settlement {
-    Settlement {
-        job: status.job,
-        segment: lot.segment,
-        lot: lot.lot,
-        attempt: lot.attempt,
-        provider: result.provider,
-        payer: status.spec.account.clone(),
-        amount: price,
-        at: Utc::now(),
-        guest: result.guest.clone(),
-        console: result.console,
-        timings: result.timings,
-        fetched_bytes: result.fetched_bytes,
-        sent_bytes: result.sent_bytes,
-        finished_at: result.finished_at,
-    }
-}
-
-/// The settled segment a payment records in its job (its `awarded` is
-/// filled by [`lifecycle::settle`] from the job's open lot).
-fn settled_segment(payment: &Settlement) -> SettledSegment {
-    SettledSegment {
-        segment: payment.segment,
-        attempt: payment.attempt,
-        lot: payment.lot,
-        provider: payment.provider,
-        awarded: Vec::new(),
-        price: payment.amount.clone(),
-        guest: payment.guest.clone(),
-        console: payment.console,
-        timings: payment.timings,
-        fetched_bytes: payment.fetched_bytes,
-        sent_bytes: payment.sent_bytes,
-        settled_at: payment.at,
-        posted: false,
-        unreplicated: false,
-    }
-}
-
-/// Records a paid segment in the job (once: a repeat finds it applied).
-async fn apply(shared: &Shared, payment: &Settlement) -> Result<(), BrokerError> {
-    let paid = settled_segment(payment);
-    match shared
-        .jobs
-        .transition(&payment.job, move |s| lifecycle::settle(s, paid.clone()))
-        .await
-    {
-        Ok(_) | Err(UpdateError::Refused(Refused::AlreadySettled(_) | Refused::NotNextSegment { .. })) => {
-            Ok(())
-        }
-        Err(e) => Err(e.into()),
-    }
 }

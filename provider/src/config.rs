@@ -4,7 +4,8 @@
 //! The TOML keys are the field names of [`ProviderConfig`] (`id`, `name`,
 //! `hypervisors`, `arch`, `memory_mib`, `slots`, `price_per_second`,
 //! `min_price`, `unit`, `hot_discount`, `cache_dir`, `cache_bytes`,
-//! `work_dir`, `idle_load`, `heartbeat` in ms, `qemu_accel`,
+//! `work_dir`, `idle_load`, `owner_suspend_seconds`,
+//! `preempt_notice_seconds`, `heartbeat` in ms, `qemu_accel`,
 //! `qemu_icount_stop_plugin`,
 //! `xen_guest_type`, `xl_binary`, `xen_console_dir`,
 //! `synthetic_changed_fraction`); a missing key keeps its default, an
@@ -55,6 +56,14 @@ pub struct ProviderConfig {
     /// CPU (0 to 1, everything but this provider and its guests, over the
     /// last second or more) is below this (none: always bid).
     pub idle_load: Option<f64>,
+    /// With `idle_load` set, a running guest is paused while the owner is
+    /// busy; this long at most, then it is saved early (the segment is
+    /// preempted). Zero: saved early at once, never paused.
+    pub owner_suspend_seconds: u64,
+    /// The warning a preempted guest gets before it is saved (QEMU guests
+    /// read it on their second serial port), never more than what is left
+    /// of the segment.
+    pub preempt_notice_seconds: u64,
     #[serde(deserialize_with = "millis")]
     pub heartbeat: Duration,
     /// QEMU accelerator: auto (KVM only if it really runs guests), kvm or tcg.
@@ -94,6 +103,8 @@ impl Default for ProviderConfig {
             cache_bytes: 8 << 30,
             work_dir: base.join("work"),
             idle_load: None,
+            owner_suspend_seconds: 60,
+            preempt_notice_seconds: 10,
             heartbeat: Duration::from_secs(1),
             qemu_accel: "auto".into(),
             qemu_icount_stop_plugin: None,
@@ -182,6 +193,15 @@ pub struct Settings {
     #[arg(long, env = "VMLOT_PROVIDER_IDLE_LOAD")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub idle_load: Option<f64>,
+    /// With --idle-load: how long a guest stays paused for a busy owner
+    /// before it is saved early (0: at once).
+    #[arg(long, env = "VMLOT_PROVIDER_OWNER_SUSPEND_SECONDS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner_suspend_seconds: Option<u64>,
+    /// Warning a guest gets before such an early save, in seconds.
+    #[arg(long, env = "VMLOT_PROVIDER_PREEMPT_NOTICE_SECONDS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub preempt_notice_seconds: Option<u64>,
     /// Heartbeat interval, in milliseconds.
     #[arg(long, env = "VMLOT_PROVIDER_HEARTBEAT")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -259,6 +279,7 @@ slots = 2
 min_price = "0.5"
 memory_mib = 1024
 heartbeat = 250
+owner_suspend_seconds = 20
 "#,
         )
         .unwrap();
@@ -268,6 +289,7 @@ heartbeat = 250
         let c = load(&[]).unwrap();
         assert_eq!((c.name.as_str(), c.slots, c.memory_mib), ("provider", 1, 4096));
         assert_eq!(c.hypervisors, [HypervisorKind::Qemu]);
+        assert_eq!((c.owner_suspend_seconds, c.preempt_notice_seconds), (60, 10));
 
         // The file over the defaults; what it leaves out keeps its default.
         let c = load(&["--config", file]).unwrap();
@@ -276,6 +298,7 @@ heartbeat = 250
         assert_eq!(c.min_price, Decimal::new(5, 1));
         assert_eq!(c.heartbeat, Duration::from_millis(250));
         assert_eq!(c.price_per_second, Decimal::new(1, 3));
+        assert_eq!((c.owner_suspend_seconds, c.preempt_notice_seconds), (20, 10));
 
         // The environment over the file.
         // SAFETY: no other test reads or writes these variables, and the
@@ -284,6 +307,7 @@ heartbeat = 250
             std::env::set_var("VMLOT_PROVIDER_SLOTS", "3");
             std::env::set_var("VMLOT_PROVIDER_HYPERVISORS", "qemu,xen");
             std::env::set_var("VMLOT_PROVIDER_PRICE_PER_SECOND", "0.00012345");
+            std::env::set_var("VMLOT_PROVIDER_PREEMPT_NOTICE_SECONDS", "5");
         }
         let from_env = load(&["--config", file]);
         // Flags over the environment.
@@ -302,11 +326,13 @@ heartbeat = 250
             std::env::remove_var("VMLOT_PROVIDER_SLOTS");
             std::env::remove_var("VMLOT_PROVIDER_HYPERVISORS");
             std::env::remove_var("VMLOT_PROVIDER_PRICE_PER_SECOND");
+            std::env::remove_var("VMLOT_PROVIDER_PREEMPT_NOTICE_SECONDS");
         }
         let c = from_env.unwrap();
         assert_eq!((c.name.as_str(), c.slots, c.memory_mib), ("from-file", 3, 1024));
         assert_eq!(c.hypervisors, [HypervisorKind::Qemu, HypervisorKind::Xen]);
         assert_eq!(c.price_per_second, Decimal::new(12345, 8));
+        assert_eq!((c.owner_suspend_seconds, c.preempt_notice_seconds), (20, 5));
         let c = from_flags.unwrap();
         assert_eq!((c.name.as_str(), c.slots, c.memory_mib), ("flag", 4, 1024));
         assert_eq!(c.hypervisors, [HypervisorKind::Qemu]);
@@ -334,6 +360,10 @@ heartbeat = 250
             "/w",
             "--idle-load",
             "0.5",
+            "--owner-suspend-seconds",
+            "0",
+            "--preempt-notice-seconds",
+            "30",
             "--qemu-accel",
             "tcg",
             "--xen-guest-type",
@@ -352,6 +382,7 @@ heartbeat = 250
         assert_eq!((c.cache_dir, c.cache_bytes), (PathBuf::from("/c"), 1024));
         assert_eq!(c.work_dir, PathBuf::from("/w"));
         assert_eq!(c.idle_load, Some(0.5));
+        assert_eq!((c.owner_suspend_seconds, c.preempt_notice_seconds), (0, 30));
         assert_eq!((c.qemu_accel.as_str(), c.xen_guest_type.as_str()), ("tcg", "pvh"));
         assert_eq!(c.xl_binary, Some(PathBuf::from("/usr/sbin/xl")));
         assert_eq!(c.xen_console_dir, PathBuf::from("/var/log/c"));

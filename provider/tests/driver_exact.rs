@@ -69,6 +69,7 @@ fn plan(start: SegmentStart, instructions: u64, workdir: &Path) -> SegmentPlan {
         run_for: Duration::from_secs(10),
         instructions: Some(instructions),
         workdir: workdir.to_path_buf(),
+        owner: None,
     }
 }
 

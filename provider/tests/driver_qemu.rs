@@ -61,6 +61,7 @@ fn plan(
         run_for,
         instructions: None,
         workdir: workdir.to_path_buf(),
+        owner: None,
     }
 }
 

@@ -1,12 +1,13 @@
 //! The synthetic driver (market load tests only; no VM).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 use vmlot_provider::driver::synthetic::{SyntheticConfig, SyntheticDriver};
 use vmlot_provider::driver::{
-    BootFiles, Driver, DriverError, SegmentEnd, SegmentPlan, SegmentReport, SegmentStart,
+    BootFiles, Driver, DriverError, OwnerPolicy, SegmentEnd, SegmentPlan, SegmentReport, SegmentStart,
 };
 use vmlot_schemas::{HypervisorKind, VmConfig};
 
@@ -36,6 +37,7 @@ fn plan(
         run_for,
         instructions: None,
         workdir: workdir.to_path_buf(),
+        owner: None,
     }
 }
 
@@ -276,4 +278,57 @@ async fn refuses_other_kinds_and_foreign_states() {
         driver(0.05).run_segment(&p, CancellationToken::new()).await,
         Err(DriverError::Restore(_))
     ));
+}
+
+/// Under an owner policy a segment runs in slices and may be cut short;
+/// its state still changes once, as a whole segment's does.
+#[tokio::test]
+async fn a_segment_in_slices_or_preempted_changes_the_state_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cmdline = "synthetic.seed=lot-7";
+    let whole = plan(
+        cmdline,
+        8,
+        SegmentStart::Boot,
+        Duration::ZERO,
+        &dir.path().join("whole"),
+    );
+    let whole = driver(0.05)
+        .run_segment(&whole, CancellationToken::new())
+        .await
+        .expect("whole segment");
+    for busy in [false, true] {
+        let mut sliced = plan(
+            cmdline,
+            8,
+            SegmentStart::Boot,
+            Duration::from_millis(300),
+            &dir.path().join(format!("busy-{busy}")),
+        );
+        sliced.owner = Some(OwnerPolicy {
+            poll: Duration::from_millis(50),
+            ..OwnerPolicy::new(Arc::new(move || busy), Duration::from_millis(100), Duration::ZERO)
+        });
+        let report = driver(0.05)
+            .run_segment(&sliced, CancellationToken::new())
+            .await
+            .expect("sliced segment");
+        assert_eq!(report.preempted, busy);
+        assert_eq!(report.console, whole.console);
+        let (SegmentEnd::Saved { machine_state: a, .. }, SegmentEnd::Saved { machine_state: b, .. }) =
+            (&report.end, &whole.end)
+        else {
+            panic!("{:?} / {:?}", report.end, whole.end);
+        };
+        assert!(
+            std::fs::read(a).expect("a") == std::fs::read(b).expect("b"),
+            "states differ"
+        );
+        if busy {
+            assert!(report.suspended >= Duration::from_millis(100), "{report:?}");
+            assert!(report.run_time < Duration::from_millis(300), "{report:?}");
+        } else {
+            assert!(report.run_time >= Duration::from_millis(300), "{report:?}");
+        }
+    }
 }

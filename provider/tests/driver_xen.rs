@@ -47,6 +47,7 @@ fn plan(files: &BootFiles, start: SegmentStart, workdir: &Path) -> SegmentPlan {
         run_for: Duration::from_secs(2),
         instructions: None,
         workdir: workdir.to_path_buf(),
+        owner: None,
     }
 }
 

@@ -159,6 +159,7 @@ async fn idle_policy() {
         run_for: Duration::from_secs(3),
         instructions: None,
         workdir: dir.path().to_path_buf(),
+        owner: None,
     };
     for idle in [true, false] {
         let driver = QemuDriver::new(QemuConfig {

@@ -336,6 +336,12 @@ pub struct Settlement {
     pub sent_bytes: u64,
     /// When the provider finished the segment (its result's time).
     pub finished_at: DateTime<Utc>,
+    /// A partial segment (its provider's owner preempted it): the
+    /// milliseconds of the lot's time it is paid for (see
+    /// `SettledSegment::partial_ms`); `amount` is then the broker's
+    /// `--partial-pay` share of the winning bid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partial_ms: Option<u64>,
 }
 
 /// Why a provider's deposit was forfeited: the cheating its job's record

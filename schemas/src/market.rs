@@ -204,6 +204,12 @@ pub struct SegmentResult {
     /// Block bytes sent to the store for C(k+1).
     pub sent_bytes: u64,
     pub finished_at: DateTime<Utc>,
+    /// The provider's machine owner needed the machine back: the guest was
+    /// saved before its segment's time was up (a partial segment). The
+    /// broker takes it as progress, pays it by its `--partial-pay` setting
+    /// for the time run, and offers the rest of the segment as the next lot.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub preempted: bool,
 }
 
 /// provider → broker: I am alive, and this is what I can run.
@@ -289,6 +295,13 @@ pub struct SettledSegment {
     /// it, as under a continuation check.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub unreplicated: bool,
+    /// A partial segment: its provider was preempted by its machine's
+    /// owner after this many milliseconds of the lot's time (the broker's
+    /// measure: the run time the provider reports, never more than the
+    /// time since the award). It counts as progress, not as one of the
+    /// job's segments: the next lot runs the rest of the segment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partial_ms: Option<u64>,
 }
 
 /// The lot a running job has out now.
@@ -364,6 +377,19 @@ impl JobStatus {
     /// restore.
     pub fn payments(&self) -> impl Iterator<Item = &SettledSegment> {
         self.settled.iter().chain(self.check.as_ref())
+    }
+
+    /// The job's segments that ran their whole length. A partial segment
+    /// (preempted by its provider's owner) is progress but not one of the
+    /// job's segments: the lot after it runs the rest of the segment.
+    pub fn full_segments(&self) -> u32 {
+        self.settled.iter().filter(|s| s.partial_ms.is_none()).count() as u32
+    }
+
+    /// The milliseconds of the current segment that partial segments ran
+    /// already (those since the last full one).
+    pub fn partial_ms(&self) -> u64 {
+        self.settled.iter().rev().map_while(|s| s.partial_ms).sum()
     }
 }
 

@@ -112,4 +112,12 @@ pub struct SegmentTimings {
     pub run_ms: u64,
     pub save_ms: u64,
     pub upload_ms: u64,
+    /// Time the guest was held paused because the provider's machine owner
+    /// needed the machine (cycle scavenging); not part of `run_ms`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub suspended_ms: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }

@@ -50,7 +50,14 @@ pub enum Lie {
     /// length, that passes every check and restores, but is not what the
     /// segment computes (under a quorum check, the minority).
     Forged,
+    /// A state of the right kind that restores, sent a second after the
+    /// award as a partial segment (its owner "preempted" it) that claims
+    /// to have run for an hour.
+    Preempted,
 }
+
+/// The run time a [`Lie::Preempted`] claims.
+pub const PREEMPTED_CLAIM_MS: u64 = 3_600_000;
 
 /// The lie owed to each job, and the only segment it is told on (any, if None).
 type Targets = Arc<Mutex<HashMap<JobId, (Lie, Option<u32>)>>>;
@@ -260,6 +267,11 @@ impl Run {
                 tokio::time::sleep(after_the_segment).await;
                 running(state)
             }
+            Lie::Preempted => {
+                let state = self.crafted_state_restoring(&lot).await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                running(state)
+            }
         };
         let result = SegmentResult {
             version: WIRE_VERSION,
@@ -270,10 +282,18 @@ impl Run {
             provider: self.id,
             guest,
             console: None,
-            timings: Default::default(),
+            timings: vmlot_schemas::market::SegmentTimings {
+                run_ms: if lie == Lie::Preempted {
+                    PREEMPTED_CLAIM_MS
+                } else {
+                    0
+                },
+                ..Default::default()
+            },
             fetched_bytes: 0,
             sent_bytes: 0,
             finished_at: chrono::Utc::now(),
+            preempted: lie == Lie::Preempted,
         };
         let body = serde_json::to_vec(&result).unwrap();
         let js = async_nats::jetstream::new(self.client.clone());

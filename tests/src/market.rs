@@ -375,6 +375,8 @@ pub struct QemuProviderSpec {
     /// `VMLOT_PROVIDER_FAULT` for a provider that lies (the provider's
     /// `fault-injection` feature), e.g. `flip-ram-byte`.
     pub fault: Option<&'static str>,
+    /// More lines for its settings file (e.g. a scavenger's `idle_load`).
+    pub settings: String,
 }
 
 impl QemuProviderSpec {
@@ -385,6 +387,7 @@ impl QemuProviderSpec {
             price: price.into(),
             accel: "tcg".into(),
             fault: None,
+            settings: String::new(),
         }
     }
 }
@@ -396,7 +399,10 @@ impl Market {
         std::fs::create_dir_all(&base)?;
         // The accelerator has no flag: it comes from the settings file.
         let config = base.join("provider.toml");
-        std::fs::write(&config, format!("qemu_accel = {:?}\n", spec.accel))?;
+        std::fs::write(
+            &config,
+            format!("qemu_accel = {:?}\n{}", spec.accel, spec.settings),
+        )?;
         let args: Vec<String> = vec![
             "--config".into(),
             config.display().to_string(),

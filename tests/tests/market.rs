@@ -340,6 +340,7 @@ async fn hostile_input_is_refused_and_changes_nothing() {
         fetched_bytes: 0,
         sent_bytes: 0,
         finished_at: chrono::Utc::now(),
+        preempted: false,
     };
     js.publish(
         subjects::result(&intruder),

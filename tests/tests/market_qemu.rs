@@ -564,3 +564,121 @@ async fn a_stopped_job_resumes_on_plain_qemu_where_the_market_left_it() {
         String::from_utf8_lossy(&joined)
     );
 }
+
+/// The test guest with its notice reader on (`vmlot.notice=1`).
+const NOTICE_CMDLINE: &str =
+    "console=ttyS0 quiet loglevel=1 panic=-1 vmlot.steps=48 vmlot.work_kib=2048 vmlot.notice=1";
+
+/// A busy loop: a program of the machine's owner, killed on drop.
+struct Hog(std::process::Child);
+
+impl Drop for Hog {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The owner comes first (issue 15 steps 3 and 4): a CPU hog, a program of
+/// the machine's owner, starts beside a scavenging provider's segment. Its
+/// guest is paused; the owner stays busy, so the provider tells the guest
+/// (a line on its second serial port), lets it run the notice's seconds,
+/// saves it early and returns a partial segment. The broker takes that
+/// checkpoint as progress, pays it pro rata for the time it ran, and
+/// another provider runs the rest of the segment: the console is the
+/// uninterrupted run's, plus the line the guest printed on the notice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_owner_suspends_then_preempts_the_guest_and_the_job_goes_on_elsewhere() {
+    let _turn = TURN.lock().await;
+    let _timed = Timed::start("owner first: suspend, preempt");
+    let reference = tokio::task::spawn_blocking(|| direct_run(NOTICE_CMDLINE, None))
+        .await
+        .unwrap();
+    let scavenger = QemuProviderSpec {
+        settings: "idle_load = 0.3\nowner_suspend_seconds = 3\npreempt_notice_seconds = 2\n".into(),
+        ..QemuProviderSpec::new("scavenger", "0.10")
+    };
+    let other = QemuProviderSpec::new("other", "0.30");
+    let (scavenger_id, other_id) = (ProviderId(scavenger.id), ProviderId(other.id));
+    let mut m = qemu_market(&[&scavenger], 30);
+    m.market.ready(1).await.unwrap();
+    let image = m.push_image(&GuestImage {
+        cmdline: NOTICE_CMDLINE,
+        ..qemu_image(&[])
+    });
+    let job = m.submit(&image, "20", "until-halt", "1");
+    let lot = m
+        .until(job, "segment 0 awarded to the scavenger", |s| {
+            s.open_lot
+                .as_ref()
+                .filter(|o| o.lot.segment == 0 && o.awarded.iter().any(|(p, _)| *p == scavenger_id))
+                .map(|o| o.lot.lot)
+        })
+        .await;
+    m.market.add_qemu_provider(&other).unwrap();
+    m.market.ready(2).await.unwrap();
+    // The guest boots (4.5-9 s under TCG) and starts its work, reading
+    // its notice port from then on; a while later the owner starts working.
+    let console = m
+        .market
+        .work_dir("scavenger")
+        .join(lot.to_string())
+        .join("run")
+        .join("console.log");
+    wait_for(Duration::from_secs(120), async || {
+        let printed = std::fs::read(&console).unwrap_or_default();
+        printed.windows(5).any(|w| w == b"step ").then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("the guest never started its work: {e}\n{}", m.market.logs()));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let hog = Hog(Command::new("sh")
+        .args(["-c", "while :; do :; done"])
+        .spawn()
+        .unwrap());
+    let partial = m
+        .until(job, "the scavenger's partial segment", |s| {
+            s.settled.first().cloned()
+        })
+        .await;
+    drop(hog);
+
+    assert_eq!(partial.provider, scavenger_id);
+    assert!(
+        matches!(partial.guest, GuestState::Running { .. }),
+        "{partial:#?}"
+    );
+    let ran_ms = partial.partial_ms.expect("a partial segment");
+    assert!(ran_ms < 20_000, "{partial:#?}");
+    // Paused for the 3 s the owner may take before the guest is preempted.
+    assert!(partial.timings.suspended_ms >= 2_500, "{partial:#?}");
+    // Pro rata, the broker's default: its bid times the share it ran.
+    let share = (money("0.10") * Decimal::from(ran_ms) / Decimal::from(20_000))
+        .round_dp_with_strategy(8, rust_decimal::RoundingStrategy::ToZero)
+        .normalize();
+    assert_eq!(partial.price.amount, share);
+
+    let done = m.wait_final(job).await;
+    assert_eq!(done.settled[1].provider, other_id, "the rest ran elsewhere");
+    assert_eq!(done.full_segments() as usize, done.settled.len() - 1);
+    let logs = m.vmlot_ok(&["logs", &job.to_string()]);
+    // The guest's line for the notice, to its end (the console's line end).
+    let notice = b"vmlot-guest: notice vmlot-preempt 2";
+    let at = logs
+        .windows(notice.len())
+        .position(|w| w == notice)
+        .unwrap_or_else(|| panic!("no notice in the console:\n{}", String::from_utf8_lossy(&logs)));
+    let end = at + logs[at..].iter().position(|b| *b == b'\n').expect("a whole line") + 1;
+    assert_eq!(
+        logs[at + notice.len()..end].trim_ascii(),
+        b"",
+        "{}",
+        String::from_utf8_lossy(&logs)
+    );
+    let without_notice = [&logs[..at], &logs[end..]].concat();
+    assert_console_exact(&without_notice, &reference, &done, "vmlot logs");
+    m.assert_paid_once(&done).await;
+    let api = vmlot_ledger::BooksApi::for_server(m.market.server.client().await.unwrap()).await;
+    let report = vmlot_ledger::verify::verify(&api).await.unwrap();
+    assert!(report.ok(), "{:#?}", report.problems);
+}

@@ -353,6 +353,7 @@ impl Book {
             run_ms: 60_000,
             save_ms: 500 + self.rng.below(300),
             upload_ms: self.rng.below(1500),
+            suspended_ms: 0,
         };
         let now = Utc::now();
         let result = SegmentResult {
@@ -368,6 +369,7 @@ impl Book {
             fetched_bytes: self.rng.below(20 << 20),
             sent_bytes: self.rng.below(4 << 20),
             finished_at: now,
+            preempted: false,
         };
         let payment = Settlement {
             job: id,
@@ -384,6 +386,7 @@ impl Book {
             fetched_bytes: result.fetched_bytes,
             sent_bytes: result.sent_bytes,
             finished_at: result.finished_at,
+            partial_ms: None,
         };
         self.write(vmlot_ledger::build::settlement(payment.clone()), out, kinds);
         if let Some(before) = job.pending.replace(payment) {
@@ -412,6 +415,7 @@ impl Book {
             settled_at: now,
             posted: false,
             unreplicated: false,
+            partial_ms: None,
         });
         status.spent.amount += job.price;
         status.attempts = 0;

@@ -63,6 +63,35 @@ fn a_result_that_could_have_run_passes_and_one_too_soon_is_too_early() {
 }
 
 #[test]
+fn a_preempted_segment_may_come_early_but_not_under_a_quorum() {
+    let p = ProviderId::new();
+    let awarded_at = Utc::now() - chrono::Duration::seconds(60);
+    let mut s = open(p, 30, awarded_at, Some(b"c0"));
+    let mut r = result_of(&s, p, running(b"c1"));
+    r.preempted = true;
+    r.timings.run_ms = 4_000;
+    let at = |secs: i64| awarded_at + chrono::Duration::seconds(secs);
+    assert!(claims(&s, &r, at(6), ALLOWANCE).is_ok());
+    // Not preempted, the same result is too early.
+    r.preempted = false;
+    assert_eq!(kind_of(claims(&s, &r, at(6), ALLOWANCE)), RefusalKind::TooEarly);
+    r.preempted = true;
+    // The input handed back is still refused, preempted or not.
+    let unchanged = result_of(&s, p, running(b"c0"));
+    let unchanged = SegmentResult {
+        preempted: true,
+        timings: r.timings,
+        ..unchanged
+    };
+    assert_eq!(
+        kind_of(claims(&s, &unchanged, at(6), ALLOWANCE)),
+        RefusalKind::Unchanged
+    );
+    s.spec.check = ResultCheck::Quorum;
+    assert_eq!(kind_of(claims(&s, &r, at(6), ALLOWANCE)), RefusalKind::Incomplete);
+}
+
+#[test]
 fn an_ended_guest_without_its_final_state_is_refused() {
     let p = ProviderId::new();
     let s = open(p, 10, Utc::now(), None);

@@ -26,6 +26,7 @@ fn paid(result: &SegmentResult, price: Money) -> SettledSegment {
         settled_at: Utc::now(),
         posted: false,
         unreplicated: false,
+        partial_ms: None,
     }
 }
 
@@ -844,4 +845,75 @@ fn stop_ends_the_job_after_the_segment_running_now() {
     let checked = stop(&settled_once(job(SegmentCount::UntilHalt))).unwrap();
     assert!(check_due(&checked) && ending(&checked).is_none());
     assert_eq!(stop(&ended(JobState::Done)), Err(Refused::Final(JobState::Done)));
+}
+
+/// `status`'s open attempt settled by `provider` as a partial segment
+/// that ran `ran_ms` (its guest saved as checkpoint `name`).
+fn settled_partial(status: &JobStatus, provider: ProviderId, ran_ms: u64, name: &[u8]) -> JobStatus {
+    let running = GuestState::Running {
+        checkpoint: checkpoint(name),
+    };
+    let payment = SettledSegment {
+        partial_ms: Some(ran_ms),
+        ..paid(&result_of(status, provider, running), money("0.2"))
+    };
+    settle(status, payment).unwrap()
+}
+
+#[test]
+fn a_partial_segment_is_progress_but_not_one_of_the_jobs_segments() {
+    let (a, b, c) = (ProviderId::new(), ProviderId::new(), ProviderId::new());
+    let mut s = unchecked(job(SegmentCount::Count(1)));
+    s.spec.segment_seconds = 30;
+    let s = awarded(&s, &[a], later());
+    let s = settled_partial(&s, a, 12_000, b"p1");
+    // The job goes on from the early checkpoint, with the rest of the segment.
+    assert_eq!(s.checkpoint, checkpoint(b"p1"));
+    assert_eq!(s.full_segments(), 0);
+    assert_eq!(
+        ending(&s),
+        None,
+        "one partial segment is not the job's one segment"
+    );
+    let lot = offered(&s, Utc::now());
+    assert_eq!((lot.segment, lot.attempt, lot.segment_seconds), (1, 1, 18));
+    assert_eq!(lot.checkpoint, checkpoint(b"p1"));
+    assert_eq!(preempted_by(&s), Some(a));
+    // Preempted again: the rest of the rest.
+    let s = awarded(&s, &[b], later());
+    let s = settled_partial(&s, b, 10_500, b"p2");
+    assert_eq!(offered(&s, Utc::now()).segment_seconds, 8);
+    assert_eq!(preempted_by(&s), Some(b));
+    // A whole segment at last: the count is reached, the next starts afresh.
+    let s = awarded(&s, &[c], later());
+    let running = GuestState::Running {
+        checkpoint: checkpoint(b"c1"),
+    };
+    let s = settle(&s, paid(&result_of(&s, c, running), money("0.5"))).unwrap();
+    assert_eq!((s.full_segments(), s.partial_ms()), (1, 0));
+    assert_eq!(preempted_by(&s), None);
+    assert_eq!(ending(&s), Some(Ending::SegmentsRan(1)));
+    assert_eq!(s.spent, money("0.9"));
+    assert_eq!(s.settled.len(), 3);
+}
+
+#[test]
+fn a_stop_counts_whole_segments_and_a_check_follows_the_last_whole_one() {
+    let (a, b) = (ProviderId::new(), ProviderId::new());
+    let mut s = job(SegmentCount::Count(3));
+    s.spec.segment_seconds = 30;
+    let s = awarded(&s, &[a], later());
+    let s = settled_partial(&s, a, 5_000, b"p1");
+    // Stopped while the rest of segment 1 runs: it ends after that one.
+    let s = awarded(&s, &[b], later());
+    let s = stop(&s).unwrap();
+    assert_eq!(s.stop_after, Some(1));
+    let running = GuestState::Running {
+        checkpoint: checkpoint(b"c1"),
+    };
+    let s = settle(&s, paid(&result_of(&s, b, running), money("0.5"))).unwrap();
+    assert!(check_due(&s), "the last whole segment's checkpoint is checked");
+    let check = offered(&s, Utc::now());
+    assert!(check.check);
+    assert_eq!(check.segment, 2);
 }

@@ -90,6 +90,7 @@ pub async fn run_local(dir: &Path, accel: &str) -> Result<()> {
         run_for: FOREVER,
         instructions: None,
         workdir: workdir.path().to_path_buf(),
+        owner: None,
     };
     let driver = QemuDriver::new(QemuConfig {
         accel,

@@ -50,7 +50,12 @@ fn print_status(ctx: &Context, s: &JobStatus, names: &HashMap<ProviderId, String
     };
     println!("job       {}", s.job);
     println!("state     {:?}{}", s.state, reason_suffix(s.end_reason.as_ref()));
-    println!("segments  {} of {}", s.settled.len(), total);
+    let partials = s.settled.len() as u32 - s.full_segments();
+    let partials = match partials {
+        0 => String::new(),
+        n => format!(" (and {n} partial: preempted by a provider's owner)"),
+    };
+    println!("segments  {} of {}{partials}", s.full_segments(), total);
     println!("spent     {} of {}", s.spent, s.spec.budget);
     if s.waiting_for_providers {
         println!("waiting   for providers (no bid on the last offer)");
@@ -105,7 +110,10 @@ fn print_status(ctx: &Context, s: &JobStatus, names: &HashMap<ProviderId, String
             seconds(seg.timings.run_ms),
             human_bytes(seg.fetched_bytes),
             human_bytes(seg.sent_bytes),
-            guest_word(&seg.guest),
+            match seg.partial_ms {
+                Some(ms) => format!("{}, preempted after {} s", guest_word(&seg.guest), seconds(ms)),
+                None => guest_word(&seg.guest),
+            },
         ]);
         fetched += seg.fetched_bytes;
         sent += seg.sent_bytes;

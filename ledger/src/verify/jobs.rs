@@ -328,6 +328,7 @@ pub(super) mod tests {
                 settled_at: Utc::now(),
                 posted: false,
                 unreplicated: false,
+                partial_ms: None,
             }],
             open_lot: None,
             attempts: 0,

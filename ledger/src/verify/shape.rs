@@ -322,6 +322,7 @@ pub(super) mod tests {
             fetched_bytes: 0,
             sent_bytes: 0,
             finished_at: Utc::now(),
+            partial_ms: None,
         }
     }
 

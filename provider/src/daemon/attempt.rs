@@ -17,7 +17,7 @@ use vmlot_schemas::{BlockId, Chunking, HypervisorKind, ManifestId, ObjectKind, W
 
 use super::span::{LotRef, Step};
 use super::state::Daemon;
-use crate::driver::{BootFiles, DriverError, SegmentEnd, SegmentPlan, SegmentStart};
+use crate::driver::{BootFiles, DriverError, OwnerPolicy, SegmentEnd, SegmentPlan, SegmentStart};
 
 /// Why one attempt failed; the daemon goes on.
 #[derive(Debug, thiserror::Error)]
@@ -102,8 +102,12 @@ pub(super) async fn run(
         run_ms: report.run_time.as_millis() as u64,
         save_ms: report.save_time.as_millis() as u64,
         upload_ms: upload_started.elapsed().as_millis() as u64,
+        suspended_ms: report.suspended.as_millis() as u64,
     };
-    let result = result_of(daemon, lot, guest, console, timings, (fetched_bytes, sent_bytes));
+    let result = SegmentResult {
+        preempted: report.preempted,
+        ..result_of(daemon, lot, guest, console, timings, (fetched_bytes, sent_bytes))
+    };
     publish(daemon, &result)
         .instrument(at.span(Step::Result, me))
         .await
@@ -132,6 +136,7 @@ fn result_of(
         fetched_bytes,
         sent_bytes,
         finished_at: Utc::now(),
+        preempted: false,
     }
 }
 
@@ -173,10 +178,24 @@ async fn fetch(daemon: &Daemon, lot: &Lot, workdir: &Path) -> Result<(SegmentPla
         run_for: Duration::from_secs(lot.segment_seconds as u64),
         instructions: lot.instructions,
         workdir: workdir.join("run"),
+        owner: owner_policy(daemon),
     };
     std::fs::create_dir_all(&plan.workdir).map_err(|e| AttemptError::Io(e.to_string()))?;
     tracing::debug!(fetched_bytes, "fetched");
     Ok((plan, fetched_bytes))
+}
+
+/// The owner comes first on a scavenging provider (`idle_load` set): the
+/// owner is busy while its CPU share is at or above `idle_load`, by the
+/// meter the bids use.
+fn owner_policy(daemon: &Daemon) -> Option<OwnerPolicy> {
+    let threshold = daemon.config.idle_load?;
+    let meter = Arc::clone(&daemon.owner);
+    Some(OwnerPolicy::new(
+        Arc::new(move || !meter.idle(Some(threshold))),
+        Duration::from_secs(daemon.config.owner_suspend_seconds),
+        Duration::from_secs(daemon.config.preempt_notice_seconds),
+    ))
 }
 
 /// Pushes what the segment left: the new checkpoint if the guest still

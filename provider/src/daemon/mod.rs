@@ -103,7 +103,7 @@ pub async fn run(
         slots: Arc::new(tokio::sync::Semaphore::new(config_slots)),
         tasks: TaskTracker::new(),
         shutdown: CancellationToken::new(),
-        owner: crate::owner::Meter::default(),
+        owner: Arc::new(crate::owner::Meter::default()),
     });
 
     let awards = client

@@ -32,8 +32,10 @@ pub(super) struct Daemon {
     pub tasks: TaskTracker,
     /// Cancelled at shutdown; each attempt's token is a child of it.
     pub shutdown: CancellationToken,
-    /// The machine owner's activity, this daemon's guests left out.
-    pub owner: crate::owner::Meter,
+    /// The machine owner's activity, this daemon's guests left out; the
+    /// bids, the heartbeats and every running segment's owner policy ask
+    /// the same meter.
+    pub owner: Arc<crate::owner::Meter>,
 }
 
 /// An attempt this provider took on.

@@ -5,6 +5,7 @@
 
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -46,6 +47,61 @@ pub struct SegmentPlan {
     /// A directory the driver owns for this segment (sockets, logs, the
     /// saved state it writes).
     pub workdir: PathBuf,
+    /// Cycle scavenging: the machine's owner comes first, so while the
+    /// owner is busy the guest is paused, and saved early if the owner
+    /// stays busy (see [`OwnerPolicy`]). Ignored by deterministic segments
+    /// (`instructions`), whose replicas must run their exact count.
+    pub owner: Option<OwnerPolicy>,
+}
+
+/// What a segment does when the machine's owner needs the machine: the
+/// guest is paused at once; if the owner is still busy after
+/// `suspend_for`, the guest is resumed, told it will be saved in `notice`
+/// (never more than what is left of the segment), and saved then: the
+/// segment is reported preempted.
+#[derive(Clone)]
+pub struct OwnerPolicy {
+    /// True while the owner needs the machine (asked once per `poll`).
+    pub busy: Arc<dyn Fn() -> bool + Send + Sync>,
+    /// How long a paused guest waits for the owner to go idle again before
+    /// it is preempted; zero preempts at once, without a pause.
+    pub suspend_for: Duration,
+    /// How long the guest runs between the notice and the save.
+    pub notice: Duration,
+    /// How often `busy` is asked: the guest runs in slices this long.
+    pub poll: Duration,
+}
+
+impl OwnerPolicy {
+    /// How often a provider asks whether its owner is busy: the owner's
+    /// CPU share is measured over a second at least.
+    pub const POLL: Duration = Duration::from_secs(1);
+
+    /// A policy polling `busy` every [`Self::POLL`].
+    pub fn new(busy: Arc<dyn Fn() -> bool + Send + Sync>, suspend_for: Duration, notice: Duration) -> Self {
+        OwnerPolicy {
+            busy,
+            suspend_for,
+            notice,
+            poll: Self::POLL,
+        }
+    }
+
+    /// Whether the owner needs the machine now.
+    pub fn is_busy(&self) -> bool {
+        (self.busy)()
+    }
+}
+
+impl fmt::Debug for OwnerPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OwnerPolicy")
+            .field("busy", &format_args!("<fn>"))
+            .field("suspend_for", &self.suspend_for)
+            .field("notice", &self.notice)
+            .field("poll", &self.poll)
+            .finish()
+    }
 }
 
 /// How a segment ended.
@@ -71,10 +127,15 @@ pub struct SegmentReport {
     pub console: Vec<u8>,
     /// Boot or restore until the guest runs.
     pub start_time: Duration,
-    /// Time the guest ran.
+    /// Time the guest ran (paused time left out).
     pub run_time: Duration,
     /// Stop + save.
     pub save_time: Duration,
+    /// Time the guest was held paused for the machine's owner.
+    pub suspended: Duration,
+    /// Saved before its time was up because the owner stayed busy (see
+    /// [`OwnerPolicy`]).
+    pub preempted: bool,
 }
 
 /// Where a segment's guest stands. Each step of a segment is allowed from
@@ -86,6 +147,8 @@ pub enum VmState {
     Created,
     /// Booted or restored, and not yet saved or ended.
     Running,
+    /// Held still for the machine's owner, to be resumed.
+    Paused,
     /// Powered off or crashed by itself.
     Ended,
     /// Saved: the guest is gone, its state is in the file.
@@ -99,6 +162,7 @@ impl fmt::Display for VmState {
         f.write_str(match self {
             VmState::Created => "not started",
             VmState::Running => "running",
+            VmState::Paused => "paused",
             VmState::Ended => "ended",
             VmState::Saved => "saved",
             VmState::Stopped => "stopped",
@@ -115,6 +179,12 @@ pub enum VmStep {
     Run,
     /// Stop the guest and save it.
     Save,
+    /// Hold the guest still (for the machine's owner).
+    Pause,
+    /// Let a paused guest go on.
+    Resume,
+    /// Tell the guest it is about to be saved.
+    Notice,
 }
 
 impl fmt::Display for VmStep {
@@ -123,6 +193,9 @@ impl fmt::Display for VmStep {
             VmStep::Start => "start",
             VmStep::Run => "run",
             VmStep::Save => "save",
+            VmStep::Pause => "pause",
+            VmStep::Resume => "resume",
+            VmStep::Notice => "notify",
         })
     }
 }
@@ -153,7 +226,8 @@ pub enum DriverError {
     #[error("save failed: {0}")]
     Save(String),
     /// A run or a save asked of a guest that is not running: one that was
-    /// never started, has ended, or is saved already.
+    /// never started, is paused, has ended, or is saved already (or a
+    /// resume of one that is not paused).
     #[error("cannot {step} a guest that is {state}")]
     NotRunning { step: VmStep, state: VmState },
     /// A second start of the same guest.

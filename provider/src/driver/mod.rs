@@ -21,6 +21,7 @@ pub mod template;
 pub mod xen;
 
 pub use api::{
-    BootFiles, Driver, DriverError, SegmentEnd, SegmentPlan, SegmentReport, SegmentStart, VmState, VmStep,
+    BootFiles, Driver, DriverError, OwnerPolicy, SegmentEnd, SegmentPlan, SegmentReport, SegmentStart,
+    VmState, VmStep,
 };
 pub use template::STATE_FILE;

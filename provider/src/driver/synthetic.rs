@@ -94,6 +94,7 @@ impl SyntheticDriver {
             fraction: self.changed_fraction,
             ram: plan.workdir.join(RAM_FILE),
             header: None,
+            changed: false,
             console: Vec::new(),
         };
         template::run_segment(machine, plan, &plan.workdir, &cancel).await
@@ -123,6 +124,9 @@ struct SyntheticMachine {
     ram: PathBuf,
     /// Set once started.
     header: Option<Header>,
+    /// The segment's changes are made (once, however many slices it runs
+    /// in: a segment's state depends on the state alone).
+    changed: bool,
     console: Vec<u8>,
 }
 
@@ -144,8 +148,9 @@ impl Machine for SyntheticMachine {
         Ok(())
     }
 
-    /// One segment of changes, then the rest of `run_for` (the work
-    /// counts; with `run_for` zero, as in benchmarks, nothing sleeps).
+    /// One segment of changes (on the first call only, when the owner's
+    /// policy runs the segment in slices), then the rest of `run_for` (the
+    /// work counts; with `run_for` zero, as in benchmarks, nothing sleeps).
     async fn run(
         &mut self,
         run_for: Duration,
@@ -158,11 +163,18 @@ impl Machine for SyntheticMachine {
                 state: VmState::Created,
             });
         };
-        let (job, fraction, ram, token) = (self.job, self.fraction, self.ram.clone(), cancel.clone());
-        let dir = self.ram.parent().unwrap_or(Path::new(".")).to_path_buf();
-        let (header, console) = blocking(&dir, move || change(&job, header, fraction, &ram, &token)).await?;
-        self.header = Some(header);
-        self.console = console;
+        let header = if self.changed {
+            header
+        } else {
+            let (job, fraction, ram, token) = (self.job, self.fraction, self.ram.clone(), cancel.clone());
+            let dir = self.ram.parent().unwrap_or(Path::new(".")).to_path_buf();
+            let (header, console) =
+                blocking(&dir, move || change(&job, header, fraction, &ram, &token)).await?;
+            self.header = Some(header);
+            self.changed = true;
+            self.console = console;
+            header
+        };
         let rest = run_for.saturating_sub(started.elapsed());
         if !rest.is_zero() {
             tokio::select! {
@@ -172,6 +184,23 @@ impl Machine for SyntheticMachine {
         }
         let halted = self.job.limit.is_some_and(|limit| header.counter >= limit);
         Ok(halted.then_some(SegmentEnd::Halted))
+    }
+
+    /// Nothing runs between slices: a pause is the clock standing still.
+    async fn pause(&mut self, _: &CancellationToken) -> Result<Option<SegmentEnd>, DriverError> {
+        tracing::debug!("synthetic guest paused");
+        Ok(None)
+    }
+
+    async fn resume(&mut self, _: &CancellationToken) -> Result<Option<SegmentEnd>, DriverError> {
+        tracing::debug!("synthetic guest resumed");
+        Ok(None)
+    }
+
+    /// No guest to tell: logged only.
+    async fn notice(&mut self, seconds: u64) -> Result<bool, DriverError> {
+        tracing::info!(seconds, "synthetic guests get no notice");
+        Ok(false)
     }
 
     async fn save(

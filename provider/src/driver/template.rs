@@ -7,6 +7,15 @@
 //! The guest's state is checked by name at every step ([`Vm`]): a save of a
 //! guest that is not running, or a run of one already saved, is refused
 //! with [`DriverError::NotRunning`] before the hypervisor is asked.
+//!
+//! On a scavenging provider the owner comes first ([`OwnerPolicy`]): the
+//! guest runs in slices of the policy's poll interval, and after each one
+//! the owner's activity is asked. A busy owner gets the machine at once
+//! (the guest is paused); an owner still busy after the policy's
+//! `suspend_for` gets it for good: the guest is resumed, given notice
+//! ([`Machine::notice`]), run that long, and saved early (the segment is
+//! preempted). Paused time is not run time. Deterministic segments are
+//! never paused: their replicas must run an exact instruction count.
 
 use std::path::Path;
 use std::time::Duration;
@@ -14,7 +23,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::api::{DriverError, SegmentEnd, SegmentPlan, SegmentReport, VmState, VmStep};
+use super::api::{DriverError, OwnerPolicy, SegmentEnd, SegmentPlan, SegmentReport, VmState, VmStep};
 use super::host::io_err;
 
 /// The file a saved segment leaves in its state directory.
@@ -23,11 +32,14 @@ pub const STATE_FILE: &str = "machine-state";
 /// half file under [`STATE_FILE`], and a checkpoint restored from that
 /// path survives until its successor is complete.
 pub const PARTIAL_STATE_FILE: &str = "machine-state.partial";
+/// The shortest slice a guest runs between two looks at its owner.
+const MIN_POLL: Duration = Duration::from_millis(10);
 
 /// One hypervisor's steps for one segment's guest. The template calls
-/// them in order, each at most once: `start`, `run`, then `save` only if
-/// the guest still runs, then `stop` whatever happened, then `console`
-/// only if the segment succeeded.
+/// them in order: `start` once; `run` (once, or slice after slice under an
+/// [`OwnerPolicy`], with `pause` and `resume` between slices and at most
+/// one `notice`); then `save` only if the guest still runs, then `stop`
+/// whatever happened, then `console` only if the segment succeeded.
 pub(crate) trait Machine: Send {
     /// Boots the image or restores the checkpoint; returns once the guest runs.
     async fn start(&mut self, plan: &SegmentPlan, cancel: &CancellationToken) -> Result<(), DriverError>;
@@ -38,6 +50,20 @@ pub(crate) trait Machine: Send {
         run_for: Duration,
         cancel: &CancellationToken,
     ) -> Result<Option<SegmentEnd>, DriverError>;
+
+    /// Holds the running guest still, its memory and devices kept: `None`
+    /// once it is paused, or how it ended if it powered off or crashed
+    /// just before.
+    async fn pause(&mut self, cancel: &CancellationToken) -> Result<Option<SegmentEnd>, DriverError>;
+
+    /// Lets the paused guest go on: `None`, or how it ended (a hypervisor
+    /// that went away meanwhile).
+    async fn resume(&mut self, cancel: &CancellationToken) -> Result<Option<SegmentEnd>, DriverError>;
+
+    /// Tells the running guest it will be saved in `seconds`: true once
+    /// the notice is on its way, false where the hypervisor has no channel
+    /// into the guest (or the channel failed: the save goes ahead anyway).
+    async fn notice(&mut self, seconds: u64) -> Result<bool, DriverError>;
 
     /// Stops the guest and saves it to `partial`: `None` once the file is
     /// whole, or how the guest ended if it powered off or crashed just
@@ -118,6 +144,44 @@ impl<M: Machine> Vm<M> {
         Ok(ended)
     }
 
+    pub(crate) async fn pause(
+        &mut self,
+        cancel: &CancellationToken,
+    ) -> Result<Option<SegmentEnd>, DriverError> {
+        self.expect_running(VmStep::Pause)?;
+        let ended = self.machine.pause(cancel).await?;
+        self.state = if ended.is_some() {
+            VmState::Ended
+        } else {
+            VmState::Paused
+        };
+        Ok(ended)
+    }
+
+    pub(crate) async fn resume(
+        &mut self,
+        cancel: &CancellationToken,
+    ) -> Result<Option<SegmentEnd>, DriverError> {
+        if self.state != VmState::Paused {
+            return Err(DriverError::NotRunning {
+                step: VmStep::Resume,
+                state: self.state,
+            });
+        }
+        let ended = self.machine.resume(cancel).await?;
+        self.state = if ended.is_some() {
+            VmState::Ended
+        } else {
+            VmState::Running
+        };
+        Ok(ended)
+    }
+
+    pub(crate) async fn notice(&mut self, seconds: u64) -> Result<bool, DriverError> {
+        self.expect_running(VmStep::Notice)?;
+        self.machine.notice(seconds).await
+    }
+
     /// Ends the guest once; a second call does nothing.
     pub(crate) async fn stop(&mut self, outcome: Result<&SegmentEnd, &DriverError>) {
         if self.state != VmState::Stopped {
@@ -152,13 +216,22 @@ pub(crate) async fn run_segment<M: Machine>(
     vm.stop(outcome.as_ref().map(|ran| &ran.end)).await;
     let ran = outcome?;
     let console = vm.console().await?;
-    tracing::info!(end = ?ran.end, bytes = console.len(), "segment done");
+    tracing::info!(
+        end = ?ran.end,
+        bytes = console.len(),
+        run_time = ?ran.run_time,
+        suspended = ?ran.suspended,
+        preempted = ran.preempted,
+        "segment done"
+    );
     Ok(SegmentReport {
         end: ran.end,
         console,
         start_time: ran.start_time,
         run_time: ran.run_time,
         save_time: ran.save_time,
+        suspended: ran.suspended,
+        preempted: ran.preempted,
     })
 }
 
@@ -168,6 +241,17 @@ struct Ran {
     start_time: Duration,
     run_time: Duration,
     save_time: Duration,
+    suspended: Duration,
+    preempted: bool,
+}
+
+/// How the run step went: the guest's end if it ended, the time it ran
+/// and was paused, and whether the owner cut it short.
+struct Run {
+    ended: Option<SegmentEnd>,
+    run_time: Duration,
+    suspended: Duration,
+    preempted: bool,
 }
 
 /// Start → run → save and rename; the caller stops the guest.
@@ -182,15 +266,34 @@ async fn drive<M: Machine>(
     let start_time = started.elapsed();
     tracing::info!(?start_time, "guest running");
 
-    let run_started = Instant::now();
-    let ended = vm.run(plan.run_for, cancel).await?;
-    let run_time = run_started.elapsed();
+    let run = match &plan.owner {
+        // Deterministic segments run their exact count, owner or not.
+        Some(owner) if plan.instructions.is_none() => run_for_owner(vm, plan.run_for, owner, cancel).await?,
+        _ => {
+            let run_started = Instant::now();
+            let ended = vm.run(plan.run_for, cancel).await?;
+            Run {
+                ended,
+                run_time: run_started.elapsed(),
+                suspended: Duration::ZERO,
+                preempted: false,
+            }
+        }
+    };
+    let Run {
+        ended,
+        run_time,
+        suspended,
+        preempted,
+    } = run;
     if let Some(end) = ended {
         return Ok(Ran {
             end,
             start_time,
             run_time,
             save_time: Duration::ZERO,
+            suspended,
+            preempted: false,
         });
     }
 
@@ -214,243 +317,115 @@ async fn drive<M: Machine>(
             return Err(e);
         }
     };
+    // A guest that powered off just before the save was not preempted.
+    let preempted = preempted && matches!(end, SegmentEnd::Saved { .. });
     Ok(Ran {
         end,
         start_time,
         run_time,
         save_time: save_started.elapsed(),
+        suspended,
+        preempted,
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use std::path::PathBuf;
-    use std::sync::{Arc, Mutex};
-
-    use vmlot_schemas::{HypervisorKind, VmConfig};
-
-    use super::*;
-    use crate::driver::api::{BootFiles, SegmentStart};
-
-    /// A machine that writes a save file and records the steps asked of it.
-    #[derive(Default)]
-    struct Fake {
-        steps: Arc<Mutex<Vec<String>>>,
-        /// How the guest ends while it runs (none: it runs to the end).
-        ends_in_run: Option<SegmentEnd>,
-        save_fails: bool,
-    }
-
-    impl Fake {
-        fn log(&self, step: impl Into<String>) {
-            self.steps.lock().unwrap().push(step.into());
+/// Runs the guest for `run_for` of its own time, in slices of the policy's
+/// poll interval, giving the machine to its owner when `owner` says so
+/// (see the module docs).
+async fn run_for_owner<M: Machine>(
+    vm: &mut Vm<M>,
+    run_for: Duration,
+    owner: &OwnerPolicy,
+    cancel: &CancellationToken,
+) -> Result<Run, DriverError> {
+    // A zero interval would ask the owner in a busy loop.
+    let poll = owner.poll.max(MIN_POLL);
+    let mut run = Run {
+        ended: None,
+        run_time: Duration::ZERO,
+        suspended: Duration::ZERO,
+        preempted: false,
+    };
+    loop {
+        let left = run_for.saturating_sub(run.run_time);
+        if left.is_zero() {
+            return Ok(run);
         }
-    }
-
-    impl Machine for Fake {
-        async fn start(&mut self, _: &SegmentPlan, _: &CancellationToken) -> Result<(), DriverError> {
-            self.log("start");
-            Ok(())
+        let slice_started = Instant::now();
+        run.ended = vm.run(left.min(poll), cancel).await?;
+        run.run_time += slice_started.elapsed();
+        if run.ended.is_some() {
+            return Ok(run);
         }
-
-        async fn run(
-            &mut self,
-            _: Duration,
-            _: &CancellationToken,
-        ) -> Result<Option<SegmentEnd>, DriverError> {
-            self.log("run");
-            Ok(self.ends_in_run.clone())
+        // The last slice is followed by the save, owner or not.
+        if run.run_time >= run_for || !owner.is_busy() {
+            continue;
         }
-
-        async fn save(
-            &mut self,
-            partial: &Path,
-            _: &CancellationToken,
-        ) -> Result<Option<SegmentEnd>, DriverError> {
-            self.log("save");
-            std::fs::write(partial, b"half a save").unwrap();
-            if self.save_fails {
-                return Err(DriverError::Save("disk full".into()));
+        if !owner.suspend_for.is_zero() {
+            let paused_at = Instant::now();
+            tracing::info!(suspend_for = ?owner.suspend_for, "owner busy: guest paused");
+            run.ended = vm.pause(cancel).await?;
+            if run.ended.is_some() {
+                run.suspended += paused_at.elapsed();
+                return Ok(run);
             }
-            Ok(None)
-        }
-
-        async fn stop(&mut self, outcome: Result<&SegmentEnd, &DriverError>) {
-            self.log(if outcome.is_ok() { "stop ok" } else { "stop failed" });
-        }
-
-        async fn console(&mut self) -> Result<Vec<u8>, DriverError> {
-            self.log("console");
-            Ok(b"hello\n".to_vec())
-        }
-    }
-
-    fn plan(workdir: &Path) -> SegmentPlan {
-        SegmentPlan {
-            vm: VmConfig {
-                hypervisor: HypervisorKind::Qemu,
-                arch: "x86_64".into(),
-                memory_mib: 128,
-                vcpus: 1,
-                cmdline: String::new(),
-            },
-            files: BootFiles {
-                kernel: "/k".into(),
-                initrd: None,
-                disks: vec![PathBuf::from("/d0.raw")],
-            },
-            start: SegmentStart::Boot,
-            run_for: Duration::ZERO,
-            instructions: None,
-            workdir: workdir.to_path_buf(),
-        }
-    }
-
-    #[tokio::test]
-    async fn save_of_a_guest_not_running_and_run_of_a_saved_one_are_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let partial = dir.path().join(PARTIAL_STATE_FILE);
-        let never = CancellationToken::new();
-        let fake = Fake::default();
-        let steps = Arc::clone(&fake.steps);
-        let mut vm = Vm::new(fake);
-
-        let refused = vm.save(&partial, &never).await.unwrap_err();
-        assert!(
-            matches!(
-                refused,
-                DriverError::NotRunning {
-                    step: VmStep::Save,
-                    state: VmState::Created
-                }
-            ),
-            "{refused}"
-        );
-        assert_eq!(refused.to_string(), "cannot save a guest that is not started");
-        assert!(matches!(
-            vm.run(Duration::ZERO, &never).await,
-            Err(DriverError::NotRunning {
-                step: VmStep::Run,
-                state: VmState::Created
-            })
-        ));
-
-        vm.start(&plan(dir.path()), &never).await.unwrap();
-        assert!(matches!(
-            vm.start(&plan(dir.path()), &never).await,
-            Err(DriverError::AlreadyStarted {
-                state: VmState::Running
-            })
-        ));
-        assert_eq!(vm.run(Duration::ZERO, &never).await.unwrap(), None);
-        assert_eq!(vm.save(&partial, &never).await.unwrap(), None);
-        assert_eq!(vm.state(), VmState::Saved);
-
-        let refused = vm.run(Duration::ZERO, &never).await.unwrap_err();
-        assert!(
-            matches!(
-                refused,
-                DriverError::NotRunning {
-                    step: VmStep::Run,
-                    state: VmState::Saved
-                }
-            ),
-            "{refused}"
-        );
-        assert_eq!(refused.to_string(), "cannot run a guest that is saved");
-        assert!(matches!(
-            vm.save(&partial, &never).await,
-            Err(DriverError::NotRunning {
-                step: VmStep::Save,
-                state: VmState::Saved
-            })
-        ));
-        // The refused steps never reached the hypervisor.
-        assert_eq!(*steps.lock().unwrap(), ["start", "run", "save"]);
-    }
-
-    #[tokio::test]
-    async fn a_guest_that_ended_is_neither_run_nor_saved() {
-        let dir = tempfile::tempdir().unwrap();
-        let never = CancellationToken::new();
-        let mut vm = Vm::new(Fake {
-            ends_in_run: Some(SegmentEnd::Halted),
-            ..Fake::default()
-        });
-        vm.start(&plan(dir.path()), &never).await.unwrap();
-        assert_eq!(
-            vm.run(Duration::ZERO, &never).await.unwrap(),
-            Some(SegmentEnd::Halted)
-        );
-        for refused in [
-            vm.run(Duration::ZERO, &never).await.map(|_| ()),
-            vm.save(&dir.path().join("p"), &never).await.map(|_| ()),
-        ] {
-            assert!(matches!(
-                refused,
-                Err(DriverError::NotRunning {
-                    state: VmState::Ended,
-                    ..
-                })
-            ));
-        }
-    }
-
-    #[tokio::test]
-    async fn a_saved_segment_is_renamed_into_place_and_reported() {
-        let dir = tempfile::tempdir().unwrap();
-        let fake = Fake::default();
-        let steps = Arc::clone(&fake.steps);
-        let report = run_segment(fake, &plan(dir.path()), dir.path(), &CancellationToken::new())
-            .await
-            .unwrap();
-        assert_eq!(
-            report.end,
-            SegmentEnd::Saved {
-                machine_state: dir.path().join(STATE_FILE),
-                disks: vec![PathBuf::from("/d0.raw")],
+            let idle = owner_idle_within(owner, poll, paused_at + owner.suspend_for, cancel).await?;
+            run.ended = vm.resume(cancel).await?;
+            run.suspended += paused_at.elapsed();
+            if run.ended.is_some() {
+                return Ok(run);
             }
-        );
-        assert_eq!(report.console, b"hello\n");
-        assert_eq!(
-            std::fs::read(dir.path().join(STATE_FILE)).unwrap(),
-            b"half a save"
-        );
-        assert!(!dir.path().join(PARTIAL_STATE_FILE).exists());
-        assert_eq!(
-            *steps.lock().unwrap(),
-            ["start", "run", "save", "stop ok", "console"]
-        );
-    }
-
-    #[tokio::test]
-    async fn a_guest_that_ends_is_not_saved_and_a_failed_save_leaves_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let fake = Fake {
-            ends_in_run: Some(SegmentEnd::Crashed {
-                reason: "guest-panic".into(),
-            }),
-            ..Fake::default()
-        };
-        let steps = Arc::clone(&fake.steps);
-        let report = run_segment(fake, &plan(dir.path()), dir.path(), &CancellationToken::new())
-            .await
-            .unwrap();
-        assert!(matches!(report.end, SegmentEnd::Crashed { .. }));
-        assert_eq!(report.save_time, Duration::ZERO);
-        assert_eq!(*steps.lock().unwrap(), ["start", "run", "stop ok", "console"]);
-
-        let fake = Fake {
-            save_fails: true,
-            ..Fake::default()
-        };
-        let steps = Arc::clone(&fake.steps);
-        let err = run_segment(fake, &plan(dir.path()), dir.path(), &CancellationToken::new())
-            .await
-            .unwrap_err();
-        assert!(matches!(err, DriverError::Save(_)), "{err}");
-        assert!(!dir.path().join(PARTIAL_STATE_FILE).exists());
-        assert!(!dir.path().join(STATE_FILE).exists());
-        assert_eq!(*steps.lock().unwrap(), ["start", "run", "save", "stop failed"]);
+            if idle {
+                tracing::info!(paused = ?paused_at.elapsed(), "owner idle again: guest resumed");
+                continue;
+            }
+        }
+        // Never more notice than what is left of the segment; the guest is
+        // told the whole seconds it can count on.
+        let left = run_for.saturating_sub(run.run_time);
+        let notice = owner.notice.min(left);
+        let seconds = notice.as_secs();
+        tracing::info!(seconds, ran = ?run.run_time, "owner still busy: preempting");
+        if !vm.notice(seconds).await? {
+            tracing::info!(
+                seconds,
+                "no notice channel into this guest: it is saved without one"
+            );
+        }
+        let notice_started = Instant::now();
+        if !notice.is_zero() {
+            run.ended = vm.run(notice, cancel).await?;
+        }
+        run.run_time += notice_started.elapsed();
+        // The segment's time ran out during the notice: a full segment.
+        run.preempted = run.ended.is_none() && notice < left;
+        return Ok(run);
     }
 }
+
+/// Asks the owner every `poll` until `until`: true as soon as the owner is
+/// idle, false if still busy then.
+async fn owner_idle_within(
+    owner: &OwnerPolicy,
+    poll: Duration,
+    until: Instant,
+    cancel: &CancellationToken,
+) -> Result<bool, DriverError> {
+    loop {
+        let now = Instant::now();
+        if now >= until {
+            return Ok(false);
+        }
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return Err(DriverError::Cancelled),
+            _ = tokio::time::sleep((until - now).min(poll)) => {}
+        }
+        if !owner.is_busy() {
+            return Ok(true);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,8 +1,14 @@
 //! QEMU's command line. The machine is fixed (`-machine q35`,
-//! `-nodefaults`, one serial port, raw disks as virtio-blk): a checkpoint
+//! `-nodefaults`, two serial ports, raw disks as virtio-blk): a checkpoint
 //! only loads into a machine built with the same arguments, so boot and
 //! restore share one argument list and differ only in how QEMU waits
 //! (`-S` before a boot, `-incoming defer` before a restore).
+//!
+//! The serial ports: the guest's ttyS0 is its console, written to the
+//! segment's console file; ttyS1 is the provider's notice channel, a unix
+//! socket QEMU listens on ([`NOTICE_CHARDEV`]) where the driver writes
+//! `vmlot-preempt <seconds>` before an early save. Every machine has both,
+//! deterministic or not, so that any checkpoint restores into any segment.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -37,17 +43,29 @@ impl Accel {
 /// `sun_path` is 108 bytes including the NUL.
 const MAX_SOCKET_PATH: usize = 100;
 
+/// The id of the notice channel's chardev (the guest's second serial port).
+pub(crate) const NOTICE_CHARDEV: &str = "vmlot-notice";
+
+/// The unix sockets and files of one QEMU process, in its workdir.
+pub(crate) struct Paths<'a> {
+    /// The serial console (ttyS0), a file.
+    pub console: &'a Path,
+    /// QMP.
+    pub qmp: &'a Path,
+    /// The notice channel (ttyS1), a socket QEMU listens on.
+    pub notice: &'a Path,
+}
+
 /// Everything QEMU is started with for `plan`: the machine, its serial
-/// console into `console`, QMP on `socket`, and the wait for a boot or a
-/// restore.
+/// console and notice channel, QMP, and the wait for a boot or a restore.
 pub(crate) fn command_line(
     plan: &SegmentPlan,
     accel: Accel,
-    console: &Path,
-    socket: &Path,
+    paths: &Paths<'_>,
     exact: Option<&ExactArgs>,
 ) -> Result<Vec<OsString>, DriverError> {
-    let mut args = machine_args(plan, accel, console, exact.is_some())?;
+    let socket = paths.qmp;
+    let mut args = machine_args(plan, accel, paths, exact.is_some())?;
     if let Some(exact) = exact {
         args.extend(exact_args(exact)?);
     }
@@ -104,7 +122,7 @@ fn exact_args(exact: &ExactArgs) -> Result<Vec<OsString>, DriverError> {
 fn machine_args(
     plan: &SegmentPlan,
     accel: Accel,
-    console: &Path,
+    paths: &Paths<'_>,
     deterministic: bool,
 ) -> Result<Vec<OsString>, DriverError> {
     let vm = &plan.vm;
@@ -140,11 +158,19 @@ fn machine_args(
         .iter()
         .map(OsString::from),
     );
-    let console = escape(console).map_err(DriverError::Start)?;
+    // The order of -serial is the guest's: ttyS0 (COM1) first.
+    let console = escape(paths.console).map_err(DriverError::Start)?;
     args.push("-chardev".into());
     args.push(format!("file,id=console,path={console}").into());
     args.push("-serial".into());
     args.push("chardev:console".into());
+    // wait=off: QEMU does not wait for a client; without one the guest's
+    // writes to ttyS1 are dropped and it reads nothing.
+    let notice = escape(paths.notice).map_err(DriverError::Start)?;
+    args.push("-chardev".into());
+    args.push(format!("socket,id={NOTICE_CHARDEV},path={notice},server=on,wait=off").into());
+    args.push("-serial".into());
+    args.push(format!("chardev:{NOTICE_CHARDEV}").into());
     args.push("-kernel".into());
     args.push(plan.files.kernel.clone().into_os_string());
     if let Some(initrd) = &plan.files.initrd {
@@ -217,21 +243,24 @@ mod tests {
             run_for: Duration::ZERO,
             instructions: None,
             workdir: "/w".into(),
+            owner: None,
+        }
+    }
+
+    fn paths() -> Paths<'static> {
+        Paths {
+            console: Path::new("/w/console.log"),
+            qmp: Path::new("/w/qmp.sock"),
+            notice: Path::new("/w/notice.sock"),
         }
     }
 
     fn line(start: SegmentStart) -> Vec<String> {
-        command_line(
-            &plan(start),
-            Accel::Tcg,
-            Path::new("/w/console.log"),
-            Path::new("/w/qmp.sock"),
-            None,
-        )
-        .unwrap()
-        .into_iter()
-        .map(|a| a.into_string().unwrap())
-        .collect()
+        command_line(&plan(start), Accel::Tcg, &paths(), None)
+            .unwrap()
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect()
     }
 
     #[test]
@@ -245,6 +274,43 @@ mod tests {
         assert_eq!(boot[..boot.len() - 1], restore[..restore.len() - 2]);
         assert!(boot.contains(&"file=/w/disk,,0.raw,format=raw,if=virtio".to_string()));
         assert!(boot.contains(&"socket,id=qmp,path=/w/qmp.sock,server=on,wait=off".to_string()));
+    }
+
+    /// ttyS0 is the console and ttyS1 the notice socket, on every machine:
+    /// boots and restores, deterministic or not.
+    #[test]
+    fn every_machine_has_the_console_then_the_notice_port() {
+        let exact = ExactArgs {
+            instructions: 1000,
+            plugin: "/p/libvmlot_icount_stop.so".into(),
+            ctl: "/w/stop.sock".into(),
+            trace: "/w/trace.log".into(),
+        };
+        let mut deterministic = plan(SegmentStart::Boot);
+        deterministic.vm.vcpus = 1;
+        let lines = [
+            line(SegmentStart::Boot),
+            line(SegmentStart::Restore {
+                machine_state: "/w/in".into(),
+            }),
+            command_line(&deterministic, Accel::Tcg, &paths(), Some(&exact))
+                .unwrap()
+                .into_iter()
+                .map(|a| a.into_string().unwrap())
+                .collect(),
+        ];
+        for line in lines {
+            let serials: Vec<&str> = line
+                .windows(2)
+                .filter(|w| w[0] == "-serial")
+                .map(|w| w[1].as_str())
+                .collect();
+            assert_eq!(serials, ["chardev:console", "chardev:vmlot-notice"], "{line:?}");
+            assert!(
+                line.contains(&"socket,id=vmlot-notice,path=/w/notice.sock,server=on,wait=off".to_string()),
+                "{line:?}"
+            );
+        }
     }
 
     #[test]

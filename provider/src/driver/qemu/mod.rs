@@ -11,6 +11,12 @@
 //! segment is exactly what the guest printed during it: the consoles of a
 //! job's segments, concatenated, are the console of an uninterrupted run.
 //!
+//! The guest's second serial port (ttyS1) is the provider's notice
+//! channel: before a save forced by the machine's owner (see
+//! [`OwnerPolicy`](crate::driver::OwnerPolicy)) the driver writes one line,
+//! `vmlot-preempt <seconds>`, to `<workdir>/notice.sock`, where QEMU
+//! listens. A guest that wants the warning reads ttyS1 (raw, no echo).
+//!
 //! - [`args`]: QEMU's command line (one machine for boot and restore).
 //! - [`qmp`]: typed QMP requests and the client that sends them.
 //! - [`vm`]: one segment's QEMU process and the template's steps on it.
@@ -39,6 +45,7 @@ pub(crate) mod vm;
 
 pub use args::Accel;
 pub use process::{DEFAULT_BINARY, PACKAGE};
+pub use vm::NOTICE_WORD;
 
 /// The serial console of the segment, in its workdir.
 pub const CONSOLE_FILE: &str = "console.log";
@@ -142,14 +149,17 @@ impl QemuDriver {
         let workdir = &plan.workdir;
         let console = workdir.join(CONSOLE_FILE);
         let socket = args::socket_path(workdir);
+        let notice = args::socket_path_named(workdir, "notice");
         // A fresh console per segment: its bytes are this segment's output.
         remove_if_exists(&console)?;
         remove_if_exists(&socket)?;
+        remove_if_exists(&notice)?;
         let exact = match plan.instructions {
             None => None,
             Some(n) => Some(self.exact_args(workdir, n)?),
         };
-        let machine = vm::QemuMachine::new(binary, accel, console, workdir.join(STDERR_FILE), socket, exact)
+        let stderr = workdir.join(STDERR_FILE);
+        let machine = vm::QemuMachine::new(binary, accel, console, stderr, socket, notice, exact)
             .idle_priority(self.idle_priority);
         template::run_segment(machine, plan, workdir, &cancel).await
     }

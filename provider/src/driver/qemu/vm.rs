@@ -1,5 +1,6 @@
 //! One segment's QEMU: the steps of the segment template on its process
-//! ([`super::process`]): start, run, save over QMP; quit or kill.
+//! ([`super::process`]): start, run, pause, resume, save over QMP; quit or
+//! kill; and the notice written to the guest's second serial port.
 //!
 //! A restore loads the checkpoint with `migrate-incoming`; a save stops
 //! the guest and migrates it with the `mapped-ram` capability into a file:
@@ -11,10 +12,12 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use tokio::io::AsyncWriteExt;
+use tokio::net::UnixStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::args::{Accel, command_line, utf8};
+use super::args::{Accel, Paths, command_line, utf8};
 use super::exact::{self, ExactArgs, Leg, StopControl, StopListener};
 use super::process::{COMMAND_TIMEOUT, Process};
 use super::qmp::{
@@ -29,6 +32,11 @@ use crate::driver::template::Machine;
 /// here); this only catches a wedged migration.
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(600);
 const MIGRATION_POLL: Duration = Duration::from_millis(20);
+/// Connecting to QEMU's own listening socket and writing one line into it
+/// takes microseconds; this only bounds a QEMU that stopped answering.
+const NOTICE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The notice line's first word; the second is the seconds left.
+pub const NOTICE_WORD: &str = "vmlot-preempt";
 
 /// The segment's QEMU as the template drives it.
 pub(crate) struct QemuMachine {
@@ -39,6 +47,12 @@ pub(crate) struct QemuMachine {
     /// QEMU's stdout and stderr.
     stderr: PathBuf,
     socket: PathBuf,
+    /// The notice channel's socket (the guest's ttyS1).
+    notice: PathBuf,
+    /// The connection a notice was written to, held open until QEMU goes:
+    /// QEMU reads a socket only as fast as the guest's UART takes bytes,
+    /// and drops what it has not read when the client hangs up.
+    notice_stream: Option<UnixStream>,
     process: Option<Process>,
     /// A deterministic segment's plugin and trace log, when the plan asks
     /// for an exact instruction count.
@@ -65,6 +79,7 @@ impl QemuMachine {
         console: PathBuf,
         stderr: PathBuf,
         socket: PathBuf,
+        notice: PathBuf,
         exact: Option<ExactArgs>,
     ) -> Self {
         QemuMachine {
@@ -73,6 +88,8 @@ impl QemuMachine {
             console,
             stderr,
             socket,
+            notice,
+            notice_stream: None,
             process: None,
             exact,
             stopper: None,
@@ -96,7 +113,12 @@ impl QemuMachine {
 impl Machine for QemuMachine {
     async fn start(&mut self, plan: &SegmentPlan, cancel: &CancellationToken) -> Result<(), DriverError> {
         let exact = self.exact.as_ref();
-        let args = command_line(plan, self.accel, &self.console, &self.socket, exact)?;
+        let paths = Paths {
+            console: &self.console,
+            qmp: &self.socket,
+            notice: &self.notice,
+        };
+        let args = command_line(plan, self.accel, &paths, exact)?;
         // The plugin connects while QEMU loads it, before QMP is up.
         let listener = exact.map(StopListener::bind).transpose()?;
         let process = Process::spawn(
@@ -153,6 +175,60 @@ impl Machine for QemuMachine {
         }
     }
 
+    /// QMP `stop`: the vCPUs stop, and so does the guest's clock.
+    async fn pause(&mut self, cancel: &CancellationToken) -> Result<Option<SegmentEnd>, DriverError> {
+        let vm = self.process()?;
+        match vm.command(&Stop, cancel).await {
+            Ok(_) => Ok(vm.guest_end()),
+            Err(QmpError::Closed) => Ok(Some(gone(vm).await)),
+            Err(e) => Err(vm.qmp_error(e)),
+        }
+    }
+
+    /// QMP `cont`.
+    async fn resume(&mut self, cancel: &CancellationToken) -> Result<Option<SegmentEnd>, DriverError> {
+        let vm = self.process()?;
+        match vm.command(&Cont, cancel).await {
+            Ok(_) => Ok(None),
+            Err(QmpError::Closed) => Ok(Some(gone(vm).await)),
+            // A guest that shut down just before the pause cannot go on.
+            Err(e) => match vm.guest_end() {
+                Some(end) => Ok(Some(end)),
+                None => Err(vm.qmp_error(e)),
+            },
+        }
+    }
+
+    /// Writes `vmlot-preempt <seconds>` and a newline to the guest's ttyS1.
+    /// A notice that cannot be written is logged, not an error: the owner
+    /// still needs the machine, and the save goes ahead.
+    async fn notice(&mut self, seconds: u64) -> Result<bool, DriverError> {
+        let line = format!("{NOTICE_WORD} {seconds}\n");
+        let write = async {
+            let mut stream = UnixStream::connect(&self.notice).await?;
+            stream.write_all(line.as_bytes()).await?;
+            stream.flush().await?;
+            Ok::<_, std::io::Error>(stream)
+        };
+        let socket = self.notice.display();
+        match tokio::time::timeout(NOTICE_TIMEOUT, write).await {
+            Ok(Ok(stream)) => {
+                tracing::info!(seconds, %socket, "notice written to the guest's ttyS1");
+                self.notice_stream = Some(stream);
+                Ok(true)
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(%socket, "notice not sent: {e}");
+                Ok(false)
+            }
+            Err(_) => {
+                let after = NOTICE_TIMEOUT.as_secs();
+                tracing::warn!(%socket, "notice not sent: no answer within {after} s");
+                Ok(false)
+            }
+        }
+    }
+
     async fn save(
         &mut self,
         partial: &Path,
@@ -162,6 +238,7 @@ impl Machine for QemuMachine {
     }
 
     async fn stop(&mut self, outcome: Result<&SegmentEnd, &DriverError>) {
+        self.notice_stream = None;
         if let Some(mut vm) = self.process.take() {
             match outcome {
                 Ok(_) => vm.quit().await,
@@ -176,6 +253,24 @@ impl Machine for QemuMachine {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
             Err(e) => Err(io_err("read", &self.console, e)),
         }
+    }
+}
+
+impl Drop for QemuMachine {
+    fn drop(&mut self) {
+        // QEMU leaves its listening socket behind.
+        let _ = std::fs::remove_file(&self.notice);
+    }
+}
+
+/// How the guest ended when QEMU closed QMP on its own: what its events
+/// said, else a crash with QEMU's last words.
+async fn gone(vm: &mut Process) -> SegmentEnd {
+    match vm.guest_end() {
+        Some(end) => end,
+        None => SegmentEnd::Crashed {
+            reason: vm.exit_message().await,
+        },
     }
 }
 

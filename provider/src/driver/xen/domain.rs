@@ -6,6 +6,9 @@
 //! six-letter state column `rbps?d`, whose fifth letter is the shutdown
 //! reason) every [`POLL_INTERVAL`]. At the planned time `xl save <name>
 //! <partial>` suspends the guest, writes the file and destroys the domain.
+//! For the machine's owner the domain is held with `xl pause` and let go
+//! with `xl unpause`; Xen has no channel to tell the guest of an early
+//! save, so its notice is only logged.
 //!
 //! `xl` under nested emulation sometimes dies from a signal. A command that
 //! does was not carried out, or not wholly: queries and `destroy` are simply
@@ -89,6 +92,22 @@ impl Machine for XenMachine {
         cancel: &CancellationToken,
     ) -> Result<Option<SegmentEnd>, DriverError> {
         run_guest(&self.domain, run_for, cancel).await
+    }
+
+    /// `xl pause`.
+    async fn pause(&mut self, cancel: &CancellationToken) -> Result<Option<SegmentEnd>, DriverError> {
+        self.domain.pause_or_unpause("pause", cancel).await
+    }
+
+    /// `xl unpause`.
+    async fn resume(&mut self, cancel: &CancellationToken) -> Result<Option<SegmentEnd>, DriverError> {
+        self.domain.pause_or_unpause("unpause", cancel).await
+    }
+
+    /// No channel into a Xen guest here: logged only.
+    async fn notice(&mut self, seconds: u64) -> Result<bool, DriverError> {
+        tracing::info!(seconds, "Xen guests get no notice: saving without one");
+        Ok(false)
     }
 
     async fn save(
@@ -278,6 +297,26 @@ impl Domain {
             return Ok(DomainState::Gone);
         }
         Err(DriverError::Toolstack(run.describe()))
+    }
+
+    /// `xl pause` or `xl unpause` (`verb`; both may be repeated): `None`,
+    /// or how the guest ended if it shut down before `xl` could act.
+    pub async fn pause_or_unpause(
+        &self,
+        verb: &str,
+        cancel: &CancellationToken,
+    ) -> Result<Option<SegmentEnd>, DriverError> {
+        let run = self
+            .xl
+            .run_retrying(&[verb, self.name.as_str()], QUERY_TIMEOUT, cancel)
+            .await?;
+        if run.success() {
+            return Ok(None);
+        }
+        match self.state(cancel).await? {
+            DomainState::Shutdown(reason) => Ok(Some(reason.end())),
+            _ => Err(DriverError::Toolstack(run.describe())),
+        }
     }
 
     /// `xl destroy`, never cancelled; a domain that is already gone is
