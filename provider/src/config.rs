@@ -5,7 +5,8 @@
 //! `hypervisors`, `arch`, `memory_mib`, `slots`, `price_per_second`,
 //! `min_price`, `unit`, `hot_discount`, `cache_dir`, `cache_bytes`,
 //! `work_dir`, `idle_load`, `owner_suspend_seconds`,
-//! `preempt_notice_seconds`, `heartbeat` in ms, `qemu_accel`,
+//! `preempt_notice_seconds`, `guest_memory_headroom_mib`, `heartbeat` in
+//! ms, `qemu_accel`,
 //! `qemu_icount_stop_plugin`,
 //! `xen_guest_type`, `xl_binary`, `xen_console_dir`,
 //! `synthetic_changed_fraction`); a missing key keeps its default, an
@@ -64,6 +65,10 @@ pub struct ProviderConfig {
     /// read it on their second serial port), never more than what is left
     /// of the segment.
     pub preempt_notice_seconds: u64,
+    /// With `idle_load` set, each QEMU guest runs in a cgroup of its own
+    /// whose memory ceiling is the guest's memory plus this, in MiB (QEMU's
+    /// own memory: the TCG translation cache, devices).
+    pub guest_memory_headroom_mib: u64,
     #[serde(deserialize_with = "millis")]
     pub heartbeat: Duration,
     /// QEMU accelerator: auto (KVM only if it really runs guests), kvm or tcg.
@@ -105,6 +110,7 @@ impl Default for ProviderConfig {
             idle_load: None,
             owner_suspend_seconds: 60,
             preempt_notice_seconds: 10,
+            guest_memory_headroom_mib: 512,
             heartbeat: Duration::from_secs(1),
             qemu_accel: "auto".into(),
             qemu_icount_stop_plugin: None,
@@ -202,6 +208,10 @@ pub struct Settings {
     #[arg(long, env = "VMLOT_PROVIDER_PREEMPT_NOTICE_SECONDS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub preempt_notice_seconds: Option<u64>,
+    /// With --idle-load: a guest's memory ceiling beyond its own memory, in MiB.
+    #[arg(long, env = "VMLOT_PROVIDER_GUEST_MEMORY_HEADROOM_MIB")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_memory_headroom_mib: Option<u64>,
     /// Heartbeat interval, in milliseconds.
     #[arg(long, env = "VMLOT_PROVIDER_HEARTBEAT")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -280,6 +290,7 @@ min_price = "0.5"
 memory_mib = 1024
 heartbeat = 250
 owner_suspend_seconds = 20
+guest_memory_headroom_mib = 256
 "#,
         )
         .unwrap();
@@ -290,6 +301,7 @@ owner_suspend_seconds = 20
         assert_eq!((c.name.as_str(), c.slots, c.memory_mib), ("provider", 1, 4096));
         assert_eq!(c.hypervisors, [HypervisorKind::Qemu]);
         assert_eq!((c.owner_suspend_seconds, c.preempt_notice_seconds), (60, 10));
+        assert_eq!(c.guest_memory_headroom_mib, 512);
 
         // The file over the defaults; what it leaves out keeps its default.
         let c = load(&["--config", file]).unwrap();
@@ -299,6 +311,7 @@ owner_suspend_seconds = 20
         assert_eq!(c.heartbeat, Duration::from_millis(250));
         assert_eq!(c.price_per_second, Decimal::new(1, 3));
         assert_eq!((c.owner_suspend_seconds, c.preempt_notice_seconds), (20, 10));
+        assert_eq!(c.guest_memory_headroom_mib, 256);
 
         // The environment over the file.
         // SAFETY: no other test reads or writes these variables, and the
@@ -308,6 +321,7 @@ owner_suspend_seconds = 20
             std::env::set_var("VMLOT_PROVIDER_HYPERVISORS", "qemu,xen");
             std::env::set_var("VMLOT_PROVIDER_PRICE_PER_SECOND", "0.00012345");
             std::env::set_var("VMLOT_PROVIDER_PREEMPT_NOTICE_SECONDS", "5");
+            std::env::set_var("VMLOT_PROVIDER_GUEST_MEMORY_HEADROOM_MIB", "768");
         }
         let from_env = load(&["--config", file]);
         // Flags over the environment.
@@ -320,6 +334,8 @@ owner_suspend_seconds = 20
             "flag",
             "--hypervisors",
             "qemu",
+            "--guest-memory-headroom-mib",
+            "1024",
         ]);
         // SAFETY: as above.
         unsafe {
@@ -327,17 +343,20 @@ owner_suspend_seconds = 20
             std::env::remove_var("VMLOT_PROVIDER_HYPERVISORS");
             std::env::remove_var("VMLOT_PROVIDER_PRICE_PER_SECOND");
             std::env::remove_var("VMLOT_PROVIDER_PREEMPT_NOTICE_SECONDS");
+            std::env::remove_var("VMLOT_PROVIDER_GUEST_MEMORY_HEADROOM_MIB");
         }
         let c = from_env.unwrap();
         assert_eq!((c.name.as_str(), c.slots, c.memory_mib), ("from-file", 3, 1024));
         assert_eq!(c.hypervisors, [HypervisorKind::Qemu, HypervisorKind::Xen]);
         assert_eq!(c.price_per_second, Decimal::new(12345, 8));
         assert_eq!((c.owner_suspend_seconds, c.preempt_notice_seconds), (20, 5));
+        assert_eq!(c.guest_memory_headroom_mib, 768);
         let c = from_flags.unwrap();
         assert_eq!((c.name.as_str(), c.slots, c.memory_mib), ("flag", 4, 1024));
         assert_eq!(c.hypervisors, [HypervisorKind::Qemu]);
         assert_eq!(c.price_per_second, Decimal::new(12345, 8));
         assert_eq!(c.min_price, Decimal::new(5, 1));
+        assert_eq!(c.guest_memory_headroom_mib, 1024);
     }
 
     #[test]
@@ -364,6 +383,8 @@ owner_suspend_seconds = 20
             "0",
             "--preempt-notice-seconds",
             "30",
+            "--guest-memory-headroom-mib",
+            "64",
             "--qemu-accel",
             "tcg",
             "--xen-guest-type",
@@ -383,6 +404,7 @@ owner_suspend_seconds = 20
         assert_eq!(c.work_dir, PathBuf::from("/w"));
         assert_eq!(c.idle_load, Some(0.5));
         assert_eq!((c.owner_suspend_seconds, c.preempt_notice_seconds), (0, 30));
+        assert_eq!(c.guest_memory_headroom_mib, 64);
         assert_eq!((c.qemu_accel.as_str(), c.xen_guest_type.as_str()), ("tcg", "pvh"));
         assert_eq!(c.xl_binary, Some(PathBuf::from("/usr/sbin/xl")));
         assert_eq!(c.xen_console_dir, PathBuf::from("/var/log/c"));

@@ -6,9 +6,11 @@
 //! - [`driver`]: the hypervisor interface, the segment template, the drivers.
 //! - [`daemon`]: [`daemon::run`], the daemon itself, shared by the binary and tests.
 //! - [`bidding`]: what to bid, from the provider's own price and what it holds.
+//! - [`owner`]: the owner's activity; [`cgroup`]: a scavenger's guests' cgroups.
 //! - [`logging`]: text or JSON log lines.
 
 pub mod bidding;
+pub mod cgroup;
 pub mod config;
 pub mod daemon;
 pub mod doctor;

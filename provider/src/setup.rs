@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use vmlot_schemas::HypervisorKind;
 
+use crate::cgroup::Confinement;
 use crate::config::ProviderConfig;
 use crate::driver::Driver;
 use crate::driver::qemu::{Accel, QemuConfig, QemuDriver};
@@ -83,6 +84,10 @@ fn driver(config: &ProviderConfig, kind: HypervisorKind) -> Result<Arc<dyn Drive
                 // A provider scavenging cycles (bidding only while the
                 // owner is idle) also runs its guests behind the owner's work.
                 idle_priority: config.idle_load.is_some(),
+                // And in a cgroup of their own, with a memory ceiling.
+                confine: config.idle_load.map(|_| Confinement {
+                    headroom_mib: config.guest_memory_headroom_mib,
+                }),
             }))
         }
         HypervisorKind::Xen => {

@@ -70,7 +70,10 @@ pub async fn watch(ctx: &Context, job: JobId) -> Result<()> {
     let mut waiting_said = false;
     let status = loop {
         let s = api.status(job).await?;
-        for seg in &s.settled[shown..] {
+        for (i, seg) in s.settled.iter().enumerate().skip(shown) {
+            // Whole segments so far: a partial one (preempted by its
+            // provider's owner) is progress, not one of the job's segments.
+            let whole = s.settled[..=i].iter().filter(|x| x.partial_ms.is_none()).count() as u64;
             if ctx.json {
                 print_json_line(seg)?;
                 continue;
@@ -80,11 +83,15 @@ pub async fn watch(ctx: &Context, job: JobId) -> Result<()> {
             let who = names.of(&api, &seg.provider).await;
             let of = total(&s).map(|n| n.to_string()).unwrap_or_else(|| "?".into());
             match &mut bar {
-                Some(bar) => bar.settled(seg, &who, &tail),
+                Some(bar) => bar.settled(seg, whole, &who, &tail),
                 None => {
                     println!(
-                        "segment {}/{of} settled: {who} ({}) at {}, {:.1} s, fetched {} B, sent {} B, guest {}",
-                        seg.segment + 1,
+                        "segment {}/{of} {}: {who} ({}) at {}, {:.1} s, fetched {} B, sent {} B, guest {}",
+                        whole + u64::from(seg.partial_ms.is_some()),
+                        match seg.partial_ms {
+                            Some(ms) => format!("partly run (preempted after {:.1} s)", ms as f64 / 1000.0),
+                            None => "settled".to_string(),
+                        },
                         short(&seg.provider),
                         seg.price,
                         wall_ms(seg) as f64 / 1000.0,
@@ -164,8 +171,8 @@ impl Bar {
         }
     }
 
-    fn settled(&mut self, seg: &SettledSegment, who: &str, tail: &ConsoleTail) {
-        self.main.set_position(seg.segment as u64 + 1);
+    fn settled(&mut self, seg: &SettledSegment, whole: u64, who: &str, tail: &ConsoleTail) {
+        self.main.set_position(whole);
         self.last = format!(
             "last: {who} at {}, {:.1} s, {} B moved",
             seg.price,

@@ -89,6 +89,11 @@ pub async fn run(
     let cache = Arc::new(BlockCache::open(&config.cache_dir, config.cache_bytes)?);
     std::fs::create_dir_all(&config.work_dir)
         .map_err(|e| nats("create work dir", format!("{}: {e}", config.work_dir.display())))?;
+    if config.idle_load.is_some() && drivers.contains_key(&HypervisorKind::Qemu) {
+        // A scavenger's guests get cgroups of their own: found (or said to
+        // be unavailable) now, and a killed daemon's leftovers removed.
+        crate::cgroup::place();
+    }
     let mut js = jetstream::new(client.clone());
     js.set_timeout(Duration::from_secs(15));
     let config_slots = config.slots as usize;

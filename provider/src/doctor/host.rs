@@ -1,6 +1,6 @@
 //! The doctor's checks of the hypervisors this provider offers: QEMU (on
 //! `PATH`, its version, the mapped-ram capability), KVM, the icount-stop
-//! plugin, and Xen's `xl`.
+//! plugin, a scavenger's guest cgroups, and Xen's `xl`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
@@ -10,6 +10,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
 use super::{Check, Status};
+use crate::cgroup::{self, CgroupError, Place};
 use crate::driver::host::find_binary;
 use crate::driver::{qemu, xen};
 
@@ -227,6 +228,37 @@ pub(super) fn icount_plugin(configured: Option<&Path>) -> Check {
     }
 }
 
+/// Whether a scavenging provider (`idle_load` set) can give each QEMU
+/// guest a cgroup of its own under its cgroup: `probed` is what
+/// [`cgroup::probe`] found, `None` for a provider that does not scavenge.
+/// Without it guests still run (a warning, not a failure).
+pub fn guest_cgroup(headroom_mib: u64, probed: Option<Result<Place, CgroupError>>) -> Check {
+    const NAME: &str = "cgroup";
+    match probed {
+        None => Check::new(
+            NAME,
+            Status::Ok,
+            "not used: idle_load unset (a provider that does not scavenge runs its guests in its own cgroup)",
+        ),
+        Some(Ok(place)) => Check::new(
+            NAME,
+            Status::Ok,
+            format!(
+                "{place}: each guest in a cgroup of its own in {}/, memory ceiling the guest's memory + {headroom_mib} MiB, the lowest CPU weight",
+                cgroup::GUESTS
+            ),
+        ),
+        Some(Err(e)) => Check::new(
+            NAME,
+            Status::Warning,
+            format!(
+                "guests cannot be confined ({e}): they run under SCHED_IDLE but with no memory ceiling; \
+                 run the provider as the systemd unit (Delegate=yes) or with write access to its cgroup's memory controller"
+            ),
+        ),
+    }
+}
+
 /// The value of `field` in `xl info`'s `field : value` lines.
 pub fn xl_info_field<'a>(info: &'a str, field: &str) -> Option<&'a str> {
     info.lines().find_map(|line| {
@@ -364,6 +396,26 @@ mod tests {
         assert_eq!(kvm_check("kvm", denied()).status, Status::Missing);
         assert_eq!(kvm_check("kvm", Ok(())).status, Status::Ok);
         assert_eq!(kvm_check("tcg", denied()).status, Status::Ok);
+    }
+
+    #[test]
+    fn guest_cgroups_missing_is_a_warning() {
+        let place = Place::V1 {
+            memory: "/sys/fs/cgroup/memory/system.slice/vmlot-provider.service".into(),
+            cpu: None,
+        };
+        let ok = guest_cgroup(512, Some(Ok(place)));
+        assert_eq!(ok.status, Status::Ok);
+        assert!(
+            ok.detail.contains("+ 512 MiB") && ok.detail.contains("vmlot-provider.service"),
+            "{}",
+            ok.detail
+        );
+        let denied = CgroupError::Unavailable("no memory controller".into());
+        let warning = guest_cgroup(512, Some(Err(denied)));
+        assert_eq!(warning.status, Status::Warning);
+        assert!(warning.detail.contains("Delegate=yes"), "{}", warning.detail);
+        assert_eq!(guest_cgroup(512, None).status, Status::Ok);
     }
 
     #[test]

@@ -5,15 +5,17 @@
 //!
 //! Each check is a small function returning a [`Check`]: `ok`, `warning`
 //! (the provider runs, worse: QEMU under TCG, no deterministic segments,
-//! little disk) or `missing` (it cannot serve: no QEMU 10, a NATS server
-//! it cannot reach, credentials that are not a provider's). The decisions
+//! little disk, a scavenger's guests without a memory ceiling) or
+//! `missing` (it cannot serve: no QEMU 10, a NATS server it cannot reach,
+//! credentials that are not a provider's). The decisions
 //! (version, thresholds, how a connection failed) are pure functions,
 //! unit-tested beside them; the probes around them only gather facts.
 //! Nothing is written: directories that do not exist yet are judged by the
 //! nearest one that does, where the daemon would create them.
 //!
 //! - [`market`]: the settings, the credentials, the NATS server.
-//! - [`host`]: QEMU (version, mapped-ram), KVM, the icount-stop plugin, Xen's `xl`.
+//! - [`host`]: QEMU (version, mapped-ram), KVM, the icount-stop plugin, a
+//!   scavenger's guest cgroups, Xen's `xl`.
 //! - [`disk`]: free space and write access in the work and cache dirs.
 
 use serde::Serialize;
@@ -127,6 +129,8 @@ pub async fn examine(nats_urls: &str, access: &Access, settings: &Settings) -> R
         }
         checks.push(host::kvm_check(&config.qemu_accel, host::open_kvm()));
         checks.push(host::icount_plugin(config.qemu_icount_stop_plugin.as_deref()));
+        let probed = config.idle_load.map(|_| crate::cgroup::probe());
+        checks.push(host::guest_cgroup(config.guest_memory_headroom_mib, probed));
     }
     if config.hypervisors.contains(&HypervisorKind::Xen) {
         checks.push(host::xen_toolstack(config.xl_binary.as_deref()).await);

@@ -33,6 +33,7 @@ use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 use vmlot_schemas::HypervisorKind;
 
+use crate::cgroup::Confinement;
 use crate::driver::api::{Driver, DriverError, SegmentPlan, SegmentReport};
 use crate::driver::host::{expect_kind, find_binary, io_err, remove_if_exists, spawn_error, validate};
 use crate::driver::template;
@@ -71,6 +72,10 @@ pub struct QemuConfig {
     /// get a CPU only when nothing else on the machine wants it, so the
     /// owner's own work is not slowed (cycle scavenging).
     pub idle_priority: bool,
+    /// Run each guest in a cgroup of its own under the provider's, with
+    /// the lowest CPU weight and a memory ceiling of the guest's memory
+    /// plus a headroom (see [`crate::cgroup`]); `None`: in the provider's.
+    pub confine: Option<Confinement>,
 }
 
 /// The plugin's file name as cargo builds it.
@@ -87,6 +92,7 @@ pub struct QemuDriver {
     accel: Accel,
     plugin: Option<PathBuf>,
     idle_priority: bool,
+    confine: Option<Confinement>,
     /// The answer of the KVM probe, for [`Accel::Auto`].
     probed: OnceCell<Accel>,
 }
@@ -99,6 +105,7 @@ impl QemuDriver {
             accel: config.accel,
             plugin: config.icount_stop_plugin.or_else(beside_us),
             idle_priority: config.idle_priority,
+            confine: config.confine,
             probed: OnceCell::new(),
         }
     }
@@ -160,7 +167,8 @@ impl QemuDriver {
         };
         let stderr = workdir.join(STDERR_FILE);
         let machine = vm::QemuMachine::new(binary, accel, console, stderr, socket, notice, exact)
-            .idle_priority(self.idle_priority);
+            .idle_priority(self.idle_priority)
+            .confine(self.confine);
         template::run_segment(machine, plan, workdir, &cancel).await
     }
 }

@@ -1,6 +1,7 @@
-//! One QEMU process of a segment: spawned with the guest's priority and
-//! tied to the provider's life, its QMP connection, commands with a
-//! timeout and cancellation, and its end (quit, then kill).
+//! One QEMU process of a segment: spawned with the guest's priority (and
+//! in the guest's cgroup, for a scavenging provider) and tied to the
+//! provider's life, its QMP connection, commands with a timeout and
+//! cancellation, and its end (quit, then kill; the cgroup removed).
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -13,6 +14,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::qmp::{self, Qmp, QmpCapabilities, QmpError, Quit};
+use crate::cgroup::{self, GuestCgroup};
 use crate::driver::api::{DriverError, SegmentEnd};
 use crate::driver::host::{io_err, spawn_error};
 
@@ -34,6 +36,8 @@ pub(super) struct Process {
     pub(super) binary: PathBuf,
     pub(super) stderr: PathBuf,
     pub(super) socket: PathBuf,
+    /// The guest's cgroup, removed once QEMU has exited.
+    cgroup: Option<GuestCgroup>,
 }
 
 impl Process {
@@ -43,6 +47,7 @@ impl Process {
         stderr: &Path,
         socket: PathBuf,
         idle_priority: bool,
+        cgroup: Option<GuestCgroup>,
     ) -> Result<Process, DriverError> {
         let log = std::fs::File::create(stderr).map_err(|e| io_err("create", stderr, e))?;
         let log2 = log.try_clone().map_err(|e| io_err("dup", stderr, e))?;
@@ -53,7 +58,9 @@ impl Process {
             .stderr(log2)
             // Every way out of a segment, a panic included, ends QEMU.
             .kill_on_drop(true);
-        // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+        let join = cgroup.as_ref().map(GuestCgroup::join);
+        // SAFETY: prctl, sched_setscheduler and Join::enter (open, write,
+        // close of C strings made before the fork) are async-signal-safe.
         // A provider killed outright (SIGKILL runs no destructor) must not
         // leave its guest running: the kernel kills QEMU with it.
         unsafe {
@@ -66,18 +73,34 @@ impl Process {
                 if idle_priority && libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) == -1 {
                     return Err(std::io::Error::last_os_error());
                 }
+                // Before QEMU allocates guest RAM, so all of it is charged
+                // to the guest's cgroup. A failure is seen by the parent,
+                // which checks, and the guest then runs unconfined.
+                if let Some(join) = &join {
+                    let _ = join.enter();
+                }
                 Ok(())
             });
         }
         let child = cmd
             .spawn()
             .map_err(|e| spawn_error(binary, PACKAGE, e, DriverError::Start))?;
+        let cgroup = cgroup.and_then(|cgroup| match child.id() {
+            Some(pid) if !cgroup.contains(pid) => {
+                let dir = cgroup.memory_dir().display().to_string();
+                cgroup::unconfined(&format!("QEMU (pid {pid}) could not enter {dir}"));
+                cgroup.remove();
+                None
+            }
+            _ => Some(cgroup),
+        });
         Ok(Process {
             child,
             qmp: None,
             binary: binary.to_path_buf(),
             stderr: stderr.to_path_buf(),
             socket,
+            cgroup,
         })
     }
 
@@ -196,15 +219,23 @@ impl Process {
         {
             self.kill().await;
         }
+        self.remove_cgroup();
     }
 
     /// SIGKILL and reap: no QEMU outlives a failed or cancelled segment.
     pub(super) async fn kill(&mut self) {
-        if let Ok(Some(_)) = self.child.try_wait() {
-            return;
-        }
-        if let Err(e) = self.child.kill().await {
+        if !matches!(self.child.try_wait(), Ok(Some(_)))
+            && let Err(e) = self.child.kill().await
+        {
             tracing::warn!("killing QEMU: {e}");
+        }
+        self.remove_cgroup();
+    }
+
+    /// Removes the guest's cgroup, QEMU having exited.
+    fn remove_cgroup(&mut self) {
+        if let Some(cgroup) = self.cgroup.take() {
+            cgroup.remove();
         }
     }
 }
@@ -212,5 +243,12 @@ impl Process {
 impl Drop for Process {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.socket);
+        if self.cgroup.is_some() {
+            // Ended neither by quit nor kill (a panic, a dropped segment):
+            // kill_on_drop would kill it after this; the cgroup goes once
+            // QEMU has exited.
+            let _ = self.child.start_kill();
+            self.remove_cgroup();
+        }
     }
 }

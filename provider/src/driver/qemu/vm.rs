@@ -24,6 +24,7 @@ use super::qmp::{
     Cont, HumanMonitorCommand, Migrate, MigrateIncoming, MigrateSetCapabilities, MigrationCapability,
     MigrationCapabilityStatus, MigrationChannel, MigrationStatus, QmpError, QueryMigrate, QueryReplay, Stop,
 };
+use crate::cgroup::{self, Confinement};
 use crate::driver::api::{DriverError, SegmentEnd, SegmentPlan, SegmentStart};
 use crate::driver::host::{io_err, remove_if_exists};
 use crate::driver::template::Machine;
@@ -61,6 +62,8 @@ pub(crate) struct QemuMachine {
     stopper: Option<Stopper>,
     /// QEMU runs under `SCHED_IDLE`.
     idle_priority: bool,
+    /// QEMU runs in a cgroup of its own, sized so.
+    confine: Option<Confinement>,
 }
 
 /// An exact run under way: the plugin's control, the icount to stop at,
@@ -94,12 +97,19 @@ impl QemuMachine {
             exact,
             stopper: None,
             idle_priority: false,
+            confine: None,
         }
     }
 
     /// Runs QEMU under the idle scheduling policy (or not).
     pub fn idle_priority(mut self, idle: bool) -> Self {
         self.idle_priority = idle;
+        self
+    }
+
+    /// Runs QEMU in a cgroup of its own (see [`crate::cgroup`]), or not.
+    pub fn confine(mut self, confine: Option<Confinement>) -> Self {
+        self.confine = confine;
         self
     }
 
@@ -121,12 +131,16 @@ impl Machine for QemuMachine {
         let args = command_line(plan, self.accel, &paths, exact)?;
         // The plugin connects while QEMU loads it, before QMP is up.
         let listener = exact.map(StopListener::bind).transpose()?;
+        let cgroup = self
+            .confine
+            .and_then(|c| cgroup::for_guest(&plan.workdir, plan.vm.memory_mib, c));
         let process = Process::spawn(
             &self.binary,
             &args,
             &self.stderr,
             self.socket.clone(),
             self.idle_priority,
+            cgroup,
         )?;
         tracing::debug!(workdir = %plan.workdir.display(), accel = ?self.accel, exact = ?plan.instructions, "QEMU started");
         let vm = self.process.insert(process);
