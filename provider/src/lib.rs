@@ -6,13 +6,15 @@
 //! - [`driver`]: the hypervisor interface, the segment template, the drivers.
 //! - [`daemon`]: [`daemon::run`], the daemon itself, shared by the binary and tests.
 //! - [`bidding`]: what to bid, from the provider's own price and what it holds.
-//! - [`owner`]: the owner's activity; [`cgroup`]: a scavenger's guests' cgroups.
+//! - [`owner`]: the owner's activity ([`desktop`]: someone at a graphical session);
+//!   [`cgroup`]: a scavenger's guests' cgroups.
 //! - [`logging`]: text or JSON log lines.
 
 pub mod bidding;
 pub mod cgroup;
 pub mod config;
 pub mod daemon;
+pub mod desktop;
 pub mod doctor;
 pub mod driver;
 #[cfg(feature = "fault-injection")]

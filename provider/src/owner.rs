@@ -3,8 +3,9 @@
 //! this daemon and every process it started (QEMU, `xl`, …) spent
 //! (`/proc/<pid>/stat` of each descendant). A load average counts the
 //! provider's own guests too, so a provider running a segment would look
-//! busy to itself and stop bidding; this does not. Input idle time of a
-//! desktop session is not measured (no session here to test it with).
+//! busy to itself and stop bidding; this does not. A graphical session in
+//! use (input within the desktop's idle delay) makes the owner busy too,
+//! whatever the CPU says ([`crate::desktop`]).
 //!
 //! The arithmetic is pure ([`owner_share`], [`descendants`]); [`Meter`]
 //! reads `/proc`.
@@ -12,6 +13,8 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use crate::desktop::Desktop;
 
 /// CPU time counters at one moment, in clock ticks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -125,6 +128,7 @@ const MIN_INTERVAL: Duration = Duration::from_secs(1);
 pub struct Meter {
     root: u32,
     last: Mutex<Option<(Instant, Sample, f64)>>,
+    desktop: Desktop,
 }
 
 impl Default for Meter {
@@ -139,6 +143,7 @@ impl Meter {
         Meter {
             root,
             last: Mutex::new(None),
+            desktop: Desktop::default(),
         }
     }
 
@@ -161,10 +166,11 @@ impl Meter {
         share
     }
 
-    /// True while the owner's share stays below `threshold` (always with
-    /// no threshold).
+    /// True while the owner's share stays below `threshold` and nobody
+    /// uses a graphical session of the machine ([`Desktop`]); always with
+    /// no threshold (a provider that does not scavenge).
     pub fn idle(&self, threshold: Option<f64>) -> bool {
-        threshold.is_none_or(|t| self.owner_share() < t)
+        threshold.is_none_or(|t| self.owner_share() < t && !self.desktop.in_use())
     }
 }
 
