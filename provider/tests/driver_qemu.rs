@@ -2,6 +2,8 @@
 //! scripts/build-guest.sh). Nothing is mocked and nothing is skipped: with
 //! QEMU or the guest missing these tests fail and say how to get them.
 
+mod common;
+use common::guest;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -12,34 +14,8 @@ use vmlot_provider::driver::{
 };
 use vmlot_schemas::{HypervisorKind, VmConfig};
 
-const SETUP: &str = "run `make deps guest` in the repository root (QEMU from scripts/deps.sh, \
-                     the guest from scripts/build-guest.sh)";
 const BASE_CMDLINE: &str = "console=ttyS0 quiet loglevel=1 panic=-1";
 const MEMORY_MIB: u32 = 128;
-
-/// The test guest; panics (fails the test) when it or QEMU is missing.
-fn guest() -> BootFiles {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/guest");
-    let kernel = dir.join("vmlinuz");
-    let initrd = dir.join("initrd.cpio.gz");
-    for file in [&kernel, &initrd] {
-        assert!(
-            file.is_file(),
-            "test guest file {} is missing: {SETUP}",
-            file.display()
-        );
-    }
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    assert!(
-        std::env::split_paths(&path).any(|d| d.join("qemu-system-x86_64").is_file()),
-        "qemu-system-x86_64 is not on PATH: {SETUP}"
-    );
-    BootFiles {
-        kernel,
-        initrd: Some(initrd),
-        disks: Vec::new(),
-    }
-}
 
 fn plan(
     files: &BootFiles,

@@ -9,6 +9,8 @@
 //! and nothing is skipped: with QEMU or the guest missing the test fails
 //! and says how to get them. About 20 s under TCG.
 
+mod common;
+use common::guest;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,36 +22,10 @@ use vmlot_provider::driver::{
 };
 use vmlot_schemas::{HypervisorKind, VmConfig};
 
-const SETUP: &str = "run `make deps guest` in the repository root (QEMU from scripts/deps.sh, \
-                     the guest from scripts/build-guest.sh)";
 /// Enough work that neither segment sees the end of it (~0.05 s a step).
 const CMDLINE: &str = "console=ttyS0 quiet loglevel=1 panic=-1 vmlot.mode=hashchain \
                        vmlot.steps=2000 vmlot.work_kib=256 vmlot.notice=1";
 const STEPS: u32 = 2000;
-
-/// The test guest; panics (fails the test) when it or QEMU is missing.
-fn guest() -> BootFiles {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/guest");
-    let kernel = dir.join("vmlinuz");
-    let initrd = dir.join("initrd.cpio.gz");
-    for file in [&kernel, &initrd] {
-        assert!(
-            file.is_file(),
-            "test guest file {} is missing: {SETUP}",
-            file.display()
-        );
-    }
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    assert!(
-        std::env::split_paths(&path).any(|d| d.join("qemu-system-x86_64").is_file()),
-        "qemu-system-x86_64 is not on PATH: {SETUP}"
-    );
-    BootFiles {
-        kernel,
-        initrd: Some(initrd),
-        disks: Vec::new(),
-    }
-}
 
 fn plan(files: &BootFiles, start: SegmentStart, run_for: Duration, workdir: &Path) -> SegmentPlan {
     SegmentPlan {
