@@ -3,7 +3,7 @@
 //! QEMU or the guest missing these tests fail and say how to get them.
 
 mod common;
-use common::guest;
+use common::{guest, tcg};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -12,10 +12,9 @@ use vmlot_provider::driver::qemu::{Accel, QemuConfig, QemuDriver};
 use vmlot_provider::driver::{
     BootFiles, Driver, DriverError, SegmentEnd, SegmentPlan, SegmentReport, SegmentStart,
 };
-use vmlot_schemas::{HypervisorKind, VmConfig};
+use vmlot_schemas::HypervisorKind;
 
 const BASE_CMDLINE: &str = "console=ttyS0 quiet loglevel=1 panic=-1";
-const MEMORY_MIB: u32 = 128;
 
 fn plan(
     files: &BootFiles,
@@ -24,29 +23,13 @@ fn plan(
     run_for: Duration,
     workdir: &Path,
 ) -> SegmentPlan {
-    SegmentPlan {
-        vm: VmConfig {
-            hypervisor: HypervisorKind::Qemu,
-            arch: "x86_64".into(),
-            memory_mib: MEMORY_MIB,
-            vcpus: 1,
-            cmdline: format!("{BASE_CMDLINE} {cmdline}"),
-        },
-        files: files.clone(),
+    common::plan(
+        files,
+        format!("{BASE_CMDLINE} {cmdline}"),
         start,
         run_for,
-        instructions: None,
-        workdir: workdir.to_path_buf(),
-        owner: None,
-    }
-}
-
-fn tcg() -> QemuDriver {
-    QemuDriver::new(QemuConfig {
-        binary: None,
-        accel: Accel::Tcg,
-        ..Default::default()
-    })
+        workdir,
+    )
 }
 
 /// Copies a file keeping zero 4 KiB blocks as holes, the way a provider

@@ -10,17 +10,16 @@
 //! and says how to get them. About 20 s under TCG.
 
 mod common;
-use common::guest;
+use common::{guest, tcg};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
-use vmlot_provider::driver::qemu::{Accel, CONSOLE_FILE, QemuConfig, QemuDriver};
+use vmlot_provider::driver::qemu::CONSOLE_FILE;
 use vmlot_provider::driver::{
     BootFiles, Driver, OwnerPolicy, SegmentEnd, SegmentPlan, SegmentReport, SegmentStart,
 };
-use vmlot_schemas::{HypervisorKind, VmConfig};
 
 /// Enough work that neither segment sees the end of it (~0.05 s a step).
 const CMDLINE: &str = "console=ttyS0 quiet loglevel=1 panic=-1 vmlot.mode=hashchain \
@@ -28,29 +27,7 @@ const CMDLINE: &str = "console=ttyS0 quiet loglevel=1 panic=-1 vmlot.mode=hashch
 const STEPS: u32 = 2000;
 
 fn plan(files: &BootFiles, start: SegmentStart, run_for: Duration, workdir: &Path) -> SegmentPlan {
-    SegmentPlan {
-        vm: VmConfig {
-            hypervisor: HypervisorKind::Qemu,
-            arch: "x86_64".into(),
-            memory_mib: 128,
-            vcpus: 1,
-            cmdline: CMDLINE.into(),
-        },
-        files: files.clone(),
-        start,
-        run_for,
-        instructions: None,
-        workdir: workdir.to_path_buf(),
-        owner: None,
-    }
-}
-
-fn tcg() -> QemuDriver {
-    QemuDriver::new(QemuConfig {
-        binary: None,
-        accel: Accel::Tcg,
-        ..Default::default()
-    })
+    common::plan(files, CMDLINE.into(), start, run_for, workdir)
 }
 
 /// An owner who gets busy `after` the guest's work began (its hashchain
