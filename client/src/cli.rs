@@ -83,7 +83,9 @@ pub enum Command {
     RunLocal {
         dir: PathBuf,
         /// auto (KVM if it works here), kvm or tcg; a state saved under
-        /// one accelerator restores most safely under the same.
+        /// one accelerator restores most safely under the same. A
+        /// deterministic (quorum) job's state restores only under TCG with
+        /// an instruction-count clock, which auto and tcg then mean.
         #[arg(long, default_value = "auto")]
         accel: String,
     },

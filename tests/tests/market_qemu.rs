@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use rust_decimal::Decimal;
 use vmlot_schemas::caller::Role;
-use vmlot_schemas::market::GuestState;
+use vmlot_schemas::market::{GuestState, JobStatus};
 use vmlot_schemas::{ManifestId, ProviderId};
 use vmlot_tests::market::{QemuProviderSpec, kill_pids, processes_mentioning, wait_for};
 use vmlot_tests::vm::{GuestImage, Timed, VmMarket, assert_console_exact, guest_files};
@@ -268,9 +268,24 @@ async fn a_quorum_of_deterministic_replicas_outvotes_a_provider_that_alters_gues
     m.market.ready(3).await.unwrap();
     let image = m.push_image(&qemu_image(&[]));
     let job = m.submit_checked(&image, SEGMENT_SECONDS, "until-halt", "2", "quorum");
+    // Its latest checkpoint, fetched while it runs, is resumed outside the
+    // market once it is done (below).
+    m.until(job, "two segments settled", |s| {
+        (s.settled.len() >= 2).then_some(())
+    })
+    .await;
+    let bundle = m.market.path().join("bundle");
+    m.vmlot_ok(&[
+        "fetch",
+        &job.to_string(),
+        "--any-state",
+        "-o",
+        bundle.to_str().unwrap(),
+    ]);
     let done = m.wait_final(job).await;
     let logs = m.vmlot_ok(&["logs", &job.to_string()]);
     assert_console_exact(&logs, reference, &done, "vmlot logs of a quorum job");
+    assert_resumes_where_the_market_was(&m, &done, &bundle, reference);
     m.assert_paid_once(&done).await;
     assert!(
         done.settled.iter().all(|s| s.provider != liar_id),
@@ -296,6 +311,32 @@ async fn a_quorum_of_deterministic_replicas_outvotes_a_provider_that_alters_gues
         .find(|s| s["provider"] == liar_id.to_string())
         .unwrap_or_else(|| panic!("no standing of the liar: {standing:#}"));
     assert_eq!(of_liar["refused"]["minority"], 1, "{of_liar:#}");
+}
+
+/// `vmlot run-local` of a deterministic job's bundle fetched mid-job
+/// (under icount, as its segments ran): the consoles of the segments up to
+/// its checkpoint, then the local run's, are the uninterrupted run's.
+fn assert_resumes_where_the_market_was(m: &VmMarket, done: &JobStatus, bundle: &Path, reference: &[u8]) {
+    let described: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(bundle.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(described["deterministic"], true, "{described:#}");
+    let after = described["after_segment"].as_u64().expect("a checkpoint") as usize;
+    let mut joined = Vec::new();
+    // A segment that printed nothing has no console.
+    for settled in &done.settled[..=after] {
+        let Some(console) = settled.console else { continue };
+        let out = m.market.path().join(format!("console-{}", settled.segment));
+        m.vmlot_ok(&["store", "pull", &console.to_string(), "-o", out.to_str().unwrap()]);
+        joined.extend(std::fs::read(&out).unwrap());
+    }
+    let local = m.vmlot_ok(&["run-local", bundle.to_str().unwrap()]);
+    assert!(!local.is_empty(), "run-local printed nothing");
+    joined.extend(local);
+    assert!(
+        joined == reference,
+        "the market's console to segment {after} and the local run's differ from an uninterrupted run:\n{}",
+        String::from_utf8_lossy(&joined)
+    );
 }
 
 /// A provider SIGKILLed while its QEMU runs segment 1: the attempt is lost,

@@ -42,18 +42,8 @@ pub async fn run_local(dir: &Path, accel: &str) -> Result<()> {
             vm.hypervisor
         );
     }
-    if manifest.deterministic {
-        bail!(
-            "job {} ran deterministic segments (a quorum on QEMU): its state restores only under icount, which run-local does not do yet",
-            manifest.job
-        );
-    }
-    let accel = match accel {
-        "auto" => Accel::Auto,
-        "kvm" => Accel::Kvm,
-        "tcg" => Accel::Tcg,
-        other => bail!("accelerator {other:?}: want auto, kvm or tcg"),
-    };
+    let accel =
+        accel_for(accel, manifest.deterministic).with_context(|| format!("resuming job {}", manifest.job))?;
     let has = |role: &str| manifest.files.iter().any(|f| f.role == role);
     if !has("kernel") {
         bail!(
@@ -141,6 +131,23 @@ pub async fn run_local(dir: &Path, accel: &str) -> Result<()> {
     Ok(())
 }
 
+/// The accelerator a bundle resumes under, from `--accel`: a deterministic
+/// job's state (segments counted in instructions under a virtual clock)
+/// restores only into that machine, under TCG, with no stop; any other
+/// job's under what its user asks for.
+fn accel_for(asked: &str, deterministic: bool) -> Result<Accel> {
+    Ok(match (asked, deterministic) {
+        ("auto" | "tcg", true) => Accel::Icount,
+        ("kvm", true) => bail!(
+            "its segments were deterministic (a quorum on QEMU): its state restores only under TCG with an instruction-count clock, not under KVM; drop --accel kvm"
+        ),
+        ("auto", false) => Accel::Auto,
+        ("kvm", false) => Accel::Kvm,
+        ("tcg", false) => Accel::Tcg,
+        (other, _) => bail!("accelerator {other:?}: want auto, kvm or tcg"),
+    })
+}
+
 /// Writes what the console file holds past `shown` to stdout; the new
 /// count shown.
 fn show(console: &Path, shown: usize) -> Result<usize> {
@@ -156,4 +163,21 @@ fn show(console: &Path, shown: usize) -> Result<usize> {
         return Ok(bytes.len());
     }
     Ok(shown)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_deterministic_bundle_resumes_under_icount_only() {
+        assert_eq!(accel_for("auto", true).unwrap(), Accel::Icount);
+        assert_eq!(accel_for("tcg", true).unwrap(), Accel::Icount);
+        let kvm = accel_for("kvm", true).unwrap_err().to_string();
+        assert!(kvm.contains("not under KVM"), "{kvm}");
+        assert_eq!(accel_for("auto", false).unwrap(), Accel::Auto);
+        assert_eq!(accel_for("kvm", false).unwrap(), Accel::Kvm);
+        assert_eq!(accel_for("tcg", false).unwrap(), Accel::Tcg);
+        assert!(accel_for("xen", false).is_err());
+    }
 }

@@ -28,6 +28,11 @@ pub enum Accel {
     Kvm,
     /// Pure emulation: slow, but works everywhere.
     Tcg,
+    /// The deterministic machine's emulation (one TCG thread, the guest's
+    /// clock its instruction count, a fixed RTC, as deterministic segments run) with no
+    /// instruction stop: the only machine a deterministic job's state
+    /// restores into, so `vmlot run-local` resumes such a job with it.
+    Icount,
 }
 
 impl Accel {
@@ -35,7 +40,8 @@ impl Accel {
         match self {
             Accel::Kvm => "kvm",
             // Auto is resolved before a machine is built; TCG is the safe side.
-            Accel::Tcg | Accel::Auto => "tcg",
+            // Icount's machine is built from DETERMINISTIC, not this flag.
+            Accel::Tcg | Accel::Auto | Accel::Icount => "tcg",
         }
     }
 }
@@ -126,6 +132,7 @@ fn machine_args(
     deterministic: bool,
 ) -> Result<Vec<OsString>, DriverError> {
     let vm = &plan.vm;
+    let deterministic = deterministic || accel == Accel::Icount;
     if deterministic && vm.vcpus != 1 {
         return Err(DriverError::BadImage(format!(
             "a deterministic segment runs one vCPU; the image has {}",
@@ -311,6 +318,29 @@ mod tests {
                 "{line:?}"
             );
         }
+    }
+
+    /// Icount builds the deterministic machine (the one a quorum job's
+    /// state was saved in) without the plugin that stops it.
+    #[test]
+    fn icount_builds_the_deterministic_machine_without_a_stop() {
+        let mut one = plan(SegmentStart::Restore {
+            machine_state: "/w/in".into(),
+        });
+        one.vm.vcpus = 1;
+        let line: Vec<String> = command_line(&one, Accel::Icount, &paths(), None)
+            .unwrap()
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        assert_eq!(line[..DETERMINISTIC.len()], DETERMINISTIC);
+        assert!(!line.iter().any(|a| a == "-plugin"), "{line:?}");
+        assert_eq!(line.iter().filter(|a| *a == "-accel").count(), 1, "{line:?}");
+        let two = plan(SegmentStart::Boot);
+        assert!(matches!(
+            command_line(&two, Accel::Icount, &paths(), None),
+            Err(DriverError::BadImage(_))
+        ));
     }
 
     #[test]

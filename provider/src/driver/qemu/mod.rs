@@ -124,7 +124,7 @@ impl QemuDriver {
     /// Cost: under a second with KVM, 5 s once per driver without it.
     pub async fn accel_for(&self, kernel: &Path, cancel: &CancellationToken) -> Result<Accel, DriverError> {
         match self.accel {
-            Accel::Kvm | Accel::Tcg => Ok(self.accel),
+            Accel::Kvm | Accel::Tcg | Accel::Icount => Ok(self.accel),
             Accel::Auto => {
                 let binary = find_binary(&self.binary, PACKAGE)?;
                 let accel = self
