@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export PATH := $(CURDIR)/.tools/bin:$(PATH)
 
-.PHONY: all deps build bench-build guest xen-host test test-xen lint unit check-release bench-xen demo bench-cas bench-market bench-segment bench-deterministic bench-ledger schemas clean
+.PHONY: all deps build bench-build guest xen-host test test-xen lint unit check-release bench-xen demo bench-cas bench-market bench-segment bench-deterministic bench-ledger schemas man clean
 
 all: build
 
@@ -18,6 +18,19 @@ RELEASE_PACKAGES := -p vmlot-broker -p vmlot-provider -p vmlot-client
 PLUGIN := -p vmlot-icount-stop
 build: deps
 	$(CARGO) build --release $(RELEASE_PACKAGES) $(PLUGIN)
+
+## Man pages and shell completions generated from the command-line definitions.
+man: build
+	rm -rf target/man target/completions
+	mkdir -p target/man target/completions
+	set -e; for bin in vmlot-broker vmlot-provider vmlot; do \
+	  target/release/$$bin man-pages target/man; \
+	  target/release/$$bin completions bash > target/completions/$$bin.bash; \
+	  target/release/$$bin completions zsh > target/completions/_$$bin; \
+	  target/release/$$bin completions fish > target/completions/$$bin.fish; \
+	  target/release/$$bin completions elvish > target/completions/$$bin.elv; \
+	  target/release/$$bin completions powershell > target/completions/_$$bin.ps1; \
+	done
 
 ## The benchmarks, with the test-capable broker and provider they drive
 ## (synthetic jobs), in a profile of their own: target/bench-build/.

@@ -27,7 +27,7 @@ use vmlot_schemas::market::{
     Submitted,
 };
 use vmlot_schemas::standing::Standing;
-use vmlot_schemas::{HypervisorKind, JobId, Money, WIRE_VERSION, subjects};
+use vmlot_schemas::{HypervisorKind, Money, WIRE_VERSION, subjects};
 
 use vmlot_ledger::LedgerError;
 use vmlot_schemas::ledger::{Account, CreditRequest, Transaction};
@@ -153,12 +153,14 @@ async fn serve<E: Serve>(group: &service::Group, shared: &Arc<Shared>) -> Result
 /// answered, encoded as a [`Reply`].
 async fn handle<E: Serve>(shared: &Arc<Shared>, subject: &str, payload: &[u8]) -> Vec<u8> {
     let Some(caller) = subjects::api_caller(subject) else {
+        crate::metrics::refused("request", "bad-request");
         return encode::<()>(Err(error(
             "bad-request",
             format!("{subject}: no caller in the subject"),
         )));
     };
     if shared.rates.check_key(&caller).is_err() {
+        crate::metrics::refused("request", "rate-limited");
         return encode::<()>(Err(error(
             "rate-limited",
             format!(
@@ -171,10 +173,11 @@ async fn handle<E: Serve>(shared: &Arc<Shared>, subject: &str, payload: &[u8]) -
         Ok(request) => E::serve(shared, &caller, request).await,
         Err(refused) => Err(refused),
     };
-    if let Err(e) = &reply
-        && e.code == "forbidden"
-    {
-        tracing::warn!(%caller, endpoint = E::NAME, reason = %e.message, "refused");
+    if let Err(e) = &reply {
+        crate::metrics::refused("request", &e.code);
+        if e.code == "forbidden" {
+            tracing::warn!(%caller, endpoint = E::NAME, reason = %e.message, "refused");
+        }
     }
     encode(reply)
 }
@@ -461,7 +464,7 @@ async fn submit(shared: &Arc<Shared>, caller: &Caller, mut req: SubmitJob) -> Re
         .quotas
         .admit(&req.spec, stored_bytes)
         .map_err(|over| error("quota-exceeded", over.to_string()))?;
-    let job = JobId::new();
+    let job = shared.new_job_id();
     // A slot of the account's jobs in flight, taken before anything is
     // written and given back if the submission fails.
     shared
@@ -516,7 +519,11 @@ async fn submit(shared: &Arc<Shared>, caller: &Caller, mut req: SubmitJob) -> Re
         Err(e) => tracing::warn!(%job, %e, "could not hold the budget yet; the job task will"),
     }
     tracing::info!(%job, "job submitted");
-    shared.spawn_job(job, None);
+    crate::metrics::job_submitted();
+    if let Err(err) = shared.look_again(job).await {
+        // Its partition's holder finds it on its next rescan.
+        tracing::warn!(%job, %err, "could not start the job yet");
+    }
     Ok(Submitted { job })
 }
 
@@ -531,8 +538,9 @@ async fn status(shared: &Arc<Shared>, caller: &Caller, req: JobRef) -> Result<Jo
 
 async fn cancel(shared: &Arc<Shared>, caller: &Caller, req: JobRef) -> Result<JobStatus, ApiError> {
     let status = end(shared, caller, &req, "cancel", lifecycle::cancel).await?;
-    if let Some(token) = shared.running.lock().expect("running lock").get(&req.job) {
-        token.cancel();
+    if let Err(err) = shared.look_again(req.job).await {
+        // The job's task sees the cancel at its next step.
+        tracing::warn!(job = %req.job, %err, "could not stop the job's task yet");
     }
     Ok(status)
 }

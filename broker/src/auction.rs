@@ -49,6 +49,21 @@ pub enum BidRefused {
     Unfit(ProviderId),
 }
 
+impl BidRefused {
+    /// The refusal's name, for counting (a bounded set of words).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            BidRefused::NotPositive(_) => "not-positive",
+            BidRefused::WrongUnit { .. } => "wrong-unit",
+            BidRefused::AboveReserve { .. } => "above-reserve",
+            BidRefused::AboveBudget { .. } => "above-budget",
+            BidRefused::Duplicate(_) => "duplicate",
+            BidRefused::NotInvited(_) => "not-invited",
+            BidRefused::Unfit(_) => "unfit",
+        }
+    }
+}
+
 /// Checks one bid against the lot's reserve and the job's remaining budget.
 pub fn check_bid(bid: &Bid, reserve: &Money, remaining: &Money) -> Result<(), BidRefused> {
     if bid.price.unit != reserve.unit {

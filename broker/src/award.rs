@@ -313,6 +313,7 @@ async fn send_awards(
             match send_award(shared, provider, &award).await {
                 Ok(()) => {
                     tracing::info!(%price, "awarded");
+                    crate::metrics::awarded();
                     true
                 }
                 Err(reason) => {

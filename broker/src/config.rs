@@ -48,6 +48,14 @@ pub struct BrokerConfig {
     pub deposit: Option<DepositPolicy>,
     /// How a partial segment (its provider's owner preempted it) is paid.
     pub partial_pay: PartialPay,
+    /// Where the Prometheus endpoint listens (see [`crate::metrics`]);
+    /// none when unset.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// This broker's name among brokers (see [`crate::lease`]); a fresh
+    /// UUID per start when unset. Kept across restarts, a broker takes
+    /// back the leases it held at once instead of waiting for them to
+    /// lapse; two live brokers must never share one.
+    pub broker_id: Option<String>,
 }
 
 /// What the broker asks of providers' deposits (`deposit:PROVIDER` in the
@@ -82,6 +90,8 @@ impl Default for BrokerConfig {
             replication: replication::Policy::default(),
             deposit: None,
             partial_pay: PartialPay::default(),
+            metrics_listen: None,
+            broker_id: None,
         }
     }
 }

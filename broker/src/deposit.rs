@@ -223,7 +223,8 @@ async fn try_forfeit(
         amount: Money::new(amount, unit.clone()),
         cause,
     };
-    shared.books.forfeit(&forfeit).await?;
+    let recorded = shared.books.forfeit(&forfeit).await?;
+    crate::metrics::payment("forfeit", &recorded);
     tracing::warn!(%provider, amount = %forfeit.amount, cause = cause.as_str(), "deposit forfeited to the submitter");
     Ok(())
 }

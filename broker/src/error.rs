@@ -17,6 +17,8 @@ pub enum BrokerError {
     /// A step the job's record did not allow (see [`crate::lifecycle`]).
     #[error("job record: {0}")]
     Lifecycle(#[from] Refused),
+    #[error(transparent)]
+    Metrics(#[from] vmlot_telemetry::EndpointError),
 }
 
 impl BrokerError {

@@ -34,16 +34,24 @@ const BUSY_BACKOFF_CAP: Duration = Duration::from_secs(2);
 const RESUME_PAUSE_CAP: Duration = Duration::from_secs(30);
 
 impl Shared {
-    /// Starts the task that drives `job`, unless one already does. A lot
-    /// the job has open is routed to it at once, so results that waited in
-    /// the stream while no broker ran are not refused as unknown.
+    /// Starts the task that drives `job`, unless one already does or this
+    /// broker does not hold the job's partition. A lot the job has open is
+    /// routed to it at once, so results that waited in the stream while
+    /// no broker ran are not refused as unknown.
     pub fn spawn_job(self: &Arc<Self>, job: JobId, open_lot: Option<LotId>) {
+        let (parent, tracker) = {
+            let partitions = self.partitions.lock().expect("partitions lock");
+            match partitions.get(&vmlot_schemas::subjects::partition_of(&job)) {
+                Some(holding) => (holding.token.clone(), holding.tracker.clone()),
+                None => return,
+            }
+        };
         let token = {
             let mut running = self.running.lock().expect("running lock");
             if running.contains_key(&job) {
                 return;
             }
-            let token = self.shutdown.child_token();
+            let token = parent.child_token();
             running.insert(job, token.clone());
             token
         };
@@ -53,6 +61,7 @@ impl Shared {
         }
         let shared = Arc::clone(self);
         let task = async move {
+            crate::metrics::job_task(1.0);
             let mut rx = rx;
             let mut pause = Duration::from_secs(1);
             // A NATS error stops one pass, not the job: it resumes from its
@@ -67,9 +76,10 @@ impl Shared {
             }
             shared.running.lock().expect("running lock").remove(&job);
             shared.in_flight.lock().expect("in-flight lock").release(&job);
+            crate::metrics::job_task(-1.0);
         };
         self.tasks
-            .spawn(task.instrument(tracing::info_span!("job", %job)));
+            .spawn(tracker.track_future(task.instrument(tracing::info_span!("job", %job))));
     }
 }
 
@@ -139,6 +149,7 @@ pub(crate) async fn drive(
             continue;
         }
         if status.state.is_final() {
+            crate::metrics::job_ended(status.state);
             cancel::open_lot(shared, &status, "job ended").await;
             return refund::refund(shared, &status).await;
         }
@@ -263,7 +274,9 @@ async fn wait_for_results(
 /// Stopped by shutdown (leave everything as it stands: results wait in
 /// their stream) or by a cancel (tell the awarded providers).
 async fn on_stop(shared: &Arc<Shared>, job: JobId) -> Result<(), BrokerError> {
-    if shared.shutdown.is_cancelled() {
+    // A shutdown, or the partition handed to another broker: the job
+    // stays as its record says, for whoever runs it next.
+    if shared.shutdown.is_cancelled() || !shared.holds(&job) {
         return Ok(());
     }
     if let Some((status, _)) = shared.jobs.get(&job).await? {

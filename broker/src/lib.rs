@@ -3,6 +3,9 @@
 //!
 //! - [`server`]: [`run`]: streams, resume, routing tasks, the API, shutdown.
 //! - [`api`]: the job API, a NATS micro service (`vmlot.api.*`).
+//! - [`lease`]: partition leases: which jobs this broker runs, among any
+//!   number of brokers, and the hand-over when one joins or dies;
+//!   [`partition`]: its fair share (pure).
 //! - [`route`]: bids, heartbeats and results in, routed to their lot's job task.
 //! - [`job`]: one task per running job: the loop over the steps below,
 //!   with retries, backoff and cancellation.
@@ -35,6 +38,7 @@
 //!   job's escrow, each settlement pays from it once (pending, then
 //!   posted), the job's end refunds.
 //! - [`logging`]: text or JSON logs for the binary.
+//! - [`metrics`]: the Prometheus series, one function per thing counted.
 
 pub mod access;
 pub mod api;
@@ -52,10 +56,13 @@ mod fault;
 mod fixtures;
 pub mod hold;
 pub mod job;
+pub mod lease;
 pub mod lifecycle;
 pub mod logging;
+pub mod metrics;
 pub mod offer;
 pub mod partial;
+pub mod partition;
 pub mod quorum;
 pub mod quota;
 pub mod refund;

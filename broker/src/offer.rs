@@ -49,6 +49,7 @@ pub(crate) async fn offer(
         return Err(err);
     }
     tracing::debug!(shards = ?lot.shards, invited = lot.invited.len(), "lot offered");
+    crate::metrics::lot_offered();
     let remaining = lifecycle::remaining(status);
     let collected = collect_bids(shared, &lot, &remaining, rx, stop)
         .instrument(tracing::info_span!("bids"))
@@ -164,6 +165,7 @@ async fn collect_bids(
                         Err(refused) => {
                             over_budget |= matches!(refused, BidRefused::AboveBudget { .. });
                             tracing::warn!(provider = %bid.provider, %refused, "bid refused");
+                            crate::metrics::refused("bid", refused.kind());
                         }
                     }
                 }

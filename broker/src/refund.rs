@@ -23,6 +23,7 @@ pub(crate) async fn refund(shared: &Arc<Shared>, status: &JobStatus) -> Result<(
             .books
             .refund(status.job, &status.spec.account, &status.spec.budget.unit)
             .await?;
+        crate::metrics::payment("refund", &recorded);
         let amount = recorded
             .tx()
             .entries

@@ -66,6 +66,7 @@ async fn payment(
 async fn post(shared: &Shared, status: &JobStatus, segment: u32, attempt: u32) -> Result<(), BrokerError> {
     let payment = payment(shared, status, segment, attempt).await?;
     let recorded = shared.books.post(&payment, shared.config.fee_rate).await?;
+    crate::metrics::payment("post", &recorded);
     if recorded.tx().kind != TxKind::Post {
         return Err(BrokerError::nats(
             "post",
@@ -92,6 +93,7 @@ async fn void(shared: &Shared, status: &JobStatus, segment: u32, attempt: u32) -
         status.restore_failures.len()
     );
     let recorded = shared.books.void(&payment, &why).await?;
+    crate::metrics::payment("void", &recorded);
     if recorded.tx().kind != TxKind::Void {
         return Err(BrokerError::nats(
             "void",

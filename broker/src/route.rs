@@ -10,16 +10,23 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use vmlot_schemas::market::{Bid, Heartbeat, SegmentResult};
 use vmlot_schemas::{ProviderId, WIRE_VERSION, subjects};
 
+use crate::metrics;
 use crate::shared::{LotEvent, Shared};
 
 /// Routes each bid to the task of the lot it names.
-pub(crate) async fn route_bids(shared: Arc<Shared>, mut bids: async_nats::Subscriber) {
+/// `bids` are those of one partition's lots; `stop` ends the routing.
+pub(crate) async fn route_bids(
+    shared: Arc<Shared>,
+    mut bids: async_nats::Subscriber,
+    stop: CancellationToken,
+) {
     loop {
         let msg = tokio::select! {
-            _ = shared.shutdown.cancelled() => return,
+            _ = stop.cancelled() => return,
             msg = bids.next() => match msg { Some(m) => m, None => return },
         };
         if vmlot_identity::echo::refuse(&msg.subject, msg.headers.as_ref()) {
@@ -29,11 +36,13 @@ pub(crate) async fn route_bids(shared: Arc<Shared>, mut bids: async_nats::Subscr
             Ok(bid) => bid,
             Err(err) => {
                 tracing::warn!(subject = %msg.subject, %err, "refused malformed bid");
+                metrics::refused("bid", "malformed");
                 continue;
             }
         };
         if bid.version != WIRE_VERSION || subjects::provider_of(&msg.subject) != Some(bid.provider) {
             tracing::warn!(subject = %msg.subject, provider = %bid.provider, "refused bid: wrong version or not from its own subject");
+            metrics::refused("bid", "wrong-subject");
             continue;
         }
         let route = shared
@@ -44,10 +53,12 @@ pub(crate) async fn route_bids(shared: Arc<Shared>, mut bids: async_nats::Subscr
             .map(|r| r.tx.clone());
         match route {
             Some(tx) => {
+                metrics::bid_routed();
                 let _ = tx.try_send(LotEvent::Bid(bid));
             }
             None => {
-                tracing::warn!(lot = %bid.lot, provider = %bid.provider, "refused bid for a lot not open")
+                tracing::warn!(lot = %bid.lot, provider = %bid.provider, "refused bid for a lot not open");
+                metrics::refused("bid", "lot-not-open");
             }
         }
     }
@@ -80,7 +91,10 @@ pub(crate) async fn track_heartbeats(shared: Arc<Shared>, mut beats: async_nats:
                     shared.config.provider_timeout,
                 );
             }
-            _ => tracing::warn!(subject = %msg.subject, "refused malformed heartbeat"),
+            _ => {
+                tracing::warn!(subject = %msg.subject, "refused malformed heartbeat");
+                metrics::refused("heartbeat", "malformed");
+            }
         }
     }
 }
@@ -104,21 +118,26 @@ fn record_heartbeat(
 }
 
 /// Routes each result to the task of the lot it names; that task acks it.
-pub(crate) async fn route_results(shared: Arc<Shared>, consumer: consumer::PullConsumer) {
+/// `consumer` reads one partition's results; `stop` ends the routing.
+pub(crate) async fn route_results(
+    shared: Arc<Shared>,
+    consumer: consumer::PullConsumer,
+    stop: CancellationToken,
+) {
     loop {
         let mut messages = match consumer.messages().await {
             Ok(m) => m,
             Err(err) => {
                 tracing::warn!(%err, "results consumer unavailable; retrying");
                 tokio::select! {
-                    _ = shared.shutdown.cancelled() => return,
+                    _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
                 }
             }
         };
         loop {
             let msg = tokio::select! {
-                _ = shared.shutdown.cancelled() => return,
+                _ = stop.cancelled() => return,
                 msg = messages.next() => msg,
             };
             let msg = match msg {
@@ -137,6 +156,7 @@ pub(crate) async fn route_results(shared: Arc<Shared>, consumer: consumer::PullC
                 Ok(r) => r,
                 Err(err) => {
                     tracing::warn!(subject = %msg.subject, %err, "refused malformed result");
+                    metrics::refused("result", "malformed");
                     let _ = msg.ack().await;
                     continue;
                 }
@@ -144,6 +164,7 @@ pub(crate) async fn route_results(shared: Arc<Shared>, consumer: consumer::PullC
             if result.version != WIRE_VERSION || subjects::provider_of(&msg.subject) != Some(result.provider)
             {
                 tracing::warn!(subject = %msg.subject, "refused result: wrong version or not from its own subject");
+                metrics::refused("result", "wrong-subject");
                 let _ = msg.ack().await;
                 continue;
             }
@@ -167,6 +188,7 @@ pub(crate) async fn route_results(shared: Arc<Shared>, consumer: consumer::PullC
                 }
                 _ => {
                     tracing::warn!(lot = %result.lot, provider = %result.provider, "refused result for a lot not open (late, replayed or never offered)");
+                    metrics::refused("result", "lot-not-open");
                     let _ = msg.ack().await;
                 }
             }

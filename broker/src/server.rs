@@ -7,7 +7,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer, stream};
+use async_nats::jetstream::{self, stream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use vmlot_cas::{BlockStore, StoreOptions};
@@ -17,7 +17,7 @@ use crate::capacity::Capacity;
 use crate::config::BrokerConfig;
 use crate::error::BrokerError;
 use crate::shared::Shared;
-use crate::{api, route, standing, state};
+use crate::{api, lease, route, standing, state};
 
 /// `client` is the broker's connection to the market, `books_client` to
 /// the account of the books and the job records.
@@ -60,41 +60,36 @@ pub async fn run(
         capacity: Mutex::new(Capacity::default()),
         slot_freed: tokio::sync::Notify::new(),
         running: Mutex::new(HashMap::new()),
+        partitions: Mutex::new(HashMap::new()),
         in_flight: Mutex::new(Default::default()),
         rates: rate_limiter(config.quotas.requests_per_second),
         tasks: TaskTracker::new(),
         shutdown: CancellationToken::new(),
     });
 
-    let bids = client
-        .subscribe(subjects::ALL_BIDS)
-        .await
-        .map_err(|e| BrokerError::nats("subscribe bids", e))?;
+    if let Some(addr) = config.metrics_listen {
+        vmlot_telemetry::serve(addr, &shared.tasks, shared.shutdown.clone())?;
+    }
     let heartbeats = client
         .subscribe(subjects::ALL_HEARTBEATS)
         .await
         .map_err(|e| BrokerError::nats("subscribe heartbeats", e))?;
-    let results = results_consumer(&js).await?;
-    // Resume before results are routed, so every open lot has its route.
-    // Ended jobs whose escrow is not yet refunded resume too, to refund it.
-    for status in shared.jobs.unsettled().await? {
-        tracing::info!(job = %status.job, "resuming job");
-        shared
-            .in_flight
-            .lock()
-            .expect("in-flight lock")
-            .resume(&status.spec.account, status.job);
-        shared.spawn_job(status.job, status.open_lot.map(|open| open.lot.lot));
-    }
-    shared.tasks.spawn(route::route_bids(Arc::clone(&shared), bids));
     shared
         .tasks
         .spawn(route::track_heartbeats(Arc::clone(&shared), heartbeats));
-    shared
-        .tasks
-        .spawn(route::route_results(Arc::clone(&shared), results));
+    // The jobs this broker runs: those of the partitions it holds. A first
+    // round before the API opens, so a lone broker (the partitions free or
+    // lapsed) resumes every unsettled job, ended ones still to refund
+    // included, before it takes new ones.
+    let me = config
+        .broker_id
+        .clone()
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let leases = lease::Leases::open(&books_js, js.clone(), config.replicas, me.clone()).await?;
+    lease::round(&shared, &leases, false).await;
+    shared.tasks.spawn(lease::hold(Arc::clone(&shared), leases));
     let api = api::start(Arc::clone(&shared)).await?;
-    tracing::info!("broker running");
+    tracing::info!(broker = %me, "broker running");
 
     shutdown.await;
     tracing::info!("broker stopping");
@@ -107,7 +102,7 @@ pub async fn run(
 }
 
 async fn provision(js: &jetstream::Context, replicas: usize) -> Result<(), BrokerError> {
-    js.get_or_create_stream(stream::Config {
+    let config = stream::Config {
         name: subjects::RESULT_STREAM.to_string(),
         subjects: vec![subjects::RESULT_SUBJECTS.to_string()],
         // Bounded: a result is a few KiB of ids and timings, acked by the
@@ -118,29 +113,27 @@ async fn provision(js: &jetstream::Context, replicas: usize) -> Result<(), Broke
         storage: stream::StorageType::File,
         num_replicas: replicas,
         ..Default::default()
-    })
-    .await
-    .map_err(|e| BrokerError::nats("create stream", e))?;
-    Ok(())
-}
-
-async fn results_consumer(js: &jetstream::Context) -> Result<consumer::PullConsumer, BrokerError> {
-    let stream = js
-        .get_stream(subjects::RESULT_STREAM)
+    };
+    let mut results = js
+        .get_or_create_stream(config.clone())
+        .await
+        .map_err(|e| BrokerError::nats("create stream", e))?;
+    // A stream made before results carried their partition
+    // (`vmlot.result.<provider>`) takes the new subjects.
+    let info = results
+        .info()
         .await
         .map_err(|e| BrokerError::nats("results stream", e))?;
-    stream
-        .get_or_create_consumer(
-            "broker",
-            consumer::pull::Config {
-                durable_name: Some("broker".into()),
-                ack_policy: consumer::AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(30),
-                ..Default::default()
-            },
-        )
-        .await
-        .map_err(|e| BrokerError::nats("results consumer", e))
+    if info.config.subjects != config.subjects {
+        let updated = stream::Config {
+            subjects: config.subjects,
+            ..info.config.clone()
+        };
+        js.update_stream(updated)
+            .await
+            .map_err(|e| BrokerError::nats("update the results stream's subjects", e))?;
+    }
+    Ok(())
 }
 
 /// `per_second` requests per caller, in bursts of up to twice as many.

@@ -36,7 +36,7 @@ use crate::shared::{LotEvent, Shared};
 use crate::standing::Outcome;
 use crate::state::UpdateError;
 use crate::stored_save::{self, StoredSaveError};
-use crate::{award, cancel, deposit, partial, verify};
+use crate::{award, cancel, deposit, metrics, partial, verify};
 
 mod record;
 
@@ -152,6 +152,7 @@ async fn wait(
                             },
                             result,
                             price,
+                            received,
                         }),
                         Err(why) => tracing::warn!(%why, "result not counted in the quorum"),
                     }
@@ -163,6 +164,7 @@ async fn wait(
                             result,
                             price,
                             ran_ms,
+                            received,
                         });
                         let waited = if outstanding(&status, &refused, &held) > 0 {
                             tracing::info!(ran_ms, "preempted by its owner; the other replicas run on");
@@ -173,7 +175,7 @@ async fn wait(
                         let _ = msg.ack().await;
                         return Ok(waited);
                     }
-                    settle(shared, &status, &open.lot, &result, price, None)
+                    settle(shared, &status, &open.lot, &result, price, None, received)
                         .instrument(tracing::info_span!("settle"))
                         .await?;
                     let _ = msg.ack().await;
@@ -182,6 +184,7 @@ async fn wait(
                 }
                 Err(Checked::Refused(refusal)) => {
                     tracing::warn!(kind = %refusal.kind, reason = %refusal.why, "result refused");
+                    metrics::refused("result", refusal.kind);
                     let was_awarded = awarded(&status).any(|p| p == result.provider);
                     if was_awarded && !refused.contains(&result.provider) {
                         refuse(shared, &status, result.provider, &refusal).await?;
@@ -247,6 +250,8 @@ struct Held {
     result: SegmentResult,
     price: Money,
     ran_ms: u64,
+    /// When the result reached the NATS server.
+    received: DateTime<Utc>,
 }
 
 /// The awarded providers that may still send a result for the open
@@ -280,8 +285,9 @@ async fn settle_held(
         result,
         price,
         ran_ms,
+        received,
     } = held.swap_remove(best);
-    settle(shared, status, lot, &result, price, Some(ran_ms))
+    settle(shared, status, lot, &result, price, Some(ran_ms), received)
         .instrument(tracing::info_span!("settle", partial_ms = ran_ms))
         .await?;
     count(shared, result.provider, Outcome::Valid);
@@ -301,6 +307,8 @@ struct Ballot {
     vote: Vote,
     result: SegmentResult,
     price: Money,
+    /// When the result reached the NATS server.
+    received: DateTime<Utc>,
 }
 
 /// What the quorum's count did.
@@ -337,12 +345,20 @@ async fn tally(
         Decision::Open => Ok(Tally::Open),
         Decision::Agreed { winner, minority } => {
             let paid = &ballots[winner];
-            settle(shared, status, lot, &paid.result, paid.price.clone(), None)
-                .instrument(tracing::info_span!(
-                    "settle",
-                    agreed = votes.len() - minority.len()
-                ))
-                .await?;
+            settle(
+                shared,
+                status,
+                lot,
+                &paid.result,
+                paid.price.clone(),
+                None,
+                paid.received,
+            )
+            .instrument(tracing::info_span!(
+                "settle",
+                agreed = votes.len() - minority.len()
+            ))
+            .await?;
             for (i, ballot) in ballots.iter().enumerate() {
                 if !minority.contains(&i) {
                     count(shared, ballot.vote.provider, Outcome::Agreed);
@@ -353,6 +369,7 @@ async fn tally(
                     votes.len() - minority.len()
                 );
                 tracing::warn!(provider = %ballot.vote.provider, %why, "minority result");
+                metrics::refused("result", RefusalKind::Minority);
                 refuse(
                     shared,
                     status,
@@ -525,6 +542,7 @@ async fn settle(
     result: &SegmentResult,
     price: Money,
     partial_ms: Option<u64>,
+    received: DateTime<Utc>,
 ) -> Result<(), BrokerError> {
     let payment = match partial_ms {
         Some(ran) => Settlement {
@@ -539,6 +557,7 @@ async fn settle(
         None => payment(status, lot, result, price),
     };
     let recorded = shared.books.settle(payment).await?;
+    metrics::payment("settle", &recorded);
     match &recorded {
         vmlot_ledger::Recorded::Now(_) => {
             #[cfg(feature = "fault-injection")]
@@ -564,5 +583,6 @@ async fn settle(
         .collect();
     cancel::attempt(shared, lot.lot, &losers, &format!("segment settled by {winner}")).await;
     tracing::info!(provider = %winner, amount = %paid.amount, "settled");
+    metrics::settled(result, received, partial_ms.is_some());
     Ok(())
 }

@@ -33,6 +33,18 @@ pub(crate) struct LotRoute {
     pub tx: mpsc::Sender<LotEvent>,
 }
 
+/// A partition of the jobs this broker holds the lease of.
+pub(crate) struct Holding {
+    /// Cancelled when the partition is handed back or lost.
+    pub token: CancellationToken,
+    /// Its job and routing tasks.
+    pub tracker: TaskTracker,
+    /// The lease entry's revision, for the next renewal.
+    pub revision: u64,
+    /// When the lease was last renewed.
+    pub renewed: std::time::Instant,
+}
+
 /// State shared by the broker's tasks.
 pub(crate) struct Shared {
     pub client: async_nats::Client,
@@ -49,6 +61,9 @@ pub(crate) struct Shared {
     /// on it (one wakes per slot, in turn) instead of re-offering blindly.
     pub slot_freed: tokio::sync::Notify,
     pub running: Mutex<HashMap<JobId, CancellationToken>>,
+    /// The partitions of the jobs this broker holds the leases of, and
+    /// their tasks (see [`crate::lease`]).
+    pub partitions: Mutex<HashMap<u16, Holding>>,
     /// Each account's jobs in flight, against its quota.
     pub in_flight: Mutex<InFlight>,
     /// API requests per caller per second.

@@ -167,6 +167,11 @@ impl JobStore {
 
     /// Every job record.
     pub async fn all(&self) -> Result<Vec<JobStatus>, BrokerError> {
+        self.records_of(|_| true).await
+    }
+
+    /// The records of the jobs `wanted` picks by id, oldest first.
+    async fn records_of(&self, wanted: impl Fn(&JobId) -> bool) -> Result<Vec<JobStatus>, BrokerError> {
         let mut keys = self
             .kv
             .keys()
@@ -176,6 +181,9 @@ impl JobStore {
         while let Some(key) = keys.next().await {
             let key = key.map_err(|e| BrokerError::nats("list jobs", e))?;
             let Ok(job) = key.parse::<JobId>() else { continue };
+            if !wanted(&job) {
+                continue;
+            }
             if let Some((status, _)) = self.get(&job).await? {
                 out.push(status);
             }
@@ -198,6 +206,17 @@ impl JobStore {
     pub async fn unsettled(&self) -> Result<Vec<JobStatus>, BrokerError> {
         Ok(self
             .all()
+            .await?
+            .into_iter()
+            .filter(|s| !s.state.is_final() || !s.refunded)
+            .collect())
+    }
+
+    /// Jobs of `partition` not yet settled (see [`JobStore::unsettled`]):
+    /// only their records are read.
+    pub async fn unsettled_in(&self, partition: u16) -> Result<Vec<JobStatus>, BrokerError> {
+        Ok(self
+            .records_of(|job| vmlot_schemas::subjects::partition_of(job) == partition)
             .await?
             .into_iter()
             .filter(|s| !s.state.is_final() || !s.refunded)

@@ -1,6 +1,8 @@
 //! The command line of `vmlot`: global options and the commands, as clap
 //! parses them. Each command's own arguments live with the command; this
-//! module only names them, and `main` dispatches.
+//! module only names them, and `main` dispatches. `vmlot_telemetry::Generate`
+//! holds the hidden commands that print completions and man pages made
+//! from it.
 
 use std::path::PathBuf;
 
@@ -129,4 +131,45 @@ pub enum ImageCommand {
         #[arg(short, long)]
         output: Option<PathBuf>,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+    use vmlot_telemetry::Generate;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    /// One man page per command, nested ones too, and completions that
+    /// know the commands but not the hidden generators.
+    #[test]
+    fn man_pages_and_completions_from_the_commands() {
+        let dir = tempfile::tempdir().unwrap();
+        let man = Generate::ManPages {
+            dir: dir.path().to_owned(),
+        };
+        man.run(Cli::command(), &mut std::io::sink()).unwrap();
+        for page in ["vmlot", "vmlot-submit", "vmlot-store-push", "vmlot-ledger-verify"] {
+            let text = std::fs::read_to_string(dir.path().join(format!("{page}.1"))).unwrap();
+            assert!(text.contains(&format!(".TH {page} 1")), "{page}: {text}");
+        }
+        for hidden in ["vmlot-help.1", "vmlot-completions.1", "vmlot-man-pages.1"] {
+            assert!(!dir.path().join(hidden).exists(), "{hidden}");
+        }
+        let mut bash = Vec::new();
+        let completions = Generate::Completions {
+            shell: vmlot_telemetry::Shell::Bash,
+        };
+        completions.run(Cli::command(), &mut bash).unwrap();
+        let bash = String::from_utf8(bash).unwrap();
+        assert!(
+            bash.contains("run-local") && bash.contains("--any-state"),
+            "{bash}"
+        );
+        assert!(!bash.contains("man-pages"), "the generators stay hidden");
+    }
 }

@@ -6,7 +6,8 @@
 //! Layers, each importing only those below it: `cli` (what clap parses) →
 //! `commands` (one module per command or group) → `output` (JSON or text,
 //! tables, exit codes) → `context` (the NATS connection and what is built
-//! on it).
+//! on it). `vmlot completions SHELL` and `vmlot man-pages DIR` (hidden)
+//! print what is generated from `cli` instead ([`vmlot_telemetry::Generate`]).
 
 use std::process::ExitCode;
 
@@ -24,6 +25,15 @@ use commands::{
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    if let Some(generate) = vmlot_telemetry::Generate::requested() {
+        return match generate.run(<Cli as clap::CommandFactory>::command(), &mut std::io::stdout()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("vmlot: {err:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("VMLOT_LOG"))
         .with_writer(std::io::stderr)

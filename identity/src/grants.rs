@@ -145,7 +145,7 @@ mod tests {
     #[test]
     fn a_provider_is_fenced_to_its_own_name() {
         let g = grants(Role::Provider);
-        assert!(g.publish.contains(&"vmlot.bid.{{name()}}".to_string()));
+        assert!(g.publish.contains(&"vmlot.bid.{{name()}}.*".to_string()));
         assert!(!g.subscribe.iter().any(|s| s.starts_with("vmlot.bid")));
         assert!(g.subscribe.contains(&"vmlot.award.{{name()}}".to_string()));
         assert!(g.subscribe.contains(&"_INBOX.{{subject()}}.>".to_string()));

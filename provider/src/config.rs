@@ -5,7 +5,7 @@
 //! `hypervisors`, `arch`, `memory_mib`, `slots`, `price_per_second`,
 //! `min_price`, `unit`, `hot_discount`, `cache_dir`, `cache_bytes`,
 //! `work_dir`, `idle_load`, `owner_suspend_seconds`,
-//! `preempt_notice_seconds`, `guest_memory_headroom_mib`, `heartbeat` in
+//! `preempt_notice_seconds`, `guest_memory_headroom_mib`, `metrics_listen`, `heartbeat` in
 //! ms, `qemu_accel`,
 //! `qemu_icount_stop_plugin`,
 //! `xen_guest_type`, `xl_binary`, `xen_console_dir`,
@@ -88,6 +88,9 @@ pub struct ProviderConfig {
     /// Changed share of blocks per segment for the synthetic driver (read
     /// only by a provider built with the `synthetic` feature).
     pub synthetic_changed_fraction: f64,
+    /// Where the Prometheus endpoint listens (see [`crate::metrics`]);
+    /// none when unset.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl Default for ProviderConfig {
@@ -118,6 +121,7 @@ impl Default for ProviderConfig {
             xl_binary: None,
             xen_console_dir: crate::driver::xen::DEFAULT_CONSOLE_DIR.into(),
             synthetic_changed_fraction: 0.05,
+            metrics_listen: None,
         }
     }
 }
@@ -212,6 +216,10 @@ pub struct Settings {
     #[arg(long, env = "VMLOT_PROVIDER_GUEST_MEMORY_HEADROOM_MIB")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guest_memory_headroom_mib: Option<u64>,
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9465).
+    #[arg(long, env = "VMLOT_PROVIDER_METRICS_LISTEN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Heartbeat interval, in milliseconds.
     #[arg(long, env = "VMLOT_PROVIDER_HEARTBEAT")]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -9,6 +9,7 @@
 //! - [`owner`]: the owner's activity ([`desktop`]: someone at a graphical session);
 //!   [`cgroup`]: a scavenger's guests' cgroups.
 //! - [`logging`]: text or JSON log lines.
+//! - [`metrics`]: the Prometheus series (`metrics_listen`), one function per thing counted.
 
 pub mod bidding;
 pub mod cgroup;
@@ -20,5 +21,6 @@ pub mod driver;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
 pub mod logging;
+pub mod metrics;
 pub mod owner;
 pub mod setup;

@@ -2,7 +2,9 @@
 //! its drivers, runs [`vmlot_provider::daemon::run`] until SIGINT or SIGTERM.
 //! `vmlot-provider doctor` instead checks the host, the settings, the
 //! credentials and the NATS server, says what is missing, and exits 1 if
-//! anything is ([`vmlot_provider::doctor`]).
+//! anything is ([`vmlot_provider::doctor`]). `vmlot-provider completions
+//! SHELL` and `vmlot-provider man-pages DIR` (hidden) print what is
+//! generated from this command line ([`vmlot_telemetry::Generate`]).
 
 use std::process::ExitCode;
 
@@ -10,6 +12,7 @@ use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use vmlot_provider::config::{ProviderConfig, Settings};
 use vmlot_provider::logging::{self, LogFormat};
+use vmlot_telemetry::Generate;
 
 #[derive(Parser)]
 #[command(
@@ -65,6 +68,10 @@ impl Cli {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<ExitCode> {
+    if let Some(generate) = Generate::requested() {
+        generate.run(Cli::command_global(), &mut std::io::stdout())?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let cli = Cli::parse_global();
     if let Some(Command::Doctor { json }) = cli.command {
         // No log subscriber: the report is the output, not the NATS
@@ -158,5 +165,37 @@ mod tests {
         assert_eq!(late.nats, "nats://b:2");
         assert!(late.access.open);
         assert!(parse(&["--hypervisors", "vmware"]).is_err());
+    }
+
+    /// One page for the daemon and one for `doctor`, and completions
+    /// that know `doctor` but not the hidden generators.
+    #[test]
+    fn man_pages_and_completions_for_the_daemon_and_doctor() {
+        let dir = tempfile::tempdir().unwrap();
+        let man = Generate::ManPages {
+            dir: dir.path().to_owned(),
+        };
+        man.run(Cli::command_global(), &mut std::io::sink()).unwrap();
+        let mut pages: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        pages.sort();
+        assert_eq!(pages, ["vmlot-provider-doctor.1", "vmlot-provider.1"]);
+        let doctor = std::fs::read_to_string(dir.path().join("vmlot-provider-doctor.1")).unwrap();
+        assert!(doctor.contains(".TH vmlot-provider-doctor 1"), "{doctor}");
+        assert!(
+            doctor.contains("VMLOT_PROVIDER_CONFIG"),
+            "the global flags on doctor's page"
+        );
+
+        let mut bash = Vec::new();
+        let completions = Generate::Completions {
+            shell: vmlot_telemetry::Shell::Bash,
+        };
+        completions.run(Cli::command_global(), &mut bash).unwrap();
+        let bash = String::from_utf8(bash).unwrap();
+        assert!(bash.contains("doctor") && bash.contains("--idle-load"), "{bash}");
+        assert!(!bash.contains("man-pages"), "the generators stay hidden");
     }
 }

@@ -279,6 +279,19 @@ pub fn shard_of(provider: &ProviderId) -> u16 {
     u16::from_be_bytes([b[14], b[15]]) % LOT_SHARDS
 }
 
+/// Jobs fall into this many partitions by id. Each partition is run by
+/// one broker at a time, the one holding its lease; bids and results carry
+/// their job's partition in their subject, so a broker hears only those
+/// of the partitions it holds.
+pub const PARTITIONS: u16 = 16;
+
+/// The partition `job` falls in: fixed by its id, so brokers and
+/// providers agree on it without asking each other.
+pub fn partition_of(job: &JobId) -> u16 {
+    let b = job.0.as_bytes();
+    u16::from_be_bytes([b[14], b[15]]) % PARTITIONS
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -34,9 +34,11 @@ pub fn block(id: &BlockId) -> String {
 
 // The market. Scoped per provider wherever a provider publishes or
 // receives, so NATS permissions can fence each provider to its own
-// subjects: provider P may publish only `vmlot.bid.P`, `vmlot.result.P`,
+// subjects: provider P may publish only `vmlot.bid.P.*`, `vmlot.result.P.*`,
 // `vmlot.heartbeat.P` and subscribe only to `vmlot.lot.>` and
-// `vmlot.award.P`.
+// `vmlot.award.P`. A bid's and a result's last token is the partition of
+// the lot's job ([`partition_of`]): only the broker holding that
+// partition listens there.
 
 /// Prefix of the broker's job API (a NATS micro service named `vmlot-broker`);
 /// a request's subject is `vmlot.api.<role>.<name>.<endpoint>`, naming its
@@ -112,7 +114,20 @@ pub mod js {
 
 /// Stream of results: a result is durable once the provider has its ack.
 pub const RESULT_STREAM: &str = "VMLOT_RESULTS";
-pub const RESULT_SUBJECTS: &str = "vmlot.result.*";
+pub const RESULT_SUBJECTS: &str = "vmlot.result.*.*";
+
+/// The results of one partition's jobs, from any provider: what the
+/// partition's durable consumer reads.
+pub fn results_of_partition(partition: u16) -> String {
+    format!("vmlot.result.*.{partition}")
+}
+
+/// The durable consumer of one partition's results, shared by whichever
+/// broker holds the partition (a broker taking it over reads on where the
+/// last one stopped).
+pub fn results_consumer(partition: u16) -> String {
+    format!("broker-p{partition}")
+}
 /// Stream of the books: transactions and the per-account postings that
 /// index them (see [`crate::ledger`]).
 pub const LEDGER_STREAM: &str = "VMLOT_LEDGER";
@@ -233,14 +248,44 @@ pub fn postings_of(account: &crate::ledger::Account) -> String {
     format!("vmlot.ledger.post.{}.*", account.token())
 }
 
-/// Every lot, of any kind (the broker's own view).
-pub const ALL_BIDS: &str = "vmlot.bid.*";
+/// Between brokers: "the record of this job (a [`crate::market::JobRef`])
+/// changed outside its task; look again", sent to the broker holding the
+/// job's partition by one that served a submission or a cancel for it.
+pub fn broker_poke(partition: u16) -> String {
+    format!("vmlot.broker.poke.{partition}")
+}
+
+/// The brokers' lease bucket (in the books' account): `member.<broker>`
+/// for each live broker and `partition.<k>` for each partition held, each
+/// entry lapsing unless renewed.
+pub const LEASE_BUCKET: &str = "vmlot-leases";
+
+/// Every bid, of any provider and partition.
+pub const ALL_BIDS: &str = "vmlot.bid.*.*";
 pub const ALL_HEARTBEATS: &str = "vmlot.heartbeat.*";
 
-/// The provider a per-provider subject names, if it is one.
-pub fn provider_of(subject: &str) -> Option<ProviderId> {
-    subject.rsplit('.').next()?.parse().ok()
+/// The bids on one partition's lots, from any provider.
+pub fn bids_of_partition(partition: u16) -> String {
+    format!("vmlot.bid.*.{partition}")
 }
+
+/// The provider a per-provider subject names (`vmlot.<kind>.<provider>`,
+/// then perhaps a partition), if it is one.
+pub fn provider_of(subject: &str) -> Option<ProviderId> {
+    subject.split('.').nth(2)?.parse().ok()
+}
+
+/// The partition a bid's or a result's subject names, if it is one.
+pub fn partition_in(subject: &str) -> Option<u16> {
+    subject
+        .split('.')
+        .nth(3)?
+        .parse()
+        .ok()
+        .filter(|p| *p < PARTITIONS)
+}
+
+pub use crate::ids::{PARTITIONS, partition_of};
 
 /// Lots for one hypervisor kind and architecture, so providers subscribe
 /// only to what they can run.
@@ -270,14 +315,15 @@ pub fn lot_shard(hypervisor: HypervisorKind, arch: &str, shard: u16) -> String {
     )
 }
 
-/// A provider's bids.
-pub fn bid(provider: &ProviderId) -> String {
-    bid_of(&provider.to_string())
+/// A provider's bids on the lots of jobs in `partition`.
+pub fn bid(provider: &ProviderId, partition: u16) -> String {
+    format!("vmlot.bid.{provider}.{partition}")
 }
 
-/// [`bid`] for a provider named by a literal or a permission template.
+/// Every partition's bids of a provider named by a literal or a permission
+/// template.
 pub fn bid_of(name: &str) -> String {
-    format!("vmlot.bid.{name}")
+    format!("vmlot.bid.{name}.*")
 }
 
 /// Awards and cancels for one provider, core request/reply: the provider
@@ -296,14 +342,15 @@ pub fn award_of(name: &str) -> String {
 /// Every lot, of every kind and shard (what a provider may listen to).
 pub const ALL_LOTS: &str = "vmlot.lot.>";
 
-/// A provider's results.
-pub fn result(provider: &ProviderId) -> String {
-    result_of(&provider.to_string())
+/// A provider's results for jobs in `partition`.
+pub fn result(provider: &ProviderId, partition: u16) -> String {
+    format!("vmlot.result.{provider}.{partition}")
 }
 
-/// [`result`] for a provider named by a literal or a permission template.
+/// Every partition's results of a provider named by a literal or a
+/// permission template.
 pub fn result_of(name: &str) -> String {
-    format!("vmlot.result.{name}")
+    format!("vmlot.result.{name}.*")
 }
 
 /// A provider's heartbeats.

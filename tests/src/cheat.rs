@@ -229,7 +229,13 @@ impl Run {
             sent_at: chrono::Utc::now(),
         };
         let body = serde_json::to_vec(&bid).unwrap();
-        let _ = self.client.publish(subjects::bid(&self.id), body.into()).await;
+        let _ = self
+            .client
+            .publish(
+                subjects::bid(&self.id, subjects::partition_of(&lot.job)),
+                body.into(),
+            )
+            .await;
     }
 
     async fn lie(&self, award: Award) {
@@ -297,7 +303,13 @@ impl Run {
         };
         let body = serde_json::to_vec(&result).unwrap();
         let js = async_nats::jetstream::new(self.client.clone());
-        if let Ok(ack) = js.publish(subjects::result(&self.id), body.into()).await {
+        if let Ok(ack) = js
+            .publish(
+                subjects::result(&self.id, subjects::partition_of(&result.job)),
+                body.into(),
+            )
+            .await
+        {
             let _ = ack.await;
         }
     }

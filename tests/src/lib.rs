@@ -85,6 +85,11 @@ pub fn free_port() -> u16 {
 pub struct NatsServer {
     name: String,
     port: u16,
+    /// What clients are given: this server's URL, or in a cluster every
+    /// node's, comma-separated, so they fail over when this one dies.
+    client_urls: String,
+    /// The monitoring port (`/connz`), cluster nodes only.
+    monitor_port: Option<u16>,
     dir: PathBuf,
     config: PathBuf,
     child: Option<Child>,
@@ -93,6 +98,16 @@ pub struct NatsServer {
     auth: Auth,
     /// Owns the directory when this server is not part of a cluster.
     _temp: Option<tempfile::TempDir>,
+}
+
+/// A cluster node's ports besides its client port.
+struct NodePorts<'a> {
+    /// Where it listens for routes from the other nodes.
+    route: u16,
+    /// Every node's route port (its own included: the server skips itself).
+    routes: &'a [u16],
+    /// Its monitoring port (`/connz`).
+    monitor: u16,
 }
 
 /// Whether the server checks identities.
@@ -142,7 +157,7 @@ impl NatsServer {
         dir: &Path,
         name: &str,
         port: u16,
-        cluster: Option<(u16, &[u16])>,
+        cluster: Option<NodePorts>,
         fsync: Fsync,
         deployment: &Deployment,
         auth: Auth,
@@ -161,13 +176,16 @@ impl NatsServer {
         if auth == Auth::Secured {
             text.push_str(&std::fs::read_to_string(deployment.auth_conf())?);
         }
-        if let Some((cluster_port, routes)) = cluster {
-            let routes: Vec<String> = routes
+        if let Some(node) = &cluster {
+            let routes: Vec<String> = node
+                .routes
                 .iter()
                 .map(|p| format!("nats-route://127.0.0.1:{p}"))
                 .collect();
             text.push_str(&format!(
-                "cluster {{\n  name: vmlot-test\n  listen: 127.0.0.1:{cluster_port}\n  routes: [{}]\n}}\n",
+                "http: 127.0.0.1:{}\ncluster {{\n  name: vmlot-test\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
+                node.monitor,
+                node.route,
                 routes.join(", ")
             ));
         }
@@ -176,6 +194,8 @@ impl NatsServer {
         Ok(Self {
             name: name.to_string(),
             port,
+            client_urls: format!("nats://127.0.0.1:{port}"),
+            monitor_port: cluster.map(|node| node.monitor),
             dir: dir.to_path_buf(),
             config,
             child: None,
@@ -186,7 +206,11 @@ impl NatsServer {
     }
 
     fn spawn(&mut self) -> Result<()> {
-        let log = std::fs::File::create(self.dir.join(format!("{}.log", self.name)))?;
+        // Appended to: a restarted server's log keeps what it said before.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("{}.log", self.name)))?;
         let child = Command::new(nats_server_binary()?)
             .arg("-c")
             .arg(&self.config)
@@ -228,8 +252,47 @@ impl NatsServer {
         std::fs::read_to_string(self.dir.join(format!("{}.log", self.name))).unwrap_or_default()
     }
 
+    /// This server's own URL.
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The URLs a client of this server is given: [`Self::url`] for a
+    /// standalone server; every node's, comma-separated, for a node of a
+    /// [`NatsCluster`], so the client fails over when a node dies. The
+    /// harness's own connections use it too.
+    pub fn client_urls(&self) -> &str {
+        &self.client_urls
+    }
+
+    /// The server's name (`server_name`: `n1`, `n2`, … in a cluster), as
+    /// JetStream names a stream's leader and replicas.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The loopback ports the clients connected to this server now
+    /// connect from (a test can tell whose they are from `/proc`), read
+    /// from its monitoring port; cluster nodes only (standalone servers
+    /// run none).
+    pub fn client_ports(&self) -> Result<Vec<u16>> {
+        let port = self
+            .monitor_port
+            .context("only a cluster node has a monitoring port")?;
+        let body = http_get(port, "/connz?limit=1024")?;
+        let connz: serde_json::Value = serde_json::from_str(&body).context("/connz is not JSON")?;
+        let connections = connz["connections"]
+            .as_array()
+            .context("/connz lists no connections")?;
+        connections
+            .iter()
+            .map(|c| {
+                c["port"]
+                    .as_u64()
+                    .and_then(|p| u16::try_from(p).ok())
+                    .context("a connection without a port")
+            })
+            .collect()
     }
 
     pub fn port(&self) -> u16 {
@@ -276,8 +339,8 @@ impl NatsServer {
     /// ledger and the job records live), retrying forever.
     pub async fn books_client(&self) -> Result<async_nats::Client> {
         match self.auth {
-            Auth::Secured => connect(&self.url(), &self.deployment.books_creds_path()).await,
-            Auth::Open => connect_open(&self.url()).await,
+            Auth::Secured => connect(&self.client_urls, &self.deployment.books_creds_path()).await,
+            Auth::Open => connect_open(&self.client_urls).await,
         }
     }
 
@@ -291,8 +354,8 @@ impl NatsServer {
     /// Connects as `role`'s user `name`, with its own credentials.
     pub async fn client_as(&self, role: Role, name: &str) -> Result<async_nats::Client> {
         match self.auth {
-            Auth::Secured => connect(&self.url(), &self.creds(role, name)?).await,
-            Auth::Open => connect_open(&self.url()).await,
+            Auth::Secured => connect(&self.client_urls, &self.creds(role, name)?).await,
+            Auth::Open => connect_open(&self.client_urls).await,
         }
     }
 
@@ -342,6 +405,46 @@ pub fn proc_cpu_seconds(stat_path: &str) -> Option<f64> {
     let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
     // USER_HZ is 100 on every Linux this runs on.
     Some(ticks / 100.0)
+}
+
+/// The process holding the loopback TCP connection from `local_port` to
+/// `remote_port`, found through `/proc/net/tcp` (the socket's inode) and
+/// every process's open files; `None` if it is gone or not ours to see.
+pub fn pid_of_connection(local_port: u16, remote_port: u16) -> Option<u32> {
+    let inode = ["/proc/net/tcp", "/proc/net/tcp6"].iter().find_map(|table| {
+        let text = std::fs::read_to_string(table).ok()?;
+        text.lines().skip(1).find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let port = |addr: &str| u16::from_str_radix(addr.rsplit(':').next()?, 16).ok();
+            (port(fields.get(1)?)? == local_port && port(fields.get(2)?)? == remote_port)
+                .then(|| fields.get(9).map(|i| i.to_string()))
+                .flatten()
+        })
+    })?;
+    let socket = format!("socket:[{inode}]");
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
+        let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+        std::fs::read_dir(entry.path().join("fd"))
+            .ok()?
+            .flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == socket.as_str()))
+            .then_some(pid)
+    })
+}
+
+/// The body of `GET path` from a server's monitoring port on loopback.
+fn http_get(port: u16, path: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).context("monitoring port")?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply)?;
+    let (head, body) = reply.split_once("\r\n\r\n").context("no HTTP body")?;
+    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+        bail!("GET {path}: {}", head.lines().next().unwrap_or_default());
+    }
+    Ok(body.to_string())
 }
 
 /// Credentials for `role`'s user `name` in `deployment`, issued once.
@@ -403,11 +506,16 @@ async fn connect_with(url: &str, access: Access) -> Result<async_nats::Client> {
         .with_context(|| format!("connecting to {url}"))
 }
 
-/// A JetStream cluster of `n` servers on loopback, sharing one temp dir.
+/// A JetStream cluster of `n` servers on loopback, sharing one temp dir
+/// and one deployment: every node runs with the same operator, accounts,
+/// resolver preload and TLS certificate as a standalone [`NatsServer`], so
+/// any participant's credentials are good on each. Every node's
+/// [`NatsServer::client_urls`] names all of them.
 pub struct NatsCluster {
     pub servers: Vec<NatsServer>,
     deployment: Deployment,
-    _temp: tempfile::TempDir,
+    /// Holds every node's store and log; removed after the nodes stopped.
+    temp: tempfile::TempDir,
 }
 
 impl NatsCluster {
@@ -415,18 +523,30 @@ impl NatsCluster {
         let temp = tempfile::Builder::new().prefix("vmlot-cluster-").tempdir()?;
         let client_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let cluster_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let monitor_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let urls = client_ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
         let deployment = Deployment::create(&temp.path().join("deploy"))?;
         let mut servers = Vec::new();
         for i in 0..n {
+            let node = NodePorts {
+                route: cluster_ports[i],
+                routes: &cluster_ports,
+                monitor: monitor_ports[i],
+            };
             let mut server = NatsServer::configure(
                 temp.path(),
                 &format!("n{}", i + 1),
                 client_ports[i],
-                Some((cluster_ports[i], &cluster_ports)),
+                Some(node),
                 Fsync::Always,
                 &deployment,
                 Auth::Secured,
             )?;
+            server.client_urls = urls.clone();
             server.spawn()?;
             servers.push(server);
         }
@@ -436,7 +556,7 @@ impl NatsCluster {
         Ok(Self {
             servers,
             deployment,
-            _temp: temp,
+            temp,
         })
     }
 
@@ -460,16 +580,28 @@ impl NatsCluster {
         creds(&self.deployment, role, name)
     }
 
+    /// The nodes, and the directory that holds their stores, which must
+    /// outlive them (a market owns them apart: [`market::Market::on_cluster`]).
+    pub fn into_parts(self) -> (Vec<NatsServer>, tempfile::TempDir) {
+        (self.servers, self.temp)
+    }
+
     /// Waits until JetStream answers through `client` (a meta leader exists).
     pub async fn wait_jetstream(&self, client: &async_nats::Client) -> Result<()> {
-        let js = async_nats::jetstream::new(client.clone());
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            match js.query_account().await {
-                Ok(_) => return Ok(()),
-                Err(e) if Instant::now() > deadline => bail!("JetStream cluster not ready: {e}"),
-                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-            }
+        wait_jetstream(client).await
+    }
+}
+
+/// Waits until JetStream answers through `client`: on a cluster, until
+/// its nodes have elected a meta leader.
+pub async fn wait_jetstream(client: &async_nats::Client) -> Result<()> {
+    let js = async_nats::jetstream::new(client.clone());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match js.query_account().await {
+            Ok(_) => return Ok(()),
+            Err(e) if Instant::now() > deadline => bail!("JetStream cluster not ready: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
         }
     }
 }
@@ -586,6 +718,11 @@ impl Process {
 
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
+    }
+
+    /// The name it was started with (its log file's).
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// CPU seconds (user + system) the process has used so far.

@@ -1,8 +1,8 @@
 //! A whole market on loopback for integration tests and benchmarks: a
-//! real nats-server, the `vmlot-broker` binary as a process (so a test can
-//! SIGKILL it), providers as processes or (for load) as tasks of this
-//! process, and the job API called through the client library, as the CLI
-//! calls it.
+//! real nats-server (or a JetStream cluster of them, [`Market::on_cluster`]),
+//! the `vmlot-broker` binary as a process (so a test can SIGKILL it),
+//! providers as processes or (for load) as tasks of this process, and the
+//! job API called through the client library, as the CLI calls it.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -20,7 +20,7 @@ use vmlot_schemas::{Chunking, HypervisorKind, JobId, Money, ObjectKind, VmConfig
 
 use crate::in_process::{InProcessOptions, InProcessProviders};
 pub use crate::spec::ProviderSpec;
-use crate::{NatsServer, Process};
+use crate::{NatsCluster, NatsServer, Process};
 
 /// The operator every test market has: funds accounts, sees every job.
 pub const TEST_OPERATOR: &str = "house";
@@ -38,7 +38,12 @@ pub const STATUS_PATIENCE: Duration = Duration::from_secs(30);
 
 /// The market's processes and tasks; everything stops on drop.
 pub struct Market {
+    /// The market's server; on a cluster, its first node. Every process
+    /// and connection of the market is given its
+    /// [`NatsServer::client_urls`]: on a cluster, every node's.
     pub server: NatsServer,
+    /// On a cluster, its other nodes ([`Market::nodes`] lists them all).
+    pub peers: Vec<NatsServer>,
     pub broker: Process,
     pub providers: Vec<Process>,
     /// Providers running as tasks of this process ([`Market::add_in_process_providers`]).
@@ -46,6 +51,9 @@ pub struct Market {
     pub dir: tempfile::TempDir,
     /// The job API as each caller a test has used, on one connection each.
     apis: tokio::sync::Mutex<std::collections::HashMap<Caller, Api>>,
+    /// On a cluster, the directory of its nodes' stores: removed last,
+    /// after every node has stopped.
+    _cluster_dir: Option<tempfile::TempDir>,
 }
 
 impl Market {
@@ -56,6 +64,47 @@ impl Market {
 
     /// The same on a server already running (a benchmark measures it alone first).
     pub fn on(server: NatsServer, broker_args: Vec<String>, providers: &[ProviderSpec]) -> Result<Self> {
+        Self::on_nodes(None, server, Vec::new(), broker_args, providers)
+    }
+
+    /// A new JetStream cluster of `nodes` servers, the broker with
+    /// `broker_args` keeping `nodes` replicas of everything, and `providers`.
+    pub async fn start_on_cluster(
+        nodes: usize,
+        broker_args: Vec<String>,
+        providers: &[ProviderSpec],
+    ) -> Result<Self> {
+        Self::on_cluster(NatsCluster::start(nodes)?, broker_args, providers).await
+    }
+
+    /// The market on a running cluster, authenticated as on one server:
+    /// once the nodes have elected a JetStream meta leader, the broker
+    /// starts with `broker_args` and `--replicas` the cluster's size (so
+    /// every stream and bucket it, the block store and the books create has
+    /// a copy on each node); the broker, the providers, the `vmlot` CLI and
+    /// the harness's own connections are given every node's URL.
+    pub async fn on_cluster(
+        cluster: NatsCluster,
+        broker_args: Vec<String>,
+        providers: &[ProviderSpec],
+    ) -> Result<Self> {
+        crate::wait_jetstream(&cluster.client().await?).await?;
+        let replicas = cluster.servers.len();
+        let (mut nodes, dir) = cluster.into_parts();
+        let server = nodes.remove(0);
+        let broker_args = [broker_args, vec!["--replicas".into(), replicas.to_string()]].concat();
+        Self::on_nodes(Some(dir), server, nodes, broker_args, providers)
+    }
+
+    /// `cluster_dir` comes first: should this fail, parameters drop in
+    /// reverse order, so the nodes stop before their directory goes.
+    fn on_nodes(
+        cluster_dir: Option<tempfile::TempDir>,
+        server: NatsServer,
+        peers: Vec<NatsServer>,
+        broker_args: Vec<String>,
+        providers: &[ProviderSpec],
+    ) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("vmlot-market-").tempdir()?;
         let books = match server.auth() {
             crate::Auth::Secured => vec![
@@ -67,18 +116,20 @@ impl Market {
         let broker = Process::start(
             "vmlot-broker",
             "broker",
-            &server.url(),
+            server.client_urls(),
             server.access(Role::Broker, "broker")?.as_deref(),
             &[broker_args, books].concat(),
             dir.path(),
         )?;
         let mut market = Self {
             server,
+            peers,
             broker,
             providers: Vec::new(),
             in_process: InProcessProviders::default(),
             dir,
             apis: Default::default(),
+            _cluster_dir: cluster_dir,
         };
         for spec in providers {
             market.add_provider(spec)?;
@@ -127,11 +178,11 @@ impl Market {
         self.providers.push(Process::start(
             "vmlot-provider",
             &spec.name,
-            &self.server.url(),
+            self.server.client_urls(),
             self.server
                 .access(Role::Provider, &spec.id.to_string())?
                 .as_deref(),
-            &args,
+            &[args, spec.args.clone()].concat(),
             self.dir.path(),
         )?);
         Ok(())
@@ -306,13 +357,137 @@ impl Market {
         .unwrap_or_else(|e| panic!("{e}: job {job} never refunded\n{}", self.logs()))
     }
 
-    /// Every process log, for failure messages.
+    /// Every process log, for failure messages (on a cluster, the
+    /// nodes' too).
     pub fn logs(&self) -> String {
         let mut out = format!("--- broker\n{}", tail(&self.broker.log()));
         for p in &self.providers {
             out.push_str(&format!("\n--- provider\n{}", tail(&p.log())));
         }
+        if !self.peers.is_empty() {
+            for node in self.nodes() {
+                // Without the retries of routes to a node that is down.
+                let text = node.log();
+                let log: Vec<&str> = text
+                    .lines()
+                    .filter(|l| !l.contains("Error trying to connect to route"))
+                    .collect();
+                out.push_str(&format!("\n--- nats {}\n{}", node.name(), tail(&log.join("\n"))));
+            }
+        }
         out
+    }
+
+    /// The market's NATS servers: its server, then a cluster's other nodes.
+    pub fn nodes(&self) -> impl Iterator<Item = &NatsServer> {
+        std::iter::once(&self.server).chain(&self.peers)
+    }
+
+    /// The node named `name` (`n1`, `n2`, …), to kill or restart.
+    pub fn node_mut(&mut self, name: &str) -> &mut NatsServer {
+        std::iter::once(&mut self.server)
+            .chain(&mut self.peers)
+            .find(|n| n.name() == name)
+            .unwrap_or_else(|| panic!("no NATS node {name}"))
+    }
+
+    /// Who is connected to the node named `name` now: `broker`, a
+    /// provider process's name, or `test` (this process: the harness's
+    /// own connections and in-process providers), one entry per connection.
+    pub fn clients_on(&self, name: &str) -> Result<Vec<String>> {
+        let node = self
+            .nodes()
+            .find(|n| n.name() == name)
+            .with_context(|| format!("no NATS node {name}"))?;
+        let processes: Vec<&Process> = std::iter::once(&self.broker).chain(&self.providers).collect();
+        let mut clients = Vec::new();
+        for port in node.client_ports()? {
+            let pid = crate::pid_of_connection(port, node.port());
+            let who = match pid {
+                Some(pid) if pid == std::process::id() => "test".to_string(),
+                Some(pid) => processes
+                    .iter()
+                    .find(|p| p.pid() == Some(pid))
+                    .map_or_else(|| format!("pid {pid}"), |p| p.name().to_string()),
+                None => "?".to_string(),
+            };
+            clients.push(who);
+        }
+        clients.sort();
+        Ok(clients)
+    }
+
+    /// `vmlot ARGS` as the market's operator.
+    pub fn vmlot(&self, args: &[&str]) -> std::process::Output {
+        self.vmlot_as(Role::Operator, TEST_OPERATOR, args)
+    }
+
+    /// `vmlot ARGS` with the credentials of `role`'s user `name`, given
+    /// every node's URL.
+    pub fn vmlot_as(&self, role: Role, name: &str, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(crate::workspace_binary("vmlot").expect("vmlot built"))
+            .env("VMLOT_NATS", self.server.client_urls())
+            .env("VMLOT_TLS_CA", self.server.tls_ca())
+            .env("VMLOT_CREDS", self.server.creds(role, name).expect("credentials"))
+            .args(args)
+            .output()
+            .expect("run vmlot")
+    }
+
+    /// Exactly one payment per settled segment (and check restore), to
+    /// the result that settled it, at its price; the job's spending is
+    /// their sum.
+    pub async fn assert_paid_once(&self, done: &JobStatus) {
+        let paid = payments(self.api().await.nats(), done.job).await;
+        let segments: Vec<u32> = paid.iter().map(|p| p.segment).collect();
+        // The settled segments, then the check restore if one ran.
+        let recorded: Vec<_> = done.payments().collect();
+        assert_eq!(
+            segments.len(),
+            recorded.len(),
+            "one payment per settled segment: {paid:#?}"
+        );
+        assert_eq!(
+            segments.iter().copied().collect::<HashSet<u32>>(),
+            (0..recorded.len() as u32).collect(),
+            "each segment paid once: {paid:#?}"
+        );
+        for p in &paid {
+            let settled = recorded[p.segment as usize];
+            assert_eq!(
+                (p.provider, p.attempt, &p.amount),
+                (settled.provider, settled.attempt, &settled.price),
+                "segment {} paid to its settling result",
+                p.segment
+            );
+        }
+        let total: Decimal = paid.iter().map(|p| p.amount.amount).sum();
+        assert_eq!(done.spent.amount, total);
+    }
+
+    /// The books reconcile, checked by the library and by `vmlot ledger
+    /// verify`.
+    pub async fn assert_books_verify(&self) {
+        let api = vmlot_ledger::BooksApi::for_server(self.server.client().await.unwrap()).await;
+        let report = vmlot_ledger::verify::verify(&api).await.unwrap();
+        assert!(report.ok(), "{:#?}\n{}", report.problems, self.logs());
+        let out = self.vmlot(&["ledger", "verify"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    }
+
+    /// Every JetStream stream of the market (the store's, the results')
+    /// and of the books' account (the ledger, and the KV buckets as their
+    /// `KV_` streams), as the servers describe them now.
+    pub async fn streams(&self) -> Result<Vec<async_nats::jetstream::stream::Info>> {
+        let mut infos = Vec::new();
+        for client in [self.server.client().await?, self.server.books_client().await?] {
+            let js = async_nats::jetstream::new(client);
+            let mut listed = js.streams();
+            while let Some(info) = futures::StreamExt::next(&mut listed).await {
+                infos.push(info?);
+            }
+        }
+        Ok(infos)
     }
 }
 
@@ -429,7 +604,7 @@ impl Market {
         self.providers.push(Process::start_with_env(
             "vmlot-provider",
             &spec.name,
-            &self.server.url(),
+            self.server.client_urls(),
             self.server
                 .access(Role::Provider, &spec.id.to_string())?
                 .as_deref(),

@@ -10,6 +10,8 @@ pub struct ProviderSpec {
     pub min_price: String,
     pub hot_discount: String,
     pub slots: u32,
+    /// More flags for the provider process (e.g. `--metrics-listen ADDR`).
+    pub args: Vec<String>,
 }
 
 impl ProviderSpec {
@@ -21,6 +23,7 @@ impl ProviderSpec {
             min_price: min_price.into(),
             hot_discount: "0".into(),
             slots: 1,
+            args: Vec::new(),
         }
     }
 }

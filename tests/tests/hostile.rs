@@ -55,6 +55,9 @@ fn subjects_of(role: Role, name: &str, key: &str) -> Vec<String> {
         if s.starts_with("vmlot.api.") && s.ends_with(".>") {
             let base = s.trim_end_matches(".>");
             out.extend(ENDPOINTS.iter().map(|e| format!("{base}.{e}")));
+        } else if s.starts_with("vmlot.bid.") || s.starts_with("vmlot.result.") {
+            // The last token is a partition: one the broker listens on.
+            out.push(s.replace('*', "0"));
         } else {
             out.push(s.replace(".>", &format!(".{HEX}")).replace('*', HEX));
         }

@@ -184,7 +184,7 @@ async fn six_segments_survive(mut market: Market, interrupt: impl FnOnce(&mut Ma
     assert_eq!(done.state, JobState::Done, "{done:#?}\n{}", market.logs());
     assert_paid_once_per_segment(&payments(&client, job).await, 6);
     market.wait_refunded(job).await;
-    assert_books_verify(&market).await;
+    market.assert_books_verify().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -210,7 +210,7 @@ async fn the_job_stops_when_its_budget_is_spent() {
     assert_eq!(done.spent, money("3.00"));
     assert_paid_once_per_segment(&payments(&client, job).await, 3);
     market.wait_refunded(job).await;
-    assert_books_verify(&market).await;
+    market.assert_books_verify().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -286,7 +286,10 @@ async fn hostile_input_is_refused_and_changes_nothing() {
     // Garbage bids and results, a bid for a lot never offered, a bid with a
     // negative price, a bid forged under another provider's subject.
     client
-        .publish(subjects::bid(&intruder), "garbage".into())
+        .publish(
+            subjects::bid(&intruder, subjects::partition_of(&job)),
+            "garbage".into(),
+        )
         .await
         .unwrap();
     let mut forged_bid = vmlot_schemas::market::Bid {
@@ -300,7 +303,7 @@ async fn hostile_input_is_refused_and_changes_nothing() {
     };
     client
         .publish(
-            subjects::bid(&intruder),
+            subjects::bid(&intruder, subjects::partition_of(&job)),
             serde_json::to_vec(&forged_bid).unwrap().into(),
         )
         .await
@@ -309,23 +312,26 @@ async fn hostile_input_is_refused_and_changes_nothing() {
     forged_bid.price = money("-5");
     client
         .publish(
-            subjects::bid(&intruder),
+            subjects::bid(&intruder, subjects::partition_of(&job)),
             serde_json::to_vec(&forged_bid).unwrap().into(),
         )
         .await
         .unwrap();
     client
         .publish(
-            subjects::bid(&provider_id),
+            subjects::bid(&provider_id, subjects::partition_of(&job)),
             serde_json::to_vec(&forged_bid).unwrap().into(),
         )
         .await
         .unwrap();
-    js.publish(subjects::result(&intruder), "garbage".into())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    js.publish(
+        subjects::result(&intruder, subjects::partition_of(&job)),
+        "garbage".into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
     // A result from a provider that was not awarded, claiming the open lot.
     let fake_result = SegmentResult {
         version: WIRE_VERSION,
@@ -343,7 +349,7 @@ async fn hostile_input_is_refused_and_changes_nothing() {
         preempted: false,
     };
     js.publish(
-        subjects::result(&intruder),
+        subjects::result(&intruder, subjects::partition_of(&job)),
         serde_json::to_vec(&fake_result).unwrap().into(),
     )
     .await
@@ -352,7 +358,7 @@ async fn hostile_input_is_refused_and_changes_nothing() {
     .unwrap();
     // The same, forged on the awarded provider's subject but naming the intruder.
     js.publish(
-        subjects::result(&provider_id),
+        subjects::result(&provider_id, subjects::partition_of(&job)),
         serde_json::to_vec(&fake_result).unwrap().into(),
     )
     .await
@@ -373,7 +379,7 @@ async fn hostile_input_is_refused_and_changes_nothing() {
         .find(|r| r.job == job && r.provider == provider_id)
         .unwrap();
     js.publish(
-        subjects::result(&provider_id),
+        subjects::result(&provider_id, subjects::partition_of(&job)),
         serde_json::to_vec(&replay).unwrap().into(),
     )
     .await
@@ -433,7 +439,7 @@ async fn lots_go_only_to_providers_of_their_hypervisor() {
     };
     client
         .publish(
-            subjects::bid(&provider_id),
+            subjects::bid(&provider_id, subjects::partition_of(&job)),
             serde_json::to_vec(&bid).unwrap().into(),
         )
         .await
@@ -468,37 +474,14 @@ async fn lots_go_only_to_providers_of_their_hypervisor() {
 
 // The books: escrow, settlement, refund, queries and reconciliation.
 
-/// `vmlot ARGS` against the market's NATS, as its operator.
-fn vmlot(market: &Market, args: &[&str]) -> std::process::Output {
-    let creds = market
-        .server
-        .creds(Role::Operator, vmlot_tests::market::TEST_OPERATOR)
-        .unwrap();
-    std::process::Command::new(vmlot_tests::workspace_binary("vmlot").unwrap())
-        .env("VMLOT_NATS", market.server.url())
-        .env("VMLOT_TLS_CA", market.server.tls_ca())
-        .env("VMLOT_CREDS", creds)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
 fn vmlot_json(market: &Market, args: &[&str]) -> serde_json::Value {
-    let out = vmlot(market, args);
+    let out = market.vmlot(args);
     assert!(
         out.status.success(),
         "vmlot {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("vmlot {args:?}: {e}"))
-}
-
-async fn assert_books_verify(market: &Market) {
-    let api = vmlot_ledger::BooksApi::for_server(market.server.client().await.unwrap()).await;
-    let report = vmlot_ledger::verify::verify(&api).await.unwrap();
-    assert!(report.ok(), "{:#?}\n{}", report.problems, market.logs());
-    let out = vmlot(market, &["ledger", "verify"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
 }
 
 async fn balance(market: &Market, account: &str) -> Decimal {
@@ -543,10 +526,7 @@ async fn books_hold_pay_refund_answer_queries_and_verify() {
     }
     assert_eq!(balance(&market, "user:alice").await, Decimal::ZERO);
     for _ in 0..2 {
-        let out = vmlot(
-            &market,
-            &["admin", "credit", "alice", "10", "--id", &id.to_string()],
-        );
+        let out = market.vmlot(&["admin", "credit", "alice", "10", "--id", &id.to_string()]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
     assert_eq!(
@@ -592,7 +572,7 @@ async fn books_hold_pay_refund_answer_queries_and_verify() {
         price - fee
     );
     assert_eq!(balance(&market, "operator").await, fee - dec("10"));
-    assert_books_verify(&market).await;
+    market.assert_books_verify().await;
 
     // Queries, as an accountant makes them.
     let rows = vmlot_json(&market, &["--json", "ledger", "--account", "alice"]);
@@ -646,7 +626,7 @@ async fn books_hold_pay_refund_answer_queries_and_verify() {
     assert_eq!(rows.as_array().unwrap().len(), 0);
     let rows = vmlot_json(&market, &["--json", "ledger", "--until", &tomorrow, "--totals"]);
     assert_eq!(rows["rows"].as_array().unwrap().len(), 2 + 2 + 3 * 2 + 3 * 3 + 2);
-    let csv = vmlot(&market, &["ledger", "--format", "csv", "--account", "operator"]);
+    let csv = market.vmlot(&["ledger", "--format", "csv", "--account", "operator"]);
     let csv = String::from_utf8(csv.stdout).unwrap();
     assert_eq!(csv.lines().count(), 1 + 1 + 3, "{csv}");
     assert!(csv.starts_with("at,tx,kind,account,unit,debit,credit,balance,job,segment\n"));
@@ -676,7 +656,7 @@ async fn books_hold_pay_refund_answer_queries_and_verify() {
         }
     }
     assert_eq!(payments(&client, job).await.len(), 3);
-    assert_books_verify(&market).await;
+    market.assert_books_verify().await;
 
     // A forged payment for a segment the job never settled is named.
     let mut forged = paid[2].clone();
@@ -696,7 +676,7 @@ async fn books_hold_pay_refund_answer_queries_and_verify() {
         .unwrap()
         .await
         .unwrap();
-    let out = vmlot(&market, &["ledger", "verify"]);
+    let out = market.vmlot(&["ledger", "verify"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(3), "{text}");
     assert!(text.contains(&subject), "{text}");
@@ -741,7 +721,7 @@ async fn books_a_broker_killed_between_settlement_and_next_lot_pays_once() {
     assert_eq!(done.state, JobState::Done, "{done:#?}\n{}", market.logs());
     assert_paid_once_per_segment(&payments(&client, job).await, 4);
     market.wait_refunded(job).await;
-    assert_books_verify(&market).await;
+    market.assert_books_verify().await;
 }
 
 fn market_broker_exited(market: &mut Market) -> bool {

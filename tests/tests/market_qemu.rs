@@ -9,7 +9,7 @@
 //! wall clock, and this machine may have two cores only.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -18,73 +18,14 @@ use vmlot_schemas::caller::Role;
 use vmlot_schemas::market::{GuestState, JobStatus};
 use vmlot_schemas::{ManifestId, ProviderId};
 use vmlot_tests::market::{QemuProviderSpec, kill_pids, processes_mentioning, wait_for};
-use vmlot_tests::vm::{GuestImage, Timed, VmMarket, assert_console_exact, guest_files};
+use vmlot_tests::vm::{
+    GuestImage, MEMORY_MIB, SEGMENT_SECONDS, Timed, VmMarket, assert_console_exact, direct_run, qemu_image,
+    reference_console,
+};
 use vmlot_tests::workspace_binary;
-
-const SETUP: &str = "run `make deps guest` in the repository root";
-/// 4.5–9 s of boot and 12–20 s of hashing under TCG on the machines this
-/// has run on: at least four 4 s segments on the fastest (24 steps gave
-/// three there, too few for the migration test).
-const CMDLINE: &str = "console=ttyS0 quiet loglevel=1 panic=-1 vmlot.steps=48 vmlot.work_kib=2048";
-const MEMORY_MIB: u32 = 128;
-const SEGMENT_SECONDS: &str = "4";
 
 /// One market at a time: guests run against the clock.
 static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-/// The console of one uninterrupted run, made once.
-static REFERENCE: tokio::sync::OnceCell<Vec<u8>> = tokio::sync::OnceCell::const_new();
-
-/// The guest booted once by QEMU itself (no driver, no market) and run to
-/// its power-off: the console every market run must reproduce.
-async fn reference_console() -> &'static [u8] {
-    REFERENCE
-        .get_or_init(|| async {
-            tokio::task::spawn_blocking(|| {
-                let _timed = Timed::start("direct reference run");
-                let bytes = direct_run(CMDLINE, None);
-                let text = String::from_utf8_lossy(&bytes);
-                assert!(
-                    text.contains("step 48/48 ") && text.contains("vmlot-guest: done "),
-                    "the direct run did not finish its work:\n{text}"
-                );
-                bytes
-            })
-            .await
-            .unwrap()
-        })
-        .await
-}
-
-/// Runs the test guest with `cmdline` (and `disk`, written in place) in
-/// QEMU itself to its power-off; its console.
-fn direct_run(cmdline: &str, disk: Option<&Path>) -> Vec<u8> {
-    let (kernel, initrd) = guest_files();
-    let dir = tempfile::tempdir().unwrap();
-    let console = dir.path().join("console.log");
-    let mut qemu = Command::new("timeout");
-    qemu.arg("300")
-        .arg("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-machine", "q35", "-m", &MEMORY_MIB.to_string()])
-        .args(["-smp", "1", "-nodefaults", "-no-user-config", "-display", "none"])
-        .arg("-no-reboot")
-        .arg("-serial")
-        .arg(format!("file:{}", console.display()))
-        .arg("-kernel")
-        .arg(&kernel)
-        .arg("-initrd")
-        .arg(&initrd)
-        .args(["-append", cmdline]);
-    if let Some(disk) = disk {
-        qemu.arg("-drive")
-            .arg(format!("file={},format=raw,if=virtio", disk.display()));
-    }
-    let status = qemu
-        .stdin(Stdio::null())
-        .status()
-        .unwrap_or_else(|e| panic!("qemu-system-x86_64: {e}: {SETUP}"));
-    assert!(status.success(), "direct QEMU run: {status}");
-    std::fs::read(&console).unwrap()
-}
 
 /// A market with these QEMU providers.
 fn qemu_market(providers: &[&QemuProviderSpec], allowance_s: u32) -> VmMarket {
@@ -93,16 +34,6 @@ fn qemu_market(providers: &[&QemuProviderSpec], allowance_s: u32) -> VmMarket {
         m.market.add_qemu_provider(spec).unwrap();
     }
     m
-}
-
-/// The test guest as a QEMU image with these disks.
-fn qemu_image<'a>(disks: &'a [&'a Path]) -> GuestImage<'a> {
-    GuestImage {
-        hypervisor: "qemu",
-        memory_mib: MEMORY_MIB,
-        cmdline: CMDLINE,
-        disks,
-    }
 }
 
 fn money(s: &str) -> Decimal {

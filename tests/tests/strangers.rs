@@ -275,8 +275,8 @@ async fn a_provider_cannot_impersonate_another_or_read_its_bids() {
     for subject in [
         subjects::heartbeat(&ghost),
         subjects::heartbeat(&honest_id),
-        subjects::bid(&honest_id),
-        subjects::result(&honest_id),
+        subjects::bid(&honest_id, 0),
+        subjects::result(&honest_id, 0),
         subjects::award(&honest_id),
         // Its own standing, made spotless.
         subjects::standing_entry(&eve),
@@ -366,7 +366,7 @@ async fn a_provider_cannot_impersonate_another_or_read_its_bids() {
     let js = async_nats::jetstream::new(nats.clone());
     let huge = vec![b'x'; (1 << 20) + 1];
     let stored = js
-        .publish(subjects::result(&eve), huge.into())
+        .publish(subjects::result(&eve, 0), huge.into())
         .await
         .unwrap()
         .await;

@@ -315,12 +315,16 @@ async fn publish(daemon: &Daemon, result: &SegmentResult) -> Result<(), AttemptE
     let body = serde_json::to_vec(result).expect("result serializes");
     daemon
         .js
-        .publish(subjects::result(&daemon.config.id), body.into())
+        .publish(
+            subjects::result(&daemon.config.id, subjects::partition_of(&result.job)),
+            body.into(),
+        )
         .await
         .map_err(|e| AttemptError::Publish(e.to_string()))?
         .await
         .map_err(|e| AttemptError::Publish(e.to_string()))?;
     tracing::info!("result published");
+    crate::metrics::segment(result);
     Ok(())
 }
 

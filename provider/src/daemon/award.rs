@@ -27,7 +27,9 @@ pub(super) async fn take_awards(daemon: Arc<Daemon>, mut messages: async_nats::S
         let answer: Reply<()> = match serde_json::from_slice::<ToProvider>(&msg.payload) {
             Ok(ToProvider::Award(award)) => {
                 let span = LotRef::of(&award.lot).span(Step::Award, &daemon.config.id);
-                match span.in_scope(|| take(&daemon, *award)) {
+                let taken = span.in_scope(|| take(&daemon, *award));
+                crate::metrics::award(taken.is_ok());
+                match taken {
                     Ok(()) => Reply::Ok(()),
                     Err(reason) => Reply::Error(ApiError {
                         code: "refused".into(),
@@ -95,10 +97,13 @@ fn take(daemon: &Arc<Daemon>, award: Award) -> Result<(), String> {
         .instrument(span.clone())
         .await;
         if let Some(_permit) = permit {
+            crate::metrics::slot(1.0);
             let workdir = daemon2.config.work_dir.join(lot.lot.to_string());
             if let Err(err) = attempt::run(&daemon2, &award, &workdir, token).await {
                 tracing::warn!(parent: &span, %err, "segment attempt failed");
+                crate::metrics::segment_failed();
             }
+            crate::metrics::slot(-1.0);
             let _ = std::fs::remove_dir_all(&workdir);
         } else {
             tracing::warn!(parent: &span, "award cancelled or past its deadline before a slot freed; not run");

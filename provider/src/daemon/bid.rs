@@ -50,6 +50,7 @@ pub(super) async fn bid_on_lots(
         {
             continue;
         }
+        crate::metrics::lot_seen();
         let span = LotRef::of(&lot).span(Step::Bid, &daemon.config.id);
         bid(&daemon, &lot).instrument(span).await;
     }
@@ -59,6 +60,7 @@ pub(super) async fn bid_on_lots(
 async fn bid(daemon: &Daemon, lot: &Lot) {
     let hot_share = hot_share(daemon, &lot.checkpoint).await;
     let idle = daemon.owner.idle(daemon.config.idle_load);
+    crate::metrics::owner_idle(idle);
     match bidding::decide(&daemon.config, lot, daemon.free_slots(), idle, hot_share) {
         Ok(price) => {
             let bid = Bid {
@@ -76,10 +78,16 @@ async fn bid(daemon: &Daemon, lot: &Lot) {
             let body = serde_json::to_vec(&bid).expect("bid serializes");
             match daemon
                 .client
-                .publish(subjects::bid(&daemon.config.id), body.into())
+                .publish(
+                    subjects::bid(&daemon.config.id, subjects::partition_of(&lot.job)),
+                    body.into(),
+                )
                 .await
             {
-                Ok(()) => tracing::debug!(price = %bid.price.amount, %hot_share, "bid sent"),
+                Ok(()) => {
+                    crate::metrics::bid_sent();
+                    tracing::debug!(price = %bid.price.amount, %hot_share, "bid sent")
+                }
                 Err(err) => tracing::warn!(%err, "could not send bid"),
             }
         }

@@ -111,6 +111,10 @@ pub async fn run(
         owner: Arc::new(crate::owner::Meter::default()),
     });
 
+    if let Some(addr) = daemon.config.metrics_listen {
+        vmlot_telemetry::serve(addr, &daemon.tasks, daemon.shutdown.clone())
+            .map_err(|e| nats("metrics endpoint", e))?;
+    }
     let awards = client
         .subscribe(subjects::award(&daemon.config.id))
         .await

@@ -1,0 +1,280 @@
+//! More than one broker (issue 16 step 2): brokers share the jobs'
+//! partitions by leases in the KV bucket `vmlot-leases`; when one dies,
+//! the others take its partitions once its leases lapse and resume its
+//! jobs from their records.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use vmlot_schemas::market::{Image, JobSpec, JobState, ResultCheck, SegmentCount};
+use vmlot_schemas::subjects::{LEASE_BUCKET, PARTITIONS, partition_of};
+use vmlot_schemas::{JobId, Money};
+use vmlot_tests::Process;
+use vmlot_tests::market::{Market, ProviderSpec, fast_broker_args, wait_for};
+
+fn spec(image: Image, segments: u32) -> JobSpec {
+    JobSpec {
+        image,
+        segment_seconds: 1,
+        segments: SegmentCount::Count(segments),
+        redundancy: 1,
+        check: ResultCheck::None,
+        reserve_price: Money::new("1".parse().unwrap(), "CRD"),
+        budget: Money::new("20".parse().unwrap(), "CRD"),
+        account: "alice".into(),
+    }
+}
+
+/// A broker beside the market's own, named `id`, on the same servers and
+/// with the same settings, and `extra` flags.
+fn another_broker(market: &Market, id: &str, extra: &[String]) -> Process {
+    let args: Vec<String> = [
+        fast_broker_args(),
+        extra.to_vec(),
+        vec![
+            "--broker-id".into(),
+            id.into(),
+            "--books-creds".into(),
+            market
+                .server
+                .deployment()
+                .books_creds_path()
+                .display()
+                .to_string(),
+        ],
+    ]
+    .concat();
+    Process::start(
+        "vmlot-broker",
+        id,
+        market.server.client_urls(),
+        market
+            .server
+            .access(vmlot_schemas::caller::Role::Broker, "broker")
+            .unwrap()
+            .as_deref(),
+        &args,
+        market.path(),
+    )
+    .unwrap()
+}
+
+/// What a daemon's Prometheus endpoint at `addr` serves now (a plain
+/// HTTP/1.0 GET, as a scraper or `curl` makes it).
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream =
+        std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("metrics endpoint {addr}: {e}"));
+    stream
+        .write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).unwrap();
+    assert!(
+        reply.starts_with("HTTP/1.0 200") || reply.starts_with("HTTP/1.1 200"),
+        "{reply}"
+    );
+    reply
+}
+
+/// The value of the series `line_start` (name and labels) in `metrics`.
+fn value(metrics: &str, line_start: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Who holds each partition now, from the lease bucket.
+async fn holders(market: &Market) -> HashMap<u16, String> {
+    let books = async_nats::jetstream::new(market.server.books_client().await.unwrap());
+    let Ok(kv) = books.get_key_value(LEASE_BUCKET).await else {
+        return HashMap::new();
+    };
+    let mut out = HashMap::new();
+    let mut keys = kv.keys().await.unwrap();
+    while let Some(Ok(key)) = keys.next().await {
+        if let Some(p) = key.strip_prefix("partition.").and_then(|p| p.parse().ok())
+            && let Ok(Some(value)) = kv.get(&key).await
+        {
+            out.insert(p, String::from_utf8_lossy(&value).into_owned());
+        }
+    }
+    out
+}
+
+fn count(holders: &HashMap<u16, String>, id: &str) -> usize {
+    holders.values().filter(|h| *h == id).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_brokers_jobs_are_taken_over_by_another_within_seconds() {
+    let p0_metrics = format!("127.0.0.1:{}", vmlot_tests::free_port());
+    let providers: Vec<ProviderSpec> = (0..3)
+        .map(|i| ProviderSpec {
+            args: if i == 0 {
+                vec!["--metrics-listen".into(), p0_metrics.clone()]
+            } else {
+                Vec::new()
+            },
+            ..ProviderSpec::synthetic(&format!("p{i}"), "0.10")
+        })
+        .collect();
+    let mut market = Market::start(
+        [fast_broker_args(), vec!["--broker-id".into(), "b1".into()]].concat(),
+        &providers,
+    )
+    .unwrap();
+    market.ready(3).await.unwrap();
+    let image = market
+        .push_synthetic_image("synthetic.seed=brokers")
+        .await
+        .unwrap();
+
+    // Alone, b1 holds every partition; with b2 started they split evenly.
+    wait_for(Duration::from_secs(20), async || {
+        (count(&holders(&market).await, "b1") == PARTITIONS as usize).then_some(())
+    })
+    .await
+    .expect("b1 holds every partition");
+    let b2_metrics = format!("127.0.0.1:{}", vmlot_tests::free_port());
+    let _b2 = another_broker(&market, "b2", &["--metrics-listen".into(), b2_metrics.clone()]);
+    let split = wait_for(Duration::from_secs(40), async || {
+        let h = holders(&market).await;
+        (count(&h, "b1") == PARTITIONS as usize / 2 && count(&h, "b2") == PARTITIONS as usize / 2)
+            .then_some(h)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("the partitions split between b1 and b2: {e}\n{}", market.logs()));
+
+    // Jobs of both (each broker gives a submission it serves an id in its
+    // own partitions; NATS spreads the requests), long enough to be under
+    // way when b1 dies.
+    let mut jobs: Vec<JobId> = Vec::new();
+    let of = |jobs: &[JobId], id: &str| -> Vec<JobId> {
+        jobs.iter()
+            .copied()
+            .filter(|j| split.get(&partition_of(j)).is_some_and(|h| h == id))
+            .collect()
+    };
+    while jobs.len() < 16 && (of(&jobs, "b1").len() < 2 || of(&jobs, "b2").len() < 2) {
+        jobs.push(market.submit(spec(image.clone(), 12)).await);
+    }
+    let of_b1 = of(&jobs, "b1");
+    assert!(
+        of_b1.len() >= 2 && of(&jobs, "b2").len() >= 2,
+        "both brokers serve submissions: {jobs:?} over {split:?}"
+    );
+    // Every job has settled a segment: both brokers run theirs.
+    for job in &jobs {
+        wait_for(Duration::from_secs(60), async || {
+            (!market.status(*job).await.settled.is_empty()).then_some(())
+        })
+        .await
+        .unwrap();
+    }
+
+    market.broker.kill();
+    let killed = Instant::now();
+    let before: HashMap<JobId, usize> = {
+        let mut m = HashMap::new();
+        for job in &of_b1 {
+            m.insert(*job, market.status(*job).await.settled.len());
+        }
+        m
+    };
+    // b2 holds every partition within seconds of b1's leases lapsing...
+    wait_for(Duration::from_secs(20), async || {
+        (count(&holders(&market).await, "b2") == PARTITIONS as usize).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("b2 took b1's partitions: {e}\n{}", market.logs()));
+    let taken = killed.elapsed();
+    // ...and b1's jobs go on under b2.
+    for job in &of_b1 {
+        wait_for(Duration::from_secs(30), async || {
+            let s = market.status(*job).await;
+            (s.state.is_final() || s.settled.len() > before[job]).then_some(())
+        })
+        .await
+        .unwrap_or_else(|e| panic!("job {job} moved on under b2: {e}\n{}", market.logs()));
+    }
+    eprintln!(
+        "b1 killed holding {} partitions and {} of {} jobs; b2 held every partition {:.1} s later",
+        PARTITIONS / 2,
+        of_b1.len(),
+        jobs.len(),
+        taken.as_secs_f64()
+    );
+    for job in &jobs {
+        let done = market.wait_final(*job, Duration::from_secs(120)).await;
+        assert_eq!(done.state, JobState::Done, "{done:#?}");
+        assert_eq!(done.settled.len(), 12);
+        market.assert_paid_once(&done).await;
+        market.wait_refunded(*job).await;
+    }
+    market.assert_books_verify().await;
+
+    // What an operator watching b2 saw (issue 16 step 5): every job it ran,
+    // the lots, bids, awards, settlements and payments behind them, how
+    // long settling took, and what it refused.
+    let metrics = scrape(&b2_metrics);
+    for series in [
+        "vmlot_broker_jobs_submitted_total",
+        "vmlot_broker_jobs_running",
+        "vmlot_broker_jobs_ended_total{state=\"done\"}",
+        "vmlot_broker_lots_offered_total",
+        "vmlot_broker_bids_total",
+        "vmlot_broker_awards_total",
+        "vmlot_broker_segments_settled_total{partial=\"no\"}",
+        "vmlot_broker_settle_seconds_bucket",
+        "vmlot_broker_settle_seconds_count",
+        "vmlot_broker_segment_phase_seconds_bucket{phase=\"run\"",
+        "vmlot_broker_fetched_bytes_total",
+        "vmlot_broker_sent_bytes_total",
+        "vmlot_broker_payments_total{kind=\"settle\"}",
+        "vmlot_broker_payments_total{kind=\"refund\"}",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l.starts_with(series)),
+            "{series} is not in b2's metrics:\n{metrics}"
+        );
+    }
+    // And one provider's: what it saw, bid, won and ran.
+    let metrics = scrape(&p0_metrics);
+    for series in [
+        "vmlot_provider_lots_seen_total",
+        "vmlot_provider_bids_total",
+        "vmlot_provider_awards_total{taken=\"yes\"}",
+        "vmlot_provider_segments_total{end=\"running\"}",
+        "vmlot_provider_segment_phase_seconds_bucket{phase=\"fetch\"",
+        "vmlot_provider_fetched_bytes_total",
+        "vmlot_provider_sent_bytes_total",
+        "vmlot_provider_slots_busy",
+        "vmlot_provider_owner_idle",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l.starts_with(series)),
+            "{series} is not in p0's metrics:\n{metrics}"
+        );
+    }
+    assert_eq!(
+        value(&metrics, "vmlot_provider_slots_busy"),
+        Some(0.0),
+        "{metrics}"
+    );
+    let metrics = scrape(&b2_metrics);
+    // b2 settled at least b1's unfinished segments and all of its own.
+    let settled = value(&metrics, "vmlot_broker_segments_settled_total{partial=\"no\"}").unwrap();
+    assert!(
+        settled >= 12.0 * (jobs.len() - of_b1.len()) as f64,
+        "{settled}\n{metrics}"
+    );
+    assert_eq!(
+        value(&metrics, "vmlot_broker_jobs_running"),
+        Some(0.0),
+        "{metrics}"
+    );
+}
