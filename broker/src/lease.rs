@@ -59,6 +59,9 @@ pub(crate) struct Leases {
     kv: kv::Store,
     js: jetstream::Context,
     me: String,
+    /// The partition this broker looks at first when it takes free ones,
+    /// fixed by its name, so brokers that look at once mostly differ.
+    start: u16,
 }
 
 fn partition_key(partition: u16) -> String {
@@ -98,7 +101,11 @@ impl Leases {
                 .await
                 .map_err(|e| BrokerError::nats("create the lease bucket", e))?,
         };
-        Ok(Self { kv, js, me })
+        let start = subjects::partition_of(&JobId(uuid::Uuid::new_v5(
+            &uuid::Uuid::NAMESPACE_OID,
+            me.as_bytes(),
+        )));
+        Ok(Self { kv, js, me, start })
     }
 
     fn member_key(&self) -> String {
@@ -121,14 +128,7 @@ pub(crate) async fn hold(shared: Arc<Shared>, leases: Leases) {
         rounds = rounds.wrapping_add(1);
         round(&shared, &leases, rounds.is_multiple_of(RESCAN_ROUNDS)).await;
     }
-    let held: Vec<u16> = shared
-        .partitions
-        .lock()
-        .expect("partitions lock")
-        .keys()
-        .copied()
-        .collect();
-    for p in held {
+    for p in shared.held_partitions() {
         hand_back(&shared, &leases, p).await;
     }
     let _ = leases.kv.delete(leases.member_key()).await;
@@ -145,24 +145,14 @@ pub(crate) async fn round(shared: &Arc<Shared>, leases: &Leases, rescan: bool) {
     let Some((brokers, owners)) = look(leases).await else {
         return;
     };
-    let held: BTreeSet<u16> = shared
-        .partitions
-        .lock()
-        .expect("partitions lock")
-        .keys()
-        .copied()
-        .collect();
+    let held: BTreeSet<u16> = shared.held_partitions().into_iter().collect();
     // A lease still naming this broker that it no longer runs (given up
     // while NATS was unreachable) is taken back like a free one.
     let free: BTreeSet<u16> = (0..PARTITIONS)
         .filter(|p| owners.get(p).is_none_or(|(owner, _)| *owner == leases.me))
         .filter(|p| !held.contains(p))
         .collect();
-    let start = subjects::partition_of(&JobId(uuid::Uuid::new_v5(
-        &uuid::Uuid::NAMESPACE_OID,
-        leases.me.as_bytes(),
-    )));
-    for step in partition::plan(&held, &free, brokers, start) {
+    for step in partition::plan(&held, &free, brokers, leases.start) {
         match step {
             Move::Take(p) => {
                 let taken = match owners.get(&p) {
@@ -189,14 +179,7 @@ pub(crate) async fn round(shared: &Arc<Shared>, leases: &Leases, rescan: bool) {
         }
     }
     if rescan {
-        let held: Vec<u16> = shared
-            .partitions
-            .lock()
-            .expect("partitions lock")
-            .keys()
-            .copied()
-            .collect();
-        for p in held {
+        for p in shared.held_partitions() {
             if let Err(err) = resume_jobs(shared, p).await {
                 tracing::warn!(partition = p, %err, "could not read the partition's jobs");
             }
@@ -428,6 +411,16 @@ async fn look_again_on_pokes(
 }
 
 impl Shared {
+    /// The partitions this broker holds now.
+    fn held_partitions(&self) -> Vec<u16> {
+        self.partitions
+            .lock()
+            .expect("partitions lock")
+            .keys()
+            .copied()
+            .collect()
+    }
+
     /// True while this broker holds `job`'s partition.
     pub(crate) fn holds(&self, job: &JobId) -> bool {
         self.partitions

@@ -60,15 +60,7 @@ pub fn settled(result: &SegmentResult, received: DateTime<Utc>, partial: bool) {
         .increment(1);
     let latency = (Utc::now() - received).num_microseconds().unwrap_or(0).max(0);
     histogram!("vmlot_broker_settle_seconds").record(latency as f64 / 1e6);
-    let t = &result.timings;
-    for (phase, ms) in [
-        ("fetch", t.fetch_ms),
-        ("start", t.start_ms),
-        ("run", t.run_ms),
-        ("save", t.save_ms),
-        ("upload", t.upload_ms),
-        ("suspended", t.suspended_ms),
-    ] {
+    for (phase, ms) in result.timings.phases() {
         histogram!("vmlot_broker_segment_phase_seconds", "phase" => phase).record(ms as f64 / 1e3);
     }
     counter!("vmlot_broker_fetched_bytes_total").increment(result.fetched_bytes);

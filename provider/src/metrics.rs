@@ -52,15 +52,7 @@ pub fn segment(result: &SegmentResult) {
         (GuestState::RestoreFailed { .. }, false) => "restore-failed",
     };
     counter!("vmlot_provider_segments_total", "end" => end).increment(1);
-    let t = &result.timings;
-    for (phase, ms) in [
-        ("fetch", t.fetch_ms),
-        ("start", t.start_ms),
-        ("run", t.run_ms),
-        ("save", t.save_ms),
-        ("upload", t.upload_ms),
-        ("suspended", t.suspended_ms),
-    ] {
+    for (phase, ms) in result.timings.phases() {
         histogram!("vmlot_provider_segment_phase_seconds", "phase" => phase).record(ms as f64 / 1e3);
     }
     counter!("vmlot_provider_fetched_bytes_total").increment(result.fetched_bytes);

@@ -118,6 +118,20 @@ pub struct SegmentTimings {
     pub suspended_ms: u64,
 }
 
+impl SegmentTimings {
+    /// Each phase by name, in milliseconds (for metrics and reports).
+    pub fn phases(&self) -> [(&'static str, u64); 6] {
+        [
+            ("fetch", self.fetch_ms),
+            ("start", self.start_ms),
+            ("run", self.run_ms),
+            ("save", self.save_ms),
+            ("upload", self.upload_ms),
+            ("suspended", self.suspended_ms),
+        ]
+    }
+}
+
 fn is_zero(n: &u64) -> bool {
     *n == 0
 }

@@ -224,6 +224,29 @@ async fn a_submitter_cannot_mint_spend_anothers_or_touch_the_books() {
     refused_by_server(&market, "Publish", &posting).await;
     refused_by_server(&market, "Publish", &record_subject).await;
     refused_by_server(&market, "Publish", &delete).await;
+    // Nor can mallory take the lease of alice's job's partition, or poke
+    // the broker holding it: the lease still names the broker.
+    let partition = subjects::partition_of(&job);
+    let lease = format!("$KV.{}.partition.{partition}", subjects::LEASE_BUCKET);
+    let poke = subjects::broker_poke(partition);
+    for subject in [&lease, &poke] {
+        nats.publish(subject.clone(), b"mallory".to_vec().into())
+            .await
+            .unwrap();
+    }
+    nats.flush().await.unwrap();
+    refused_by_server(&market, "Publish", &lease).await;
+    refused_by_server(&market, "Publish", &poke).await;
+    let books = async_nats::jetstream::new(market.server.books_client().await.unwrap());
+    let holder = books
+        .get_key_value(subjects::LEASE_BUCKET)
+        .await
+        .unwrap()
+        .get(format!("partition.{partition}"))
+        .await
+        .unwrap()
+        .expect("the broker holds the job's partition");
+    assert_ne!(&holder[..], b"mallory", "mallory took the lease");
 
     // Sealed bids: mallory cannot listen to bids or awards.
     let bids = nats.subscribe(subjects::ALL_BIDS).await.unwrap();
