@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export PATH := $(CURDIR)/.tools/bin:$(PATH)
 
-.PHONY: all deps build bench-build guest xen-host test test-xen lint unit check-release bench-xen demo bench-cas bench-market bench-segment bench-deterministic bench-ledger schemas man clean
+.PHONY: all deps build bench-build guest nats-guest xen-host test test-xen chaos lint unit check-release bench-xen demo bench-cas bench-market bench-brokers bench-segment bench-deterministic bench-ledger schemas man clean
 
 all: build
 
@@ -43,13 +43,17 @@ bench-build: deps
 guest: deps
 	@bash scripts/build-guest.sh
 
+## The NATS guest of the power-cut test (.tools/nats-guest): nats-server in a busybox initramfs, its store on a virtio disk.
+nats-guest: deps
+	@bash scripts/build-nats-guest.sh
+
 ## Nested Xen test host (.tools/xen): Xen 4.17 + a busybox dom0 running vmlot-provider; boot with scripts/xen-host.sh boot.
 xen-host: deps guest
 	@bash scripts/xen-host.sh build
 
 ## Every test: formatting, lints, unit and integration tests against real
 ## nats-server and real QEMU guests (hence the guest).
-test: deps guest lint unit check-release
+test: deps guest nats-guest lint unit check-release
 
 lint:
 	$(CARGO) fmt --all --check
@@ -65,6 +69,15 @@ unit:
 	$(CARGO) build --workspace --bins
 	$(CARGO) build $(PLUGIN)
 	$(CARGO) test --workspace
+
+## The chaos run (issue 16): jobs on a 3-node cluster with 2 brokers while providers,
+## brokers and a NATS node are SIGKILLed and restarted at random (tests/tests/chaos.rs).
+## CHAOS=full: 100 synthetic + 2 QEMU jobs, up to 5 min of kills; CHAOS=ci: what .ci/run runs.
+CHAOS ?= full
+chaos: deps guest
+	$(CARGO) build --workspace --bins
+	$(CARGO) build $(PLUGIN)
+	VMLOT_CHAOS_SIZE=$(CHAOS) $(CARGO) test -p vmlot-tests --features chaos --test chaos -- --nocapture
 
 ## Segments on real Xen: two nested Xen hosts (Debian's Xen 4.17 under QEMU TCG)
 ## run the test guest through the market (tests/tests/market_xen.rs).
@@ -84,6 +97,10 @@ bench-cas: build bench-build guest
 ## Market throughput on the synthetic driver, against JetStream's ack rate.
 bench-market: build bench-build
 	$(BENCH) market --providers 200 --jobs 1000 --segments 3 --bid-window-ms 200
+
+## The same market run with 1, 2 and 3 brokers sharing the jobs (issue 16), secured only.
+bench-brokers: build bench-build
+	$(BENCH) brokers --brokers 1,2,3 --providers 200 --jobs 600 --segments 3 --bid-window-ms 200 --rounds 1
 
 ## Per-segment overhead of a real 128 MiB QEMU guest (save, upload, download, restore) at T = 60 s,
 ## against a whole-file copy through the same nats-server.

@@ -18,7 +18,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use async_nats::jetstream::{self, AckKind};
+use async_nats::jetstream::AckKind;
 use chrono::{DateTime, Utc};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -38,6 +38,7 @@ use crate::state::UpdateError;
 use crate::stored_save::{self, StoredSaveError};
 use crate::{award, cancel, deposit, metrics, partial, verify};
 
+mod delivery;
 mod record;
 
 pub(crate) use record::resume_paid;
@@ -101,6 +102,9 @@ async fn wait(
     };
     let timeout = tokio::time::sleep_until(until(&status));
     tokio::pin!(timeout);
+    // Past the deadline while results stored before it may still be on
+    // their way ([`delivery`]): until when this wait goes on for them.
+    let mut grace: Option<tokio::time::Instant> = None;
     let known = verify::known_blocks(&shared.store, &status.checkpoint).await;
     // Providers refused during this wait (the record has those before it).
     let mut refused: Vec<ProviderId> = Vec::new();
@@ -112,16 +116,36 @@ async fn wait(
     // its first valid result.
     let quorum = status.spec.check == ResultCheck::Quorum && !open.unreplicated;
     loop {
+        // Results already here come before the deadline's check.
         let (result, msg) = tokio::select! {
+            biased;
             _ = stop.cancelled() => return Ok(Waited::Stopped),
-            _ = &mut timeout => return settle_held(shared, &status, &open.lot, &mut held, Waited::TimedOut).await,
             event = rx.recv() => match event {
                 Some(LotEvent::Result(event)) => *event,
                 Some(LotEvent::Bid(_)) => continue,
                 None => return Ok(Waited::Stopped),
+            },
+            _ = &mut timeout => {
+                let now = tokio::time::Instant::now();
+                let until = *grace.get_or_insert(now + delivery::GRACE);
+                if now < until && delivery::undelivered(shared, &status.job).await {
+                    tracing::info!("deadline passed with results undelivered; waiting for them");
+                    timeout.as_mut().reset(tokio::time::Instant::now() + delivery::GRACE_STEP);
+                    continue;
+                }
+                return settle_held(shared, &status, &open.lot, &mut held, Waited::TimedOut).await;
             }
         };
-        let received = received_at(&msg);
+        let received = delivery::received_at(&msg);
+        let deadline = status.open_lot.as_ref().and_then(|open| open.award_deadline);
+        if grace.is_some() && deadline.is_some_and(|deadline| received > deadline) {
+            // Stored after the deadline: late, as the router calls a
+            // result for a lot no longer open.
+            tracing::warn!(provider = %result.provider, "refused result stored after the deadline");
+            metrics::refused("result", "lot-not-open");
+            let _ = msg.ack().await;
+            continue;
+        }
         let span = tracing::info_span!("result", provider = %result.provider);
         if let GuestState::RestoreFailed { reason } = &result.guest {
             let outcome = restore_failed(shared, &status, &result, received, reason)
@@ -452,17 +476,6 @@ fn count(shared: &Arc<Shared>, provider: ProviderId, outcome: Outcome<'static>) 
     shared
         .tasks
         .spawn(async move { standings.count(provider, outcome).await }.in_current_span());
-}
-
-/// When the NATS server stored `msg` (not a clock the provider sets).
-fn received_at(msg: &jetstream::Message) -> DateTime<Utc> {
-    msg.info()
-        .ok()
-        .and_then(|info| {
-            let nanos = info.published.unix_timestamp_nanos();
-            DateTime::from_timestamp((nanos / 1_000_000_000) as i64, (nanos % 1_000_000_000) as u32)
-        })
-        .unwrap_or_else(Utc::now)
 }
 
 /// Counts a refused result against its provider and keeps the provider

@@ -12,10 +12,16 @@ use vmlot_schemas::market::JobStatus;
 use crate::error::BrokerError;
 use crate::lifecycle::{self, Ending, Refused};
 
+/// The header in which a KV bucket marks a delete or purge.
+const KV_OPERATION: &str = "KV-Operation";
+
 /// Handle on the job bucket.
 #[derive(Clone)]
 pub struct JobStore {
     kv: kv::Store,
+    /// On a cluster, the bucket's stream, whose leader answers reads
+    /// ([`JobStore::get`]).
+    leader: Option<jetstream::stream::Stream>,
 }
 
 /// Why an update did not happen.
@@ -64,7 +70,20 @@ pub(crate) async fn open_bucket(
 impl JobStore {
     pub async fn open(js: &jetstream::Context, replicas: usize) -> Result<Self, BrokerError> {
         let kv = open_bucket(js, vmlot_schemas::subjects::JOB_BUCKET, replicas).await?;
-        Ok(Self { kv })
+        let mut stream = js
+            .get_stream(&kv.stream_name)
+            .await
+            .map_err(|e| BrokerError::nats("job bucket", e))?;
+        let copies = stream
+            .info()
+            .await
+            .map_err(|e| BrokerError::nats("job bucket", e))?
+            .config
+            .num_replicas;
+        Ok(Self {
+            kv,
+            leader: (copies > 1).then_some(stream),
+        })
     }
 
     /// Stores a new job; fails if the id exists.
@@ -84,23 +103,52 @@ impl JobStore {
         &self,
         job: &JobId,
     ) -> futures::future::BoxFuture<'static, Result<Option<(JobStatus, u64)>, BrokerError>> {
-        let kv = self.kv.clone();
+        let this = self.clone();
         let job = *job;
         Box::pin(async move {
-            let Some(entry) = kv
-                .entry(job.to_string())
-                .await
-                .map_err(|e| BrokerError::nats("read job", e))?
-            else {
+            let Some((value, revision)) = this.entry(&job).await? else {
                 return Ok(None);
             };
-            if entry.value.is_empty() {
+            if value.is_empty() {
                 return Ok(None);
             }
-            let status = serde_json::from_slice(&entry.value)
+            let status = serde_json::from_slice(&value)
                 .map_err(|e| BrokerError::nats("decode job record", format!("{job}: {e}")))?;
-            Ok(Some((status, entry.revision)))
+            Ok(Some((status, revision)))
         })
+    }
+
+    /// The stored value of `job`'s key and its revision. On a cluster it is
+    /// read from the bucket's leader: a KV read is a direct get, which a
+    /// follower answers from what it has applied, so a record read there
+    /// may be a write behind (a job just created not found; a revision a
+    /// compare-and-set then refuses over and over). The bucket keeps its
+    /// direct gets for the books' readers, who reach nothing else.
+    async fn entry(&self, job: &JobId) -> Result<Option<(bytes::Bytes, u64)>, BrokerError> {
+        let Some(stream) = &self.leader else {
+            let entry = self
+                .kv
+                .entry(job.to_string())
+                .await
+                .map_err(|e| BrokerError::nats("read job", e))?;
+            return Ok(entry.map(|e| (e.value, e.revision)));
+        };
+        let subject = format!("{}{job}", self.kv.prefix);
+        match stream.get_last_raw_message_by_subject(&subject).await {
+            Ok(msg) => {
+                // A delete or purge marker: no record.
+                let removed = msg
+                    .headers
+                    .get(KV_OPERATION)
+                    .is_some_and(|op| op.as_str() != "PUT");
+                Ok(Some((
+                    if removed { Default::default() } else { msg.payload },
+                    msg.sequence,
+                )))
+            }
+            Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(BrokerError::nats("read job", e)),
+        }
     }
 
     /// Applies `change` to the current record and writes it back if nobody

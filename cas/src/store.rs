@@ -29,8 +29,8 @@ use async_nats::jetstream::{self, message::OutboundMessage, stream};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use jetstream_extra::batch_fetch::{BatchFetchError, BatchFetchErrorKind, BatchFetchExt};
-use jetstream_extra::batch_publish::BatchPublishExt;
-use vmlot_schemas::manifest::{MAX_BLOCK_BYTES, MAX_MANIFEST_BYTES};
+use jetstream_extra::batch_publish::{BatchPublishError, BatchPublishExt};
+use vmlot_schemas::manifest::MAX_MANIFEST_BYTES;
 use vmlot_schemas::{BlockId, HashAlgorithm, Manifest, ManifestError, ManifestId, subjects};
 
 use crate::error::CasError;
@@ -99,6 +99,17 @@ fn recorded_hash(config: &stream::Config) -> Result<HashAlgorithm, CasError> {
 }
 
 /// Manifests kept in memory per store handle before the cache starts over.
+mod encoding;
+mod retry;
+
+use encoding::{EncodedBlock, decode_block, encode_group};
+use retry::{Retry, transient};
+
+/// How often, and after what pause, a block or manifest not found is asked
+/// for again before it is called missing (a follower a write behind).
+const MISSING_RETRIES: u32 = 3;
+const MISSING_PAUSE: Duration = Duration::from_millis(300);
+
 const MANIFEST_CACHE_ENTRIES: usize = 256;
 
 impl BlockStore {
@@ -263,27 +274,37 @@ impl BlockStore {
     }
 
     async fn put_group(&self, group: &[(BlockId, Bytes)]) -> Result<u64, CasError> {
-        let encoded = encode_group(group.to_vec(), self.opts.compression).await?;
-        match self.publish_batch(&encoded).await {
-            Ok(bytes) => Ok(bytes),
-            Err(first) => {
-                // A concurrent writer may have stored some of these blocks.
-                let ids: Vec<BlockId> = group.iter().map(|(id, _)| *id).collect();
-                let still_missing = self.missing(&ids).await?;
-                let retry: Vec<_> = encoded
-                    .into_iter()
-                    .filter(|(id, _)| still_missing.contains(id))
-                    .collect();
-                if retry.is_empty() {
-                    return Ok(0);
-                }
-                tracing::debug!(%first, blocks = retry.len(), "retrying block batch");
-                self.publish_batch(&retry).await
+        let mut pending = encode_group(group.to_vec(), self.opts.compression).await?;
+        let mut retry = Retry::new();
+        loop {
+            let err = match self.publish_batch(&pending).await {
+                Ok(bytes) => return Ok(bytes),
+                Err(err) => err,
+            };
+            // A concurrent writer may have stored some of these blocks (the
+            // stream keeps one message per block subject and refuses the
+            // batch whole), or the stream's leader is being elected.
+            if !retry.again(transient(&err)).await {
+                return Err(CasError::nats("block batch publish", err));
             }
+            let ids: Vec<BlockId> = pending.iter().map(|(id, _)| *id).collect();
+            let still_missing = match self.missing(&ids).await {
+                Ok(missing) => missing,
+                Err(e) if retry.again(true).await => {
+                    tracing::debug!(%e, "could not tell which blocks are stored; trying again");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            pending.retain(|(id, _)| still_missing.contains(id));
+            if pending.is_empty() {
+                return Ok(0);
+            }
+            tracing::debug!(%err, blocks = pending.len(), "retrying block batch");
         }
     }
 
-    async fn publish_batch(&self, encoded: &[(BlockId, EncodedBlock)]) -> Result<u64, CasError> {
+    async fn publish_batch(&self, encoded: &[(BlockId, EncodedBlock)]) -> Result<u64, BatchPublishError> {
         let mut wire = 0u64;
         let messages: Vec<OutboundMessage> = encoded
             .iter()
@@ -300,8 +321,7 @@ impl BlockStore {
             .batch_publish_all()
             .ack_first(false)
             .publish(futures::stream::iter(messages))
-            .await
-            .map_err(|e| CasError::nats("block batch publish", e))?;
+            .await?;
         Ok(wire)
     }
 
@@ -319,19 +339,30 @@ impl BlockStore {
             .map(|group| async move {
                 let mut seen = HashSet::with_capacity(group.len());
                 let mut wire = 0u64;
-                self.fetch_group(&group, |id, msg| {
-                    wire += msg.payload.len() as u64;
-                    let data = decode_block(&id, msg)?;
-                    let actual = BlockId::of(id.algorithm(), &data);
-                    if actual != id {
-                        return Err(CasError::CorruptBlock { block: id, actual });
+                let mut wanted = group;
+                let mut tries = 0;
+                loop {
+                    self.fetch_group(&wanted, |id, msg| {
+                        wire += msg.payload.len() as u64;
+                        let data = decode_block(&id, msg)?;
+                        let actual = BlockId::of(id.algorithm(), &data);
+                        if actual != id {
+                            return Err(CasError::CorruptBlock { block: id, actual });
+                        }
+                        seen.insert(id);
+                        sink(id, data)
+                    })
+                    .await?;
+                    wanted.retain(|id| !seen.contains(id));
+                    let Some(lost) = wanted.first() else { break };
+                    // On a cluster a follower answers direct gets from
+                    // what it has applied: a block stored a moment ago
+                    // may not be there yet. Ask again before calling it lost.
+                    tries += 1;
+                    if tries > MISSING_RETRIES {
+                        return Err(CasError::MissingBlock(*lost));
                     }
-                    seen.insert(id);
-                    sink(id, data)
-                })
-                .await?;
-                if let Some(lost) = group.iter().find(|id| !seen.contains(id)) {
-                    return Err(CasError::MissingBlock(*lost));
+                    tokio::time::sleep(MISSING_PAUSE).await;
                 }
                 Ok::<_, CasError>(wire)
             })
@@ -396,38 +427,51 @@ impl BlockStore {
         } else {
             bytes.chunks(MANIFEST_PART_BYTES).collect()
         };
-        let messages: Vec<OutboundMessage> = parts
-            .iter()
-            .enumerate()
-            .map(|(n, part)| {
-                let headers = (n == 0).then(|| {
-                    let mut h = HeaderMap::new();
-                    h.insert(subjects::MANIFEST_PARTS_HEADER, parts.len().to_string().as_str());
-                    h.insert(subjects::MANIFEST_SIZE_HEADER, bytes.len().to_string().as_str());
-                    h
-                });
-                OutboundMessage {
-                    subject: subjects::manifest_part(id, n as u32).into(),
-                    payload: Bytes::copy_from_slice(part),
-                    headers,
+        let messages = || -> Vec<OutboundMessage> {
+            parts
+                .iter()
+                .enumerate()
+                .map(|(n, part)| {
+                    let headers = (n == 0).then(|| {
+                        let mut h = HeaderMap::new();
+                        h.insert(subjects::MANIFEST_PARTS_HEADER, parts.len().to_string().as_str());
+                        h.insert(subjects::MANIFEST_SIZE_HEADER, bytes.len().to_string().as_str());
+                        h
+                    });
+                    OutboundMessage {
+                        subject: subjects::manifest_part(id, n as u32).into(),
+                        payload: Bytes::copy_from_slice(part),
+                        headers,
+                    }
+                })
+                .collect()
+        };
+        let mut retry = Retry::new();
+        loop {
+            let written = self
+                .js
+                .batch_publish_all()
+                .ack_first(false)
+                .publish(futures::stream::iter(messages()))
+                .await;
+            let err = match written {
+                Ok(_) => return Ok(()),
+                Err(err) => err,
+            };
+            // Another writer stored the same manifest first (the stream
+            // keeps one message per part subject and refused this batch
+            // whole), or the stream's leader is being elected.
+            match self.manifest_head(id).await {
+                Ok(Some(_)) => {
+                    tracing::debug!(%id, %err, "manifest already stored");
+                    return Ok(());
                 }
-            })
-            .collect();
-        let written = self
-            .js
-            .batch_publish_all()
-            .ack_first(false)
-            .publish(futures::stream::iter(messages))
-            .await;
-        match written {
-            Ok(_) => Ok(()),
-            // Another writer stored the same manifest first: the stream keeps
-            // one message per part subject, and refused this batch whole.
-            Err(err) if self.manifest_head(id).await?.is_some() => {
-                tracing::debug!(%id, %err, "manifest already stored");
-                Ok(())
+                Ok(None) | Err(_) if retry.again(transient(&err)).await => {
+                    tracing::debug!(%id, %err, "retrying manifest batch");
+                }
+                Ok(None) => return Err(CasError::nats("manifest batch publish", err)),
+                Err(e) => return Err(e),
             }
-            Err(err) => Err(CasError::nats("manifest batch publish", err)),
         }
     }
 
@@ -468,10 +512,18 @@ impl BlockStore {
     }
 
     async fn read_manifest(&self, id: &ManifestId) -> Result<Manifest, CasError> {
-        let head = self
-            .manifest_head(id)
-            .await?
-            .ok_or(CasError::MissingManifest(*id))?;
+        // Asked again before it is called missing, as a block is.
+        let mut tries = 0;
+        let head = loop {
+            match self.manifest_head(id).await? {
+                Some(head) => break head,
+                None if tries < MISSING_RETRIES => {
+                    tries += 1;
+                    tokio::time::sleep(MISSING_PAUSE).await;
+                }
+                None => return Err(CasError::MissingManifest(*id)),
+            }
+        };
         let refuse = |source| CasError::Manifest { id: *id, source };
         let header = |name: &str| -> Result<u64, CasError> {
             head.headers
@@ -547,85 +599,3 @@ fn none_stored(err: &BatchFetchError) -> bool {
 
 /// Bytes per manifest message: well under any sensible `max_payload`.
 const MANIFEST_PART_BYTES: usize = 256 * 1024;
-
-/// A block as it goes on the wire.
-#[derive(Clone)]
-struct EncodedBlock {
-    payload: Bytes,
-    headers: Option<HeaderMap>,
-}
-
-const ZSTD: &str = "zstd";
-
-async fn encode_group(
-    group: Vec<(BlockId, Bytes)>,
-    level: Option<i32>,
-) -> Result<Vec<(BlockId, EncodedBlock)>, CasError> {
-    let Some(level) = level else {
-        return Ok(group
-            .into_iter()
-            .map(|(id, data)| {
-                (
-                    id,
-                    EncodedBlock {
-                        payload: data,
-                        headers: None,
-                    },
-                )
-            })
-            .collect());
-    };
-    // Compression is CPU work: keep it off the async workers.
-    tokio::task::spawn_blocking(move || {
-        group
-            .into_iter()
-            .map(|(id, data)| {
-                let packed = zstd::bulk::compress(&data, level).map_err(|e| CasError::BlockEncoding {
-                    block: id,
-                    reason: e.to_string(),
-                })?;
-                // Incompressible blocks stay raw: the header costs more than it saves.
-                if packed.len() + 32 >= data.len() {
-                    return Ok((
-                        id,
-                        EncodedBlock {
-                            payload: data,
-                            headers: None,
-                        },
-                    ));
-                }
-                let mut headers = HeaderMap::new();
-                headers.insert(subjects::BLOCK_ENCODING_HEADER, ZSTD);
-                Ok((
-                    id,
-                    EncodedBlock {
-                        payload: packed.into(),
-                        headers: Some(headers),
-                    },
-                ))
-            })
-            .collect()
-    })
-    .await
-    .map_err(|e| CasError::nats("compress blocks", e))?
-}
-
-fn decode_block(id: &BlockId, msg: &jetstream::message::StreamMessage) -> Result<Bytes, CasError> {
-    let encoding = msg
-        .headers
-        .get(subjects::BLOCK_ENCODING_HEADER)
-        .map(|v| v.as_str().to_string());
-    match encoding.as_deref() {
-        None => Ok(msg.payload.clone()),
-        Some(ZSTD) => zstd::bulk::decompress(&msg.payload, MAX_BLOCK_BYTES as usize)
-            .map(Bytes::from)
-            .map_err(|e| CasError::BlockEncoding {
-                block: *id,
-                reason: e.to_string(),
-            }),
-        Some(other) => Err(CasError::BlockEncoding {
-            block: *id,
-            reason: format!("unknown encoding {other:?}"),
-        }),
-    }
-}

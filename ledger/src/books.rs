@@ -48,6 +48,11 @@ pub struct Books {
     /// otherwise lose most compare-and-set rounds. Other writers are still
     /// fenced by the stream's sequence checks.
     account_locks: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+    /// The stream has copies on other nodes: reads go to its leader. A
+    /// direct get may be answered by a follower that has not yet applied
+    /// the last write, and a balance read there can refuse a hold the
+    /// credit just before it covers.
+    leader_reads: bool,
 }
 
 impl Books {
@@ -72,14 +77,24 @@ impl Books {
 
     /// Opens the existing ledger stream.
     pub async fn open(js: &jetstream::Context) -> Result<Self, LedgerError> {
-        let stream = js
-            .get_stream_no_info(subjects::LEDGER_STREAM)
+        let mut stream = js
+            .get_stream(subjects::LEDGER_STREAM)
             .await
             .map_err(|e| LedgerError::nats("ledger stream", e))?;
+        let replicas = stream
+            .info()
+            .await
+            .map_err(|e| LedgerError::nats("ledger stream", e))?
+            .config
+            .num_replicas;
         Ok(Self {
             js: js.clone(),
-            stream,
+            stream: js
+                .get_stream_no_info(subjects::LEDGER_STREAM)
+                .await
+                .map_err(|e| LedgerError::nats("ledger stream", e))?,
             account_locks: Arc::default(),
+            leader_reads: replicas > 1,
         })
     }
 
@@ -92,16 +107,25 @@ impl Books {
         &self,
         subject: &str,
     ) -> Result<Option<(T, u64)>, LedgerError> {
-        match self.stream.direct_get_last_for_subject(subject).await {
-            Ok(msg) => serde_json::from_slice(&msg.payload)
-                .map(|v| Some((v, msg.sequence)))
-                .map_err(|e| LedgerError::Corrupt {
-                    subject: subject.to_string(),
-                    reason: e.to_string(),
-                }),
-            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
-            Err(e) => Err(LedgerError::nats("read ledger", e)),
-        }
+        let msg = if self.leader_reads {
+            match self.stream.get_last_raw_message_by_subject(subject).await {
+                Ok(msg) => msg,
+                Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => return Ok(None),
+                Err(e) => return Err(LedgerError::nats("read ledger", e)),
+            }
+        } else {
+            match self.stream.direct_get_last_for_subject(subject).await {
+                Ok(msg) => msg,
+                Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(LedgerError::nats("read ledger", e)),
+            }
+        };
+        serde_json::from_slice(&msg.payload)
+            .map(|v| Some((v, msg.sequence)))
+            .map_err(|e| LedgerError::Corrupt {
+                subject: subject.to_string(),
+                reason: e.to_string(),
+            })
     }
 
     /// The transaction on `subject`, if written.

@@ -20,6 +20,7 @@ use vmlot_schemas::caller::Role;
 pub mod cheat;
 pub mod in_process;
 pub mod market;
+pub mod nats_guest;
 pub mod spec;
 pub mod vm;
 pub mod xen;
@@ -98,6 +99,9 @@ pub struct NatsServer {
     auth: Auth,
     /// Owns the directory when this server is not part of a cluster.
     _temp: Option<tempfile::TempDir>,
+    /// Set when the server runs in a QEMU guest ([`nats_guest`]): `child`
+    /// is then its QEMU.
+    guest: Option<nats_guest::Guest>,
 }
 
 /// A cluster node's ports besides its client port.
@@ -202,10 +206,14 @@ impl NatsServer {
             deployment: deployment.clone(),
             auth,
             _temp: None,
+            guest: None,
         })
     }
 
     fn spawn(&mut self) -> Result<()> {
+        if self.guest.is_some() {
+            return nats_guest::spawn(self);
+        }
         // Appended to: a restarted server's log keeps what it said before.
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -223,6 +231,9 @@ impl NatsServer {
     }
 
     fn wait_ready(&mut self, limit: Duration) -> Result<()> {
+        if self.guest.is_some() {
+            return nats_guest::wait_ready(self, limit);
+        }
         let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {

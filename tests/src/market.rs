@@ -45,12 +45,17 @@ pub struct Market {
     /// On a cluster, its other nodes ([`Market::nodes`] lists them all).
     pub peers: Vec<NatsServer>,
     pub broker: Process,
+    /// Brokers beside the first ([`Market::add_broker`]), sharing its jobs.
+    pub brokers: Vec<Process>,
     pub providers: Vec<Process>,
     /// Providers running as tasks of this process ([`Market::add_in_process_providers`]).
     pub in_process: InProcessProviders,
     pub dir: tempfile::TempDir,
     /// The job API as each caller a test has used, on one connection each.
     apis: tokio::sync::Mutex<std::collections::HashMap<Caller, Api>>,
+    /// The first broker's flags (with its credentials), which every
+    /// broker added later is given too.
+    broker_args: Vec<String>,
     /// On a cluster, the directory of its nodes' stores: removed last,
     /// after every node has stopped.
     _cluster_dir: Option<tempfile::TempDir>,
@@ -113,18 +118,21 @@ impl Market {
             ],
             crate::Auth::Open => vec![],
         };
+        let broker_args = [broker_args, books].concat();
         let broker = Process::start(
             "vmlot-broker",
             "broker",
             server.client_urls(),
             server.access(Role::Broker, "broker")?.as_deref(),
-            &[broker_args, books].concat(),
+            &broker_args,
             dir.path(),
         )?;
         let mut market = Self {
             server,
             peers,
             broker,
+            brokers: Vec::new(),
+            broker_args,
             providers: Vec::new(),
             in_process: InProcessProviders::default(),
             dir,
@@ -135,6 +143,33 @@ impl Market {
             market.add_provider(spec)?;
         }
         Ok(market)
+    }
+
+    /// Another broker named `id` (its `--broker-id`) on the market's
+    /// servers with the first broker's flags and `extra`: the brokers
+    /// share the jobs' partitions by their leases.
+    pub fn add_broker(&mut self, id: &str, extra: &[String]) -> Result<&mut Process> {
+        // The first broker's own id is not this one's.
+        let mut inherited = Vec::new();
+        let mut args = self.broker_args.iter();
+        while let Some(arg) = args.next() {
+            if arg == "--broker-id" {
+                args.next();
+            } else {
+                inherited.push(arg.clone());
+            }
+        }
+        let args = [inherited, extra.to_vec(), vec!["--broker-id".into(), id.into()]].concat();
+        let broker = Process::start(
+            "vmlot-broker",
+            id,
+            self.server.client_urls(),
+            self.server.access(Role::Broker, "broker")?.as_deref(),
+            &args,
+            self.dir.path(),
+        )?;
+        self.brokers.push(broker);
+        Ok(self.brokers.last_mut().expect("just pushed"))
     }
 
     /// Waits until the broker answers and `providers` providers have sent a heartbeat.
@@ -361,6 +396,9 @@ impl Market {
     /// nodes' too).
     pub fn logs(&self) -> String {
         let mut out = format!("--- broker\n{}", tail(&self.broker.log()));
+        for b in &self.brokers {
+            out.push_str(&format!("\n--- broker {}\n{}", b.name(), tail(&b.log())));
+        }
         for p in &self.providers {
             out.push_str(&format!("\n--- provider\n{}", tail(&p.log())));
         }
@@ -399,7 +437,10 @@ impl Market {
             .nodes()
             .find(|n| n.name() == name)
             .with_context(|| format!("no NATS node {name}"))?;
-        let processes: Vec<&Process> = std::iter::once(&self.broker).chain(&self.providers).collect();
+        let processes: Vec<&Process> = std::iter::once(&self.broker)
+            .chain(&self.brokers)
+            .chain(&self.providers)
+            .collect();
         let mut clients = Vec::new();
         for port in node.client_ports()? {
             let pid = crate::pid_of_connection(port, node.port());

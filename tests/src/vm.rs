@@ -250,7 +250,7 @@ impl VmMarket {
 
 /// The broker's flags for a VM market: `bid_window_ms` of bids, and
 /// `allowance_s` beyond the segment's length for each award's deadline.
-fn broker_args(bid_window_ms: u32, allowance_s: u32) -> Vec<String> {
+pub fn broker_args(bid_window_ms: u32, allowance_s: u32) -> Vec<String> {
     vec![
         "--bid-window-ms".to_string(),
         bid_window_ms.to_string(),

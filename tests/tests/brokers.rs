@@ -10,7 +10,6 @@ use futures::StreamExt;
 use vmlot_schemas::market::{Image, JobSpec, JobState, ResultCheck, SegmentCount};
 use vmlot_schemas::subjects::{LEASE_BUCKET, PARTITIONS, partition_of};
 use vmlot_schemas::{JobId, Money};
-use vmlot_tests::Process;
 use vmlot_tests::market::{Market, ProviderSpec, fast_broker_args, wait_for};
 
 fn spec(image: Image, segments: u32) -> JobSpec {
@@ -24,40 +23,6 @@ fn spec(image: Image, segments: u32) -> JobSpec {
         budget: Money::new("20".parse().unwrap(), "CRD"),
         account: "alice".into(),
     }
-}
-
-/// A broker beside the market's own, named `id`, on the same servers and
-/// with the same settings, and `extra` flags.
-fn another_broker(market: &Market, id: &str, extra: &[String]) -> Process {
-    let args: Vec<String> = [
-        fast_broker_args(),
-        extra.to_vec(),
-        vec![
-            "--broker-id".into(),
-            id.into(),
-            "--books-creds".into(),
-            market
-                .server
-                .deployment()
-                .books_creds_path()
-                .display()
-                .to_string(),
-        ],
-    ]
-    .concat();
-    Process::start(
-        "vmlot-broker",
-        id,
-        market.server.client_urls(),
-        market
-            .server
-            .access(vmlot_schemas::caller::Role::Broker, "broker")
-            .unwrap()
-            .as_deref(),
-        &args,
-        market.path(),
-    )
-    .unwrap()
 }
 
 /// What a daemon's Prometheus endpoint at `addr` serves now (a plain
@@ -140,7 +105,9 @@ async fn a_dead_brokers_jobs_are_taken_over_by_another_within_seconds() {
     .await
     .expect("b1 holds every partition");
     let b2_metrics = format!("127.0.0.1:{}", vmlot_tests::free_port());
-    let _b2 = another_broker(&market, "b2", &["--metrics-listen".into(), b2_metrics.clone()]);
+    market
+        .add_broker("b2", &["--metrics-listen".into(), b2_metrics.clone()])
+        .unwrap();
     let split = wait_for(Duration::from_secs(40), async || {
         let h = holders(&market).await;
         (count(&h, "b1") == PARTITIONS as usize / 2 && count(&h, "b2") == PARTITIONS as usize / 2)
