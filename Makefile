@@ -100,7 +100,7 @@ bench-market: build bench-build
 
 ## The same market run with 1, 2 and 3 brokers sharing the jobs (issue 16), secured only.
 bench-brokers: build bench-build
-	$(BENCH) brokers --brokers 1,2,3 --providers 200 --jobs 600 --segments 3 --bid-window-ms 200 --rounds 1
+	$(BENCH) brokers --brokers 1,2,3 --providers 200 --jobs 600 --segments 3 --bid-window-ms 200 --rounds 3
 
 ## Per-segment overhead of a real 128 MiB QEMU guest (save, upload, download, restore) at T = 60 s,
 ## against a whole-file copy through the same nats-server.

@@ -2,6 +2,7 @@
 //! run on the same machine (raw SHA-1, raw JetStream, rsync).
 
 mod baseline;
+mod brokers;
 mod cas;
 mod deterministic;
 mod ledger;
@@ -20,6 +21,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Bench {
+    /// Settled segments per second with 1, 2, 3… brokers sharing one server's jobs, against its ack rate.
+    Brokers(brokers::Args),
     /// Content-addressed transfer of real QEMU checkpoints (from scripts/qemu-checkpoints.py).
     Cas(cas::Args),
     /// Deterministic QEMU segments against plain TCG on the same guest; the canonical digest against SHA-1/SHA-256.
@@ -41,6 +44,7 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().bench {
+        Bench::Brokers(args) => brokers::run(args).await,
         Bench::Cas(args) => cas::run(args).await,
         Bench::Deterministic(args) => deterministic::run(args).await,
         Bench::Ledger(args) => ledger::run(args).await,

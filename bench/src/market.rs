@@ -20,29 +20,37 @@ use vmlot_tests::in_process::InProcessOptions;
 use vmlot_tests::market::{Market, ProviderSpec};
 use vmlot_tests::{Auth, Fsync, NatsServer};
 
+/// One market run's load: the providers, the jobs and how they are run
+/// (shared by `market` and `brokers`).
 #[derive(clap::Args)]
-pub struct Args {
+pub struct Load {
     #[arg(long, default_value_t = 200)]
-    providers: usize,
+    pub providers: usize,
     #[arg(long, default_value_t = 1000)]
-    jobs: usize,
+    pub jobs: usize,
     #[arg(long, default_value_t = 2)]
-    segments: u32,
+    pub segments: u32,
     #[arg(long, default_value_t = 200)]
-    bid_window_ms: u64,
-    /// Secured and open runs each, alternating (secured first): one pair
-    /// on a shared 2-core machine says little, the median of a few does.
-    #[arg(long, default_value_t = 3)]
-    rounds: usize,
+    pub bid_window_ms: u64,
     /// How each job's results are checked (`vmlot submit --check`):
     /// `continuation` adds a check restore per job, `quorum` runs each
     /// segment on two providers.
     #[arg(long, default_value = "continuation", value_parser = parse_check)]
-    check: ResultCheck,
+    pub check: ResultCheck,
     /// The broker's `--trust-after` (adaptive replication of quorum
     /// attempts; 0 replicates every one); the broker's default when unset.
     #[arg(long)]
-    trust_after: Option<u64>,
+    pub trust_after: Option<u64>,
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    load: Load,
+    /// Secured and open runs each, alternating (secured first): one pair
+    /// on a shared 2-core machine says little, the median of a few does.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
 }
 
 fn parse_check(s: &str) -> Result<ResultCheck, String> {
@@ -53,31 +61,36 @@ fn parse_check(s: &str) -> Result<ResultCheck, String> {
 /// Lots each job settles: its segments, and its check restore when
 /// checked by continuation (under a quorum, only a job whose last segment
 /// went unreplicated has one: counted after the run).
-fn lots_per_job(args: &Args) -> usize {
+fn lots_per_job(args: &Load) -> usize {
     args.segments as usize + usize::from(args.check == ResultCheck::Continuation)
 }
 
 /// Providers running each segment.
-fn redundancy(args: &Args) -> u32 {
+fn redundancy(args: &Load) -> u32 {
     if args.check == ResultCheck::Quorum { 2 } else { 1 }
 }
 
-pub async fn run(args: Args) -> Result<()> {
+/// The run's set-up in one line, printed first.
+pub fn describe(args: &Load) {
     println!(
         "nats-server with sync_interval: always; {} providers, {} jobs × {} segments of 0 s, r = {}, check {:?}, bid window {} ms",
         args.providers,
         args.jobs,
         args.segments,
-        redundancy(&args),
+        redundancy(args),
         args.check,
         args.bid_window_ms
     );
+}
+
+pub async fn run(args: Args) -> Result<()> {
+    describe(&args.load);
     let (mut secured, mut open) = (Vec::new(), Vec::new());
     for round in 1..=args.rounds.max(1) {
         println!("\n## Round {round}, secured: operator, accounts and users (JWT, nkeys), TLS\n");
-        secured.push(run_once(&args, Auth::Secured).await?);
+        secured.push(run_once(&args.load, Auth::Secured, 1).await?);
         println!("\n## Round {round}, open: no accounts, no credentials, no TLS (--open)\n");
-        open.push(run_once(&args, Auth::Open).await?);
+        open.push(run_once(&args.load, Auth::Open, 1).await?);
     }
     println!(
         "\n## Secured against open, same run: medians of {} rounds each\n",
@@ -127,7 +140,7 @@ pub async fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-fn median(values: impl Iterator<Item = f64>) -> f64 {
+pub fn median(values: impl Iterator<Item = f64>) -> f64 {
     let mut values: Vec<f64> = values.collect();
     values.sort_by(f64::total_cmp);
     match values.len() {
@@ -141,17 +154,22 @@ fn median(values: impl Iterator<Item = f64>) -> f64 {
 type Row = (&'static str, fn(&Outcome) -> f64, usize);
 
 /// What one run measured, for the side-by-side table.
-struct Outcome {
-    ceiling_pipelined: f64,
-    ceiling_sequential: f64,
-    rate: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-    server_us_per_segment: f64,
-    broker_us_per_segment: f64,
+pub struct Outcome {
+    pub ceiling_pipelined: f64,
+    pub ceiling_sequential: f64,
+    /// Settled lots per second.
+    pub rate: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub server_us_per_segment: f64,
+    /// Summed over every broker of the run.
+    pub broker_us_per_segment: f64,
 }
 
-async fn run_once(args: &Args, auth: Auth) -> Result<Outcome> {
+/// One run on a fresh server: its JetStream ceiling, then `brokers`
+/// brokers (`b1`, `b2`, …) sharing the jobs, waited for until they have
+/// split the partitions evenly, then the providers and the jobs.
+pub async fn run_once(args: &Load, auth: Auth, brokers: usize) -> Result<Outcome> {
     let server = NatsServer::start_as(Fsync::Always, auth)?;
     let client = server.client().await?;
 
@@ -173,11 +191,17 @@ async fn run_once(args: &Args, auth: Auth) -> Result<Outcome> {
         args.jobs.to_string(),
         "--max-requests-per-second".into(),
         "100000".into(),
+        // Named, so the lease bucket says which broker holds what
+        // (`Market::add_broker` names the others).
+        "--broker-id".into(),
+        "b1".into(),
     ];
     if let Some(n) = args.trust_after {
         broker_args.extend(["--trust-after".into(), n.to_string()]);
     }
     let mut market = Market::on(server, broker_args, &[])?;
+    // Every broker up and the partitions split before any job exists.
+    let split = crate::brokers::start_and_split(&mut market, brokers).await?;
     let api = market.api().await;
     let providers: Vec<ProviderSpec> = (0..args.providers)
         .map(|i| {
@@ -201,6 +225,33 @@ async fn run_once(args: &Args, auth: Auth) -> Result<Outcome> {
         .await?;
     // One submitter funds every job: its account is the busiest on the books.
     vmlot_tests::market::fund(&api, "bench", &(args.jobs as u64 * 100).to_string()).await?;
+    let submitter = market.submitter("bench").await;
+    let limit = Duration::from_secs(600);
+    let expected = (args.jobs * lots_per_job(args)) as u64;
+    // The counter is made before the clock starts, so that only the
+    // market is timed. The house's view of the books, inside their own
+    // account.
+    let counter_made = Instant::now();
+    let js = jetstream::new(market.server.books_client().await?);
+    // Progress from the number of settlement transactions on the books, as
+    // a consumer that is never pulled from counts them (`num_pending`):
+    // cheap, unlike listing every job. (The ledger stream's whole message
+    // count also holds the credit, the holds and every posting.)
+    let mut settlements = js
+        .get_stream(subjects::LEDGER_STREAM)
+        .await?
+        .create_consumer(jetstream::consumer::pull::Config {
+            filter_subject: subjects::ledger_tx_kind(TxKind::Settlement),
+            inactive_threshold: limit * 2,
+            ..Default::default()
+        })
+        .await?;
+    if counter_made.elapsed() > Duration::from_secs(1) {
+        println!(
+            "note: the settlement counter took {:.1} s to make",
+            counter_made.elapsed().as_secs_f64()
+        );
+    }
     let cpu_before = Cpu::now(&market);
     let started = Instant::now();
     // Submitted 16 at a time, as many clients would (one account's holds
@@ -216,7 +267,6 @@ async fn run_once(args: &Args, auth: Auth) -> Result<Outcome> {
         budget: Money::new(Decimal::from(100), "CRD"),
         account: "bench".into(),
     };
-    let submitter = market.submitter("bench").await;
     let submissions = futures::stream::iter(0..args.jobs)
         .map(|_| {
             let (api, spec) = (submitter.clone(), spec.clone());
@@ -228,27 +278,10 @@ async fn run_once(args: &Args, auth: Auth) -> Result<Outcome> {
         .buffer_unordered(16)
         .collect::<Vec<_>>()
         .await;
-    submissions.into_iter().collect::<Result<Vec<_>>>()?;
+    let jobs = submissions.into_iter().collect::<Result<Vec<_>>>()?;
     let submitted_s = started.elapsed().as_secs_f64();
-    let peak_rss = market.broker.peak_rss_kib().unwrap_or(0);
-    let limit = Duration::from_secs(600);
+    let peak_rss = peak_rss_kib(&market);
     let mut last_report = Instant::now();
-    let expected = (args.jobs * lots_per_job(args)) as u64;
-    // The house's view of the books, inside their own account.
-    let js = jetstream::new(market.server.books_client().await?);
-    // Progress from the number of settlement transactions on the books, as
-    // a consumer that is never pulled from counts them (`num_pending`):
-    // cheap, unlike listing every job. (The ledger stream's whole message
-    // count also holds the credit, the holds and every posting.)
-    let mut settlements = js
-        .get_stream(subjects::LEDGER_STREAM)
-        .await?
-        .create_consumer(jetstream::consumer::pull::Config {
-            filter_subject: subjects::ledger_tx_kind(TxKind::Settlement),
-            inactive_threshold: limit * 2,
-            ..Default::default()
-        })
-        .await?;
     loop {
         let paid = settlements.info().await?.num_pending;
         if paid >= expected {
@@ -268,7 +301,7 @@ async fn run_once(args: &Args, auth: Auth) -> Result<Outcome> {
     }
     let wall = started.elapsed().as_secs_f64();
     let cpu = Cpu::now(&market).since(&cpu_before);
-    let broker_rss = market.broker.peak_rss_kib().unwrap_or(0).max(peak_rss);
+    let broker_rss = peak_rss_kib(&market).max(peak_rss);
     // Listing reads every job record one by one: at 10 000 jobs it can
     // outlast the request timeout, and it is only a note. Under a quorum,
     // adaptive replication gives an unreplicated last segment a check
@@ -340,11 +373,14 @@ async fn run_once(args: &Args, auth: Auth) -> Result<Outcome> {
         pct(0.5),
         pct(0.99)
     );
+    if brokers > 1 {
+        crate::brokers::report_split(&mut market, &split, &jobs).await?;
+    }
     println!("broker peak RSS (VmHWM): {:.1} MiB", broker_rss as f64 / 1024.0);
     println!(
-        "CPU seconds while jobs ran: nats-server {:.1}, broker {:.1}, this process (providers, client) {:.1}; {:.0} µs of server CPU per settled segment",
+        "CPU seconds while jobs ran: nats-server {:.1}, {}, this process (providers, client) {:.1}; {:.0} µs of server CPU per settled segment",
         cpu.server,
-        cpu.broker,
+        cpu.brokers_line(),
         cpu.this,
         cpu.server * 1e6 / settled.max(1) as f64
     );
@@ -362,22 +398,30 @@ async fn run_once(args: &Args, auth: Auth) -> Result<Outcome> {
         p50_ms: pct(0.5),
         p99_ms: pct(0.99),
         server_us_per_segment: cpu.server * 1e6 / settled.max(1) as f64,
-        broker_us_per_segment: cpu.broker * 1e6 / settled.max(1) as f64,
+        broker_us_per_segment: cpu.broker() * 1e6 / settled.max(1) as f64,
     })
 }
 
-/// CPU seconds used so far by the server, the broker and this process.
+/// The highest peak resident memory (`VmHWM`) of the market's brokers, KiB.
+fn peak_rss_kib(market: &Market) -> u64 {
+    let brokers = std::iter::once(&market.broker).chain(&market.brokers);
+    brokers.filter_map(|b| b.peak_rss_kib()).max().unwrap_or(0)
+}
+
+/// CPU seconds used so far by the server, each broker and this process.
 struct Cpu {
     server: f64,
-    broker: f64,
+    /// The first broker's, then each added one's.
+    brokers: Vec<f64>,
     this: f64,
 }
 
 impl Cpu {
     fn now(market: &Market) -> Cpu {
+        let brokers = std::iter::once(&market.broker).chain(&market.brokers);
         Cpu {
             server: market.server.cpu_seconds().unwrap_or(0.0),
-            broker: market.broker.cpu_seconds().unwrap_or(0.0),
+            brokers: brokers.map(|b| b.cpu_seconds().unwrap_or(0.0)).collect(),
             this: vmlot_tests::own_cpu_seconds().unwrap_or(0.0),
         }
     }
@@ -385,9 +429,31 @@ impl Cpu {
     fn since(&self, before: &Cpu) -> Cpu {
         Cpu {
             server: self.server - before.server,
-            broker: self.broker - before.broker,
+            brokers: self
+                .brokers
+                .iter()
+                .zip(&before.brokers)
+                .map(|(a, b)| a - b)
+                .collect(),
             this: self.this - before.this,
         }
+    }
+
+    /// Every broker's CPU seconds together.
+    fn broker(&self) -> f64 {
+        self.brokers.iter().sum()
+    }
+
+    /// The brokers' CPU seconds: their sum, and with several, each one's.
+    fn brokers_line(&self) -> String {
+        let sum = format!("{:.1}", self.broker());
+        if self.brokers.len() < 2 {
+            return format!("broker {sum}");
+        }
+        let each: Vec<String> = (self.brokers.iter().enumerate())
+            .map(|(i, s)| format!("b{} {s:.1}", i + 1))
+            .collect();
+        format!("brokers {sum} ({})", each.join(", "))
     }
 }
 
