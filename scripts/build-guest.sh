@@ -56,12 +56,7 @@ mkdir -p "$rootfs/lib/modules"
 source "$root/scripts/modules.sh"
 for m in virtio_pci virtio_blk; do add_module "$m"; done
 
-(
-  cd "$stage/rootfs"
-  find . -exec touch -h -d @0 {} +
-  find . -mindepth 1 | LC_ALL=C sort |
-    cpio --quiet -o -H newc -R 0:0 --reproducible
-) | gzip -9n > "$stage/initrd.cpio.gz"
+cpio_dir "$stage/rootfs" 9 > "$stage/initrd.cpio.gz"
 
 # Replace outputs atomically so a concurrent QEMU never reads a half file.
 mv -f "$stage/initrd.cpio.gz" "$out/initrd.cpio.gz"

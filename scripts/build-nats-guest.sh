@@ -73,12 +73,7 @@ moddir=$(compgen -G "$root/.tools/kernel/lib/modules/*" | sort -V | tail -1)
 source "$root/scripts/modules.sh"
 for m in virtio_pci virtio_net virtio_blk crc32c_generic crc16 ext4; do add_module "$m"; done
 
-(
-  cd "$rootfs"
-  find . -exec touch -h -d @0 {} +
-  find . -mindepth 1 | LC_ALL=C sort |
-    cpio --quiet -o -H newc -R 0:0 --reproducible
-) | gzip -6n > "$stage/initrd.cpio.gz"
+cpio_dir "$rootfs" > "$stage/initrd.cpio.gz"
 
 # Replace outputs atomically so a running QEMU never reads a half file.
 mv -f "$stage/initrd.cpio.gz" "$out/initrd.cpio.gz"

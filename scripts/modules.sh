@@ -1,4 +1,5 @@
-# Sourced by scripts/build-guest.sh and scripts/xen-host.sh.
+# The initramfs helpers, sourced by scripts/build-guest.sh,
+# scripts/build-nats-guest.sh and scripts/xen-host.sh.
 # Expects: $moddir (an unpacked kernel's lib/modules/VERSION), $stage (a
 # scratch directory), $rootfs (the image being built), die().
 # Resolves module $1 (and its dependencies, first) into $rootfs/lib/modules,
@@ -24,4 +25,15 @@ add_module() {
   base=${base%.zst}
   mv "$tmp" "$rootfs/lib/modules/$base"
   echo "$base" >> "$rootfs/lib/modules/load.list"
+}
+
+# cpio_dir DIR [GZIP_LEVEL] > archive.gz: DIR as a reproducible initramfs
+# (fixed mtimes and owners, sorted names, cpio newc, gzip -n; level 6
+# unless given).
+cpio_dir() {
+  (
+    cd "$1"
+    find . -exec touch -h -d @0 {} +
+    find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0 --reproducible
+  ) | gzip "-${2:-6}n"
 }

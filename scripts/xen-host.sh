@@ -157,14 +157,6 @@ copy_libs() {
 # shellcheck source=scripts/modules.sh
 source "$root/scripts/modules.sh"
 
-cpio_dir() { # cpio_dir DIR > archive.gz (reproducible)
-  (
-    cd "$1"
-    find . -exec touch -h -d @0 {} +
-    find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0 --reproducible
-  ) | gzip -6n
-}
-
 build() {
   local kernel provider=${VMLOT_PROVIDER_BIN:-$root/target/xen-provider/vmlot-provider}
   kernel=$(kernel_file)

@@ -19,6 +19,7 @@ use vmlot_schemas::caller::Role;
 
 pub mod cheat;
 pub mod in_process;
+pub mod kept;
 pub mod market;
 pub mod nats_guest;
 pub mod spec;

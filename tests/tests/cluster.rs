@@ -14,9 +14,9 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use async_nats::jetstream;
 use vmlot_schemas::market::{Image, JobSpec, JobState, ResultCheck, SegmentCount};
 use vmlot_schemas::{JobId, Money, subjects};
+use vmlot_tests::kept::{assert_streams_kept, ledger_messages, stream_marks};
 use vmlot_tests::market::{Market, ProviderSpec, QemuProviderSpec, fast_broker_args, wait_for};
 use vmlot_tests::vm::{
     SEGMENT_SECONDS, Timed, VmMarket, assert_console_exact, qemu_image, reference_console,
@@ -34,16 +34,6 @@ const STREAMS: [&str; 6] = [
     subjects::LEDGER_STREAM,
     subjects::JOB_BUCKET_STREAM,
     "KV_vmlot-standing",
-];
-
-/// Streams whose messages are never removed while a test runs (no
-/// deletes, no purges, nothing ages out): what they held at the kill
-/// must all be there after it.
-const KEPT: [&str; 4] = [
-    subjects::BLOCK_STREAM,
-    subjects::MANIFEST_STREAM,
-    subjects::RESULT_STREAM,
-    subjects::LEDGER_STREAM,
 ];
 
 /// One market at a time.
@@ -308,37 +298,18 @@ struct Acked {
 
 impl Acked {
     async fn read(market: &Market) -> Self {
-        let counts = market
-            .streams()
-            .await
-            .unwrap()
-            .into_iter()
-            .filter(|i| KEPT.contains(&i.config.name.as_str()))
-            .map(|i| (i.config.name, (i.state.messages, i.state.last_sequence)))
-            .collect();
+        let counts = stream_marks(market).await;
         Self {
             counts,
-            ledger: ledger(market).await,
+            ledger: ledger_messages(&market.server.books_client().await.unwrap(), 1).await,
         }
     }
 
     /// Nothing of it is missing now, and the books' messages are the same
     /// bytes at the same sequences.
     async fn assert_kept(&self, market: &Market) {
-        for info in market.streams().await.unwrap() {
-            let Some((messages, last)) = self.counts.get(&info.config.name) else {
-                continue;
-            };
-            assert!(
-                info.state.messages >= *messages && info.state.last_sequence >= *last,
-                "{} held {messages} messages to sequence {last} at the kill, now {} to {}",
-                info.config.name,
-                info.state.messages,
-                info.state.last_sequence
-            );
-        }
-        assert_eq!(self.counts.len(), KEPT.len(), "{:?}", self.counts);
-        let now = ledger(market).await;
+        assert_streams_kept(market, &self.counts, "kill").await;
+        let now = ledger_messages(&market.server.books_client().await.unwrap(), 1).await;
         assert!(!self.ledger.is_empty(), "no books written before the kill");
         assert!(now.len() > self.ledger.len(), "no books written after the kill");
         assert!(
@@ -348,21 +319,4 @@ impl Acked {
             now.iter().zip(&self.ledger).take_while(|(a, b)| a == b).count()
         );
     }
-}
-
-/// Every message of the books (sequence, subject, payload), read from the
-/// stream's leader.
-async fn ledger(market: &Market) -> Vec<(u64, String, bytes::Bytes)> {
-    let js = jetstream::new(market.server.books_client().await.unwrap());
-    let mut stream = js.get_stream(subjects::LEDGER_STREAM).await.unwrap();
-    let state = stream.info().await.unwrap().state.clone();
-    let mut out = Vec::new();
-    if state.messages == 0 {
-        return out;
-    }
-    for seq in state.first_sequence..=state.last_sequence {
-        let msg = stream.get_raw_message(seq).await.unwrap();
-        out.push((msg.sequence, msg.subject.to_string(), msg.payload));
-    }
-    out
 }

@@ -16,20 +16,12 @@ use vmlot_schemas::ledger::Settlement;
 use vmlot_schemas::market::{Image, JobSpec, JobState, JobStatus, ResultCheck, SegmentCount, SettledSegment};
 use vmlot_schemas::{JobId, Money, subjects};
 use vmlot_tests::NatsServer;
+use vmlot_tests::kept::{assert_streams_kept, ledger_messages, stream_marks};
 use vmlot_tests::market::{Market, ProviderSpec, fast_broker_args, payments, wait_for};
 use vmlot_tests::vm::Timed;
 
 /// Segments of each job under way at the cut.
 const SEGMENTS: u32 = 8;
-
-/// Streams whose messages are never removed while the test runs: what
-/// they held at the cut must all be there after it.
-const KEPT: [&str; 4] = [
-    subjects::BLOCK_STREAM,
-    subjects::MANIFEST_STREAM,
-    subjects::RESULT_STREAM,
-    subjects::LEDGER_STREAM,
-];
 
 fn spec(image: Image, account: &str, segments: u32) -> JobSpec {
     JobSpec {
@@ -176,15 +168,7 @@ struct Acked {
 
 impl Acked {
     async fn read(market: &Market, books: &async_nats::Client, jobs: &[JobId]) -> Self {
-        let counts: HashMap<String, (u64, u64)> = market
-            .streams()
-            .await
-            .unwrap()
-            .into_iter()
-            .filter(|i| KEPT.contains(&i.config.name.as_str()))
-            .map(|i| (i.config.name, (i.state.messages, i.state.last_sequence)))
-            .collect();
-        assert_eq!(counts.len(), KEPT.len(), "{counts:?}");
+        let counts = stream_marks(market).await;
         let market_nats = market.api().await.nats().clone();
         let mut settlements = Vec::new();
         for job in jobs {
@@ -194,7 +178,7 @@ impl Acked {
         for job in jobs {
             records.insert(*job, record(books, *job).await);
         }
-        let ledger = ledger_from(books, 1).await;
+        let ledger = ledger_messages(books, 1).await;
         assert!(!ledger.is_empty(), "no books written before the cut");
         assert!(!settlements.is_empty(), "nothing paid before the cut");
         Self {
@@ -221,7 +205,7 @@ impl Acked {
             assert!(Instant::now() < deadline, "no ledger write for 30 s");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        self.ledger.extend(ledger_from(books, known + 1).await);
+        self.ledger.extend(ledger_messages(books, known + 1).await);
         self.last_write = Instant::now();
         self.ledger.last().unwrap().0
     }
@@ -233,7 +217,7 @@ impl Acked {
     /// settled segments the same, more perhaps; a job that had ended,
     /// untouched).
     async fn assert_kept(&self, market: &Market, books: &async_nats::Client) {
-        let now = ledger_from(books, 1).await;
+        let now = ledger_messages(books, 1).await;
         assert!(
             now.starts_with(&self.ledger),
             "the books acknowledged before the cut changed: {} messages then (to sequence {}), \
@@ -260,18 +244,7 @@ impl Acked {
             );
         }
 
-        for info in market.streams().await.unwrap() {
-            let Some((messages, last)) = self.counts.get(&info.config.name) else {
-                continue;
-            };
-            assert!(
-                info.state.messages >= *messages && info.state.last_sequence >= *last,
-                "{} held {messages} messages to sequence {last} at the cut, now {} to {}",
-                info.config.name,
-                info.state.messages,
-                info.state.last_sequence
-            );
-        }
+        assert_streams_kept(market, &self.counts, "cut").await;
 
         for (job, (revision, bytes, then)) in &self.records {
             let (now_revision, now_bytes, now) = record(books, *job).await;
@@ -328,26 +301,4 @@ async fn record(books: &async_nats::Client, job: JobId) -> (u64, Bytes, JobStatu
     let status: JobStatus = serde_json::from_slice(&entry.value)
         .unwrap_or_else(|e| panic!("job {job}'s record does not decode: {e}"));
     (entry.revision, entry.value, status)
-}
-
-/// The books' messages (sequence, subject, payload) from sequence `from` on.
-async fn ledger_from(books: &async_nats::Client, from: u64) -> Vec<(u64, String, Bytes)> {
-    let js = jetstream::new(books.clone());
-    let mut stream = js
-        .get_stream(subjects::LEDGER_STREAM)
-        .await
-        .unwrap_or_else(|e| panic!("the books' stream {}: {e}", subjects::LEDGER_STREAM));
-    let state = stream.info().await.unwrap().state.clone();
-    let mut out = Vec::new();
-    if state.messages == 0 {
-        return out;
-    }
-    for seq in from.max(state.first_sequence)..=state.last_sequence {
-        let msg = stream
-            .get_raw_message(seq)
-            .await
-            .unwrap_or_else(|e| panic!("ledger message {seq}: {e}"));
-        out.push((msg.sequence, msg.subject.to_string(), msg.payload));
-    }
-    out
 }
