@@ -70,16 +70,11 @@ pub(crate) async fn open_bucket(
 impl JobStore {
     pub async fn open(js: &jetstream::Context, replicas: usize) -> Result<Self, BrokerError> {
         let kv = open_bucket(js, vmlot_schemas::subjects::JOB_BUCKET, replicas).await?;
-        let mut stream = js
+        let stream = js
             .get_stream(&kv.stream_name)
             .await
             .map_err(|e| BrokerError::nats("job bucket", e))?;
-        let copies = stream
-            .info()
-            .await
-            .map_err(|e| BrokerError::nats("job bucket", e))?
-            .config
-            .num_replicas;
+        let copies = stream.cached_info().config.num_replicas;
         Ok(Self {
             kv,
             leader: (copies > 1).then_some(stream),

@@ -98,7 +98,6 @@ fn recorded_hash(config: &stream::Config) -> Result<HashAlgorithm, CasError> {
     }
 }
 
-/// Manifests kept in memory per store handle before the cache starts over.
 mod encoding;
 mod retry;
 
@@ -110,6 +109,7 @@ use retry::{Retry, transient};
 const MISSING_RETRIES: u32 = 3;
 const MISSING_PAUSE: Duration = Duration::from_millis(300);
 
+/// Manifests kept in memory per store handle before the cache starts over.
 const MANIFEST_CACHE_ENTRIES: usize = 256;
 
 impl BlockStore {

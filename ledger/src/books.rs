@@ -42,7 +42,7 @@ const MAX_ATTEMPTS: u32 = 50;
 #[derive(Clone)]
 pub struct Books {
     js: jetstream::Context,
-    stream: stream::Stream<()>,
+    stream: stream::Stream,
     /// Writes through this handle queue per account instead of racing:
     /// a busy account (one submitter's burst, a popular provider) would
     /// otherwise lose most compare-and-set rounds. Other writers are still
@@ -77,22 +77,14 @@ impl Books {
 
     /// Opens the existing ledger stream.
     pub async fn open(js: &jetstream::Context) -> Result<Self, LedgerError> {
-        let mut stream = js
+        let stream = js
             .get_stream(subjects::LEDGER_STREAM)
             .await
             .map_err(|e| LedgerError::nats("ledger stream", e))?;
-        let replicas = stream
-            .info()
-            .await
-            .map_err(|e| LedgerError::nats("ledger stream", e))?
-            .config
-            .num_replicas;
+        let replicas = stream.cached_info().config.num_replicas;
         Ok(Self {
             js: js.clone(),
-            stream: js
-                .get_stream_no_info(subjects::LEDGER_STREAM)
-                .await
-                .map_err(|e| LedgerError::nats("ledger stream", e))?,
+            stream,
             account_locks: Arc::default(),
             leader_reads: replicas > 1,
         })
