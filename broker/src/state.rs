@@ -142,7 +142,19 @@ impl JobStore {
                 )))
             }
             Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
-            Err(e) => Err(BrokerError::nats("read job", e)),
+            // No leader yet (a node died and the stream is electing one):
+            // any replica's copy. It may be a write behind, which is fine
+            // for a read, and `update`'s compare-and-set refuses a write
+            // built on it.
+            Err(e) => {
+                tracing::debug!(%job, error = %e, "no leader read; reading a replica");
+                let entry = self
+                    .kv
+                    .entry(job.to_string())
+                    .await
+                    .map_err(|e| BrokerError::nats("read job", e))?;
+                Ok(entry.map(|e| (e.value, e.revision)))
+            }
         }
     }
 

@@ -218,8 +218,10 @@ impl Api {
             match self.status(job).await {
                 Ok(status) if status.state.is_final() => return Ok(status),
                 Ok(status) => last = Some(Box::new(status)),
-                // Over the caller's request rate: asked again after the pause.
-                Err(CallError::Refused(error)) if error.code == "rate-limited" => {}
+                // Over the caller's request rate, or the broker's store
+                // between leaders: asked again after the pause.
+                Err(CallError::Refused(error))
+                    if error.code == "rate-limited" || error.code == "unavailable" => {}
                 Err(CallError::Refused(error)) => return Err(WaitError::Refused { job, error }),
                 Err(_) => {}
             }

@@ -99,18 +99,28 @@ impl Books {
         &self,
         subject: &str,
     ) -> Result<Option<(T, u64)>, LedgerError> {
-        let msg = if self.leader_reads {
+        let leader = if self.leader_reads {
             match self.stream.get_last_raw_message_by_subject(subject).await {
-                Ok(msg) => msg,
+                Ok(msg) => Some(msg),
                 Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => return Ok(None),
-                Err(e) => return Err(LedgerError::nats("read ledger", e)),
+                // No leader yet (an election): any replica's copy. It may
+                // be a write behind; every posting names the sequence it
+                // builds on, so a write built on it is refused.
+                Err(e) => {
+                    tracing::debug!(subject, error = %e, "no leader read; reading a replica");
+                    None
+                }
             }
         } else {
-            match self.stream.direct_get_last_for_subject(subject).await {
+            None
+        };
+        let msg = match leader {
+            Some(msg) => msg,
+            None => match self.stream.direct_get_last_for_subject(subject).await {
                 Ok(msg) => msg,
                 Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => return Ok(None),
                 Err(e) => return Err(LedgerError::nats("read ledger", e)),
-            }
+            },
         };
         serde_json::from_slice(&msg.payload)
             .map(|v| Some((v, msg.sequence)))

@@ -355,11 +355,13 @@ impl Market {
     }
 
     /// A job's record; asks again while no broker answers (tests restart
-    /// it), for up to [`STATUS_PATIENCE`]. A refusal fails the test.
+    /// it) or its store is unavailable (a NATS node killed), for up to
+    /// [`STATUS_PATIENCE`]. Any other refusal fails the test.
     pub async fn status(&self, job: JobId) -> JobStatus {
         let api = self.api().await;
         let reply = wait_for(STATUS_PATIENCE, async || match api.status(job).await {
             Ok(status) => Some(Ok(status)),
+            Err(vmlot_client::CallError::Refused(refused)) if refused.code == "unavailable" => None,
             Err(vmlot_client::CallError::Refused(refused)) => Some(Err(refused)),
             Err(_) => None,
         })
