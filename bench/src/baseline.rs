@@ -16,6 +16,10 @@ use vmlot_tests::NatsServer;
 pub struct Rsync {
     /// Bytes rsync sent literally (what its delta could not find in the basis).
     pub literal: u64,
+    /// Everything its sender and receiver sent each other (`Total bytes
+    /// sent` plus `Total bytes received`): the literal data, the matched
+    /// blocks' tokens and the basis file's block checksums.
+    pub total: u64,
     pub seconds: f64,
 }
 
@@ -30,15 +34,19 @@ pub fn rsync_delta(a: &Path, b: &Path) -> Result<Rsync> {
 /// rsync's delta transfer of `b` onto a copy of `a`, in place or (rsync's
 /// default) into a new file built from the basis at any offset.
 pub fn rsync_delta_with(a: &Path, b: &Path, inplace: bool) -> Result<Rsync> {
+    rsync_delta_args(a, b, if inplace { &["--inplace"] } else { &[] })
+}
+
+/// rsync's delta transfer of `b` onto a copy of `a` with `extra` flags
+/// (`-z`: compressed on the wire).
+pub fn rsync_delta_args(a: &Path, b: &Path, extra: &[&str]) -> Result<Rsync> {
     let tmp = tempfile::tempdir()?;
     let dest = tmp.path().join("dest");
     std::fs::copy(a, &dest)?;
     let started = Instant::now();
     let mut rsync = Command::new("rsync");
     rsync.args(["--no-whole-file", "--stats"]);
-    if inplace {
-        rsync.arg("--inplace");
-    }
+    rsync.args(extra);
     let out = rsync
         .arg(b)
         .arg(&dest)
@@ -49,14 +57,20 @@ pub fn rsync_delta_with(a: &Path, b: &Path, inplace: bool) -> Result<Rsync> {
         bail!("rsync failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     let stats = String::from_utf8_lossy(&out.stdout);
-    let literal = stats
-        .lines()
-        .find_map(|l| l.strip_prefix("Literal data: "))
-        .and_then(|v| v.split_whitespace().next())
-        .map(|v| v.replace(',', ""))
-        .and_then(|v| v.parse().ok())
-        .context("rsync printed no 'Literal data' line")?;
-    Ok(Rsync { literal, seconds })
+    let figure = |name: &str| -> Result<u64> {
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .map(|v| v.replace(',', ""))
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("rsync printed no '{name}' line"))
+    };
+    Ok(Rsync {
+        literal: figure("Literal data: ")?,
+        total: figure("Total bytes sent: ")? + figure("Total bytes received: ")?,
+        seconds,
+    })
 }
 
 /// First line of `bin flag`, or why it could not run.

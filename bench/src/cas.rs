@@ -13,12 +13,12 @@ use async_nats::jetstream::{self, stream};
 use bytes::Bytes;
 use futures::StreamExt;
 use vmlot_cas::chunk::manifest_of;
-use vmlot_cas::{BlockStore, StoreOptions, pull_file, push_file};
+use vmlot_cas::{BlockCache, BlockStore, StoreOptions, pull_file, push_file, push_file_over};
 use vmlot_schemas::ids::Digest;
 use vmlot_schemas::{BlockId, Chunking, HashAlgorithm, Manifest, ObjectKind};
 use vmlot_tests::NatsServer;
 
-use crate::baseline::{Cpu, best_of, publish_pipelined, rsync_delta, version};
+use crate::baseline::{Cpu, best_of, publish_pipelined, rsync_delta, rsync_delta_args, version};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -53,9 +53,17 @@ pub async fn run(args: Args) -> Result<()> {
 
     println!("## Transfer of the second checkpoint given the first\n");
     println!(
-        "| pair | format | chunking | file MB | hot % | wire MB (store) | rsync literal MB | rsync s | index overhead % |"
+        "Wire: what the NATS server counted on the connection (message bytes both ways, from its \
+         `/connz`), each step on a fresh server with only the first checkpoint stored. Pull: a \
+         reader whose cache holds the first checkpoint (pulled before) pulls the second. Push: a \
+         writer that ran the first pushes the second, its manifest stored as the edits from the \
+         first. rsync: `--no-whole-file --inplace` of the second onto a copy of the first, its \
+         total bytes sent plus received.\n"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "| pair | format | chunking | file MB | hot % | cold block MB | manifest MB whole | pull wire MB | push wire MB | rsync total MB | pull/rsync | push/rsync | rsync literal MB |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for (pair_name, a, b) in pairs {
         for (format_name, ext) in formats {
             let path_a = args.dir.join(format!("{a}.{ext}"));
@@ -74,18 +82,49 @@ pub async fn run(args: Args) -> Result<()> {
                         (h, c + *n as u64)
                     }
                 });
-                let index =
-                    HASH.hex_len() as f64 / 2.0 * mb.unique_blocks().len() as f64 / mb.size as f64 * 100.0;
+                let wire = wire_of_second(&path_a, &path_b, chunking, store_options()).await?;
                 println!(
-                    "| {pair_name} | {format_name} | {chunk_name} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                    "| {pair_name} | {format_name} | {chunk_name} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
                     mb.size as f64 / MB,
                     hot as f64 / (hot + cold).max(1) as f64 * 100.0,
                     cold as f64 / MB,
+                    mb.canonical_bytes().len() as f64 / MB,
+                    wire.pull as f64 / MB,
+                    wire.push as f64 / MB,
+                    rsync.total as f64 / MB,
+                    wire.pull as f64 / rsync.total as f64,
+                    wire.push as f64 / rsync.total as f64,
                     rsync.literal as f64 / MB,
-                    rsync.seconds,
-                    index,
                 );
             }
+        }
+    }
+
+    println!("\n## The same, compressed on both sides\n");
+    println!(
+        "Store: blocks written with zstd level 3 (`--zstd 3`; names stay the hashes of the raw \
+         blocks). rsync: `-z` as well as `--no-whole-file --inplace`. Fixed 4 KiB blocks.\n"
+    );
+    println!("| pair | format | pull wire MB | push wire MB | rsync -z total MB | pull/rsync | push/rsync |");
+    println!("|---|---|---|---|---|---|---|");
+    for (pair_name, a, b) in pairs {
+        for (format_name, ext) in formats {
+            let path_a = args.dir.join(format!("{a}.{ext}"));
+            let path_b = args.dir.join(format!("{b}.{ext}"));
+            let rsync = rsync_delta_args(&path_a, &path_b, &["--inplace", "-z"])?;
+            let options = StoreOptions {
+                compression: Some(3),
+                ..store_options()
+            };
+            let wire = wire_of_second(&path_a, &path_b, Chunking::FIXED_4K, options).await?;
+            println!(
+                "| {pair_name} | {format_name} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                wire.pull as f64 / MB,
+                wire.push as f64 / MB,
+                rsync.total as f64 / MB,
+                wire.pull as f64 / rsync.total as f64,
+                wire.push as f64 / rsync.total as f64,
+            );
         }
     }
 
@@ -175,6 +214,50 @@ pub async fn run(args: Args) -> Result<()> {
         println!("{line}");
     }
     Ok(())
+}
+
+/// Bytes the server counted moving the second checkpoint, each way summed.
+struct Wire {
+    pull: u64,
+    push: u64,
+}
+
+/// On a fresh server: a writer pushes `a`, then `b` over it (the push
+/// measured); a reader pulls `a` into its cache, then `b` (measured).
+async fn wire_of_second(a: &Path, b: &Path, chunking: Chunking, options: StoreOptions) -> Result<Wire> {
+    let server = NatsServer::start()?;
+    let kind = ObjectKind::MachineState;
+    let none = HashSet::new();
+    let (client, writer_cid) = server.counted_client().await?;
+    let writer = BlockStore::open(client, options.clone()).await?;
+    let writer_cache = tempfile::tempdir()?;
+    let writer_cache = BlockCache::open(writer_cache.path(), 4 << 30)?;
+    let first = push_file(&writer, Some(&writer_cache), a, kind, chunking, &none).await?;
+    let before = server.connection_traffic(writer_cid)?;
+    let second = push_file_over(
+        &writer,
+        Some(&writer_cache),
+        b,
+        kind,
+        chunking,
+        &none,
+        Some(&first.manifest_id),
+    )
+    .await?;
+    let push = (server.connection_traffic(writer_cid)? - before).total();
+
+    let (client, reader_cid) = server.counted_client().await?;
+    let reader = BlockStore::join(client, options, None).await?;
+    let dir = tempfile::tempdir()?;
+    let cache = BlockCache::open(dir.path().join("cache"), 4 << 30)?;
+    pull_file(&reader, Some(&cache), &first.manifest_id, &dir.path().join("a")).await?;
+    let before = server.connection_traffic(reader_cid)?;
+    pull_file(&reader, Some(&cache), &second.manifest_id, &dir.path().join("b")).await?;
+    let pull = (server.connection_traffic(reader_cid)? - before).total();
+    if std::fs::read(dir.path().join("b"))? != std::fs::read(b)? {
+        bail!("the pulled second checkpoint differs from the file");
+    }
+    Ok(Wire { pull, push })
 }
 
 /// The manifest of the checkpoint at `path`, names by [`HASH`], storing nothing.

@@ -10,8 +10,9 @@
 //!
 //! - A runs segment k (segment 0 boots, later ones restore the checkpoint
 //!   A fetched through its own cache) and saves checkpoint C(k+1);
-//! - A pushes C(k+1) with fixed 4 KiB blocks, the blocks of C(k) passed as
-//!   known, through A's cache;
+//! - A pushes C(k+1) with fixed 4 KiB blocks over C(k) (its blocks taken
+//!   as stored, the manifest stored as the edits from C(k)'s), through A's
+//!   cache;
 //! - B, whose cache holds C(k) (it fetched it in the previous round), pulls
 //!   C(k+1) through its cache and restores it, running the guest briefly to
 //!   show it goes on;
@@ -21,6 +22,8 @@
 //! - the naive copy: the whole machine-state file as 1 MiB messages into a
 //!   scratch JetStream stream, read back into a file.
 //!
+//! Bytes are what the server counted on each provider's connection
+//! (`/connz`, message bytes both ways), not what the store meant to send.
 //! Row 0 (boot) starts from empty caches and an empty store, so everything
 //! is cold; the summary counts rows 1.. only.
 
@@ -34,7 +37,7 @@ use async_nats::jetstream::{self, stream};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use vmlot_cas::chunk::manifest_of;
-use vmlot_cas::{BlockCache, BlockStore, StoreOptions, pull_file, push_file};
+use vmlot_cas::{BlockCache, BlockStore, StoreOptions, pull_file, push_file_over};
 use vmlot_provider::driver::qemu::{Accel, QemuConfig, QemuDriver};
 use vmlot_provider::driver::{Driver, SegmentEnd, SegmentPlan, SegmentReport, SegmentStart};
 use vmlot_schemas::{
@@ -85,6 +88,8 @@ const NAIVE_SUBJECT: &str = "vmlot.bench.naive";
 /// block cache and driver.
 struct Provider {
     store: BlockStore,
+    /// Its connection as the server counts it (`/connz`).
+    cid: u64,
     cache: BlockCache,
     driver: QemuDriver,
     dir: PathBuf,
@@ -92,7 +97,8 @@ struct Provider {
 
 impl Provider {
     async fn new(server: &NatsServer, dir: PathBuf, accel: Accel) -> Result<Self> {
-        let store = BlockStore::open(server.client().await?, StoreOptions::default()).await?;
+        let (client, cid) = server.counted_client().await?;
+        let store = BlockStore::open(client, StoreOptions::default()).await?;
         let cache = BlockCache::open(dir.join("cache"), CACHE_BYTES)?;
         let driver = QemuDriver::new(QemuConfig {
             binary: None,
@@ -101,6 +107,7 @@ impl Provider {
         });
         Ok(Self {
             store,
+            cid,
             cache,
             driver,
             dir,
@@ -115,18 +122,23 @@ struct Row {
     save: f64,
     file_bytes: u64,
     stored_bytes: u64,
+    /// What the server counted on A's connection (both ways) for the push.
     upload_bytes: u64,
     upload: f64,
     /// Reading, cutting and hashing the file alone (the local part of the upload).
     chunk_hash: f64,
     upload_server_cpu: f64,
     upload_client_cpu: f64,
+    /// What the server counted on B's connection (both ways) for the pull.
     download_bytes: u64,
     download: f64,
     download_server_cpu: f64,
     download_client_cpu: f64,
     restore: f64,
+    /// Block payload A fetched going on from its own checkpoint.
     same_block_bytes: u64,
+    /// What the server counted on A's connection for that pull.
+    same_wire_bytes: u64,
     same_manifest_bytes: u64,
     same_time: f64,
     naive: Naive,
@@ -211,7 +223,7 @@ pub async fn run(args: Args) -> Result<()> {
     println!("load average at start: {}", load_average());
 
     let mut rows: Vec<Row> = Vec::new();
-    let mut previous: Option<Manifest> = None;
+    let mut previous: Option<(ManifestId, Manifest)> = None;
     // The checkpoint A restores next segment, fetched through its cache.
     let mut a_next: Option<PathBuf> = None;
     for k in 0..=args.segments {
@@ -241,22 +253,26 @@ pub async fn run(args: Args) -> Result<()> {
         let state = saved(&run).with_context(|| format!("segment {k} on A"))?;
         let file_bytes = std::fs::metadata(&state)?.len();
 
-        // A pushes the new checkpoint: the previous one's blocks are known stored.
+        // A pushes the new checkpoint: the previous one's blocks are known
+        // stored, and its manifest is stored as the edits from the previous.
         let known: HashSet<BlockId> = previous
             .iter()
-            .flat_map(|m| m.unique_blocks().into_iter().map(|(id, _)| id))
+            .flat_map(|(_, m)| m.unique_blocks().into_iter().map(|(id, _)| id))
             .collect();
         let cpu = Cpu::now(&server);
-        let pushed = push_file(
+        let traffic = server.connection_traffic(a.cid)?;
+        let pushed = push_file_over(
             &a.store,
             Some(&a.cache),
             &state,
             ObjectKind::MachineState,
             Chunking::FIXED_4K,
             &known,
+            previous.as_ref().map(|(id, _)| id),
         )
         .await
         .context("A pushes the checkpoint")?;
+        let upload_wire = (server.connection_traffic(a.cid)? - traffic).total();
         let (upload_server_cpu, upload_client_cpu) = cpu.stop(&server);
         let chunk_hash = chunk_and_hash(&state, a.store.hash()).await?;
 
@@ -265,9 +281,11 @@ pub async fn run(args: Args) -> Result<()> {
         std::fs::create_dir_all(&b_seg)?;
         let b_state = b_seg.join("machine-state.in");
         let cpu = Cpu::now(&server);
+        let traffic = server.connection_traffic(b.cid)?;
         let fetched = pull_file(&b.store, Some(&b.cache), &pushed.manifest_id, &b_state)
             .await
             .context("B pulls the checkpoint")?;
+        let download_wire = (server.connection_traffic(b.cid)? - traffic).total();
         let (download_server_cpu, download_client_cpu) = cpu.stop(&server);
         eprintln!(
             "[{:>6.1} s] segment {k}: A pushed, B pulled; B restores",
@@ -295,9 +313,11 @@ pub async fn run(args: Args) -> Result<()> {
         let next_seg = a.dir.join(format!("seg{}", k + 1));
         std::fs::create_dir_all(&next_seg)?;
         let next_state = next_seg.join("machine-state.in");
+        let traffic = server.connection_traffic(a.cid)?;
         let same = pull_file(&a.store, Some(&a.cache), &pushed.manifest_id, &next_state)
             .await
             .context("A fetches its own checkpoint")?;
+        let same_wire = (server.connection_traffic(a.cid)? - traffic).total();
 
         // The naive copy of the same file through the same server.
         let naive = naive_copy(&naive_js, &state, &root.path().join("naive-copy"))
@@ -311,17 +331,18 @@ pub async fn run(args: Args) -> Result<()> {
             save: run.save_time.as_secs_f64(),
             file_bytes,
             stored_bytes: pushed.manifest.stored_bytes(),
-            upload_bytes: pushed.sent_bytes,
+            upload_bytes: upload_wire,
             upload: pushed.elapsed.as_secs_f64(),
             chunk_hash,
             upload_server_cpu,
             upload_client_cpu,
-            download_bytes: fetched.fetched_bytes,
+            download_bytes: download_wire,
             download: fetched.elapsed.as_secs_f64(),
             download_server_cpu,
             download_client_cpu,
             restore: restored.start_time.as_secs_f64(),
             same_block_bytes: same.fetched_bytes,
+            same_wire_bytes: same_wire,
             same_manifest_bytes: manifest_len(&pushed.manifest_id, &pushed.manifest),
             same_time: same.elapsed.as_secs_f64(),
             naive,
@@ -335,7 +356,7 @@ pub async fn run(args: Args) -> Result<()> {
             row.total() / t * 100.0
         );
         rows.push(row);
-        previous = Some(pushed.manifest);
+        previous = Some((pushed.manifest_id, pushed.manifest));
         a_next = Some(next_state);
     }
     println!("load average at end: {}\n", load_average());
@@ -355,7 +376,7 @@ fn print_tables(rows: &[Row], t: f64) {
 
     println!("## Handing the VM to another provider (A saves and uploads, B downloads and restores)\n");
     println!(
-        "| segment | A start s | save s | file MB | stored MB | cold MB up | upload s | B down MB | download s | B restore s | total s | % of T | guest tick A→B |"
+        "| segment | A start s | save s | file MB | stored MB | A up wire MB | upload s | B down wire MB | download s | B restore s | total s | % of T | guest tick A→B |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
@@ -380,16 +401,17 @@ fn print_tables(rows: &[Row], t: f64) {
 
     println!("\n## The same provider goes on, and the naive whole-file copy\n");
     println!(
-        "| segment | A refetch block bytes | manifest KB read | A refetch s | naive MB | naive publish s | naive read s | naive total s | naive % of T | bytes naive/store | transfer s naive/store |"
+        "| segment | A refetch block bytes | A refetch wire bytes | manifest KB (whole) | A refetch s | naive MB | naive publish s | naive read s | naive total s | naive % of T | bytes naive/store | transfer s naive/store |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         let store_bytes = (r.upload_bytes + r.download_bytes).max(1) as f64;
         let store_time = r.upload + r.download;
         println!(
-            "| {} | {} | {:.0} | {:.2} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {:.2} |",
+            "| {} | {} | {} | {:.0} | {:.2} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {:.2} |",
             label(r),
             r.same_block_bytes,
+            r.same_wire_bytes,
             r.same_manifest_bytes as f64 / 1000.0,
             r.same_time,
             r.naive.bytes as f64 / MB,

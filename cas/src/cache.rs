@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use vmlot_schemas::{BlockId, Manifest};
+use vmlot_schemas::{BlockId, Manifest, ManifestId};
 
 use crate::error::CasError;
 
@@ -187,6 +187,19 @@ impl BlockCache {
             .insert(*id, data.len() as u64);
         self.evict();
         Ok(())
+    }
+
+    /// Keeps a manifest's canonical bytes, under the block name of the same
+    /// hash of the same bytes (so [`get`](Self::get)'s check holds for it
+    /// and it is evicted like a block).
+    pub fn put_manifest(&self, id: &ManifestId, manifest: &Manifest) -> Result<(), CasError> {
+        self.put(&BlockId(id.0), &manifest.canonical_bytes())
+    }
+
+    /// A manifest's canonical bytes kept by [`put_manifest`](Self::put_manifest),
+    /// verified against `id`'s hash (not yet decoded).
+    pub fn manifest_bytes(&self, id: &ManifestId) -> Option<Bytes> {
+        self.get(&BlockId(id.0))
     }
 
     fn evict(&self) {

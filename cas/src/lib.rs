@@ -12,6 +12,8 @@
 //! - [`qemucanon`] gives a QEMU `mapped-ram` save's canonical digest, equal for
 //!   two saves of one guest state (replicas), reading no guest page.
 //! - [`store`] keeps blocks and manifests in JetStream.
+//! - [`record`] is how a manifest is stored: whole, compressed, or as the edits from
+//!   the manifest it grew from.
 //! - [`cache`] keeps blocks on a provider's or client's disk.
 //! - [`transfer`] pushes a file into the store and pulls it back out.
 //!
@@ -23,6 +25,7 @@ pub mod error;
 pub mod piece;
 pub mod qemucanon;
 pub mod qemusave;
+pub mod record;
 pub mod store;
 #[cfg(feature = "synthetic")]
 pub mod synthetic;
@@ -34,5 +37,5 @@ pub use error::CasError;
 pub use qemucanon::{CanonError, SaveBytes, canonical_digest};
 pub use qemusave::{QemuSaveError, QemuSaveHeader, RamBlock};
 pub use store::{BlockStore, StoreOptions};
-pub use transfer::{PullReport, PushReport, pull_file, push_file};
+pub use transfer::{PullReport, PushReport, pull_file, push_file, push_file_over};
 pub use xensave::{SavedConfig, XlHeader, XlHeaderError, read_saved_config};

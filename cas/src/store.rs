@@ -24,14 +24,13 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use async_nats::HeaderMap;
 use async_nats::jetstream::{self, message::OutboundMessage, stream};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use jetstream_extra::batch_fetch::{BatchFetchError, BatchFetchErrorKind, BatchFetchExt};
 use jetstream_extra::batch_publish::{BatchPublishError, BatchPublishExt};
 use vmlot_schemas::manifest::MAX_MANIFEST_BYTES;
-use vmlot_schemas::{BlockId, HashAlgorithm, Manifest, ManifestError, ManifestId, subjects};
+use vmlot_schemas::{BlockId, HashAlgorithm, subjects};
 
 use crate::error::CasError;
 
@@ -80,7 +79,7 @@ pub struct BlockStore {
     opts: StoreOptions,
     /// Manifests already read and verified. They are immutable (named by
     /// their hash), so a cached one is always right.
-    known_manifests: std::sync::Arc<std::sync::Mutex<HashMap<ManifestId, Manifest>>>,
+    known_manifests: manifests::KnownManifests,
 }
 
 /// The block stream's metadata key naming the store's hash algorithm.
@@ -99,6 +98,7 @@ fn recorded_hash(config: &stream::Config) -> Result<HashAlgorithm, CasError> {
 }
 
 mod encoding;
+mod manifests;
 mod retry;
 
 use encoding::{EncodedBlock, decode_block, encode_group};
@@ -108,9 +108,6 @@ use retry::{Retry, transient};
 /// for again before it is called missing (a follower a write behind).
 const MISSING_RETRIES: u32 = 3;
 const MISSING_PAUSE: Duration = Duration::from_millis(300);
-
-/// Manifests kept in memory per store handle before the cache starts over.
-const MANIFEST_CACHE_ENTRIES: usize = 256;
 
 impl BlockStore {
     /// Opens the store as a participant: its streams must exist (the
@@ -406,185 +403,6 @@ impl BlockStore {
         }
         Ok(())
     }
-
-    /// Stores a manifest (once: an existing one is left as it is).
-    pub async fn put_manifest(&self, manifest: &Manifest) -> Result<ManifestId, CasError> {
-        self.check_name("the manifest", manifest.hash)?;
-        let bytes = manifest.canonical_bytes();
-        let id = ManifestId::of(manifest.hash, &bytes);
-        if self.manifest_head(&id).await?.is_some() {
-            return Ok(id);
-        }
-        self.put_manifest_bytes(&id, &bytes).await?;
-        Ok(id)
-    }
-
-    /// Writes raw bytes under a manifest id, all parts in one atomic batch.
-    /// Only tests planting bad manifests should call this directly.
-    pub async fn put_manifest_bytes(&self, id: &ManifestId, bytes: &[u8]) -> Result<(), CasError> {
-        let parts: Vec<&[u8]> = if bytes.is_empty() {
-            vec![&[][..]]
-        } else {
-            bytes.chunks(MANIFEST_PART_BYTES).collect()
-        };
-        let messages = || -> Vec<OutboundMessage> {
-            parts
-                .iter()
-                .enumerate()
-                .map(|(n, part)| {
-                    let headers = (n == 0).then(|| {
-                        let mut h = HeaderMap::new();
-                        h.insert(subjects::MANIFEST_PARTS_HEADER, parts.len().to_string().as_str());
-                        h.insert(subjects::MANIFEST_SIZE_HEADER, bytes.len().to_string().as_str());
-                        h
-                    });
-                    OutboundMessage {
-                        subject: subjects::manifest_part(id, n as u32).into(),
-                        payload: Bytes::copy_from_slice(part),
-                        headers,
-                    }
-                })
-                .collect()
-        };
-        let mut retry = Retry::new();
-        loop {
-            let written = self
-                .js
-                .batch_publish_all()
-                .ack_first(false)
-                .publish(futures::stream::iter(messages()))
-                .await;
-            let err = match written {
-                Ok(_) => return Ok(()),
-                Err(err) => err,
-            };
-            // Another writer stored the same manifest first (the stream
-            // keeps one message per part subject and refused this batch
-            // whole), or the stream's leader is being elected.
-            match self.manifest_head(id).await {
-                Ok(Some(_)) => {
-                    tracing::debug!(%id, %err, "manifest already stored");
-                    return Ok(());
-                }
-                Ok(None) | Err(_) if retry.again(transient(&err)).await => {
-                    tracing::debug!(%id, %err, "retrying manifest batch");
-                }
-                Ok(None) => return Err(CasError::nats("manifest batch publish", err)),
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
-    /// Reads and checks a manifest: size limit before reading, then the
-    /// hash, the shape and consistency.
-    pub async fn get_manifest(&self, id: &ManifestId) -> Result<Manifest, CasError> {
-        if let Some(known) = self.known_manifests.lock().expect("manifest cache lock").get(id) {
-            return Ok(known.clone());
-        }
-        self.check_name(format_args!("manifest {id}"), id.algorithm())?;
-        let manifest = self.read_manifest(id).await?;
-        let mut known = self.known_manifests.lock().expect("manifest cache lock");
-        if known.len() >= MANIFEST_CACHE_ENTRIES {
-            known.clear();
-        }
-        known.insert(*id, manifest.clone());
-        Ok(manifest)
-    }
-
-    /// Part 0 of a manifest, if stored.
-    async fn manifest_head(
-        &self,
-        id: &ManifestId,
-    ) -> Result<Option<jetstream::message::StreamMessage>, CasError> {
-        let stream = self
-            .js
-            .get_stream_no_info(subjects::MANIFEST_STREAM)
-            .await
-            .map_err(|e| CasError::nats("manifest stream", e))?;
-        match stream
-            .direct_get_last_for_subject(subjects::manifest_part(id, 0))
-            .await
-        {
-            Ok(msg) => Ok(Some(msg)),
-            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
-            Err(e) => Err(CasError::nats("manifest get", e)),
-        }
-    }
-
-    async fn read_manifest(&self, id: &ManifestId) -> Result<Manifest, CasError> {
-        // Asked again before it is called missing, as a block is.
-        let mut tries = 0;
-        let head = loop {
-            match self.manifest_head(id).await? {
-                Some(head) => break head,
-                None if tries < MISSING_RETRIES => {
-                    tries += 1;
-                    tokio::time::sleep(MISSING_PAUSE).await;
-                }
-                None => return Err(CasError::MissingManifest(*id)),
-            }
-        };
-        let refuse = |source| CasError::Manifest { id: *id, source };
-        let header = |name: &str| -> Result<u64, CasError> {
-            head.headers
-                .get(name)
-                .and_then(|v| v.as_str().parse::<u64>().ok())
-                .ok_or_else(|| {
-                    refuse(ManifestError::Garbled(format!(
-                        "part 0 lacks a valid {name} header"
-                    )))
-                })
-        };
-        let (size, parts) = (
-            header(subjects::MANIFEST_SIZE_HEADER)?,
-            header(subjects::MANIFEST_PARTS_HEADER)?,
-        );
-        let max = self.opts.max_manifest_bytes.min(MAX_MANIFEST_BYTES);
-        if size > max {
-            return Err(refuse(ManifestError::TooLarge { size, max }));
-        }
-        if parts == 0 || parts != size.div_ceil(MANIFEST_PART_BYTES as u64).max(1) {
-            return Err(refuse(ManifestError::Garbled(format!(
-                "{parts} parts for {size} bytes"
-            ))));
-        }
-        let mut bytes = Vec::with_capacity(size as usize);
-        bytes.extend_from_slice(&head.payload);
-        let rest: Vec<String> = (1..parts as u32)
-            .map(|n| subjects::manifest_part(id, n))
-            .collect();
-        for group in rest.chunks(MAX_BATCH) {
-            let mut got: HashMap<String, Bytes> = HashMap::with_capacity(group.len());
-            let mut messages = self
-                .js
-                .get_last_messages_for(subjects::MANIFEST_STREAM)
-                .subjects(group.to_vec())
-                .send()
-                .await
-                .map_err(|e| CasError::nats("manifest parts get", e))?;
-            while let Some(msg) = messages.next().await {
-                match msg {
-                    Ok(msg) => {
-                        got.insert(msg.subject.to_string(), msg.payload);
-                    }
-                    Err(e) if none_stored(&e) => break,
-                    Err(e) => return Err(CasError::nats("manifest parts get", e)),
-                }
-            }
-            for subject in group {
-                let part = got
-                    .remove(subject)
-                    .ok_or_else(|| refuse(ManifestError::Garbled(format!("{subject} is missing"))))?;
-                bytes.extend_from_slice(&part);
-                if bytes.len() as u64 > size {
-                    return Err(refuse(ManifestError::Garbled(
-                        "parts exceed the stated size".into(),
-                    )));
-                }
-            }
-        }
-        Manifest::decode(&bytes, id).map_err(refuse)
-    }
 }
 
 /// True when a batched direct get failed because none of its subjects
@@ -596,6 +414,3 @@ impl BlockStore {
 fn none_stored(err: &BatchFetchError) -> bool {
     err.kind() == BatchFetchErrorKind::NoMessages
 }
-
-/// Bytes per manifest message: well under any sensible `max_payload`.
-const MANIFEST_PART_BYTES: usize = 256 * 1024;

@@ -55,11 +55,30 @@ pub async fn push_file(
     chunking: Chunking,
     known_present: &HashSet<BlockId>,
 ) -> Result<PushReport, CasError> {
+    push_file_over(store, cache, path, kind, chunking, known_present, None).await
+}
+
+/// As [`push_file`], the manifest stored as the edits from `base` (the
+/// object this one grew from, e.g. the segment's input checkpoint) when
+/// that is smaller; `base`'s blocks are taken as stored.
+pub async fn push_file_over(
+    store: &BlockStore,
+    cache: Option<&BlockCache>,
+    path: &Path,
+    kind: ObjectKind,
+    chunking: Chunking,
+    known_present: &HashSet<BlockId>,
+    base: Option<&ManifestId>,
+) -> Result<PushReport, CasError> {
     let started = Instant::now();
     let batch = store.options().batch;
     let file = std::fs::File::open(path).map_err(|e| CasError::io("open", path, e))?;
     let (tx, mut rx) = mpsc::channel::<Vec<(BlockId, Bytes)>>(store.options().concurrency * 2);
-    let known = known_present.clone();
+    let mut known = known_present.clone();
+    if let Some(base) = base {
+        let base = store.get_manifest_via(base, cache).await?;
+        known.extend(base.unique_blocks().into_iter().map(|(id, _)| id));
+    }
     let owned_path = path.to_path_buf();
     let hash = store.hash();
 
@@ -125,7 +144,10 @@ pub async fn push_file(
     let chunked = chunker.await.map_err(|e| CasError::nats("chunker task", e))?;
     upload_result?;
     let (manifest, unique_blocks) = chunked?;
-    let manifest_id = store.put_manifest(&manifest).await?;
+    let manifest_id = store.put_manifest_over(&manifest, base).await?;
+    if let Some(cache) = cache {
+        cache.put_manifest(&manifest_id, &manifest)?;
+    }
     Ok(PushReport {
         manifest_id,
         manifest,
@@ -168,7 +190,7 @@ pub async fn pull_file(
     dest: &Path,
 ) -> Result<PullReport, CasError> {
     let started = Instant::now();
-    let manifest = store.get_manifest(manifest_id).await?;
+    let manifest = store.get_manifest_via(manifest_id, cache).await?;
     let partial = partial_path(dest);
     let result = write_object(store, cache, &manifest, &partial).await;
     match result {

@@ -77,8 +77,9 @@ impl Chunking {
     }
 }
 
-/// One piece of the object, in order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+/// One piece of the object, in order. (Ordered only so that sequence
+/// diffs can sort them.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(untagged)]
 pub enum Extent {
     /// A stored block `b` of `n` bytes.

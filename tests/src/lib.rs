@@ -90,7 +90,8 @@ pub struct NatsServer {
     /// What clients are given: this server's URL, or in a cluster every
     /// node's, comma-separated, so they fail over when this one dies.
     client_urls: String,
-    /// The monitoring port (`/connz`), cluster nodes only.
+    /// The monitoring port (`/connz`): cluster nodes and standalone
+    /// servers on the host (not one in a guest).
     monitor_port: Option<u16>,
     dir: PathBuf,
     config: PathBuf,
@@ -103,6 +104,36 @@ pub struct NatsServer {
     /// Set when the server runs in a QEMU guest ([`nats_guest`]): `child`
     /// is then its QEMU.
     guest: Option<nats_guest::Guest>,
+}
+
+/// A connection's traffic as the server counts it: message bytes (payload
+/// and headers, not the protocol lines around them) and messages, each way
+/// as the server sees it (`in`: from the client).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    pub in_bytes: u64,
+    pub out_bytes: u64,
+    pub in_msgs: u64,
+    pub out_msgs: u64,
+}
+
+impl std::ops::Sub for Traffic {
+    type Output = Traffic;
+    fn sub(self, before: Traffic) -> Traffic {
+        Traffic {
+            in_bytes: self.in_bytes - before.in_bytes,
+            out_bytes: self.out_bytes - before.out_bytes,
+            in_msgs: self.in_msgs - before.in_msgs,
+            out_msgs: self.out_msgs - before.out_msgs,
+        }
+    }
+}
+
+impl Traffic {
+    /// Bytes both ways.
+    pub fn total(&self) -> u64 {
+        self.in_bytes + self.out_bytes
+    }
 }
 
 /// A cluster node's ports besides its client port.
@@ -153,6 +184,13 @@ impl NatsServer {
         let deployment = Deployment::create(&dir.join("deploy"))?;
         let mut server = Self::configure(&dir, "n1", free_port(), None, fsync, &deployment, auth)?;
         server._temp = Some(temp);
+        // A monitoring port, so tests and benchmarks can read the server's
+        // own counters ([`NatsServer::connection_traffic`]).
+        let monitor = free_port();
+        let mut text = std::fs::read_to_string(&server.config)?;
+        text.push_str(&format!("http: 127.0.0.1:{monitor}\n"));
+        std::fs::write(&server.config, text)?;
+        server.monitor_port = Some(monitor);
         server.spawn()?;
         server.wait_ready(Duration::from_secs(20))?;
         Ok(server)
@@ -283,14 +321,67 @@ impl NatsServer {
         &self.name
     }
 
+    /// Connects as the broker's user, as [`client`](Self::client), and
+    /// tells which connection the server counts it as (its `cid` in
+    /// `/connz`, for [`connection_traffic`](Self::connection_traffic)).
+    pub async fn counted_client(&self) -> Result<(async_nats::Client, u64)> {
+        let before = self.connection_ids()?;
+        let client = self.client().await?;
+        client.flush().await?;
+        let new: Vec<u64> = self
+            .connection_ids()?
+            .into_iter()
+            .filter(|cid| !before.contains(cid))
+            .collect();
+        match new.as_slice() {
+            [cid] => Ok((client, *cid)),
+            other => bail!("expected one new connection, the server lists {other:?}"),
+        }
+    }
+
+    fn connection_ids(&self) -> Result<Vec<u64>> {
+        let port = self.monitor_port.context("this server has no monitoring port")?;
+        let body = http_get(port, "/connz?limit=4096")?;
+        let connz: serde_json::Value = serde_json::from_str(&body).context("/connz is not JSON")?;
+        Ok(connz["connections"]
+            .as_array()
+            .context("/connz lists no connections")?
+            .iter()
+            .filter_map(|c| c["cid"].as_u64())
+            .collect())
+    }
+
+    /// What the server counted for one client connection (`cid`, from
+    /// [`counted_client`](Self::counted_client)): message
+    /// bytes (payload and headers) it received from the client and sent to
+    /// it, and the messages each way, from `/connz`.
+    pub fn connection_traffic(&self, cid: u64) -> Result<Traffic> {
+        let port = self.monitor_port.context("this server has no monitoring port")?;
+        let body = http_get(port, &format!("/connz?cid={cid}"))?;
+        let connz: serde_json::Value = serde_json::from_str(&body).context("/connz is not JSON")?;
+        let conn = connz["connections"]
+            .as_array()
+            .and_then(|c| c.first())
+            .with_context(|| format!("/connz lists no connection {cid}"))?;
+        let field = |name: &str| {
+            conn[name]
+                .as_u64()
+                .with_context(|| format!("/connz lacks {name}"))
+        };
+        Ok(Traffic {
+            in_bytes: field("in_bytes")?,
+            out_bytes: field("out_bytes")?,
+            in_msgs: field("in_msgs")?,
+            out_msgs: field("out_msgs")?,
+        })
+    }
+
     /// The loopback ports the clients connected to this server now
     /// connect from (a test can tell whose they are from `/proc`), read
     /// from its monitoring port; cluster nodes only (standalone servers
     /// run none).
     pub fn client_ports(&self) -> Result<Vec<u16>> {
-        let port = self
-            .monitor_port
-            .context("only a cluster node has a monitoring port")?;
+        let port = self.monitor_port.context("this server has no monitoring port")?;
         let body = http_get(port, "/connz?limit=1024")?;
         let connz: serde_json::Value = serde_json::from_str(&body).context("/connz is not JSON")?;
         let connections = connz["connections"]

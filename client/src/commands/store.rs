@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context as _, Result};
 use clap::{Subcommand, ValueEnum};
 use serde_json::json;
-use vmlot_cas::{BlockCache, StoreOptions, pull_file, push_file};
+use vmlot_cas::{BlockCache, StoreOptions, pull_file, push_file_over};
 use vmlot_schemas::{Chunking, ManifestId, ObjectKind};
 
 use crate::context::Context;
@@ -45,6 +45,11 @@ pub enum StoreCommand {
         /// Block cache to fill with what is pushed.
         #[arg(long)]
         cache: Option<PathBuf>,
+        /// The object this one grew from (e.g. the previous checkpoint): its
+        /// blocks are taken as stored without asking, and the manifest is
+        /// stored as the edits from it when that is smaller.
+        #[arg(long)]
+        base: Option<ManifestId>,
     },
     /// Rebuild an object from its manifest, verifying every block.
     Pull {
@@ -76,6 +81,7 @@ impl StoreCommand {
                 chunking,
                 zstd,
                 cache,
+                base,
             } => {
                 let store = if zstd.is_some() {
                     ctx.store_with(StoreOptions {
@@ -102,9 +108,11 @@ impl StoreCommand {
                     ChunkingArg::Fastcdc => Chunking::FASTCDC_16K,
                     ChunkingArg::Xen => Chunking::XEN_RECORDS,
                 };
-                let report = push_file(&store, cache.as_ref(), file, kind, chunking, &HashSet::new())
-                    .await
-                    .with_context(|| format!("pushing {}", file.display()))?;
+                let none = HashSet::new();
+                let report =
+                    push_file_over(&store, cache.as_ref(), file, kind, chunking, &none, base.as_ref())
+                        .await
+                        .with_context(|| format!("pushing {}", file.display()))?;
                 if ctx.json {
                     println!(
                         "{}",
@@ -173,7 +181,7 @@ impl StoreCommand {
             }
             StoreCommand::Have { manifest, cache } => {
                 let cache = BlockCache::open(cache, CACHE_CAP)?;
-                let manifest = store.get_manifest(manifest).await?;
+                let manifest = store.get_manifest_via(manifest, Some(&cache)).await?;
                 let have = cache.have(&manifest);
                 if ctx.json {
                     println!(

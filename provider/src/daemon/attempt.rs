@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use tracing::Instrument;
-use vmlot_cas::{pull_file, push_file};
+use vmlot_cas::{pull_file, push_file, push_file_over};
 use vmlot_schemas::market::{Award, Checkpoint, GuestState, Lot, SegmentResult, SegmentTimings};
 use vmlot_schemas::{BlockId, Chunking, HypervisorKind, ManifestId, ObjectKind, WIRE_VERSION, subjects};
 
@@ -216,18 +216,20 @@ async fn push(
         SegmentEnd::Saved { machine_state, disks } => {
             #[cfg(feature = "fault-injection")]
             crate::fault::after_save(&machine_state);
-            let state = push_file(
+            let state = push_file_over(
                 &daemon.store,
                 Some(&daemon.cache),
                 &machine_state,
                 ObjectKind::MachineState,
                 machine_state_chunking(lot.image.vm.hypervisor),
                 &known,
+                lot.checkpoint.machine_state.as_ref(),
             )
             .await
             .map_err(AttemptError::Upload)?;
             sent_bytes += state.sent_bytes;
-            let (disk_ids, disk_bytes) = push_disks(daemon, &disks, &known, &mut sent_bytes).await?;
+            let (disk_ids, disk_bytes) =
+                push_disks(daemon, &disks, &lot.checkpoint.disks, &known, &mut sent_bytes).await?;
             GuestState::Running {
                 checkpoint: Checkpoint {
                     machine_state: Some(state.manifest_id),
@@ -237,11 +239,15 @@ async fn push(
             }
         }
         SegmentEnd::Halted => GuestState::Halted {
-            final_state: Some(final_state(daemon, disks, &known, &mut sent_bytes).await?),
+            final_state: Some(
+                final_state(daemon, disks, &lot.checkpoint.disks, &known, &mut sent_bytes).await?,
+            ),
         },
         SegmentEnd::Crashed { reason } => GuestState::Crashed {
             reason,
-            final_state: Some(final_state(daemon, disks, &known, &mut sent_bytes).await?),
+            final_state: Some(
+                final_state(daemon, disks, &lot.checkpoint.disks, &known, &mut sent_bytes).await?,
+            ),
         },
     };
     let console = if console.is_empty() {
@@ -265,24 +271,27 @@ async fn push(
     Ok((guest, console, sent_bytes))
 }
 
-/// Pushes `disks`; returns their manifests and stored bytes, adding the
-/// bytes sent to `sent_bytes`.
+/// Pushes `disks`, each manifest stored as the edits from the same disk's
+/// in `bases` (the segment's input) when that is smaller; returns their
+/// manifests and stored bytes, adding the bytes sent to `sent_bytes`.
 async fn push_disks(
     daemon: &Daemon,
     disks: &[PathBuf],
+    bases: &[ManifestId],
     known: &HashSet<BlockId>,
     sent_bytes: &mut u64,
 ) -> Result<(Vec<ManifestId>, u64), AttemptError> {
     let mut ids = Vec::new();
     let mut stored_bytes = 0;
-    for disk in disks {
-        let pushed = push_file(
+    for (i, disk) in disks.iter().enumerate() {
+        let pushed = push_file_over(
             &daemon.store,
             Some(&daemon.cache),
             disk,
             ObjectKind::Disk,
             Chunking::FIXED_4K,
             known,
+            bases.get(i),
         )
         .await
         .map_err(AttemptError::Upload)?;
@@ -298,10 +307,11 @@ async fn push_disks(
 async fn final_state(
     daemon: &Daemon,
     disks: &[PathBuf],
+    bases: &[ManifestId],
     known: &HashSet<BlockId>,
     sent_bytes: &mut u64,
 ) -> Result<Checkpoint, AttemptError> {
-    let (disks, stored_bytes) = push_disks(daemon, disks, known, sent_bytes).await?;
+    let (disks, stored_bytes) = push_disks(daemon, disks, bases, known, sent_bytes).await?;
     Ok(Checkpoint {
         machine_state: None,
         disks,
@@ -332,7 +342,7 @@ async fn publish(daemon: &Daemon, result: &SegmentResult) -> Result<(), AttemptE
 async fn known_blocks(daemon: &Daemon, checkpoint: &Checkpoint) -> HashSet<BlockId> {
     let mut known = HashSet::new();
     for id in checkpoint.machine_state.iter().chain(&checkpoint.disks) {
-        if let Ok(manifest) = daemon.store.get_manifest(id).await {
+        if let Ok(manifest) = daemon.store.get_manifest_via(id, Some(&daemon.cache)).await {
             known.extend(manifest.unique_blocks().into_iter().map(|(b, _)| b));
         }
     }

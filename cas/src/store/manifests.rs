@@ -1,0 +1,335 @@
+//! Manifests in the store: each under its id in the `VMLOT_MANIFESTS`
+//! stream, cut into parts written in one atomic batch, as one of the
+//! records of [`crate::record`] (whole, compressed, or the edits from a
+//! base). Reads follow a record's base through the in-memory manifests, a
+//! block cache's copy or the store, and check what they rebuild against
+//! the id.
+
+use std::collections::HashMap;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, message::OutboundMessage, stream};
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use jetstream_extra::batch_fetch::BatchFetchExt;
+use jetstream_extra::batch_publish::BatchPublishExt;
+use vmlot_schemas::manifest::MAX_MANIFEST_BYTES;
+use vmlot_schemas::{Manifest, ManifestError, ManifestId, subjects};
+
+use super::retry::{Retry, transient};
+use super::{BlockStore, MAX_BATCH, MISSING_PAUSE, MISSING_RETRIES, none_stored};
+use crate::cache::BlockCache;
+use crate::error::CasError;
+use crate::record::{self, MAX_CHAIN, Record, WRITE_CHAIN};
+
+/// Bytes per manifest message: well under any sensible `max_payload`.
+const MANIFEST_PART_BYTES: usize = 256 * 1024;
+
+/// Manifests kept in memory per store handle before the map starts over.
+const MANIFEST_CACHE_ENTRIES: usize = 256;
+
+/// A manifest this handle read or wrote, and how many deltas deep its
+/// stored record is (`None`: not known, so never used as a delta's base).
+#[derive(Clone)]
+pub(super) struct Known {
+    manifest: Manifest,
+    chain: Option<u32>,
+}
+
+/// The manifests a store handle knows, shared by its clones.
+pub(super) type KnownManifests = std::sync::Arc<std::sync::Mutex<HashMap<ManifestId, Known>>>;
+
+impl BlockStore {
+    /// Stores a manifest (once: an existing one is left as it is), whole.
+    pub async fn put_manifest(&self, manifest: &Manifest) -> Result<ManifestId, CasError> {
+        self.put_manifest_over(manifest, None).await
+    }
+
+    /// Stores a manifest (once: an existing one is left as it is), as the
+    /// edits from `base` when that record is smaller than the whole one
+    /// and the base's own chain of deltas is known and short.
+    pub async fn put_manifest_over(
+        &self,
+        manifest: &Manifest,
+        base: Option<&ManifestId>,
+    ) -> Result<ManifestId, CasError> {
+        self.check_name("the manifest", manifest.hash)?;
+        let id = manifest.id();
+        if self.manifest_head(&id).await?.is_some() {
+            // Someone else's record: its depth is not known here.
+            self.remember(id, manifest.clone(), None);
+            return Ok(id);
+        }
+        let base = base
+            .filter(|b| **b != id)
+            .and_then(|b| self.known(b).map(|k| (*b, k)))
+            .filter(|(_, k)| k.chain.is_some_and(|c| c < WRITE_CHAIN));
+        let owned = manifest.clone();
+        let (record, chain) = tokio::task::spawn_blocking(move || {
+            let base = base
+                .as_ref()
+                .map(|(b, k)| (*b, &k.manifest, k.chain.unwrap_or(0)));
+            let record = record::encode_best(&owned, base.map(|(b, m, _)| (b, m)));
+            let chain = if record.starts_with(record::DELTA_MAGIC) {
+                base.map_or(0, |(_, _, c)| c + 1)
+            } else {
+                0
+            };
+            (record, chain)
+        })
+        .await
+        .map_err(|e| CasError::nats("manifest encoding", e))?;
+        self.put_manifest_bytes(&id, &record).await?;
+        self.remember(id, manifest.clone(), Some(chain));
+        Ok(id)
+    }
+
+    /// Writes raw bytes under a manifest id, all parts in one atomic batch.
+    /// Only tests planting bad manifests should call this directly.
+    pub async fn put_manifest_bytes(&self, id: &ManifestId, bytes: &[u8]) -> Result<(), CasError> {
+        let parts: Vec<&[u8]> = if bytes.is_empty() {
+            vec![&[][..]]
+        } else {
+            bytes.chunks(MANIFEST_PART_BYTES).collect()
+        };
+        let messages = || -> Vec<OutboundMessage> {
+            parts
+                .iter()
+                .enumerate()
+                .map(|(n, part)| {
+                    let headers = (n == 0).then(|| {
+                        let mut h = HeaderMap::new();
+                        h.insert(subjects::MANIFEST_PARTS_HEADER, parts.len().to_string().as_str());
+                        h.insert(subjects::MANIFEST_SIZE_HEADER, bytes.len().to_string().as_str());
+                        h
+                    });
+                    OutboundMessage {
+                        subject: subjects::manifest_part(id, n as u32).into(),
+                        payload: Bytes::copy_from_slice(part),
+                        headers,
+                    }
+                })
+                .collect()
+        };
+        let mut retry = Retry::new();
+        loop {
+            let written = self
+                .js
+                .batch_publish_all()
+                .ack_first(false)
+                .publish(futures::stream::iter(messages()))
+                .await;
+            let err = match written {
+                Ok(_) => return Ok(()),
+                Err(err) => err,
+            };
+            // Another writer stored the same manifest first (the stream
+            // keeps one message per part subject and refused this batch
+            // whole), or the stream's leader is being elected.
+            match self.manifest_head(id).await {
+                Ok(Some(_)) => {
+                    tracing::debug!(%id, %err, "manifest already stored");
+                    return Ok(());
+                }
+                Ok(None) | Err(_) if retry.again(transient(&err)).await => {
+                    tracing::debug!(%id, %err, "retrying manifest batch");
+                }
+                Ok(None) => return Err(CasError::nats("manifest batch publish", err)),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Reads and checks a manifest: size limit before reading, then the
+    /// record rebuilt (its base read first) and checked against the id.
+    pub async fn get_manifest(&self, id: &ManifestId) -> Result<Manifest, CasError> {
+        self.get_manifest_via(id, None).await
+    }
+
+    /// As [`get_manifest`](Self::get_manifest), taking the manifest (or a
+    /// delta's base) from `cache` when it holds it, and keeping there what
+    /// was read.
+    pub async fn get_manifest_via(
+        &self,
+        id: &ManifestId,
+        cache: Option<&BlockCache>,
+    ) -> Result<Manifest, CasError> {
+        self.resolve(*id, cache, 0).await.map(|k| k.manifest)
+    }
+
+    fn resolve<'a>(
+        &'a self,
+        id: ManifestId,
+        cache: Option<&'a BlockCache>,
+        depth: u32,
+    ) -> BoxFuture<'a, Result<Known, CasError>> {
+        Box::pin(async move {
+            if let Some(known) = self.known(&id) {
+                return Ok(known);
+            }
+            self.check_name(format_args!("manifest {id}"), id.algorithm())?;
+            let refuse = |source| CasError::Manifest { id, source };
+            if let Some(bytes) = cache.and_then(|c| c.manifest_bytes(&id)) {
+                match Manifest::decode(&bytes, &id) {
+                    Ok(manifest) => {
+                        self.remember(id, manifest.clone(), None);
+                        return Ok(Known {
+                            manifest,
+                            chain: None,
+                        });
+                    }
+                    Err(e) => tracing::warn!(manifest = %id, error = %e, "ignoring a bad cached manifest"),
+                }
+            }
+            if depth >= MAX_CHAIN {
+                return Err(refuse(ManifestError::Garbled(format!(
+                    "a chain of more than {MAX_CHAIN} manifest deltas"
+                ))));
+            }
+            let stored = self.read_record(&id).await?;
+            let max = self.opts.max_manifest_bytes.min(MAX_MANIFEST_BYTES);
+            let (manifest, chain) = match record::decode(&stored, max).map_err(refuse)? {
+                Record::Whole(bytes) => (Manifest::decode(&bytes, &id).map_err(refuse)?, Some(0)),
+                Record::Delta(delta) => {
+                    if delta.base == id {
+                        return Err(refuse(ManifestError::Garbled("a delta on itself".into())));
+                    }
+                    let base = self.resolve(delta.base, cache, depth + 1).await?;
+                    let rebuilt = delta.apply(&base.manifest).map_err(refuse)?;
+                    let bytes = rebuilt.canonical_bytes();
+                    if bytes.len() as u64 > max {
+                        return Err(refuse(ManifestError::TooLarge {
+                            size: bytes.len() as u64,
+                            max,
+                        }));
+                    }
+                    let manifest = Manifest::decode(&bytes, &id).map_err(refuse)?;
+                    (manifest, base.chain.map(|c| c + 1))
+                }
+            };
+            if let Some(cache) = cache {
+                cache.put_manifest(&id, &manifest)?;
+            }
+            self.remember(id, manifest.clone(), chain);
+            Ok(Known { manifest, chain })
+        })
+    }
+
+    fn known(&self, id: &ManifestId) -> Option<Known> {
+        self.known_manifests
+            .lock()
+            .expect("manifest cache lock")
+            .get(id)
+            .cloned()
+    }
+
+    fn remember(&self, id: ManifestId, manifest: Manifest, chain: Option<u32>) {
+        let mut known = self.known_manifests.lock().expect("manifest cache lock");
+        if known.len() >= MANIFEST_CACHE_ENTRIES {
+            known.clear();
+        }
+        let chain = match known.get(&id) {
+            Some(k) if k.chain.is_some() && chain.is_none() => k.chain,
+            _ => chain,
+        };
+        known.insert(id, Known { manifest, chain });
+    }
+
+    /// Part 0 of a manifest, if stored.
+    async fn manifest_head(
+        &self,
+        id: &ManifestId,
+    ) -> Result<Option<jetstream::message::StreamMessage>, CasError> {
+        let stream = self
+            .js
+            .get_stream_no_info(subjects::MANIFEST_STREAM)
+            .await
+            .map_err(|e| CasError::nats("manifest stream", e))?;
+        match stream
+            .direct_get_last_for_subject(subjects::manifest_part(id, 0))
+            .await
+        {
+            Ok(msg) => Ok(Some(msg)),
+            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) => Err(CasError::nats("manifest get", e)),
+        }
+    }
+
+    /// The record stored under `id`, its parts joined: size limit before
+    /// reading, then the parts.
+    async fn read_record(&self, id: &ManifestId) -> Result<Vec<u8>, CasError> {
+        // Asked again before it is called missing, as a block is.
+        let mut tries = 0;
+        let head = loop {
+            match self.manifest_head(id).await? {
+                Some(head) => break head,
+                None if tries < MISSING_RETRIES => {
+                    tries += 1;
+                    tokio::time::sleep(MISSING_PAUSE).await;
+                }
+                None => return Err(CasError::MissingManifest(*id)),
+            }
+        };
+        let refuse = |source| CasError::Manifest { id: *id, source };
+        let header = |name: &str| -> Result<u64, CasError> {
+            head.headers
+                .get(name)
+                .and_then(|v| v.as_str().parse::<u64>().ok())
+                .ok_or_else(|| {
+                    refuse(ManifestError::Garbled(format!(
+                        "part 0 lacks a valid {name} header"
+                    )))
+                })
+        };
+        let (size, parts) = (
+            header(subjects::MANIFEST_SIZE_HEADER)?,
+            header(subjects::MANIFEST_PARTS_HEADER)?,
+        );
+        let max = self.opts.max_manifest_bytes.min(MAX_MANIFEST_BYTES);
+        if size > max {
+            return Err(refuse(ManifestError::TooLarge { size, max }));
+        }
+        if parts == 0 || parts != size.div_ceil(MANIFEST_PART_BYTES as u64).max(1) {
+            return Err(refuse(ManifestError::Garbled(format!(
+                "{parts} parts for {size} bytes"
+            ))));
+        }
+        let mut bytes = Vec::with_capacity(size as usize);
+        bytes.extend_from_slice(&head.payload);
+        let rest: Vec<String> = (1..parts as u32)
+            .map(|n| subjects::manifest_part(id, n))
+            .collect();
+        for group in rest.chunks(MAX_BATCH) {
+            let mut got: HashMap<String, Bytes> = HashMap::with_capacity(group.len());
+            let mut messages = self
+                .js
+                .get_last_messages_for(subjects::MANIFEST_STREAM)
+                .subjects(group.to_vec())
+                .send()
+                .await
+                .map_err(|e| CasError::nats("manifest parts get", e))?;
+            while let Some(msg) = messages.next().await {
+                match msg {
+                    Ok(msg) => {
+                        got.insert(msg.subject.to_string(), msg.payload);
+                    }
+                    Err(e) if none_stored(&e) => break,
+                    Err(e) => return Err(CasError::nats("manifest parts get", e)),
+                }
+            }
+            for subject in group {
+                let part = got
+                    .remove(subject)
+                    .ok_or_else(|| refuse(ManifestError::Garbled(format!("{subject} is missing"))))?;
+                bytes.extend_from_slice(&part);
+                if bytes.len() as u64 > size {
+                    return Err(refuse(ManifestError::Garbled(
+                        "parts exceed the stated size".into(),
+                    )));
+                }
+            }
+        }
+        Ok(bytes)
+    }
+}
