@@ -9,7 +9,7 @@ use std::path::Path;
 
 use rand::{RngCore, SeedableRng};
 use vmlot_cas::record::{self, Delta, Edit};
-use vmlot_cas::{BlockCache, BlockStore, CasError, StoreOptions, pull_file, push_file, push_file_over};
+use vmlot_cas::{BlockCache, BlockStore, CasError, PushReport, StoreOptions, pull_file, push_file_over};
 use vmlot_schemas::caller::Role;
 use vmlot_schemas::{
     Chunking, Extent, HashAlgorithm, Manifest, ManifestError, ManifestId, ObjectKind, ProviderId, subjects,
@@ -62,6 +62,14 @@ async fn stored_record(store: &BlockStore, id: &ManifestId) -> Vec<u8> {
     msg.payload.to_vec()
 }
 
+/// Pushes `path` as a machine state, over `base` when given.
+async fn push(store: &BlockStore, path: &Path, base: Option<&ManifestId>) -> PushReport {
+    let kind = ObjectKind::MachineState;
+    push_file_over(store, None, path, kind, Chunking::FIXED_4K, &HashSet::new(), base)
+        .await
+        .unwrap()
+}
+
 async fn joined(server: &NatsServer) -> (BlockStore, u64) {
     joined_with(server, StoreOptions::default()).await
 }
@@ -83,28 +91,8 @@ async fn a_grown_checkpoint_s_manifest_costs_what_changed() {
     let data_a = checkpoint_file(&a, 12_000, 1);
     let data_b = grown(&data_a, 40, 2);
     std::fs::write(&b, &data_b).unwrap();
-    let none = HashSet::new();
-    let first = push_file(
-        &writer,
-        None,
-        &a,
-        ObjectKind::MachineState,
-        Chunking::FIXED_4K,
-        &none,
-    )
-    .await
-    .unwrap();
-    let second = push_file_over(
-        &writer,
-        None,
-        &b,
-        ObjectKind::MachineState,
-        Chunking::FIXED_4K,
-        &none,
-        Some(&first.manifest_id),
-    )
-    .await
-    .unwrap();
+    let first = push(&writer, &a, None).await;
+    let second = push(&writer, &b, Some(&first.manifest_id)).await;
     assert_eq!(second.sent_blocks, 41, "only the changed blocks are sent");
 
     // What is stored: the first whole and compressed, the second as edits.
@@ -165,17 +153,7 @@ async fn a_grown_checkpoint_s_manifest_costs_what_changed() {
     let c = dir.path().join("c");
     let data_c = grown(&data_b, 25, 3);
     std::fs::write(&c, &data_c).unwrap();
-    let third = push_file_over(
-        &writer,
-        None,
-        &c,
-        ObjectKind::MachineState,
-        Chunking::FIXED_4K,
-        &none,
-        Some(&second.manifest_id),
-    )
-    .await
-    .unwrap();
+    let third = push(&writer, &c, Some(&second.manifest_id)).await;
     assert!(
         stored_record(&writer, &third.manifest_id)
             .await
@@ -208,17 +186,7 @@ async fn records_that_lie_are_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let a = dir.path().join("a");
     checkpoint_file(&a, 600, 4);
-    let none = HashSet::new();
-    let first = push_file(
-        &store,
-        None,
-        &a,
-        ObjectKind::MachineState,
-        Chunking::FIXED_4K,
-        &none,
-    )
-    .await
-    .unwrap();
+    let first = push(&store, &a, None).await;
     let base: &Manifest = &first.manifest;
     let dest = dir.path().join("dest");
     let edit_first_block = |b: ManifestId| Delta {
