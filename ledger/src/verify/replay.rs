@@ -5,6 +5,7 @@
 //! unit's balances summing to zero.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 use rust_decimal::Decimal;
 use vmlot_schemas::ledger::{Account, Posting, Transaction, TxKind};
@@ -23,14 +24,24 @@ fn by_request(subject: &str, of_request: fn(&uuid::Uuid) -> String) -> Option<St
     request.parse().ok().map(|request| of_request(&request))
 }
 
+/// An entry waiting for its posting. The unit and the transaction's
+/// subject are shared by its entries, and the record is named only if
+/// the posting never comes: no string is formatted per entry.
+struct Unposted {
+    change: Decimal,
+    unit: Arc<str>,
+    subject: Arc<str>,
+    seq: u64,
+}
+
 #[derive(Default)]
 pub(super) struct Replay {
     pub report: Report,
     books: JobBooks,
     /// Last balance per posting subject.
     chain: HashMap<String, Decimal>,
-    /// Entries still waiting for their posting: (tx, account) → (change, unit, record).
-    unposted: HashMap<(uuid::Uuid, Account), (Decimal, String, String)>,
+    /// Entries still waiting for their posting, by (tx, account).
+    unposted: HashMap<(uuid::Uuid, Account), Unposted>,
     seen: HashSet<uuid::Uuid>,
 }
 
@@ -96,11 +107,12 @@ impl Replay {
                 format!("a {:?} transaction does not belong on this subject", tx.kind),
             );
         }
-        let (problems, effect) = shape::check(&record.to_string(), &tx);
+        let (problems, effect) = shape::check(record, &tx);
         for what in problems {
             self.report.problem(record, what);
         }
         self.books.apply(&mut self.report, record, effect);
+        let (unit, on): (Arc<str>, Arc<str>) = (tx.unit.as_str().into(), subject.into());
         for e in &tx.entries {
             let balance = self
                 .books
@@ -115,10 +127,13 @@ impl Replay {
                     format!("takes {} below zero ({after} {})", e.account, tx.unit),
                 );
             }
-            self.unposted.insert(
-                (tx.id, e.account.clone()),
-                (e.signed(), tx.unit.clone(), record.to_string()),
-            );
+            let unposted = Unposted {
+                change: e.signed(),
+                unit: unit.clone(),
+                subject: on.clone(),
+                seq: record.1,
+            };
+            self.unposted.insert((tx.id, e.account.clone()), unposted);
         }
     }
 
@@ -145,7 +160,7 @@ impl Replay {
             );
         }
         match self.unposted.remove(&(p.tx, p.account)) {
-            Some((change, unit, _)) if change == p.change && unit == p.unit => {}
+            Some(entry) if entry.change == p.change && *entry.unit == *p.unit => {}
             Some(_) => self.report.problem(
                 record,
                 format!("posting differs from its entry in transaction {}", p.tx),
@@ -167,8 +182,11 @@ impl Replay {
         let leftovers: Vec<(String, String)> = self
             .unposted
             .drain()
-            .map(|((tx, account), (_, _, record))| {
-                (record, format!("entry for {account} in {tx} has no posting"))
+            .map(|((tx, account), entry)| {
+                (
+                    Rec(&entry.subject, entry.seq).to_string(),
+                    format!("entry for {account} in {tx} has no posting"),
+                )
             })
             .collect();
         for (record, what) in leftovers {

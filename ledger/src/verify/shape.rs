@@ -70,7 +70,7 @@ pub(super) struct Resolution {
 
 /// Checks the entries of `tx` against its kind, and a settlement's record
 /// against its entries. Returns the problems found and what `tx` does.
-pub(super) fn check(record: &str, tx: &Transaction) -> (Vec<String>, Effect) {
+pub(super) fn check(record: &(impl std::fmt::Display + ?Sized), tx: &Transaction) -> (Vec<String>, Effect) {
     let debits: Vec<&Account> = tx
         .entries
         .iter()
@@ -254,7 +254,7 @@ fn deposit_or_release(tx: &Transaction) -> Vec<String> {
 /// A forfeit (its entries' shape checked) taking `amount` from the deposit
 /// of `provider` for `to`: its details present and agreeing with them.
 fn forfeit(
-    record: &str,
+    record: &(impl std::fmt::Display + ?Sized),
     tx: &Transaction,
     provider: ProviderId,
     to: &Account,
