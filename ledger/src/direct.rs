@@ -137,20 +137,6 @@ impl BooksApi {
     /// it returns false or the read has handed every message that matched
     /// when it began (the first answer says how many follow it). Returns
     /// how many were handed.
-    pub async fn read(
-        &self,
-        stream: &str,
-        filter: Option<&str>,
-        start: Option<DateTime<Utc>>,
-        mut each: impl FnMut(u64, &str, &[u8]) -> bool,
-    ) -> Result<u64, LedgerError> {
-        self.read_owned(stream, filter, start, |seq, subject, payload| {
-            each(seq, subject, payload)
-        })
-        .await
-    }
-
-    /// [`BooksApi::read`], each message's payload handed as received.
     ///
     /// A filtered read asks for one batch at a time, each from the message
     /// after the last one received. A read of the whole stream asks ahead
@@ -168,12 +154,12 @@ impl BooksApi {
     /// cluster each replica of the stream answers direct gets, so two
     /// batches in flight may be answered by two servers at once and arrive
     /// interleaved (one server answers its gets in the order asked).
-    pub(crate) async fn read_owned(
+    pub async fn read(
         &self,
         stream: &str,
         filter: Option<&str>,
         start: Option<DateTime<Utc>>,
-        mut each: impl FnMut(u64, &str, &bytes::Bytes) -> bool,
+        mut each: impl FnMut(u64, &str, &[u8]) -> bool,
     ) -> Result<u64, LedgerError> {
         let (inbox, mut sub) = self.inbox().await?;
         let subject = format!("{}.DIRECT.GET.{stream}", self.prefix);
@@ -313,8 +299,8 @@ impl BooksApi {
                     // against 10.3-12.8 s for a filtered read).
                     // (Each kept payload copied: as received, it would
                     // keep the whole read buffer it came in.)
-                    self.read_owned(stream, None, None, |seq, subject, payload| {
-                        if matches(filter, subject) {
+                    self.read(stream, None, None, |seq, subject, payload| {
+                        if subjects::filter_matches(filter, subject) {
                             let kept = (seq, bytes::Bytes::copy_from_slice(payload));
                             match by_subject.get_mut(subject) {
                                 Some(last) => *last = kept,
@@ -430,21 +416,6 @@ impl BooksApi {
     }
 }
 
-/// Whether `subject` is one of those `filter` names (NATS wildcards: `*`
-/// one token, `>` one or more at the end).
-fn matches(filter: &str, subject: &str) -> bool {
-    let mut subject = subject.split('.');
-    for token in filter.split('.') {
-        match (token, subject.next()) {
-            (">", Some(_)) => return true,
-            ("*", Some(_)) => {}
-            (token, Some(s)) if token == s => {}
-            _ => return false,
-        }
-    }
-    subject.next().is_none()
-}
-
 /// One answer to a batched direct get.
 // Taken apart as soon as returned; boxing the message would cost an
 // allocation per message read.
@@ -474,24 +445,5 @@ impl From<BatchError> for LedgerError {
             BatchError::TooMany => LedgerError::nats("direct get", "too many results"),
             BatchError::Ledger(e) => e,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::matches;
-
-    #[test]
-    fn filters_match_as_the_server_matches() {
-        let posting = "vmlot.ledger.post.user:alice.CRD";
-        assert!(matches("vmlot.ledger.post.>", posting));
-        assert!(matches("vmlot.ledger.post.*.CRD", posting));
-        assert!(matches(posting, posting));
-        assert!(matches(">", posting));
-        assert!(!matches("vmlot.ledger.tx.>", posting));
-        assert!(!matches("vmlot.ledger.post.*", posting));
-        assert!(!matches("vmlot.ledger.post.user:alice.CRD.>", posting));
-        assert!(!matches("vmlot.ledger.post.user:alice", posting));
-        assert!(!matches("vmlot.ledger.post.user:alice.CRD.x", posting));
     }
 }

@@ -141,6 +141,20 @@ pub const LEDGER_TX_ALL: &str = "vmlot.ledger.tx.>";
 /// Every posting.
 pub const LEDGER_POST_ALL: &str = "vmlot.ledger.post.>";
 
+/// Whether NATS subject filter `filter` names `subject` (`*` one token,
+/// `>` one or more at the end), as the server matches them.
+pub fn filter_matches(filter: &str, subject: &str) -> bool {
+    let (mut f, mut s) = (filter.split('.'), subject.split('.'));
+    loop {
+        match (f.next(), s.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some(a), Some(b)) if a == "*" || a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
 /// True when `subject` is a transaction's (under [`LEDGER_TX_ALL`]).
 pub fn is_ledger_tx(subject: &str) -> bool {
     subject.starts_with("vmlot.ledger.tx.")
@@ -405,17 +419,18 @@ mod tests {
         assert!(is_ledger_posting(&posting(&escrow, "CRD")) && !is_ledger_tx(&posting(&escrow, "CRD")));
     }
 
-    /// Whether NATS subject filter `filter` matches `subject`.
-    fn matches(filter: &str, subject: &str) -> bool {
-        let (mut f, mut s) = (filter.split('.'), subject.split('.'));
-        loop {
-            match (f.next(), s.next()) {
-                (Some(">"), Some(_)) => return true,
-                (Some(a), Some(b)) if a == "*" || a == b => {}
-                (None, None) => return true,
-                _ => return false,
-            }
-        }
+    #[test]
+    fn filters_match_as_the_server_matches() {
+        let posting = "vmlot.ledger.post.user:alice.CRD";
+        assert!(filter_matches("vmlot.ledger.post.>", posting));
+        assert!(filter_matches("vmlot.ledger.post.*.CRD", posting));
+        assert!(filter_matches(posting, posting));
+        assert!(filter_matches(">", posting));
+        assert!(!filter_matches("vmlot.ledger.tx.>", posting));
+        assert!(!filter_matches("vmlot.ledger.post.*", posting));
+        assert!(!filter_matches("vmlot.ledger.post.user:alice.CRD.>", posting));
+        assert!(!filter_matches("vmlot.ledger.post.user:alice", posting));
+        assert!(!filter_matches("vmlot.ledger.post.user:alice.CRD.x", posting));
     }
 
     #[test]
@@ -433,23 +448,29 @@ mod tests {
             (TxKind::Forfeit, &forfeit),
         ] {
             assert!(is_ledger_tx(subject) && !is_ledger_posting(subject));
-            assert!(matches(LEDGER_TX_ALL, subject) && matches(LEDGER_SUBJECTS, subject));
-            assert!(matches(&ledger_tx_kind(kind), subject), "{subject}");
+            assert!(filter_matches(LEDGER_TX_ALL, subject) && filter_matches(LEDGER_SUBJECTS, subject));
+            assert!(filter_matches(&ledger_tx_kind(kind), subject), "{subject}");
             for other in TxKind::ALL
                 .into_iter()
                 .filter(|k| k.subject_token() != kind.as_str())
             {
-                assert!(!matches(&ledger_tx_kind(other), subject), "{other:?} {subject}");
+                assert!(
+                    !filter_matches(&ledger_tx_kind(other), subject),
+                    "{other:?} {subject}"
+                );
             }
         }
         // A job's forfeits sit below the subjects of its other transactions.
-        assert!(matches(&forfeits_of_job(&job), &forfeit));
-        assert!(!matches(&forfeits_of_job(&crate::ids::JobId::new()), &forfeit));
-        assert!(!ledger_tx_job(&job).iter().any(|f| matches(f, &forfeit)));
+        assert!(filter_matches(&forfeits_of_job(&job), &forfeit));
+        assert!(!filter_matches(
+            &forfeits_of_job(&crate::ids::JobId::new()),
+            &forfeit
+        ));
+        assert!(!ledger_tx_job(&job).iter().any(|f| filter_matches(f, &forfeit)));
         assert!(
             ledger_tx_job(&job)
                 .iter()
-                .any(|f| matches(f, &settlement_tx(&job, 3, 1)))
+                .any(|f| filter_matches(f, &settlement_tx(&job, 3, 1)))
         );
         // One forfeit per provider and attempt.
         assert_ne!(forfeit, forfeit_tx(&job, 3, 1, &ProviderId::new()));

@@ -118,7 +118,7 @@ pub async fn verify(api: &BooksApi) -> Result<Report, LedgerError> {
     });
     let mut batch = Batch::new();
     let read = api
-        .read_owned(subjects::LEDGER_STREAM, None, None, |seq, subject, payload| {
+        .read(subjects::LEDGER_STREAM, None, None, |seq, subject, payload| {
             batch.push(seq, subject, payload);
             if batch.messages.len() < REPLAY_BATCH {
                 return true;
