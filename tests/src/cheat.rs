@@ -4,7 +4,7 @@
 //! answers each with a lie instead of running anything (one lie per job).
 //! It runs no hypervisor; what it stores in the block store is crafted.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
@@ -13,6 +13,7 @@ use std::time::Duration;
 use anyhow::Result;
 use futures::StreamExt;
 use rust_decimal::Decimal;
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use vmlot_cas::BlockStore;
@@ -65,10 +66,15 @@ type Targets = Arc<Mutex<HashMap<JobId, (Lie, Option<u32>)>>>;
 /// The cheat's price: below any honest provider's.
 const PRICE: &str = "0.01";
 
+/// How many lots the cheat keeps that it did not bid on, in case a test
+/// names their job just after the broker offered them.
+const KEPT_LOTS: usize = 64;
+
 /// A running dishonest provider; stopped on drop.
 pub struct Cheat {
     pub id: ProviderId,
     targets: Targets,
+    retarget: Arc<Notify>,
     told: Arc<Mutex<Vec<(JobId, Lie)>>>,
     stop: CancellationToken,
     task: Option<JoinHandle<()>>,
@@ -85,12 +91,15 @@ impl Cheat {
         let dir = tempfile::tempdir()?;
         let (targets, told) = (Arc::default(), Arc::default());
         let stop = CancellationToken::new();
+        let retarget = Arc::new(Notify::new());
         let cheat = Run {
             id,
             client,
             store,
             dir: dir.path().to_path_buf(),
             targets: Arc::clone(&targets),
+            retarget: Arc::clone(&retarget),
+            passed: Mutex::default(),
             told: Arc::clone(&told),
             stop: stop.clone(),
         };
@@ -110,21 +119,27 @@ impl Cheat {
         Ok(Cheat {
             id,
             targets,
+            retarget,
             told,
             stop,
             task: Some(task),
         })
     }
 
-    /// From now on, answers an award of `job` with `lie` (once).
+    /// From now on, answers an award of `job` with `lie` (once). A lot of
+    /// the job offered before this call (the broker offers as soon as it
+    /// accepts the job, before its submitter hears back) is bid on now.
     pub fn target(&self, job: JobId, lie: Lie) {
         self.targets.lock().unwrap().insert(job, (lie, None));
+        self.retarget.notify_one();
     }
 
     /// From now on, answers the award of `segment` of `job` (not its
-    /// check restore) with `lie` (once).
+    /// check restore) with `lie` (once); a lot offered before the call is
+    /// bid on now, as [`Cheat::target`] does.
     pub fn target_at(&self, job: JobId, lie: Lie, segment: u32) {
         self.targets.lock().unwrap().insert(job, (lie, Some(segment)));
+        self.retarget.notify_one();
     }
 
     /// The lies told so far, by job.
@@ -149,6 +164,10 @@ struct Run {
     store: BlockStore,
     dir: PathBuf,
     targets: Targets,
+    /// Told when a job is named, to look again at the lots passed over.
+    retarget: Arc<Notify>,
+    /// The last [`KEPT_LOTS`] lots not bid on.
+    passed: Mutex<VecDeque<Lot>>,
     told: Arc<Mutex<Vec<(JobId, Lie)>>>,
     stop: CancellationToken,
 }
@@ -167,7 +186,28 @@ impl Run {
                 _ = beat.tick() => me.heartbeat().await,
                 Some(msg) = lots.next() => {
                     if let Ok(lot) = serde_json::from_slice::<Lot>(&msg.payload) {
-                        me.bid(&lot).await;
+                        if me.lie_for(&lot).is_some() {
+                            me.bid(&lot).await;
+                        } else {
+                            let mut passed = me.passed.lock().unwrap();
+                            if passed.len() == KEPT_LOTS {
+                                passed.pop_front();
+                            }
+                            passed.push_back(lot);
+                        }
+                    }
+                }
+                _ = me.retarget.notified() => {
+                    let now = {
+                        let mut passed = me.passed.lock().unwrap();
+                        let (now, later): (VecDeque<Lot>, VecDeque<Lot>) = std::mem::take(&mut *passed)
+                            .into_iter()
+                            .partition(|lot| me.lie_for(lot).is_some());
+                        *passed = later;
+                        now
+                    };
+                    for lot in &now {
+                        me.bid(lot).await;
                     }
                 }
                 Some(msg) = awards.next() => {
