@@ -1,7 +1,7 @@
 //! Errors of the content-addressed store, one variant per thing that can go
 //! wrong, so callers (and tests) can tell a tampered block from a lost one.
 
-use vmlot_schemas::{BlockId, HashAlgorithm, ManifestError, ManifestId};
+use vmlot_schemas::{BlockId, HashAlgorithm, ManifestError, ManifestId, PackId};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CasError {
@@ -17,6 +17,10 @@ pub enum CasError {
     },
     #[error("block {block} cannot be decoded: {reason}")]
     BlockEncoding { block: BlockId, reason: String },
+    #[error("pack {pack} refused: {reason}")]
+    BadPack { pack: PackId, reason: String },
+    #[error("block {block} is not in pack {pack}, where its pointer says it is")]
+    NotInPack { block: BlockId, pack: PackId },
     #[error("{what} is named by {found}, but this store names everything by {store}")]
     WrongHash {
         what: String,

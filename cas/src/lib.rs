@@ -22,6 +22,8 @@
 pub mod cache;
 pub mod chunk;
 pub mod error;
+pub mod locations;
+pub mod pack;
 pub mod piece;
 pub mod qemucanon;
 pub mod qemusave;
@@ -36,6 +38,6 @@ pub use cache::{BlockCache, HaveReport};
 pub use error::CasError;
 pub use qemucanon::{CanonError, SaveBytes, canonical_digest};
 pub use qemusave::{QemuSaveError, QemuSaveHeader, RamBlock};
-pub use store::{BlockStore, StoreOptions};
+pub use store::{BlockStore, Located, StoreOptions, Written};
 pub use transfer::{PullReport, PushReport, pull_file, push_file, push_file_over};
 pub use xensave::{SavedConfig, XlHeader, XlHeaderError, read_saved_config};

@@ -1,16 +1,18 @@
-//! The JetStream block store: one message per block on its own subject
-//! (`vmlot.cas.block.<hash>`) in the `VMLOT_BLOCKS` stream, and manifests in
-//! the `VMLOT_MANIFESTS` stream, cut into parts (`vmlot.cas.manifest.<id>.<n>`)
-//! written in one atomic batch and read with direct gets. (An object store
-//! would do, but every read of one creates a consumer on the server: in a
-//! busy market that was a quarter of the server's CPU.)
+//! The JetStream block store: blocks in packs (`vmlot.cas.pack.<id>`, many
+//! blocks to a message, `store/packs.rs`) with a pointer on each block's own
+//! subject (`vmlot.cas.block.<hash>`), both in the `VMLOT_BLOCKS` stream, and
+//! manifests in the `VMLOT_MANIFESTS` stream, cut into parts
+//! (`vmlot.cas.manifest.<id>.<n>`) written in one atomic batch and read with
+//! direct gets, beside the packs that hold their blocks
+//! (`vmlot.cas.manifest.<id>.where`). (An object store would do, but every
+//! read of one creates a consumer on the server: in a busy market that was a
+//! quarter of the server's CPU.)
 //!
-//! 4 KiB blocks are small NATS messages, so nothing here moves one block per
-//! request: writes go out as atomic batches of up to 1000 messages (one
-//! fsync for the lot under `sync_interval: always`), reads as batched direct
-//! gets of up to 1000 subjects. The stream refuses a second message on a
-//! block's subject (`discard_new_per_subject`), so a stored block is never
-//! overwritten, whoever writes.
+//! Nothing here moves one block per request: writes go out as atomic
+//! batches of up to 1000 messages (one fsync for the lot under
+//! `sync_interval: always`), reads as batched direct gets. The stream
+//! refuses a second message on a subject (`discard_new_per_subject`), so a
+//! stored block, pointer or pack is never overwritten, whoever writes.
 //!
 //! A store names everything by one hash algorithm, chosen when it is
 //! created and kept in the block stream's metadata (`vmlot.block-hash`),
@@ -21,14 +23,12 @@
 //! the other algorithm are refused. A stream without the key predates the
 //! choice and is SHA-1.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, message::OutboundMessage, stream};
-use bytes::Bytes;
-use futures::{StreamExt, TryStreamExt};
+use async_nats::jetstream::{self, stream};
+use futures::StreamExt;
 use jetstream_extra::batch_fetch::{BatchFetchError, BatchFetchErrorKind, BatchFetchExt};
-use jetstream_extra::batch_publish::{BatchPublishError, BatchPublishExt};
 use vmlot_schemas::manifest::MAX_MANIFEST_BYTES;
 use vmlot_schemas::{BlockId, HashAlgorithm, subjects};
 
@@ -43,7 +43,7 @@ pub struct StoreOptions {
     /// Batches in flight at once, each way. The server allows 50 open atomic
     /// batches per stream; a handful saturate a link.
     pub concurrency: usize,
-    /// Blocks per batch (at most [`MAX_BATCH`]).
+    /// Messages per batch, each way (2 to [`MAX_BATCH`]): blocks asked for, or packs and their pointers written.
     pub batch: usize,
     /// zstd level for blocks written, or none. Names stay the SHA-1 of the
     /// uncompressed content.
@@ -99,10 +99,10 @@ fn recorded_hash(config: &stream::Config) -> Result<HashAlgorithm, CasError> {
 
 mod encoding;
 mod manifests;
+mod packs;
 mod retry;
 
-use encoding::{EncodedBlock, decode_block, encode_group};
-use retry::{Retry, transient};
+pub use packs::{Located, Written};
 
 /// How often, and after what pause, a block or manifest not found is asked
 /// for again before it is called missing (a follower a write behind).
@@ -152,9 +152,13 @@ impl BlockStore {
         js.set_timeout(Duration::from_secs(30));
         let mut made = opts.hash;
         for (name, subjects) in [
-            (subjects::BLOCK_STREAM, subjects::BLOCK_SUBJECTS),
-            (subjects::MANIFEST_STREAM, subjects::MANIFEST_SUBJECTS),
+            (
+                subjects::BLOCK_STREAM,
+                vec![subjects::BLOCK_SUBJECTS, subjects::PACK_SUBJECTS],
+            ),
+            (subjects::MANIFEST_STREAM, vec![subjects::MANIFEST_SUBJECTS]),
         ] {
+            let subjects: Vec<String> = subjects.into_iter().map(String::from).collect();
             let metadata = if name == subjects::BLOCK_STREAM {
                 HashMap::from([(HASH_METADATA.to_string(), opts.hash.name().to_string())])
             } else {
@@ -165,7 +169,7 @@ impl BlockStore {
             let created = js
                 .get_or_create_stream(stream::Config {
                     name: name.to_string(),
-                    subjects: vec![subjects.to_string()],
+                    subjects: subjects.clone(),
                     storage: stream::StorageType::File,
                     num_replicas: opts.replicas,
                     max_messages_per_subject: 1,
@@ -178,6 +182,18 @@ impl BlockStore {
                 })
                 .await
                 .map_err(|e| CasError::nats("create store stream", format!("{name}: {e}")))?;
+            // A store made before packs lacks their subjects: add them.
+            let mut config = created.cached_info().config.clone();
+            if subjects.iter().any(|s| !config.subjects.contains(s)) {
+                for s in &subjects {
+                    if !config.subjects.contains(s) {
+                        config.subjects.push(s.clone());
+                    }
+                }
+                js.update_stream(config)
+                    .await
+                    .map_err(|e| CasError::nats("update store stream", format!("{name}: {e}")))?;
+            }
             if name == subjects::BLOCK_STREAM {
                 made = recorded_hash(&created.cached_info().config)?;
             }
@@ -194,7 +210,7 @@ impl BlockStore {
     /// A handle over streams that exist.
     fn over(js: jetstream::Context, opts: StoreOptions) -> Self {
         let opts = StoreOptions {
-            batch: opts.batch.clamp(1, MAX_BATCH),
+            batch: opts.batch.clamp(2, MAX_BATCH),
             ..opts
         };
         Self {
@@ -229,144 +245,6 @@ impl BlockStore {
     /// The JetStream context this store uses (for tests that plant bad data).
     pub fn jetstream(&self) -> &jetstream::Context {
         &self.js
-    }
-
-    /// Which of `ids` the store lacks.
-    pub async fn missing(&self, ids: &[BlockId]) -> Result<HashSet<BlockId>, CasError> {
-        // Groups are owned, not borrowed slices: a closure over `&[BlockId]`
-        // is higher-ranked, and rustc then cannot prove callers' futures Send.
-        let groups: Vec<Vec<BlockId>> = ids.chunks(self.opts.batch).map(<[BlockId]>::to_vec).collect();
-        let present: Vec<HashSet<BlockId>> = futures::stream::iter(groups)
-            .map(|group| async move {
-                let mut present = HashSet::new();
-                self.fetch_group(&group, |id, _| {
-                    present.insert(id);
-                    Ok(())
-                })
-                .await?;
-                Ok::<_, CasError>(present)
-            })
-            .buffer_unordered(self.opts.concurrency)
-            .try_collect()
-            .await?;
-        let present: HashSet<BlockId> = present.into_iter().flatten().collect();
-        Ok(ids.iter().filter(|id| !present.contains(id)).copied().collect())
-    }
-
-    /// Writes `blocks` (which the caller found missing) in atomic batches.
-    /// Returns the bytes that crossed the wire. A block another writer stored
-    /// in the meantime makes its batch fail as a whole; that batch is checked
-    /// again and only what is still missing is written.
-    pub async fn put_blocks(&self, blocks: &[(BlockId, Bytes)]) -> Result<u64, CasError> {
-        for (id, _) in blocks {
-            self.check_name(format_args!("block {id}"), id.algorithm())?;
-        }
-        let groups: Vec<Vec<(BlockId, Bytes)>> = blocks.chunks(self.opts.batch).map(<[_]>::to_vec).collect();
-        let sizes: Vec<u64> = futures::stream::iter(groups)
-            .map(|group| async move { self.put_group(&group).await })
-            .buffer_unordered(self.opts.concurrency)
-            .try_collect()
-            .await?;
-        Ok(sizes.into_iter().sum())
-    }
-
-    async fn put_group(&self, group: &[(BlockId, Bytes)]) -> Result<u64, CasError> {
-        let mut pending = encode_group(group.to_vec(), self.opts.compression).await?;
-        let mut retry = Retry::new();
-        loop {
-            let err = match self.publish_batch(&pending).await {
-                Ok(bytes) => return Ok(bytes),
-                Err(err) => err,
-            };
-            // A concurrent writer may have stored some of these blocks (the
-            // stream keeps one message per block subject and refuses the
-            // batch whole), or the stream's leader is being elected.
-            if !retry.again(transient(&err)).await {
-                return Err(CasError::nats("block batch publish", err));
-            }
-            let ids: Vec<BlockId> = pending.iter().map(|(id, _)| *id).collect();
-            let still_missing = match self.missing(&ids).await {
-                Ok(missing) => missing,
-                Err(e) if retry.again(true).await => {
-                    tracing::debug!(%e, "could not tell which blocks are stored; trying again");
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            pending.retain(|(id, _)| still_missing.contains(id));
-            if pending.is_empty() {
-                return Ok(0);
-            }
-            tracing::debug!(%err, blocks = pending.len(), "retrying block batch");
-        }
-    }
-
-    async fn publish_batch(&self, encoded: &[(BlockId, EncodedBlock)]) -> Result<u64, BatchPublishError> {
-        let mut wire = 0u64;
-        let messages: Vec<OutboundMessage> = encoded
-            .iter()
-            .map(|(id, block)| {
-                wire += block.payload.len() as u64;
-                OutboundMessage {
-                    subject: subjects::block(id).into(),
-                    payload: block.payload.clone(),
-                    headers: block.headers.clone(),
-                }
-            })
-            .collect();
-        self.js
-            .batch_publish_all()
-            .ack_first(false)
-            .publish(futures::stream::iter(messages))
-            .await?;
-        Ok(wire)
-    }
-
-    /// Reads `ids`, verifying every block's hash; any block the store lacks
-    /// is an error naming it. Calls `sink` once per block, in no set order.
-    /// Returns the bytes that crossed the wire.
-    pub async fn get_blocks(
-        &self,
-        ids: &[BlockId],
-        sink: impl Fn(BlockId, Bytes) -> Result<(), CasError> + Sync,
-    ) -> Result<u64, CasError> {
-        let sink = &sink;
-        let groups: Vec<Vec<BlockId>> = ids.chunks(self.opts.batch).map(<[BlockId]>::to_vec).collect();
-        let sizes: Vec<u64> = futures::stream::iter(groups)
-            .map(|group| async move {
-                let mut seen = HashSet::with_capacity(group.len());
-                let mut wire = 0u64;
-                let mut wanted = group;
-                let mut tries = 0;
-                loop {
-                    self.fetch_group(&wanted, |id, msg| {
-                        wire += msg.payload.len() as u64;
-                        let data = decode_block(&id, msg)?;
-                        let actual = BlockId::of(id.algorithm(), &data);
-                        if actual != id {
-                            return Err(CasError::CorruptBlock { block: id, actual });
-                        }
-                        seen.insert(id);
-                        sink(id, data)
-                    })
-                    .await?;
-                    wanted.retain(|id| !seen.contains(id));
-                    let Some(lost) = wanted.first() else { break };
-                    // On a cluster a follower answers direct gets from
-                    // what it has applied: a block stored a moment ago
-                    // may not be there yet. Ask again before calling it lost.
-                    tries += 1;
-                    if tries > MISSING_RETRIES {
-                        return Err(CasError::MissingBlock(*lost));
-                    }
-                    tokio::time::sleep(MISSING_PAUSE).await;
-                }
-                Ok::<_, CasError>(wire)
-            })
-            .buffer_unordered(self.opts.concurrency)
-            .try_collect()
-            .await?;
-        Ok(sizes.into_iter().sum())
     }
 
     /// One batched direct get of the last message on each block subject.

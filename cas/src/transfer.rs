@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::mpsc;
-use vmlot_schemas::{BlockId, Chunking, Extent, Manifest, ManifestId, ObjectKind};
+use vmlot_schemas::{BlockId, Chunking, Extent, Manifest, ManifestId, ObjectKind, PackId};
 
 use crate::cache::BlockCache;
 use crate::chunk::{ManifestBuilder, Piece, chunk_stream};
@@ -75,9 +75,13 @@ pub async fn push_file_over(
     let file = std::fs::File::open(path).map_err(|e| CasError::io("open", path, e))?;
     let (tx, mut rx) = mpsc::channel::<Vec<(BlockId, Bytes)>>(store.options().concurrency * 2);
     let mut known = known_present.clone();
+    // Which pack holds each block: the base's record, then what the
+    // uploads find stored or write; left beside the manifest for readers.
+    let mut located: HashMap<BlockId, PackId> = HashMap::new();
     if let Some(base) = base {
-        let base = store.get_manifest_via(base, cache).await?;
-        known.extend(base.unique_blocks().into_iter().map(|(id, _)| id));
+        let base_manifest = store.get_manifest_via(base, cache).await?;
+        known.extend(base_manifest.unique_blocks().into_iter().map(|(id, _)| id));
+        located = store.get_locations(base, &base_manifest).await;
     }
     let owned_path = path.to_path_buf();
     let hash = store.hash();
@@ -125,16 +129,18 @@ pub async fn push_file_over(
                     None => break,
                 },
                 Some(done) = in_flight.next() => {
-                    let (blocks, bytes) = done?;
+                    let (blocks, bytes, found) = done?;
                     sent_blocks += blocks;
                     sent_bytes += bytes;
+                    located.extend(found);
                 }
             }
         }
         while let Some(done) = in_flight.next().await {
-            let (blocks, bytes) = done?;
+            let (blocks, bytes, found) = done?;
             sent_blocks += blocks;
             sent_bytes += bytes;
+            located.extend(found);
         }
         Ok::<_, CasError>(())
     };
@@ -145,6 +151,7 @@ pub async fn push_file_over(
     upload_result?;
     let (manifest, unique_blocks) = chunked?;
     let manifest_id = store.put_manifest_over(&manifest, base).await?;
+    store.put_locations(&manifest_id, &manifest, &located).await;
     if let Some(cache) = cache {
         cache.put_manifest(&manifest_id, &manifest)?;
     }
@@ -158,25 +165,30 @@ pub async fn push_file_over(
     })
 }
 
+/// Writes the blocks of `group` the store lacks; returns how many, their
+/// bytes on the wire, and the pack of every block of the group found in
+/// one or written into one.
 async fn upload_group(
     store: &BlockStore,
     cache: Option<&BlockCache>,
     group: Vec<(BlockId, Bytes)>,
-) -> Result<(u64, u64), CasError> {
+) -> Result<(u64, u64, HashMap<BlockId, PackId>), CasError> {
     let ids: Vec<BlockId> = group.iter().map(|(id, _)| *id).collect();
-    let missing = store.missing(&ids).await?;
+    let present = store.locate(&ids).await?;
     let to_send: Vec<(BlockId, Bytes)> = group
         .iter()
-        .filter(|(id, _)| missing.contains(id))
+        .filter(|(id, _)| !present.contains_key(id))
         .cloned()
         .collect();
-    let bytes = store.put_blocks(&to_send).await?;
+    let written = store.put_blocks(&to_send).await?;
     if let Some(cache) = cache {
         for (id, data) in &group {
             cache.put(id, data)?;
         }
     }
-    Ok((to_send.len() as u64, bytes))
+    let mut packs = written.packs;
+    packs.extend(present.into_iter().filter_map(|(id, pack)| Some((id, pack?))));
+    Ok((to_send.len() as u64, written.wire, packs))
 }
 
 /// Rebuilds the object `manifest_id` at `dest`. It is written to a
@@ -192,7 +204,7 @@ pub async fn pull_file(
     let started = Instant::now();
     let manifest = store.get_manifest_via(manifest_id, cache).await?;
     let partial = partial_path(dest);
-    let result = write_object(store, cache, &manifest, &partial).await;
+    let result = write_object(store, cache, manifest_id, &manifest, &partial).await;
     match result {
         Ok((cached_blocks, fetched_blocks, fetched_bytes)) => {
             std::fs::rename(&partial, dest).map_err(|e| CasError::io("rename into place", dest, e))?;
@@ -223,6 +235,7 @@ fn partial_path(dest: &Path) -> PathBuf {
 async fn write_object(
     store: &BlockStore,
     cache: Option<&BlockCache>,
+    manifest_id: &ManifestId,
     manifest: &Manifest,
     partial: &Path,
 ) -> Result<(u64, u64, u64), CasError> {
@@ -281,8 +294,13 @@ async fn write_object(
             None => cold.push(*id),
         }
     }
+    let hints = if cold.is_empty() {
+        HashMap::new()
+    } else {
+        store.get_locations(manifest_id, manifest).await
+    };
     let fetched_bytes = store
-        .get_blocks(&cold, |id, data| {
+        .get_blocks_located(&cold, &hints, |id, data| {
             write(id, data.clone())?;
             if let Some(cache) = cache {
                 cache.put(&id, &data)?;

@@ -30,6 +30,7 @@ pub struct Grants {
 fn store() -> Vec<String> {
     let mut v = vec![
         subjects::BLOCK_SUBJECTS.to_string(),
+        subjects::PACK_SUBJECTS.to_string(),
         subjects::MANIFEST_SUBJECTS.to_string(),
     ];
     for stream in [subjects::BLOCK_STREAM, subjects::MANIFEST_STREAM] {

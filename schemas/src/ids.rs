@@ -267,6 +267,12 @@ uuid_id!(
     /// A provider daemon.
     ProviderId
 );
+uuid_id!(
+    /// A pack of blocks in the store: random, so nobody can take a pack's
+    /// name before its writer (its blocks are checked against their own
+    /// names, so the pack needs no content name).
+    PackId
+);
 
 /// Providers fall into this many shards by id. A lot that needs only a
 /// handful of bidders is offered to a few shards, not to every provider.

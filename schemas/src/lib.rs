@@ -25,7 +25,7 @@ pub mod vm;
 pub mod wire;
 
 pub use catalog::json_schemas;
-pub use ids::{BlockId, JobId, LotId, ManifestId, ProviderId};
+pub use ids::{BlockId, JobId, LotId, ManifestId, PackId, ProviderId};
 pub use manifest::{Chunking, Extent, HashAlgorithm, Manifest, ManifestError, ObjectKind};
 pub use money::Money;
 pub use vm::{HypervisorKind, VmConfig};

@@ -2,13 +2,16 @@
 //! by `format!` elsewhere, so the map in `docs/ARCHITECTURE.md` stays true.
 
 use crate::caller::{Caller, Role};
-use crate::ids::{BlockId, ManifestId, ProviderId};
+use crate::ids::{BlockId, ManifestId, PackId, ProviderId};
 use crate::vm::HypervisorKind;
 
 /// Stream holding one message per block, subject [`block`].
 pub const BLOCK_STREAM: &str = "VMLOT_BLOCKS";
-/// Subjects of [`BLOCK_STREAM`].
+/// Subjects of [`BLOCK_STREAM`] naming blocks: each holds the block, or
+/// (header [`BLOCK_ENCODING_HEADER`] `pack`) the id of the pack it is in.
 pub const BLOCK_SUBJECTS: &str = "vmlot.cas.block.*";
+/// Subjects of [`BLOCK_STREAM`] holding packs: many blocks in one message.
+pub const PACK_SUBJECTS: &str = "vmlot.cas.pack.*";
 /// Stream holding manifests: canonical JSON cut into parts, one message per
 /// part, written in one atomic batch and read with direct gets (no consumer
 /// per read, unlike an object store).
@@ -24,12 +27,23 @@ pub const MANIFEST_SIZE_HEADER: &str = "Vmlot-Manifest-Size";
 pub fn manifest_part(id: &ManifestId, part: u32) -> String {
     format!("vmlot.cas.manifest.{id}.{part}")
 }
+/// Where the blocks of manifest `id` are stored: which pack holds each
+/// (a hint its writer left; readers check every block anyway).
+pub fn manifest_locations(id: &ManifestId) -> String {
+    format!("vmlot.cas.manifest.{id}.where")
+}
+
 /// Header naming a block's stored encoding (absent: raw bytes).
 pub const BLOCK_ENCODING_HEADER: &str = "Vmlot-Encoding";
 
 /// Subject of one block.
 pub fn block(id: &BlockId) -> String {
     format!("vmlot.cas.block.{id}")
+}
+
+/// Subject of one pack.
+pub fn pack(id: &PackId) -> String {
+    format!("vmlot.cas.pack.{id}")
 }
 
 // The market. Scoped per provider wherever a provider publishes or

@@ -7,6 +7,7 @@ use std::path::Path;
 
 use rand::{RngCore, SeedableRng};
 use sha1::{Digest, Sha1};
+use vmlot_cas::pack::Pack;
 use vmlot_cas::{BlockCache, BlockStore, CasError, StoreOptions, pull_file, push_file};
 use vmlot_schemas::{BlockId, Chunking, HashAlgorithm, ManifestError, ManifestId, ObjectKind, subjects};
 use vmlot_tests::{NatsCluster, NatsServer};
@@ -139,7 +140,9 @@ async fn only_changed_blocks_cross_the_wire_and_known_blocks_are_not_asked_for()
         .await
         .unwrap();
     assert_eq!(second.sent_blocks, 3);
-    assert_eq!(second.sent_bytes, 3 * 4096);
+    // One pack: its head (9 bytes) and index (a SHA-256 name and 9 bytes
+    // per block), then the three blocks.
+    assert_eq!(second.sent_bytes, 9 + 3 * (32 + 9) + 3 * 4096);
     let back = dir.path().join("b.back");
     pull_file(&store, None, &second.manifest_id, &back).await.unwrap();
     assert_eq!(std::fs::read(&back).unwrap(), data);
@@ -263,13 +266,28 @@ async fn small_object(store: &BlockStore, dir: &Path) -> (ManifestId, BlockId) {
     (pushed.manifest_id, pushed.manifest.unique_blocks()[3].0)
 }
 
-async fn purge_block(store: &BlockStore, block: &BlockId) {
+async fn purge(store: &BlockStore, subject: String) {
     let stream = store
         .jetstream()
         .get_stream(subjects::BLOCK_STREAM)
         .await
         .unwrap();
-    stream.purge().filter(subjects::block(block)).await.unwrap();
+    stream.purge().filter(subject).await.unwrap();
+}
+
+/// The pack holding `block`, read back.
+async fn pack_of(store: &BlockStore, block: &BlockId) -> Pack {
+    let id = store.locate(&[*block]).await.unwrap()[block].expect("stored in a pack");
+    let stream = store
+        .jetstream()
+        .get_stream(subjects::BLOCK_STREAM)
+        .await
+        .unwrap();
+    let msg = stream
+        .direct_get_last_for_subject(subjects::pack(&id))
+        .await
+        .unwrap();
+    Pack::parse(id, store.hash(), msg.payload).unwrap()
 }
 
 #[tokio::test]
@@ -278,10 +296,22 @@ async fn a_tampered_block_fails_the_pull_with_a_named_error_and_writes_nothing()
     let store = store(&server, StoreOptions::default()).await;
     let dir = tempfile::tempdir().unwrap();
     let (manifest, block) = small_object(&store, dir.path()).await;
-    purge_block(&store, &block).await;
+    // The block's bytes in its pack replaced, the index unchanged.
+    let pack = pack_of(&store, &block).await;
+    let tampered: Vec<(BlockId, bytes::Bytes)> = pack
+        .blocks()
+        .map(|(id, data)| match id == block {
+            true => (id, vec![0x55u8; 4096].into()),
+            false => (id, data.unwrap()),
+        })
+        .collect();
+    purge(&store, subjects::pack(&pack.id())).await;
     store
         .jetstream()
-        .publish(subjects::block(&block), vec![0x55u8; 4096].into())
+        .publish(
+            subjects::pack(&pack.id()),
+            vmlot_cas::pack::encode(store.hash(), &tampered, None).unwrap(),
+        )
         .await
         .unwrap()
         .await
@@ -306,10 +336,19 @@ async fn a_missing_block_fails_the_pull_naming_it() {
     let store = store(&server, StoreOptions::default()).await;
     let dir = tempfile::tempdir().unwrap();
     let (manifest, block) = small_object(&store, dir.path()).await;
-    purge_block(&store, &block).await;
+    // The pack gone with every pointer to it: its blocks are lost.
+    let pack = pack_of(&store, &block).await;
+    let lost: HashSet<BlockId> = pack.ids().collect();
+    purge(&store, subjects::pack(&pack.id())).await;
+    for id in &lost {
+        purge(&store, subjects::block(id)).await;
+    }
     let dest = dir.path().join("dest");
     let err = pull_file(&store, None, &manifest, &dest).await.unwrap_err();
-    assert!(matches!(err, CasError::MissingBlock(b) if b == block), "{err}");
+    assert!(
+        matches!(err, CasError::MissingBlock(b) if lost.contains(&b)),
+        "{err}"
+    );
     assert!(!dest.exists());
 }
 

@@ -1,88 +1,49 @@
-//! A block as it is stored: raw, or zstd-compressed with a header saying
-//! so when that saves more than the header costs.
+//! A block as it is stored on its own subject: raw, zstd-compressed with
+//! a header saying so when that saves more than the header costs, or a
+//! pointer to the pack that holds it (`store/packs.rs`).
 
-use async_nats::HeaderMap;
 use async_nats::jetstream;
 use bytes::Bytes;
 use vmlot_schemas::manifest::MAX_BLOCK_BYTES;
-use vmlot_schemas::{BlockId, subjects};
+use vmlot_schemas::{BlockId, PackId, subjects};
 
 use crate::error::CasError;
 
-/// A block as it goes on the wire.
-#[derive(Clone)]
-pub(super) struct EncodedBlock {
-    pub(super) payload: Bytes,
-    pub(super) headers: Option<HeaderMap>,
-}
-
 const ZSTD: &str = "zstd";
+/// The encoding of a block's pointer to its pack.
+pub(super) const PACK: &str = "pack";
 
-pub(super) async fn encode_group(
-    group: Vec<(BlockId, Bytes)>,
-    level: Option<i32>,
-) -> Result<Vec<(BlockId, EncodedBlock)>, CasError> {
-    let Some(level) = level else {
-        return Ok(group
-            .into_iter()
-            .map(|(id, data)| {
-                (
-                    id,
-                    EncodedBlock {
-                        payload: data,
-                        headers: None,
-                    },
-                )
-            })
-            .collect());
-    };
-    // Compression is CPU work: keep it off the async workers.
-    tokio::task::spawn_blocking(move || {
-        group
-            .into_iter()
-            .map(|(id, data)| {
-                let packed = zstd::bulk::compress(&data, level).map_err(|e| CasError::BlockEncoding {
-                    block: id,
-                    reason: e.to_string(),
-                })?;
-                // Incompressible blocks stay raw: the header costs more than it saves.
-                if packed.len() + 32 >= data.len() {
-                    return Ok((
-                        id,
-                        EncodedBlock {
-                            payload: data,
-                            headers: None,
-                        },
-                    ));
-                }
-                let mut headers = HeaderMap::new();
-                headers.insert(subjects::BLOCK_ENCODING_HEADER, ZSTD);
-                Ok((
-                    id,
-                    EncodedBlock {
-                        payload: packed.into(),
-                        headers: Some(headers),
-                    },
-                ))
-            })
-            .collect()
-    })
-    .await
-    .map_err(|e| CasError::nats("compress blocks", e))?
+/// What a block's own subject holds.
+pub(super) enum Stored {
+    /// The block's bytes, decoded (not yet checked against its name).
+    Whole(Bytes),
+    /// A pointer: the pack holding the block.
+    InPack(PackId),
 }
 
-pub(super) fn decode_block(id: &BlockId, msg: &jetstream::message::StreamMessage) -> Result<Bytes, CasError> {
+pub(super) fn decode_block(
+    id: &BlockId,
+    msg: &jetstream::message::StreamMessage,
+) -> Result<Stored, CasError> {
     let encoding = msg
         .headers
         .get(subjects::BLOCK_ENCODING_HEADER)
         .map(|v| v.as_str().to_string());
     match encoding.as_deref() {
-        None => Ok(msg.payload.clone()),
+        None => Ok(Stored::Whole(msg.payload.clone())),
         Some(ZSTD) => zstd::bulk::decompress(&msg.payload, MAX_BLOCK_BYTES as usize)
-            .map(Bytes::from)
+            .map(|data| Stored::Whole(Bytes::from(data)))
             .map_err(|e| CasError::BlockEncoding {
                 block: *id,
                 reason: e.to_string(),
+            }),
+        Some(PACK) => std::str::from_utf8(&msg.payload)
+            .ok()
+            .and_then(|v| v.parse::<PackId>().ok())
+            .map(Stored::InPack)
+            .ok_or_else(|| CasError::BlockEncoding {
+                block: *id,
+                reason: "a pointer that names no pack".into(),
             }),
         Some(other) => Err(CasError::BlockEncoding {
             block: *id,

@@ -15,12 +15,13 @@ use futures::future::BoxFuture;
 use jetstream_extra::batch_fetch::BatchFetchExt;
 use jetstream_extra::batch_publish::BatchPublishExt;
 use vmlot_schemas::manifest::MAX_MANIFEST_BYTES;
-use vmlot_schemas::{Manifest, ManifestError, ManifestId, subjects};
+use vmlot_schemas::{BlockId, Manifest, ManifestError, ManifestId, PackId, subjects};
 
 use super::retry::{Retry, transient};
 use super::{BlockStore, MAX_BATCH, MISSING_PAUSE, MISSING_RETRIES, none_stored};
 use crate::cache::BlockCache;
 use crate::error::CasError;
+use crate::locations;
 use crate::record::{self, MAX_CHAIN, Record, WRITE_CHAIN};
 
 /// Bytes per manifest message: well under any sensible `max_payload`.
@@ -138,6 +139,60 @@ impl BlockStore {
                 Ok(None) => return Err(CasError::nats("manifest batch publish", err)),
                 Err(e) => return Err(e),
             }
+        }
+    }
+
+    /// Leaves beside manifest `id` which pack holds each of its blocks
+    /// (`at`), for readers to fetch whole packs. Once: a record already
+    /// there (another writer's) is left as it is. It is only a hint, so a
+    /// record that cannot be written is let go.
+    pub async fn put_locations(&self, id: &ManifestId, manifest: &Manifest, at: &HashMap<BlockId, PackId>) {
+        let owned = (manifest.clone(), at.clone());
+        let Ok(Some(bytes)) =
+            tokio::task::spawn_blocking(move || locations::encode(&owned.0, &owned.1)).await
+        else {
+            return;
+        };
+        let written = async {
+            self.js
+                .publish(subjects::manifest_locations(id), bytes)
+                .await
+                .map_err(|e| e.to_string())?
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(())
+        };
+        if let Err(e) = written.await {
+            // Most often: already stored (one message per subject).
+            tracing::debug!(manifest = %id, error = %e, "locations not written");
+        }
+    }
+
+    /// Which pack holds each of `manifest`'s blocks, as the writer of
+    /// manifest `id` left it; empty when there is no such record or it does
+    /// not fit the manifest.
+    pub async fn get_locations(&self, id: &ManifestId, manifest: &Manifest) -> HashMap<BlockId, PackId> {
+        let msg = match self.js.get_stream_no_info(subjects::MANIFEST_STREAM).await {
+            Ok(stream) => {
+                stream
+                    .direct_get_last_for_subject(subjects::manifest_locations(id))
+                    .await
+            }
+            Err(_) => return HashMap::new(),
+        };
+        let Ok(msg) = msg else { return HashMap::new() };
+        if msg.payload.len() > locations::MAX_LOCATIONS_BYTES {
+            return HashMap::new();
+        }
+        let manifest = manifest.clone();
+        let decoded = tokio::task::spawn_blocking(move || locations::decode(&manifest, &msg.payload)).await;
+        match decoded {
+            Ok(Ok(at)) => at,
+            Ok(Err(reason)) => {
+                tracing::debug!(manifest = %id, %reason, "ignoring the manifest's locations");
+                HashMap::new()
+            }
+            Err(_) => HashMap::new(),
         }
     }
 

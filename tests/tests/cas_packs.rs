@@ -1,0 +1,233 @@
+//! Blocks in packs, against a real nats-server: a pull moves a few large
+//! messages instead of one per block, a writer learns which blocks the
+//! store holds without their bytes (both by the server's own counters),
+//! and a stranger with its own credentials who plants lying locations, a
+//! garbage pack or a pointer to it cannot make a reader take a wrong byte.
+
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::path::Path;
+
+use bytes::Bytes;
+use rand::{RngCore, SeedableRng};
+use vmlot_cas::chunk::manifest_of;
+use vmlot_cas::{BlockStore, CasError, StoreOptions, pull_file, push_file};
+use vmlot_schemas::caller::Role;
+use vmlot_schemas::{BlockId, Chunking, ObjectKind, PackId, ProviderId, subjects};
+use vmlot_tests::NatsServer;
+
+/// `blocks` distinct random 4 KiB blocks.
+fn random_file(path: &Path, blocks: usize, seed: u64) -> Vec<u8> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut data = vec![0u8; blocks * 4096];
+    rng.fill_bytes(&mut data);
+    std::fs::File::create(path).unwrap().write_all(&data).unwrap();
+    data
+}
+
+async fn keeper(server: &NatsServer) -> BlockStore {
+    BlockStore::open(server.client().await.unwrap(), StoreOptions::default())
+        .await
+        .unwrap()
+}
+
+/// Messages on the block stream under `filter`.
+async fn count(store: &BlockStore, filter: &str) -> u64 {
+    let stream = store
+        .jetstream()
+        .get_stream(subjects::BLOCK_STREAM)
+        .await
+        .unwrap();
+    let info = stream.info_with_subjects(filter).await.unwrap();
+    use futures::TryStreamExt;
+    let subjects: Vec<(String, usize)> = info.try_collect().await.unwrap();
+    subjects.len() as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_moves_packs_and_a_writer_asks_for_pointers_not_bytes() {
+    const BLOCKS: usize = 2048;
+    let server = NatsServer::start().unwrap();
+    let writer = keeper(&server).await;
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("object");
+    let data = random_file(&src, BLOCKS, 7);
+    let kind = ObjectKind::Disk;
+    let none = HashSet::new();
+    let pushed = push_file(&writer, None, &src, kind, Chunking::FIXED_4K, &none)
+        .await
+        .unwrap();
+    assert_eq!(pushed.sent_blocks, BLOCKS as u64);
+    assert_eq!(count(&writer, subjects::BLOCK_SUBJECTS).await, BLOCKS as u64);
+    let packs = count(&writer, subjects::PACK_SUBJECTS).await;
+    // 256 KiB packs of 4 KiB blocks, cut within each uploader's 1 000.
+    assert!((32..=35).contains(&packs), "{packs} packs");
+
+    // A reader with nothing pulls it: the server sends it about the
+    // object's bytes in a few dozen messages (one per block before packs:
+    // ~9 % more bytes in 2 048 messages).
+    let (client, cid) = server.counted_client().await.unwrap();
+    let reader = BlockStore::join(client, StoreOptions::default(), None)
+        .await
+        .unwrap();
+    let before = server.connection_traffic(cid).unwrap();
+    pull_file(&reader, None, &pushed.manifest_id, &dir.path().join("back"))
+        .await
+        .unwrap();
+    let pulled = server.connection_traffic(cid).unwrap() - before;
+    assert_eq!(std::fs::read(dir.path().join("back")).unwrap(), data);
+    let object = data.len() as u64;
+    // Beyond the blocks: the packs' indexes (a name and 9 bytes a block)
+    // and the manifest (~45 bytes a block compressed, SHA-256 names are
+    // random). One message per block cost ~380 bytes a block more.
+    assert!(
+        pulled.total() < object + object * 3 / 100,
+        "pulled {} bytes for a {object}-byte object",
+        pulled.total()
+    );
+    assert!(pulled.out_msgs < 64, "{} messages", pulled.out_msgs);
+
+    // A second writer pushes the same file with no base: it learns that
+    // every block is stored from their pointers, not their bytes.
+    let before = server.connection_traffic(cid).unwrap();
+    let again = push_file(&reader, None, &src, kind, Chunking::FIXED_4K, &none)
+        .await
+        .unwrap();
+    let asked = server.connection_traffic(cid).unwrap() - before;
+    assert_eq!(again.sent_blocks, 0);
+    assert_eq!(again.manifest_id, pushed.manifest_id);
+    assert!(
+        asked.total() < object / 8,
+        "{} bytes to learn that {BLOCKS} blocks are stored",
+        asked.total()
+    );
+}
+
+#[tokio::test]
+async fn lying_locations_and_bad_packs_from_a_stranger_change_no_byte_read() {
+    let server = NatsServer::start().unwrap();
+    let honest = keeper(&server).await;
+    let dir = tempfile::tempdir().unwrap();
+    let stranger_client = server
+        .client_as(Role::Provider, &ProviderId::new().to_string())
+        .await
+        .unwrap();
+    let stranger = BlockStore::join(stranger_client.clone(), StoreOptions::default(), None)
+        .await
+        .unwrap();
+    let js = async_nats::jetstream::new(stranger_client);
+
+    // An object whose blocks are stored but whose locations are not yet
+    // written: the stranger writes them first, every block in a pack of
+    // its own holding other blocks, then in a garbage pack.
+    let src = dir.path().join("object");
+    let data = random_file(&src, 300, 11);
+    let manifest = manifest_of(
+        std::fs::File::open(&src).unwrap(),
+        ObjectKind::Disk,
+        Chunking::FIXED_4K,
+        honest.hash(),
+    )
+    .unwrap();
+    let blocks: Vec<(BlockId, Bytes)> = data
+        .chunks(4096)
+        .map(|b| (BlockId::of(honest.hash(), b), Bytes::copy_from_slice(b)))
+        .collect();
+    honest.put_blocks(&blocks).await.unwrap();
+    let id = honest.put_manifest(&manifest).await.unwrap();
+    let decoy: Vec<(BlockId, Bytes)> = (0..4u8)
+        .map(|i| {
+            let b = vec![i; 4096];
+            (BlockId::of(honest.hash(), &b), Bytes::from(b))
+        })
+        .collect();
+    let written = stranger.put_blocks(&decoy).await.unwrap();
+    let decoy_pack = *written.packs.values().next().unwrap();
+    let garbage_pack = PackId::new();
+    js.publish(
+        subjects::pack(&garbage_pack),
+        Bytes::from_static(b"VMP1 not a pack"),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let lies: HashMap<BlockId, PackId> = manifest
+        .unique_blocks()
+        .iter()
+        .enumerate()
+        .map(|(i, (b, _))| (*b, if i % 2 == 0 { decoy_pack } else { garbage_pack }))
+        .collect();
+    stranger.put_locations(&id, &manifest, &lies).await;
+    assert_eq!(
+        honest.get_locations(&id, &manifest).await,
+        lies,
+        "the lie is stored"
+    );
+    let back = dir.path().join("back");
+    pull_file(&honest, None, &id, &back).await.unwrap();
+    assert_eq!(
+        std::fs::read(&back).unwrap(),
+        data,
+        "every block found by its name"
+    );
+
+    // Locations once written are not rewritten by another.
+    let pushed = push_file(
+        &honest,
+        None,
+        &src,
+        ObjectKind::Disk,
+        Chunking::FIXED_4K,
+        &HashSet::new(),
+    )
+    .await
+    .unwrap();
+    let rewrite = js
+        .publish(subjects::manifest_locations(&pushed.manifest_id), "VML1".into())
+        .await
+        .unwrap()
+        .await;
+    assert!(
+        rewrite.is_err(),
+        "a second record on a manifest's locations subject"
+    );
+
+    // A pointer planted for a block nobody has stored yet, naming the
+    // garbage pack: the block's first writer finds it "stored" (whoever
+    // stores a name first decides what it holds, as with whole blocks) and
+    // a reader is refused by name, never handed bytes.
+    let fresh = vec![0xA5u8; 4096];
+    let fresh_id = BlockId::of(honest.hash(), &fresh);
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(subjects::BLOCK_ENCODING_HEADER, "pack");
+    js.publish_with_headers(
+        subjects::block(&fresh_id),
+        headers,
+        garbage_pack.to_string().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let err = honest.get_blocks(&[fresh_id], |_, _| Ok(())).await.unwrap_err();
+    assert!(
+        matches!(err, CasError::BadPack { pack, .. } if pack == garbage_pack),
+        "{err}"
+    );
+    // ... and one naming a real pack that lacks it.
+    let other = vec![0x5Au8; 4096];
+    let other_id = BlockId::of(honest.hash(), &other);
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(subjects::BLOCK_ENCODING_HEADER, "pack");
+    js.publish_with_headers(subjects::block(&other_id), headers, decoy_pack.to_string().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let err = honest.get_blocks(&[other_id], |_, _| Ok(())).await.unwrap_err();
+    assert!(
+        matches!(err, CasError::NotInPack { block, pack } if block == other_id && pack == decoy_pack),
+        "{err}"
+    );
+}
