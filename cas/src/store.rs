@@ -253,31 +253,41 @@ impl BlockStore {
         group: &[BlockId],
         mut each: impl FnMut(BlockId, &jetstream::message::StreamMessage) -> Result<(), CasError>,
     ) -> Result<(), CasError> {
-        if group.is_empty() {
+        let wanted: HashMap<String, BlockId> = group.iter().map(|id| (subjects::block(id), *id)).collect();
+        self.last_messages("batched direct get", &wanted, |id, msg| each(*id, &msg))
+            .await
+    }
+
+    /// One batched direct get of the last message on each subject of the
+    /// block stream that `wanted` names, each handed to `each` with what
+    /// it stands for; a subject with no message is left out.
+    async fn last_messages<K>(
+        &self,
+        op: &'static str,
+        wanted: &HashMap<String, K>,
+        mut each: impl FnMut(&K, jetstream::message::StreamMessage) -> Result<(), CasError>,
+    ) -> Result<(), CasError> {
+        if wanted.is_empty() {
             return Ok(());
         }
-        let wanted: HashMap<String, BlockId> = group.iter().map(|id| (subjects::block(id), *id)).collect();
         let mut messages = self
             .js
             .get_last_messages_for(subjects::BLOCK_STREAM)
             .subjects(wanted.keys().cloned().collect())
             .send()
             .await
-            .map_err(|e| CasError::nats("batched direct get", e))?;
+            .map_err(|e| CasError::nats(op, e))?;
         while let Some(msg) = messages.next().await {
             let msg = match msg {
                 Ok(msg) => msg,
-                // No block of the group is stored.
+                // None of the subjects holds a message.
                 Err(e) if none_stored(&e) => break,
-                Err(e) => return Err(CasError::nats("batched direct get", e)),
+                Err(e) => return Err(CasError::nats(op, e)),
             };
-            let Some(id) = wanted.get(msg.subject.as_str()) else {
-                return Err(CasError::nats(
-                    "batched direct get",
-                    format!("unasked subject {}", msg.subject),
-                ));
+            let Some(key) = wanted.get(msg.subject.as_str()) else {
+                return Err(CasError::nats(op, format!("unasked subject {}", msg.subject)));
             };
-            each(*id, &msg)?;
+            each(key, msg)?;
         }
         Ok(())
     }

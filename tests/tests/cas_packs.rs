@@ -11,7 +11,7 @@ use std::path::Path;
 use bytes::Bytes;
 use rand::{RngCore, SeedableRng};
 use vmlot_cas::chunk::manifest_of;
-use vmlot_cas::{BlockStore, CasError, StoreOptions, pull_file, push_file};
+use vmlot_cas::{BlockStore, CasError, PushReport, StoreOptions, pull_file, push_file};
 use vmlot_schemas::caller::Role;
 use vmlot_schemas::{BlockId, Chunking, ObjectKind, PackId, ProviderId, subjects};
 use vmlot_tests::NatsServer;
@@ -23,6 +23,20 @@ fn random_file(path: &Path, blocks: usize, seed: u64) -> Vec<u8> {
     rng.fill_bytes(&mut data);
     std::fs::File::create(path).unwrap().write_all(&data).unwrap();
     data
+}
+
+/// Pushes `src` as a disk, with no base and nothing known.
+async fn push(store: &BlockStore, src: &Path) -> PushReport {
+    push_file(
+        store,
+        None,
+        src,
+        ObjectKind::Disk,
+        Chunking::FIXED_4K,
+        &HashSet::new(),
+    )
+    .await
+    .unwrap()
 }
 
 async fn keeper(server: &NatsServer) -> BlockStore {
@@ -52,11 +66,7 @@ async fn a_pull_moves_packs_and_a_writer_asks_for_pointers_not_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("object");
     let data = random_file(&src, BLOCKS, 7);
-    let kind = ObjectKind::Disk;
-    let none = HashSet::new();
-    let pushed = push_file(&writer, None, &src, kind, Chunking::FIXED_4K, &none)
-        .await
-        .unwrap();
+    let pushed = push(&writer, &src).await;
     assert_eq!(pushed.sent_blocks, BLOCKS as u64);
     assert_eq!(count(&writer, subjects::BLOCK_SUBJECTS).await, BLOCKS as u64);
     let packs = count(&writer, subjects::PACK_SUBJECTS).await;
@@ -90,9 +100,7 @@ async fn a_pull_moves_packs_and_a_writer_asks_for_pointers_not_bytes() {
     // A second writer pushes the same file with no base: it learns that
     // every block is stored from their pointers, not their bytes.
     let before = server.connection_traffic(cid).unwrap();
-    let again = push_file(&reader, None, &src, kind, Chunking::FIXED_4K, &none)
-        .await
-        .unwrap();
+    let again = push(&reader, &src).await;
     let asked = server.connection_traffic(cid).unwrap() - before;
     assert_eq!(again.sent_blocks, 0);
     assert_eq!(again.manifest_id, pushed.manifest_id);
@@ -173,16 +181,7 @@ async fn lying_locations_and_bad_packs_from_a_stranger_change_no_byte_read() {
     );
 
     // Locations once written are not rewritten by another.
-    let pushed = push_file(
-        &honest,
-        None,
-        &src,
-        ObjectKind::Disk,
-        Chunking::FIXED_4K,
-        &HashSet::new(),
-    )
-    .await
-    .unwrap();
+    let pushed = push(&honest, &src).await;
     let rewrite = js
         .publish(subjects::manifest_locations(&pushed.manifest_id), "VML1".into())
         .await

@@ -16,13 +16,12 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::message::OutboundMessage;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
-use jetstream_extra::batch_fetch::BatchFetchExt;
 use jetstream_extra::batch_publish::{BatchPublishError, BatchPublishExt};
 use vmlot_schemas::{BlockId, PackId, subjects};
 
 use super::encoding::{Stored, decode_block};
 use super::retry::{Retry, transient};
-use super::{BlockStore, MISSING_PAUSE, MISSING_RETRIES, none_stored};
+use super::{BlockStore, MISSING_PAUSE, MISSING_RETRIES};
 use crate::error::CasError;
 use crate::pack::{self, Pack};
 
@@ -304,29 +303,14 @@ impl BlockStore {
                     .collect();
                 let mut wire = 0u64;
                 let mut got = HashSet::new();
-                let mut messages = self
-                    .js
-                    .get_last_messages_for(subjects::BLOCK_STREAM)
-                    .subjects(wanted.keys().cloned().collect())
-                    .send()
-                    .await
-                    .map_err(|e| CasError::nats("pack get", e))?;
-                while let Some(msg) = messages.next().await {
-                    let msg = match msg {
-                        Ok(msg) => msg,
-                        Err(e) if none_stored(&e) => break,
-                        Err(e) => return Err(CasError::nats("pack get", e)),
-                    };
-                    let Some((pack_id, blocks)) = wanted.get(msg.subject.as_str()) else {
-                        return Err(CasError::nats("pack get", format!("unasked subject {}", msg.subject)));
-                    };
+                self.last_messages("pack get", &wanted, |(pack_id, blocks), msg| {
                     wire += msg.payload.len() as u64;
                     let pack = match Pack::parse(*pack_id, self.opts.hash, msg.payload) {
                         Ok(pack) => pack,
                         Err(e) if strict => return Err(e),
                         Err(e) => {
                             tracing::debug!(error = %e, "a manifest's locations name a bad pack");
-                            continue;
+                            return Ok(());
                         }
                     };
                     for block in blocks {
@@ -347,7 +331,9 @@ impl BlockStore {
                             }
                         }
                     }
-                }
+                    Ok(())
+                })
+                .await?;
                 Ok::<_, CasError>((wire, got))
             })
             .buffer_unordered(self.opts.concurrency)
