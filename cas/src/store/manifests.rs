@@ -172,15 +172,9 @@ impl BlockStore {
     /// manifest `id` left it; empty when there is no such record or it does
     /// not fit the manifest.
     pub async fn get_locations(&self, id: &ManifestId, manifest: &Manifest) -> HashMap<BlockId, PackId> {
-        let msg = match self.js.get_stream_no_info(subjects::MANIFEST_STREAM).await {
-            Ok(stream) => {
-                stream
-                    .direct_get_last_for_subject(subjects::manifest_locations(id))
-                    .await
-            }
-            Err(_) => return HashMap::new(),
+        let Ok(Some(msg)) = self.last_on(subjects::manifest_locations(id)).await else {
+            return HashMap::new();
         };
-        let Ok(msg) = msg else { return HashMap::new() };
         if msg.payload.len() > locations::MAX_LOCATIONS_BYTES {
             return HashMap::new();
         }
@@ -296,15 +290,17 @@ impl BlockStore {
         &self,
         id: &ManifestId,
     ) -> Result<Option<jetstream::message::StreamMessage>, CasError> {
+        self.last_on(subjects::manifest_part(id, 0)).await
+    }
+
+    /// The message on `subject` of the manifests' stream, if any.
+    async fn last_on(&self, subject: String) -> Result<Option<jetstream::message::StreamMessage>, CasError> {
         let stream = self
             .js
             .get_stream_no_info(subjects::MANIFEST_STREAM)
             .await
             .map_err(|e| CasError::nats("manifest stream", e))?;
-        match stream
-            .direct_get_last_for_subject(subjects::manifest_part(id, 0))
-            .await
-        {
+        match stream.direct_get_last_for_subject(subject).await {
             Ok(msg) => Ok(Some(msg)),
             Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
             Err(e) => Err(CasError::nats("manifest get", e)),
