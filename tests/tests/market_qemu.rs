@@ -20,7 +20,7 @@ use vmlot_schemas::{ManifestId, ProviderId};
 use vmlot_tests::market::{QemuProviderSpec, kill_pids, processes_mentioning, wait_for};
 use vmlot_tests::vm::{
     GuestImage, MEMORY_MIB, SEGMENT_SECONDS, Timed, VmMarket, assert_console_exact, direct_run, qemu_image,
-    reference_console,
+    reference_console, segment_seconds_spanning,
 };
 use vmlot_tests::workspace_binary;
 
@@ -50,6 +50,10 @@ async fn a_vm_migrated_across_three_providers_prints_what_an_uninterrupted_run_p
     let _turn = TURN.lock().await;
     let _timed = Timed::start("migration across 3 providers");
     let reference = reference_console().await;
+    // Three providers each run a segment and the guest still has work
+    // after: five segments of the uninterrupted run leave room for the
+    // time a restore and a save take from each.
+    let segment_seconds = segment_seconds_spanning(5).await;
     let specs = [
         QemuProviderSpec::new("p1", "0.30"),
         QemuProviderSpec::new("p2", "0.20"),
@@ -59,7 +63,7 @@ async fn a_vm_migrated_across_three_providers_prints_what_an_uninterrupted_run_p
     let mut m = qemu_market(&[&specs[0]], 30);
     m.market.ready(1).await.unwrap();
     let image = m.push_image(&qemu_image(&[]));
-    let job = m.submit(&image, SEGMENT_SECONDS, "until-halt", "1");
+    let job = m.submit(&image, &segment_seconds, "until-halt", "1");
     let follow_out = m.market.path().join("follow.out");
     let operator = m
         .market
@@ -104,7 +108,10 @@ async fn a_vm_migrated_across_three_providers_prints_what_an_uninterrupted_run_p
 
     let done = m.wait_final(job).await;
     let ran: Vec<ProviderId> = done.settled.iter().map(|s| s.provider).collect();
-    assert!(ran.len() >= 4, "the guest should span several segments: {ran:?}");
+    assert!(
+        ran.len() >= 3,
+        "the guest should span a segment on each provider ({segment_seconds} s segments): {ran:?}"
+    );
     let attempts: Vec<(u32, u32, &str)> = done
         .settled
         .iter()
