@@ -167,6 +167,7 @@ pub fn guest_files(dir: Option<&Path>) -> Result<vmlot_provider::driver::BootFil
         kernel: dir.join("vmlinuz"),
         initrd: Some(dir.join("initrd.cpio.gz")),
         disks: Vec::new(),
+        memory: None,
     };
     for file in [&files.kernel, files.initrd.as_ref().expect("set above")] {
         if !file.is_file() {

@@ -483,6 +483,7 @@ async fn submit(shared: &Arc<Shared>, caller: &Caller, mut req: SubmitJob) -> Re
             machine_state: None,
             disks: image.disks.clone(),
             stored_bytes,
+            memory: None,
         },
         spec: req.spec,
         state: JobState::Running,

@@ -124,6 +124,12 @@ pub fn claims(
                 ));
             };
             disks_fit(last, image.disks.len())?;
+            if last.memory.is_some() {
+                return Err(Refusal::new(
+                    RefusalKind::Incomplete,
+                    "an ended guest's final state is its disks: no memory part",
+                ));
+            }
         }
         // Nothing to check: it claims no work and is never paid.
         GuestState::RestoreFailed { .. } => {}
@@ -152,15 +158,52 @@ fn disks_fit(state: &Checkpoint, image_disks: usize) -> Result<(), Refusal> {
 
 /// The machine state is what the lot's hypervisor writes, for the lot's
 /// machine: `prefix` is its first bytes ([`prefix_len`] of them, or all of
-/// a shorter state), `size` its length, `segment` the segment it ends.
-pub fn state_kind(vm: &VmConfig, segment: u32, size: u64, prefix: &[u8]) -> Result<(), Refusal> {
+/// a shorter state), `size` its length, `segment` the segment it ends;
+/// `memory` the size of the checkpoint's memory part, if it has one (a
+/// QEMU state saved with `x-ignore-shared` needs one of the machine's
+/// memory size, and any other state none).
+pub fn state_kind(
+    vm: &VmConfig,
+    segment: u32,
+    size: u64,
+    prefix: &[u8],
+    memory: Option<u64>,
+) -> Result<(), Refusal> {
     let wrong = |why: String| Refusal::new(RefusalKind::WrongKind, why);
+    let want = u64::from(vm.memory_mib) << 20;
+    match (vm.hypervisor, memory) {
+        (HypervisorKind::Qemu, _) => {}
+        (_, None) => {}
+        (kind, Some(_)) => return Err(wrong(format!("a {kind:?} state holds its RAM: no memory part"))),
+    }
     match vm.hypervisor {
         HypervisorKind::Qemu => {
             let header = vmlot_cas::qemusave::parse_header(prefix)
-                .map_err(|e| wrong(format!("not a QEMU mapped-ram save: {e}")))?;
-            if !header.mapped_ram {
-                return Err(wrong("a QEMU save without mapped-ram".into()));
+                .map_err(|e| wrong(format!("not a QEMU save as the driver writes it: {e}")))?;
+            match (header.mapped_ram, header.ignore_shared, memory) {
+                (true, false, None) => {}
+                (false, true, Some(bytes)) if bytes == want => {}
+                (false, true, Some(bytes)) => {
+                    return Err(wrong(format!(
+                        "the memory part holds {bytes} bytes, the lot's machine {want}"
+                    )));
+                }
+                (false, true, None) => {
+                    return Err(Refusal::new(
+                        RefusalKind::Incomplete,
+                        "the state leaves the guest's RAM out (x-ignore-shared) and the checkpoint has no memory part",
+                    ));
+                }
+                (true, _, Some(_)) => {
+                    return Err(wrong(
+                        "a memory part beside a state that holds the guest's RAM".into(),
+                    ));
+                }
+                _ => {
+                    return Err(wrong(
+                        "a QEMU save with neither mapped-ram nor x-ignore-shared".into(),
+                    ));
+                }
             }
             // The provider's QEMU driver runs every guest as a q35 machine.
             if !header
@@ -173,7 +216,6 @@ pub fn state_kind(vm: &VmConfig, segment: u32, size: u64, prefix: &[u8]) -> Resu
             let ram = header
                 .guest_ram()
                 .ok_or_else(|| wrong("no guest RAM block in the save".into()))?;
-            let want = u64::from(vm.memory_mib) << 20;
             if ram.used_length != want {
                 return Err(wrong(format!(
                     "guest RAM is {} MiB in the save, {} MiB in the lot",

@@ -24,6 +24,7 @@ pub(crate) fn checkpoint(name: &[u8]) -> Checkpoint {
         machine_state: Some(ManifestId::of(vmlot_schemas::HashAlgorithm::Sha256, name)),
         disks: vec![],
         stored_bytes: 4096,
+        memory: None,
     }
 }
 
@@ -59,6 +60,7 @@ pub(crate) fn job(segments: SegmentCount) -> JobStatus {
             machine_state: None,
             disks: vec![],
             stored_bytes: 0,
+            memory: None,
         },
         settled: vec![],
         open_lot: None,

@@ -128,6 +128,7 @@ mod tests {
                 machine_state: None,
                 disks: vec![],
                 stored_bytes: 0,
+                memory: None,
             },
         };
         let mut result = result_of(&status, p, running);

@@ -59,6 +59,7 @@ pub(crate) fn canonical(
             (HypervisorKind::Qemu, Some(_), None) => return Err(NotCanonical::NoDigest),
             (_, Some(named), _) => named.to_string(),
         });
+        parts.push(state.memory.map(|m| m.to_string()).unwrap_or_default());
         parts.extend(state.disks.iter().map(|d| d.to_string()));
     }
     parts.push(result.console.map(|c| c.to_string()).unwrap_or_default());

@@ -537,13 +537,13 @@ async fn check(
     let Some(state) = result.guest.state() else {
         return Err(Refusal::new(RefusalKind::NoFinalState, "no state").into());
     };
-    let machine_state = verify::checkpoint(&shared.store, state, known).await?;
-    if let (GuestState::Running { .. }, Some(manifest)) = (&result.guest, &machine_state) {
+    let verified = verify::checkpoint(&shared.store, state, known).await?;
+    if let (GuestState::Running { .. }, Some(manifest)) = (&result.guest, &verified.machine_state) {
         let vm = &status.spec.image.vm;
         let prefix = verify::prefix(&shared.store, manifest, check::prefix_len(vm.hypervisor)).await?;
-        check::state_kind(vm, result.segment, manifest.size, &prefix)?;
+        check::state_kind(vm, result.segment, manifest.size, &prefix, verified.memory_size)?;
     }
-    Ok((price, machine_state))
+    Ok((price, verified.machine_state))
 }
 
 /// Pays for `result` (once, whoever asks again), records the payment in

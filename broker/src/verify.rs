@@ -23,7 +23,22 @@ pub enum Invalid {
 }
 
 fn parts(cp: &Checkpoint) -> Vec<ManifestId> {
-    cp.machine_state.iter().chain(cp.disks.iter()).copied().collect()
+    cp.machine_state
+        .iter()
+        .chain(&cp.memory)
+        .chain(&cp.disks)
+        .copied()
+        .collect()
+}
+
+/// The parts of a verified checkpoint the result checks read further.
+#[derive(Debug, Default)]
+pub struct Verified {
+    /// The machine state's manifest, if there is one (the checks read its
+    /// first bytes).
+    pub machine_state: Option<Manifest>,
+    /// The size of the memory part, if there is one.
+    pub memory_size: Option<u64>,
 }
 
 /// Blocks of a checkpoint already verified (by manifest).
@@ -40,22 +55,24 @@ pub async fn known_blocks(store: &BlockStore, cp: &Checkpoint) -> HashSet<BlockI
 /// Verifies `new`, taking `known` blocks as present (whether it needs a
 /// machine state is `check::claims`'s question, asked before).
 ///
-/// Returns the machine state's manifest, if there is one (the result
-/// checks read its first bytes).
+/// Returns what the result checks read further.
 pub async fn checkpoint(
     store: &BlockStore,
     new: &Checkpoint,
     known: &HashSet<BlockId>,
-) -> Result<Option<Manifest>, Invalid> {
+) -> Result<Verified, Invalid> {
     let mut actual = 0u64;
-    let mut machine_state = None;
+    let mut verified = Verified::default();
     for id in parts(new) {
         let manifest = store.get_manifest(&id).await.map_err(|e| Invalid::Manifest {
             id,
             reason: e.to_string(),
         })?;
         if Some(id) == new.machine_state {
-            machine_state = Some(manifest.clone());
+            verified.machine_state = Some(manifest.clone());
+        }
+        if Some(id) == new.memory {
+            verified.memory_size = Some(manifest.size);
         }
         actual += manifest.stored_bytes();
         let fresh: Vec<BlockId> = manifest
@@ -81,7 +98,7 @@ pub async fn checkpoint(
             actual,
         });
     }
-    Ok(machine_state)
+    Ok(verified)
 }
 
 /// The first `want` bytes of the object `manifest` describes (all of it if

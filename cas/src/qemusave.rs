@@ -17,6 +17,7 @@
 //! 0x01 u32 section_id u8 3 "ram" u32 0 u32 4     QEMU_VM_SECTION_START of "ram"
 //! u64 ram_total | 0x04                           ram_save_setup: RAM_SAVE_FLAG_MEM_SIZE
 //! per block: u8 len idstr u64 used_length        largest block first
+//!   with x-ignore-shared: u64 addr               the block's guest-physical address
 //!   with mapped-ram: u32 1 u64 4096 u64 bitmap_offset u64 pages_offset
 //! ```
 //!
@@ -28,16 +29,22 @@
 //! RAM ([`GUEST_RAM_ID`]); the other blocks (ROMs, 520 KiB on q35) are read a
 //! record at a time at [`QemuSaveHeader::next_block_at`].
 //!
-//! A stream without mapped-ram parses too (its records are contiguous).
-//! Refused by name: another magic or version, any capability but mapped-ram
-//! (`x-ignore-shared` adds a field to each record), and anything but ram's
-//! setup as the first section (e.g. an early-setup device such as virtio-mem).
+//! A stream without mapped-ram parses too (its records are contiguous), as
+//! does one saved with `x-ignore-shared` (the guest's RAM in a shared file
+//! the save leaves out; the driver then saves without mapped-ram, see
+//! `provider/src/driver/qemu/vm.rs`). Refused by name: another magic or
+//! version, any other capability, the two together (QEMU 10.0 cannot write
+//! them: "Failed to write bitmap to file: Bad address", fixed upstream in
+//! December 2025 with a format change), and anything but ram's setup as the
+//! first section (e.g. an early-setup device such as virtio-mem).
 
 /// Leading bytes of a save that always hold the head up to the end of the
 /// first RAM block's record (at most 789 bytes; a real q35 save needs
 /// 139), rounded up to one 4 KiB store block.
 pub const HEADER_PREFIX: usize = 4096;
 /// Bytes at [`QemuSaveHeader::next_block_at`] that always hold one record.
+/// (A record has the mapped-ram header or, with x-ignore-shared, an
+/// address: never both, and the header is the longer.)
 pub const RAM_BLOCK_RECORD_MAX: usize = 1 + MAX_ID + 8 + MAPPED_RAM_HEADER_LEN;
 /// More RAM blocks than any machine of ours has (q35 has six).
 pub const MAX_RAM_BLOCKS: usize = 64;
@@ -60,20 +67,31 @@ const MAPPED_RAM_ALIGNMENT: u64 = 1 << 20;
 const MAX_ID: usize = 255;
 /// QEMU 10 validates two capabilities; more than this is not QEMU.
 const MAX_CAPS: u32 = 8;
-/// The one capability accepted; any other would change the layout or is unknown.
+/// The capabilities accepted; any other would change the layout or is unknown.
 const MAPPED_RAM: &str = "mapped-ram";
+const IGNORE_SHARED: &str = "x-ignore-shared";
 const SUBSECTIONS: [&str; 3] = [
     "configuration/target-page-bits",
     "configuration/capabilities",
     "configuration/uuid",
 ];
-const WORST_HEAD: usize = 8
-    + (1 + 4 + MAX_ID)
-    + (2 + SUBSECTIONS[0].len() + 4 + 4)
-    + (2 + SUBSECTIONS[1].len() + 4 + 4 + MAX_CAPS as usize * (1 + MAPPED_RAM.len()))
-    + (2 + SUBSECTIONS[2].len() + 4 + 16)
-    + (1 + 4 + 1 + 3 + 4 + 4 + 8)
-    + RAM_BLOCK_RECORD_MAX;
+/// The longest head up to the end of the first block's record, with
+/// `caps` names of `cap` bytes each and a first record of `record` bytes.
+const fn worst_head(cap: usize, record: usize) -> usize {
+    8 + (1 + 4 + MAX_ID)
+        + (2 + SUBSECTIONS[0].len() + 4 + 4)
+        + (2 + SUBSECTIONS[1].len() + 4 + 4 + MAX_CAPS as usize * (1 + cap))
+        + (2 + SUBSECTIONS[2].len() + 4 + 16)
+        + (1 + 4 + 1 + 3 + 4 + 4 + 8)
+        + record
+}
+const WORST_MAPPED: usize = worst_head(MAPPED_RAM.len(), RAM_BLOCK_RECORD_MAX);
+const WORST_IGNORE_SHARED: usize = worst_head(IGNORE_SHARED.len(), 1 + MAX_ID + 8 + 8);
+const WORST_HEAD: usize = if WORST_MAPPED > WORST_IGNORE_SHARED {
+    WORST_MAPPED
+} else {
+    WORST_IGNORE_SHARED
+};
 const _: () = assert!(WORST_HEAD <= HEADER_PREFIX);
 
 /// What the head of a QEMU save says about the machine it holds.
@@ -82,8 +100,12 @@ pub struct QemuSaveHeader {
     /// The machine type (`pc-q35-10.0`), absent when QEMU sends no
     /// configuration section.
     pub machine: Option<String>,
-    /// Saved with the `mapped-ram` capability (as our driver saves).
+    /// Saved with the `mapped-ram` capability (as our driver saves a guest
+    /// whose RAM is in the save).
     pub mapped_ram: bool,
+    /// Saved with `x-ignore-shared`: RAM blocks backed by a shared file
+    /// (the guest's, when the driver runs it so) are listed, not saved.
+    pub ignore_shared: bool,
     /// The sum of every block's `used_length`, declared before the blocks.
     pub ram_total: u64,
     /// The blocks read so far, in stream order; all of them once
@@ -97,6 +119,8 @@ pub struct QemuSaveHeader {
 pub struct RamBlock {
     pub id: String,
     pub used_length: u64,
+    /// Its guest-physical address, with x-ignore-shared.
+    pub addr: Option<u64>,
     /// Where its dirty bitmap and pages lie in the file, with mapped-ram.
     pub mapped: Option<MappedRam>,
 }
@@ -147,7 +171,7 @@ pub fn parse_header(prefix: &[u8]) -> Result<QemuSaveHeader, QemuSaveError> {
     if version != VERSION {
         return Err(QemuSaveError::Version(version));
     }
-    let (mut machine, mut mapped_ram) = (None, false);
+    let (mut machine, mut mapped_ram, mut ignore_shared) = (None, false, false);
     if r.peek()? == CONFIGURATION {
         r.pos += 1;
         let len = r.be32()? as usize;
@@ -174,6 +198,7 @@ pub fn parse_header(prefix: &[u8]) -> Result<QemuSaveHeader, QemuSaveError> {
                 for _ in 0..count {
                     match r.id("capability")? {
                         cap if cap == MAPPED_RAM => mapped_ram = true,
+                        cap if cap == IGNORE_SHARED => ignore_shared = true,
                         cap => return Err(QemuSaveError::Capability(cap)),
                     }
                 }
@@ -182,6 +207,11 @@ pub fn parse_header(prefix: &[u8]) -> Result<QemuSaveHeader, QemuSaveError> {
                 r.take(if next == 1 { 4 } else { 16 })?;
             }
         }
+    }
+    if mapped_ram && ignore_shared {
+        return Err(QemuSaveError::Capability(format!(
+            "{MAPPED_RAM} with {IGNORE_SHARED}"
+        )));
     }
     let (kind, _section_id) = (r.u8()?, r.be32()?);
     let (idstr, instance, version) = (r.id("section name")?, r.be32()?, r.be32()?);
@@ -200,6 +230,7 @@ pub fn parse_header(prefix: &[u8]) -> Result<QemuSaveHeader, QemuSaveError> {
     let mut header = QemuSaveHeader {
         machine,
         mapped_ram,
+        ignore_shared,
         ram_total,
         ram_blocks: Vec::new(),
         next_at: r.pos as u64,
@@ -251,6 +282,7 @@ impl QemuSaveHeader {
                 "RAM block {id:?} of {used_length:#x} bytes, {left:#x} left"
             )));
         }
+        let addr = if self.ignore_shared { Some(r.be64()?) } else { None };
         let overflow = || malformed("file offsets overflow");
         let mapped = if self.mapped_ram {
             let (version, page_size) = (r.be32()?, r.be64()?);
@@ -281,6 +313,7 @@ impl QemuSaveHeader {
         self.ram_blocks.push(RamBlock {
             id,
             used_length,
+            addr,
             mapped,
         });
         Ok(r.pos)
@@ -359,6 +392,8 @@ mod tests {
     const MAPPED_256: &[u8] = include_bytes!("../tests/data/qemu10-q35-256m-mapped.head");
     const CLASSIC_128: &[u8] = include_bytes!("../tests/data/qemu10-q35-128m-classic.head");
     const RECORDS_128: &[u8] = include_bytes!("../tests/data/qemu10-q35-128m-mapped.records");
+    // A save with x-ignore-shared of a guest whose RAM is a shared file.
+    const NO_RAM_128: &[u8] = include_bytes!("../tests/data/qemu10-q35-128m-ignore-shared.head");
     const ROMS: [(&str, u64); 5] = [
         ("/rom@etc/acpi/tables", 0x20000),
         ("pc.bios", 0x40000),
@@ -418,6 +453,43 @@ mod tests {
         assert_eq!(sizes(&h)[1..], ROMS);
         assert!(h.ram_blocks.iter().all(|b| b.mapped.is_none()));
         assert_eq!(h.next_block_at(), None);
+    }
+
+    #[test]
+    fn reads_a_real_save_that_leaves_the_shared_ram_out() {
+        let h = parse_header(NO_RAM_128).unwrap();
+        assert_eq!(h.machine.as_deref(), Some("pc-q35-10.0"));
+        assert!(h.ignore_shared && !h.mapped_ram, "{h:?}");
+        assert_eq!(sizes(&h)[0], (GUEST_RAM_ID, 128 * MIB));
+        assert_eq!(sizes(&h)[1..], ROMS);
+        assert_eq!(h.guest_ram().and_then(|b| b.addr), Some(0));
+        assert!(
+            h.ram_blocks
+                .iter()
+                .all(|b| b.mapped.is_none() && b.addr.is_some())
+        );
+        assert_eq!(h.next_block_at(), None);
+    }
+
+    /// QEMU 10.0 cannot write mapped-ram and x-ignore-shared together, and
+    /// a later QEMU writes another layout for them: refused by name.
+    #[test]
+    fn refuses_mapped_ram_with_ignore_shared() {
+        let caps = b"configuration/capabilities";
+        let at = MAPPED_128.windows(caps.len()).position(|w| w == caps).unwrap() + caps.len();
+        // u32 version, u32 count, then the names.
+        assert_eq!(MAPPED_128[at..at + 8], [0, 0, 0, 1, 0, 0, 0, 1]);
+        let mut both = MAPPED_128[..at + 4].to_vec();
+        both.extend_from_slice(&2u32.to_be_bytes());
+        both.push(IGNORE_SHARED.len() as u8);
+        both.extend_from_slice(IGNORE_SHARED.as_bytes());
+        both.extend_from_slice(&MAPPED_128[at + 8..]);
+        assert_eq!(
+            parse_header(&both),
+            Err(QemuSaveError::Capability(format!(
+                "{MAPPED_RAM} with {IGNORE_SHARED}"
+            )))
+        );
     }
 
     #[test]
@@ -514,8 +586,23 @@ mod tests {
         let bitmap_offset = (head.len() + MAPPED_RAM_HEADER_LEN) as u64;
         head.extend([0, 0, 0, 1].into_iter().chain(PAGE_SIZE.to_be_bytes()));
         head.extend(bitmap_offset.to_be_bytes().into_iter().chain(MIB.to_be_bytes()));
-        assert_eq!(head.len(), WORST_HEAD);
+        assert_eq!(head.len(), WORST_MAPPED);
         let h = parse_header(&head).unwrap();
+        assert_eq!((h.ram_blocks[0].id.len(), h.next_block_at()), (255, None));
+
+        // With x-ignore-shared: longer names, and an address for a header.
+        let mut head = [&MAPPED_128[..8], &[CONFIGURATION, 0, 0, 0, 255], &[b'm'; 255]].concat();
+        head.extend(sub(SUBSECTIONS[0]).into_iter().chain([0, 0, 0, 12]));
+        head.extend(sub(SUBSECTIONS[1]).into_iter().chain(MAX_CAPS.to_be_bytes()));
+        head.extend(b"\x0fx-ignore-shared".repeat(MAX_CAPS as usize));
+        head.extend(sub(SUBSECTIONS[2]).into_iter().chain([0; 16]));
+        head.extend(&MAPPED_128[0x47..0x58]);
+        head.extend((MIB | FLAG_MEM_SIZE).to_be_bytes());
+        head.extend([255].into_iter().chain([b'x'; 255]).chain(MIB.to_be_bytes()));
+        head.extend(0u64.to_be_bytes());
+        assert_eq!(head.len(), WORST_IGNORE_SHARED);
+        let h = parse_header(&head).unwrap();
+        assert!(h.ignore_shared);
         assert_eq!((h.ram_blocks[0].id.len(), h.next_block_at()), (255, None));
     }
 

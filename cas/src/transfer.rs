@@ -16,6 +16,7 @@ use vmlot_schemas::{BlockId, Chunking, Extent, Manifest, ManifestId, ObjectKind,
 use crate::cache::BlockCache;
 use crate::chunk::{ManifestBuilder, Piece, chunk_stream};
 use crate::error::CasError;
+use crate::layout::Layout;
 use crate::store::BlockStore;
 
 /// What a push did.
@@ -201,10 +202,41 @@ pub async fn pull_file(
     manifest_id: &ManifestId,
     dest: &Path,
 ) -> Result<PullReport, CasError> {
+    pull_file_over(store, cache, manifest_id, dest, None).await
+}
+
+/// A local file to pull onto: it holds the object `manifest` describes
+/// (this process wrote or pulled it, and nothing has changed it since).
+/// The pull takes it over (moves it), so the caller gives it up.
+pub struct Seed<'a> {
+    pub path: &'a Path,
+    pub manifest: &'a Manifest,
+}
+
+/// As [`pull_file`], onto `seed` when given: the seed becomes the new file,
+/// and only the extents it does not already hold at the same offset are
+/// written (a guest's RAM file after one segment: the pages the guest
+/// wrote). No extent is read back: the seed is taken as what its manifest
+/// says. Blocks written still come from the cache or the store, verified;
+/// those fetched are not put in the cache (the new file is the copy kept).
+pub async fn pull_file_over(
+    store: &BlockStore,
+    cache: Option<&BlockCache>,
+    manifest_id: &ManifestId,
+    dest: &Path,
+    seed: Option<Seed<'_>>,
+) -> Result<PullReport, CasError> {
     let started = Instant::now();
     let manifest = store.get_manifest_via(manifest_id, cache).await?;
     let partial = partial_path(dest);
-    let result = write_object(store, cache, manifest_id, &manifest, &partial).await;
+    let base = match seed {
+        Some(seed) => {
+            std::fs::rename(seed.path, &partial).map_err(|e| CasError::io("take over", seed.path, e))?;
+            Some(seed.manifest)
+        }
+        None => None,
+    };
+    let result = write_object(store, cache, manifest_id, &manifest, &partial, base).await;
     match result {
         Ok((cached_blocks, fetched_blocks, fetched_bytes)) => {
             std::fs::rename(&partial, dest).map_err(|e| CasError::io("rename into place", dest, e))?;
@@ -232,23 +264,46 @@ fn partial_path(dest: &Path) -> PathBuf {
     dest.with_file_name(format!(".{name}.vmlot-partial"))
 }
 
+/// Writes the object at `partial`: a new file, or over `base` (the object
+/// the file at `partial` already holds), only where that differs.
 async fn write_object(
     store: &BlockStore,
     cache: Option<&BlockCache>,
     manifest_id: &ManifestId,
     manifest: &Manifest,
     partial: &Path,
+    base: Option<&Manifest>,
 ) -> Result<(u64, u64, u64), CasError> {
-    let file = std::fs::File::create(partial).map_err(|e| CasError::io("create", partial, e))?;
+    let file = match base {
+        None => std::fs::File::create(partial),
+        Some(_) => std::fs::OpenOptions::new().write(true).open(partial),
+    }
+    .map_err(|e| CasError::io("create", partial, e))?;
     file.set_len(manifest.size)
         .map_err(|e| CasError::io("size", partial, e))?;
     let file = Arc::new(file);
+    let held = base.map(Layout::of);
 
     // Where each distinct block goes (a block may repeat).
     let mut places: HashMap<BlockId, (u32, Vec<u64>)> = HashMap::new();
     let mut order = Vec::new();
     let mut offset = 0u64;
+    let zeros = [0u8; 64 * 1024];
     for extent in &manifest.extents {
+        if held.as_ref().is_some_and(|h| h.holds(offset, extent)) {
+            offset += extent.len();
+            continue;
+        }
+        if let (Extent::Zero { z }, Some(_)) = (*extent, &held) {
+            // The seed has data here: a new file's zeros are its holes.
+            let mut at = offset;
+            while at < offset + z {
+                let n = (offset + z - at).min(zeros.len() as u64) as usize;
+                file.write_all_at(&zeros[..n], at)
+                    .map_err(|e| CasError::io("write", partial, e))?;
+                at += n as u64;
+            }
+        }
         if let Extent::Block { b, n } = *extent {
             let entry = places.entry(b).or_insert_with(|| {
                 order.push(b);
@@ -302,7 +357,9 @@ async fn write_object(
     let fetched_bytes = store
         .get_blocks_located(&cold, &hints, |id, data| {
             write(id, data.clone())?;
-            if let Some(cache) = cache {
+            // Onto a seed, the file is the local copy kept; a cache file
+            // per block would cost more than the pull.
+            if let (Some(cache), None) = (cache, base) {
                 cache.put(&id, &data)?;
             }
             Ok(())

@@ -137,6 +137,7 @@ async fn guest_in_its_cgroup() {
         kernel: guest.join("vmlinuz"),
         initrd: Some(guest.join("initrd.cpio.gz")),
         disks: Vec::new(),
+        memory: None,
     };
     assert!(files.kernel.exists(), "no test guest: {SETUP}");
     let v1 = matches!(place(), Place::V1 { .. });

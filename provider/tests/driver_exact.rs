@@ -30,6 +30,7 @@ fn guest() -> BootFiles {
         kernel,
         initrd: Some(initrd),
         disks: Vec::new(),
+        memory: None,
     }
 }
 

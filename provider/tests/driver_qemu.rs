@@ -92,7 +92,11 @@ fn show(report: &SegmentReport) -> String {
 
 /// The guest run in segments a fifth of its uninterrupted run, each restored in a fresh workdir from
 /// a copy of the previous checkpoint, prints exactly what it prints when
-/// run in one go: no output lost, none repeated, the work continued.
+/// run in one go: no output lost, none repeated, the work continued. The
+/// first two segments keep the guest's RAM in QEMU (mapped-ram saves that
+/// hold it); from the third on it is a file of its own (`x-ignore-shared`
+/// saves of the device state only, the RAM file copied beside them): the
+/// third loads a state that brings its RAM into that file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn segmented_run_matches_uninterrupted_run() {
     let files = guest();
@@ -178,24 +182,30 @@ async fn segmented_run_matches_uninterrupted_run() {
     let segment_for = (whole.run_time / 5).max(Duration::from_secs(2));
     eprintln!("segments of {:.2} s", segment_for.as_secs_f64());
     let mut console = Vec::new();
-    let mut previous: Option<(tempfile::TempDir, PathBuf, PathBuf)> = None;
-    let mut saved = 0;
+    let mut previous: Option<(tempfile::TempDir, PathBuf, PathBuf, Option<PathBuf>)> = None;
+    let (mut saved, mut restored_beside_ram) = (0, 0);
     let t = Instant::now();
     for n in 0.. {
         assert!(n < 40, "the guest should have halted by segment {n}");
         let dir = tempfile::tempdir_in(root.path()).expect("tempdir");
+        let memory = (n >= 2).then(|| dir.path().join("memory"));
         let (start, disk) = match &previous {
             None => (SegmentStart::Boot, disk.clone()),
-            Some((_, state, old_disk)) => {
+            Some((_, state, old_disk, old_memory)) => {
                 let copy = dir.path().join("fetched-state");
                 copy_sparse(state, &copy);
                 let new_disk = dir.path().join("disk.raw");
                 copy_sparse(old_disk, &new_disk);
+                if let (Some(old), Some(new)) = (old_memory, &memory) {
+                    copy_sparse(old, new);
+                    restored_beside_ram += 1;
+                }
                 (SegmentStart::Restore { machine_state: copy }, new_disk)
             }
         };
         let files = BootFiles {
             disks: vec![disk],
+            memory: memory.clone(),
             ..files.clone()
         };
         let driver = QemuDriver::new(QemuConfig {
@@ -220,16 +230,34 @@ async fn segmented_run_matches_uninterrupted_run() {
         );
         console.extend_from_slice(&report.console);
         match report.end {
-            SegmentEnd::Saved { machine_state, disks } => {
+            SegmentEnd::Saved {
+                machine_state,
+                memory: saved_memory,
+                disks,
+            } => {
                 saved += 1;
                 let size = std::fs::metadata(&machine_state).expect("state").len();
-                assert!(
-                    allocated(&machine_state) < size,
-                    "mapped-ram state should be sparse: {} allocated of {size}",
-                    allocated(&machine_state)
-                );
+                let head = std::fs::read(&machine_state).expect("state");
+                let header =
+                    vmlot_cas::qemusave::parse_header(&head[..head.len().min(4096)]).expect("a QEMU save");
+                assert_eq!(saved_memory, memory, "the RAM file is reported beside the state");
+                if let Some(ram) = &saved_memory {
+                    assert!(header.ignore_shared && !header.mapped_ram, "{header:?}");
+                    assert!(size < 4 << 20, "the state without the RAM is {size} bytes");
+                    assert_eq!(
+                        std::fs::metadata(ram).expect("RAM file").len(),
+                        u64::from(common::MEMORY_MIB) << 20
+                    );
+                } else {
+                    assert!(header.mapped_ram && !header.ignore_shared, "{header:?}");
+                    assert!(
+                        allocated(&machine_state) < size,
+                        "mapped-ram state should be sparse: {} allocated of {size}",
+                        allocated(&machine_state)
+                    );
+                }
                 assert_eq!(disks, files.disks);
-                previous = Some((dir, machine_state, disks[0].clone()));
+                previous = Some((dir, machine_state, disks[0].clone(), saved_memory));
             }
             SegmentEnd::Halted => break,
             SegmentEnd::Crashed { reason } => panic!("segment {n} crashed: {reason}"),
@@ -237,8 +265,9 @@ async fn segmented_run_matches_uninterrupted_run() {
     }
     eprintln!("segmented: {saved} saves, {:.1} s", t.elapsed().as_secs_f64());
     assert!(
-        saved >= 3,
-        "the run should span several segments, had {saved} saves"
+        saved >= 3 && restored_beside_ram >= 1,
+        "the run should span several segments and restore a state saved beside its RAM file, \
+         had {saved} saves and {restored_beside_ram} such restores"
     );
     let text = String::from_utf8_lossy(&console);
     assert!(

@@ -32,6 +32,7 @@ fn plan(
             kernel: "/nonexistent/never-read".into(),
             initrd: None,
             disks: Vec::new(),
+            memory: None,
         },
         start,
         run_for,

@@ -30,6 +30,7 @@ fn image(dir: &Path) -> BootFiles {
         kernel,
         initrd: Some(initrd),
         disks: vec![disk],
+        memory: None,
     }
 }
 

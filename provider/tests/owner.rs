@@ -143,6 +143,7 @@ async fn idle_policy() {
         kernel: guest.join("vmlinuz"),
         initrd: Some(guest.join("initrd.cpio.gz")),
         disks: Vec::new(),
+        memory: None,
     };
     assert!(files.kernel.exists(), "no test guest: {SETUP}");
     let dir = tempfile::tempdir().unwrap();

@@ -32,6 +32,9 @@ pub enum ObjectKind {
     Disk,
     /// A hypervisor's saved machine state (QEMU migration file, `xl save` file).
     MachineState,
+    /// A guest's RAM kept apart from its machine state (see
+    /// `Checkpoint::memory`).
+    Memory,
     /// Anything else (tarballs, test data).
     Blob,
 }

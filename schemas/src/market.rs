@@ -450,6 +450,7 @@ mod invite_tests {
                 machine_state: None,
                 disks: vec![],
                 stored_bytes: 0,
+                memory: None,
             },
             segment_seconds: 0,
             reserve_price: Money::new(rust_decimal::Decimal::ONE, "CRD"),

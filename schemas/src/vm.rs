@@ -51,6 +51,13 @@ pub struct VmConfig {
 pub struct Checkpoint {
     /// The hypervisor's saved machine state; `None` for a fresh boot.
     pub machine_state: Option<ManifestId>,
+    /// The guest's RAM as an object of its own (a raw file of the machine's
+    /// memory size, on the 4 KiB grid), when the machine state leaves it
+    /// out: QEMU saves a guest run with its RAM in a file with
+    /// `x-ignore-shared`, the device state only. `None`: the RAM, if any,
+    /// is in the machine state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<ManifestId>,
     /// The disks as they stand, in the image's order.
     #[serde(default)]
     pub disks: Vec<ManifestId>,

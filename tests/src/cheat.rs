@@ -290,6 +290,7 @@ impl Run {
                     machine_state: Some(lot.image.kernel),
                     disks: lot.checkpoint.disks.clone(),
                     stored_bytes: lot.checkpoint.stored_bytes,
+                    memory: None,
                 })
             }
             Lie::InputUnchanged => {
@@ -419,6 +420,7 @@ impl Run {
             machine_state: Some(pushed.manifest_id),
             disks: lot.checkpoint.disks.clone(),
             stored_bytes: pushed.manifest.stored_bytes() + disks,
+            memory: None,
         }
     }
 }

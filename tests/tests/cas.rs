@@ -8,7 +8,7 @@ use std::path::Path;
 use rand::{RngCore, SeedableRng};
 use sha1::{Digest, Sha1};
 use vmlot_cas::pack::Pack;
-use vmlot_cas::{BlockCache, BlockStore, CasError, StoreOptions, pull_file, push_file};
+use vmlot_cas::{BlockCache, BlockStore, CasError, Seed, StoreOptions, pull_file, pull_file_over, push_file};
 use vmlot_schemas::{BlockId, Chunking, HashAlgorithm, ManifestError, ManifestId, ObjectKind, subjects};
 use vmlot_tests::{NatsCluster, NatsServer};
 
@@ -146,6 +146,79 @@ async fn only_changed_blocks_cross_the_wire_and_known_blocks_are_not_asked_for()
     let back = dir.path().join("b.back");
     pull_file(&store, None, &second.manifest_id, &back).await.unwrap();
     assert_eq!(std::fs::read(&back).unwrap(), data);
+}
+
+/// A pull onto an older copy of the object (a provider's own last RAM
+/// file) writes and fetches only what differs at each offset, zeros
+/// included, and leaves the new object byte for byte; the copy is taken.
+#[tokio::test]
+async fn a_pull_onto_an_older_copy_fetches_and_writes_only_what_changed() {
+    let server = NatsServer::start().unwrap();
+    let store = store(&server, StoreOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    // 512 random blocks, blocks 100..120 zero (a hole once stored).
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let mut data = vec![0u8; 512 * 4096];
+    rng.fill_bytes(&mut data);
+    data[100 * 4096..120 * 4096].fill(0);
+    let a = dir.path().join("a");
+    std::fs::write(&a, &data).unwrap();
+    let first = push_file(
+        &store,
+        None,
+        &a,
+        ObjectKind::Memory,
+        Chunking::FIXED_4K,
+        &HashSet::new(),
+    )
+    .await
+    .unwrap();
+    // Two blocks changed, one zeroed, one zero block written, and the
+    // object one block longer.
+    for block in [1usize, 300] {
+        data[block * 4096 + 11] ^= 0x5a;
+    }
+    data[2 * 4096..3 * 4096].fill(0);
+    data[105 * 4096 + 5] = 7;
+    data.extend_from_slice(&[9u8; 4096]);
+    let b = dir.path().join("b");
+    std::fs::write(&b, &data).unwrap();
+    let second = push_file(
+        &store,
+        None,
+        &b,
+        ObjectKind::Memory,
+        Chunking::FIXED_4K,
+        &HashSet::new(),
+    )
+    .await
+    .unwrap();
+
+    let seed = dir.path().join("seed");
+    std::fs::copy(&a, &seed).unwrap();
+    let onto = dir.path().join("b.onto");
+    let report = pull_file_over(
+        &store,
+        None,
+        &second.manifest_id,
+        &onto,
+        Some(Seed {
+            path: &seed,
+            manifest: &first.manifest,
+        }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(std::fs::read(&onto).unwrap(), data);
+    assert!(!seed.exists(), "the seed is taken over");
+    // The two changed blocks, the one written into the hole and the new
+    // last block; the zeroed one is written, not fetched.
+    assert_eq!(report.fetched_blocks, 4, "{report:?}");
+    // Without a seed, every block of the object.
+    let whole = pull_file(&store, None, &second.manifest_id, &dir.path().join("b.whole"))
+        .await
+        .unwrap();
+    assert_eq!(whole.fetched_blocks, second.unique_blocks);
 }
 
 #[tokio::test]

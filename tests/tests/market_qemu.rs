@@ -227,7 +227,12 @@ async fn a_quorum_of_deterministic_replicas_outvotes_a_provider_that_alters_gues
     m.assert_paid_once(&done).await;
     assert!(
         done.settled.iter().all(|s| s.provider != liar_id),
-        "the liar settled a segment"
+        "the liar settled a segment: {:?}\n{}",
+        done.settled
+            .iter()
+            .map(|s| (s.segment, s.attempt, s.provider == liar_id, &s.guest))
+            .collect::<Vec<_>>(),
+        m.market.logs()
     );
     assert_eq!(done.refused, vec![liar_id], "the liar is off the job");
     let tie_broken = done.settled.iter().filter(|s| s.awarded.len() == 3).count();
@@ -395,8 +400,11 @@ async fn fetch_writes_the_last_checkpoint_as_the_store_holds_it() {
     assert_eq!(described["after_segment"], 1);
     let checkpoint = &done.checkpoint;
     let image = &done.spec.image;
-    let expected: [(&str, ManifestId); 4] = [
+    // The guest ran with its RAM in a file of its own: the checkpoint's
+    // memory part beside a machine state of its devices only.
+    let expected: [(&str, ManifestId); 5] = [
         ("machine-state", checkpoint.machine_state.unwrap()),
+        ("memory", checkpoint.memory.expect("a memory part")),
         ("disk0.raw", checkpoint.disks[0]),
         ("kernel", image.kernel),
         ("initrd", image.initrd.unwrap()),
@@ -423,7 +431,13 @@ async fn fetch_writes_the_last_checkpoint_as_the_store_holds_it() {
     }
     // The guest never touched its disk: the checkpoint's is the image's.
     assert!(std::fs::read(out_dir.join("disk0.raw")).unwrap() == content);
-    assert!(std::fs::metadata(out_dir.join("machine-state")).unwrap().len() > (MEMORY_MIB as u64) << 20);
+    // The machine state is the devices' (a few hundred KiB); the memory
+    // part is the guest's RAM, exactly its size.
+    assert!(std::fs::metadata(out_dir.join("machine-state")).unwrap().len() < 4 << 20);
+    assert_eq!(
+        std::fs::metadata(out_dir.join("memory")).unwrap().len(),
+        (MEMORY_MIB as u64) << 20
+    );
 }
 
 /// The job's output comes home (issue 15): the guest computes over

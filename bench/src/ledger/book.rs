@@ -344,6 +344,7 @@ impl Book {
                     machine_state: Some(self.rng.manifest()),
                     disks: vec![self.rng.manifest()],
                     stored_bytes: (20 << 20) + self.rng.below(1 << 20),
+                    memory: None,
                 },
             }
         };
@@ -519,5 +520,6 @@ fn start() -> Checkpoint {
         machine_state: None,
         disks: vec![],
         stored_bytes: 20 << 20,
+        memory: None,
     }
 }

@@ -56,6 +56,7 @@ fn a_result_that_could_have_run_passes_and_one_too_soon_is_too_early() {
                 machine_state: None,
                 disks: vec![],
                 stored_bytes: 0,
+                memory: None,
             }),
         },
     );
@@ -129,6 +130,7 @@ fn the_input_handed_back_or_an_image_part_is_unchanged() {
                 machine_state: Some(kernel),
                 disks: vec![],
                 stored_bytes: 4096,
+                memory: None,
             },
         },
     );
@@ -150,6 +152,7 @@ fn a_state_without_machine_state_or_with_other_disks_is_incomplete() {
                 machine_state: None,
                 disks: vec![],
                 stored_bytes: 0,
+                memory: None,
             },
         },
     );
@@ -216,19 +219,35 @@ fn xl_prefix(memkb: u64) -> Vec<u8> {
 #[test]
 fn an_xl_save_must_be_for_the_lots_machine() {
     let save = xl_prefix(128 * 1024);
-    assert!(state_kind(&vm(HypervisorKind::Xen, 128, ""), 0, 1 << 20, &save).is_ok());
-    let other = state_kind(&vm(HypervisorKind::Xen, 256, ""), 0, 1 << 20, &save).unwrap_err();
+    assert!(state_kind(&vm(HypervisorKind::Xen, 128, ""), 0, 1 << 20, &save, None).is_ok());
+    let other = state_kind(&vm(HypervisorKind::Xen, 256, ""), 0, 1 << 20, &save, None).unwrap_err();
     assert_eq!(other.kind, RefusalKind::WrongKind);
     assert!(other.why.contains("memory"), "{other}");
     for junk in [&b""[..], b"QEVM\0\0\0\x03", &[0u8; 4096]] {
         assert_eq!(
-            kind_of(state_kind(&vm(HypervisorKind::Xen, 128, ""), 0, 4096, junk)),
+            kind_of(state_kind(&vm(HypervisorKind::Xen, 128, ""), 0, 4096, junk, None)),
             RefusalKind::WrongKind
         );
     }
-    // An xl save is not a QEMU state.
+    // An xl save is not a QEMU state, and holds its RAM.
     assert_eq!(
-        kind_of(state_kind(&vm(HypervisorKind::Qemu, 128, ""), 0, 1 << 20, &save)),
+        kind_of(state_kind(
+            &vm(HypervisorKind::Qemu, 128, ""),
+            0,
+            1 << 20,
+            &save,
+            None
+        )),
+        RefusalKind::WrongKind
+    );
+    assert_eq!(
+        kind_of(state_kind(
+            &vm(HypervisorKind::Xen, 128, ""),
+            0,
+            1 << 20,
+            &save,
+            Some(128 << 20)
+        )),
         RefusalKind::WrongKind
     );
 }
@@ -248,25 +267,25 @@ fn a_synthetic_state_must_have_run_this_segment_at_the_lots_size() {
         .encode()
     };
     let small = vm(HypervisorKind::Synthetic, 16, "synthetic.state_kib=64");
-    assert!(state_kind(&small, 2, 64 * 1024, &header(3, 64)).is_ok());
+    assert!(state_kind(&small, 2, 64 * 1024, &header(3, 64), None).is_ok());
     // Not run: the counter of the input.
     assert_eq!(
-        kind_of(state_kind(&small, 2, 64 * 1024, &header(2, 64))),
+        kind_of(state_kind(&small, 2, 64 * 1024, &header(2, 64), None)),
         RefusalKind::Unchanged
     );
     // Another machine's size, or a header that lies about the size.
     assert_eq!(
-        kind_of(state_kind(&small, 2, 128 * 1024, &header(3, 128))),
+        kind_of(state_kind(&small, 2, 128 * 1024, &header(3, 128), None)),
         RefusalKind::WrongKind
     );
     assert_eq!(
-        kind_of(state_kind(&small, 2, 4096, &header(3, 64))),
+        kind_of(state_kind(&small, 2, 4096, &header(3, 64), None)),
         RefusalKind::WrongKind
     );
     let full = vm(HypervisorKind::Synthetic, 16, "");
-    assert!(state_kind(&full, 0, 16 << 20, &header(1, 16 * 1024)).is_ok());
+    assert!(state_kind(&full, 0, 16 << 20, &header(1, 16 * 1024), None).is_ok());
     assert_eq!(
-        kind_of(state_kind(&full, 0, 4096, b"junk")),
+        kind_of(state_kind(&full, 0, 4096, b"junk", None)),
         RefusalKind::WrongKind
     );
 }
@@ -275,26 +294,52 @@ fn a_synthetic_state_must_have_run_this_segment_at_the_lots_size() {
 const QEMU_128M: &[u8] = include_bytes!("../../../cas/tests/data/qemu10-q35-128m-mapped.head");
 const QEMU_256M: &[u8] = include_bytes!("../../../cas/tests/data/qemu10-q35-256m-mapped.head");
 const QEMU_CLASSIC: &[u8] = include_bytes!("../../../cas/tests/data/qemu10-q35-128m-classic.head");
+/// A save of a guest whose RAM is a shared file, made with x-ignore-shared.
+const QEMU_NO_RAM: &[u8] = include_bytes!("../../../cas/tests/data/qemu10-q35-128m-ignore-shared.head");
+
+/// A state that leaves the guest's RAM in its file needs a memory part of
+/// the lot's memory; one that holds its RAM takes none.
+#[test]
+fn a_qemu_save_without_its_ram_needs_a_memory_part_of_the_lots_size() {
+    let qemu = |mib| vm(HypervisorKind::Qemu, mib, "");
+    let part = |mib: u64| Some(mib << 20);
+    assert!(state_kind(&qemu(128), 1, 1 << 20, QEMU_NO_RAM, part(128)).is_ok());
+    assert_eq!(
+        kind_of(state_kind(&qemu(128), 1, 1 << 20, QEMU_NO_RAM, None)),
+        RefusalKind::Incomplete
+    );
+    let small = state_kind(&qemu(128), 1, 1 << 20, QEMU_NO_RAM, part(64)).unwrap_err();
+    assert_eq!(small.kind, RefusalKind::WrongKind);
+    assert!(small.why.contains("memory part holds"), "{small}");
+    assert_eq!(
+        kind_of(state_kind(&qemu(256), 1, 1 << 20, QEMU_NO_RAM, part(256))),
+        RefusalKind::WrongKind
+    );
+    assert_eq!(
+        kind_of(state_kind(&qemu(128), 1, 140 << 20, QEMU_128M, part(128))),
+        RefusalKind::WrongKind
+    );
+}
 
 #[test]
 fn a_qemu_save_must_be_mapped_ram_for_the_lots_memory() {
     let qemu = |mib| vm(HypervisorKind::Qemu, mib, "");
-    assert!(state_kind(&qemu(128), 1, 140 << 20, QEMU_128M).is_ok());
-    assert!(state_kind(&qemu(256), 1, 270 << 20, QEMU_256M).is_ok());
-    let other = state_kind(&qemu(128), 1, 270 << 20, QEMU_256M).unwrap_err();
+    assert!(state_kind(&qemu(128), 1, 140 << 20, QEMU_128M, None).is_ok());
+    assert!(state_kind(&qemu(256), 1, 270 << 20, QEMU_256M, None).is_ok());
+    let other = state_kind(&qemu(128), 1, 270 << 20, QEMU_256M, None).unwrap_err();
     assert_eq!(other.kind, RefusalKind::WrongKind);
     assert!(
         other.why.contains("256 MiB in the save, 128 MiB in the lot"),
         "{other}"
     );
     assert_eq!(
-        kind_of(state_kind(&qemu(128), 1, 1 << 20, QEMU_CLASSIC)),
+        kind_of(state_kind(&qemu(128), 1, 1 << 20, QEMU_CLASSIC, None)),
         RefusalKind::WrongKind
     );
     // Not a QEMU stream at all, or one cut short.
     for junk in [&b""[..], &QEMU_128M[..20], &xl_prefix(128 * 1024), &[0u8; 4096]] {
         assert_eq!(
-            kind_of(state_kind(&qemu(128), 1, 4096, junk)),
+            kind_of(state_kind(&qemu(128), 1, 4096, junk, None)),
             RefusalKind::WrongKind
         );
     }

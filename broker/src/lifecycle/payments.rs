@@ -116,6 +116,7 @@ pub fn void(status: &JobStatus, segment: u32) -> Result<JobStatus, Refused> {
             machine_state: None,
             disks: status.spec.image.disks.clone(),
             stored_bytes: status.checkpoint.stored_bytes,
+            memory: None,
         },
         n => match status.settled[n - 2].guest.state() {
             Some(before) => before.clone(),

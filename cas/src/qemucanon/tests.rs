@@ -337,7 +337,11 @@ fn is<T>(got: Result<T, CanonError>, want: impl Fn(&CanonError) -> bool) -> bool
 fn refuses_by_name() {
     use CanonError as E;
     assert!(is(edited(|f| f.caps.clear()), |e| matches!(e, E::NotMappedRam)));
-    assert!(is(edited(|f| f.caps = vec!["x-ignore-shared"]), |e| matches!(
+    assert!(is(
+        edited(|f| f.caps = vec!["mapped-ram", "x-ignore-shared"]),
+        |e| matches!(e, E::Head(QemuSaveError::Capability(_)))
+    ));
+    assert!(is(edited(|f| f.caps = vec!["x-bogus"]), |e| matches!(
         e,
         E::Head(QemuSaveError::Capability(_))
     )));

@@ -20,6 +20,9 @@ use crate::output::{JobDidNotFinish, print_json};
 pub const MANIFEST_FILE: &str = "manifest.json";
 /// The saved machine state, as the hypervisor wrote it.
 pub const MACHINE_STATE_FILE: &str = "machine-state";
+/// The guest's RAM, when the machine state leaves it out (QEMU's
+/// `x-ignore-shared`): `vmlot run-local` maps it as the guest's memory.
+pub const MEMORY_FILE: &str = "memory";
 /// The image's kernel and initrd, which a restore boots the same machine from.
 pub const KERNEL_FILE: &str = "kernel";
 pub const INITRD_FILE: &str = "initrd";
@@ -53,7 +56,7 @@ pub struct FetchManifest {
 pub struct FetchedFile {
     /// Name inside the output directory.
     pub file: String,
-    /// `machine-state`, `disk`, `kernel` or `initrd`.
+    /// `machine-state`, `memory`, `disk`, `kernel` or `initrd`.
     pub role: String,
     /// The disk's position in the image's order (disks only).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -113,6 +116,9 @@ pub async fn write_checkpoint(store: &BlockStore, status: &JobStatus, dir: &Path
     let mut files = Vec::new();
     if let Some(id) = &checkpoint.machine_state {
         files.push(pull(store, id, dir, MACHINE_STATE_FILE.into(), "machine-state", None).await?);
+    }
+    if let Some(id) = &checkpoint.memory {
+        files.push(pull(store, id, dir, MEMORY_FILE.into(), "memory", None).await?);
     }
     for (i, id) in checkpoint.disks.iter().enumerate() {
         files.push(pull(store, id, dir, format!("disk{i}.raw"), "disk", Some(i)).await?);

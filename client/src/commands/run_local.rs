@@ -15,7 +15,9 @@ use vmlot_provider::driver::qemu::{Accel, CONSOLE_FILE, QemuConfig, QemuDriver};
 use vmlot_provider::driver::{BootFiles, Driver, SegmentEnd, SegmentPlan, SegmentStart};
 use vmlot_schemas::HypervisorKind;
 
-use crate::commands::fetch::{FetchManifest, INITRD_FILE, KERNEL_FILE, MACHINE_STATE_FILE, MANIFEST_FILE};
+use crate::commands::fetch::{
+    FetchManifest, INITRD_FILE, KERNEL_FILE, MACHINE_STATE_FILE, MANIFEST_FILE, MEMORY_FILE,
+};
 
 /// Longest a local run goes on before it is stopped: a guest that never
 /// powers off is ended by its user.
@@ -75,6 +77,8 @@ pub async fn run_local(dir: &Path, accel: &str) -> Result<()> {
             kernel: dir.join(KERNEL_FILE),
             initrd: has("initrd").then(|| dir.join(INITRD_FILE)),
             disks: disks.into_iter().map(|(_, path)| path).collect(),
+            // Mapped and written in place, as the disks are.
+            memory: has("memory").then(|| dir.join(MEMORY_FILE)),
         },
         start,
         run_for: FOREVER,

@@ -312,6 +312,7 @@ pub(super) mod tests {
                 machine_state: None,
                 disks: vec![],
                 stored_bytes: 0,
+                memory: None,
             },
             settled: vec![SettledSegment {
                 segment: settlement.segment,

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use tracing::Instrument;
-use vmlot_cas::{pull_file, push_file, push_file_over};
+use vmlot_cas::{Seed, pull_file, pull_file_over, push_file, push_file_over};
 use vmlot_schemas::market::{Award, Checkpoint, GuestState, Lot, SegmentResult, SegmentTimings};
 use vmlot_schemas::{BlockId, Chunking, HypervisorKind, ManifestId, ObjectKind, WIRE_VERSION, subjects};
 
@@ -167,12 +167,21 @@ async fn fetch(daemon: &Daemon, lot: &Lot, workdir: &Path) -> Result<(SegmentPla
         },
         None => SegmentStart::Boot,
     };
+    let memory = workdir.join("memory");
+    let memory = match &lot.checkpoint.memory {
+        Some(id) => {
+            fetched_bytes += pull_memory(daemon, lot, id, &memory).await?;
+            Some(memory)
+        }
+        None => ram_apart(lot).then_some(memory),
+    };
     let plan = SegmentPlan {
         vm: lot.image.vm.clone(),
         files: BootFiles {
             kernel,
             initrd,
             disks,
+            memory,
         },
         start,
         run_for: Duration::from_secs(lot.segment_seconds as u64),
@@ -183,6 +192,40 @@ async fn fetch(daemon: &Daemon, lot: &Lot, workdir: &Path) -> Result<(SegmentPla
     std::fs::create_dir_all(&plan.workdir).map_err(|e| AttemptError::Io(e.to_string()))?;
     tracing::debug!(fetched_bytes, "fetched");
     Ok((plan, fetched_bytes))
+}
+
+/// Pulls the guest's RAM to `dest`, onto the RAM file this provider kept
+/// from its last segment of the job if it has one; the bytes fetched from
+/// the store.
+async fn pull_memory(daemon: &Daemon, lot: &Lot, id: &ManifestId, dest: &Path) -> Result<u64, AttemptError> {
+    let kept = daemon.kept.take(&lot.job);
+    let base = match &kept {
+        Some((_, kept_id)) => daemon
+            .store
+            .get_manifest_via(kept_id, Some(&daemon.cache))
+            .await
+            .ok(),
+        None => None,
+    };
+    let seed = match (&kept, &base) {
+        (Some((path, _)), Some(manifest)) => Some(Seed { path, manifest }),
+        _ => None,
+    };
+    let onto = seed.is_some();
+    let report = pull_file_over(&daemon.store, Some(&daemon.cache), id, dest, seed)
+        .await
+        .map_err(AttemptError::Fetch);
+    if let Some((path, _)) = &kept {
+        // Moved by the pull unless it failed first, or was not used.
+        let _ = std::fs::remove_file(path);
+    }
+    let report = report?;
+    tracing::debug!(
+        onto_kept = onto,
+        fetched_bytes = report.fetched_bytes,
+        "guest RAM pulled"
+    );
+    Ok(report.fetched_bytes)
 }
 
 /// The owner comes first on a scavenging provider (`idle_load` set): the
@@ -213,7 +256,11 @@ async fn push(
     let known = known_blocks(daemon, &lot.checkpoint).await;
     let mut sent_bytes = 0u64;
     let guest = match end {
-        SegmentEnd::Saved { machine_state, disks } => {
+        SegmentEnd::Saved {
+            machine_state,
+            memory,
+            disks,
+        } => {
             #[cfg(feature = "fault-injection")]
             crate::fault::after_save(&machine_state);
             let state = push_file_over(
@@ -228,13 +275,38 @@ async fn push(
             .await
             .map_err(AttemptError::Upload)?;
             sent_bytes += state.sent_bytes;
+            let mut stored_bytes = state.manifest.stored_bytes();
+            let memory = match memory {
+                Some(ram) => {
+                    // Not through the cache: the RAM file itself is kept
+                    // (below), and a cache file per changed page is most of
+                    // a push's time on this file system.
+                    let pushed = push_file_over(
+                        &daemon.store,
+                        None,
+                        &ram,
+                        ObjectKind::Memory,
+                        Chunking::FIXED_4K,
+                        &known,
+                        lot.checkpoint.memory.as_ref(),
+                    )
+                    .await
+                    .map_err(AttemptError::Upload)?;
+                    sent_bytes += pushed.sent_bytes;
+                    stored_bytes += pushed.manifest.stored_bytes();
+                    daemon.kept.keep(lot.job, pushed.manifest_id, &ram);
+                    Some(pushed.manifest_id)
+                }
+                None => None,
+            };
             let (disk_ids, disk_bytes) =
                 push_disks(daemon, &disks, &lot.checkpoint.disks, &known, &mut sent_bytes).await?;
             GuestState::Running {
                 checkpoint: Checkpoint {
                     machine_state: Some(state.manifest_id),
+                    memory,
                     disks: disk_ids,
-                    stored_bytes: state.manifest.stored_bytes() + disk_bytes,
+                    stored_bytes: stored_bytes + disk_bytes,
                 },
             }
         }
@@ -316,6 +388,7 @@ async fn final_state(
         machine_state: None,
         disks,
         stored_bytes,
+        memory: None,
     })
 }
 
@@ -341,12 +414,27 @@ async fn publish(daemon: &Daemon, result: &SegmentResult) -> Result<(), AttemptE
 /// Blocks of the checkpoint a segment started from: in the store already.
 async fn known_blocks(daemon: &Daemon, checkpoint: &Checkpoint) -> HashSet<BlockId> {
     let mut known = HashSet::new();
-    for id in checkpoint.machine_state.iter().chain(&checkpoint.disks) {
+    for id in checkpoint
+        .machine_state
+        .iter()
+        .chain(&checkpoint.memory)
+        .chain(&checkpoint.disks)
+    {
         if let Ok(manifest) = daemon.store.get_manifest_via(id, Some(&daemon.cache)).await {
             known.extend(manifest.unique_blocks().into_iter().map(|(b, _)| b));
         }
     }
     known
+}
+
+/// Whether the segment runs the guest with its RAM in a file of its own,
+/// saved apart from the machine state (see [`BootFiles::memory`]): a
+/// QEMU guest whose checkpoint has it so, or any QEMU guest the market
+/// does not compare replicas of (a deterministic segment's state must hold
+/// its RAM for the broker's canonical digest).
+fn ram_apart(lot: &Lot) -> bool {
+    lot.checkpoint.memory.is_some()
+        || (lot.image.vm.hypervisor == HypervisorKind::Qemu && lot.instructions.is_none())
 }
 
 /// How a hypervisor's saved state is cut into blocks. QEMU's mapped-ram

@@ -10,7 +10,7 @@ use futures::StreamExt;
 use rust_decimal::Decimal;
 use tracing::Instrument;
 use vmlot_schemas::market::{Bid, Checkpoint, Lot};
-use vmlot_schemas::{WIRE_VERSION, subjects};
+use vmlot_schemas::{JobId, WIRE_VERSION, subjects};
 
 use super::span::{LotRef, Step};
 use super::state::Daemon;
@@ -58,7 +58,7 @@ pub(super) async fn bid_on_lots(
 
 /// Decides on `lot` and sends the bid, if any.
 async fn bid(daemon: &Daemon, lot: &Lot) {
-    let hot_share = hot_share(daemon, &lot.checkpoint).await;
+    let hot_share = hot_share(daemon, &lot.job, &lot.checkpoint).await;
     let idle = daemon.owner.idle(daemon.config.idle_load);
     crate::metrics::owner_idle(idle);
     match bidding::decide(&daemon.config, lot, daemon.free_slots(), idle, hot_share) {
@@ -95,11 +95,24 @@ async fn bid(daemon: &Daemon, lot: &Lot) {
     }
 }
 
-/// Share of a checkpoint's stored bytes already in the local cache.
-async fn hot_share(daemon: &Daemon, checkpoint: &Checkpoint) -> Decimal {
+/// Share of a checkpoint's stored bytes already here: in the local cache,
+/// or, for its memory part, in the RAM file kept from this provider's last
+/// segment of the job (counted whole: it differs by what one segment wrote).
+async fn hot_share(daemon: &Daemon, job: &JobId, checkpoint: &Checkpoint) -> Decimal {
     let (mut hot, mut total) = (0u64, 0u64);
-    for id in checkpoint.machine_state.iter().chain(&checkpoint.disks) {
+    let kept = daemon.kept.holds(job);
+    for id in checkpoint
+        .machine_state
+        .iter()
+        .chain(&checkpoint.memory)
+        .chain(&checkpoint.disks)
+    {
         if let Ok(manifest) = daemon.store.get_manifest(id).await {
+            if kept && Some(*id) == checkpoint.memory {
+                hot += manifest.stored_bytes();
+                total += manifest.stored_bytes();
+                continue;
+            }
             let have = daemon.cache.have(&manifest);
             hot += have.hot_bytes;
             total += have.hot_bytes + have.cold_bytes;

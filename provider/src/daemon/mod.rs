@@ -27,6 +27,7 @@ mod attempt;
 mod award;
 mod bid;
 mod heartbeat;
+mod kept;
 mod span;
 mod state;
 
@@ -94,6 +95,12 @@ pub async fn run(
         // be unavailable) now, and a killed daemon's leftovers removed.
         crate::cgroup::place();
     }
+    let kept = kept::Kept::open(config.work_dir.join("kept")).map_err(|e| {
+        nats(
+            "create the kept RAM files' dir",
+            format!("{}: {e}", config.work_dir.display()),
+        )
+    })?;
     let mut js = jetstream::new(client.clone());
     js.set_timeout(Duration::from_secs(15));
     let config_slots = config.slots as usize;
@@ -102,6 +109,7 @@ pub async fn run(
         js,
         store,
         cache,
+        kept,
         config,
         drivers,
         active: Mutex::new(HashMap::new()),

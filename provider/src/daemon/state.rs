@@ -20,6 +20,8 @@ pub(super) struct Daemon {
     pub js: jetstream::Context,
     pub store: BlockStore,
     pub cache: Arc<BlockCache>,
+    /// The RAM files of this provider's last segments, to pull onto.
+    pub kept: super::kept::Kept,
     pub config: ProviderConfig,
     pub drivers: HashMap<HypervisorKind, Arc<dyn Driver>>,
     /// Segments awarded and not finished, by lot (running or waiting for a slot).

@@ -20,6 +20,14 @@ pub struct BootFiles {
     pub initrd: Option<PathBuf>,
     /// Raw disk images, attached in order; the guest writes them in place.
     pub disks: Vec<PathBuf>,
+    /// The guest's RAM as a file of its own, written in place by the guest
+    /// and left out of the saved machine state, so a save writes the device
+    /// state only and this file is the checkpoint's memory part (QEMU: a
+    /// shared file-backed memory backend saved with `x-ignore-shared`; the
+    /// other drivers refuse it). Made empty for a boot, or for a restore of
+    /// a state saved with its RAM inside; a state saved without its RAM
+    /// needs the file it was saved beside.
+    pub memory: Option<PathBuf>,
 }
 
 /// Where a segment starts.
@@ -110,6 +118,9 @@ pub enum SegmentEnd {
     /// Still running when the segment ended: saved.
     Saved {
         machine_state: PathBuf,
+        /// The guest's RAM, when it is not in the machine state (the same
+        /// file as [`BootFiles::memory`]).
+        memory: Option<PathBuf>,
         /// The disks as they stand (the same files as [`BootFiles::disks`]).
         disks: Vec<PathBuf>,
     },

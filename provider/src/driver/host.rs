@@ -9,13 +9,21 @@ use vmlot_schemas::HypervisorKind;
 
 use super::api::{DriverError, SegmentPlan, SegmentStart};
 
-/// Refuses a lot for another hypervisor than `kind`.
+/// Refuses a lot for another hypervisor than `kind`, and a guest RAM file
+/// ([`BootFiles::memory`]) for a hypervisor whose RAM is in its own save.
+///
+/// [`BootFiles::memory`]: super::api::BootFiles::memory
 pub(crate) fn expect_kind(plan: &SegmentPlan, kind: HypervisorKind) -> Result<(), DriverError> {
     if plan.vm.hypervisor != kind {
         return Err(DriverError::WrongHypervisor {
             expected: kind,
             actual: plan.vm.hypervisor,
         });
+    }
+    if plan.files.memory.is_some() && kind != HypervisorKind::Qemu {
+        return Err(DriverError::BadImage(format!(
+            "a {kind:?} guest's RAM is in its saved state: no memory file"
+        )));
     }
     Ok(())
 }

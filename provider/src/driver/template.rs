@@ -309,6 +309,7 @@ async fn drive<M: Machine>(
             std::fs::rename(&partial, &state).map_err(|e| io_err("rename", &partial, e))?;
             SegmentEnd::Saved {
                 machine_state: state,
+                memory: plan.files.memory.clone(),
                 disks: plan.files.disks.clone(),
             }
         }

@@ -9,7 +9,7 @@ use vmlot_provider::driver::{BootFiles, SegmentPlan, SegmentStart};
 use vmlot_schemas::{HypervisorKind, VmConfig};
 
 /// The test guest's memory.
-const MEMORY_MIB: u32 = 128;
+pub const MEMORY_MIB: u32 = 128;
 
 /// How to get what the VM tests need.
 pub const SETUP: &str = "run `make deps guest` in the repository root (QEMU from scripts/deps.sh, \
@@ -37,6 +37,7 @@ pub fn guest() -> BootFiles {
         kernel,
         initrd: Some(initrd),
         disks: Vec::new(),
+        memory: None,
     }
 }
 

@@ -49,6 +49,11 @@ impl Accel {
 /// `sun_path` is 108 bytes including the NUL.
 const MAX_SOCKET_PATH: usize = 100;
 
+/// The guest's RAM backend when it runs in a file of its own: named as
+/// QEMU names the RAM of `-m` alone, so the RAM block keeps its id
+/// (`pc.ram`) and a state saved with its RAM inside loads into either.
+pub(crate) const MEMORY_BACKEND: &str = "pc.ram";
+
 /// The id of the notice channel's chardev (the guest's second serial port).
 pub(crate) const NOTICE_CHARDEV: &str = "vmlot-notice";
 
@@ -139,6 +144,10 @@ fn machine_args(
             vm.vcpus
         )));
     }
+    let machine = match &plan.files.memory {
+        None => "q35".to_string(),
+        Some(_) => format!("q35,memory-backend={MEMORY_BACKEND}"),
+    };
     let mut args: Vec<OsString> = if deterministic {
         DETERMINISTIC.iter().map(OsString::from).collect()
     } else {
@@ -147,7 +156,7 @@ fn machine_args(
     args.extend(
         [
             "-machine",
-            "q35",
+            &machine,
             "-m",
             &vm.memory_mib.to_string(),
             "-smp",
@@ -165,6 +174,17 @@ fn machine_args(
         .iter()
         .map(OsString::from),
     );
+    if let Some(memory) = &plan.files.memory {
+        let path = escape(memory).map_err(DriverError::BadImage)?;
+        args.push("-object".into());
+        args.push(
+            format!(
+                "memory-backend-file,id={MEMORY_BACKEND},size={}M,mem-path={path},share=on",
+                vm.memory_mib
+            )
+            .into(),
+        );
+    }
     // The order of -serial is the guest's: ttyS0 (COM1) first.
     let console = escape(paths.console).map_err(DriverError::Start)?;
     args.push("-chardev".into());
@@ -245,6 +265,7 @@ mod tests {
                 kernel: "/img/vmlinuz".into(),
                 initrd: None,
                 disks: vec!["/w/disk,0.raw".into()],
+                memory: None,
             },
             start,
             run_for: Duration::ZERO,

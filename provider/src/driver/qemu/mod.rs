@@ -20,6 +20,8 @@
 //! - [`args`]: QEMU's command line (one machine for boot and restore).
 //! - [`qmp`]: typed QMP requests and the client that sends them.
 //! - [`vm`]: one segment's QEMU process and the template's steps on it.
+//! - [`memory`]: the guest's RAM as a file of its own, readied before QEMU
+//!   starts.
 //! - [`exact`]: deterministic segments, stopped at an exact instruction
 //!   count with the `vmlot-icount-stop` plugin.
 
@@ -40,6 +42,7 @@ use crate::driver::template;
 
 pub(crate) mod args;
 pub mod exact;
+mod memory;
 mod process;
 pub(crate) mod qmp;
 pub(crate) mod vm;

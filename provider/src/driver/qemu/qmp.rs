@@ -118,6 +118,9 @@ pub(crate) enum MigrationCapability {
     /// RAM pages at fixed offsets of a file (QEMU 9.0+): zero pages are
     /// holes and unchanged pages stay where they were.
     MappedRam,
+    /// RAM blocks backed by a shared file are left out of the save (and
+    /// of the load): the guest's RAM when it runs in a file of its own.
+    XIgnoreShared,
 }
 
 /// `migrate`: saves the (stopped) machine through `channels`.

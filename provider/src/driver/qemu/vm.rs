@@ -3,10 +3,25 @@
 //! kill; and the notice written to the guest's second serial port.
 //!
 //! A restore loads the checkpoint with `migrate-incoming`; a save stops
-//! the guest and migrates it with the `mapped-ram` capability into a file:
-//! RAM pages sit at fixed 4 KiB-aligned offsets and zero pages are holes,
-//! so the file is sparse and successive checkpoints of one guest differ
-//! only where the guest wrote.
+//! the guest and migrates it into a file, one of two ways:
+//!
+//! - the guest's RAM in QEMU's own memory: with the `mapped-ram`
+//!   capability, RAM pages at fixed 4 KiB-aligned offsets of the file and
+//!   zero pages holes, so the file is sparse and successive checkpoints of
+//!   one guest differ only where the guest wrote;
+//! - the guest's RAM in a file of its own ([`BootFiles::memory`], a shared
+//!   file-backed memory backend): with `x-ignore-shared`, so the save holds
+//!   the device state and the small ROM blocks only (a few hundred KiB),
+//!   and the RAM file, already on the 4 KiB grid, is the checkpoint's
+//!   memory part; a restore maps the file instead of reading RAM into QEMU.
+//!   Not with mapped-ram too: QEMU 10.0 cannot write the two together
+//!   ("Failed to write bitmap to file: Bad address", fixed upstream in
+//!   December 2025), and the device state is small enough to stream.
+//!
+//! Which way a state was saved is read from its head
+//! ([`vmlot_cas::qemusave`]), and the restore sets the same capability.
+//!
+//! [`BootFiles::memory`]: crate::driver::api::BootFiles::memory
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -19,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::args::{Accel, Paths, command_line, utf8};
 use super::exact::{self, ExactArgs, Leg, StopControl, StopListener};
+use super::memory::{prepare_memory, saved_without_ram};
 use super::process::{COMMAND_TIMEOUT, Process};
 use super::qmp::{
     Cont, HumanMonitorCommand, Migrate, MigrateIncoming, MigrateSetCapabilities, MigrationCapability,
@@ -64,6 +80,11 @@ pub(crate) struct QemuMachine {
     idle_priority: bool,
     /// QEMU runs in a cgroup of its own, sized so.
     confine: Option<Confinement>,
+    /// The guest's RAM is in this file (see [`BootFiles::memory`]), left
+    /// out of the save.
+    ///
+    /// [`BootFiles::memory`]: crate::driver::api::BootFiles::memory
+    memory: Option<PathBuf>,
 }
 
 /// An exact run under way: the plugin's control, the icount to stop at,
@@ -98,6 +119,7 @@ impl QemuMachine {
             stopper: None,
             idle_priority: false,
             confine: None,
+            memory: None,
         }
     }
 
@@ -122,6 +144,20 @@ impl QemuMachine {
 
 impl Machine for QemuMachine {
     async fn start(&mut self, plan: &SegmentPlan, cancel: &CancellationToken) -> Result<(), DriverError> {
+        let ram_outside = match &plan.start {
+            SegmentStart::Restore { machine_state } => saved_without_ram(machine_state)?,
+            SegmentStart::Boot => false,
+        };
+        match &plan.files.memory {
+            Some(memory) => prepare_memory(memory, plan.vm.memory_mib, ram_outside)?,
+            None if ram_outside => {
+                return Err(DriverError::Restore(
+                    "the state was saved without the guest's RAM, and no memory file was given".into(),
+                ));
+            }
+            None => {}
+        }
+        self.memory = plan.files.memory.clone();
         let exact = self.exact.as_ref();
         let paths = Paths {
             console: &self.console,
@@ -150,7 +186,7 @@ impl Machine for QemuMachine {
             None => None,
         };
         if let SegmentStart::Restore { machine_state } = &plan.start {
-            restore(vm, machine_state, cancel).await?;
+            restore(vm, machine_state, ram_outside, cancel).await?;
         }
         if let (Some(control), Some(exact)) = (control, exact) {
             let icount = vm
@@ -248,7 +284,8 @@ impl Machine for QemuMachine {
         partial: &Path,
         cancel: &CancellationToken,
     ) -> Result<Option<SegmentEnd>, DriverError> {
-        save(self.process()?, partial, cancel).await
+        let ram_outside = self.memory.is_some();
+        save(self.process()?, partial, ram_outside, cancel).await
     }
 
     async fn stop(&mut self, outcome: Result<&SegmentEnd, &DriverError>) {
@@ -288,14 +325,16 @@ async fn gone(vm: &mut Process) -> SegmentEnd {
     }
 }
 
-/// Loads `machine_state` into a QEMU started with `-incoming defer`.
+/// Loads `machine_state` into a QEMU started with `-incoming defer`, with
+/// the capability it was saved with (`ram_outside`: `x-ignore-shared`).
 async fn restore(
     vm: &mut Process,
     machine_state: &Path,
+    ram_outside: bool,
     cancel: &CancellationToken,
 ) -> Result<(), DriverError> {
     let filename = utf8(machine_state).map_err(DriverError::Restore)?;
-    set_mapped_ram(vm, cancel).await?;
+    set_capabilities(vm, ram_outside, cancel).await?;
     // exit-on-error=false: a bad file leaves QEMU up, so query-migrate can
     // tell why instead of QEMU just exiting.
     let incoming = MigrateIncoming {
@@ -463,9 +502,11 @@ async fn run_exact(
 
 /// Stops the guest and saves it to `state`: `None`, or how the guest
 /// ended if it powered off or crashed just before the stop.
+/// With `ram_outside`, the guest's RAM (a shared file) is left out.
 async fn save(
     vm: &mut Process,
     state: &Path,
+    ram_outside: bool,
     cancel: &CancellationToken,
 ) -> Result<Option<SegmentEnd>, DriverError> {
     match vm.command(&Stop, cancel).await {
@@ -482,7 +523,7 @@ async fn save(
         return Ok(Some(end));
     }
     let filename = utf8(state).map_err(DriverError::Save)?;
-    set_mapped_ram(vm, cancel).await?;
+    set_capabilities(vm, ram_outside, cancel).await?;
     // QEMU truncates its target, but a fresh file is surely sparse even if
     // the old one is still open elsewhere (e.g. by an upload).
     remove_if_exists(state)?;
@@ -516,12 +557,20 @@ async fn save(
     Ok(None)
 }
 
-async fn set_mapped_ram(vm: &mut Process, cancel: &CancellationToken) -> Result<(), DriverError> {
+/// `mapped-ram` for a state that holds the guest's RAM, `x-ignore-shared`
+/// for one that leaves it in its file (`ram_outside`); each excludes the
+/// other, both are set every time (a restored QEMU keeps what its load set).
+async fn set_capabilities(
+    vm: &mut Process,
+    ram_outside: bool,
+    cancel: &CancellationToken,
+) -> Result<(), DriverError> {
+    let status = |capability, state| MigrationCapabilityStatus { capability, state };
     let command = MigrateSetCapabilities {
-        capabilities: vec![MigrationCapabilityStatus {
-            capability: MigrationCapability::MappedRam,
-            state: true,
-        }],
+        capabilities: vec![
+            status(MigrationCapability::MappedRam, !ram_outside),
+            status(MigrationCapability::XIgnoreShared, ram_outside),
+        ],
     };
     vm.command(&command, cancel)
         .await

@@ -99,6 +99,7 @@ fn plan(workdir: &Path) -> SegmentPlan {
             kernel: "/k".into(),
             initrd: None,
             disks: vec![PathBuf::from("/d0.raw")],
+            memory: None,
         },
         start: SegmentStart::Boot,
         run_for: Duration::ZERO,
@@ -210,6 +211,7 @@ async fn a_saved_segment_is_renamed_into_place_and_reported() {
         report.end,
         SegmentEnd::Saved {
             machine_state: dir.path().join(STATE_FILE),
+            memory: None,
             disks: vec![PathBuf::from("/d0.raw")],
         }
     );
@@ -329,6 +331,7 @@ async fn an_owner_that_stays_busy_gets_a_notice_then_an_early_save() {
         report.end,
         SegmentEnd::Saved {
             machine_state: dir.path().join(STATE_FILE),
+            memory: None,
             disks: vec![PathBuf::from("/d0.raw")],
         }
     );

@@ -156,6 +156,7 @@ pub(crate) fn absolute_files(files: &BootFiles) -> Result<BootFiles, DriverError
             .iter()
             .map(|p| resolve("disk", p))
             .collect::<Result<_, _>>()?,
+        memory: None,
     })
 }
 
@@ -243,6 +244,7 @@ mod tests {
             kernel: "/img/vmlinuz".into(),
             initrd: Some("/img/initrd.cpio.gz".into()),
             disks: disks.iter().map(PathBuf::from).collect(),
+            memory: None,
         }
     }
 
