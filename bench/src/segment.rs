@@ -619,14 +619,7 @@ async fn changed_pages_floor(
             at += extent.len();
         }
     }
-    let stream = js
-        .create_stream(stream::Config {
-            name: NAIVE_STREAM.into(),
-            subjects: vec![NAIVE_SUBJECT.into()],
-            storage: stream::StorageType::File,
-            ..Default::default()
-        })
-        .await?;
+    let stream = scratch_stream(js).await?;
     let started = Instant::now();
     let mut files = std::collections::HashMap::new();
     let mut message = Vec::with_capacity(NAIVE_MESSAGE);
@@ -769,18 +762,24 @@ fn first_tick(console: &[u8]) -> Option<u64> {
     ticks(console).next()
 }
 
-/// The whole file as 1 MiB acknowledged publishes (pipelined) into a scratch
-/// stream, then read back with a pull consumer into a file that is
-/// fsynced, as a pull's is. The stream is deleted afterwards.
-async fn naive_copy(js: &jetstream::Context, path: &Path, dest: &Path) -> Result<Naive> {
-    let stream = js
+/// The scratch stream the naive copy and the floor publish into (deleted
+/// after each).
+async fn scratch_stream(js: &jetstream::Context) -> Result<stream::Stream> {
+    Ok(js
         .create_stream(stream::Config {
             name: NAIVE_STREAM.into(),
             subjects: vec![NAIVE_SUBJECT.into()],
             storage: stream::StorageType::File,
             ..Default::default()
         })
-        .await?;
+        .await?)
+}
+
+/// The whole file as 1 MiB acknowledged publishes (pipelined) into a scratch
+/// stream, then read back with a pull consumer into a file that is
+/// fsynced, as a pull's is. The stream is deleted afterwards.
+async fn naive_copy(js: &jetstream::Context, path: &Path, dest: &Path) -> Result<Naive> {
+    let stream = scratch_stream(js).await?;
     let started = Instant::now();
     let mut file = std::fs::File::open(path)?;
     let pieces = std::iter::from_fn(|| {

@@ -72,16 +72,11 @@ struct StoredSave {
 
 impl StoredSave {
     fn new(manifest: &Manifest) -> Self {
-        let mut starts = Vec::with_capacity(manifest.extents.len());
-        let mut at = 0u64;
-        for extent in &manifest.extents {
-            starts.push(at);
-            at = at.saturating_add(extent.len());
-        }
+        let (starts, size) = vmlot_cas::layout::starts(&manifest.extents);
         StoredSave {
             starts,
             extents: manifest.extents.clone(),
-            size: at,
+            size,
             blocks: Mutex::new(HashMap::new()),
             missing: Mutex::new(HashSet::new()),
         }

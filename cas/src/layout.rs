@@ -12,18 +12,24 @@ pub struct Layout<'a> {
     size: u64,
 }
 
+/// Each extent's start offset, in order, and the object's size.
+pub fn starts(extents: &[Extent]) -> (Vec<u64>, u64) {
+    let mut starts = Vec::with_capacity(extents.len());
+    let mut at = 0u64;
+    for extent in extents {
+        starts.push(at);
+        at = at.saturating_add(extent.len());
+    }
+    (starts, at)
+}
+
 impl<'a> Layout<'a> {
     pub fn of(manifest: &'a Manifest) -> Self {
-        let mut starts = Vec::with_capacity(manifest.extents.len());
-        let mut at = 0u64;
-        for extent in &manifest.extents {
-            starts.push(at);
-            at = at.saturating_add(extent.len());
-        }
+        let (starts, size) = starts(&manifest.extents);
         Layout {
             starts,
             extents: &manifest.extents,
-            size: at,
+            size,
         }
     }
 
