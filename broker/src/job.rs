@@ -1,7 +1,9 @@
 //! One task per running job: the loop over the market's steps. Each pass
-//! reads the job's record and takes the next step: post or void the
-//! payments that are due ([`crate::resolve`]), refund an ended job ([`crate::refund`]), apply a payment written before a crash
-//! (`settle::resume_paid`), end a job whose count or budget is
+//! reads the job's record and takes the next step: pay a settled segment
+//! the record holds and the books do not (`settle::pay_recorded`: its
+//! broker died between the two), post or void the payments that are due
+//! ([`crate::resolve`]), refund an ended job ([`crate::refund`]), end a
+//! job whose count or budget is
 //! reached, wait for a lot still awarded, or offer a new attempt
 //! ([`crate::offer`]) and award it ([`crate::award`]), then wait for its
 //! results ([`crate::settle`]). The rules are [`crate::lifecycle`]'s; this
@@ -66,7 +68,7 @@ impl Shared {
             let mut pause = Duration::from_secs(1);
             // A NATS error stops one pass, not the job: it resumes from its
             // durable record, which every step writes first.
-            while let Err(err) = drive(&shared, job, token.clone(), tx.clone(), &mut rx).await {
+            while let Err(err) = drive(&shared, job, &parent, token.clone(), tx.clone(), &mut rx).await {
                 tracing::error!(%err, ?pause, "job task failed; resuming from its record");
                 tokio::select! {
                     _ = token.cancelled() => break,
@@ -128,23 +130,28 @@ impl Pace {
     }
 }
 
-/// Drives `job` until it ends or `stop` fires (shutdown or cancel).
+/// Drives `job` until it ends or `stop` fires: a cancel, or `partition`
+/// (shutdown, or the job's partition given up here).
 pub(crate) async fn drive(
     shared: &Arc<Shared>,
     job: JobId,
+    partition: &CancellationToken,
     stop: CancellationToken,
     tx: mpsc::Sender<LotEvent>,
     rx: &mut mpsc::Receiver<LotEvent>,
 ) -> Result<(), BrokerError> {
     let mut pace = Pace::new(shared);
     hold::ensure_held(shared, job).await?;
+    // The last payment this task found on the books.
+    let mut on_books = None;
     loop {
         if stop.is_cancelled() {
-            return on_stop(shared, job).await;
+            return on_stop(shared, job, partition, &mut on_books).await;
         }
         let Some((status, _)) = shared.jobs.get(&job).await? else {
             return Ok(());
         };
+        settle::pay_recorded(shared, &status, &mut on_books).await?;
         if resolve::due(shared, &status).await? {
             continue;
         }
@@ -152,9 +159,6 @@ pub(crate) async fn drive(
             crate::metrics::job_ended(status.state);
             cancel::open_lot(shared, &status, "job ended").await;
             return refund::refund(shared, &status).await;
-        }
-        if settle::resume_paid(shared, &status).await? {
-            continue;
         }
         if let Some(ending) = lifecycle::ending(&status) {
             shared.jobs.end(&job, ending).await?;
@@ -273,13 +277,21 @@ async fn wait_for_results(
 
 /// Stopped by shutdown (leave everything as it stands: results wait in
 /// their stream) or by a cancel (tell the awarded providers).
-async fn on_stop(shared: &Arc<Shared>, job: JobId) -> Result<(), BrokerError> {
-    // A shutdown, or the partition handed to another broker: the job
-    // stays as its record says, for whoever runs it next.
-    if shared.shutdown.is_cancelled() || !shared.holds(&job) {
+async fn on_stop(
+    shared: &Arc<Shared>,
+    job: JobId,
+    partition: &CancellationToken,
+    on_books: &mut Option<(u32, u32)>,
+) -> Result<(), BrokerError> {
+    // A shutdown, or the partition given up here (to another broker, or
+    // for a lapse of the lease: this broker may hold it again by now,
+    // with another task for the job): the job stays as its record says,
+    // for whoever runs it next.
+    if shared.shutdown.is_cancelled() || partition.is_cancelled() {
         return Ok(());
     }
     if let Some((status, _)) = shared.jobs.get(&job).await? {
+        settle::pay_recorded(shared, &status, on_books).await?;
         cancel::open_lot(shared, &status, "job cancelled").await;
         match shared.jobs.transition(&job, lifecycle::withdraw_lot).await {
             Ok(_) | Err(UpdateError::Refused(Refused::NoOpenLot)) => {}

@@ -20,9 +20,11 @@
 //!
 //! The lease is for liveness, not for safety: a broker that cannot renew
 //! gives its partitions up locally after [`FENCE_AFTER`], before its lease
-//! can lapse, and were two brokers ever to run one job, every step is
-//! still a compare-and-set on the job's record and every payment has a
-//! deterministic id, so nothing is done twice.
+//! can lapse, but a task stuck in a request may still act later. Were two
+//! brokers ever to run one job, every step is still a compare-and-set on
+//! the job's record, a segment is paid only once the record holds it as
+//! settled (`settle`), and every payment has a deterministic id, so
+//! nothing is done twice.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;

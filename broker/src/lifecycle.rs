@@ -452,12 +452,13 @@ pub fn check_result(status: &JobStatus, result: &SegmentResult) -> Result<Money,
     }
 }
 
-/// **Result accepted**: a paid segment is recorded (its `awarded` is taken
-/// from the open lot it settled), the spend grows, the open lot closes and
-/// the checkpoint advances; a halted guest ends the job done, a crashed one
-/// failed. The money has moved, so this applies to an ended job too (it
-/// keeps its final state). A payment already applied is refused, so a
-/// repeat changes nothing.
+/// **Result accepted**: a settled segment is recorded, before it is paid
+/// (its `awarded` is taken from the open lot it settles), the spend grows,
+/// the open lot closes and the checkpoint advances; a halted guest ends
+/// the job done, a crashed one failed. An ended job whose lot is still
+/// open (a cancel not yet told to its providers) records it too, and
+/// keeps its final state. Only the open attempt settles: a repeat, or a
+/// result for an attempt no longer open, is refused and changes nothing.
 pub fn settle(status: &JobStatus, mut paid: SettledSegment) -> Result<JobStatus, Refused> {
     if matches!(paid.guest, GuestState::RestoreFailed { .. }) {
         return Err(Refused::NothingRan);
@@ -472,11 +473,18 @@ pub fn settle(status: &JobStatus, mut paid: SettledSegment) -> Result<JobStatus,
             got: paid.segment,
         });
     }
-    let open = status.open_lot.as_ref().filter(|open| open.lot.lot == paid.lot);
-    paid.awarded = open
-        .map(|open| open.awarded.iter().map(|(p, _)| *p).collect())
-        .unwrap_or_else(|| vec![paid.provider]);
-    paid.unreplicated = open.is_some_and(|open| open.unreplicated);
+    // Only the attempt open in the record settles: a task holding an
+    // older copy of the record (its broker stalled past its lease, and
+    // another took the job on) is refused here, before anything is paid.
+    let Some(open) = status
+        .open_lot
+        .as_ref()
+        .filter(|open| open.lot.lot == paid.lot && open.lot.attempt == paid.attempt)
+    else {
+        return Err(Refused::NotOpen);
+    };
+    paid.awarded = open.awarded.iter().map(|(p, _)| *p).collect();
+    paid.unreplicated = open.unreplicated;
     let mut next = status.clone();
     next.spent.amount += paid.price.amount;
     next.open_lot = None;

@@ -1,19 +1,20 @@
 //! Where a segment's money moves: wait for the awarded providers' results
 //! until the deadline; the first that verifies (the open attempt, an
-//! awarded provider, its checkpoint whole in the store) is paid exactly
-//! once (the settlement's ledger id is derived from job, segment and
-//! attempt), into its provider's pending account until the next segment
-//! continues from its checkpoint (`post`); the payment is recorded in the
-//! job, and the other replicas are told to stop.
-//! A broker that died between paying and recording finds the payment
-//! before offering the segment again and applies it instead.
+//! awarded provider, its checkpoint whole in the store) is recorded in the
+//! job, if the attempt is still open there (a compare-and-set: one result
+//! per segment, whatever other task believes it runs the job), then paid
+//! exactly once (the settlement's ledger id is derived from job, segment
+//! and attempt), into its provider's pending account until the next
+//! segment continues from its checkpoint (`post`); the other replicas are
+//! told to stop. A broker that died between recording and paying pays
+//! what the record holds before the job's next step (`pay_recorded`).
 //!
 //! A partial segment (its provider's owner preempted it) is held while
 //! another replica may still run the whole segment, and settles when none
 //! can, paid by [`partial`]'s rules.
 //!
-//! The broker builds the ledger's [`Settlement`] record in one place and
-//! reads one back into the job in one place (`record`).
+//! The job's settled segment and the ledger's settlement built from it
+//! are made in one place (`record`).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -23,7 +24,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
-use vmlot_schemas::ledger::{ForfeitCause, Settlement};
+use vmlot_schemas::ledger::ForfeitCause;
 use vmlot_schemas::market::{GuestState, JobStatus, Lot, ResultCheck, SegmentResult};
 use vmlot_schemas::standing::RefusalKind;
 use vmlot_schemas::{BlockId, HypervisorKind, Manifest, Money, ProviderId};
@@ -41,11 +42,13 @@ use crate::{award, cancel, deposit, metrics, partial, verify};
 mod delivery;
 mod record;
 
-pub(crate) use record::resume_paid;
-use record::{apply, payment};
+pub(crate) use record::pay_recorded;
+use record::{Recording, pay, record, settled_segment};
 
 /// How waiting for an attempt's results ended.
 pub(crate) enum Waited {
+    /// The attempt is over with the segment settled (by this wait, or in
+    /// the job's record by another task before it).
     Settled,
     TimedOut,
     /// Every awarded provider's result was refused (or said the checkpoint
@@ -199,11 +202,13 @@ async fn wait(
                         let _ = msg.ack().await;
                         return Ok(waited);
                     }
-                    settle(shared, &status, &open.lot, &result, price, None, received)
+                    let settled = settle(shared, &status, &open.lot, &result, price, None, received)
                         .instrument(tracing::info_span!("settle"))
                         .await?;
                     let _ = msg.ack().await;
-                    count(shared, result.provider, Outcome::Valid);
+                    if settled {
+                        count(shared, result.provider, Outcome::Valid);
+                    }
                     Ok::<_, BrokerError>(Some(Waited::Settled))
                 }
                 Err(Checked::Refused(refusal)) => {
@@ -311,10 +316,12 @@ async fn settle_held(
         ran_ms,
         received,
     } = held.swap_remove(best);
-    settle(shared, status, lot, &result, price, Some(ran_ms), received)
+    if settle(shared, status, lot, &result, price, Some(ran_ms), received)
         .instrument(tracing::info_span!("settle", partial_ms = ran_ms))
-        .await?;
-    count(shared, result.provider, Outcome::Valid);
+        .await?
+    {
+        count(shared, result.provider, Outcome::Valid);
+    }
     Ok(Waited::Settled)
 }
 
@@ -369,7 +376,7 @@ async fn tally(
         Decision::Open => Ok(Tally::Open),
         Decision::Agreed { winner, minority } => {
             let paid = &ballots[winner];
-            settle(
+            let settled = settle(
                 shared,
                 status,
                 lot,
@@ -383,6 +390,10 @@ async fn tally(
                 agreed = votes.len() - minority.len()
             ))
             .await?;
+            if !settled {
+                // Another task settled the segment: its count stands.
+                return Ok(Tally::Over(Waited::Settled));
+            }
             for (i, ballot) in ballots.iter().enumerate() {
                 if !minority.contains(&i) {
                     count(shared, ballot.vote.provider, Outcome::Agreed);
@@ -546,8 +557,10 @@ async fn check(
     Ok((price, verified.machine_state))
 }
 
-/// Pays for `result` (once, whoever asks again), records the payment in
-/// the job, and tells the other replicas to stop.
+/// Settles the open attempt with `result`: records it in the job (only
+/// while the attempt is open there), pays it (once, whoever asks again),
+/// and tells the other replicas to stop. False when the attempt was no
+/// longer open in the job's record: nothing was recorded or paid.
 async fn settle(
     shared: &Arc<Shared>,
     status: &JobStatus,
@@ -556,37 +569,24 @@ async fn settle(
     price: Money,
     partial_ms: Option<u64>,
     received: DateTime<Utc>,
-) -> Result<(), BrokerError> {
-    let payment = match partial_ms {
-        Some(ran) => Settlement {
-            partial_ms,
-            ..payment(
-                status,
-                lot,
-                result,
-                partial::price(shared.config.partial_pay, &price, ran, lot.segment_seconds),
-            )
-        },
-        None => payment(status, lot, result, price),
+) -> Result<bool, BrokerError> {
+    let price = match partial_ms {
+        Some(ran) => partial::price(shared.config.partial_pay, &price, ran, lot.segment_seconds),
+        None => price,
     };
-    let recorded = shared.books.settle(payment).await?;
-    metrics::payment("settle", &recorded);
-    match &recorded {
-        vmlot_ledger::Recorded::Now(_) => {
-            #[cfg(feature = "fault-injection")]
-            crate::fault::crash_after_settlement();
-        }
-        vmlot_ledger::Recorded::Before(_) => {
-            tracing::warn!("segment was already paid; no second payment")
-        }
+    #[cfg(feature = "fault-injection")]
+    crate::fault::stall_before_settlement().await;
+    let paid = settled_segment(lot, result, price, partial_ms);
+    if let Recording::NotOpen(why) = record(shared, status, paid.clone()).await? {
+        tracing::warn!(%why, "the attempt is no longer open in the job's record; not paid");
+        metrics::refused("result", "lot-not-open");
+        return Ok(false);
     }
-    let Some(paid) = recorded.tx().settlement.as_deref() else {
-        return Err(BrokerError::nats(
-            "settle",
-            "settlement record without its details",
-        ));
-    };
-    apply(shared, paid).await?;
+    #[cfg(feature = "fault-injection")]
+    crate::fault::crash_before_payment();
+    if let vmlot_ledger::Recorded::Before(_) = pay(shared, status, &paid).await? {
+        tracing::warn!("segment was already paid; no second payment");
+    }
     let winner = paid.provider;
     let losers: Vec<ProviderId> = status
         .open_lot
@@ -595,7 +595,7 @@ async fn settle(
         .filter(|p| *p != winner)
         .collect();
     cancel::attempt(shared, lot.lot, &losers, &format!("segment settled by {winner}")).await;
-    tracing::info!(provider = %winner, amount = %paid.amount, "settled");
+    tracing::info!(provider = %winner, amount = %paid.price, "settled");
     metrics::settled(result, received, partial_ms.is_some());
-    Ok(())
+    Ok(true)
 }

@@ -285,6 +285,12 @@ pub struct SettledSegment {
     pub fetched_bytes: u64,
     pub sent_bytes: u64,
     pub settled_at: DateTime<Utc>,
+    /// When the provider finished the segment (its result's time), as the
+    /// payment on the books says (`Settlement::finished_at`): the record
+    /// holds all the payment is written from. Absent from a record written
+    /// before it was kept (its payment was written from the result).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<DateTime<Utc>>,
     /// False while its payment is pending (its checkpoint not yet restored
     /// by the next segment's provider); true once it is posted.
     #[serde(default)]

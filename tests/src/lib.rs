@@ -793,6 +793,26 @@ impl Process {
         }
     }
 
+    /// SIGSTOP: the process stands still, its connections open, as a
+    /// machine that stalls (swapping, a VM paused) does; [`Process::thaw`]
+    /// lets it go on where it stood.
+    pub fn freeze(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// SIGCONT after [`Process::freeze`].
+    pub fn thaw(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        if let Some(pid) = self.pid() {
+            // SAFETY: kill(2) on our own child's pid; no memory is touched.
+            let sent = unsafe { libc::kill(pid as libc::pid_t, signal) };
+            assert_eq!(sent, 0, "signal {signal} to {}", self.name);
+        }
+    }
+
     /// Sets (or with `None` removes) an environment variable for the next start.
     pub fn set_env(&mut self, key: &str, value: Option<&str>) {
         self.envs.retain(|(k, _)| k != key);

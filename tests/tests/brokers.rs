@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use vmlot_schemas::market::{Image, JobSpec, JobState, ResultCheck, SegmentCount};
+use vmlot_schemas::market::{Image, JobSpec, JobState, JobStatus, ResultCheck, SegmentCount};
 use vmlot_schemas::subjects::{LEASE_BUCKET, PARTITIONS, partition_of};
 use vmlot_schemas::{JobId, Money};
 use vmlot_tests::market::{Market, ProviderSpec, fast_broker_args, wait_for};
@@ -244,4 +244,88 @@ async fn a_dead_brokers_jobs_are_taken_over_by_another_within_seconds() {
         Some(0.0),
         "{metrics}"
     );
+}
+
+/// A broker that stalls past its lease in the middle of settling a
+/// segment (its task deaf to the partition's loss, as one stuck in a
+/// request to a lost NATS node is), while another broker takes the job
+/// over and settles the segment under a new attempt, pays nothing for it
+/// when it wakes: the job's record, not the attempt's number, fences the
+/// payment (the chaos run found two payments for one segment this way).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_stalled_past_its_lease_pays_nothing_for_a_segment_settled_since() {
+    let providers: Vec<ProviderSpec> = (0..2)
+        .map(|i| ProviderSpec::synthetic(&format!("p{i}"), "0.10"))
+        .collect();
+    let mut market = Market::start(
+        [fast_broker_args(), vec!["--broker-id".into(), "b1".into()]].concat(),
+        &providers,
+    )
+    .unwrap();
+    market
+        .broker
+        .set_env("VMLOT_FAULT", Some("stall-before-settlement"));
+    market.broker.restart().unwrap();
+    market.ready(2).await.unwrap();
+    let image = market
+        .push_synthetic_image("synthetic.seed=stalled-broker")
+        .await
+        .unwrap();
+    wait_for(Duration::from_secs(20), async || {
+        (count(&holders(&market).await, "b1") == PARTITIONS as usize).then_some(())
+    })
+    .await
+    .expect("b1 holds every partition");
+    let job = market.submit(spec(image, 3)).await;
+
+    // b1 checks the first segment's result, and stalls before settling it.
+    wait_for(Duration::from_secs(60), async || {
+        market
+            .broker
+            .log()
+            .contains("fault injected: stalling before settlement")
+            .then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("b1 never stalled: {e}\n{}", market.logs()));
+    market.broker.freeze();
+    market.add_broker("b2", &[]).unwrap();
+    // b2 takes b1's partitions once its leases lapse, and settles the
+    // segment itself: b1's attempt is past its deadline, so a new one.
+    wait_for(Duration::from_secs(30), async || {
+        (count(&holders(&market).await, "b2") == PARTITIONS as usize).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("b2 took b1's partitions: {e}\n{}", market.logs()));
+    let books = market.server.books_client().await.unwrap();
+    let record = async || -> JobStatus {
+        let text = vmlot_tests::market::read_job_record(&books, job).await.unwrap();
+        serde_json::from_str(&text).unwrap()
+    };
+    let first = wait_for(Duration::from_secs(30), async || {
+        record().await.settled.first().cloned()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("b2 settled segment 0: {e}\n{}", market.logs()));
+    assert!(first.attempt > 1, "{first:#?}");
+
+    // b1 wakes, finds the attempt it held closed in the job's record, and
+    // pays nothing.
+    market.broker.thaw();
+    wait_for(Duration::from_secs(30), async || {
+        market
+            .broker
+            .log()
+            .contains("the attempt is no longer open in the job's record; not paid")
+            .then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("b1 woke and tried to settle: {e}\n{}", market.logs()));
+    let done = market.wait_final(job, Duration::from_secs(120)).await;
+    assert_eq!(done.state, JobState::Done, "{done:#?}");
+    assert_eq!(done.settled.len(), 3);
+    assert_eq!(done.settled[0], first, "segment 0 stays as b2 settled it");
+    market.assert_paid_once(&done).await;
+    market.wait_refunded(job).await;
+    market.assert_books_verify().await;
 }

@@ -685,13 +685,11 @@ async fn books_hold_pay_refund_answer_queries_and_verify() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn books_a_broker_killed_between_settlement_and_next_lot_pays_once() {
+async fn books_a_broker_killed_between_recording_and_paying_a_segment_pays_it_once() {
     let mut market = Market::start(fast_broker_args(), &[ProviderSpec::synthetic("p1", "0.10")]).unwrap();
-    // The broker dies right after writing the first settlement, before the
-    // job record knows of it and before the next lot.
-    market
-        .broker
-        .set_env("VMLOT_FAULT", Some("crash-after-settlement"));
+    // The broker dies right after recording the first settled segment in
+    // the job, before its payment is on the books.
+    market.broker.set_env("VMLOT_FAULT", Some("crash-before-payment"));
     market.broker.restart().unwrap();
     let client = market.server.client().await.unwrap();
     let image = synthetic_image(&market).await;
@@ -704,15 +702,17 @@ async fn books_a_broker_killed_between_settlement_and_next_lot_pays_once() {
     let js = async_nats::jetstream::new(market.server.books_client().await.unwrap());
     let books = vmlot_ledger::Books::open(&js).await.unwrap();
     assert!(
-        books.settlement(job, 0, 1).await.unwrap().is_some(),
-        "settlement written"
+        books.settlement(job, 0, 1).await.unwrap().is_none(),
+        "the payment was not written"
     );
     let record = vmlot_tests::market::read_job_record(&market.server.books_client().await.unwrap(), job)
         .await
         .unwrap();
-    assert!(
-        record.contains("\"settled\":[]"),
-        "the job record did not see it: {record}"
+    let recorded: vmlot_schemas::market::JobStatus = serde_json::from_str(&record).unwrap();
+    assert_eq!(
+        recorded.settled.iter().map(|s| s.segment).collect::<Vec<_>>(),
+        vec![0],
+        "the job record holds the settled segment: {record}"
     );
 
     market.broker.set_env("VMLOT_FAULT", None);
@@ -720,6 +720,7 @@ async fn books_a_broker_killed_between_settlement_and_next_lot_pays_once() {
     let done = market.wait_final(job, Duration::from_secs(120)).await;
     assert_eq!(done.state, JobState::Done, "{done:#?}\n{}", market.logs());
     assert_paid_once_per_segment(&payments(&client, job).await, 4);
+    market.assert_paid_once(&done).await;
     market.wait_refunded(job).await;
     market.assert_books_verify().await;
 }

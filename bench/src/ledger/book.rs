@@ -414,6 +414,7 @@ impl Book {
             fetched_bytes: result.fetched_bytes,
             sent_bytes: result.sent_bytes,
             settled_at: now,
+            finished_at: Some(result.finished_at),
             posted: false,
             unreplicated: false,
             partial_ms: None,

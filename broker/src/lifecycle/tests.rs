@@ -24,6 +24,7 @@ fn paid(result: &SegmentResult, price: Money) -> SettledSegment {
         fetched_bytes: result.fetched_bytes,
         sent_bytes: result.sent_bytes,
         settled_at: Utc::now(),
+        finished_at: Some(result.finished_at),
         posted: false,
         unreplicated: false,
         partial_ms: None,
@@ -272,15 +273,32 @@ fn a_settlement_applied_twice_or_out_of_order_is_refused() {
 }
 
 #[test]
-fn a_payment_for_a_lot_no_longer_open_names_only_its_provider() {
+fn a_result_for_an_attempt_no_longer_open_settles_nothing() {
+    // A task holding an older copy of the record (its broker stalled past
+    // its lease) settles attempt 1 after another task withdrew it, or
+    // after it opened attempt 2: refused, so nothing is paid for it.
     let a = ProviderId::new();
     let s = awarded(&job(SegmentCount::UntilHalt), &[a, ProviderId::new()], later());
     let payment = paid(
         &result_of(&s, a, GuestState::Halted { final_state: None }),
         money("0.5"),
     );
-    let next = settle(&withdraw_lot(&s).unwrap(), payment).unwrap();
-    assert_eq!(next.settled[0].awarded, vec![a]);
+    let withdrawn = withdraw_lot(&s).unwrap();
+    assert_eq!(settle(&withdrawn, payment.clone()), Err(Refused::NotOpen));
+    let b = ProviderId::new();
+    let second = awarded(&withdrawn, &[b], later());
+    assert_eq!(second.open_lot.as_ref().unwrap().lot.attempt, 2);
+    assert_eq!(settle(&second, payment), Err(Refused::NotOpen));
+    let settled = settle(
+        &second,
+        paid(
+            &result_of(&second, b, GuestState::Halted { final_state: None }),
+            money("0.5"),
+        ),
+    )
+    .unwrap();
+    assert_eq!(settled.settled[0].awarded, vec![b]);
+    assert_eq!(settled.settled[0].attempt, 2);
 }
 
 #[test]

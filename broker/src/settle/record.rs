@@ -1,112 +1,155 @@
-//! The settlement's records: the ledger's [`Settlement`] the broker builds
-//! for a paid result (`payment`), the job's settled segment read back from
-//! one (`settled_segment`, applied once by `apply`), and the payment a
-//! broker that died between paying and recording finds before it offers
-//! the segment again (`resume_paid`).
+//! The settlement's records, in the order they are written: the job's
+//! settled segment first (`settled_segment`, recorded by `record` with a
+//! compare-and-set on the job, so one result settles an attempt and only
+//! while that attempt is open), then the ledger's [`Settlement`] built
+//! from it (`payment`, written by `pay`, once: its id is derived from job,
+//! segment and attempt). A broker that died between the two, or a task
+//! that found the segment settled by another, pays what the record holds
+//! before the job moves on (`pay_recorded`).
+//!
+//! The record is the fence, not the books: two tasks that each believe
+//! they run a job (a broker that stalled past its lease and the one that
+//! took the job over) may each hold an attempt open in their copy, but
+//! only one can record a settlement for the segment, and a payment is
+//! only ever written for a recorded one.
 
 use std::sync::Arc;
 
 use chrono::Utc;
-use tracing::Instrument;
+use vmlot_ledger::Recorded;
 use vmlot_schemas::Money;
 use vmlot_schemas::ledger::Settlement;
 use vmlot_schemas::market::{JobStatus, Lot, SegmentResult, SettledSegment};
 
 use crate::error::BrokerError;
 use crate::lifecycle::{self, Refused};
+use crate::metrics;
 use crate::shared::Shared;
 use crate::state::UpdateError;
 
-/// Before offering the job's next segment: a payment for its open attempt
-/// written before a crash settles it, and is not paid again. True when one
-/// was applied. (Only the open attempt can have been paid: a result is
-/// settled only for the attempt the record holds open.)
-pub(crate) async fn resume_paid(shared: &Arc<Shared>, status: &JobStatus) -> Result<bool, BrokerError> {
-    let segment = lifecycle::next_segment(status);
-    let Some(open) = status
-        .open_lot
-        .as_ref()
-        .filter(|open| open.lot.segment == segment)
-    else {
-        return Ok(false);
-    };
-    let Some(payment) = shared
-        .books
-        .settlement(status.job, segment, open.lot.attempt)
-        .await?
-    else {
-        return Ok(false);
-    };
-    let span = tracing::info_span!(
-        "resume",
-        segment,
-        lot = %payment.lot,
-        attempt = payment.attempt,
-        provider = %payment.provider
-    );
-    async {
-        tracing::info!("segment already paid; applying the recorded settlement");
-        apply(shared, &payment).await
-    }
-    .instrument(span)
-    .await?;
-    Ok(true)
-}
-
-/// The settlement the broker writes for `result` settling `lot` at `price`.
-pub(super) fn payment(status: &JobStatus, lot: &Lot, result: &SegmentResult, price: Money) -> Settlement {
-    Settlement {
-        job: status.job,
+/// The settled segment `result` makes of `lot` at `price` (its `awarded`
+/// is filled by [`lifecycle::settle`] from the job's open lot).
+pub(super) fn settled_segment(
+    lot: &Lot,
+    result: &SegmentResult,
+    price: Money,
+    partial_ms: Option<u64>,
+) -> SettledSegment {
+    SettledSegment {
         segment: lot.segment,
-        lot: lot.lot,
         attempt: lot.attempt,
+        lot: lot.lot,
         provider: result.provider,
-        payer: status.spec.account.clone(),
-        amount: price,
-        at: Utc::now(),
+        awarded: Vec::new(),
+        price,
         guest: result.guest.clone(),
         console: result.console,
         timings: result.timings,
         fetched_bytes: result.fetched_bytes,
         sent_bytes: result.sent_bytes,
-        finished_at: result.finished_at,
-        partial_ms: None,
-    }
-}
-
-/// The settled segment a payment records in its job (its `awarded` is
-/// filled by [`lifecycle::settle`] from the job's open lot).
-fn settled_segment(payment: &Settlement) -> SettledSegment {
-    SettledSegment {
-        segment: payment.segment,
-        attempt: payment.attempt,
-        lot: payment.lot,
-        provider: payment.provider,
-        awarded: Vec::new(),
-        price: payment.amount.clone(),
-        guest: payment.guest.clone(),
-        console: payment.console,
-        timings: payment.timings,
-        fetched_bytes: payment.fetched_bytes,
-        sent_bytes: payment.sent_bytes,
-        settled_at: payment.at,
+        settled_at: Utc::now(),
+        finished_at: Some(result.finished_at),
         posted: false,
         unreplicated: false,
-        partial_ms: payment.partial_ms,
+        partial_ms,
     }
 }
 
-/// Records a paid segment in the job (once: a repeat finds it applied).
-pub(super) async fn apply(shared: &Shared, payment: &Settlement) -> Result<(), BrokerError> {
-    let paid = settled_segment(payment);
+/// Whether recording a settled segment made it the job's.
+pub(super) enum Recording {
+    /// The job's record now holds it.
+    Recorded,
+    /// The attempt is no longer open in the job's record (another result,
+    /// or another broker's task, settled the segment first, or the attempt
+    /// was closed): nothing is recorded, nothing is paid.
+    NotOpen(Refused),
+}
+
+/// Records `paid` in its job, if the attempt it settles is still open.
+pub(super) async fn record(
+    shared: &Shared,
+    status: &JobStatus,
+    paid: SettledSegment,
+) -> Result<Recording, BrokerError> {
     match shared
         .jobs
-        .transition(&payment.job, move |s| lifecycle::settle(s, paid.clone()))
+        .transition(&status.job, move |s| lifecycle::settle(s, paid.clone()))
         .await
     {
-        Ok(_) | Err(UpdateError::Refused(Refused::AlreadySettled(_) | Refused::NotNextSegment { .. })) => {
-            Ok(())
-        }
+        Ok(_) => Ok(Recording::Recorded),
+        Err(UpdateError::Refused(
+            why @ (Refused::NotOpen | Refused::AlreadySettled(_) | Refused::NotNextSegment { .. }),
+        )) => Ok(Recording::NotOpen(why)),
         Err(e) => Err(e.into()),
     }
+}
+
+/// The payment the books hold for `paid`, a settled segment of `status`.
+fn payment(status: &JobStatus, paid: &SettledSegment) -> Settlement {
+    Settlement {
+        job: status.job,
+        segment: paid.segment,
+        lot: paid.lot,
+        attempt: paid.attempt,
+        provider: paid.provider,
+        payer: status.spec.account.clone(),
+        amount: paid.price.clone(),
+        at: paid.settled_at,
+        guest: paid.guest.clone(),
+        console: paid.console,
+        timings: paid.timings,
+        fetched_bytes: paid.fetched_bytes,
+        sent_bytes: paid.sent_bytes,
+        finished_at: paid.finished_at.unwrap_or(paid.settled_at),
+        partial_ms: paid.partial_ms,
+    }
+}
+
+/// Writes the payment for `paid`, a settled segment the job's record
+/// holds, from the job's escrow into its provider's pending account
+/// (once: a repeat finds it written).
+pub(super) async fn pay(
+    shared: &Shared,
+    status: &JobStatus,
+    paid: &SettledSegment,
+) -> Result<Recorded, BrokerError> {
+    let recorded = shared.books.settle(payment(status, paid)).await?;
+    metrics::payment("settle", &recorded);
+    Ok(recorded)
+}
+
+/// Before the job's next step: its last payment as the record holds it
+/// (the last settled segment, or the check restore) is on the books. A
+/// broker that died between recording a segment and paying it, or a task
+/// whose settlement lost to another's record, pays it here. `on_books`
+/// is the last payment this task found on the books (segment, attempt),
+/// so each is looked up once.
+pub(crate) async fn pay_recorded(
+    shared: &Arc<Shared>,
+    status: &JobStatus,
+    on_books: &mut Option<(u32, u32)>,
+) -> Result<(), BrokerError> {
+    let Some(last) = status.payments().last() else {
+        return Ok(());
+    };
+    let key = (last.segment, last.attempt);
+    if *on_books == Some(key) {
+        return Ok(());
+    }
+    if shared
+        .books
+        .settlement(status.job, last.segment, last.attempt)
+        .await?
+        .is_none()
+    {
+        tracing::info!(
+            segment = last.segment,
+            attempt = last.attempt,
+            provider = %last.provider,
+            "segment settled in the job's record but not on the books; paying it"
+        );
+        pay(shared, status, last).await?;
+    }
+    *on_books = Some(key);
+    Ok(())
 }

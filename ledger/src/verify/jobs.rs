@@ -327,6 +327,7 @@ pub(super) mod tests {
                 fetched_bytes: 0,
                 sent_bytes: 0,
                 settled_at: Utc::now(),
+                finished_at: None,
                 posted: false,
                 unreplicated: false,
                 partial_ms: None,
