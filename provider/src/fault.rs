@@ -1,8 +1,11 @@
 //! Test machinery (cargo feature `fault-injection`, never in a release
-//! build): `VMLOT_PROVIDER_FAULT=flip-ram-byte` makes this provider alter
-//! one byte of guest RAM in each QEMU save it makes, after the save and
-//! before the upload: a provider whose state is not what the segment
-//! computed, for the quorum tests.
+//! build), a provider that lies with its own credentials:
+//! `VMLOT_PROVIDER_FAULT=flip-ram-byte` makes it alter one byte of guest
+//! RAM in each QEMU save it makes, after the save and before the upload (a
+//! state that is not what the segment computed, for the quorum tests);
+//! `drop-ram-part` makes it leave the guest's RAM file out of each result
+//! whose device state was saved without it (a checkpoint that cannot
+//! restore, for the broker's check of the memory part).
 
 use std::fs::OpenOptions;
 use std::io;
@@ -13,6 +16,7 @@ use vmlot_cas::qemusave::{HEADER_PREFIX, parse_header};
 
 const VAR: &str = "VMLOT_PROVIDER_FAULT";
 const FLIP_RAM_BYTE: &str = "flip-ram-byte";
+const DROP_RAM_PART: &str = "drop-ram-part";
 const PAGE: u64 = 4096;
 
 /// Applies the fault asked for, if any, to the save at `machine_state`.
@@ -51,4 +55,14 @@ fn flip_ram_byte(path: &Path) -> io::Result<u64> {
     file.read_exact_at(&mut one, offset)?;
     file.write_all_at(&[one[0] ^ 0xff], offset)?;
     Ok(offset)
+}
+
+/// Whether the result names the RAM part it pushed (`drop-ram-part` says
+/// no).
+pub fn keeps_ram_part() -> bool {
+    if std::env::var(VAR).as_deref() == Ok(DROP_RAM_PART) {
+        tracing::warn!("fault injected: the guest's RAM part left out of the result");
+        return false;
+    }
+    true
 }

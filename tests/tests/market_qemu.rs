@@ -256,6 +256,65 @@ async fn a_quorum_of_deterministic_replicas_outvotes_a_provider_that_alters_gues
     assert_eq!(of_liar["refused"]["minority"], 1, "{of_liar:#}");
 }
 
+/// A provider with its own credentials that runs its segment for real but
+/// leaves the guest's RAM out of its result (a device state saved with
+/// x-ignore-shared, no memory part: a checkpoint nobody could restore) is
+/// refused as incomplete, never paid and kept off the job; the job runs
+/// on the honest providers to its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_without_its_ram_is_refused_as_incomplete_and_never_paid() {
+    let _turn = TURN.lock().await;
+    let _timed = Timed::start("a state without its RAM");
+    let liar = QemuProviderSpec {
+        fault: Some("drop-ram-part"),
+        ..QemuProviderSpec::new("liar", "0.05")
+    };
+    let liar_id = ProviderId(liar.id);
+    let specs = [
+        liar,
+        QemuProviderSpec::new("h1", "0.10"),
+        QemuProviderSpec::new("h2", "0.20"),
+    ];
+    let m = qemu_market(&specs.iter().collect::<Vec<_>>(), 30);
+    m.market.ready(3).await.unwrap();
+    let image = m.push_image(&qemu_image(&[]));
+    let job = m.submit(&image, SEGMENT_SECONDS, "2", "1");
+    let done = m.wait_final(job).await;
+    assert_eq!(
+        done.state,
+        vmlot_schemas::market::JobState::Done,
+        "{:?}\n{}",
+        done.end_reason,
+        m.market.logs()
+    );
+    assert!(
+        m.market
+            .providers
+            .iter()
+            .any(|p| p.name() == "liar" && p.log().contains("fault injected: the guest's RAM part left out")),
+        "the liar never got to lie\n{}",
+        m.market.logs()
+    );
+    assert_eq!(done.refused, vec![liar_id], "the liar is off the job");
+    assert_eq!(done.settled.len(), 2);
+    assert!(
+        done.payments().all(|s| s.provider != liar_id),
+        "the liar was paid: {:#?}",
+        done.settled
+    );
+    m.assert_paid_once(&done).await;
+    let standing = m.vmlot_ok(&["--json", "standing"]);
+    let standing: serde_json::Value = serde_json::from_slice(&standing).unwrap();
+    let of_liar = standing
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["provider"] == liar_id.to_string())
+        .unwrap_or_else(|| panic!("no standing of the liar: {standing:#}"));
+    assert_eq!(of_liar["refused"]["incomplete"], 1, "{of_liar:#}");
+    assert_eq!(of_liar["valid"], 0, "{of_liar:#}");
+}
+
 /// `vmlot run-local` of a deterministic job's bundle fetched mid-job
 /// (under icount, as its segments ran): the consoles of the segments up to
 /// its checkpoint, then the local run's, are the uninterrupted run's.
