@@ -41,6 +41,12 @@ pub struct Load {
     /// attempts; 0 replicates every one); the broker's default when unset.
     #[arg(long)]
     pub trust_after: Option<u64>,
+    /// User accounts the jobs are submitted from, in turn, each funded and
+    /// with its own connection. One account's holds are written one after
+    /// another (each a compare-and-set on its balance), so with one
+    /// submitter the submissions bound the run; a market has many.
+    #[arg(long, default_value_t = 1)]
+    pub submitters: usize,
 }
 
 #[derive(clap::Args)]
@@ -73,9 +79,10 @@ fn redundancy(args: &Load) -> u32 {
 /// The run's set-up in one line, printed first.
 pub fn describe(args: &Load) {
     println!(
-        "nats-server with sync_interval: always; {} providers, {} jobs × {} segments of 0 s, r = {}, check {:?}, bid window {} ms",
+        "nats-server with sync_interval: always; {} providers, {} jobs from {} account(s) × {} segments of 0 s, r = {}, check {:?}, bid window {} ms",
         args.providers,
         args.jobs,
+        args.submitters.max(1),
         args.segments,
         redundancy(args),
         args.check,
@@ -223,9 +230,15 @@ pub async fn run_once(args: &Load, auth: Auth, brokers: usize) -> Result<Outcome
     let image = market
         .push_synthetic_image("synthetic.seed=bench synthetic.state_kib=64")
         .await?;
-    // One submitter funds every job: its account is the busiest on the books.
-    vmlot_tests::market::fund(&api, "bench", &(args.jobs as u64 * 100).to_string()).await?;
-    let submitter = market.submitter("bench").await;
+    // The submitters fund their jobs: with one, its account is the busiest
+    // on the books.
+    let names = submitter_names(args.submitters);
+    let per_submitter = args.jobs.div_ceil(names.len()) as u64;
+    let mut submitters = Vec::new();
+    for name in &names {
+        vmlot_tests::market::fund(&api, name, &(per_submitter * 100).to_string()).await?;
+        submitters.push((market.submitter(name).await, name.clone()));
+    }
     let limit = Duration::from_secs(600);
     let expected = (args.jobs * lots_per_job(args)) as u64;
     // The counter is made before the clock starts, so that only the
@@ -252,11 +265,14 @@ pub async fn run_once(args: &Load, auth: Auth, brokers: usize) -> Result<Outcome
             counter_made.elapsed().as_secs_f64()
         );
     }
+    let market_js = jetstream::new(client.clone());
+    let stored_before = stored(&[&market_js, &js]).await?;
     let cpu_before = Cpu::now(&market);
     let started = Instant::now();
     // Submitted 16 at a time, as many clients would (one account's holds
     // are written one after another: more at once only wait longer, and
-    // 64 waited past the request timeout on a slow day).
+    // 64 into one account waited past the request timeout on a slow day;
+    // 64 spread over 50 accounts did too, on 2026-12-05).
     let spec = JobSpec {
         image: image.clone(),
         segment_seconds: 0,
@@ -268,8 +284,12 @@ pub async fn run_once(args: &Load, auth: Auth, brokers: usize) -> Result<Outcome
         account: "bench".into(),
     };
     let submissions = futures::stream::iter(0..args.jobs)
-        .map(|_| {
-            let (api, spec) = (submitter.clone(), spec.clone());
+        .map(|i| {
+            let (api, account) = submitters[i % submitters.len()].clone();
+            let spec = JobSpec {
+                account,
+                ..spec.clone()
+            };
             async move {
                 let submitted = api.submit(spec).await.context("submit")?;
                 anyhow::Ok(submitted.job)
@@ -301,6 +321,7 @@ pub async fn run_once(args: &Load, auth: Auth, brokers: usize) -> Result<Outcome
     }
     let wall = started.elapsed().as_secs_f64();
     let cpu = Cpu::now(&market).since(&cpu_before);
+    let stored_after = stored(&[&market_js, &js]).await?;
     let broker_rss = peak_rss_kib(&market).max(peak_rss);
     // Listing reads every job record one by one: at 10 000 jobs it can
     // outlast the request timeout, and it is only a note. Under a quorum,
@@ -372,6 +393,31 @@ pub async fn run_once(args: &Load, auth: Auth, brokers: usize) -> Result<Outcome
         "settle latency (result published → payment recorded): p50 {:.0} ms, p99 {:.0} ms",
         pct(0.5),
         pct(0.99)
+    );
+    // What bounds the rate: each settled lot costs the server this many
+    // durable writes, and it makes at most its pipelined ceiling of them.
+    let writes: Vec<(String, u64)> = stored_after
+        .iter()
+        .map(|(name, after)| {
+            (
+                name.clone(),
+                after - stored_before.get(name).copied().unwrap_or(0),
+            )
+        })
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    let per_lot = writes.iter().map(|(_, n)| *n).sum::<u64>() as f64 / settled.max(1) as f64;
+    let mut by_stream = writes.clone();
+    by_stream.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+    println!(
+        "stored messages (durable writes) per settled lot: {per_lot:.1} ({}); at the pipelined ceiling that allows {:.0} lots/s, of which this run made {:.1} %",
+        by_stream
+            .iter()
+            .map(|(name, n)| format!("{name} {:.2}", *n as f64 / settled.max(1) as f64))
+            .collect::<Vec<_>>()
+            .join(", "),
+        ceiling_pipelined / per_lot,
+        100.0 * rate * per_lot / ceiling_pipelined
     );
     if brokers > 1 {
         crate::brokers::report_split(&mut market, &split, &jobs).await?;
@@ -490,4 +536,27 @@ async fn ack_ceiling(client: &async_nats::Client) -> Result<(f64, f64)> {
     let sequential = m as f64 / started.elapsed().as_secs_f64();
     js.delete_stream("ACK_CEILING").await?;
     Ok((pipelined, sequential))
+}
+
+/// The submitting accounts' names: `bench` alone, or `bench-1` … `bench-n`.
+fn submitter_names(n: usize) -> Vec<String> {
+    match n {
+        0 | 1 => vec!["bench".to_string()],
+        n => (1..=n).map(|i| format!("bench-{i}")).collect(),
+    }
+}
+
+/// The last sequence of every stream the contexts see, by name: the
+/// messages each has stored so far (every publish, KV update and batch
+/// message is one, whatever was later replaced or expired).
+async fn stored(contexts: &[&jetstream::Context]) -> Result<std::collections::BTreeMap<String, u64>> {
+    let mut out = std::collections::BTreeMap::new();
+    for js in contexts {
+        let mut streams = js.streams();
+        while let Some(info) = streams.next().await {
+            let info = info.context("list streams")?;
+            out.insert(info.config.name.clone(), info.state.last_sequence);
+        }
+    }
+    Ok(out)
 }
