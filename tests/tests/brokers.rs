@@ -74,6 +74,15 @@ fn count(holders: &HashMap<u16, String>, id: &str) -> usize {
     holders.values().filter(|h| *h == id).count()
 }
 
+/// Waits until broker `id` holds every partition.
+async fn holding_all(market: &Market, id: &str, limit: Duration) {
+    wait_for(limit, async || {
+        (count(&holders(market).await, id) == PARTITIONS as usize).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{id} holds every partition: {e}\n{}", market.logs()));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_brokers_jobs_are_taken_over_by_another_within_seconds() {
     let p0_metrics = format!("127.0.0.1:{}", vmlot_tests::free_port());
@@ -99,11 +108,7 @@ async fn a_dead_brokers_jobs_are_taken_over_by_another_within_seconds() {
         .unwrap();
 
     // Alone, b1 holds every partition; with b2 started they split evenly.
-    wait_for(Duration::from_secs(20), async || {
-        (count(&holders(&market).await, "b1") == PARTITIONS as usize).then_some(())
-    })
-    .await
-    .expect("b1 holds every partition");
+    holding_all(&market, "b1", Duration::from_secs(20)).await;
     let b2_metrics = format!("127.0.0.1:{}", vmlot_tests::free_port());
     market
         .add_broker("b2", &["--metrics-listen".into(), b2_metrics.clone()])
@@ -153,11 +158,7 @@ async fn a_dead_brokers_jobs_are_taken_over_by_another_within_seconds() {
         m
     };
     // b2 holds every partition within seconds of b1's leases lapsing...
-    wait_for(Duration::from_secs(20), async || {
-        (count(&holders(&market).await, "b2") == PARTITIONS as usize).then_some(())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("b2 took b1's partitions: {e}\n{}", market.logs()));
+    holding_all(&market, "b2", Duration::from_secs(20)).await;
     let taken = killed.elapsed();
     // ...and b1's jobs go on under b2.
     for job in &of_b1 {
@@ -271,11 +272,7 @@ async fn a_broker_that_stalled_past_its_lease_pays_nothing_for_a_segment_settled
         .push_synthetic_image("synthetic.seed=stalled-broker")
         .await
         .unwrap();
-    wait_for(Duration::from_secs(20), async || {
-        (count(&holders(&market).await, "b1") == PARTITIONS as usize).then_some(())
-    })
-    .await
-    .expect("b1 holds every partition");
+    holding_all(&market, "b1", Duration::from_secs(20)).await;
     let job = market.submit(spec(image, 3)).await;
 
     // b1 checks the first segment's result, and stalls before settling it.
@@ -292,11 +289,7 @@ async fn a_broker_that_stalled_past_its_lease_pays_nothing_for_a_segment_settled
     market.add_broker("b2", &[]).unwrap();
     // b2 takes b1's partitions once its leases lapse, and settles the
     // segment itself: b1's attempt is past its deadline, so a new one.
-    wait_for(Duration::from_secs(30), async || {
-        (count(&holders(&market).await, "b2") == PARTITIONS as usize).then_some(())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("b2 took b1's partitions: {e}\n{}", market.logs()));
+    holding_all(&market, "b2", Duration::from_secs(30)).await;
     let books = market.server.books_client().await.unwrap();
     let record = async || -> JobStatus {
         let text = vmlot_tests::market::read_job_record(&books, job).await.unwrap();

@@ -40,6 +40,42 @@ fn money(s: &str) -> Decimal {
     Decimal::from_str(s).unwrap()
 }
 
+/// A market of the cheapest provider, which lies by `fault` with its own
+/// credentials, and two honest ones; the test guest's image pushed. The
+/// market, the liar's id and the image.
+async fn market_with_a_liar(
+    fault: &'static str,
+    allowance_s: u32,
+) -> (VmMarket, ProviderId, std::path::PathBuf) {
+    let liar = QemuProviderSpec {
+        fault: Some(fault),
+        ..QemuProviderSpec::new("liar", "0.05")
+    };
+    let liar_id = ProviderId(liar.id);
+    let specs = [
+        liar,
+        QemuProviderSpec::new("h1", "0.10"),
+        QemuProviderSpec::new("h2", "0.20"),
+    ];
+    let m = qemu_market(&specs.iter().collect::<Vec<_>>(), allowance_s);
+    m.market.ready(3).await.unwrap();
+    let image = m.push_image(&qemu_image(&[]));
+    (m, liar_id, image)
+}
+
+/// `provider`'s standing as `vmlot --json standing` prints it.
+fn standing_of(m: &VmMarket, provider: ProviderId) -> serde_json::Value {
+    let standing = m.vmlot_ok(&["--json", "standing"]);
+    let standing: serde_json::Value = serde_json::from_slice(&standing).unwrap();
+    standing
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["provider"] == provider.to_string())
+        .cloned()
+        .unwrap_or_else(|| panic!("no standing of {provider}: {standing:#}"))
+}
+
 /// The guest moves p1 → p2 → p3: each provider joins, cheaper than those
 /// before it, while the previous segment runs, so it wins the next lot on
 /// price. Nobody is stopped; the console is exactly the uninterrupted one,
@@ -192,19 +228,7 @@ async fn a_quorum_of_deterministic_replicas_outvotes_a_provider_that_alters_gues
     let _turn = TURN.lock().await;
     let _timed = Timed::start("quorum of deterministic replicas");
     let reference = reference_console().await;
-    let liar = QemuProviderSpec {
-        fault: Some("flip-ram-byte"),
-        ..QemuProviderSpec::new("liar", "0.05")
-    };
-    let liar_id = ProviderId(liar.id);
-    let specs = [
-        liar,
-        QemuProviderSpec::new("d1", "0.10"),
-        QemuProviderSpec::new("d2", "0.20"),
-    ];
-    let m = qemu_market(&specs.iter().collect::<Vec<_>>(), 60);
-    m.market.ready(3).await.unwrap();
-    let image = m.push_image(&qemu_image(&[]));
+    let (m, liar_id, image) = market_with_a_liar("flip-ram-byte", 60).await;
     let job = m.submit_checked(&image, SEGMENT_SECONDS, "until-halt", "2", "quorum");
     // Its latest checkpoint, fetched while it runs, is resumed outside the
     // market once it is done (below).
@@ -245,14 +269,7 @@ async fn a_quorum_of_deterministic_replicas_outvotes_a_provider_that_alters_gues
         done.settled.iter().all(|s| s.awarded.len() >= 2),
         "every segment ran twice"
     );
-    let standing = m.vmlot_ok(&["--json", "standing"]);
-    let standing: serde_json::Value = serde_json::from_slice(&standing).unwrap();
-    let of_liar = standing
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["provider"] == liar_id.to_string())
-        .unwrap_or_else(|| panic!("no standing of the liar: {standing:#}"));
+    let of_liar = standing_of(&m, liar_id);
     assert_eq!(of_liar["refused"]["minority"], 1, "{of_liar:#}");
 }
 
@@ -265,19 +282,7 @@ async fn a_quorum_of_deterministic_replicas_outvotes_a_provider_that_alters_gues
 async fn a_state_without_its_ram_is_refused_as_incomplete_and_never_paid() {
     let _turn = TURN.lock().await;
     let _timed = Timed::start("a state without its RAM");
-    let liar = QemuProviderSpec {
-        fault: Some("drop-ram-part"),
-        ..QemuProviderSpec::new("liar", "0.05")
-    };
-    let liar_id = ProviderId(liar.id);
-    let specs = [
-        liar,
-        QemuProviderSpec::new("h1", "0.10"),
-        QemuProviderSpec::new("h2", "0.20"),
-    ];
-    let m = qemu_market(&specs.iter().collect::<Vec<_>>(), 30);
-    m.market.ready(3).await.unwrap();
-    let image = m.push_image(&qemu_image(&[]));
+    let (m, liar_id, image) = market_with_a_liar("drop-ram-part", 30).await;
     let job = m.submit(&image, SEGMENT_SECONDS, "2", "1");
     let done = m.wait_final(job).await;
     assert_eq!(
@@ -303,14 +308,7 @@ async fn a_state_without_its_ram_is_refused_as_incomplete_and_never_paid() {
         done.settled
     );
     m.assert_paid_once(&done).await;
-    let standing = m.vmlot_ok(&["--json", "standing"]);
-    let standing: serde_json::Value = serde_json::from_slice(&standing).unwrap();
-    let of_liar = standing
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["provider"] == liar_id.to_string())
-        .unwrap_or_else(|| panic!("no standing of the liar: {standing:#}"));
+    let of_liar = standing_of(&m, liar_id);
     assert_eq!(of_liar["refused"]["incomplete"], 1, "{of_liar:#}");
     assert_eq!(of_liar["valid"], 0, "{of_liar:#}");
 }
