@@ -22,15 +22,6 @@ pub enum Invalid {
     Store(String),
 }
 
-fn parts(cp: &Checkpoint) -> Vec<ManifestId> {
-    cp.machine_state
-        .iter()
-        .chain(&cp.memory)
-        .chain(&cp.disks)
-        .copied()
-        .collect()
-}
-
 /// The parts of a verified checkpoint the result checks read further.
 #[derive(Debug, Default)]
 pub struct Verified {
@@ -44,7 +35,7 @@ pub struct Verified {
 /// Blocks of a checkpoint already verified (by manifest).
 pub async fn known_blocks(store: &BlockStore, cp: &Checkpoint) -> HashSet<BlockId> {
     let mut known = HashSet::new();
-    for id in parts(cp) {
+    for &id in cp.parts() {
         if let Ok(manifest) = store.get_manifest(&id).await {
             known.extend(manifest.unique_blocks().into_iter().map(|(b, _)| b));
         }
@@ -63,7 +54,7 @@ pub async fn checkpoint(
 ) -> Result<Verified, Invalid> {
     let mut actual = 0u64;
     let mut verified = Verified::default();
-    for id in parts(new) {
+    for &id in new.parts() {
         let manifest = store.get_manifest(&id).await.map_err(|e| Invalid::Manifest {
             id,
             reason: e.to_string(),

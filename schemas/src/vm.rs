@@ -65,6 +65,14 @@ pub struct Checkpoint {
     pub stored_bytes: u64,
 }
 
+impl Checkpoint {
+    /// Its stored parts, each once in this order: the machine state, the
+    /// memory part, the disks.
+    pub fn parts(&self) -> impl Iterator<Item = &ManifestId> {
+        self.machine_state.iter().chain(&self.memory).chain(&self.disks)
+    }
+}
+
 /// How the guest stood at the end of the segment.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case", tag = "state")]

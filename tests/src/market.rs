@@ -709,6 +709,13 @@ pub async fn read_job_record(client: &async_nats::Client, job: impl std::fmt::Di
     }
 }
 
+/// The job's record as the broker last wrote it (through `client`, the
+/// books' connection).
+pub async fn job_record(client: &async_nats::Client, job: vmlot_schemas::JobId) -> Result<JobStatus> {
+    let text = read_job_record(client, job).await?;
+    serde_json::from_str(&text).with_context(|| format!("job {job}'s record: {text}"))
+}
+
 /// The settlement payments of `job`, read from the books.
 pub async fn payments(
     client: &async_nats::Client,

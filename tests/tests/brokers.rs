@@ -7,10 +7,10 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use vmlot_schemas::market::{Image, JobSpec, JobState, JobStatus, ResultCheck, SegmentCount};
+use vmlot_schemas::market::{Image, JobSpec, JobState, ResultCheck, SegmentCount};
 use vmlot_schemas::subjects::{LEASE_BUCKET, PARTITIONS, partition_of};
 use vmlot_schemas::{JobId, Money};
-use vmlot_tests::market::{Market, ProviderSpec, fast_broker_args, wait_for};
+use vmlot_tests::market::{Market, ProviderSpec, fast_broker_args, job_record, wait_for};
 
 fn spec(image: Image, segments: u32) -> JobSpec {
     JobSpec {
@@ -72,6 +72,15 @@ async fn holders(market: &Market) -> HashMap<u16, String> {
 
 fn count(holders: &HashMap<u16, String>, id: &str) -> usize {
     holders.values().filter(|h| *h == id).count()
+}
+
+/// Waits until the first broker's log has `line` in it.
+async fn b1_logged(market: &Market, line: &str, limit_s: u64) {
+    wait_for(Duration::from_secs(limit_s), async || {
+        market.broker.log().contains(line).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("b1 never logged {line:?}: {e}\n{}", market.logs()));
 }
 
 /// Waits until broker `id` holds every partition.
@@ -276,27 +285,15 @@ async fn a_broker_that_stalled_past_its_lease_pays_nothing_for_a_segment_settled
     let job = market.submit(spec(image, 3)).await;
 
     // b1 checks the first segment's result, and stalls before settling it.
-    wait_for(Duration::from_secs(60), async || {
-        market
-            .broker
-            .log()
-            .contains("fault injected: stalling before settlement")
-            .then_some(())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("b1 never stalled: {e}\n{}", market.logs()));
+    b1_logged(&market, "fault injected: stalling before settlement", 60).await;
     market.broker.freeze();
     market.add_broker("b2", &[]).unwrap();
     // b2 takes b1's partitions once its leases lapse, and settles the
     // segment itself: b1's attempt is past its deadline, so a new one.
     holding_all(&market, "b2", Duration::from_secs(30)).await;
     let books = market.server.books_client().await.unwrap();
-    let record = async || -> JobStatus {
-        let text = vmlot_tests::market::read_job_record(&books, job).await.unwrap();
-        serde_json::from_str(&text).unwrap()
-    };
     let first = wait_for(Duration::from_secs(30), async || {
-        record().await.settled.first().cloned()
+        job_record(&books, job).await.unwrap().settled.first().cloned()
     })
     .await
     .unwrap_or_else(|e| panic!("b2 settled segment 0: {e}\n{}", market.logs()));
@@ -305,15 +302,12 @@ async fn a_broker_that_stalled_past_its_lease_pays_nothing_for_a_segment_settled
     // b1 wakes, finds the attempt it held closed in the job's record, and
     // pays nothing.
     market.broker.thaw();
-    wait_for(Duration::from_secs(30), async || {
-        market
-            .broker
-            .log()
-            .contains("the attempt is no longer open in the job's record; not paid")
-            .then_some(())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("b1 woke and tried to settle: {e}\n{}", market.logs()));
+    b1_logged(
+        &market,
+        "the attempt is no longer open in the job's record; not paid",
+        30,
+    )
+    .await;
     let done = market.wait_final(job, Duration::from_secs(120)).await;
     assert_eq!(done.state, JobState::Done, "{done:#?}");
     assert_eq!(done.settled.len(), 3);

@@ -163,16 +163,19 @@ async fn a_pull_onto_an_older_copy_fetches_and_writes_only_what_changed() {
     data[100 * 4096..120 * 4096].fill(0);
     let a = dir.path().join("a");
     std::fs::write(&a, &data).unwrap();
-    let first = push_file(
-        &store,
-        None,
-        &a,
-        ObjectKind::Memory,
-        Chunking::FIXED_4K,
-        &HashSet::new(),
-    )
-    .await
-    .unwrap();
+    let push = async |path: &std::path::Path| {
+        push_file(
+            &store,
+            None,
+            path,
+            ObjectKind::Memory,
+            Chunking::FIXED_4K,
+            &HashSet::new(),
+        )
+        .await
+        .unwrap()
+    };
+    let first = push(&a).await;
     // Two blocks changed, one zeroed, one zero block written, and the
     // object one block longer.
     for block in [1usize, 300] {
@@ -183,16 +186,7 @@ async fn a_pull_onto_an_older_copy_fetches_and_writes_only_what_changed() {
     data.extend_from_slice(&[9u8; 4096]);
     let b = dir.path().join("b");
     std::fs::write(&b, &data).unwrap();
-    let second = push_file(
-        &store,
-        None,
-        &b,
-        ObjectKind::Memory,
-        Chunking::FIXED_4K,
-        &HashSet::new(),
-    )
-    .await
-    .unwrap();
+    let second = push(&b).await;
 
     let seed = dir.path().join("seed");
     std::fs::copy(&a, &seed).unwrap();

@@ -705,14 +705,13 @@ async fn books_a_broker_killed_between_recording_and_paying_a_segment_pays_it_on
         books.settlement(job, 0, 1).await.unwrap().is_none(),
         "the payment was not written"
     );
-    let record = vmlot_tests::market::read_job_record(&market.server.books_client().await.unwrap(), job)
+    let recorded = vmlot_tests::market::job_record(&market.server.books_client().await.unwrap(), job)
         .await
         .unwrap();
-    let recorded: vmlot_schemas::market::JobStatus = serde_json::from_str(&record).unwrap();
     assert_eq!(
         recorded.settled.iter().map(|s| s.segment).collect::<Vec<_>>(),
         vec![0],
-        "the job record holds the settled segment: {record}"
+        "the job record holds the settled segment: {recorded:#?}"
     );
 
     market.broker.set_env("VMLOT_FAULT", None);

@@ -420,12 +420,7 @@ async fn publish(daemon: &Daemon, result: &SegmentResult) -> Result<(), AttemptE
 /// Blocks of the checkpoint a segment started from: in the store already.
 async fn known_blocks(daemon: &Daemon, checkpoint: &Checkpoint) -> HashSet<BlockId> {
     let mut known = HashSet::new();
-    for id in checkpoint
-        .machine_state
-        .iter()
-        .chain(&checkpoint.memory)
-        .chain(&checkpoint.disks)
-    {
+    for id in checkpoint.parts() {
         if let Ok(manifest) = daemon.store.get_manifest_via(id, Some(&daemon.cache)).await {
             known.extend(manifest.unique_blocks().into_iter().map(|(b, _)| b));
         }

@@ -101,12 +101,7 @@ async fn bid(daemon: &Daemon, lot: &Lot) {
 async fn hot_share(daemon: &Daemon, job: &JobId, checkpoint: &Checkpoint) -> Decimal {
     let (mut hot, mut total) = (0u64, 0u64);
     let kept = daemon.kept.holds(job);
-    for id in checkpoint
-        .machine_state
-        .iter()
-        .chain(&checkpoint.memory)
-        .chain(&checkpoint.disks)
-    {
+    for id in checkpoint.parts() {
         if let Ok(manifest) = daemon.store.get_manifest(id).await {
             if kept && Some(*id) == checkpoint.memory {
                 hot += manifest.stored_bytes();
