@@ -111,15 +111,24 @@ pub fn encode_whole(manifest: &Manifest) -> Vec<u8> {
     encode_whole_bytes(&manifest.canonical_bytes())
 }
 
-/// The edits that turn `base` into `manifest`: the cheaper of a Myers diff
-/// over the extents (finds content that moved, as FastCDC's blocks do
-/// after an insertion) and an alignment by byte offset (exact and linear
-/// for objects on a fixed grid, where Myers may give up at its deadline
-/// when most of the object changed).
+/// The edits that turn `base` into `manifest`. On a fixed grid (disks,
+/// a guest's RAM file) content stays at its offset, and an alignment by
+/// byte offset is exact and linear. Otherwise (FastCDC, Xen records) the
+/// cheaper of that and a Myers diff over the extents, which finds content
+/// that moved, as FastCDC's blocks do after an insertion. Myers costs the
+/// extents times the edits: a 128 MiB RAM file with 4 200 pages changed
+/// spent its whole 300 ms deadline, most of a segment's upload, to find
+/// what the alignment had found in a millisecond.
 pub fn diff(base_id: ManifestId, base: &Manifest, manifest: &Manifest) -> Delta {
-    let myers = myers(&base.extents, &manifest.extents);
     let aligned = aligned(&base.extents, &manifest.extents);
     let cost = |edits: &[Edit]| edits.iter().map(|e| 1 + e.ins.len()).sum::<usize>();
+    let on_grid = matches!(manifest.chunking, Chunking::Fixed { .. }) && manifest.chunking == base.chunking;
+    let edits = if on_grid || aligned.is_empty() {
+        aligned
+    } else {
+        let myers = myers(&base.extents, &manifest.extents);
+        if cost(&aligned) <= cost(&myers) { aligned } else { myers }
+    };
     Delta {
         base: base_id,
         version: manifest.version,
@@ -127,11 +136,7 @@ pub fn diff(base_id: ManifestId, base: &Manifest, manifest: &Manifest) -> Delta 
         hash: manifest.hash,
         chunking: manifest.chunking,
         size: manifest.size,
-        edits: if cost(&aligned) <= cost(&myers) {
-            aligned
-        } else {
-            myers
-        },
+        edits,
     }
 }
 
@@ -349,6 +354,11 @@ mod tests {
         let mut shifted = b.extents.clone();
         shifted.insert(5, block(3_000_000));
         let shifted = manifest(shifted);
+        // The same edits on content-defined blocks, where content moves.
+        let cdc = |m: &Manifest| Manifest {
+            chunking: Chunking::FASTCDC_16K,
+            ..m.clone()
+        };
         // Most of the object changed: the alignment stays exact.
         let mut most = a.extents.clone();
         for (i, e) in most.iter_mut().enumerate() {
@@ -369,14 +379,23 @@ mod tests {
                 assert_eq!(&delta.apply(&a).unwrap(), target);
             }
         }
-        let cost = |m: &Manifest| {
-            diff(a.id(), &a, m)
+        let cost_over = |base: &Manifest, m: &Manifest| {
+            diff(base.id(), base, m)
                 .edits
                 .iter()
                 .map(|e| e.ins.len())
                 .sum::<usize>()
         };
-        assert_eq!(cost(&shifted), cost(&b) + 1, "Myers finds what moved");
+        let cost = |m: &Manifest| cost_over(&a, m);
+        let (ca, cb, cshifted) = (cdc(&a), cdc(&b), cdc(&shifted));
+        assert_eq!(
+            cost_over(&ca, &cshifted),
+            cost_over(&ca, &cb) + 1,
+            "Myers finds what moved"
+        );
+        // On a fixed grid the alignment alone is used: the shifted blocks
+        // all count as changed.
+        assert!(cost(&shifted) > 10_000, "{}", cost(&shifted));
         assert!(cost(&most) <= 16_000, "{}", cost(&most));
         assert!(diff(a.id(), &a, &a).edits.is_empty());
     }

@@ -83,6 +83,7 @@ pub async fn push_file_over(
         let base_manifest = store.get_manifest_via(base, cache).await?;
         known.extend(base_manifest.unique_blocks().into_iter().map(|(id, _)| id));
         located = store.get_locations(base, &base_manifest).await;
+        tracing::debug!(elapsed = ?started.elapsed(), "base manifest and locations read");
     }
     let owned_path = path.to_path_buf();
     let hash = store.hash();
@@ -151,8 +152,11 @@ pub async fn push_file_over(
     let chunked = chunker.await.map_err(|e| CasError::nats("chunker task", e))?;
     upload_result?;
     let (manifest, unique_blocks) = chunked?;
+    tracing::debug!(elapsed = ?started.elapsed(), sent_blocks, "blocks read, hashed and written");
     let manifest_id = store.put_manifest_over(&manifest, base).await?;
+    tracing::debug!(elapsed = ?started.elapsed(), "manifest written");
     store.put_locations(&manifest_id, &manifest, &located).await;
+    tracing::debug!(elapsed = ?started.elapsed(), "locations written");
     if let Some(cache) = cache {
         cache.put_manifest(&manifest_id, &manifest)?;
     }
