@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export PATH := $(CURDIR)/.tools/bin:$(PATH)
 
-.PHONY: all deps build bench-build guest nats-guest xen-host test test-xen chaos lint unit check-release bench-xen demo bench-cas bench-market bench-brokers bench-segment bench-deterministic bench-ledger schemas man clean
+.PHONY: all deps build bench-build guest nats-guest farm-boot xen-host test test-xen chaos lint unit check-release bench-xen demo bench-cas bench-market bench-brokers bench-segment bench-deterministic bench-ledger bench-farm schemas man clean
 
 all: build
 
@@ -13,7 +13,7 @@ deps:
 
 ## The release binaries only: built apart from the tests and benchmarks so
 ## their test machinery (fault injection, the synthetic driver) stays out.
-RELEASE_PACKAGES := -p vmlot-broker -p vmlot-provider -p vmlot-client
+RELEASE_PACKAGES := -p vmlot-broker -p vmlot-provider -p vmlot-client -p vmlot-farm
 ## The QEMU plugin of deterministic segments, beside the provider binary.
 PLUGIN := -p vmlot-icount-stop
 build: deps
@@ -43,6 +43,10 @@ bench-build: deps
 guest: deps
 	@bash scripts/build-guest.sh
 
+## OS Farm's boot kit (.tools/farm-boot): the kernel and the initrd every recipe's image boots with.
+farm-boot: deps
+	@bash scripts/build-farm-boot.sh
+
 ## The NATS guest of the power-cut test (.tools/nats-guest): nats-server in a busybox initramfs, its store on a virtio disk.
 nats-guest: deps
 	@bash scripts/build-nats-guest.sh
@@ -53,7 +57,7 @@ xen-host: deps guest
 
 ## Every test: formatting, lints, unit and integration tests against real
 ## nats-server and real QEMU guests (hence the guest).
-test: deps guest nats-guest lint unit check-release
+test: deps guest nats-guest farm-boot lint unit check-release
 
 lint:
 	$(CARGO) fmt --all --check
@@ -106,6 +110,11 @@ bench-brokers: build bench-build
 ## against a whole-file copy through the same nats-server.
 bench-segment: build bench-build guest
 	$(BENCH) segment --segment-seconds 60 --segments 3
+
+## OS Farm: the seed's table through the store (issue 18): two pairs of recipes (a base and the
+## base plus packages; the base on two suites), the second image's hot blocks and wire bytes against rsync.
+bench-farm: bench-build farm-boot
+	$(BENCH) farm
 
 ## Deterministic QEMU segments (exact instruction counts) against plain TCG; the canonical digest's cost.
 bench-deterministic: bench-build guest

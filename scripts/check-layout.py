@@ -17,7 +17,7 @@ import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CRATES = ["broker", "provider", "client", "cas", "ledger", "schemas", "identity", "telemetry"]
+CRATES = ["broker", "provider", "client", "farm", "cas", "ledger", "schemas", "identity", "telemetry"]
 MAX_LINES = 650
 
 PATH_RE = re.compile(r"\b(crate|super|self)((?:::\s*[A-Za-z_][A-Za-z0-9_]*)+)")

@@ -37,7 +37,8 @@ SRC
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -t bookworm-backports qemu-system-x86 >/dev/null
 fi
 
-for pkg_cmd in busybox-static:/bin/busybox rsync:rsync cpio:cpio zstd:zstd xz-utils:xz python3-venv:/usr/lib/python3*/venv; do
+# mmdebstrap and e2fsprogs (mkfs.ext4 -d): OS Farm's image builds (issue 18).
+for pkg_cmd in busybox-static:/bin/busybox rsync:rsync cpio:cpio zstd:zstd xz-utils:xz python3-venv:/usr/lib/python3*/venv mmdebstrap:mmdebstrap e2fsprogs:mkfs.ext4; do
   pkg=${pkg_cmd%%:*}; probe=${pkg_cmd#*:}
   case "$probe" in
     /*) compgen -G "$probe" >/dev/null || need_apt+=("$pkg") ;;

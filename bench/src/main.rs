@@ -5,6 +5,7 @@ mod baseline;
 mod brokers;
 mod cas;
 mod deterministic;
+mod farm;
 mod ledger;
 mod market;
 mod segment;
@@ -27,6 +28,8 @@ enum Bench {
     Cas(cas::Args),
     /// Deterministic QEMU segments against plain TCG on the same guest; the canonical digest against SHA-1/SHA-256.
     Deterministic(deterministic::Args),
+    /// OS Farm: the seed's table through the store (two pairs of recipes' images against rsync).
+    Farm(farm::Args),
     /// Ledger verify and filtered queries over ~1 M records, against a raw read of the same messages.
     Ledger(ledger::Args),
     /// Settled segments per second on the synthetic driver, against JetStream's ack rate.
@@ -47,6 +50,7 @@ async fn main() -> anyhow::Result<()> {
         Bench::Brokers(args) => brokers::run(args).await,
         Bench::Cas(args) => cas::run(args).await,
         Bench::Deterministic(args) => deterministic::run(args).await,
+        Bench::Farm(args) => farm::run(args).await,
         Bench::Ledger(args) => ledger::run(args).await,
         Bench::Market(args) => market::run(args).await,
         Bench::Segment(args) => segment::run(args).await,

@@ -127,7 +127,11 @@ pub fn diff(base_id: ManifestId, base: &Manifest, manifest: &Manifest) -> Delta 
         aligned
     } else {
         let myers = myers(&base.extents, &manifest.extents);
-        if cost(&aligned) <= cost(&myers) { aligned } else { myers }
+        if cost(&aligned) <= cost(&myers) {
+            aligned
+        } else {
+            myers
+        }
     };
     Delta {
         base: base_id,

@@ -14,12 +14,13 @@ use vmlot_schemas::api::Reply;
 use vmlot_schemas::caller::Caller;
 use vmlot_schemas::ledger::{CreditRequest, Transaction};
 use vmlot_schemas::market::{Heartbeat, JobRef, JobSpec, JobStatus, MarketView, SubmitJob, Submitted};
-use vmlot_schemas::{JobId, WIRE_VERSION};
+use vmlot_schemas::recipe::{BuildProgress, BuildRequest, Built, Recipe};
+use vmlot_schemas::{JobId, WIRE_VERSION, subjects};
 
 /// The endpoints, so a caller needs one import.
 pub use vmlot_schemas::api::{
-    ApiError, Cancel, Credit, Deposit, DepositRequest, Deposited, Endpoint, List, Market, Providers, Release,
-    Standings, Status, Stop, Submit,
+    ApiError, Cancel, Credit, Deposit, DepositRequest, Deposited, Endpoint, ImageBuild, ImageList, ImageShow,
+    List, Market, Providers, Release, Standings, Status, Stop, Submit,
 };
 
 /// Why a call to the job API did not return its value. The cause, where
@@ -38,6 +39,9 @@ pub enum CallError {
         #[source]
         source: async_nats::RequestError,
     },
+    /// No farm answered a build: none is running, or it fell silent.
+    #[error("request {endpoint}: {reason} (is `vmlot-farm` running?)")]
+    NoFarm { endpoint: &'static str, reason: String },
     /// The request could not be encoded.
     #[error("request {endpoint}: cannot encode it")]
     Encode {
@@ -206,6 +210,60 @@ impl Api {
     /// Funds an account (operator only).
     pub async fn credit(&self, request: &CreditRequest) -> Result<Transaction, CallError> {
         self.call::<Credit>(request).await
+    }
+
+    /// Asks OS Farm for `recipe`'s image: built now, or the one built
+    /// before. Each line of the build's progress goes to `progress` as it
+    /// comes; `quiet` is the longest the farm may stay silent.
+    pub async fn build_image(
+        &self,
+        recipe: Recipe,
+        mut progress: impl FnMut(&BuildProgress),
+        quiet: Duration,
+    ) -> Result<Built, CallError> {
+        use futures::StreamExt;
+        let endpoint = ImageBuild::NAME;
+        let body = BuildRequest {
+            version: vmlot_schemas::recipe::RECIPE_VERSION,
+            recipe,
+        };
+        let payload = serde_json::to_vec(&body).map_err(|source| CallError::Encode { endpoint, source })?;
+        let no_farm = |reason: String| CallError::NoFarm { endpoint, reason };
+        let inbox = self.client.new_inbox();
+        let mut answers = self
+            .client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| no_farm(format!("cannot subscribe to its inbox: {e}")))?;
+        self.client
+            .publish_with_reply(ImageBuild::subject(&self.caller), inbox, payload.into())
+            .await
+            .map_err(|e| no_farm(format!("cannot send it: {e}")))?;
+        loop {
+            let message = match tokio::time::timeout(quiet, answers.next()).await {
+                Err(_) => return Err(no_farm(format!("nothing heard for {quiet:?}"))),
+                Ok(None) => return Err(no_farm("the connection closed".into())),
+                Ok(Some(message)) => message,
+            };
+            if message.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+                return Err(no_farm("no one serves it".into()));
+            }
+            let is_progress = message
+                .headers
+                .as_ref()
+                .is_some_and(|h| h.get(subjects::PROGRESS_HEADER).is_some());
+            if is_progress {
+                if let Ok(line) = serde_json::from_slice::<BuildProgress>(&message.payload) {
+                    progress(&line);
+                }
+                continue;
+            }
+            return match serde_json::from_slice::<Reply<Built>>(&message.payload) {
+                Ok(Reply::Ok(built)) => Ok(built),
+                Ok(Reply::Error(err)) => Err(CallError::Refused(err)),
+                Err(source) => Err(CallError::BadReply { endpoint, source }),
+            };
+        }
     }
 
     /// Polls the job's record every [`WAIT_POLL`] until it is final. A

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use vmlot_schemas::JobId;
 
-use crate::commands::{admin, deposit, image, ledger, store, submit};
+use crate::commands::{admin, deposit, image, ledger, recipe, store, submit};
 use crate::context::Context;
 
 #[derive(Parser)]
@@ -52,7 +52,7 @@ pub enum Command {
     /// Move files through the content-addressed store.
     #[command(subcommand)]
     Store(store::StoreCommand),
-    /// Push an image's files and write its description (JSON) for `submit --image`.
+    /// Images: push an image's files, or ask OS Farm to build a recipe's.
     #[command(subcommand)]
     Image(ImageCommand),
     /// Submit a job: push the image, hold the budget, start the segments.
@@ -124,6 +124,7 @@ pub enum Command {
 
 #[derive(Subcommand)]
 pub enum ImageCommand {
+    /// Push an image's files and write its description (JSON) for `submit --image`.
     Push {
         #[command(flatten)]
         files: image::ImageArgs,
@@ -131,6 +132,12 @@ pub enum ImageCommand {
         #[arg(short, long)]
         output: Option<PathBuf>,
     },
+    /// Ask OS Farm for a recipe's image: built now, or the one built before.
+    Build(recipe::RecipeArgs),
+    /// The images OS Farm has built.
+    Ls,
+    /// One image, by its recipe's id.
+    Show { recipe_id: String },
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ mod output;
 
 use cli::{Cli, Command, ImageCommand};
 use commands::{
-    admin, balances, deposit, fetch, image, ledger, logs, market, run_local, status, submit, watch,
+    admin, balances, deposit, fetch, image, ledger, logs, market, recipe, run_local, status, submit, watch,
 };
 
 #[tokio::main]
@@ -56,6 +56,9 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
         Command::Image(ImageCommand::Push { files, output }) => {
             image::push(ctx, files, output.as_deref()).await
         }
+        Command::Image(ImageCommand::Build(args)) => recipe::build_command(ctx, args).await,
+        Command::Image(ImageCommand::Ls) => recipe::list(ctx).await,
+        Command::Image(ImageCommand::Show { recipe_id }) => recipe::show(ctx, recipe_id).await,
         Command::Submit(args) => submit::submit(ctx, args).await,
         Command::Status { job } => status::status(ctx, *job).await,
         Command::Watch { job } => watch::watch(ctx, *job).await,

@@ -16,6 +16,7 @@ use crate::caller::Caller;
 use crate::ledger::{CreditRequest, Transaction};
 use crate::market::{Heartbeat, JobRef, JobStatus, MarketView, SubmitJob, Submitted};
 use crate::money::Money;
+use crate::recipe::{BuildRequest, Built, ImageRecord, RecipeRef};
 use crate::standing::Standing;
 use crate::subjects;
 
@@ -103,6 +104,21 @@ endpoint!(
     Release, "release", DepositRequest => Deposited
 );
 
+endpoint!(
+    /// OS Farm: build a recipe's image, or answer the one built before.
+    /// Lines of [`crate::recipe::BuildProgress`] come first on the reply subject, each
+    /// with the header [`subjects::PROGRESS_HEADER`].
+    ImageBuild, "image-build", BuildRequest => Built
+);
+endpoint!(
+    /// OS Farm: every image it has built.
+    ImageList, "image-list", () => Vec<ImageRecord>
+);
+endpoint!(
+    /// OS Farm: one image, by its recipe's id.
+    ImageShow, "image-show", RecipeRef => ImageRecord
+);
+
 /// provider → broker: how much to move into (or out of) its deposit.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -138,6 +154,9 @@ pub const ENDPOINTS: [&str; 11] = [
     Release::NAME,
 ];
 
+/// OS Farm's endpoints (served by `vmlot-farm`, not the broker).
+pub const FARM_ENDPOINTS: [&str; 3] = [ImageBuild::NAME, ImageList::NAME, ImageShow::NAME];
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,9 +165,13 @@ mod tests {
     fn endpoint_subjects_are_under_the_api_prefix() {
         let op = Caller::new(crate::caller::Role::Operator, "root");
         assert_eq!(Credit::subject(&op), "vmlot.api.operator.root.credit");
-        let mut names = ENDPOINTS.to_vec();
+        let mut names = [ENDPOINTS.as_slice(), FARM_ENDPOINTS.as_slice()].concat();
         names.sort();
         names.dedup();
-        assert_eq!(names.len(), ENDPOINTS.len(), "endpoint names are unique");
+        assert_eq!(
+            names.len(),
+            ENDPOINTS.len() + FARM_ENDPOINTS.len(),
+            "endpoint names are unique"
+        );
     }
 }

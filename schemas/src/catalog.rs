@@ -2,7 +2,7 @@
 //! the crate, naming the types of every layer below, so a client in
 //! another language gets each message's schema by file name.
 
-use crate::{api, ledger, manifest, market, money, standing, vm};
+use crate::{api, ledger, manifest, market, money, recipe, standing, vm};
 
 /// Every schema published in `schemas/json/`, by file stem.
 pub fn json_schemas() -> Vec<(&'static str, schemars::Schema)> {
@@ -26,6 +26,11 @@ pub fn json_schemas() -> Vec<(&'static str, schemars::Schema)> {
         ("settlement", schemars::schema_for!(ledger::Settlement)),
         ("market-view", schemars::schema_for!(market::MarketView)),
         ("standing", schemars::schema_for!(standing::Standing)),
+        ("recipe", schemars::schema_for!(recipe::Recipe)),
+        ("build-request", schemars::schema_for!(recipe::BuildRequest)),
+        ("build-progress", schemars::schema_for!(recipe::BuildProgress)),
+        ("image-record", schemars::schema_for!(recipe::ImageRecord)),
+        ("reply-built", schemars::schema_for!(market::Reply<recipe::Built>)),
         (
             "reply-submitted",
             schemars::schema_for!(market::Reply<market::Submitted>),

@@ -10,6 +10,9 @@
 //! Conventions: every message carries a `version`; ids are UUIDs (or SHA-1
 //! names for content); times are RFC 3339 UTC; money is a decimal string
 //! with a unit code.
+//!
+//! [`recipe`] (OS Farm's recipes and the images made of them) sits beside
+//! [`market`], using only [`ids`] and [`manifest`].
 
 pub mod api;
 pub mod caller;
@@ -19,6 +22,7 @@ pub mod ledger;
 pub mod manifest;
 pub mod market;
 pub mod money;
+pub mod recipe;
 pub mod standing;
 pub mod subjects;
 pub mod vm;

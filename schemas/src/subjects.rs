@@ -288,6 +288,15 @@ pub fn broker_poke(partition: u16) -> String {
 /// entry lapsing unless renewed.
 pub const LEASE_BUCKET: &str = "vmlot-leases";
 
+/// OS Farm's images by recipe id (KV; only the farm writes it).
+pub const IMAGE_BUCKET: &str = "vmlot-images";
+/// Name of OS Farm's micro service (its endpoints are under [`API_PREFIX`]
+/// like the broker's, so a caller is named by its subject the same way).
+pub const FARM_SERVICE: &str = "vmlot-farm";
+/// Header on a message the farm sends on a build request's reply subject
+/// before its answer: a line of the build's progress.
+pub const PROGRESS_HEADER: &str = "Vmlot-Progress";
+
 /// Every bid, of any provider and partition.
 pub const ALL_BIDS: &str = "vmlot.bid.*.*";
 pub const ALL_HEARTBEATS: &str = "vmlot.heartbeat.*";

@@ -339,6 +339,25 @@ impl NatsServer {
         }
     }
 
+    /// The one client connection named `name` (its connect name, e.g.
+    /// `vmlot-farm`), by its `cid` in `/connz`.
+    pub fn connection_named(&self, name: &str) -> Result<u64> {
+        let port = self.monitor_port.context("this server has no monitoring port")?;
+        let body = http_get(port, "/connz?limit=4096")?;
+        let connz: serde_json::Value = serde_json::from_str(&body).context("/connz is not JSON")?;
+        let named: Vec<u64> = connz["connections"]
+            .as_array()
+            .context("/connz lists no connections")?
+            .iter()
+            .filter(|c| c["name"].as_str() == Some(name))
+            .filter_map(|c| c["cid"].as_u64())
+            .collect();
+        match named.as_slice() {
+            [cid] => Ok(*cid),
+            other => bail!("expected one connection named {name}, the server lists {other:?}"),
+        }
+    }
+
     fn connection_ids(&self) -> Result<Vec<u64>> {
         let port = self.monitor_port.context("this server has no monitoring port")?;
         let body = http_get(port, "/connz?limit=4096")?;

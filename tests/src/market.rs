@@ -48,6 +48,8 @@ pub struct Market {
     /// Brokers beside the first ([`Market::add_broker`]), sharing its jobs.
     pub brokers: Vec<Process>,
     pub providers: Vec<Process>,
+    /// OS Farm, when a test started it ([`Market::add_farm`]).
+    pub farm: Option<Process>,
     /// Providers running as tasks of this process ([`Market::add_in_process_providers`]).
     pub in_process: InProcessProviders,
     pub dir: tempfile::TempDir,
@@ -134,6 +136,7 @@ impl Market {
             brokers: Vec::new(),
             broker_args,
             providers: Vec::new(),
+            farm: None,
             in_process: InProcessProviders::default(),
             dir,
             apis: Default::default(),
@@ -170,6 +173,43 @@ impl Market {
         )?;
         self.brokers.push(broker);
         Ok(self.brokers.last_mut().expect("just pushed"))
+    }
+
+    /// Starts OS Farm (`vmlot-farm`) as the house, with the broker's
+    /// credentials: its boot kit from `make farm-boot`, its downloaded
+    /// packages kept in `.tools/farm-apt-cache` across runs (a build
+    /// downloads only what no earlier one did).
+    pub fn add_farm(&mut self) -> Result<&mut Process> {
+        let boot = crate::repo_root().join(".tools/farm-boot");
+        for f in ["vmlinuz", "initrd.cpio.gz"] {
+            anyhow::ensure!(
+                boot.join(f).is_file(),
+                "{} missing: run `make farm-boot`",
+                boot.join(f).display()
+            );
+        }
+        let args: Vec<String> = vec![
+            "--work-dir".into(),
+            self.dir.path().join("farm").display().to_string(),
+            "--apt-cache".into(),
+            crate::repo_root()
+                .join(".tools/farm-apt-cache")
+                .display()
+                .to_string(),
+            "--kernel".into(),
+            boot.join("vmlinuz").display().to_string(),
+            "--initrd".into(),
+            boot.join("initrd.cpio.gz").display().to_string(),
+        ];
+        let farm = Process::start(
+            "vmlot-farm",
+            "farm",
+            self.server.client_urls(),
+            self.server.access(Role::Broker, "broker")?.as_deref(),
+            &args,
+            self.dir.path(),
+        )?;
+        Ok(self.farm.insert(farm))
     }
 
     /// Waits until the broker answers and `providers` providers have sent a heartbeat.
@@ -403,6 +443,9 @@ impl Market {
         }
         for p in &self.providers {
             out.push_str(&format!("\n--- provider\n{}", tail(&p.log())));
+        }
+        if let Some(farm) = &self.farm {
+            out.push_str(&format!("\n--- farm\n{}", tail(&farm.log())));
         }
         if !self.peers.is_empty() {
             for node in self.nodes() {

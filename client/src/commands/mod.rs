@@ -13,6 +13,7 @@ pub mod ledger;
 pub mod logs;
 pub mod market;
 pub mod names;
+pub mod recipe;
 pub mod run_local;
 pub mod status;
 pub mod store;

@@ -10,7 +10,7 @@ use vmlot_schemas::Money;
 use vmlot_schemas::market::{JobSpec, ResultCheck, SegmentCount};
 
 use crate::commands::image::{ImageArgs, push_image};
-use crate::commands::watch;
+use crate::commands::{recipe, watch};
 use crate::context::Context;
 use crate::output::print_json_line;
 
@@ -18,8 +18,12 @@ use crate::output::print_json_line;
 #[derive(Args)]
 pub struct SubmitArgs {
     /// An image description written by `vmlot image push -o`; or give the files below.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "recipe")]
     pub image: Option<PathBuf>,
+    /// A recipe file: OS Farm builds its image (or answers the one built
+    /// before), and the job boots it on QEMU with --memory and --vcpus.
+    #[arg(long)]
+    pub recipe: Option<PathBuf>,
     #[command(flatten)]
     pub files: ImageArgs,
     /// Segment length T in seconds.
@@ -53,11 +57,15 @@ pub struct SubmitArgs {
 }
 
 pub async fn submit(ctx: &Context, args: &SubmitArgs) -> Result<()> {
-    let image = match &args.image {
-        Some(path) => {
+    let image = match (&args.image, &args.recipe) {
+        (Some(path), _) => {
             serde_json::from_slice(&std::fs::read(path)?).context("reading the image description")?
         }
-        None => push_image(ctx, &args.files).await?,
+        (None, Some(path)) => {
+            let built = recipe::build(ctx, recipe::read_recipe(path)?).await?;
+            recipe::image_of(&built.image, args.files.memory, args.files.vcpus)
+        }
+        (None, None) => push_image(ctx, &args.files).await?,
     };
     let segments = match (args.segments, args.until_halt) {
         (Some(n), false) => SegmentCount::Count(n),
