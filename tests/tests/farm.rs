@@ -14,7 +14,7 @@ use vmlot_client::api::{ImageBuild, ImageList, ImageShow};
 use vmlot_schemas::caller::{Caller, Role};
 use vmlot_schemas::market::{GuestState, JobState};
 use vmlot_schemas::recipe::{
-    BuildRequest, Built, ImageRecord, RECIPE_VERSION, Recipe, RecipeFile, RecipeRef,
+    BuildRequest, Built, ImageFormat, ImageRecord, RECIPE_VERSION, Recipe, RecipeFile, RecipeRef,
 };
 use vmlot_schemas::subjects;
 use vmlot_schemas::{BlockId, ManifestId};
@@ -113,7 +113,11 @@ async fn a_recipe_is_built_once_boots_in_the_market_and_a_second_sends_only_its_
     for object in [&first.image.kernel, &first.image.initrd, &first.image.disk] {
         stored.extend(blocks(&store, &object.manifest).await);
     }
-    let two = recipe(&["hello", "bc"], "echo bc says $(echo 6*7 | bc)");
+    // In format `tar`: its root file system is exported as a tar too.
+    let two = Recipe {
+        format: ImageFormat::Tar,
+        ..recipe(&["hello", "bc"], "echo bc says $(echo 6*7 | bc)")
+    };
     let traffic_before = vm.market.server.connection_traffic(farm_cid).unwrap();
     let second = build(&vm, &write(&dir, "two.json", &two));
     let sent_wire = vm.market.server.connection_traffic(farm_cid).unwrap() - traffic_before;
@@ -133,13 +137,30 @@ async fn a_recipe_is_built_once_boots_in_the_market_and_a_second_sends_only_its_
     );
     // By the server's own count: the cold blocks' bytes, the manifest and
     // the existence queries, and not the disk's stored bytes.
+    // The export's blocks are its own (a tar's file data is not on the 4 KiB grid).
     let stored_bytes = second.image.disk.unique_blocks * 4096;
+    let export = second.image.export.as_ref().expect("format tar has an export");
     assert!(
-        sent_wire.in_bytes < second.image.disk.sent_bytes + stored_bytes / 10,
-        "the farm sent {} bytes for {} cold bytes of a {stored_bytes}-byte disk",
+        sent_wire.in_bytes < second.image.disk.sent_bytes + export.sent_bytes + stored_bytes / 10,
+        "the farm sent {} bytes for {} cold bytes of a {stored_bytes}-byte disk and a {}-byte export",
         sent_wire.in_bytes,
-        second.image.disk.sent_bytes
+        second.image.disk.sent_bytes,
+        export.sent_bytes
     );
+    // The export is the root file system: the recipe's package and file in it.
+    let tar = dir.join("two.tar");
+    vmlot_cas::pull_file(&store, None, &export.manifest, &tar).await.unwrap();
+    let listed = std::process::Command::new("tar").arg("-tf").arg(&tar).output().unwrap();
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    for member in ["./usr/bin/bc", "./etc/vmlot-test", "./usr/sbin/vmlot-init"] {
+        // bookworm's /bin and /sbin are links into /usr.
+        let old_place = member.replace("./usr/", "./");
+        assert!(
+            listed.lines().any(|l| l == member || l == old_place),
+            "{member} not in the export"
+        );
+    }
+    assert!(first.image.export.is_none(), "format raw has no export");
     eprintln!(
         "second recipe: {} of {} blocks cold ({:.1} % hot); {} bytes sent by the server's count, {} of cold blocks",
         cold.len(),
