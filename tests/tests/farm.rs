@@ -149,8 +149,14 @@ async fn a_recipe_is_built_once_boots_in_the_market_and_a_second_sends_only_its_
     );
     // The export is the root file system: the recipe's package and file in it.
     let tar = dir.join("two.tar");
-    vmlot_cas::pull_file(&store, None, &export.manifest, &tar).await.unwrap();
-    let listed = std::process::Command::new("tar").arg("-tf").arg(&tar).output().unwrap();
+    vmlot_cas::pull_file(&store, None, &export.manifest, &tar)
+        .await
+        .unwrap();
+    let listed = std::process::Command::new("tar")
+        .arg("-tf")
+        .arg(&tar)
+        .output()
+        .unwrap();
     let listed = String::from_utf8_lossy(&listed.stdout);
     for member in ["./usr/bin/bc", "./etc/vmlot-test", "./usr/sbin/vmlot-init"] {
         // bookworm's /bin and /sbin are links into /usr.
