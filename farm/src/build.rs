@@ -353,24 +353,16 @@ fn shell_quote(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vmlot_schemas::recipe::{RECIPE_VERSION, RecipeFile};
+    use vmlot_schemas::recipe::RecipeFile;
 
+    /// A recipe as a user writes one.
     fn recipe() -> Recipe {
-        Recipe {
-            version: RECIPE_VERSION,
-            distribution: "debian".into(),
-            suite: "bookworm".into(),
-            architecture: "amd64".into(),
-            packages: vec!["hello".into(), "bc".into()],
-            files: vec![RecipeFile {
-                path: "/etc/motd".into(),
-                mode: 0o644,
-                content: "hi\n".into(),
-            }],
-            command: Some("hello".into()),
-            disk_mib: 256,
-            format: ImageFormat::Raw,
-        }
+        serde_json::from_str(
+            r#"{"version": 1, "distribution": "debian", "suite": "bookworm", "architecture": "amd64",
+                "packages": ["hello", "bc"], "command": "hello", "disk_mib": 256,
+                "files": [{"path": "/etc/motd", "content": "hi\n"}]}"#,
+        )
+        .expect("a recipe")
     }
 
     #[test]
