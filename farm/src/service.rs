@@ -277,6 +277,18 @@ async fn builder(
                 }));
             }
         };
+        // A build that ended between a request's look at the index and its
+        // queueing: answer what it made rather than build the recipe again.
+        if let Ok(Some(image)) = shared.farm.index.get(&id).await {
+            shared
+                .in_flight
+                .lock()
+                .expect("in-flight lock")
+                .builds
+                .remove(&id);
+            let _ = tx.send(Event::Done(Box::new(Ok(image))));
+            continue;
+        }
         let result = tokio::select! {
             _ = shutdown.cancelled() => Err(error("internal", "the farm is stopping")),
             r = tracing::Instrument::instrument(shared.farm.make(&request.recipe, &id, &progress), span.clone()) => r.map_err(|e| {

@@ -47,8 +47,19 @@ fn write(dir: &Path, name: &str, recipe: &Recipe) -> String {
 
 /// `vmlot --json image build FILE` as the submitter.
 fn build(vm: &VmMarket, file: &str) -> Built {
-    let out = vm.vmlot_ok_as(Role::Submitter, "default", &["--json", "image", "build", file]);
-    serde_json::from_slice(&out).unwrap()
+    build_with_progress(vm, file).0
+}
+
+/// The same, with what the CLI printed of the build's progress.
+fn build_with_progress(vm: &VmMarket, file: &str) -> (Built, String) {
+    let out = vm.vmlot_as(Role::Submitter, "default", &["--json", "image", "build", file]);
+    let progress = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "image build {file}: {progress}\n{}",
+        vm.market.logs()
+    );
+    (serde_json::from_slice(&out.stdout).unwrap(), progress)
 }
 
 /// The distinct blocks an object's manifest names.
@@ -83,8 +94,15 @@ async fn a_recipe_is_built_once_boots_in_the_market_and_a_second_sends_only_its_
     let one_file = write(&dir, "one.json", &one);
 
     // Built once.
-    let first = build(&vm, &one_file);
+    let (first, progress) = build_with_progress(&vm, &one_file);
     assert!(first.built, "the first request builds");
+    // Its progress streamed to the caller, step by step, before the answer.
+    for step in ["[bootstrap] I: ", "[files] ", "[disk] ", "[store] "] {
+        assert!(
+            progress.contains(step),
+            "no {step:?} line in the progress:\n{progress}"
+        );
+    }
     assert_eq!(first.image.recipe_id, one.id());
     assert!(
         first.image.installed.iter().any(|p| p.starts_with("hello=")),
