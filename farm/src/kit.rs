@@ -15,8 +15,10 @@ use crate::error::FarmError;
 use crate::stored::push_stored;
 
 /// The kernel command line of every image: the console the providers
-/// record, the disk the initrd mounts as the root.
-pub const CMDLINE: &str = "console=ttyS0 quiet vmlot.root=/dev/vda";
+/// record, the disk the initrd mounts as the root, and a reboot a second
+/// after a panic (the machine runs with -no-reboot, so a guest whose init
+/// died ends as crashed instead of running silently until its budget).
+pub const CMDLINE: &str = "console=ttyS0 quiet panic=1 vmlot.root=/dev/vda";
 
 /// The kernel and initrd in the store, and the command line.
 #[derive(Clone, Debug)]

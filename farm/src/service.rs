@@ -280,13 +280,7 @@ async fn builder(
         // A build that ended between a request's look at the index and its
         // queueing: answer what it made rather than build the recipe again.
         if let Ok(Some(image)) = shared.farm.index.get(&id).await {
-            shared
-                .in_flight
-                .lock()
-                .expect("in-flight lock")
-                .builds
-                .remove(&id);
-            let _ = tx.send(Event::Done(Box::new(Ok(image))));
+            finish(&shared, &id, &tx, Ok(image));
             continue;
         }
         let result = tokio::select! {
@@ -299,12 +293,18 @@ async fn builder(
         if let Ok(image) = &result {
             tracing::info!(parent: &span, seconds = started.elapsed().as_secs_f64(), disk = %image.disk.manifest, sent_blocks = image.disk.sent_blocks, "image built and indexed");
         }
-        shared
-            .in_flight
-            .lock()
-            .expect("in-flight lock")
-            .builds
-            .remove(&id);
-        let _ = tx.send(Event::Done(Box::new(result)));
+        finish(&shared, &id, &tx, result);
     }
+}
+
+/// A recipe's build is over: no longer in flight, its answer to every
+/// request waiting on it.
+fn finish(
+    shared: &Shared,
+    id: &RecipeId,
+    tx: &broadcast::Sender<Event>,
+    result: Result<ImageRecord, ApiError>,
+) {
+    shared.in_flight.lock().expect("in-flight lock").builds.remove(id);
+    let _ = tx.send(Event::Done(Box::new(result)));
 }
