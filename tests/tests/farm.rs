@@ -222,8 +222,9 @@ async fn a_recipe_is_built_once_boots_in_the_market_and_a_second_sends_only_its_
             "256",
             // Long enough for the boot, the command and the poweroff to
             // fit in the first segment even on a busy machine (the segment
-            // ends when the guest does): this test is about the image, the
-            // market tests migrate guests between segments.
+            // ends when the guest does, so it costs nothing): this test is
+            // about the image; the market tests migrate guests between
+            // segments.
             "--segment-seconds",
             "90",
             "--until-halt",
