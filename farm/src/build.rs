@@ -273,7 +273,7 @@ async fn installed(root: &Path) -> Result<Vec<String>, BuildError> {
         .output()
         .await
         .map_err(|e| BuildError::Spawn {
-            program: "dpkg-query",
+            program: "dpkg-query".into(),
             error: e.to_string(),
         })?;
     if !out.status.success() {
@@ -302,8 +302,8 @@ async fn run(step: &'static str, cmd: &mut Command, progress: Progress<'_>) -> R
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| BuildError::Spawn {
-            program: step_program(step),
-            error: format!("{program}: {e}"),
+            program: program.clone(),
+            error: e.to_string(),
         })?;
     let out = BufReader::new(child.stdout.take().expect("piped")).lines();
     let err = BufReader::new(child.stderr.take().expect("piped")).lines();
@@ -318,7 +318,7 @@ async fn run(step: &'static str, cmd: &mut Command, progress: Progress<'_>) -> R
         }
     }
     let status = child.wait().await.map_err(|e| BuildError::Spawn {
-        program: step_program(step),
+        program,
         error: e.to_string(),
     })?;
     if !status.success() {
@@ -329,14 +329,6 @@ async fn run(step: &'static str, cmd: &mut Command, progress: Progress<'_>) -> R
         });
     }
     Ok(())
-}
-
-fn step_program(step: &str) -> &'static str {
-    match step {
-        "bootstrap" => "mmdebstrap",
-        "disk" => "mkfs.ext4",
-        _ => "tar",
-    }
 }
 
 fn tokio_stream_lines<R: tokio::io::AsyncBufRead + Unpin + Send + 'static>(

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
     #[error("{program} could not run: {error} (is it installed? `make deps` installs mmdebstrap)")]
-    Spawn { program: &'static str, error: String },
+    Spawn { program: String, error: String },
     #[error("the {step} step failed ({status}); its last lines:\n{tail}")]
     Step {
         step: &'static str,

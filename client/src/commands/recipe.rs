@@ -91,7 +91,7 @@ impl RecipeArgs {
     }
 }
 
-/// A recipe file, checked here first so a mistake is named before the farm is asked.
+/// A recipe file, parsed (its rules are checked by [`build`] before the farm is asked).
 pub fn read_recipe(path: &std::path::Path) -> Result<Recipe> {
     let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let recipe: Recipe =
