@@ -14,7 +14,7 @@ use rust_decimal::Decimal;
 use vmlot_client::Api;
 use vmlot_client::api::{Answer, Submit};
 use vmlot_schemas::caller::{Caller, Role};
-use vmlot_schemas::ledger::{Account, CreditRequest};
+use vmlot_schemas::ledger::{Account, CreditRequest, Settlement};
 use vmlot_schemas::market::{Image, JobSpec, JobStatus, SubmitJob, Submitted};
 use vmlot_schemas::{Chunking, HypervisorKind, JobId, Money, ObjectKind, VmConfig, WIRE_VERSION};
 
@@ -520,23 +520,47 @@ impl Market {
             .expect("run vmlot")
     }
 
+    /// The job's payments once its money is settled. The broker writes a
+    /// segment's payment after the record that settles it, and the last
+    /// one (the check restore, or a halting guest's segment) is in the
+    /// same record that ends the job: a final record alone does not say
+    /// the books have it. The refund comes after every payment the record
+    /// holds, so this waits for that; the refunded record with them.
+    pub async fn paid(&self, job: JobId) -> (JobStatus, Vec<Settlement>) {
+        let refunded = self.wait_refunded(job).await;
+        (refunded, payments(self.api().await.nats(), job).await)
+    }
+
     /// Exactly one payment per settled segment (and check restore), to
     /// the result that settled it, at its price; the job's spending is
-    /// their sum.
-    pub async fn assert_paid_once(&self, done: &JobStatus) {
-        let paid = payments(self.api().await.nats(), done.job).await;
+    /// their sum. Waits for the job's refund first ([`Market::paid`]).
+    pub async fn assert_paid_once(&self, job: JobId) -> JobStatus {
+        let (done, paid) = self.paid(job).await;
+        let summary = || {
+            paid.iter()
+                .map(|p| {
+                    format!(
+                        "segment {} attempt {} to {} {}",
+                        p.segment, p.attempt, p.provider, p.amount
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
         let segments: Vec<u32> = paid.iter().map(|p| p.segment).collect();
         // The settled segments, then the check restore if one ran.
         let recorded: Vec<_> = done.payments().collect();
         assert_eq!(
             segments.len(),
             recorded.len(),
-            "one payment per settled segment: {paid:#?}"
+            "one payment per settled segment; the books hold:\n{}\nthe record: {done:#?}",
+            summary()
         );
         assert_eq!(
             segments.iter().copied().collect::<HashSet<u32>>(),
             (0..recorded.len() as u32).collect(),
-            "each segment paid once: {paid:#?}"
+            "each segment paid once; the books hold:\n{}",
+            summary()
         );
         for p in &paid {
             let settled = recorded[p.segment as usize];
@@ -549,6 +573,7 @@ impl Market {
         }
         let total: Decimal = paid.iter().map(|p| p.amount.amount).sum();
         assert_eq!(done.spent.amount, total);
+        done
     }
 
     /// The books reconcile, checked by the library and by `vmlot ledger

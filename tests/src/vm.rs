@@ -242,9 +242,10 @@ impl VmMarket {
     }
 
     /// Exactly one payment per settled segment, to the provider that
-    /// settled it, and the job's spending is their sum.
-    pub async fn assert_paid_once(&self, done: &JobStatus) {
-        self.market.assert_paid_once(done).await
+    /// settled it, and the job's spending is their sum (once the job is
+    /// refunded: [`Market::paid`](crate::market::Market::paid)).
+    pub async fn assert_paid_once(&self, job: JobId) -> JobStatus {
+        self.market.assert_paid_once(job).await
     }
 }
 

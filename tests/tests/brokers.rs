@@ -189,8 +189,7 @@ async fn a_dead_brokers_jobs_are_taken_over_by_another_within_seconds() {
         let done = market.wait_final(*job, Duration::from_secs(120)).await;
         assert_eq!(done.state, JobState::Done, "{done:#?}");
         assert_eq!(done.settled.len(), 12);
-        market.assert_paid_once(&done).await;
-        market.wait_refunded(*job).await;
+        market.assert_paid_once(done.job).await;
     }
     market.assert_books_verify().await;
 
@@ -312,7 +311,6 @@ async fn a_broker_that_stalled_past_its_lease_pays_nothing_for_a_segment_settled
     assert_eq!(done.state, JobState::Done, "{done:#?}");
     assert_eq!(done.settled.len(), 3);
     assert_eq!(done.settled[0], first, "segment 0 stays as b2 settled it");
-    market.assert_paid_once(&done).await;
-    market.wait_refunded(job).await;
+    market.assert_paid_once(done.job).await;
     market.assert_books_verify().await;
 }

@@ -235,7 +235,7 @@ async fn every_job_ends_done_exact_and_paid_once_through_a_storm_of_kills() {
             );
             assert_eq!(done.settled.len(), size.segments as usize);
         }
-        m.market.assert_paid_once(done).await;
+        m.market.assert_paid_once(done.job).await;
     }
     for job in &all {
         m.market.wait_refunded(*job).await;

@@ -126,8 +126,7 @@ async fn synthetic_jobs_finish_across_a_nats_node_killed_and_restarted() {
         assert_eq!(done.state, JobState::Done, "{done:#?}\n{}", market.logs());
         assert_eq!(done.settled.len(), 4);
         assert!(done.check.is_some(), "the last checkpoint was checked: {done:#?}");
-        market.assert_paid_once(&done).await;
-        market.wait_refunded(*job).await;
+        market.assert_paid_once(done.job).await;
     }
     market.assert_books_verify().await;
     acked.assert_kept(&market).await;
@@ -195,8 +194,7 @@ async fn a_qemu_job_prints_its_exact_console_across_a_nats_node_killed_and_resta
     let done = m.wait_final(job).await;
     let logs = m.vmlot_ok(&["logs", &job.to_string()]);
     assert_console_exact(&logs, reference, &done, "vmlot logs");
-    m.assert_paid_once(&done).await;
-    m.market.wait_refunded(job).await;
+    m.assert_paid_once(done.job).await;
     m.market.assert_books_verify().await;
     acked.assert_kept(&m.market).await;
     assert_whole_again(&m.market).await;

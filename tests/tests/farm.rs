@@ -273,7 +273,7 @@ async fn a_recipe_is_built_once_boots_in_the_market_and_a_second_sends_only_its_
         "the submission was answered from the index: {farm_log}"
     );
     assert_eq!(builds(&vm), 2, "two recipes, two builds: {farm_log}");
-    vm.market.assert_paid_once(&done).await;
+    vm.market.assert_paid_once(done.job).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -102,7 +102,7 @@ async fn ten_segments_with_two_replicas_pay_the_first_result_each_time() {
     assert_eq!(check.segment, 10);
     assert_ne!(check.provider, done.settled[9].provider);
 
-    let paid = payments(&client, job).await;
+    let paid = market.paid(job).await.1;
     // Ten segments and the check restore, each paid once.
     assert_paid_once_per_segment(&paid, 11);
     // Each payment went to the provider whose result for that lot arrived
@@ -140,7 +140,6 @@ async fn a_provider_killed_mid_segment_costs_one_attempt_not_the_job() {
     let cheap_id = ProviderId(cheap.id);
     let providers = [cheap, ProviderSpec::synthetic("backup", "0.20")];
     let mut market = Market::start(fast_broker_args(), &providers).unwrap();
-    let client = market.server.client().await.unwrap();
     let image = synthetic_image(&market).await;
     let job = market.submit(spec(image, 3, 5, 1, "1.00", "20")).await;
 
@@ -165,13 +164,12 @@ async fn a_provider_killed_mid_segment_costs_one_attempt_not_the_job() {
         done.settled[1]
     );
     assert!(done.settled[1..].iter().all(|s| s.provider != cheap_id));
-    assert_paid_once_per_segment(&payments(&client, job).await, 5);
+    assert_paid_once_per_segment(&market.paid(job).await.1, 5);
 }
 
 /// A 6-segment job that `interrupt` disturbs after its second segment
 /// still ends done, pays each segment once, refunds, and its books verify.
 async fn six_segments_survive(mut market: Market, interrupt: impl FnOnce(&mut Market)) {
-    let client = market.server.client().await.unwrap();
     let image = synthetic_image(&market).await;
     let job = market.submit(spec(image, 1, 6, 1, "1.00", "20")).await;
     wait_for(Duration::from_secs(60), async || {
@@ -182,8 +180,7 @@ async fn six_segments_survive(mut market: Market, interrupt: impl FnOnce(&mut Ma
     interrupt(&mut market);
     let done = market.wait_final(job, Duration::from_secs(180)).await;
     assert_eq!(done.state, JobState::Done, "{done:#?}\n{}", market.logs());
-    assert_paid_once_per_segment(&payments(&client, job).await, 6);
-    market.wait_refunded(job).await;
+    assert_paid_once_per_segment(&market.paid(job).await.1, 6);
     market.assert_books_verify().await;
 }
 
@@ -201,15 +198,13 @@ async fn a_broker_restart_mid_job_resumes_where_it_stood() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_job_stops_when_its_budget_is_spent() {
     let market = Market::start(fast_broker_args(), &[ProviderSpec::synthetic("p1", "1.00")]).unwrap();
-    let client = market.server.client().await.unwrap();
     let image = synthetic_image(&market).await;
     let job = market.submit(spec(image, 0, 10, 1, "1.00", "3.5")).await;
     let done = market.wait_final(job, Duration::from_secs(60)).await;
     assert_eq!(done.state, JobState::BudgetSpent, "{done:#?}");
     assert_eq!(done.settled.len(), 3);
     assert_eq!(done.spent, money("3.00"));
-    assert_paid_once_per_segment(&payments(&client, job).await, 3);
-    market.wait_refunded(job).await;
+    assert_paid_once_per_segment(&market.paid(job).await.1, 3);
     market.assert_books_verify().await;
 }
 
@@ -369,7 +364,7 @@ async fn hostile_input_is_refused_and_changes_nothing() {
     let done = market.wait_final(job, Duration::from_secs(120)).await;
     assert_eq!(done.state, JobState::Done, "{done:#?}\n{}", market.logs());
     assert!(done.settled.iter().all(|s| s.provider == provider_id));
-    let paid = payments(&client, job).await;
+    let paid = market.paid(job).await.1;
     assert_paid_once_per_segment(&paid, 4);
 
     // Replaying a settled result (same lot, same provider) pays nothing more.
@@ -556,7 +551,7 @@ async fn books_hold_pay_refund_answer_queries_and_verify() {
     assert_eq!(balance(&market, "user:alice").await, dec("6"));
     let done = market.wait_final(job, Duration::from_secs(60)).await;
     assert_eq!(done.state, JobState::Done, "{done:#?}");
-    let paid = payments(&client, job).await;
+    let paid = market.paid(job).await.1;
     assert_paid_once_per_segment(&paid, 3);
     let price: Decimal = paid.iter().map(|p| p.amount.amount).sum();
     let fee: Decimal = paid
@@ -691,7 +686,6 @@ async fn books_a_broker_killed_between_recording_and_paying_a_segment_pays_it_on
     // the job, before its payment is on the books.
     market.broker.set_env("VMLOT_FAULT", Some("crash-before-payment"));
     market.broker.restart().unwrap();
-    let client = market.server.client().await.unwrap();
     let image = synthetic_image(&market).await;
     let job = market.submit(spec(image, 1, 4, 1, "1.00", "20")).await;
     wait_for(Duration::from_secs(60), async || {
@@ -718,9 +712,8 @@ async fn books_a_broker_killed_between_recording_and_paying_a_segment_pays_it_on
     market.broker.restart().unwrap();
     let done = market.wait_final(job, Duration::from_secs(120)).await;
     assert_eq!(done.state, JobState::Done, "{done:#?}\n{}", market.logs());
-    assert_paid_once_per_segment(&payments(&client, job).await, 4);
-    market.assert_paid_once(&done).await;
-    market.wait_refunded(job).await;
+    assert_paid_once_per_segment(&market.paid(job).await.1, 4);
+    market.assert_paid_once(done.job).await;
     market.assert_books_verify().await;
 }
 

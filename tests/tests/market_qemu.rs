@@ -171,7 +171,7 @@ async fn a_vm_migrated_across_three_providers_prints_what_an_uninterrupted_run_p
         &done,
         "vmlot logs --follow",
     );
-    m.assert_paid_once(&done).await;
+    m.assert_paid_once(done.job).await;
     let price = |p: &ProviderId| money(&specs[ids.iter().position(|i| i == p).unwrap()].price);
     for s in &done.settled {
         assert_eq!(s.price.amount, price(&s.provider), "pay-as-bid");
@@ -204,7 +204,7 @@ async fn two_replicas_per_segment_still_print_exactly_the_uninterrupted_console(
     let done = m.wait_final(job).await;
     let logs = m.vmlot_ok(&["logs", &job.to_string()]);
     assert_console_exact(&logs, reference, &done, "vmlot logs");
-    m.assert_paid_once(&done).await;
+    m.assert_paid_once(done.job).await;
 
     // Lots really went to two providers at once.
     let doubled = done.settled.iter().filter(|s| s.awarded.len() == 2).count();
@@ -248,7 +248,7 @@ async fn a_quorum_of_deterministic_replicas_outvotes_a_provider_that_alters_gues
     let logs = m.vmlot_ok(&["logs", &job.to_string()]);
     assert_console_exact(&logs, reference, &done, "vmlot logs of a quorum job");
     assert_resumes_where_the_market_was(&m, &done, &bundle, reference);
-    m.assert_paid_once(&done).await;
+    m.assert_paid_once(done.job).await;
     assert!(
         done.settled.iter().all(|s| s.provider != liar_id),
         "the liar settled a segment: {:?}\n{}",
@@ -307,7 +307,7 @@ async fn a_state_without_its_ram_is_refused_as_incomplete_and_never_paid() {
         "the liar was paid: {:#?}",
         done.settled
     );
-    m.assert_paid_once(&done).await;
+    m.assert_paid_once(done.job).await;
     let of_liar = standing_of(&m, liar_id);
     assert_eq!(of_liar["refused"]["incomplete"], 1, "{of_liar:#}");
     assert_eq!(of_liar["valid"], 0, "{of_liar:#}");
@@ -404,7 +404,7 @@ async fn a_provider_killed_mid_segment_loses_one_attempt_and_the_console_stays_e
     );
     let logs = m.vmlot_ok(&["logs", &job.to_string()]);
     assert_console_exact(&logs, reference, &done, "vmlot logs");
-    m.assert_paid_once(&done).await;
+    m.assert_paid_once(done.job).await;
 }
 
 /// `vmlot fetch` of a job stopped by its segment count: the machine state
@@ -560,7 +560,7 @@ async fn the_answer_a_guest_writes_to_its_disk_before_powering_off_is_fetched() 
         fetched == direct_bytes,
         "the fetched disk differs from the direct run's"
     );
-    m.assert_paid_once(&done).await;
+    m.assert_paid_once(done.job).await;
 }
 
 /// Take the VM back (issue 15 step 2): `vmlot stop` ends a running job
@@ -727,7 +727,7 @@ async fn a_busy_owner_suspends_then_preempts_the_guest_and_the_job_goes_on_elsew
     );
     let without_notice = [&logs[..at], &logs[end..]].concat();
     assert_console_exact(&without_notice, &reference, &done, "vmlot logs");
-    m.assert_paid_once(&done).await;
+    m.assert_paid_once(done.job).await;
     let api = vmlot_ledger::BooksApi::for_server(m.market.server.client().await.unwrap()).await;
     let report = vmlot_ledger::verify::verify(&api).await.unwrap();
     assert!(report.ok(), "{:#?}", report.problems);

@@ -220,7 +220,7 @@ async fn a_pv_guest_migrated_between_two_nested_xen_hosts_prints_its_uninterrupt
     );
     let logs = xm.m.vmlot_ok(&["logs", &job.to_string()]);
     assert_console_exact(&logs, &expected, &done, "vmlot logs of a Xen job");
-    xm.m.assert_paid_once(&done).await;
+    xm.m.assert_paid_once(done.job).await;
     eprintln!("segments: {ran:?}");
     // The disk went through every save and restore, on both hosts.
     let last_disk = done.checkpoint.disks[0];
@@ -321,7 +321,7 @@ async fn a_xen_host_killed_mid_segment_costs_one_attempt_and_the_console_stays_e
     );
     let logs = xm.m.vmlot_ok(&["logs", &job.to_string()]);
     assert_console_exact(&logs, &expected, &done, "vmlot logs after a host died");
-    xm.m.assert_paid_once(&done).await;
+    xm.m.assert_paid_once(done.job).await;
     let killed_paid =
         xm.m.payments(job)
             .await

@@ -18,7 +18,7 @@ use vmlot_schemas::market::{JobSpec, JobState, JobStatus, ResultCheck, SegmentCo
 use vmlot_schemas::standing::RefusalKind;
 use vmlot_schemas::{Money, ProviderId};
 use vmlot_tests::cheat::{Cheat, Lie};
-use vmlot_tests::market::{Market, ProviderSpec, fast_broker_args, payments};
+use vmlot_tests::market::{Market, ProviderSpec, fast_broker_args};
 
 fn money(s: &str) -> Money {
     Money::new(Decimal::from_str(s).unwrap(), "CRD")
@@ -160,8 +160,7 @@ async fn a_provider_that_does_not_run_its_segments_is_never_paid() {
         assert_eq!(consoles(&done), consoles(&reference), "{lie:?}");
         assert_eq!(done.checkpoint, reference.checkpoint, "{lie:?}");
         // Never paid.
-        let client = market.server.client().await.unwrap();
-        let paid = payments(&client, *job).await;
+        let paid = market.paid(*job).await.1;
         assert_eq!(paid.len(), 4, "three segments and the check restore");
         assert!(paid.iter().all(|p| p.provider != cheat.id), "{lie:?}: {paid:#?}");
     }
@@ -199,7 +198,6 @@ async fn a_state_that_does_not_restore_is_voided_and_its_segment_runs_again() {
 
     let limit = Duration::from_secs(240);
     let reference = market.wait_final(control, limit).await;
-    let client = market.server.client().await.unwrap();
     let js = async_nats::jetstream::new(market.server.books_client().await.unwrap());
     let books = vmlot_ledger::Books::open(&js).await.unwrap();
     for job in [first, last] {
@@ -227,7 +225,7 @@ async fn a_state_that_does_not_restore_is_voided_and_its_segment_runs_again() {
 
         // The cheat's settlement was written, into pending, and voided: the
         // segment was paid again. Three segments, the check, the void.
-        let paid = payments(&client, job).await;
+        let paid = market.paid(job).await.1;
         assert_eq!(paid.len(), 5, "{paid:#?}");
         let voided: Vec<_> = paid.iter().filter(|p| p.provider == cheat.id).collect();
         assert_eq!(voided.len(), 1, "{paid:#?}");
@@ -343,8 +341,7 @@ async fn under_a_quorum_a_forged_state_is_the_minority_and_unpaid() {
     assert!(done.payments().all(|s| s.posted));
 
     // One payment per segment, none to the forger, nothing pending.
-    let client = market.server.client().await.unwrap();
-    let paid = payments(&client, job).await;
+    let paid = market.paid(job).await.1;
     assert_eq!(paid.len(), 3, "{paid:#?}");
     assert!(paid.iter().all(|p| p.provider != cheat.id), "{paid:#?}");
     let refused = BTreeMap::from([(RefusalKind::Minority, 1)]);
