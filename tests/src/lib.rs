@@ -872,6 +872,22 @@ impl Process {
         proc_cpu_seconds(&format!("/proc/{}/stat", self.pid()?))
     }
 
+    /// The process's state as `/proc` tells it (`R (running)`, `T
+    /// (stopped)`, ...), or why it has none: for failure messages.
+    pub fn state(&self) -> String {
+        let Some(pid) = self.pid() else {
+            return "not started".into();
+        };
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("State:"))
+                    .map(|v| v.trim().to_string())
+            })
+            .unwrap_or_else(|| format!("pid {pid} gone"))
+    }
+
     /// The process's peak resident memory (`VmHWM`), KiB.
     pub fn peak_rss_kib(&self) -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;

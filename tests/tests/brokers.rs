@@ -80,7 +80,14 @@ async fn b1_logged(market: &Market, line: &str, limit_s: u64) {
         market.broker.log().contains(line).then_some(())
     })
     .await
-    .unwrap_or_else(|e| panic!("b1 never logged {line:?}: {e}\n{}", market.logs()));
+    .unwrap_or_else(|e| {
+        panic!(
+            "b1 never logged {line:?}: {e}; b1 is {}, CPU {:?} s\n{}",
+            market.broker.state(),
+            market.broker.cpu_seconds(),
+            market.logs()
+        )
+    });
 }
 
 /// Waits until broker `id` holds every partition.
