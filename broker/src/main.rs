@@ -4,8 +4,6 @@
 //! SHELL` and `vmlot-broker man-pages DIR` instead print what is generated
 //! from this command line ([`vmlot_telemetry::Generate`]).
 
-use std::time::Duration;
-
 use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches, Parser};
 use vmlot_broker::logging::{self, LogFormat};
@@ -49,12 +47,7 @@ async fn main() -> anyhow::Result<()> {
         .settings
         .load(&matches)
         .context("reading the broker's settings")?;
-    let addrs: Vec<async_nats::ServerAddr> = args
-        .nats
-        .split(',')
-        .map(|u| u.trim().parse())
-        .collect::<Result<_, _>>()?;
-    let (client, creds) = connect(&args.access, &addrs, &args.nats).await?;
+    let (client, creds) = connect(&args.access, &args.nats).await?;
     // The server's INFO says whether it checks identities.
     let open = !client.server_info().auth_required;
     let books = if open {
@@ -81,7 +74,7 @@ async fn main() -> anyhow::Result<()> {
             creds: Some(path),
             ..args.access.clone()
         };
-        let (books, creds) = connect(&access, &addrs, &args.nats).await?;
+        let (books, creds) = connect(&access, &args.nats).await?;
         if let Some(creds) = creds {
             tracing::info!(user = %creds.caller, "connected to the books' account");
         }
@@ -89,36 +82,17 @@ async fn main() -> anyhow::Result<()> {
     };
     let config = settings.broker_config(open);
     tracing::info!(block_hash = %config.block_hash, "block store names");
-    vmlot_broker::run(client, books, config, shutdown_signal()).await?;
+    vmlot_broker::run(client, books, config, vmlot_telemetry::shutdown_signal()).await?;
     Ok(())
 }
 
-/// Connects with `access`, retrying until the server answers; returns once
-/// the first connection is up (so the server's INFO is known).
+/// Connects with `access` to `urls`, once the first connection is up.
 async fn connect(
     access: &vmlot_identity::Access,
-    addrs: &[async_nats::ServerAddr],
-    url: &str,
+    urls: &str,
 ) -> anyhow::Result<(async_nats::Client, Option<vmlot_identity::Creds>)> {
     let (options, creds) = access.options()?;
-    let client = options
-        .retry_on_initial_connect()
-        .max_reconnects(None)
-        .connect(addrs)
-        .await
-        .with_context(|| format!("connecting to {url}"))?;
-    while client.connection_state() != async_nats::connection::State::Connected {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Ok((client, creds))
-}
-
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-    }
+    Ok((vmlot_identity::connect_daemon(urls, options).await?, creds))
 }
 
 #[cfg(test)]

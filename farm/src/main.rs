@@ -4,9 +4,7 @@
 //! `image-build`, `image-list` and `image-show` until SIGINT or SIGTERM.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
-use anyhow::Context;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use vmlot_farm::FarmConfig;
@@ -49,22 +47,8 @@ async fn main() -> anyhow::Result<()> {
     let args = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("VMLOT_LOG").unwrap_or_else(|_| "info".into());
     tracing_subscriber::fmt().with_env_filter(filter).init();
-    let addrs: Vec<async_nats::ServerAddr> = args
-        .nats
-        .split(',')
-        .map(|u| u.trim().parse())
-        .collect::<Result<_, _>>()?;
     let (options, creds) = args.access.options()?;
-    let client = options
-        .name("vmlot-farm")
-        .retry_on_initial_connect()
-        .max_reconnects(None)
-        .connect(addrs.as_slice())
-        .await
-        .with_context(|| format!("connecting to {}", args.nats))?;
-    while client.connection_state() != async_nats::connection::State::Connected {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let client = vmlot_identity::connect_daemon(&args.nats, options.name("vmlot-farm")).await?;
     if let Some(creds) = creds {
         tracing::info!(user = %creds.caller, "connected with credentials");
     }
@@ -78,11 +62,7 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
     tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-        }
+        vmlot_telemetry::shutdown_signal().await;
         signal.cancel();
     });
     vmlot_farm::run(client, config, shutdown).await?;

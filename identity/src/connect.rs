@@ -3,6 +3,7 @@
 //! server's certificate, or, only when asked for by name, nothing at all.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use crate::{Creds, IdentityError};
 
@@ -56,4 +57,35 @@ impl Access {
         }
         Ok((opts, creds))
     }
+}
+
+/// Connects a daemon to the comma-separated `urls` with `options`: it
+/// retries until a server answers (and reconnects for ever after), and
+/// returns once the first connection is up, so the server's INFO (whether
+/// it checks identities) is known.
+pub async fn connect_daemon(
+    urls: &str,
+    options: async_nats::ConnectOptions,
+) -> Result<async_nats::Client, IdentityError> {
+    let addrs: Vec<async_nats::ServerAddr> = urls
+        .split(',')
+        .map(|u| u.trim().parse())
+        .collect::<Result<_, _>>()
+        .map_err(|e| IdentityError::Connect {
+            urls: urls.to_string(),
+            reason: format!("bad server address: {e}"),
+        })?;
+    let client = options
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connect(addrs)
+        .await
+        .map_err(|e| IdentityError::Connect {
+            urls: urls.to_string(),
+            reason: e.to_string(),
+        })?;
+    while client.connection_state() != async_nats::connection::State::Connected {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(client)
 }

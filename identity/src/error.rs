@@ -22,6 +22,8 @@ pub enum IdentityError {
     Unauthenticated(#[from] crate::connect::NoCredentials),
     #[error("bad credentials {path}: {reason}")]
     Creds { path: PathBuf, reason: String },
+    #[error("connecting to {urls}: {reason}")]
+    Connect { urls: String, reason: String },
     #[error("making the deployment's TLS certificates: {0}")]
     Tls(String),
 }

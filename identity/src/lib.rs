@@ -9,7 +9,8 @@
 //! - [`deployment`]: a deployment's keys, the server's configuration, and
 //!   new users' credentials.
 //! - [`creds`]: reading a credentials file (who it names, its inbox).
-//! - [`connect`]: how a program connects: credentials, TLS, or open.
+//! - [`connect`]: how a program connects: credentials, TLS, or open; how
+//!   a daemon waits for its first connection.
 //! - [`tls`]: the deployment's CA and the server's certificate.
 //! - [`echo`]: telling a message the server handed back from one its
 //!   subject's owner published.
@@ -22,7 +23,7 @@ pub mod error;
 pub mod grants;
 pub mod tls;
 
-pub use connect::Access;
+pub use connect::{Access, connect_daemon};
 pub use creds::Creds;
 pub use deployment::Deployment;
 pub use error::IdentityError;

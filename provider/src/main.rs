@@ -94,17 +94,9 @@ async fn main() -> anyhow::Result<ExitCode> {
         let id = vmlot_provider::setup::identity(&creds.caller, cli.settings.id)?;
         config.id = id;
     }
-    let client = vmlot_provider::daemon::connect(&cli.nats, options).await?;
-    vmlot_provider::daemon::run(client, config, drivers, shutdown_signal()).await?;
+    let client = vmlot_identity::connect_daemon(&cli.nats, options).await?;
+    vmlot_provider::daemon::run(client, config, drivers, vmlot_telemetry::shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
-}
-
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-    }
 }
 
 #[cfg(test)]

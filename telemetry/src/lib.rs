@@ -1,6 +1,7 @@
 //! What the vmlot binaries show an operator: the daemons' Prometheus
-//! scrape endpoint ([`serve`]), and every binary's man pages and shell
-//! completions ([`Generate`]).
+//! scrape endpoint ([`serve`]), every binary's man pages and shell
+//! completions ([`Generate`]), and the signals a daemon stops on
+//! ([`shutdown_signal`]).
 //!
 //! The endpoint: a Prometheus scrape endpoint
 //! (`GET` on any path of the address given) over the `metrics` facade.
@@ -15,8 +16,10 @@
 use std::net::SocketAddr;
 
 mod generate;
+mod shutdown;
 pub use clap_complete::Shell;
 pub use generate::Generate;
+pub use shutdown::shutdown_signal;
 
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder};
 use tokio_util::sync::CancellationToken;

@@ -51,25 +51,6 @@ fn nats(op: &'static str, err: impl std::fmt::Display) -> ProviderError {
     }
 }
 
-/// Connects to the NATS servers in `urls` (comma-separated), retrying the
-/// first connection and reconnecting for ever after.
-pub async fn connect(
-    urls: &str,
-    options: async_nats::ConnectOptions,
-) -> Result<async_nats::Client, ProviderError> {
-    let addrs: Vec<async_nats::ServerAddr> = urls
-        .split(',')
-        .map(|u| u.trim().parse())
-        .collect::<Result<_, _>>()
-        .map_err(|e| nats("server address", format!("{urls}: {e}")))?;
-    options
-        .retry_on_initial_connect()
-        .max_reconnects(None)
-        .connect(addrs)
-        .await
-        .map_err(|e| nats("connect", format!("{urls}: {e}")))
-}
-
 /// Runs the provider until `shutdown` completes. Running segments are
 /// cancelled at shutdown (their lots are offered again).
 pub async fn run(
