@@ -232,6 +232,7 @@ pub async fn pull_file_over(
 ) -> Result<PullReport, CasError> {
     let started = Instant::now();
     let manifest = store.get_manifest_via(manifest_id, cache).await?;
+    tracing::debug!(elapsed = ?started.elapsed(), "manifest read");
     let partial = partial_path(dest);
     let base = match seed {
         Some(seed) => {
@@ -257,6 +258,24 @@ pub async fn pull_file_over(
             let _ = std::fs::remove_file(&partial);
             Err(e)
         }
+    }
+}
+
+/// Bytes written to a pulled file between two nudges to the kernel to
+/// start writing them to disk ([`start_writeback`]).
+const WRITEBACK_EVERY: u64 = 8 << 20;
+
+/// Asks the kernel to start writing `file`'s dirty pages to disk without
+/// waiting for them, so that the fsync before the rename finds most of
+/// them written (a pull of 58 MB waited 50-60 ms for its fsync when every
+/// page was still dirty at the end). Only a head start: the fsync is what
+/// makes the file durable, so a failure here is ignored.
+fn start_writeback(file: &std::fs::File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: sync_file_range(2) on a file descriptor this function borrows
+    // for the call; it reads no memory of ours.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
     }
 }
 
@@ -326,6 +345,7 @@ async fn write_object(
     }
     let places = Arc::new(places);
 
+    let written = std::sync::atomic::AtomicU64::new(0);
     let write = |id: BlockId, data: Bytes| -> Result<(), CasError> {
         let (n, offsets) = &places[&id];
         if data.len() != *n as usize {
@@ -338,6 +358,11 @@ async fn write_object(
         for &at in offsets {
             file.write_all_at(&data, at)
                 .map_err(|e| CasError::io("write", partial, e))?;
+        }
+        let len = (data.len() * offsets.len()) as u64;
+        let before = written.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
+        if before / WRITEBACK_EVERY != (before + len) / WRITEBACK_EVERY {
+            start_writeback(&file);
         }
         Ok(())
     };
@@ -353,11 +378,13 @@ async fn write_object(
             None => cold.push(*id),
         }
     }
+    let started = Instant::now();
     let hints = if cold.is_empty() {
         HashMap::new()
     } else {
         store.get_locations(manifest_id, manifest).await
     };
+    tracing::debug!(elapsed = ?started.elapsed(), cold = cold.len(), "cache read, locations read");
     let fetched_bytes = store
         .get_blocks_located(&cold, &hints, |id, data| {
             write(id, data.clone())?;
@@ -370,10 +397,12 @@ async fn write_object(
         })
         .await?;
     let fetched_blocks = cold.len() as u64;
+    tracing::debug!(elapsed = ?started.elapsed(), fetched_bytes, "blocks fetched, checked and written");
     let file = Arc::clone(&file);
     tokio::task::spawn_blocking(move || file.sync_all())
         .await
         .map_err(|e| CasError::nats("fsync task", e))?
         .map_err(|e| CasError::io("fsync", partial, e))?;
+    tracing::debug!(elapsed = ?started.elapsed(), "fsynced");
     Ok((cached_blocks, fetched_blocks, fetched_bytes))
 }
