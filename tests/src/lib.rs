@@ -875,24 +875,30 @@ impl Process {
     /// The process's state as `/proc` tells it (`R (running)`, `T
     /// (stopped)`, ...), or why it has none: for failure messages.
     pub fn state(&self) -> String {
-        let Some(pid) = self.pid() else {
-            return "not started".into();
-        };
-        std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("State:"))
-                    .map(|v| v.trim().to_string())
-            })
-            .unwrap_or_else(|| format!("pid {pid} gone"))
+        match self.pid() {
+            None => "not started".into(),
+            Some(pid) => self
+                .status_field("State:")
+                .unwrap_or_else(|| format!("pid {pid} gone")),
+        }
     }
 
     /// The process's peak resident memory (`VmHWM`), KiB.
     pub fn peak_rss_kib(&self) -> Option<u64> {
+        self.status_field("VmHWM:")?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    }
+
+    /// The value of one line of `/proc/PID/status` (`name` with its colon).
+    fn status_field(&self, name: &str) -> Option<String> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
-        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-        line.split_whitespace().nth(1)?.parse().ok()
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_string())
     }
 }
 
