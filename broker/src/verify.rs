@@ -1,11 +1,12 @@
 //! Checks a result's checkpoint before anything is paid for it: every
-//! manifest present and well-formed, every block in the store, the sizes it
-//! claims. Blocks of the checkpoint the segment started from were checked
+//! manifest present and well-formed, every block in the store by its
+//! producer's pointers or the house's, the sizes it claims. Blocks of the checkpoint the segment started from were checked
 //! when that one settled, so only new blocks are looked up.
 
 use std::collections::{HashMap, HashSet};
 
 use vmlot_cas::BlockStore;
+use vmlot_schemas::caller::Caller;
 use vmlot_schemas::market::Checkpoint;
 use vmlot_schemas::{BlockId, Extent, Manifest, ManifestId};
 
@@ -51,6 +52,7 @@ pub async fn checkpoint(
     store: &BlockStore,
     new: &Checkpoint,
     known: &HashSet<BlockId>,
+    producer: &Caller,
 ) -> Result<Verified, Invalid> {
     let mut actual = 0u64;
     let mut verified = Verified::default();
@@ -72,8 +74,11 @@ pub async fn checkpoint(
             .map(|(b, _)| b)
             .filter(|b| !known.contains(b))
             .collect();
+        // Stored by its producer or the house: a pointer someone else left
+        // is no proof (anyone may point anywhere), and the producer's own
+        // are its to answer for.
         let missing = store
-            .missing(&fresh)
+            .missing_by(&fresh, std::slice::from_ref(producer))
             .await
             .map_err(|e| Invalid::Store(e.to_string()))?;
         if let Some(example) = missing.iter().next() {

@@ -21,6 +21,8 @@ pub enum CasError {
     BadPack { pack: PackId, reason: String },
     #[error("block {block} is not in pack {pack}, where its pointer says it is")]
     NotInPack { block: BlockId, pack: PackId },
+    #[error("block {block}'s pointer names pack {pack}, which is not stored")]
+    MissingPack { block: BlockId, pack: PackId },
     #[error("{what} is named by {found}, but this store names everything by {store}")]
     WrongHash {
         what: String,

@@ -1,18 +1,27 @@
 //! The JetStream block store: blocks in packs (`vmlot.cas.pack.<id>`, many
-//! blocks to a message, `store/packs.rs`) with a pointer on each block's own
-//! subject (`vmlot.cas.block.<hash>`), both in the `VMLOT_BLOCKS` stream, and
-//! manifests in the `VMLOT_MANIFESTS` stream, cut into parts
-//! (`vmlot.cas.manifest.<id>.<n>`) written in one atomic batch and read with
-//! direct gets, beside the packs that hold their blocks
-//! (`vmlot.cas.manifest.<id>.where`). (An object store would do, but every
-//! read of one creates a consumer on the server: in a busy market that was a
-//! quarter of the server's CPU.)
+//! blocks to a message, `store/packs.rs`) with a pointer per block and
+//! writer (`vmlot.cas.block.<hash>.<role>.<name>`), both in the
+//! `VMLOT_BLOCKS` stream, and manifests in the `VMLOT_MANIFESTS` stream,
+//! each writer's record cut into parts
+//! (`vmlot.cas.manifest.<id>.<role>.<name>.<n>`) written in one atomic batch
+//! and read with direct gets, beside the packs that hold their blocks
+//! (`vmlot.cas.manifest.<id>.<role>.<name>.where`). (An object store would
+//! do, but every read of one creates a consumer on the server: in a busy
+//! market that was a quarter of the server's CPU.)
 //!
 //! Nothing here moves one block per request: writes go out as atomic
 //! batches of up to 1000 messages (one fsync for the lot under
 //! `sync_interval: always`), reads as batched direct gets. The stream
 //! refuses a second message on a subject (`discard_new_per_subject`), so a
 //! stored block, pointer or pack is never overwritten, whoever writes.
+//!
+//! A name is a hash, so anyone can compute it before its honest writer
+//! stores it (a replica running the same deterministic segment does). The
+//! writer's role and name in each pointer and manifest subject, which the
+//! server fences to the user's own, keep a stranger from taking a name
+//! for everyone: a writer learns what is stored only from its own and the
+//! house's (the broker role's) pointers and records, and a reader tries
+//! every writer's and keeps only what hashes to the name.
 //!
 //! A store names everything by one hash algorithm, chosen when it is
 //! created and kept in the block stream's metadata (`vmlot.block-hash`),
@@ -29,8 +38,9 @@ use std::time::Duration;
 use async_nats::jetstream::{self, stream};
 use futures::StreamExt;
 use jetstream_extra::batch_fetch::{BatchFetchError, BatchFetchErrorKind, BatchFetchExt};
+use vmlot_schemas::caller::{Caller, Role};
 use vmlot_schemas::manifest::MAX_MANIFEST_BYTES;
-use vmlot_schemas::{BlockId, HashAlgorithm, subjects};
+use vmlot_schemas::{HashAlgorithm, subjects};
 
 use crate::error::CasError;
 
@@ -55,6 +65,17 @@ pub struct StoreOptions {
     /// The algorithm a keeper creates the store with ([`BlockStore::open`]).
     /// A participant joining takes the store's own ([`BlockStore::join`]).
     pub hash: HashAlgorithm,
+    /// Who this handle writes as: the role and name its credentials give
+    /// (the server refuses a write under any other). Pointers and manifest
+    /// records carry it; what it trusts to be stored is its own and the
+    /// house's.
+    pub writer: Caller,
+}
+
+/// The house's writer in a deployment: the broker's user (the farm and
+/// the house's tools use its credentials too).
+pub fn house() -> Caller {
+    Caller::new(Role::Broker, "broker")
 }
 
 impl Default for StoreOptions {
@@ -66,6 +87,7 @@ impl Default for StoreOptions {
             replicas: 1,
             max_manifest_bytes: MAX_MANIFEST_BYTES,
             hash: HashAlgorithm::Sha256,
+            writer: house(),
         }
     }
 }
@@ -247,15 +269,53 @@ impl BlockStore {
         &self.js
     }
 
-    /// One batched direct get of the last message on each block subject.
-    async fn fetch_group(
-        &self,
-        group: &[BlockId],
-        mut each: impl FnMut(BlockId, &jetstream::message::StreamMessage) -> Result<(), CasError>,
-    ) -> Result<(), CasError> {
-        let wanted: HashMap<String, BlockId> = group.iter().map(|id| (subjects::block(id), *id)).collect();
-        self.last_messages("batched direct get", &wanted, |id, msg| each(*id, &msg))
-            .await
+    /// The last message on every subject of `stream` matching one of
+    /// `filters` (wildcards allowed), in batched direct gets. The server
+    /// answers at most 1 024 messages to one get and refuses more (413):
+    /// then the filters are halved and asked again, so only a single
+    /// filter matching more than that is an error.
+    fn last_matching<'a>(
+        &'a self,
+        stream: &'static str,
+        op: &'static str,
+        filters: Vec<String>,
+    ) -> futures::future::BoxFuture<'a, Result<Vec<jetstream::message::StreamMessage>, CasError>> {
+        Box::pin(async move {
+            if filters.is_empty() {
+                return Ok(Vec::new());
+            }
+            let mut messages = self
+                .js
+                .get_last_messages_for(stream)
+                .subjects(filters.clone())
+                .send()
+                .await
+                .map_err(|e| CasError::nats(op, e))?;
+            let mut out = Vec::new();
+            while let Some(msg) = messages.next().await {
+                match msg {
+                    Ok(msg) => out.push(msg),
+                    // None of the subjects holds a message.
+                    Err(e) if none_stored(&e) => break,
+                    Err(e) if e.kind() == BatchFetchErrorKind::TooManySubjects && filters.len() > 1 => {
+                        drop(messages);
+                        let mut first = filters;
+                        let second = first.split_off(first.len() / 2);
+                        let mut out = self.last_matching(stream, op, first).await?;
+                        out.extend(self.last_matching(stream, op, second).await?);
+                        return Ok(out);
+                    }
+                    Err(e) if e.kind() == BatchFetchErrorKind::TooManySubjects => {
+                        return Err(CasError::nats(
+                            op,
+                            format!("more than the server answers at once stored under {}", filters[0]),
+                        ));
+                    }
+                    Err(e) => return Err(CasError::nats(op, e)),
+                }
+            }
+            Ok(out)
+        })
     }
 
     /// One batched direct get of the last message on each subject of the

@@ -95,9 +95,16 @@ impl Context {
         self.store_with(StoreOptions::default()).await
     }
 
-    /// The content-addressed store, with `options`.
+    /// The content-addressed store, with `options`, writing as whoever
+    /// the credentials (or `--as`) say; on an open server with neither, as
+    /// the house.
     pub async fn store_with(&self, options: StoreOptions) -> anyhow::Result<BlockStore> {
-        Ok(BlockStore::join(self.nats().await?, options, Some(STORE_PATIENCE)).await?)
+        let (client, caller) = self.connection().await?;
+        let options = StoreOptions {
+            writer: caller.unwrap_or(options.writer),
+            ..options
+        };
+        Ok(BlockStore::join(client, options, Some(STORE_PATIENCE)).await?)
     }
 
     /// The books, read-only: through the books' account's exports when

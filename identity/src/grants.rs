@@ -25,13 +25,15 @@ pub struct Grants {
 }
 
 /// Reading and writing the content-addressed store: its two streams' info,
-/// their direct gets, and publishing blocks and manifest parts. (Anyone
-/// may write a block; readers check every block against its name.)
-fn store() -> Vec<String> {
+/// their direct gets, and publishing packs, and block pointers and
+/// manifest records under the user's own role and name (a stranger cannot
+/// take the name of what another is about to store; readers check every
+/// block and manifest against its name).
+fn store(role: Role) -> Vec<String> {
     let mut v = vec![
-        subjects::BLOCK_SUBJECTS.to_string(),
+        subjects::blocks_of(role, NAME),
         subjects::PACK_SUBJECTS.to_string(),
-        subjects::MANIFEST_SUBJECTS.to_string(),
+        subjects::manifests_of(role, NAME),
     ];
     for stream in [subjects::BLOCK_STREAM, subjects::MANIFEST_STREAM] {
         v.push(js::stream_info(stream));
@@ -91,19 +93,19 @@ pub fn grants(role: Role) -> Grants {
                     subjects::heartbeat_of(NAME),
                     api.clone(),
                 ],
-                store(),
+                store(role),
             ]
             .concat(),
             subscribe: vec![subjects::ALL_LOTS.to_string(), subjects::award_of(NAME), inbox],
             respond: true,
         },
         Role::Submitter => Grants {
-            publish: [vec![api], store()].concat(),
+            publish: [vec![api], store(role)].concat(),
             subscribe: vec![inbox],
             respond: false,
         },
         Role::Operator => Grants {
-            publish: [vec![api], store(), books_read()].concat(),
+            publish: [vec![api], store(role), books_read()].concat(),
             subscribe: vec![inbox],
             respond: false,
         },
@@ -150,5 +152,21 @@ mod tests {
         assert!(!g.subscribe.iter().any(|s| s.starts_with("vmlot.bid")));
         assert!(g.subscribe.contains(&"vmlot.award.{{name()}}".to_string()));
         assert!(g.subscribe.contains(&"_INBOX.{{subject()}}.>".to_string()));
+    }
+
+    #[test]
+    fn store_writes_carry_the_writers_own_role_and_name() {
+        for role in Role::ALL.into_iter().filter(|r| *r != Role::Broker) {
+            for s in grants(role)
+                .publish
+                .iter()
+                .filter(|s| s.starts_with("vmlot.cas.block") || s.starts_with("vmlot.cas.manifest"))
+            {
+                assert!(
+                    s.contains(&format!(".{}.{{{{name()}}}}", role.as_str())),
+                    "{role} may publish {s}"
+                );
+            }
+        }
     }
 }

@@ -5,43 +5,127 @@ use crate::caller::{Caller, Role};
 use crate::ids::{BlockId, ManifestId, PackId, ProviderId};
 use crate::vm::HypervisorKind;
 
-/// Stream holding one message per block, subject [`block`].
+/// Stream holding blocks: packs, and a pointer per block and writer.
 pub const BLOCK_STREAM: &str = "VMLOT_BLOCKS";
-/// Subjects of [`BLOCK_STREAM`] naming blocks: each holds the block, or
-/// (header [`BLOCK_ENCODING_HEADER`] `pack`) the id of the pack it is in.
-pub const BLOCK_SUBJECTS: &str = "vmlot.cas.block.*";
+/// Subjects of [`BLOCK_STREAM`] naming blocks, one per block and writer
+/// ([`block`]): each holds the block, or (header
+/// [`BLOCK_ENCODING_HEADER`] `pack`) the id of the pack it is in.
+pub const BLOCK_SUBJECTS: &str = "vmlot.cas.block.*.*.*";
 /// Subjects of [`BLOCK_STREAM`] holding packs: many blocks in one message.
 pub const PACK_SUBJECTS: &str = "vmlot.cas.pack.*";
 /// Stream holding manifests: canonical JSON cut into parts, one message per
 /// part, written in one atomic batch and read with direct gets (no consumer
 /// per read, unlike an object store).
 pub const MANIFEST_STREAM: &str = "VMLOT_MANIFESTS";
-/// Subjects of [`MANIFEST_STREAM`].
-pub const MANIFEST_SUBJECTS: &str = "vmlot.cas.manifest.*.*";
+/// Subjects of [`MANIFEST_STREAM`]: a manifest's id, its writer (role and
+/// name), then the part.
+pub const MANIFEST_SUBJECTS: &str = "vmlot.cas.manifest.*.*.*.*";
 /// Header of a manifest's part 0: how many parts there are.
 pub const MANIFEST_PARTS_HEADER: &str = "Vmlot-Manifest-Parts";
 /// Header of a manifest's part 0: its whole size in bytes.
 pub const MANIFEST_SIZE_HEADER: &str = "Vmlot-Manifest-Size";
 
-/// Part `part` of manifest `id`.
-pub fn manifest_part(id: &ManifestId, part: u32) -> String {
-    format!("vmlot.cas.manifest.{id}.{part}")
+// The store's names are the content's hashes, and whoever wrote first
+// under a name would decide what it holds for everyone after: a stranger
+// could take the name of a block or manifest an honest writer is about to
+// store. So every block pointer and manifest record carries its writer
+// (`<role>.<name>`, which the server fences: a user may publish only
+// under its own), a writer trusts only its own and the house's (the
+// broker role) to learn what is stored, and a reader tries every writer's
+// and believes only what hashes to the name.
+
+/// The writer token of a store subject: `<role>.<name>` (or a permission
+/// template in place of the name).
+pub fn writer_of(role: Role, name: &str) -> String {
+    format!("{}.{name}", role.as_str())
 }
-/// Where the blocks of manifest `id` are stored: which pack holds each
-/// (a hint its writer left; readers check every block anyway).
-pub fn manifest_locations(id: &ManifestId) -> String {
-    format!("vmlot.cas.manifest.{id}.where")
+
+/// The writer a store subject's `<role>.<name>` tokens name.
+fn parse_writer(role: &str, name: &str) -> Option<Caller> {
+    if !crate::caller::valid_name(name) {
+        return None;
+    }
+    Some(Caller::new(role.parse().ok()?, name))
+}
+
+/// Part `part` of manifest `id`'s record as `writer` stored it.
+pub fn manifest_part(id: &ManifestId, writer: &Caller, part: u32) -> String {
+    format!(
+        "vmlot.cas.manifest.{id}.{}.{part}",
+        writer_of(writer.role, &writer.name)
+    )
+}
+/// Part `part` of manifest `id`'s record, by any writer.
+pub fn manifest_part_any(id: &ManifestId, part: u32) -> String {
+    format!("vmlot.cas.manifest.{id}.*.*.{part}")
+}
+/// Part `part` of manifest `id`'s record, by the house.
+pub fn manifest_part_house(id: &ManifestId, part: u32) -> String {
+    format!("vmlot.cas.manifest.{id}.{}.*.{part}", Role::Broker.as_str())
+}
+/// Where the blocks of manifest `id` are stored, as `writer` left it:
+/// which pack holds each (a hint; readers check every block anyway).
+pub fn manifest_locations(id: &ManifestId, writer: &Caller) -> String {
+    manifest_part_named(id, writer, "where")
+}
+/// Every writer's locations of manifest `id`.
+pub fn manifest_locations_any(id: &ManifestId) -> String {
+    format!("vmlot.cas.manifest.{id}.*.*.where")
+}
+fn manifest_part_named(id: &ManifestId, writer: &Caller, last: &str) -> String {
+    format!(
+        "vmlot.cas.manifest.{id}.{}.{last}",
+        writer_of(writer.role, &writer.name)
+    )
+}
+/// What a user of `role` named `name` (a template such as `{{name()}}`)
+/// may write in the manifests' stream.
+pub fn manifests_of(role: Role, name: &str) -> String {
+    format!("vmlot.cas.manifest.*.{}.*", writer_of(role, name))
+}
+/// The writer of a manifest subject (part or locations).
+pub fn manifest_writer(subject: &str) -> Option<Caller> {
+    let rest = subject.strip_prefix("vmlot.cas.manifest.")?;
+    let mut t = rest.split('.');
+    let (_id, role, name, _last) = (t.next()?, t.next()?, t.next()?, t.next()?);
+    if t.next().is_some() {
+        return None;
+    }
+    parse_writer(role, name)
 }
 
 /// Header naming a block's stored encoding (absent: raw bytes).
 pub const BLOCK_ENCODING_HEADER: &str = "Vmlot-Encoding";
 
-/// Subject of one block.
-pub fn block(id: &BlockId) -> String {
-    format!("vmlot.cas.block.{id}")
+/// Subject of block `id` as `writer` stored it (its pointer, or the block).
+pub fn block(id: &BlockId, writer: &Caller) -> String {
+    format!("vmlot.cas.block.{id}.{}", writer_of(writer.role, &writer.name))
+}
+/// Block `id` by any writer.
+pub fn block_any(id: &BlockId) -> String {
+    format!("vmlot.cas.block.{id}.>")
+}
+/// Block `id` by the house.
+pub fn block_house(id: &BlockId) -> String {
+    format!("vmlot.cas.block.{id}.{}.*", Role::Broker.as_str())
+}
+/// What a user of `role` named `name` (a template such as `{{name()}}`)
+/// may write in the blocks' pointers.
+pub fn blocks_of(role: Role, name: &str) -> String {
+    format!("vmlot.cas.block.*.{}", writer_of(role, name))
+}
+/// The writer of a block subject.
+pub fn block_writer(subject: &str) -> Option<Caller> {
+    let rest = subject.strip_prefix("vmlot.cas.block.")?;
+    let mut t = rest.split('.');
+    let (_id, role, name) = (t.next()?, t.next()?, t.next()?);
+    if t.next().is_some() {
+        return None;
+    }
+    parse_writer(role, name)
 }
 
-/// Subject of one pack.
+/// Subject of one pack (its id is random: nobody can take it first).
 pub fn pack(id: &PackId) -> String {
     format!("vmlot.cas.pack.{id}")
 }
@@ -514,5 +598,41 @@ mod tests {
             lot_shard(HypervisorKind::Qemu, "x86_64", 7),
             "vmlot.lot.qemu.x86_64.7"
         );
+    }
+
+    #[test]
+    fn store_subjects_name_their_writer_and_match_their_filters() {
+        let block = BlockId::of(crate::HashAlgorithm::Sha256, b"page");
+        let manifest = ManifestId::of(crate::HashAlgorithm::Sha256, b"{}");
+        let eve = Caller::new(Role::Provider, "eve");
+        let pointer = self::block(&block, &eve);
+        assert_eq!(pointer, format!("vmlot.cas.block.{block}.provider.eve"));
+        assert_eq!(block_writer(&pointer), Some(eve.clone()));
+        assert!(filter_matches(BLOCK_SUBJECTS, &pointer));
+        assert!(filter_matches(&block_any(&block), &pointer));
+        assert!(!filter_matches(&block_house(&block), &pointer));
+        assert!(filter_matches(&blocks_of(Role::Provider, "eve"), &pointer));
+        assert!(!filter_matches(&blocks_of(Role::Provider, "bob"), &pointer));
+        let house = self::block(&block, &Caller::new(Role::Broker, "broker"));
+        assert!(filter_matches(&block_house(&block), &house));
+        for part in [
+            manifest_part(&manifest, &eve, 0),
+            manifest_locations(&manifest, &eve),
+        ] {
+            assert_eq!(manifest_writer(&part), Some(eve.clone()), "{part}");
+            assert!(filter_matches(MANIFEST_SUBJECTS, &part));
+            assert!(filter_matches(&manifests_of(Role::Provider, "eve"), &part));
+            assert!(!filter_matches(&manifests_of(Role::Submitter, "eve"), &part));
+        }
+        assert!(filter_matches(
+            &manifest_part_any(&manifest, 0),
+            &manifest_part(&manifest, &eve, 0)
+        ));
+        assert!(filter_matches(
+            &manifest_locations_any(&manifest),
+            &manifest_locations(&manifest, &eve)
+        ));
+        assert!(block_writer("vmlot.cas.block.x.provider.a.b").is_none());
+        assert!(block_writer("vmlot.cas.block.x.nobody.a").is_none());
     }
 }

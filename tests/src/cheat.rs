@@ -16,9 +16,9 @@ use rust_decimal::Decimal;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use vmlot_cas::BlockStore;
 use vmlot_cas::synthetic::SyntheticHeader;
-use vmlot_schemas::caller::Role;
+use vmlot_cas::{BlockStore, StoreOptions};
+use vmlot_schemas::caller::{Caller, Role};
 use vmlot_schemas::market::{
     Award, Bid, Checkpoint, GuestState, Heartbeat, Lot, Reply, SegmentResult, ToProvider,
 };
@@ -86,8 +86,11 @@ impl Cheat {
     pub async fn start(server: &NatsServer) -> Result<Cheat> {
         let id = ProviderId::new();
         let client = server.client_as(Role::Provider, &id.to_string()).await?;
-        let store =
-            BlockStore::join(client.clone(), Default::default(), Some(Duration::from_secs(30))).await?;
+        let options = StoreOptions {
+            writer: Caller::new(Role::Provider, id.to_string()),
+            ..StoreOptions::default()
+        };
+        let store = BlockStore::join(client.clone(), options, Some(Duration::from_secs(30))).await?;
         let dir = tempfile::tempdir()?;
         let (targets, told) = (Arc::default(), Arc::default());
         let stop = CancellationToken::new();

@@ -408,7 +408,7 @@ async fn a_missing_block_fails_the_pull_naming_it() {
     let lost: HashSet<BlockId> = pack.ids().collect();
     purge(&store, subjects::pack(&pack.id())).await;
     for id in &lost {
-        purge(&store, subjects::block(id)).await;
+        purge(&store, subjects::block(id, &store.options().writer)).await;
     }
     let dest = dir.path().join("dest");
     let err = pull_file(&store, None, &manifest, &dest).await.unwrap_err();
@@ -427,7 +427,10 @@ async fn a_stored_block_is_never_overwritten() {
     let (manifest, block) = small_object(&store, dir.path()).await;
     let overwrite = store
         .jetstream()
-        .publish(subjects::block(&block), vec![0u8; 10].into())
+        .publish(
+            subjects::block(&block, &store.options().writer),
+            vec![0u8; 10].into(),
+        )
         .await
         .unwrap()
         .await;
@@ -515,11 +518,15 @@ async fn bad_manifests_are_refused_by_name() {
             headers.insert(subjects::MANIFEST_PARTS_HEADER, parts);
             headers.insert(subjects::MANIFEST_SIZE_HEADER, size);
         }
-        js.publish_with_headers(subjects::manifest_part(&id, 0), headers, bytes.clone().into())
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+        js.publish_with_headers(
+            subjects::manifest_part(&id, &store.options().writer, 0),
+            headers,
+            bytes.clone().into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
         let err = refused(pull_file(&store, None, &id, &dest).await.unwrap_err());
         assert!(matches!(err, ManifestError::Garbled(_)), "{name}: {err}");
     }

@@ -10,7 +10,7 @@ use std::path::Path;
 use rand::{RngCore, SeedableRng};
 use vmlot_cas::record::{self, Delta, Edit};
 use vmlot_cas::{BlockCache, BlockStore, CasError, PushReport, StoreOptions, pull_file, push_file_over};
-use vmlot_schemas::caller::Role;
+use vmlot_schemas::caller::{Caller, Role};
 use vmlot_schemas::{
     Chunking, Extent, HashAlgorithm, Manifest, ManifestError, ManifestId, ObjectKind, ProviderId, subjects,
 };
@@ -56,7 +56,7 @@ async fn stored_record(store: &BlockStore, id: &ManifestId) -> Vec<u8> {
         .await
         .unwrap();
     let msg = stream
-        .direct_get_last_for_subject(subjects::manifest_part(id, 0))
+        .direct_get_last_for_subject(subjects::manifest_part(id, &store.options().writer, 0))
         .await
         .unwrap();
     msg.payload.to_vec()
@@ -178,11 +178,13 @@ async fn records_that_lie_are_refused_by_name() {
         .unwrap();
     // The liar is a provider with its own valid credentials: it may write
     // blocks and manifests, as every provider writes its checkpoints.
-    let liar = server
-        .client_as(Role::Provider, &ProviderId::new().to_string())
-        .await
-        .unwrap();
-    let store = BlockStore::join(liar, limited.clone(), None).await.unwrap();
+    let name = ProviderId::new().to_string();
+    let liar = server.client_as(Role::Provider, &name).await.unwrap();
+    let as_liar = StoreOptions {
+        writer: Caller::new(Role::Provider, name),
+        ..limited.clone()
+    };
+    let store = BlockStore::join(liar, as_liar, None).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let a = dir.path().join("a");
     checkpoint_file(&a, 600, 4);

@@ -311,7 +311,8 @@ async fn a_provider_cannot_impersonate_another_or_read_its_bids() {
         refused_by_server(&market, "Publish", &subject).await;
     }
     // The same through the server's own hand: eve stores a heartbeat in
-    // the ghost's name as a "block" (anyone may write one) and asks for it
+    // the ghost's name as a "block" (anyone may write one under their own
+    // name) and asks for it
     // back with the ghost's heartbeat subject as the reply subject, so the
     // server itself publishes it there. The answer carries the stream's
     // headers, and the broker refuses any market message that does.
@@ -327,8 +328,8 @@ async fn a_provider_cannot_impersonate_another_or_read_its_bids() {
         idle: true,
         sent_at: chrono::Utc::now(),
     };
-    let parked = "vmlot.cas.block.0000000000000000000000000000000000000000";
-    nats.request(parked, serde_json::to_vec(&forged).unwrap().into())
+    let parked = format!("vmlot.cas.block.{}.provider.{eve}", "0".repeat(40));
+    nats.request(parked.clone(), serde_json::to_vec(&forged).unwrap().into())
         .await
         .unwrap();
     let get = format!("$JS.API.DIRECT.GET.{}", subjects::BLOCK_STREAM);

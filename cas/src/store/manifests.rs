@@ -8,14 +8,16 @@
 use std::collections::HashMap;
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::{self, message::OutboundMessage, stream};
+use async_nats::jetstream::{self, message::OutboundMessage};
 use bytes::Bytes;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use jetstream_extra::batch_fetch::BatchFetchExt;
 use jetstream_extra::batch_publish::BatchPublishExt;
+use vmlot_schemas::caller::{Caller, Role};
 use vmlot_schemas::manifest::MAX_MANIFEST_BYTES;
-use vmlot_schemas::{BlockId, Manifest, ManifestError, ManifestId, PackId, subjects};
+use vmlot_schemas::subjects::{self, MANIFEST_STREAM};
+use vmlot_schemas::{BlockId, Manifest, ManifestError, ManifestId, PackId};
 
 use super::retry::{Retry, transient};
 use super::{BlockStore, MAX_BATCH, MISSING_PAUSE, MISSING_RETRIES, none_stored};
@@ -36,6 +38,8 @@ const MANIFEST_CACHE_ENTRIES: usize = 256;
 pub(super) struct Known {
     manifest: Manifest,
     chain: Option<u32>,
+    /// The writer whose record it was rebuilt from, when read from the store.
+    from: Option<Caller>,
 }
 
 /// The manifests a store handle knows, shared by its clones.
@@ -57,8 +61,10 @@ impl BlockStore {
     ) -> Result<ManifestId, CasError> {
         self.check_name("the manifest", manifest.hash)?;
         let id = manifest.id();
-        if self.manifest_head(&id).await?.is_some() {
-            // Someone else's record: its depth is not known here.
+        if self.trusted_head(&id).await?.is_some() {
+            // Stored before, by this writer or the house: its depth is not
+            // known here. (A stranger's record of the same id is not
+            // believed: it may be garbage that no reader can rebuild.)
             self.remember(id, manifest.clone(), None);
             return Ok(id);
         }
@@ -86,8 +92,9 @@ impl BlockStore {
         Ok(id)
     }
 
-    /// Writes raw bytes under a manifest id, all parts in one atomic batch.
-    /// Only tests planting bad manifests should call this directly.
+    /// Writes raw bytes under a manifest id as this handle's writer, all
+    /// parts in one atomic batch. Only tests planting bad manifests should
+    /// call this directly.
     pub async fn put_manifest_bytes(&self, id: &ManifestId, bytes: &[u8]) -> Result<(), CasError> {
         let parts: Vec<&[u8]> = if bytes.is_empty() {
             vec![&[][..]]
@@ -106,7 +113,7 @@ impl BlockStore {
                         h
                     });
                     OutboundMessage {
-                        subject: subjects::manifest_part(id, n as u32).into(),
+                        subject: subjects::manifest_part(id, &self.opts.writer, n as u32).into(),
                         payload: Bytes::copy_from_slice(part),
                         headers,
                     }
@@ -125,10 +132,10 @@ impl BlockStore {
                 Ok(_) => return Ok(()),
                 Err(err) => err,
             };
-            // Another writer stored the same manifest first (the stream
+            // This writer stored the same manifest before (the stream
             // keeps one message per part subject and refused this batch
             // whole), or the stream's leader is being elected.
-            match self.manifest_head(id).await {
+            match self.trusted_head(id).await {
                 Ok(Some(_)) => {
                     tracing::debug!(%id, %err, "manifest already stored");
                     return Ok(());
@@ -143,9 +150,9 @@ impl BlockStore {
     }
 
     /// Leaves beside manifest `id` which pack holds each of its blocks
-    /// (`at`), for readers to fetch whole packs. Once: a record already
-    /// there (another writer's) is left as it is. It is only a hint, so a
-    /// record that cannot be written is let go.
+    /// (`at`), for readers to fetch whole packs, under this handle's
+    /// writer. Once: a record this writer left before stays as it is. It is
+    /// only a hint, so a record that cannot be written is let go.
     pub async fn put_locations(&self, id: &ManifestId, manifest: &Manifest, at: &HashMap<BlockId, PackId>) {
         let owned = (manifest.clone(), at.clone());
         let Ok(Some(bytes)) =
@@ -155,7 +162,7 @@ impl BlockStore {
         };
         let written = async {
             self.js
-                .publish(subjects::manifest_locations(id), bytes)
+                .publish(subjects::manifest_locations(id, &self.opts.writer), bytes)
                 .await
                 .map_err(|e| e.to_string())?
                 .await
@@ -168,26 +175,50 @@ impl BlockStore {
         }
     }
 
-    /// Which pack holds each of `manifest`'s blocks, as the writer of
-    /// manifest `id` left it; empty when there is no such record or it does
-    /// not fit the manifest.
+    /// Which pack holds each of `manifest`'s blocks, as a writer of
+    /// manifest `id` left it: this handle's own record first, then that of
+    /// the writer whose manifest record this handle rebuilt, the house's,
+    /// and the others'; the first that fits the manifest is taken (readers
+    /// check every block, so a lie costs a fetch, never a wrong byte).
+    /// Empty when no record fits.
     pub async fn get_locations(&self, id: &ManifestId, manifest: &Manifest) -> HashMap<BlockId, PackId> {
-        let Ok(Some(msg)) = self.last_on(subjects::manifest_locations(id)).await else {
+        let Ok(records) = self
+            .last_matching(
+                MANIFEST_STREAM,
+                "locations get",
+                vec![subjects::manifest_locations_any(id)],
+            )
+            .await
+        else {
             return HashMap::new();
         };
-        if msg.payload.len() > locations::MAX_LOCATIONS_BYTES {
-            return HashMap::new();
-        }
+        let rebuilt_from = self.known(id).and_then(|k| k.from);
+        let mut records: Vec<(u8, String, Bytes)> = records
+            .into_iter()
+            .filter(|msg| msg.payload.len() <= locations::MAX_LOCATIONS_BYTES)
+            .filter_map(|msg| {
+                let writer = subjects::manifest_writer(&msg.subject)?;
+                let trust = match self.trust(&writer) {
+                    2 => 3,
+                    _ if Some(&writer) == rebuilt_from.as_ref() => 2,
+                    t => t,
+                };
+                Some((trust, msg.subject.to_string(), msg.payload))
+            })
+            .collect();
+        records.sort_by(|a, b| (b.0, &a.1).cmp(&(a.0, &b.1)));
         let manifest = manifest.clone();
-        let decoded = tokio::task::spawn_blocking(move || locations::decode(&manifest, &msg.payload)).await;
-        match decoded {
-            Ok(Ok(at)) => at,
-            Ok(Err(reason)) => {
-                tracing::debug!(manifest = %id, %reason, "ignoring the manifest's locations");
-                HashMap::new()
+        let decoded = tokio::task::spawn_blocking(move || {
+            for (_, subject, payload) in records {
+                match locations::decode(&manifest, &payload) {
+                    Ok(at) => return at,
+                    Err(reason) => tracing::debug!(%subject, %reason, "ignoring a manifest's locations"),
+                }
             }
-            Err(_) => HashMap::new(),
-        }
+            HashMap::new()
+        })
+        .await;
+        decoded.unwrap_or_default()
     }
 
     /// Reads and checks a manifest: size limit before reading, then the
@@ -226,6 +257,7 @@ impl BlockStore {
                         return Ok(Known {
                             manifest,
                             chain: None,
+                            from: None,
                         });
                     }
                     Err(e) => tracing::warn!(manifest = %id, error = %e, "ignoring a bad cached manifest"),
@@ -236,32 +268,69 @@ impl BlockStore {
                     "a chain of more than {MAX_CHAIN} manifest deltas"
                 ))));
             }
-            let stored = self.read_record(&id).await?;
-            let max = self.opts.max_manifest_bytes.min(MAX_MANIFEST_BYTES);
-            let (manifest, chain) = match record::decode(&stored, max).map_err(refuse)? {
-                Record::Whole(bytes) => (Manifest::decode(&bytes, &id).map_err(refuse)?, Some(0)),
-                Record::Delta(delta) => {
-                    if delta.base == id {
-                        return Err(refuse(ManifestError::Garbled("a delta on itself".into())));
+            // Every writer's record of this id, the most trusted first; the
+            // first that rebuilds to the id is the manifest (a stranger may
+            // have stored garbage under the name before its honest writer).
+            let mut first_refusal = None;
+            let mut rebuilt = None;
+            for (writer, head) in self.heads(&id).await? {
+                match self.rebuild(id, &writer, head, cache, depth).await {
+                    Ok(found) => {
+                        rebuilt = Some((writer, found));
+                        break;
                     }
-                    let base = self.resolve(delta.base, cache, depth + 1).await?;
-                    let rebuilt = delta.apply(&base.manifest).map_err(refuse)?;
-                    let bytes = rebuilt.canonical_bytes();
-                    if bytes.len() as u64 > max {
-                        return Err(refuse(ManifestError::TooLarge {
-                            size: bytes.len() as u64,
-                            max,
-                        }));
+                    Err(e) => {
+                        tracing::debug!(manifest = %id, %writer, error = %e, "passing over a manifest record");
+                        first_refusal.get_or_insert(e);
                     }
-                    let manifest = Manifest::decode(&bytes, &id).map_err(refuse)?;
-                    (manifest, base.chain.map(|c| c + 1))
                 }
+            }
+            let Some((writer, (manifest, chain))) = rebuilt else {
+                return Err(first_refusal.unwrap_or(CasError::MissingManifest(id)));
             };
             if let Some(cache) = cache {
                 cache.put_manifest(&id, &manifest)?;
             }
-            self.remember(id, manifest.clone(), chain);
-            Ok(Known { manifest, chain })
+            self.remember_from(id, manifest.clone(), chain, Some(writer.clone()));
+            Ok(Known {
+                manifest,
+                chain,
+                from: Some(writer),
+            })
+        })
+    }
+
+    /// Rebuilds manifest `id` from `writer`'s record (part 0 is `head`):
+    /// its base first when it is a delta, then checked against the id.
+    async fn rebuild(
+        &self,
+        id: ManifestId,
+        writer: &Caller,
+        head: jetstream::message::StreamMessage,
+        cache: Option<&BlockCache>,
+        depth: u32,
+    ) -> Result<(Manifest, Option<u32>), CasError> {
+        let refuse = |source| CasError::Manifest { id, source };
+        let stored = self.read_parts(&id, writer, head).await?;
+        let max = self.opts.max_manifest_bytes.min(MAX_MANIFEST_BYTES);
+        Ok(match record::decode(&stored, max).map_err(refuse)? {
+            Record::Whole(bytes) => (Manifest::decode(&bytes, &id).map_err(refuse)?, Some(0)),
+            Record::Delta(delta) => {
+                if delta.base == id {
+                    return Err(refuse(ManifestError::Garbled("a delta on itself".into())));
+                }
+                let base = self.resolve(delta.base, cache, depth + 1).await?;
+                let rebuilt = delta.apply(&base.manifest).map_err(refuse)?;
+                let bytes = rebuilt.canonical_bytes();
+                if bytes.len() as u64 > max {
+                    return Err(refuse(ManifestError::TooLarge {
+                        size: bytes.len() as u64,
+                        max,
+                    }));
+                }
+                let manifest = Manifest::decode(&bytes, &id).map_err(refuse)?;
+                (manifest, base.chain.map(|c| c + 1))
+            }
         })
     }
 
@@ -274,54 +343,92 @@ impl BlockStore {
     }
 
     fn remember(&self, id: ManifestId, manifest: Manifest, chain: Option<u32>) {
+        self.remember_from(id, manifest, chain, None);
+    }
+
+    fn remember_from(&self, id: ManifestId, manifest: Manifest, chain: Option<u32>, from: Option<Caller>) {
         let mut known = self.known_manifests.lock().expect("manifest cache lock");
         if known.len() >= MANIFEST_CACHE_ENTRIES {
             known.clear();
         }
-        let chain = match known.get(&id) {
-            Some(k) if k.chain.is_some() && chain.is_none() => k.chain,
-            _ => chain,
+        let (chain, from) = match known.get(&id) {
+            Some(k) => (
+                if k.chain.is_some() && chain.is_none() {
+                    k.chain
+                } else {
+                    chain
+                },
+                from.or_else(|| k.from.clone()),
+            ),
+            None => (chain, from),
         };
-        known.insert(id, Known { manifest, chain });
+        known.insert(
+            id,
+            Known {
+                manifest,
+                chain,
+                from,
+            },
+        );
     }
 
-    /// Part 0 of a manifest, if stored.
-    async fn manifest_head(
+    /// Part 0 of this writer's or the house's record of manifest `id`, if
+    /// either is stored.
+    async fn trusted_head(
         &self,
         id: &ManifestId,
     ) -> Result<Option<jetstream::message::StreamMessage>, CasError> {
-        self.last_on(subjects::manifest_part(id, 0)).await
+        let mut filters = vec![subjects::manifest_part_house(id, 0)];
+        if self.opts.writer.role != Role::Broker {
+            filters.push(subjects::manifest_part(id, &self.opts.writer, 0));
+        }
+        let heads = self
+            .last_matching(MANIFEST_STREAM, "manifest get", filters)
+            .await?;
+        Ok(heads.into_iter().next())
     }
 
-    /// The message on `subject` of the manifests' stream, if any.
-    async fn last_on(&self, subject: String) -> Result<Option<jetstream::message::StreamMessage>, CasError> {
-        let stream = self
-            .js
-            .get_stream_no_info(subjects::MANIFEST_STREAM)
-            .await
-            .map_err(|e| CasError::nats("manifest stream", e))?;
-        match stream.direct_get_last_for_subject(subject).await {
-            Ok(msg) => Ok(Some(msg)),
-            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
-            Err(e) => Err(CasError::nats("manifest get", e)),
+    /// Part 0 of every writer's record of manifest `id`, this handle's own
+    /// first, then the house's, then the others' in subject order; asked
+    /// again before the manifest is called missing, as a block is.
+    async fn heads(
+        &self,
+        id: &ManifestId,
+    ) -> Result<Vec<(Caller, jetstream::message::StreamMessage)>, CasError> {
+        let mut tries = 0;
+        loop {
+            let found = self
+                .last_matching(
+                    MANIFEST_STREAM,
+                    "manifest get",
+                    vec![subjects::manifest_part_any(id, 0)],
+                )
+                .await?;
+            let mut heads: Vec<(u8, Caller, jetstream::message::StreamMessage)> = found
+                .into_iter()
+                .filter_map(|msg| {
+                    let writer = subjects::manifest_writer(&msg.subject)?;
+                    Some((self.trust(&writer), writer, msg))
+                })
+                .collect();
+            if heads.is_empty() && tries < MISSING_RETRIES {
+                tries += 1;
+                tokio::time::sleep(MISSING_PAUSE).await;
+                continue;
+            }
+            heads.sort_by(|a, b| (b.0, a.2.subject.as_str()).cmp(&(a.0, b.2.subject.as_str())));
+            return Ok(heads.into_iter().map(|(_, w, m)| (w, m)).collect());
         }
     }
 
-    /// The record stored under `id`, its parts joined: size limit before
-    /// reading, then the parts.
-    async fn read_record(&self, id: &ManifestId) -> Result<Vec<u8>, CasError> {
-        // Asked again before it is called missing, as a block is.
-        let mut tries = 0;
-        let head = loop {
-            match self.manifest_head(id).await? {
-                Some(head) => break head,
-                None if tries < MISSING_RETRIES => {
-                    tries += 1;
-                    tokio::time::sleep(MISSING_PAUSE).await;
-                }
-                None => return Err(CasError::MissingManifest(*id)),
-            }
-        };
+    /// `writer`'s record of manifest `id`, its parts joined: size limit
+    /// before reading, then the parts.
+    async fn read_parts(
+        &self,
+        id: &ManifestId,
+        writer: &Caller,
+        head: jetstream::message::StreamMessage,
+    ) -> Result<Vec<u8>, CasError> {
         let refuse = |source| CasError::Manifest { id: *id, source };
         let header = |name: &str| -> Result<u64, CasError> {
             head.headers
@@ -349,7 +456,7 @@ impl BlockStore {
         let mut bytes = Vec::with_capacity(size as usize);
         bytes.extend_from_slice(&head.payload);
         let rest: Vec<String> = (1..parts as u32)
-            .map(|n| subjects::manifest_part(id, n))
+            .map(|n| subjects::manifest_part(id, writer, n))
             .collect();
         for group in rest.chunks(MAX_BATCH) {
             let mut got: HashMap<String, Bytes> = HashMap::with_capacity(group.len());

@@ -1,14 +1,17 @@
 //! Blocks in the store, written in packs ([`crate::pack`]): each pack is
 //! one message on `vmlot.cas.pack.<random id>`, and each of its blocks
-//! gets a pointer on its own subject (`vmlot.cas.block.<hash>`, header
-//! `Vmlot-Encoding: pack`, the pack's id as its payload: a batched direct
-//! get takes a message without payload for the end of the batch), all in one
-//! atomic batch, so a pointer never names a pack that is not there. The
-//! pointers are what a writer asks to learn which blocks the store holds
-//! (without their bytes) and what a reader with only names follows; a
+//! gets a pointer on a subject of its own and its writer's
+//! (`vmlot.cas.block.<hash>.<role>.<name>`, header `Vmlot-Encoding: pack`,
+//! the pack's id as its payload: a batched direct get takes a message
+//! without payload for the end of the batch), all in one atomic batch, so
+//! a pointer never names a pack that is not there. The pointers are what a
+//! writer asks to learn which blocks the store holds (without their bytes:
+//! its own and the house's only, since anyone may point anywhere) and what
+//! a reader with only names follows (every writer's, the writer's own and
+//! the house's first, until one leads to bytes that hash to the name); a
 //! reader given a manifest's locations ([`crate::locations`]) fetches the
-//! packs straight away. A block stored whole (written before packs, or
-//! planted by a test) is read as it is.
+//! packs straight away. A block stored whole (planted by a test) is read
+//! as it is.
 
 use std::collections::{HashMap, HashSet};
 
@@ -17,7 +20,9 @@ use async_nats::jetstream::message::OutboundMessage;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use jetstream_extra::batch_publish::{BatchPublishError, BatchPublishExt};
-use vmlot_schemas::{BlockId, PackId, subjects};
+use vmlot_schemas::caller::{Caller, Role};
+use vmlot_schemas::subjects::{self, BLOCK_STREAM};
+use vmlot_schemas::{BlockId, PackId};
 
 use super::encoding::{Stored, decode_block};
 use super::retry::{Retry, transient};
@@ -49,22 +54,53 @@ struct Unit {
 }
 
 impl BlockStore {
-    /// Which of `ids` the store holds, and where; the pointers are read,
-    /// never the blocks' bytes.
+    /// Which of `ids` the store holds, and where, by this handle's own
+    /// pointers and the house's; the pointers are read, never the blocks'
+    /// bytes. (A stranger's pointer may name anything: a writer that
+    /// believed one would leave its block unwritten.)
     pub async fn locate(&self, ids: &[BlockId]) -> Result<Located, CasError> {
-        let groups: Vec<Vec<BlockId>> = ids.chunks(self.opts.batch).map(<[BlockId]>::to_vec).collect();
+        let writer = self.opts.writer.clone();
+        self.locate_by(ids, &[writer]).await
+    }
+
+    /// Which of `ids` the store holds by the pointers of `writers` or the
+    /// house's: what the broker asks of a result's blocks, whose producer
+    /// must have stored them (or found them stored by the house).
+    pub async fn locate_by(&self, ids: &[BlockId], writers: &[Caller]) -> Result<Located, CasError> {
+        let writers: Vec<&Caller> = writers.iter().filter(|w| w.role != Role::Broker).collect();
+        let per_block = writers.len() + 1;
+        let group = (self.opts.batch / per_block).max(1);
+        let groups: Vec<Vec<String>> = ids
+            .chunks(group)
+            .map(|chunk| {
+                chunk
+                    .iter()
+                    .flat_map(|id| {
+                        writers
+                            .iter()
+                            .map(|w| subjects::block(id, w))
+                            .chain(std::iter::once(subjects::block_house(id)))
+                    })
+                    .collect()
+            })
+            .collect();
         let found: Vec<Located> = futures::stream::iter(groups)
-            .map(|group| async move {
+            .map(|filters| async move {
                 let mut found = Located::new();
-                self.fetch_group(&group, |id, msg| {
-                    let place = match decode_block(&id, msg)? {
+                for msg in self
+                    .last_matching(BLOCK_STREAM, "batched direct get", filters)
+                    .await?
+                {
+                    let Some((id, _)) = pointer_of(&msg.subject) else {
+                        continue;
+                    };
+                    let place = match decode_block(&id, &msg)? {
                         Stored::Whole(_) => None,
                         Stored::InPack(pack) => Some(pack),
                     };
-                    found.insert(id, place);
-                    Ok(())
-                })
-                .await?;
+                    // The writer's own pointer first, then the house's.
+                    found.entry(id).or_insert(place);
+                }
                 Ok::<_, CasError>(found)
             })
             .buffer_unordered(self.opts.concurrency)
@@ -73,9 +109,20 @@ impl BlockStore {
         Ok(found.into_iter().flatten().collect())
     }
 
-    /// Which of `ids` the store lacks.
+    /// Which of `ids` the store lacks, by this handle's own pointers and
+    /// the house's.
     pub async fn missing(&self, ids: &[BlockId]) -> Result<HashSet<BlockId>, CasError> {
-        let present = self.locate(ids).await?;
+        let writer = self.opts.writer.clone();
+        self.missing_by(ids, &[writer]).await
+    }
+
+    /// Which of `ids` neither `writers` nor the house has stored.
+    pub async fn missing_by(
+        &self,
+        ids: &[BlockId],
+        writers: &[Caller],
+    ) -> Result<HashSet<BlockId>, CasError> {
+        let present = self.locate_by(ids, writers).await?;
         Ok(ids
             .iter()
             .filter(|id| !present.contains_key(id))
@@ -84,9 +131,10 @@ impl BlockStore {
     }
 
     /// Writes `blocks` (which the caller found missing) in packs, several
-    /// packs and their pointers to an atomic batch. A block another writer
-    /// stored in the meantime makes its batch fail as a whole; that batch
-    /// is checked again and only what is still missing is written.
+    /// packs and their pointers to an atomic batch. A block this writer
+    /// stored in the meantime (another of its pushes, or a try whose answer
+    /// was lost) makes its batch fail as a whole; that batch is checked
+    /// again and only what is still missing is written.
     pub async fn put_blocks(&self, blocks: &[(BlockId, Bytes)]) -> Result<Written, CasError> {
         for (id, _) in blocks {
             self.check_name(format_args!("block {id}"), id.algorithm())?;
@@ -119,7 +167,7 @@ impl BlockStore {
                 }
                 Err(err) => err,
             };
-            // A concurrent writer may have stored some of these blocks (the
+            // This writer may have stored some of these blocks already (the
             // stream keeps one message per block subject and refuses the
             // batch whole), or the stream's leader is being elected.
             if !retry.again(transient(&err)).await {
@@ -177,7 +225,7 @@ impl BlockStore {
             headers.insert(subjects::BLOCK_ENCODING_HEADER, super::encoding::PACK);
             for block in &unit.blocks {
                 messages.push(OutboundMessage {
-                    subject: subjects::block(block).into(),
+                    subject: subjects::block(block, &self.opts.writer).into(),
                     payload: pointer.clone(),
                     headers: Some(headers.clone()),
                 });
@@ -220,9 +268,10 @@ impl BlockStore {
         }
         let mut wire = 0;
         if !by_pack.is_empty() {
-            let (bytes, got) = self.take_from_packs(by_pack, &sink, false).await?;
-            wire += bytes;
-            wanted.retain(|id| !got.contains(id));
+            // A hint that misplaces a block leaves it for its name to find.
+            let taken = self.take_from_packs(by_pack, &sink).await?;
+            wire += taken.wire;
+            wanted.retain(|id| !taken.got.contains(id));
         }
         let rest: Vec<BlockId> = ids.iter().filter(|id| wanted.contains(id)).copied().collect();
         let sink = &sink;
@@ -234,8 +283,13 @@ impl BlockStore {
         Ok(wire + sizes.into_iter().sum::<u64>())
     }
 
-    /// Blocks read by their names: whole ones at once, the rest through
-    /// the packs their pointers name.
+    /// Blocks read by their names: every writer's pointer to each (this
+    /// handle's own first, then the house's, then the others' in subject
+    /// order), whole blocks checked at once, the rest through the packs
+    /// the pointers name; a pointer that leads to no good bytes is passed
+    /// over for the block's next one. A block none of whose pointers leads
+    /// to it is an error naming the last refusal; one with no pointer at
+    /// all is asked for again, then called missing.
     async fn get_named(
         &self,
         mut wanted: Vec<BlockId>,
@@ -244,32 +298,71 @@ impl BlockStore {
         let mut wire = 0u64;
         let mut tries = 0;
         loop {
-            let mut seen = HashSet::with_capacity(wanted.len());
-            let mut by_pack: HashMap<PackId, HashSet<BlockId>> = HashMap::new();
-            self.fetch_group(&wanted, |id, msg| {
-                match decode_block(&id, msg)? {
-                    Stored::Whole(data) => {
-                        wire += msg.payload.len() as u64;
-                        let actual = BlockId::of(id.algorithm(), &data);
-                        if actual != id {
-                            return Err(CasError::CorruptBlock { block: id, actual });
-                        }
-                        seen.insert(id);
-                        sink(id, data)?;
-                    }
-                    Stored::InPack(pack) => {
-                        by_pack.entry(pack).or_default().insert(id);
+            let filters = wanted.iter().map(subjects::block_any).collect();
+            let mut candidates: HashMap<BlockId, Vec<(u8, String, Stored)>> = HashMap::new();
+            let mut refused: HashMap<BlockId, CasError> = HashMap::new();
+            for msg in self
+                .last_matching(BLOCK_STREAM, "batched direct get", filters)
+                .await?
+            {
+                let Some((id, writer)) = pointer_of(&msg.subject) else {
+                    continue;
+                };
+                match decode_block(&id, &msg) {
+                    Ok(stored) => candidates.entry(id).or_default().push((
+                        self.trust(&writer),
+                        msg.subject.to_string(),
+                        stored,
+                    )),
+                    Err(e) => {
+                        refused.insert(id, e);
                     }
                 }
-                Ok(())
-            })
-            .await?;
-            if !by_pack.is_empty() {
-                let (bytes, got) = self.take_from_packs(by_pack, sink, true).await?;
-                wire += bytes;
-                seen.extend(got);
+            }
+            for list in candidates.values_mut() {
+                // Popped from the end: the most trusted last, and among
+                // equals the first subject last.
+                list.sort_by(|a, b| (a.0, &b.1).cmp(&(b.0, &a.1)));
+            }
+            let mut seen = HashSet::with_capacity(wanted.len());
+            loop {
+                let mut by_pack: HashMap<PackId, HashSet<BlockId>> = HashMap::new();
+                for (id, list) in candidates.iter_mut() {
+                    let Some((_, subject, stored)) = list.pop() else {
+                        continue;
+                    };
+                    match stored {
+                        Stored::Whole(data) => {
+                            wire += data.len() as u64;
+                            let actual = BlockId::of(id.algorithm(), &data);
+                            if actual == *id {
+                                seen.insert(*id);
+                                sink(*id, data)?;
+                            } else {
+                                tracing::debug!(%subject, "a block stored whole under another's name");
+                                refused.insert(*id, CasError::CorruptBlock { block: *id, actual });
+                            }
+                        }
+                        Stored::InPack(pack) => {
+                            by_pack.entry(pack).or_default().insert(*id);
+                        }
+                    }
+                }
+                if !by_pack.is_empty() {
+                    let taken = self.take_from_packs(by_pack, sink).await?;
+                    wire += taken.wire;
+                    seen.extend(taken.got);
+                    refused.extend(taken.refused);
+                }
+                candidates.retain(|id, list| !seen.contains(id) && !list.is_empty());
+                if candidates.is_empty() {
+                    break;
+                }
             }
             wanted.retain(|id| !seen.contains(id));
+            if let Some(id) = wanted.iter().find(|id| refused.contains_key(id)) {
+                return Err(refused.remove(id).expect("a refusal"));
+            }
             let Some(lost) = wanted.first() else { break };
             // On a cluster a follower answers direct gets from what it has
             // applied: a block stored a moment ago may not be there yet.
@@ -283,33 +376,51 @@ impl BlockStore {
         Ok(wire)
     }
 
+    /// How far this handle trusts what `writer` stored: its own most, then
+    /// the house's, then anyone's.
+    pub(super) fn trust(&self, writer: &Caller) -> u8 {
+        if *writer == self.opts.writer {
+            2
+        } else if writer.role == Role::Broker {
+            1
+        } else {
+            0
+        }
+    }
+
     /// Fetches the packs named and hands `sink` the wanted blocks in each,
-    /// checked. `strict`: a pack that is bad or lacks a block its pointer
-    /// says it holds is an error naming it; otherwise (a hint) the block is
-    /// left for its name to find. Returns the bytes fetched and the blocks
-    /// handed over.
+    /// checked. A pack that is bad or lacks a block said to be in it is
+    /// passed over, its refusal kept for each block it failed.
     async fn take_from_packs(
         &self,
         by_pack: HashMap<PackId, HashSet<BlockId>>,
         sink: &(impl Fn(BlockId, Bytes) -> Result<(), CasError> + Sync),
-        strict: bool,
-    ) -> Result<(u64, HashSet<BlockId>), CasError> {
+    ) -> Result<Taken, CasError> {
         let packs: Vec<(PackId, HashSet<BlockId>)> = by_pack.into_iter().collect();
-        let done: Vec<(u64, HashSet<BlockId>)> = futures::stream::iter(packs.chunks(PACKS_PER_GET).map(<[_]>::to_vec))
+        let done: Vec<Taken> = futures::stream::iter(packs.chunks(PACKS_PER_GET).map(<[_]>::to_vec))
             .map(|group| async move {
                 let wanted: HashMap<String, (PackId, HashSet<BlockId>)> = group
                     .into_iter()
                     .map(|(pack, blocks)| (subjects::pack(&pack), (pack, blocks)))
                     .collect();
-                let mut wire = 0u64;
-                let mut got = HashSet::new();
+                let mut taken = Taken::default();
+                let mut answered = HashSet::new();
                 self.last_messages("pack get", &wanted, |(pack_id, blocks), msg| {
-                    wire += msg.payload.len() as u64;
+                    answered.insert(*pack_id);
+                    taken.wire += msg.payload.len() as u64;
                     let pack = match Pack::parse(*pack_id, self.opts.hash, msg.payload) {
                         Ok(pack) => pack,
-                        Err(e) if strict => return Err(e),
                         Err(e) => {
-                            tracing::debug!(error = %e, "a manifest's locations name a bad pack");
+                            tracing::debug!(error = %e, "passing over a bad pack");
+                            let reason = match e {
+                                CasError::BadPack { reason, .. } => reason,
+                                other => other.to_string(),
+                            };
+                            for block in blocks {
+                                let pack = *pack_id;
+                                let reason = reason.clone();
+                                taken.refused.insert(*block, CasError::BadPack { pack, reason });
+                            }
                             return Ok(());
                         }
                     };
@@ -317,36 +428,66 @@ impl BlockStore {
                         match pack.open(block) {
                             Some(Ok(data)) => {
                                 sink(*block, data)?;
-                                got.insert(*block);
+                                taken.got.insert(*block);
                             }
-                            Some(Err(e)) if strict => return Err(e),
-                            None if strict => {
-                                return Err(CasError::NotInPack {
-                                    block: *block,
-                                    pack: *pack_id,
-                                });
+                            Some(Err(e)) => {
+                                taken.refused.insert(*block, e);
                             }
-                            Some(Err(_)) | None => {
-                                tracing::debug!(%block, pack = %pack_id, "a manifest's locations misplace a block");
+                            None => {
+                                tracing::debug!(%block, pack = %pack_id, "a block not in the pack said to hold it");
+                                taken.refused.insert(
+                                    *block,
+                                    CasError::NotInPack {
+                                        block: *block,
+                                        pack: *pack_id,
+                                    },
+                                );
                             }
                         }
                     }
                     Ok(())
                 })
                 .await?;
-                Ok::<_, CasError>((wire, got))
+                for (pack, blocks) in wanted.values() {
+                    if !answered.contains(pack) {
+                        for block in blocks {
+                            taken.refused.insert(*block, CasError::MissingPack { block: *block, pack: *pack });
+                        }
+                    }
+                }
+                Ok::<_, CasError>(taken)
             })
             .buffer_unordered(self.opts.concurrency)
             .try_collect()
             .await?;
-        let mut wire = 0;
-        let mut got = HashSet::new();
-        for (w, g) in done {
-            wire += w;
-            got.extend(g);
+        let mut all = Taken::default();
+        for t in done {
+            all.wire += t.wire;
+            all.got.extend(t.got);
+            all.refused.extend(t.refused);
         }
-        Ok((wire, got))
+        Ok(all)
     }
+}
+
+/// What fetching packs gave: bytes on the wire, the blocks handed over,
+/// and why each other block asked for was not.
+#[derive(Default)]
+struct Taken {
+    wire: u64,
+    got: HashSet<BlockId>,
+    refused: HashMap<BlockId, CasError>,
+}
+
+/// The block and writer a pointer's subject names.
+fn pointer_of(subject: &str) -> Option<(BlockId, Caller)> {
+    let id = subject
+        .strip_prefix("vmlot.cas.block.")?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()?;
+    Some((id, subjects::block_writer(subject)?))
 }
 
 /// Cuts `blocks` into packs and the packs into batches of at most `limit`

@@ -18,6 +18,7 @@ use async_nats::jetstream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use vmlot_cas::{BlockCache, BlockStore, StoreOptions};
+use vmlot_schemas::caller::{Caller, Role};
 use vmlot_schemas::{HypervisorKind, subjects};
 
 use crate::config::ProviderConfig;
@@ -67,7 +68,13 @@ pub async fn run(
         }
     }
     // The broker creates the store's streams; a provider that starts first waits.
-    let store = BlockStore::join(client.clone(), StoreOptions::default(), None).await?;
+    // Its pointers and manifest records carry its name, the one its
+    // credentials let it write under.
+    let options = StoreOptions {
+        writer: Caller::new(Role::Provider, config.id.to_string()),
+        ..StoreOptions::default()
+    };
+    let store = BlockStore::join(client.clone(), options, None).await?;
     let cache = Arc::new(BlockCache::open(&config.cache_dir, config.cache_bytes)?);
     std::fs::create_dir_all(&config.work_dir)
         .map_err(|e| nats("create work dir", format!("{}: {e}", config.work_dir.display())))?;
