@@ -237,7 +237,12 @@ pub async fn run_once(args: &Load, auth: Auth, brokers: usize) -> Result<Outcome
     let mut submitters = Vec::new();
     for name in &names {
         vmlot_tests::market::fund(&api, name, &(per_submitter * 100).to_string()).await?;
-        submitters.push((market.submitter(name).await, name.clone()));
+        // A submission waits up to a minute: the server stalls for seconds
+        // when 200 providers store their first checkpoints at once, and a
+        // submission that waits through it is slow, not lost (its time is
+        // in the run's rate).
+        let api = market.submitter(name).await.with_timeout(Duration::from_secs(60));
+        submitters.push((api, name.clone()));
     }
     let limit = Duration::from_secs(600);
     let expected = (args.jobs * lots_per_job(args)) as u64;

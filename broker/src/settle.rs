@@ -24,7 +24,6 @@ use chrono::{DateTime, Utc};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
-use vmlot_schemas::caller::{Caller, Role};
 use vmlot_schemas::ledger::ForfeitCause;
 use vmlot_schemas::market::{GuestState, JobStatus, Lot, ResultCheck, SegmentResult};
 use vmlot_schemas::standing::RefusalKind;
@@ -549,8 +548,7 @@ async fn check(
     let Some(state) = result.guest.state() else {
         return Err(Refusal::new(RefusalKind::NoFinalState, "no state").into());
     };
-    let producer = Caller::new(Role::Provider, result.provider.to_string());
-    let verified = verify::checkpoint(&shared.store, state, known, &producer).await?;
+    let verified = verify::checkpoint(&shared.store, state, known).await?;
     if let (GuestState::Running { .. }, Some(manifest)) = (&result.guest, &verified.machine_state) {
         let vm = &status.spec.image.vm;
         let prefix = verify::prefix(&shared.store, manifest, check::prefix_len(vm.hypervisor)).await?;

@@ -1,12 +1,11 @@
 //! Checks a result's checkpoint before anything is paid for it: every
-//! manifest present and well-formed, every block in the store by its
-//! producer's pointers or the house's, the sizes it claims. Blocks of the checkpoint the segment started from were checked
+//! manifest present and well-formed, every block in the store, the sizes
+//! it claims. Blocks of the checkpoint the segment started from were checked
 //! when that one settled, so only new blocks are looked up.
 
 use std::collections::{HashMap, HashSet};
 
 use vmlot_cas::BlockStore;
-use vmlot_schemas::caller::Caller;
 use vmlot_schemas::market::Checkpoint;
 use vmlot_schemas::{BlockId, Extent, Manifest, ManifestId};
 
@@ -52,7 +51,6 @@ pub async fn checkpoint(
     store: &BlockStore,
     new: &Checkpoint,
     known: &HashSet<BlockId>,
-    producer: &Caller,
 ) -> Result<Verified, Invalid> {
     let mut actual = 0u64;
     let mut verified = Verified::default();
@@ -74,11 +72,13 @@ pub async fn checkpoint(
             .map(|(b, _)| b)
             .filter(|b| !known.contains(b))
             .collect();
-        // Stored by its producer or the house: a pointer someone else left
-        // is no proof (anyone may point anywhere), and the producer's own
-        // are its to answer for.
+        // Pointed at by someone: whether the bytes are what the names say
+        // is for the next restore to find, and a failed one is blamed on
+        // this result's producer (an honest producer takes a block as
+        // stored only from its own pointers, the house's, or a pack whose
+        // bytes it checked).
         let missing = store
-            .missing_by(&fresh, std::slice::from_ref(producer))
+            .missing_anywhere(&fresh)
             .await
             .map_err(|e| Invalid::Store(e.to_string()))?;
         if let Some(example) = missing.iter().next() {

@@ -179,7 +179,7 @@ async fn upload_group(
     group: Vec<(BlockId, Bytes)>,
 ) -> Result<(u64, u64, HashMap<BlockId, PackId>), CasError> {
     let ids: Vec<BlockId> = group.iter().map(|(id, _)| *id).collect();
-    let present = store.locate(&ids).await?;
+    let present = store.locate_checked(&ids).await?;
     let to_send: Vec<(BlockId, Bytes)> = group
         .iter()
         .filter(|(id, _)| !present.contains_key(id))
@@ -279,6 +279,58 @@ fn start_writeback(file: &std::fs::File) {
     }
 }
 
+/// Cached blocks gathered for one [`write_runs`].
+const CACHED_PER_WRITE: usize = 256;
+
+/// Writes each `(offset, bytes)` of `runs` (sorted by offset), every
+/// stretch of them that lies end to end with one `pwritev` of up to
+/// [`MAX_IOVECS`] buffers: a pull of 58 MB in 4 KiB blocks made 14 000
+/// `pwrite` calls, now a few hundred.
+fn write_runs(file: &std::fs::File, runs: &[(u64, Bytes)]) -> std::io::Result<()> {
+    let mut i = 0;
+    while i < runs.len() {
+        let start = runs[i].0;
+        let mut end = start + runs[i].1.len() as u64;
+        let mut j = i + 1;
+        while j < runs.len() && j - i < MAX_IOVECS && runs[j].0 == end {
+            end += runs[j].1.len() as u64;
+            j += 1;
+        }
+        write_stretch(file, &runs[i..j])?;
+        i = j;
+    }
+    Ok(())
+}
+
+/// Most buffers one `pwritev` takes (Linux's `IOV_MAX`).
+const MAX_IOVECS: usize = 1024;
+
+/// Writes buffers that lie end to end from the first one's offset; what
+/// a short write leaves is written buffer by buffer.
+fn write_stretch(file: &std::fs::File, stretch: &[(u64, Bytes)]) -> std::io::Result<()> {
+    let slices: Vec<std::io::IoSlice<'_>> = stretch.iter().map(|(_, d)| std::io::IoSlice::new(d)).collect();
+    let total: usize = stretch.iter().map(|(_, d)| d.len()).sum();
+    let mut done = loop {
+        match rustix::io::pwritev(file, &slices, stretch[0].0) {
+            Ok(n) => break n,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    };
+    if done == total {
+        return Ok(());
+    }
+    for (at, data) in stretch {
+        if done >= data.len() {
+            done -= data.len();
+            continue;
+        }
+        file.write_all_at(&data[done..], at + done as u64)?;
+        done = 0;
+    }
+    Ok(())
+}
+
 fn partial_path(dest: &Path) -> PathBuf {
     let name = dest
         .file_name()
@@ -346,20 +398,24 @@ async fn write_object(
     let places = Arc::new(places);
 
     let written = std::sync::atomic::AtomicU64::new(0);
-    let write = |id: BlockId, data: Bytes| -> Result<(), CasError> {
-        let (n, offsets) = &places[&id];
-        if data.len() != *n as usize {
-            return Err(CasError::BlockSize {
-                block: id,
-                expected: *n,
-                actual: data.len(),
-            });
+    // Writes blocks where the manifest puts them, each stretch of blocks
+    // that lie end to end in one system call (a pack's blocks mostly do).
+    let write = |blocks: &[(BlockId, Bytes)]| -> Result<(), CasError> {
+        let mut runs: Vec<(u64, Bytes)> = Vec::with_capacity(blocks.len());
+        for (id, data) in blocks {
+            let (n, offsets) = &places[id];
+            if data.len() != *n as usize {
+                return Err(CasError::BlockSize {
+                    block: *id,
+                    expected: *n,
+                    actual: data.len(),
+                });
+            }
+            runs.extend(offsets.iter().map(|&at| (at, data.clone())));
         }
-        for &at in offsets {
-            file.write_all_at(&data, at)
-                .map_err(|e| CasError::io("write", partial, e))?;
-        }
-        let len = (data.len() * offsets.len()) as u64;
+        runs.sort_unstable_by_key(|(at, _)| *at);
+        write_runs(&file, &runs).map_err(|e| CasError::io("write", partial, e))?;
+        let len: u64 = runs.iter().map(|(_, d)| d.len() as u64).sum();
         let before = written.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
         if before / WRITEBACK_EVERY != (before + len) / WRITEBACK_EVERY {
             start_writeback(&file);
@@ -368,16 +424,22 @@ async fn write_object(
     };
 
     let mut cold = Vec::new();
+    let mut cached = Vec::new();
     let mut cached_blocks = 0u64;
     for id in &order {
         match cache.and_then(|c| c.get(id)) {
             Some(data) => {
-                write(*id, data)?;
+                cached.push((*id, data));
                 cached_blocks += 1;
+                if cached.len() == CACHED_PER_WRITE {
+                    write(&cached)?;
+                    cached.clear();
+                }
             }
             None => cold.push(*id),
         }
     }
+    write(&cached)?;
     let started = Instant::now();
     let hints = if cold.is_empty() {
         HashMap::new()
@@ -386,12 +448,14 @@ async fn write_object(
     };
     tracing::debug!(elapsed = ?started.elapsed(), cold = cold.len(), "cache read, locations read");
     let fetched_bytes = store
-        .get_blocks_located(&cold, &hints, |id, data| {
-            write(id, data.clone())?;
+        .get_blocks_located(&cold, &hints, |blocks| {
+            write(&blocks)?;
             // Onto a seed, the file is the local copy kept; a cache file
             // per block would cost more than the pull.
             if let (Some(cache), None) = (cache, base) {
-                cache.put(&id, &data)?;
+                for (id, data) in &blocks {
+                    cache.put(id, data)?;
+                }
             }
             Ok(())
         })

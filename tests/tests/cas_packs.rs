@@ -301,6 +301,11 @@ async fn a_stranger_who_takes_an_honest_writers_names_first_changes_nothing() {
     let pushed = push(&honest, &src).await;
     assert_eq!(pushed.manifest_id, id);
     assert_eq!(pushed.sent_blocks, BLOCKS as u64, "blocks left unwritten");
+    // Another stranger stores garbage under the manifest's id after it,
+    // so the last record stored is a lie too.
+    let (late, _) = provider(&server).await;
+    late.put_manifest_bytes(&id, b"late garbage").await.unwrap();
+    late.put_locations(&id, &manifest, &lies).await;
 
     // A third participant reads the honest bytes, by the manifest's
     // locations and by names alone.
@@ -323,13 +328,26 @@ async fn a_stranger_who_takes_an_honest_writers_names_first_changes_nothing() {
             .all(|(b, bytes)| BlockId::of(house.hash(), bytes) == *b)
     );
 
-    // What the broker asks of a result: the producer stored every block;
-    // another provider, whose blocks mallory's pointers would stand for,
-    // stored none.
+    // The honest writer's own pointers cover every block; another
+    // provider's cover none (mallory's garbage is no one's but mallory's).
     let producer = honest.options().writer.clone();
     assert!(house.missing_by(&ids, &[producer]).await.unwrap().is_empty());
     let other = reader.options().writer.clone();
     assert_eq!(house.missing_by(&ids, &[other]).await.unwrap().len(), BLOCKS);
+
+    // A second provider with the same checkpoint checks the honest
+    // writer's packs (mallory's garbage pack fails the check) and stores
+    // nothing again; its manifest's locations name the honest packs.
+    let (second, _) = provider(&server).await;
+    let again = push(&second, &src).await;
+    assert_eq!(
+        again.sent_blocks, 0,
+        "blocks checked in the honest packs were stored again"
+    );
+    let back2 = dir.path().join("back2");
+    let (fourth, _) = provider(&server).await;
+    pull_file(&fourth, None, &id, &back2).await.unwrap();
+    assert_eq!(std::fs::read(&back2).unwrap(), data);
 }
 
 /// A store handle of a new provider with its own credentials, and its client.

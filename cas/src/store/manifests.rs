@@ -182,6 +182,27 @@ impl BlockStore {
     /// check every block, so a lie costs a fetch, never a wrong byte).
     /// Empty when no record fits.
     pub async fn get_locations(&self, id: &ManifestId, manifest: &Manifest) -> HashMap<BlockId, PackId> {
+        // First the record of the writer whose manifest record was rebuilt
+        // (or the last one stored): one direct get. Every writer's only if
+        // that one does not fit.
+        let first = match self.known(id).and_then(|k| k.from) {
+            Some(writer) => subjects::manifest_locations(id, &writer),
+            None => subjects::manifest_locations_any(id),
+        };
+        if let Ok(Some(msg)) = self.latest(first).await
+            && msg.payload.len() <= locations::MAX_LOCATIONS_BYTES
+        {
+            let manifest = manifest.clone();
+            let decoded =
+                tokio::task::spawn_blocking(move || locations::decode(&manifest, &msg.payload)).await;
+            match decoded {
+                Ok(Ok(at)) => return at,
+                Ok(Err(reason)) => {
+                    tracing::debug!(manifest = %id, %reason, "ignoring a manifest's locations")
+                }
+                Err(_) => {}
+            }
+        }
         let Ok(records) = self
             .last_matching(
                 MANIFEST_STREAM,
@@ -268,20 +289,41 @@ impl BlockStore {
                     "a chain of more than {MAX_CHAIN} manifest deltas"
                 ))));
             }
-            // Every writer's record of this id, the most trusted first; the
-            // first that rebuilds to the id is the manifest (a stranger may
-            // have stored garbage under the name before its honest writer).
+            // The record stored last under this id first (one direct get,
+            // one block read by the server); then, if it does not rebuild
+            // to the id, every writer's, the most trusted first (a stranger
+            // may have stored garbage under the name, before or after its
+            // honest writer). Asking for every writer's at once makes the
+            // server walk its blocks from the newest copy to the oldest.
             let mut first_refusal = None;
             let mut rebuilt = None;
-            for (writer, head) in self.heads(&id).await? {
+            let latest = self.latest(subjects::manifest_part_any(&id, 0)).await?;
+            let tried = latest.as_ref().map(|m| m.subject.to_string());
+            if let Some((writer, head)) =
+                latest.and_then(|m| Some((subjects::manifest_writer(&m.subject)?, m)))
+            {
                 match self.rebuild(id, &writer, head, cache, depth).await {
-                    Ok(found) => {
-                        rebuilt = Some((writer, found));
-                        break;
-                    }
+                    Ok(found) => rebuilt = Some((writer, found)),
                     Err(e) => {
                         tracing::debug!(manifest = %id, %writer, error = %e, "passing over a manifest record");
-                        first_refusal.get_or_insert(e);
+                        first_refusal = Some(e);
+                    }
+                }
+            }
+            if rebuilt.is_none() {
+                for (writer, head) in self.heads(&id).await? {
+                    if Some(head.subject.as_str()) == tried.as_deref() {
+                        continue;
+                    }
+                    match self.rebuild(id, &writer, head, cache, depth).await {
+                        Ok(found) => {
+                            rebuilt = Some((writer, found));
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::debug!(manifest = %id, %writer, error = %e, "passing over a manifest record");
+                            first_refusal.get_or_insert(e);
+                        }
                     }
                 }
             }
@@ -370,6 +412,21 @@ impl BlockStore {
                 from,
             },
         );
+    }
+
+    /// The last message stored on a subject of the manifests' stream that
+    /// `filter` matches (one direct get, wildcards allowed), if any.
+    async fn latest(&self, filter: String) -> Result<Option<jetstream::message::StreamMessage>, CasError> {
+        let stream = self
+            .js
+            .get_stream_no_info(MANIFEST_STREAM)
+            .await
+            .map_err(|e| CasError::nats("manifest stream", e))?;
+        match stream.direct_get_last_for_subject(filter).await {
+            Ok(msg) => Ok(Some(msg)),
+            Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) => Err(CasError::nats("manifest get", e)),
+        }
     }
 
     /// Part 0 of this writer's or the house's record of manifest `id`, if

@@ -109,6 +109,82 @@ impl BlockStore {
         Ok(found.into_iter().flatten().collect())
     }
 
+    /// As [`locate`](Self::locate), and also the blocks that another
+    /// writer's pointers place in a pack: each such pack is fetched and the
+    /// blocks in it checked here, so whatever this writer takes as stored
+    /// it has either stored itself, or had from the house, or seen the bytes
+    /// of. (Fetching a pack costs the server a read; storing the blocks
+    /// again costs it a durable write of the pack and a pointer each. A
+    /// lying pointer costs a fetch.)
+    pub async fn locate_checked(&self, ids: &[BlockId]) -> Result<Located, CasError> {
+        let mut found = self.locate(ids).await?;
+        let rest: Vec<BlockId> = ids.iter().filter(|id| !found.contains_key(id)).copied().collect();
+        let mut by_pack: HashMap<PackId, HashSet<BlockId>> = HashMap::new();
+        for (id, places) in self.pointers_of_others(&rest).await? {
+            for place in places {
+                by_pack.entry(place).or_default().insert(id);
+            }
+        }
+        if by_pack.is_empty() {
+            return Ok(found);
+        }
+        let packs: HashMap<BlockId, PackId> = by_pack
+            .iter()
+            .flat_map(|(pack, blocks)| blocks.iter().map(|b| (*b, *pack)))
+            .collect();
+        let taken = self.take_from_packs(by_pack, &|_| Ok(())).await?;
+        for id in taken.got {
+            found.insert(id, packs.get(&id).copied());
+        }
+        Ok(found)
+    }
+
+    /// The packs that writers other than this handle and the house point
+    /// at for each of `ids` (their pointers, not yet believed).
+    async fn pointers_of_others(&self, ids: &[BlockId]) -> Result<HashMap<BlockId, Vec<PackId>>, CasError> {
+        let mut out: HashMap<BlockId, Vec<PackId>> = HashMap::new();
+        for group in ids.chunks((self.opts.batch / 4).max(1)) {
+            let filters = group.iter().map(subjects::block_any).collect();
+            for msg in self
+                .last_matching(BLOCK_STREAM, "batched direct get", filters)
+                .await?
+            {
+                let Some((id, writer)) = pointer_of(&msg.subject) else {
+                    continue;
+                };
+                if self.trust(&writer) > 0 {
+                    continue;
+                }
+                if let Ok(Stored::InPack(pack)) = decode_block(&id, &msg) {
+                    out.entry(id).or_default().push(pack);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Which of `ids` no writer at all points at: what the broker asks of
+    /// a result's new blocks (whether they are what their names say is for
+    /// the restore of the next segment to find, and it blames the result's
+    /// producer).
+    pub async fn missing_anywhere(&self, ids: &[BlockId]) -> Result<HashSet<BlockId>, CasError> {
+        let mut missing: HashSet<BlockId> = ids.iter().copied().collect();
+        for group in ids.chunks((self.opts.batch / 4).max(1)) {
+            let filters = group.iter().map(subjects::block_any).collect();
+            for msg in self
+                .last_matching(BLOCK_STREAM, "batched direct get", filters)
+                .await?
+            {
+                if let Some((id, _)) = pointer_of(&msg.subject)
+                    && decode_block(&id, &msg).is_ok()
+                {
+                    missing.remove(&id);
+                }
+            }
+        }
+        Ok(missing)
+    }
+
     /// Which of `ids` the store lacks, by this handle's own pointers and
     /// the house's.
     pub async fn missing(&self, ids: &[BlockId]) -> Result<HashSet<BlockId>, CasError> {
@@ -247,17 +323,21 @@ impl BlockStore {
         ids: &[BlockId],
         sink: impl Fn(BlockId, Bytes) -> Result<(), CasError> + Sync,
     ) -> Result<u64, CasError> {
-        self.get_blocks_located(ids, &HashMap::new(), sink).await
+        let each =
+            |blocks: Vec<(BlockId, Bytes)>| blocks.into_iter().try_for_each(|(id, data)| sink(id, data));
+        self.get_blocks_located(ids, &HashMap::new(), each).await
     }
 
     /// As [`get_blocks`](Self::get_blocks), fetching first the packs that
     /// `hints` (a manifest's locations) name for its blocks; what a hint
-    /// misplaces is then looked up by its name.
+    /// misplaces is then looked up by its name. Calls `sink` with the
+    /// wanted blocks of each pack together (a writer can write a pack's
+    /// neighbouring blocks at once), or with one block stored whole.
     pub async fn get_blocks_located(
         &self,
         ids: &[BlockId],
         hints: &HashMap<BlockId, PackId>,
-        sink: impl Fn(BlockId, Bytes) -> Result<(), CasError> + Sync,
+        sink: impl Fn(Vec<(BlockId, Bytes)>) -> Result<(), CasError> + Sync,
     ) -> Result<u64, CasError> {
         let mut wanted: HashSet<BlockId> = ids.iter().copied().collect();
         let mut by_pack: HashMap<PackId, HashSet<BlockId>> = HashMap::new();
@@ -293,7 +373,7 @@ impl BlockStore {
     async fn get_named(
         &self,
         mut wanted: Vec<BlockId>,
-        sink: &(impl Fn(BlockId, Bytes) -> Result<(), CasError> + Sync),
+        sink: &(impl Fn(Vec<(BlockId, Bytes)>) -> Result<(), CasError> + Sync),
     ) -> Result<u64, CasError> {
         let mut wire = 0u64;
         let mut tries = 0;
@@ -337,7 +417,7 @@ impl BlockStore {
                             let actual = BlockId::of(id.algorithm(), &data);
                             if actual == *id {
                                 seen.insert(*id);
-                                sink(*id, data)?;
+                                sink(vec![(*id, data)])?;
                             } else {
                                 tracing::debug!(%subject, "a block stored whole under another's name");
                                 refused.insert(*id, CasError::CorruptBlock { block: *id, actual });
@@ -394,7 +474,7 @@ impl BlockStore {
     async fn take_from_packs(
         &self,
         by_pack: HashMap<PackId, HashSet<BlockId>>,
-        sink: &(impl Fn(BlockId, Bytes) -> Result<(), CasError> + Sync),
+        sink: &(impl Fn(Vec<(BlockId, Bytes)>) -> Result<(), CasError> + Sync),
     ) -> Result<Taken, CasError> {
         let packs: Vec<(PackId, HashSet<BlockId>)> = by_pack.into_iter().collect();
         let done: Vec<Taken> = futures::stream::iter(packs.chunks(PACKS_PER_GET).map(<[_]>::to_vec))
@@ -424,10 +504,11 @@ impl BlockStore {
                             return Ok(());
                         }
                     };
+                    let mut good = Vec::with_capacity(blocks.len());
                     for block in blocks {
                         match pack.open(block) {
                             Some(Ok(data)) => {
-                                sink(*block, data)?;
+                                good.push((*block, data));
                                 taken.got.insert(*block);
                             }
                             Some(Err(e)) => {
@@ -445,7 +526,10 @@ impl BlockStore {
                             }
                         }
                     }
-                    Ok(())
+                    if good.is_empty() {
+                        return Ok(());
+                    }
+                    sink(good)
                 })
                 .await?;
                 for (pack, blocks) in wanted.values() {
