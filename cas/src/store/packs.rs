@@ -30,6 +30,10 @@ use super::{BlockStore, MISSING_PAUSE, MISSING_RETRIES};
 use crate::error::CasError;
 use crate::pack::{self, Pack};
 
+/// Rounds of packs a writer fetches to check another writer's blocks
+/// before it stores its own copy of those still unchecked.
+const CHECK_ROUNDS: usize = 3;
+
 /// Packs asked for in one batched direct get (each up to
 /// [`pack::PACK_TARGET_BYTES`] and a block).
 const PACKS_PER_GET: usize = 8;
@@ -119,22 +123,47 @@ impl BlockStore {
     pub async fn locate_checked(&self, ids: &[BlockId]) -> Result<Located, CasError> {
         let mut found = self.locate(ids).await?;
         let rest: Vec<BlockId> = ids.iter().filter(|id| !found.contains_key(id)).copied().collect();
-        let mut by_pack: HashMap<PackId, HashSet<BlockId>> = HashMap::new();
-        for (id, places) in self.pointers_of_others(&rest).await? {
-            for place in places {
-                by_pack.entry(place).or_default().insert(id);
+        let mut others = self.pointers_of_others(&rest).await?;
+        // One pack per block and round, so that many writers' copies cost
+        // one fetch: the pack the most of the remaining blocks point into
+        // (an honest copy holds them all), the first in id order among
+        // equals; a block its pack fails goes to its next pack, for at most
+        // CHECK_ROUNDS rounds (then it is stored again).
+        for _ in 0..CHECK_ROUNDS {
+            let mut named: HashMap<PackId, usize> = HashMap::new();
+            for places in others.values() {
+                for place in places {
+                    *named.entry(*place).or_default() += 1;
+                }
             }
-        }
-        if by_pack.is_empty() {
-            return Ok(found);
-        }
-        let packs: HashMap<BlockId, PackId> = by_pack
-            .iter()
-            .flat_map(|(pack, blocks)| blocks.iter().map(|b| (*b, *pack)))
-            .collect();
-        let taken = self.take_from_packs(by_pack, &|_| Ok(())).await?;
-        for id in taken.got {
-            found.insert(id, packs.get(&id).copied());
+            let mut by_pack: HashMap<PackId, HashSet<BlockId>> = HashMap::new();
+            for (id, places) in others.iter_mut() {
+                let best = places
+                    .iter()
+                    .enumerate()
+                    .max_by(|(_, a), (_, b)| {
+                        named[*a]
+                            .cmp(&named[*b])
+                            .then_with(|| b.to_string().cmp(&a.to_string()))
+                    })
+                    .map(|(i, _)| i);
+                if let Some(i) = best {
+                    by_pack.entry(places.swap_remove(i)).or_default().insert(*id);
+                }
+            }
+            if by_pack.is_empty() {
+                break;
+            }
+            let chosen: HashMap<BlockId, PackId> = by_pack
+                .iter()
+                .flat_map(|(pack, blocks)| blocks.iter().map(|b| (*b, *pack)))
+                .collect();
+            let taken = self.take_from_packs(by_pack, &|_| Ok(())).await?;
+            for id in taken.got {
+                found.insert(id, chosen.get(&id).copied());
+                others.remove(&id);
+            }
+            others.retain(|_, places| !places.is_empty());
         }
         Ok(found)
     }
