@@ -121,9 +121,31 @@ impl BlockStore {
     /// again costs it a durable write of the pack and a pointer each. A
     /// lying pointer costs a fetch.)
     pub async fn locate_checked(&self, ids: &[BlockId]) -> Result<Located, CasError> {
-        let mut found = self.locate(ids).await?;
-        let rest: Vec<BlockId> = ids.iter().filter(|id| !found.contains_key(id)).copied().collect();
-        let mut others = self.pointers_of_others(&rest).await?;
+        // Every writer's pointers in one question per block: this writer's
+        // and the house's say where a block is; the others' are leads.
+        let mut found = Located::new();
+        let mut others: HashMap<BlockId, Vec<PackId>> = HashMap::new();
+        for group in ids.chunks((self.opts.batch / 2).max(1)) {
+            let filters = group.iter().map(subjects::block_any).collect();
+            for msg in self
+                .last_matching(BLOCK_STREAM, "batched direct get", filters)
+                .await?
+            {
+                let Some((id, writer)) = pointer_of(&msg.subject) else {
+                    continue;
+                };
+                if self.trust(&writer) > 0 {
+                    let place = match decode_block(&id, &msg)? {
+                        Stored::Whole(_) => None,
+                        Stored::InPack(pack) => Some(pack),
+                    };
+                    found.entry(id).or_insert(place);
+                } else if let Ok(Stored::InPack(pack)) = decode_block(&id, &msg) {
+                    others.entry(id).or_default().push(pack);
+                }
+            }
+        }
+        others.retain(|id, _| !found.contains_key(id));
         // One pack per block and round, so that many writers' copies cost
         // one fetch: the pack the most of the remaining blocks point into
         // (an honest copy holds them all), the first in id order among
@@ -166,30 +188,6 @@ impl BlockStore {
             others.retain(|_, places| !places.is_empty());
         }
         Ok(found)
-    }
-
-    /// The packs that writers other than this handle and the house point
-    /// at for each of `ids` (their pointers, not yet believed).
-    async fn pointers_of_others(&self, ids: &[BlockId]) -> Result<HashMap<BlockId, Vec<PackId>>, CasError> {
-        let mut out: HashMap<BlockId, Vec<PackId>> = HashMap::new();
-        for group in ids.chunks((self.opts.batch / 4).max(1)) {
-            let filters = group.iter().map(subjects::block_any).collect();
-            for msg in self
-                .last_matching(BLOCK_STREAM, "batched direct get", filters)
-                .await?
-            {
-                let Some((id, writer)) = pointer_of(&msg.subject) else {
-                    continue;
-                };
-                if self.trust(&writer) > 0 {
-                    continue;
-                }
-                if let Ok(Stored::InPack(pack)) = decode_block(&id, &msg) {
-                    out.entry(id).or_default().push(pack);
-                }
-            }
-        }
-        Ok(out)
     }
 
     /// Which of `ids` no writer at all points at: what the broker asks of
