@@ -96,6 +96,10 @@ pub async fn run(args: Args) -> Result<()> {
     let mut book = Book::new(&args);
     let fill = book.fill(&js, &jobs, &args).await?;
     let fill_s = started.elapsed().as_secs_f64();
+    // What the fill left for the kernel to write back is written now, so
+    // the reads below do not share the disk with it.
+    let synced = std::process::Command::new("sync").status()?;
+    ensure!(synced.success(), "sync: {synced}");
     let stored = js
         .get_stream(subjects::LEDGER_STREAM)
         .await?

@@ -40,6 +40,11 @@ enum Bench {
     XenSave(xensave::Args),
 }
 
+/// The client's allocator (`client/src/main.rs`): the books' benchmark
+/// runs `verify` in this process.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()

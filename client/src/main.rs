@@ -23,6 +23,12 @@ use commands::{
     admin, balances, deposit, fetch, image, ledger, logs, market, recipe, run_local, status, submit, watch,
 };
 
+/// `vmlot ledger verify` takes a million small messages apart: glibc's
+/// allocator was a third of its CPU (freeing on another thread than the
+/// one that allocated takes its arenas' locks).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     if let Some(generate) = vmlot_telemetry::Generate::requested() {

@@ -8,8 +8,8 @@ use crate::vm::HypervisorKind;
 /// Stream holding blocks: packs, and a pointer per block and writer.
 pub const BLOCK_STREAM: &str = "VMLOT_BLOCKS";
 /// Subjects of [`BLOCK_STREAM`] naming blocks, one per block and writer
-/// ([`block`]): each holds the block, or (header
-/// [`BLOCK_ENCODING_HEADER`] `pack`) the id of the pack it is in.
+/// ([`block`]): each holds the id of the pack the block is in (its 16
+/// bytes, no header), or the block itself.
 pub const BLOCK_SUBJECTS: &str = "vmlot.cas.block.*.*.*";
 /// Subjects of [`BLOCK_STREAM`] holding packs: many blocks in one message.
 pub const PACK_SUBJECTS: &str = "vmlot.cas.pack.*";
@@ -94,7 +94,8 @@ pub fn manifest_writer(subject: &str) -> Option<Caller> {
     parse_writer(role, name)
 }
 
-/// Header naming a block's stored encoding (absent: raw bytes).
+/// Header naming a block's stored encoding when stored whole (`zstd`;
+/// absent: raw bytes, or a pointer to its pack).
 pub const BLOCK_ENCODING_HEADER: &str = "Vmlot-Encoding";
 
 /// Subject of block `id` as `writer` stored it (its pointer, or the block).

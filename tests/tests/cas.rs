@@ -140,9 +140,9 @@ async fn only_changed_blocks_cross_the_wire_and_known_blocks_are_not_asked_for()
         .await
         .unwrap();
     assert_eq!(second.sent_blocks, 3);
-    // One pack: its head (9 bytes) and index (a SHA-256 name and 9 bytes
-    // per block), then the three blocks.
-    assert_eq!(second.sent_bytes, 9 + 3 * (32 + 9) + 3 * 4096);
+    // One pack: its head (9 bytes) and index (the start of each name, 4
+    // bytes, and 5 more per raw block), then the three blocks.
+    assert_eq!(second.sent_bytes, 9 + 3 * (4 + 5) + 3 * 4096);
     let back = dir.path().join("b.back");
     pull_file(&store, None, &second.manifest_id, &back).await.unwrap();
     assert_eq!(std::fs::read(&back).unwrap(), data);

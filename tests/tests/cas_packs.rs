@@ -152,7 +152,7 @@ async fn lying_locations_and_bad_packs_from_a_stranger_change_no_byte_read() {
     let garbage_pack = PackId::new();
     js.publish(
         subjects::pack(&garbage_pack),
-        Bytes::from_static(b"VMP1 not a pack"),
+        Bytes::from_static(b"VMP2 not a pack"),
     )
     .await
     .unwrap()
@@ -265,7 +265,7 @@ async fn a_stranger_who_takes_an_honest_writers_names_first_changes_nothing() {
     // Mallory goes first: a garbage pack, a pointer to it for every block,
     // a garbage record under the manifest's id, locations naming the pack.
     let garbage_pack = PackId::new();
-    js.publish(subjects::pack(&garbage_pack), Bytes::from_static(b"VMP1 garbage"))
+    js.publish(subjects::pack(&garbage_pack), Bytes::from_static(b"VMP2 garbage"))
         .await
         .unwrap()
         .await
@@ -364,13 +364,14 @@ async fn provider(server: &NatsServer) -> (BlockStore, async_nats::Client) {
 
 /// `writer`'s pointer for `block`, naming `pack`, published as is.
 async fn plant_pointer(js: &async_nats::jetstream::Context, block: &BlockId, writer: &Caller, pack: &PackId) {
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert(subjects::BLOCK_ENCODING_HEADER, "pack");
-    js.publish_with_headers(subjects::block(block, writer), headers, pack.to_string().into())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    js.publish(
+        subjects::block(block, writer),
+        bytes::Bytes::copy_from_slice(pack.0.as_bytes()),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
 }
 
 /// True when a publish to `subject` is refused (the server drops it: no

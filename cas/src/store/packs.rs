@@ -1,9 +1,9 @@
 //! Blocks in the store, written in packs ([`crate::pack`]): each pack is
 //! one message on `vmlot.cas.pack.<random id>`, and each of its blocks
 //! gets a pointer on a subject of its own and its writer's
-//! (`vmlot.cas.block.<hash>.<role>.<name>`, header `Vmlot-Encoding: pack`,
-//! the pack's id as its payload: a batched direct get takes a message
-//! without payload for the end of the batch), all in one atomic batch, so
+//! (`vmlot.cas.block.<hash>.<role>.<name>`, the pack id's 16 bytes as its
+//! payload: a batched direct get takes a message without payload for the
+//! end of the batch), all in one atomic batch, so
 //! a pointer never names a pack that is not there. The pointers are what a
 //! writer asks to learn which blocks the store holds (without their bytes:
 //! its own and the house's only, since anyone may point anywhere) and what
@@ -15,7 +15,6 @@
 
 use std::collections::{HashMap, HashSet};
 
-use async_nats::HeaderMap;
 use async_nats::jetstream::message::OutboundMessage;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
@@ -24,7 +23,7 @@ use vmlot_schemas::caller::{Caller, Role};
 use vmlot_schemas::subjects::{self, BLOCK_STREAM};
 use vmlot_schemas::{BlockId, PackId};
 
-use super::encoding::{Stored, decode_block};
+use super::encoding::{Stored, decode_block, pointer};
 use super::retry::{Retry, transient};
 use super::{BlockStore, MISSING_PAUSE, MISSING_RETRIES};
 use crate::error::CasError;
@@ -323,14 +322,12 @@ impl BlockStore {
                 payload: unit.bytes.clone(),
                 headers: None,
             });
-            let pointer = Bytes::from(unit.id.to_string());
-            let mut headers = HeaderMap::new();
-            headers.insert(subjects::BLOCK_ENCODING_HEADER, super::encoding::PACK);
+            let pointer = pointer(&unit.id);
             for block in &unit.blocks {
                 messages.push(OutboundMessage {
                     subject: subjects::block(block, &self.opts.writer).into(),
                     payload: pointer.clone(),
-                    headers: Some(headers.clone()),
+                    headers: None,
                 });
             }
         }
