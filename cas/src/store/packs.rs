@@ -124,24 +124,15 @@ impl BlockStore {
         // and the house's say where a block is; the others' are leads.
         let mut found = Located::new();
         let mut others: HashMap<BlockId, Vec<PackId>> = HashMap::new();
-        for group in ids.chunks((self.opts.batch / 2).max(1)) {
-            let filters = group.iter().map(subjects::block_any).collect();
-            for msg in self
-                .last_matching(BLOCK_STREAM, "batched direct get", filters)
-                .await?
-            {
-                let Some((id, writer)) = pointer_of(&msg.subject) else {
-                    continue;
+        for p in self.pointers(ids, (self.opts.batch / 2).max(1)).await? {
+            if self.trust(&p.writer) > 0 {
+                let place = match p.stored? {
+                    Stored::Whole(_) => None,
+                    Stored::InPack(pack) => Some(pack),
                 };
-                if self.trust(&writer) > 0 {
-                    let place = match decode_block(&id, &msg)? {
-                        Stored::Whole(_) => None,
-                        Stored::InPack(pack) => Some(pack),
-                    };
-                    found.entry(id).or_insert(place);
-                } else if let Ok(Stored::InPack(pack)) = decode_block(&id, &msg) {
-                    others.entry(id).or_default().push(pack);
-                }
+                found.entry(p.id).or_insert(place);
+            } else if let Ok(Stored::InPack(pack)) = p.stored {
+                others.entry(p.id).or_default().push(pack);
             }
         }
         others.retain(|id, _| !found.contains_key(id));
@@ -195,17 +186,9 @@ impl BlockStore {
     /// producer).
     pub async fn missing_anywhere(&self, ids: &[BlockId]) -> Result<HashSet<BlockId>, CasError> {
         let mut missing: HashSet<BlockId> = ids.iter().copied().collect();
-        for group in ids.chunks((self.opts.batch / 4).max(1)) {
-            let filters = group.iter().map(subjects::block_any).collect();
-            for msg in self
-                .last_matching(BLOCK_STREAM, "batched direct get", filters)
-                .await?
-            {
-                if let Some((id, _)) = pointer_of(&msg.subject)
-                    && decode_block(&id, &msg).is_ok()
-                {
-                    missing.remove(&id);
-                }
+        for p in self.pointers(ids, (self.opts.batch / 4).max(1)).await? {
+            if p.stored.is_ok() {
+                missing.remove(&p.id);
             }
         }
         Ok(missing)
@@ -402,24 +385,19 @@ impl BlockStore {
         let mut wire = 0u64;
         let mut tries = 0;
         loop {
-            let filters = wanted.iter().map(subjects::block_any).collect();
             let mut candidates: HashMap<BlockId, Vec<(u8, String, Stored)>> = HashMap::new();
             let mut refused: HashMap<BlockId, CasError> = HashMap::new();
-            for msg in self
-                .last_matching(BLOCK_STREAM, "batched direct get", filters)
-                .await?
-            {
-                let Some((id, writer)) = pointer_of(&msg.subject) else {
-                    continue;
-                };
-                match decode_block(&id, &msg) {
-                    Ok(stored) => candidates.entry(id).or_default().push((
-                        self.trust(&writer),
-                        msg.subject.to_string(),
-                        stored,
-                    )),
+            for p in self.pointers(&wanted, wanted.len().max(1)).await? {
+                match p.stored {
+                    Ok(stored) => {
+                        let trust = self.trust(&p.writer);
+                        candidates
+                            .entry(p.id)
+                            .or_default()
+                            .push((trust, p.subject, stored));
+                    }
                     Err(e) => {
-                        refused.insert(id, e);
+                        refused.insert(p.id, e);
                     }
                 }
             }
@@ -482,6 +460,31 @@ impl BlockStore {
 
     /// How far this handle trusts what `writer` stored: its own most, then
     /// the house's, then anyone's.
+    /// Every writer's pointer to each of `ids`, `per_get` blocks' worth of
+    /// filters to a batched direct get: the one read behind locating,
+    /// checking and reading blocks by name.
+    async fn pointers(&self, ids: &[BlockId], per_get: usize) -> Result<Vec<Pointer>, CasError> {
+        let mut all = Vec::new();
+        for group in ids.chunks(per_get) {
+            let filters = group.iter().map(subjects::block_any).collect();
+            for msg in self
+                .last_matching(BLOCK_STREAM, "batched direct get", filters)
+                .await?
+            {
+                let Some((id, writer)) = pointer_of(&msg.subject) else {
+                    continue;
+                };
+                all.push(Pointer {
+                    id,
+                    writer,
+                    stored: decode_block(&id, &msg),
+                    subject: msg.subject.to_string(),
+                });
+            }
+        }
+        Ok(all)
+    }
+
     pub(super) fn trust(&self, writer: &Caller) -> u8 {
         if *writer == self.opts.writer {
             2
@@ -585,6 +588,15 @@ struct Taken {
     wire: u64,
     got: HashSet<BlockId>,
     refused: HashMap<BlockId, CasError>,
+}
+
+/// One writer's pointer to a block, as read.
+struct Pointer {
+    id: BlockId,
+    writer: Caller,
+    subject: String,
+    /// What its subject holds, or why that is no block and no pointer.
+    stored: Result<Stored, CasError>,
 }
 
 /// The block and writer a pointer's subject names.
