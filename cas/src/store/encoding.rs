@@ -3,9 +3,11 @@
 //! the fewest bytes a pointer can cross the wire in (the pack id as text
 //! with a `Vmlot-Encoding: pack` header took 42 more, per block pushed);
 //! or, as before packs, the block raw, or zstd-compressed with a header
-//! saying so. A block is never 16 bytes (the chunkers cut none so small),
-//! and whatever a subject holds is checked against the block's name
-//! before it is believed.
+//! saying so. Blocks are written in packs only, so a subject holding 16
+//! bytes holds a pointer (a whole block of 16 bytes, planted by hand,
+//! would be read as one, its pack not found, and passed over); whatever a
+//! subject holds is checked against the block's name before it is
+//! believed.
 
 use async_nats::jetstream;
 use bytes::Bytes;
