@@ -181,27 +181,23 @@ impl Pack {
                 }
                 other => return Err(bad(format!("block {i} has unknown encoding {other}"))),
             };
-            entries.push((prefix, encoding, size, stored));
+            entries.push(Entry {
+                prefix,
+                size,
+                encoding,
+                at: 0,
+                stored,
+            });
         }
+        // The blocks' bytes start where the index ends, known only now.
         let mut at = pos;
-        let entries = entries
-            .into_iter()
-            .enumerate()
-            .map(|(i, (prefix, encoding, size, stored))| {
-                let entry = Entry {
-                    prefix,
-                    size,
-                    encoding,
-                    at,
-                    stored,
-                };
-                at = at
-                    .checked_add(stored)
-                    .filter(|end| *end <= bytes.len())
-                    .ok_or_else(|| bad(format!("block {i} runs past the pack's end")))?;
-                Ok(entry)
-            })
-            .collect::<Result<Vec<Entry>, CasError>>()?;
+        for (i, entry) in entries.iter_mut().enumerate() {
+            entry.at = at;
+            at = at
+                .checked_add(entry.stored)
+                .filter(|end| *end <= bytes.len())
+                .ok_or_else(|| bad(format!("block {i} runs past the pack's end")))?;
+        }
         if at != bytes.len() {
             return Err(bad(format!("{} bytes after the last block", bytes.len() - at)));
         }

@@ -458,8 +458,6 @@ impl BlockStore {
         Ok(wire)
     }
 
-    /// How far this handle trusts what `writer` stored: its own most, then
-    /// the house's, then anyone's.
     /// Every writer's pointer to each of `ids`, `per_get` blocks' worth of
     /// filters to a batched direct get: the one read behind locating,
     /// checking and reading blocks by name.
@@ -485,6 +483,8 @@ impl BlockStore {
         Ok(all)
     }
 
+    /// How far this handle trusts what `writer` stored: its own most, then
+    /// the house's, then anyone's.
     pub(super) fn trust(&self, writer: &Caller) -> u8 {
         if *writer == self.opts.writer {
             2
