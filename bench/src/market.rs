@@ -10,6 +10,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use async_nats::jetstream::message::OutboundMessage;
 use async_nats::jetstream::{self, stream};
 use futures::StreamExt;
 use rust_decimal::Decimal;
@@ -105,7 +106,7 @@ pub async fn run(args: Args) -> Result<()> {
     );
     println!("| | secured | open | secured / open | per round, secured / open |");
     println!("|---|---|---|---|---|");
-    let rows: [Row; 7] = [
+    let rows: [Row; 9] = [
         (
             "JetStream acked publishes, pipelined, msg/s",
             |o| o.ceiling_pipelined,
@@ -116,7 +117,17 @@ pub async fn run(args: Args) -> Result<()> {
             |o| o.ceiling_sequential,
             0,
         ),
+        (
+            "JetStream atomic batches of 3, 16 in flight, batches/s",
+            |o| o.batch_ceiling,
+            0,
+        ),
         ("settled segments/s", |o| o.rate, 1),
+        (
+            "% of the atomic-batch bound (batches/s over ledger batches per lot)",
+            |o| 100.0 * o.rate * o.batches_per_lot / o.batch_ceiling,
+            1,
+        ),
         ("settle latency p50, ms", |o| o.p50_ms, 0),
         ("settle latency p99, ms", |o| o.p99_ms, 0),
         (
@@ -164,6 +175,12 @@ type Row = (&'static str, fn(&Outcome) -> f64, usize);
 pub struct Outcome {
     pub ceiling_pipelined: f64,
     pub ceiling_sequential: f64,
+    /// Atomic batches of three messages committed per second into one
+    /// stream, 16 in flight ([`batch_ceiling`]).
+    pub batch_ceiling: f64,
+    /// Ledger transactions per settled lot: each one atomic batch into
+    /// the one ledger stream.
+    pub batches_per_lot: f64,
     /// Settled lots per second.
     pub rate: f64,
     pub p50_ms: f64,
@@ -183,6 +200,10 @@ pub async fn run_once(args: &Load, auth: Auth, brokers: usize) -> Result<Outcome
     let (ceiling_pipelined, ceiling_sequential) = ack_ceiling(&client).await?;
     println!(
         "JetStream acknowledged publishes, 256 B: pipelined {ceiling_pipelined:.0} msg/s, one at a time {ceiling_sequential:.0} msg/s"
+    );
+    let (batch_ceiling, batch_sequential) = batch_ceiling(&client).await?;
+    println!(
+        "JetStream atomic batches of 3 × 256 B into one stream: {batch_ceiling:.0} batches/s with 16 in flight, {batch_sequential:.0} one at a time"
     );
 
     // The market harness the tests use: the broker as its own process (so
@@ -272,6 +293,13 @@ pub async fn run_once(args: &Load, auth: Auth, brokers: usize) -> Result<Outcome
     }
     let market_js = jetstream::new(client.clone());
     let stored_before = stored(&[&market_js, &js]).await?;
+    let ledger_before = js
+        .get_stream(subjects::LEDGER_STREAM)
+        .await?
+        .info()
+        .await?
+        .state
+        .last_sequence;
     let cpu_before = Cpu::now(&market);
     let started = Instant::now();
     // Submitted 16 at a time, as many clients would (one account's holds
@@ -327,6 +355,7 @@ pub async fn run_once(args: &Load, auth: Auth, brokers: usize) -> Result<Outcome
     let wall = started.elapsed().as_secs_f64();
     let cpu = Cpu::now(&market).since(&cpu_before);
     let stored_after = stored(&[&market_js, &js]).await?;
+    let (transactions_run, batches_run) = ledger_batches(&js, ledger_before + 1).await?;
     let broker_rss = peak_rss_kib(&market).max(peak_rss);
     // Listing reads every job record one by one: at 10 000 jobs it can
     // outlast the request timeout, and it is only a note. Under a quorum,
@@ -424,6 +453,17 @@ pub async fn run_once(args: &Load, auth: Auth, brokers: usize) -> Result<Outcome
         ceiling_pipelined / per_lot,
         100.0 * rate * per_lot / ceiling_pipelined
     );
+    // What the profile shows bounds it (BENCHMARKS.md, 2026-12-06): every
+    // ledger transaction is an atomic batch, and nats-server commits a
+    // single-replica file stream's batches one after another, each
+    // through a temporary store of its own made, fsynced and removed.
+    let batches_per_lot = batches_run as f64 / settled.max(1) as f64;
+    println!(
+        "ledger transactions per settled lot: {:.2}, in {batches_per_lot:.2} atomic batches into the one ledger stream; at the atomic-batch rate above that allows {:.0} lots/s, of which this run made {:.1} %",
+        transactions_run as f64 / settled.max(1) as f64,
+        batch_ceiling / batches_per_lot,
+        100.0 * rate * batches_per_lot / batch_ceiling
+    );
     if brokers > 1 {
         crate::brokers::report_split(&mut market, &split, &jobs).await?;
     }
@@ -445,6 +485,8 @@ pub async fn run_once(args: &Load, auth: Auth, brokers: usize) -> Result<Outcome
     Ok(Outcome {
         ceiling_pipelined,
         ceiling_sequential,
+        batch_ceiling,
+        batches_per_lot,
         rate,
         p50_ms: pct(0.5),
         p99_ms: pct(0.99),
@@ -541,6 +583,91 @@ async fn ack_ceiling(client: &async_nats::Client) -> Result<(f64, f64)> {
     let sequential = m as f64 / started.elapsed().as_secs_f64();
     js.delete_stream("ACK_CEILING").await?;
     Ok((pipelined, sequential))
+}
+
+/// Atomic batches of three 256-byte messages (a ledger transaction and two
+/// postings' worth) committed into one stream that allows them: 16
+/// batches in flight, then one at a time, batches/s.
+async fn batch_ceiling(client: &async_nats::Client) -> Result<(f64, f64)> {
+    use jetstream_extra::batch_publish::BatchPublishExt;
+    let js = jetstream::new(client.clone());
+    js.create_stream(stream::Config {
+        name: "BATCH_CEILING".into(),
+        subjects: vec!["batch.ceiling.>".into()],
+        storage: stream::StorageType::File,
+        allow_atomic_publish: true,
+        ..Default::default()
+    })
+    .await?;
+    let body = bytes::Bytes::from(vec![7u8; 256]);
+    let batch = |i: usize| {
+        let js = js.clone();
+        let messages: Vec<OutboundMessage> = (0..3)
+            .map(|k| OutboundMessage {
+                subject: format!("batch.ceiling.{i}.{k}").into(),
+                payload: body.clone(),
+                headers: None,
+            })
+            .collect();
+        async move {
+            js.batch_publish_all()
+                .ack_first(false)
+                .timeout(Duration::from_secs(30))
+                .publish(futures::stream::iter(messages))
+                .await
+                .context("atomic batch")
+        }
+    };
+    let n = 1_000;
+    let started = Instant::now();
+    let mut commits = futures::stream::iter(0..n).map(batch).buffer_unordered(16);
+    while let Some(done) = commits.next().await {
+        done?;
+    }
+    let in_flight = n as f64 / started.elapsed().as_secs_f64();
+    let m = 200;
+    let started = Instant::now();
+    for i in n..n + m {
+        batch(i).await?;
+    }
+    let sequential = m as f64 / started.elapsed().as_secs_f64();
+    js.delete_stream("BATCH_CEILING").await?;
+    Ok((in_flight, sequential))
+}
+
+/// The transactions on the books from stream sequence `from` on, and the
+/// atomic batches they were written in: a transaction that is not the
+/// first message of its batch (`Nats-Batch-Sequence` past 1) rode in
+/// another's (a post with the settlement that made it due).
+async fn ledger_batches(books: &jetstream::Context, from: u64) -> Result<(u64, u64)> {
+    let consumer = books
+        .get_stream(subjects::LEDGER_STREAM)
+        .await?
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            filter_subject: subjects::LEDGER_TX_ALL.into(),
+            deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence { start_sequence: from },
+            ..Default::default()
+        })
+        .await?;
+    let mut consumer = consumer;
+    let total = consumer.info().await?.num_pending;
+    let mut messages = consumer.messages().await?;
+    let (mut transactions, mut batches) = (0u64, 0u64);
+    while transactions < total {
+        let Some(msg) = tokio::time::timeout(Duration::from_secs(30), messages.next())
+            .await
+            .context("the ledger's transactions stopped coming")?
+        else {
+            bail!("the ledger's transactions ended early")
+        };
+        let msg = msg?;
+        transactions += 1;
+        let seq = msg.headers.as_ref().and_then(|h| h.get("Nats-Batch-Sequence"));
+        if seq.is_none_or(|s| s.as_str() == "1") {
+            batches += 1;
+        }
+    }
+    Ok((transactions, batches))
 }
 
 /// The submitting accounts' names: `bench` alone, or `bench-1` … `bench-n`.

@@ -13,6 +13,7 @@
 use std::sync::Arc;
 
 use tracing::Instrument;
+use vmlot_schemas::JobId;
 use vmlot_schemas::ledger::{ForfeitCause, Settlement, TxKind};
 use vmlot_schemas::market::JobStatus;
 use vmlot_schemas::standing::RefusalKind;
@@ -73,13 +74,24 @@ async fn post(shared: &Shared, status: &JobStatus, segment: u32, attempt: u32) -
             format!("segment {segment} (attempt {attempt})'s payment was voided, yet the job keeps it"),
         ));
     }
+    mark_posted(shared, status.job, &payment).await
+}
+
+/// Records in the job that `payment`'s post is on the books (a repeat
+/// finds it recorded).
+pub(crate) async fn mark_posted(
+    shared: &Shared,
+    job: JobId,
+    payment: &Settlement,
+) -> Result<(), BrokerError> {
+    let segment = payment.segment;
     match shared
         .jobs
-        .transition(&status.job, move |s| lifecycle::posted(s, segment))
+        .transition(&job, move |s| lifecycle::posted(s, segment))
         .await
     {
         Ok(_) | Err(UpdateError::Refused(Refused::NotPending(_))) => {
-            tracing::info!(amount = %payment.amount, "posted");
+            tracing::info!(segment, amount = %payment.amount, "posted");
             Ok(())
         }
         Err(e) => Err(e.into()),

@@ -43,7 +43,7 @@ mod delivery;
 mod record;
 
 pub(crate) use record::pay_recorded;
-use record::{Recording, pay, record, settled_segment};
+use record::{Recording, pay_and_post, record, settled_segment};
 
 /// How waiting for an attempt's results ended.
 pub(crate) enum Waited {
@@ -577,14 +577,23 @@ async fn settle(
     #[cfg(feature = "fault-injection")]
     crate::fault::stall_before_settlement().await;
     let paid = settled_segment(lot, result, price, partial_ms);
-    if let Recording::NotOpen(why) = record(shared, status, paid.clone()).await? {
-        tracing::warn!(%why, "the attempt is no longer open in the job's record; not paid");
-        metrics::refused("result", "lot-not-open");
-        return Ok(false);
-    }
+    let recorded = match record(shared, status, paid.clone()).await? {
+        Recording::Recorded(recorded) => recorded,
+        Recording::NotOpen(why) => {
+            tracing::warn!(%why, "the attempt is no longer open in the job's record; not paid");
+            metrics::refused("result", "lot-not-open");
+            return Ok(false);
+        }
+    };
     #[cfg(feature = "fault-injection")]
     crate::fault::crash_before_payment();
-    if let vmlot_ledger::Recorded::Before(_) = pay(shared, status, &paid).await? {
+    // The record as written (its `awarded` filled in from the open lot).
+    let paid = recorded
+        .payments()
+        .find(|s| (s.segment, s.attempt) == (paid.segment, paid.attempt))
+        .cloned()
+        .unwrap_or(paid);
+    if let vmlot_ledger::Recorded::Before(_) = pay_and_post(shared, &recorded, &paid).await? {
         tracing::warn!("segment was already paid; no second payment");
     }
     let winner = paid.provider;

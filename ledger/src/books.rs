@@ -152,37 +152,147 @@ impl Books {
             return Err(LedgerError::Malformed(why));
         }
         let body = Bytes::from(serde_json::to_vec(&tx).expect("transaction serializes"));
-        let mut keys: Vec<String> = tx
+        let keys = tx
             .entries
             .iter()
             .map(|e| subjects::posting(&e.account, &tx.unit))
             .collect();
+        let held = self.lock_accounts(keys).await;
+        let outcome = self.record_locked(subject, &tx, body).await;
+        drop(held);
+        outcome.map(|recorded| match recorded {
+            Some(before) => Recorded::Before(before),
+            None => Recorded::Now(tx),
+        })
+    }
+
+    /// Waits for this handle's locks on the accounts whose posting
+    /// subjects are `keys`, taken in sorted order, so two writers never
+    /// wait on each other in a circle.
+    async fn lock_accounts(&self, mut keys: Vec<String>) -> AccountsHeld {
         keys.sort();
+        keys.dedup();
         let locks: Vec<Arc<tokio::sync::Mutex<()>>> = {
             let mut all = self.account_locks.lock().expect("account locks");
             keys.iter()
                 .map(|k| Arc::clone(all.entry(k.clone()).or_default()))
                 .collect()
         };
-        // In sorted order, so two writers never wait on each other in a circle.
         let mut guards = Vec::with_capacity(locks.len());
         for lock in &locks {
-            guards.push(lock.lock().await);
+            guards.push(Arc::clone(lock).lock_owned().await);
         }
-        let outcome = self.record_locked(subject, &tx, body).await;
-        drop(guards);
-        drop(locks);
-        let mut all = self.account_locks.lock().expect("account locks");
-        for key in keys {
-            if all.get(&key).is_some_and(|l| Arc::strong_count(l) == 1) {
-                all.remove(&key);
+        AccountsHeld {
+            table: Arc::clone(&self.account_locks),
+            keys,
+            guards,
+        }
+    }
+
+    /// Writes `txs` (each with its subject) in one atomic batch: all of
+    /// them or none. nats-server commits a single-replica file stream's
+    /// atomic batches one after another, each through a temporary store
+    /// of its own that it makes, fsyncs and removes, so two transactions
+    /// due at the same moment (a segment's settlement and the post of the
+    /// one before it) cost half as much together (BENCHMARKS.md,
+    /// 2026-12-06). When that batch is refused (one of them is on the
+    /// books already, or another writer moved an account first), or would
+    /// take an account below zero, each is written on its own by
+    /// [`Books::record`], which finds those written before and names any
+    /// shortfall. The answers are in the order of `txs`.
+    pub async fn record_together(
+        &self,
+        txs: Vec<(String, Transaction)>,
+    ) -> Result<Vec<Recorded>, LedgerError> {
+        if txs.len() < 2 {
+            let mut out = Vec::new();
+            for (subject, tx) in txs {
+                out.push(self.record(&subject, tx).await?);
+            }
+            return Ok(out);
+        }
+        if let Some(why) = txs.iter().find_map(|(_, tx)| tx.malformed()) {
+            return Err(LedgerError::Malformed(why));
+        }
+        let keys = txs
+            .iter()
+            .flat_map(|(_, tx)| tx.entries.iter().map(|e| subjects::posting(&e.account, &tx.unit)))
+            .collect();
+        let held = self.lock_accounts(keys).await;
+        let written = self.batch_of(&txs, &held.keys).await;
+        drop(held);
+        match written {
+            Ok(true) => Ok(txs.into_iter().map(|(_, tx)| Recorded::Now(tx)).collect()),
+            Ok(false) => {
+                let mut out = Vec::with_capacity(txs.len());
+                for (subject, tx) in txs {
+                    out.push(self.record(&subject, tx).await?);
+                }
+                Ok(out)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// One try at [`Books::record_together`]'s batch, with the locks on
+    /// every account of `txs` (their posting subjects are `keys`) held:
+    /// false when it was not written.
+    async fn batch_of(&self, txs: &[(String, Transaction)], keys: &[String]) -> Result<bool, LedgerError> {
+        let lasts = futures::future::try_join_all(keys.iter().map(|subject| async move {
+            let last = self.last::<Posting>(subject).await?;
+            Ok::<_, LedgerError>((subject.clone(), last))
+        }))
+        .await?;
+        // Each account's balance so far and, until its first posting in
+        // this batch, the sequence that posting must follow: a later one
+        // follows the earlier inside the batch, which the server applies
+        // whole and in order.
+        let mut accounts: HashMap<String, (Decimal, Option<u64>)> = lasts
+            .into_iter()
+            .map(|(subject, last)| {
+                let (balance, seq) = last
+                    .map(|(p, seq)| (p.balance, seq))
+                    .unwrap_or((Decimal::ZERO, 0));
+                (subject, (balance, Some(seq)))
+            })
+            .collect();
+        let mut batch = Vec::new();
+        for (subject, tx) in txs {
+            batch.push(OutboundMessage {
+                subject: subject.clone().into(),
+                payload: serde_json::to_vec(tx).expect("transaction serializes").into(),
+                headers: Some(expect_last_subject_seq(0)),
+            });
+            for entry in &tx.entries {
+                let posting_subject = subjects::posting(&entry.account, &tx.unit);
+                let (balance, seq) = accounts
+                    .get_mut(&posting_subject)
+                    .expect("every account's last posting was read");
+                let after = *balance + entry.signed();
+                if after.is_sign_negative() && !after.is_zero() && !entry.account.may_go_negative() {
+                    return Ok(false);
+                }
+                *balance = after;
+                batch.push(OutboundMessage {
+                    subject: posting_subject.into(),
+                    payload: serde_json::to_vec(&build::posting(tx, entry, after))
+                        .expect("posting serializes")
+                        .into(),
+                    headers: seq.take().map(expect_last_subject_seq),
+                });
             }
         }
-        drop(all);
-        outcome.map(|recorded| match recorded {
-            Some(before) => Recorded::Before(before),
-            None => Recorded::Now(tx),
-        })
+        let written = self
+            .js
+            .batch_publish_all()
+            .ack_first(false)
+            .timeout(Duration::from_secs(10))
+            .publish(futures::stream::iter(batch))
+            .await;
+        if let Err(err) = &written {
+            tracing::debug!(%err, "transactions refused together; writing each on its own");
+        }
+        Ok(written.is_ok())
     }
 
     /// [`Books::record`] with its accounts' locks held: `None` when this
@@ -445,4 +555,25 @@ fn expect_last_subject_seq(seq: u64) -> HeaderMap {
     let mut headers = HeaderMap::new();
     headers.insert("Nats-Expected-Last-Subject-Sequence", seq.to_string().as_str());
     headers
+}
+
+/// This handle's locks on some accounts (their posting subjects, `keys`),
+/// given back on drop; an account's lock leaves the table once nobody
+/// holds or waits for it.
+struct AccountsHeld {
+    table: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+    keys: Vec<String>,
+    guards: Vec<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for AccountsHeld {
+    fn drop(&mut self) {
+        self.guards.clear();
+        let mut all = self.table.lock().expect("account locks");
+        for key in &self.keys {
+            if all.get(key).is_some_and(|l| Arc::strong_count(l) == 1) {
+                all.remove(key);
+            }
+        }
+    }
 }

@@ -132,6 +132,76 @@ async fn ten_segments_with_two_replicas_pay_the_first_result_each_time() {
     }
     let spent: Decimal = paid.iter().map(|p| p.amount.amount).sum();
     assert_eq!(done.spent.amount, spent);
+    assert_posts_ride_with_settlements(&market, job, 10).await;
+}
+
+/// Each segment's post (of `segments`; the check restore's aside) was
+/// written in the same atomic batch as the settlement that made it due:
+/// its transaction sits right after that settlement's postings, or after
+/// another post of the same batch, in the ledger stream, and the server
+/// kept the same batch id on both.
+async fn assert_posts_ride_with_settlements(market: &Market, job: JobId, segments: u32) {
+    use vmlot_schemas::ledger::{Transaction, TxKind};
+    let api = vmlot_ledger::BooksApi::for_server(market.server.client().await.unwrap()).await;
+    let mut txs: Vec<(u64, Transaction)> = Vec::new();
+    vmlot_ledger::read::read_all(&api, subjects::ledger_tx_job(&job).to_vec(), None, |stored| {
+        txs.push((stored.seq, stored.value.unwrap()));
+        true
+    })
+    .await
+    .unwrap();
+    let books = async_nats::jetstream::new(market.server.books_client().await.unwrap());
+    let ledger = books.get_stream(subjects::LEDGER_STREAM).await.unwrap();
+    let batch_of = async |seq: u64| {
+        let msg = ledger.direct_get(seq).await.unwrap();
+        msg.headers.get("Nats-Batch-Id").map(|v| v.to_string())
+    };
+    let summary = || {
+        txs.iter()
+            .map(|(seq, tx)| {
+                format!(
+                    "{seq}: {:?} segment {:?}, {} entries",
+                    tx.kind,
+                    tx.segment,
+                    tx.entries.len()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let posts: Vec<usize> = (0..txs.len())
+        .filter(|&i| txs[i].1.kind == TxKind::Post && txs[i].1.segment.is_some_and(|s| s < segments))
+        .collect();
+    assert_eq!(posts.len(), segments as usize, "{}", summary());
+    for i in posts {
+        let mut at = i;
+        // Back through this batch's posts to its settlement.
+        let settlement = loop {
+            assert!(at > 0, "the post at {} follows nothing:\n{}", txs[i].0, summary());
+            let (seq, tx) = &txs[at - 1];
+            assert_eq!(
+                seq + tx.entries.len() as u64 + 1,
+                txs[at].0,
+                "the post at {} does not follow a settlement's postings:\n{}",
+                txs[i].0,
+                summary()
+            );
+            match tx.kind {
+                TxKind::Settlement => break *seq,
+                TxKind::Post => at -= 1,
+                other => panic!("a {other:?} in a post's batch:\n{}", summary()),
+            }
+        };
+        let batch = batch_of(txs[i].0).await;
+        assert!(batch.is_some(), "the post at {} has no batch id", txs[i].0);
+        assert_eq!(
+            batch,
+            batch_of(settlement).await,
+            "the post at {} was written on its own, not with the settlement at {settlement}:\n{}",
+            txs[i].0,
+            summary()
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

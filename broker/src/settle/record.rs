@@ -57,8 +57,8 @@ pub(super) fn settled_segment(
 
 /// Whether recording a settled segment made it the job's.
 pub(super) enum Recording {
-    /// The job's record now holds it.
-    Recorded,
+    /// The job's record now holds it: the record as written.
+    Recorded(Box<JobStatus>),
     /// The attempt is no longer open in the job's record (another result,
     /// or another broker's task, settled the segment first, or the attempt
     /// was closed): nothing is recorded, nothing is paid.
@@ -76,7 +76,7 @@ pub(super) async fn record(
         .transition(&status.job, move |s| lifecycle::settle(s, paid.clone()))
         .await
     {
-        Ok(_) => Ok(Recording::Recorded),
+        Ok(next) => Ok(Recording::Recorded(Box::new(next))),
         Err(UpdateError::Refused(
             why @ (Refused::NotOpen | Refused::AlreadySettled(_) | Refused::NotNextSegment { .. }),
         )) => Ok(Recording::NotOpen(why)),
@@ -116,6 +116,52 @@ pub(super) async fn pay(
     let recorded = shared.books.settle(payment(status, paid)).await?;
     metrics::payment("settle", &recorded);
     Ok(recorded)
+}
+
+/// As [`pay`], with the posts that recording `paid` made due
+/// ([`lifecycle::due_posts`] of `recorded`, the job's record as it now
+/// stands: the segment before it, once another provider continued from
+/// its checkpoint) written in the same batch, and then marked posted in
+/// the job's record. The ledger stream commits atomic batches one after
+/// another, so a segment's settlement and the post it triggers cost one
+/// batch instead of two. A post whose settlement is not on the books yet
+/// is left for [`crate::resolve::due`], as is everything when a void is
+/// due instead.
+pub(super) async fn pay_and_post(
+    shared: &Shared,
+    recorded: &JobStatus,
+    paid: &SettledSegment,
+) -> Result<Recorded, BrokerError> {
+    if lifecycle::void_due(recorded, shared.config.restore_quorum).is_some() {
+        return pay(shared, recorded, paid).await;
+    }
+    let mut posts = Vec::new();
+    for due in lifecycle::due_posts(recorded) {
+        let settlement = if (due.segment, due.attempt) == (paid.segment, paid.attempt) {
+            Some(payment(recorded, paid))
+        } else {
+            shared
+                .books
+                .settlement(recorded.job, due.segment, due.attempt)
+                .await?
+        };
+        if let Some(settlement) = settlement {
+            posts.push(settlement);
+        }
+    }
+    let fee_rate = shared.config.fee_rate;
+    let mut txs = vec![vmlot_ledger::build::settlement(payment(recorded, paid))];
+    txs.extend(posts.iter().map(|s| vmlot_ledger::build::post(s, fee_rate)));
+    let mut written = shared.books.record_together(txs).await?.into_iter();
+    let settled = written.next().expect("the settlement's answer comes first");
+    metrics::payment("settle", &settled);
+    for (settlement, post) in posts.iter().zip(written) {
+        metrics::payment("post", &post);
+        if post.tx().kind == vmlot_schemas::ledger::TxKind::Post {
+            crate::resolve::mark_posted(shared, recorded.job, settlement).await?;
+        }
+    }
+    Ok(settled)
 }
 
 /// Before the job's next step: its last payment as the record holds it

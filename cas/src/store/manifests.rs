@@ -1,5 +1,6 @@
 //! Manifests in the store: each under its id in the `VMLOT_MANIFESTS`
-//! stream, cut into parts written in one atomic batch, as one of the
+//! stream, cut into parts written in one atomic batch (a lone part as a
+//! plain publish), as one of the
 //! records of [`crate::record`] (whole, compressed, or the edits from a
 //! base). Reads follow a record's base through the in-memory manifests, a
 //! block cache's copy or the store, and check what they rebuild against
@@ -19,7 +20,7 @@ use vmlot_schemas::manifest::MAX_MANIFEST_BYTES;
 use vmlot_schemas::subjects::{self, MANIFEST_STREAM};
 use vmlot_schemas::{BlockId, Manifest, ManifestError, ManifestId, PackId};
 
-use super::retry::{Retry, transient};
+use super::retry::{PartsRefused, Retry, transient, transient_publish};
 use super::{BlockStore, MAX_BATCH, MISSING_PAUSE, MISSING_RETRIES, none_stored};
 use crate::cache::BlockCache;
 use crate::error::CasError;
@@ -122,14 +123,8 @@ impl BlockStore {
         };
         let mut retry = Retry::new();
         loop {
-            let written = self
-                .js
-                .batch_publish_all()
-                .ack_first(false)
-                .publish(futures::stream::iter(messages()))
-                .await;
-            let err = match written {
-                Ok(_) => return Ok(()),
+            let err = match self.publish_parts(messages()).await {
+                Ok(()) => return Ok(()),
                 Err(err) => err,
             };
             // This writer stored the same manifest before (the stream
@@ -140,13 +135,52 @@ impl BlockStore {
                     tracing::debug!(%id, %err, "manifest already stored");
                     return Ok(());
                 }
-                Ok(None) | Err(_) if retry.again(transient(&err)).await => {
+                Ok(None) | Err(_) if retry.again(err.transient).await => {
                     tracing::debug!(%id, %err, "retrying manifest batch");
                 }
                 Ok(None) => return Err(CasError::nats("manifest batch publish", err)),
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Writes a manifest record's parts: several in one atomic batch, one
+    /// alone as a plain acknowledged publish. A lone message is as atomic
+    /// either way, and nats-server commits a single-replica file stream's
+    /// atomic batch through a temporary store of its own, made, fsynced
+    /// and removed (four more fsyncs than the message's own; the profile
+    /// in BENCHMARKS.md, 2026-12-06), one batch after another.
+    async fn publish_parts(&self, mut parts: Vec<OutboundMessage>) -> Result<(), PartsRefused> {
+        if parts.len() > 1 {
+            return self
+                .js
+                .batch_publish_all()
+                .ack_first(false)
+                .publish(futures::stream::iter(parts))
+                .await
+                .map(drop)
+                .map_err(|e| PartsRefused {
+                    transient: transient(&e),
+                    reason: e.to_string(),
+                });
+        }
+        let Some(part) = parts.pop() else {
+            return Ok(());
+        };
+        let refused = |e: jetstream::context::PublishError| PartsRefused {
+            transient: transient_publish(&e),
+            reason: e.to_string(),
+        };
+        let ack = match part.headers {
+            Some(headers) => {
+                self.js
+                    .publish_with_headers(part.subject, headers, part.payload)
+                    .await
+            }
+            None => self.js.publish(part.subject, part.payload).await,
+        }
+        .map_err(refused)?;
+        ack.await.map(drop).map_err(refused)
     }
 
     /// Leaves beside manifest `id` which pack holds each of its blocks

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use jetstream_extra::batch_publish::{BatchPublishError, BatchPublishErrorKind};
 
 /// Whether a refused batch may succeed if sent again: the request went
@@ -19,6 +20,34 @@ pub(super) fn transient(err: &BatchPublishError) -> bool {
             | BatchPublishErrorKind::BatchPublishTooManyInflight
             | BatchPublishErrorKind::Other
     )
+}
+
+/// As [`transient`], for a lone message's acknowledged publish: no
+/// answer (a timeout, a broken connection, no stream leader yet, which
+/// the client reports as no stream) or the server's refusal of the
+/// message (another writer's copy stored first).
+pub(super) fn transient_publish(err: &PublishError) -> bool {
+    matches!(
+        err.kind(),
+        PublishErrorKind::TimedOut
+            | PublishErrorKind::BrokenPipe
+            | PublishErrorKind::StreamNotFound
+            | PublishErrorKind::Other
+    )
+}
+
+/// Why a manifest record's parts were not stored, and whether another try
+/// may pass (see [`transient`]).
+#[derive(Debug)]
+pub(super) struct PartsRefused {
+    pub(super) transient: bool,
+    pub(super) reason: String,
+}
+
+impl std::fmt::Display for PartsRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
+    }
 }
 
 /// How long a write keeps trying through a stream leader's election (a
