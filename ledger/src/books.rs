@@ -282,17 +282,25 @@ impl Books {
                 });
             }
         }
-        let written = self
-            .js
-            .batch_publish_all()
-            .ack_first(false)
-            .timeout(Duration::from_secs(10))
-            .publish(futures::stream::iter(batch))
-            .await;
+        let written = self.publish_batch(batch).await;
         if let Err(err) = &written {
             tracing::debug!(%err, "transactions refused together; writing each on its own");
         }
         Ok(written.is_ok())
+    }
+
+    /// Publishes `batch` as one atomic batch and waits for its commit.
+    async fn publish_batch(
+        &self,
+        batch: Vec<OutboundMessage>,
+    ) -> Result<(), jetstream_extra::batch_publish::BatchPublishError> {
+        self.js
+            .batch_publish_all()
+            .ack_first(false)
+            .timeout(Duration::from_secs(10))
+            .publish(futures::stream::iter(batch))
+            .await
+            .map(drop)
     }
 
     /// [`Books::record`] with its accounts' locks held: `None` when this
@@ -347,13 +355,7 @@ impl Books {
                     headers: Some(expect_last_subject_seq(seq)),
                 });
             }
-            let written = self
-                .js
-                .batch_publish_all()
-                .ack_first(false)
-                .timeout(Duration::from_secs(10))
-                .publish(futures::stream::iter(batch))
-                .await;
+            let written = self.publish_batch(batch).await;
             match written {
                 Ok(_) => return Ok(None),
                 Err(err) => {
