@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, message::OutboundMessage, stream};
-use bytes::Bytes;
 use jetstream_extra::batch_publish::BatchPublishExt;
 use rust_decimal::Decimal;
 use vmlot_schemas::ledger::{Account, Forfeit, Posting, Settlement, Transaction};
@@ -151,14 +150,13 @@ impl Books {
         if let Some(why) = tx.malformed() {
             return Err(LedgerError::Malformed(why));
         }
-        let body = Bytes::from(serde_json::to_vec(&tx).expect("transaction serializes"));
         let keys = tx
             .entries
             .iter()
             .map(|e| subjects::posting(&e.account, &tx.unit))
             .collect();
         let held = self.lock_accounts(keys).await;
-        let outcome = self.record_locked(subject, &tx, body).await;
+        let outcome = self.record_locked(subject, &tx, &held.keys).await;
         drop(held);
         outcome.map(|recorded| match recorded {
             Some(before) => Recorded::Before(before),
@@ -238,55 +236,29 @@ impl Books {
     /// every account of `txs` (their posting subjects are `keys`) held:
     /// false when it was not written.
     async fn batch_of(&self, txs: &[(String, Transaction)], keys: &[String]) -> Result<bool, LedgerError> {
-        let lasts = futures::future::try_join_all(keys.iter().map(|subject| async move {
-            let last = self.last::<Posting>(subject).await?;
-            Ok::<_, LedgerError>((subject.clone(), last))
-        }))
-        .await?;
-        // Each account's balance so far and, until its first posting in
-        // this batch, the sequence that posting must follow: a later one
-        // follows the earlier inside the batch, which the server applies
-        // whole and in order.
-        let mut accounts: HashMap<String, (Decimal, Option<u64>)> = lasts
-            .into_iter()
-            .map(|(subject, last)| {
-                let (balance, seq) = last
-                    .map(|(p, seq)| (p.balance, seq))
-                    .unwrap_or((Decimal::ZERO, 0));
-                (subject, (balance, Some(seq)))
-            })
-            .collect();
-        let mut batch = Vec::new();
-        for (subject, tx) in txs {
-            batch.push(OutboundMessage {
-                subject: subject.clone().into(),
-                payload: serde_json::to_vec(tx).expect("transaction serializes").into(),
-                headers: Some(expect_last_subject_seq(0)),
-            });
-            for entry in &tx.entries {
-                let posting_subject = subjects::posting(&entry.account, &tx.unit);
-                let (balance, seq) = accounts
-                    .get_mut(&posting_subject)
-                    .expect("every account's last posting was read");
-                let after = *balance + entry.signed();
-                if after.is_sign_negative() && !after.is_zero() && !entry.account.may_go_negative() {
-                    return Ok(false);
-                }
-                *balance = after;
-                batch.push(OutboundMessage {
-                    subject: posting_subject.into(),
-                    payload: serde_json::to_vec(&build::posting(tx, entry, after))
-                        .expect("posting serializes")
-                        .into(),
-                    headers: seq.take().map(expect_last_subject_seq),
-                });
-            }
-        }
+        let Ok(batch) = batch_for(txs, self.lasts(keys).await?) else {
+            return Ok(false);
+        };
         let written = self.publish_batch(batch).await;
         if let Err(err) = &written {
             tracing::debug!(%err, "transactions refused together; writing each on its own");
         }
         Ok(written.is_ok())
+    }
+
+    /// Each of `keys`' (posting subjects') last posting: the account's
+    /// balance, and the stream sequence its next posting must follow (0
+    /// for an account with none).
+    async fn lasts(&self, keys: &[String]) -> Result<HashMap<String, (Decimal, u64)>, LedgerError> {
+        let lasts = futures::future::try_join_all(keys.iter().map(|subject| async move {
+            let last = self.last::<Posting>(subject).await?;
+            let last = last
+                .map(|(p, seq)| (p.balance, seq))
+                .unwrap_or((Decimal::ZERO, 0));
+            Ok::<_, LedgerError>((subject.clone(), last))
+        }))
+        .await?;
+        Ok(lasts.into_iter().collect())
     }
 
     /// Publishes `batch` as one atomic batch and waits for its commit.
@@ -309,52 +281,23 @@ impl Books {
         &self,
         subject: &str,
         tx: &Transaction,
-        body: Bytes,
+        keys: &[String],
     ) -> Result<Option<Transaction>, LedgerError> {
+        let txs = [(subject.to_string(), tx.clone())];
         let mut attempt = 0;
         loop {
             attempt += 1;
-            // Each account's last posting: its balance, and the sequence the
-            // write expects to follow.
-            let unit = tx.unit.as_str();
-            let lasts = futures::future::try_join_all(tx.entries.iter().map(|e| async move {
-                let subject = subjects::posting(&e.account, unit);
-                let last = self.last::<Posting>(&subject).await?;
-                Ok::<_, LedgerError>((subject, last))
-            }))
-            .await?;
-            let mut batch = Vec::with_capacity(tx.entries.len() + 1);
-            batch.push(OutboundMessage {
-                subject: subject.to_string().into(),
-                payload: body.clone(),
-                headers: Some(expect_last_subject_seq(0)),
-            });
-            for (entry, (posting_subject, last)) in tx.entries.iter().zip(&lasts) {
-                let (before, seq) = last
-                    .as_ref()
-                    .map(|(p, seq)| (p.balance, *seq))
-                    .unwrap_or((Decimal::ZERO, 0));
-                let after = before + entry.signed();
-                if after.is_sign_negative() && !after.is_zero() && !entry.account.may_go_negative() {
+            let batch = match batch_for(&txs, self.lasts(keys).await?) {
+                Ok(batch) => batch,
+                Err(short) => {
                     // A retry of a write that already happened reads the
                     // balance it left: not a shortfall.
                     if let Some(before) = self.transaction(subject).await? {
                         return Ok(Some(before));
                     }
-                    return Err(LedgerError::InsufficientFunds {
-                        account: entry.account.clone(),
-                        unit: tx.unit.clone(),
-                        balance: before,
-                        needed: entry.amount,
-                    });
+                    return Err(short);
                 }
-                let posting = build::posting(tx, entry, after);
-                batch.push(OutboundMessage {
-                    subject: posting_subject.clone().into(),
-                    payload: serde_json::to_vec(&posting).expect("posting serializes").into(),
-                    headers: Some(expect_last_subject_seq(seq)),
-                });
-            }
+            };
             let written = self.publish_batch(batch).await;
             match written {
                 Ok(_) => return Ok(None),
@@ -551,6 +494,56 @@ fn positive(what: &str, amount: &Money) -> Result<(), LedgerError> {
         )));
     }
     Ok(())
+}
+
+/// The atomic batch that writes `txs` (each with its subject), given each
+/// account's last posting (`lasts`, by posting subject: the balance and
+/// the sequence read): each transaction expects its subject empty and is
+/// followed by its postings; an account's first posting expects the
+/// sequence read, and a later one follows it inside the batch, which the
+/// server applies whole and in order. Refused as
+/// [`LedgerError::InsufficientFunds`] at the first entry that would take
+/// its account below zero.
+fn batch_for(
+    txs: &[(String, Transaction)],
+    lasts: HashMap<String, (Decimal, u64)>,
+) -> Result<Vec<OutboundMessage>, LedgerError> {
+    let mut accounts: HashMap<String, (Decimal, Option<u64>)> = lasts
+        .into_iter()
+        .map(|(subject, (balance, seq))| (subject, (balance, Some(seq))))
+        .collect();
+    let mut batch = Vec::new();
+    for (subject, tx) in txs {
+        batch.push(OutboundMessage {
+            subject: subject.clone().into(),
+            payload: serde_json::to_vec(tx).expect("transaction serializes").into(),
+            headers: Some(expect_last_subject_seq(0)),
+        });
+        for entry in &tx.entries {
+            let posting_subject = subjects::posting(&entry.account, &tx.unit);
+            let (balance, seq) = accounts
+                .get_mut(&posting_subject)
+                .expect("every account's last posting was read");
+            let after = *balance + entry.signed();
+            if after.is_sign_negative() && !after.is_zero() && !entry.account.may_go_negative() {
+                return Err(LedgerError::InsufficientFunds {
+                    account: entry.account.clone(),
+                    unit: tx.unit.clone(),
+                    balance: *balance,
+                    needed: entry.amount,
+                });
+            }
+            *balance = after;
+            batch.push(OutboundMessage {
+                subject: posting_subject.into(),
+                payload: serde_json::to_vec(&build::posting(tx, entry, after))
+                    .expect("posting serializes")
+                    .into(),
+                headers: seq.take().map(expect_last_subject_seq),
+            });
+        }
+    }
+    Ok(batch)
 }
 
 fn expect_last_subject_seq(seq: u64) -> HeaderMap {
