@@ -640,7 +640,7 @@ async fn batch_ceiling(client: &async_nats::Client) -> Result<(f64, f64)> {
 /// first message of its batch (`Nats-Batch-Sequence` past 1) rode in
 /// another's (a post with the settlement that made it due).
 async fn ledger_batches(books: &jetstream::Context, from: u64) -> Result<(u64, u64)> {
-    let consumer = books
+    let mut consumer = books
         .get_stream(subjects::LEDGER_STREAM)
         .await?
         .create_consumer(jetstream::consumer::pull::OrderedConfig {
@@ -649,7 +649,6 @@ async fn ledger_batches(books: &jetstream::Context, from: u64) -> Result<(u64, u
             ..Default::default()
         })
         .await?;
-    let mut consumer = consumer;
     let total = consumer.info().await?.num_pending;
     let mut messages = consumer.messages().await?;
     let (mut transactions, mut batches) = (0u64, 0u64);
