@@ -1,38 +1,24 @@
 //! Writing to the books: [`Books`] provisions the `VMLOT_LEDGER` stream and
 //! writes each transaction with its postings in one atomic batch, once per
-//! subject, with balances checked against the last posting of each account.
+//! subject, with balances checked against the last posting of each account;
+//! the transactions that wait for a handle at the same time share one batch
+//! ([`crate::group`]).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::HeaderMap;
 use async_nats::jetstream::{self, message::OutboundMessage, stream};
 use jetstream_extra::batch_publish::BatchPublishExt;
 use rust_decimal::Decimal;
+use tokio::sync::oneshot;
 use vmlot_schemas::ledger::{Account, Forfeit, Posting, Settlement, Transaction};
 use vmlot_schemas::{JobId, Money, ProviderId, subjects};
 
 use crate::build;
 use crate::error::LedgerError;
-
-/// What a write found.
-#[derive(Debug, Clone)]
-pub enum Recorded {
-    /// This call wrote it.
-    Now(Transaction),
-    /// A transaction for the same thing was already on the books (a retry,
-    /// or a broker that crashed after writing it): that one stands.
-    Before(Transaction),
-}
-
-impl Recorded {
-    pub fn tx(&self) -> &Transaction {
-        match self {
-            Recorded::Now(t) | Recorded::Before(t) => t,
-        }
-    }
-}
+pub use crate::group::Recorded;
+use crate::group::{self, MAX_GROUP_MESSAGES, Queue, Unit};
 
 /// Attempts at a write whose accounts others keep writing.
 const MAX_ATTEMPTS: u32 = 50;
@@ -42,11 +28,11 @@ const MAX_ATTEMPTS: u32 = 50;
 pub struct Books {
     js: jetstream::Context,
     stream: stream::Stream,
-    /// Writes through this handle queue per account instead of racing:
-    /// a busy account (one submitter's burst, a popular provider) would
-    /// otherwise lose most compare-and-set rounds. Other writers are still
-    /// fenced by the stream's sequence checks.
-    account_locks: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+    /// Writes through this handle wait here, and go out in groups
+    /// ([`crate::group`]): one atomic batch for whatever waits.
+    queue: Arc<Queue>,
+    /// Held by the one task writing a group at a time.
+    writing: Arc<tokio::sync::Mutex<()>>,
     /// The stream has copies on other nodes: reads go to its leader. A
     /// direct get may be answered by a follower that has not yet applied
     /// the last write, and a balance read there can refuse a hold the
@@ -84,7 +70,8 @@ impl Books {
         Ok(Self {
             js: js.clone(),
             stream,
-            account_locks: Arc::default(),
+            queue: Arc::default(),
+            writing: Arc::default(),
             leader_reads: replicas > 1,
         })
     }
@@ -147,103 +134,181 @@ impl Books {
     /// there already. Refuses a malformed transaction, and one that would
     /// take an account other than the operator's below zero.
     pub async fn record(&self, subject: &str, tx: Transaction) -> Result<Recorded, LedgerError> {
-        if let Some(why) = tx.malformed() {
-            return Err(LedgerError::Malformed(why));
-        }
-        let keys = tx
-            .entries
-            .iter()
-            .map(|e| subjects::posting(&e.account, &tx.unit))
-            .collect();
-        let held = self.lock_accounts(keys).await;
-        let outcome = self.record_locked(subject, &tx, &held.keys).await;
-        drop(held);
-        outcome.map(|recorded| match recorded {
-            Some(before) => Recorded::Before(before),
-            None => Recorded::Now(tx),
-        })
+        let mut answers = self.record_together(vec![(subject.to_string(), tx)]).await?;
+        Ok(answers.pop().expect("one answer for one transaction"))
     }
 
-    /// Waits for this handle's locks on the accounts whose posting
-    /// subjects are `keys`, taken in sorted order, so two writers never
-    /// wait on each other in a circle.
-    async fn lock_accounts(&self, mut keys: Vec<String>) -> AccountsHeld {
-        keys.sort();
-        keys.dedup();
-        let locks: Vec<Arc<tokio::sync::Mutex<()>>> = {
-            let mut all = self.account_locks.lock().expect("account locks");
-            keys.iter()
-                .map(|k| Arc::clone(all.entry(k.clone()).or_default()))
-                .collect()
-        };
-        let mut guards = Vec::with_capacity(locks.len());
-        for lock in &locks {
-            guards.push(Arc::clone(lock).lock_owned().await);
-        }
-        AccountsHeld {
-            table: Arc::clone(&self.account_locks),
-            keys,
-            guards,
-        }
-    }
-
-    /// Writes `txs` (each with its subject) in one atomic batch: all of
-    /// them or none. nats-server commits a single-replica file stream's
-    /// atomic batches one after another, each through a temporary store
-    /// of its own that it makes, fsyncs and removes, so two transactions
-    /// due at the same moment (a segment's settlement and the post of the
-    /// one before it) cost half as much together (BENCHMARKS.md,
-    /// 2026-12-06). When that batch is refused (one of them is on the
-    /// books already, or another writer moved an account first), or would
-    /// take an account below zero, each is written on its own by
-    /// [`Books::record`], which finds those written before and names any
-    /// shortfall. The answers are in the order of `txs`.
+    /// Writes `txs` (each with its subject) as [`Books::record`] writes
+    /// one, in one atomic batch when none is refused or on the books
+    /// already (a segment's settlement and the posts it makes due go
+    /// together), and with whatever else waits for this handle: every
+    /// write joins its queue, and one task at a time writes all that
+    /// waits as one batch ([`crate::group`]; nats-server commits a
+    /// single-replica stream's batches one after another, so the books'
+    /// rate is batches a second times transactions a batch). The answers
+    /// are in the order of `txs`, or the first refusal among them.
     pub async fn record_together(
         &self,
         txs: Vec<(String, Transaction)>,
     ) -> Result<Vec<Recorded>, LedgerError> {
-        if txs.len() < 2 {
-            let mut out = Vec::new();
-            for (subject, tx) in txs {
-                out.push(self.record(&subject, tx).await?);
-            }
-            return Ok(out);
-        }
         if let Some(why) = txs.iter().find_map(|(_, tx)| tx.malformed()) {
             return Err(LedgerError::Malformed(why));
         }
-        let keys = txs
-            .iter()
-            .flat_map(|(_, tx)| tx.entries.iter().map(|e| subjects::posting(&e.account, &tx.unit)))
-            .collect();
-        let held = self.lock_accounts(keys).await;
-        let written = self.batch_of(&txs, &held.keys).await;
-        drop(held);
-        match written {
-            Ok(true) => Ok(txs.into_iter().map(|(_, tx)| Recorded::Now(tx)).collect()),
-            Ok(false) => {
-                let mut out = Vec::with_capacity(txs.len());
-                for (subject, tx) in txs {
-                    out.push(self.record(&subject, tx).await?);
+        if txs.is_empty() {
+            return Ok(Vec::new());
+        }
+        loop {
+            let mut answer = self.queue.push(txs.clone());
+            loop {
+                let writing = tokio::select! {
+                    biased;
+                    answer = &mut answer => match answer {
+                        Ok(answer) => return answer,
+                        Err(_) => break,
+                    },
+                    writing = self.writing.lock() => writing,
+                };
+                match answer.try_recv() {
+                    Ok(answer) => return answer,
+                    Err(oneshot::error::TryRecvError::Closed) => break,
+                    Err(oneshot::error::TryRecvError::Empty) => {}
                 }
-                Ok(out)
+                let units = self.queue.take(MAX_GROUP_MESSAGES);
+                self.write_group(units).await;
+                drop(writing);
             }
-            Err(e) => Err(e),
+            // The task that took them stopped before answering: writing
+            // them again finds any it wrote (a subject takes one).
+            tracing::debug!("ledger writer stopped before answering; writing again");
         }
     }
 
-    /// One try at [`Books::record_together`]'s batch, with the locks on
-    /// every account of `txs` (their posting subjects are `keys`) held:
-    /// false when it was not written.
-    async fn batch_of(&self, txs: &[(String, Transaction)], keys: &[String]) -> Result<bool, LedgerError> {
-        let Ok(batch) = batch_for(txs, self.lasts(keys).await?) else {
-            return Ok(false);
-        };
-        let written = self.publish_batch(batch).await;
-        if let Err(err) = &written {
-            tracing::debug!(%err, "transactions refused together; writing each on its own");
+    /// Writes one group of units and answers each. What the group's batch
+    /// leaves out or a refused batch does not settle is planned again:
+    /// one found on the books since is answered with that one; when
+    /// nothing was, another writer moved an account first, and the group
+    /// waits a little and reads the balances again.
+    async fn write_group(&self, units: Vec<Unit>) {
+        let mut results: Vec<Vec<Option<Result<Recorded, LedgerError>>>> = units
+            .iter()
+            .map(|unit| unit.txs.iter().map(|_| None).collect())
+            .collect();
+        let mut pending: Vec<(usize, usize)> = units
+            .iter()
+            .enumerate()
+            .flat_map(|(u, unit)| (0..unit.txs.len()).map(move |t| (u, t)))
+            .collect();
+        let mut attempt = 0;
+        while !pending.is_empty() {
+            let offer: Vec<(&str, &Transaction)> = pending
+                .iter()
+                .map(|&(u, t)| (units[u].txs[t].0.as_str(), &units[u].txs[t].1))
+                .collect();
+            let mut keys: Vec<String> = offer
+                .iter()
+                .flat_map(|(_, tx)| tx.entries.iter().map(|e| subjects::posting(&e.account, &tx.unit)))
+                .collect();
+            keys.sort();
+            keys.dedup();
+            let lasts = match self.lasts(&keys).await {
+                Ok(lasts) => lasts,
+                Err(e) => {
+                    for &(u, t) in &pending {
+                        results[u][t] = Some(Err(e.clone()));
+                    }
+                    break;
+                }
+            };
+            let plan = group::plan(&offer, lasts);
+            let written = plan.batch.is_empty()
+                || match self.publish_batch(plan.batch).await {
+                    Ok(()) => true,
+                    Err(err) => {
+                        tracing::debug!(%err, transactions = plan.placed.len(), "ledger batch refused");
+                        false
+                    }
+                };
+            let mut again = Vec::new();
+            let found_any = if written {
+                for &i in &plan.placed {
+                    let (u, t) = pending[i];
+                    results[u][t] = Some(Ok(Recorded::Now(units[u].txs[t].1.clone())));
+                }
+                // A retry of a write that already happened reads the
+                // balance it left: not a shortfall.
+                let short = plan.short.into_iter().map(|(i, short)| (i, Err(short)));
+                let repeated = plan.repeated.into_iter().map(|i| (i, Ok(())));
+                for (i, if_absent) in short.chain(repeated) {
+                    let (u, t) = pending[i];
+                    match self.transaction(&units[u].txs[t].0).await {
+                        Ok(Some(before)) => results[u][t] = Some(Ok(Recorded::Before(before))),
+                        Ok(None) => match if_absent {
+                            Err(short) => results[u][t] = Some(Err(short)),
+                            Ok(()) => again.push(pending[i]),
+                        },
+                        Err(e) => results[u][t] = Some(Err(e)),
+                    }
+                }
+                true
+            } else {
+                // Refused whole: one of them is on the books already, or
+                // another writer moved one of the accounts first.
+                let found = futures::future::join_all(plan.placed.iter().map(|&i| {
+                    let (u, t) = pending[i];
+                    self.transaction(&units[u].txs[t].0)
+                }))
+                .await;
+                let mut found_any = false;
+                for (&i, found) in plan.placed.iter().zip(found) {
+                    let (u, t) = pending[i];
+                    match found {
+                        Ok(Some(before)) => {
+                            found_any = true;
+                            results[u][t] = Some(Ok(Recorded::Before(before)));
+                        }
+                        Ok(None) => again.push(pending[i]),
+                        Err(e) => results[u][t] = Some(Err(e)),
+                    }
+                }
+                again.extend(plan.short.iter().map(|(i, _)| pending[*i]));
+                again.extend(plan.repeated.iter().map(|&i| pending[i]));
+                found_any
+            };
+            if !found_any && !again.is_empty() {
+                attempt += 1;
+                if attempt >= MAX_ATTEMPTS {
+                    for &(u, t) in &again {
+                        let tx = &units[u].txs[t].1;
+                        results[u][t] = Some(Err(LedgerError::Contended {
+                            account: tx
+                                .entries
+                                .iter()
+                                .map(|e| e.account.to_string())
+                                .collect::<Vec<_>>()
+                                .join(", "),
+                            attempts: attempt,
+                        }));
+                    }
+                    break;
+                }
+                tracing::debug!(
+                    attempt,
+                    transactions = again.len(),
+                    "ledger write refused; reading balances again"
+                );
+                let jitter = rand::random::<u64>() % (5 * u64::from(attempt.min(20)) + 1);
+                tokio::time::sleep(Duration::from_millis(jitter)).await;
+            }
+            pending = again;
         }
-        Ok(written.is_ok())
+        for (unit, results) in units.into_iter().zip(results) {
+            let answer = results
+                .into_iter()
+                .map(|r| r.expect("every transaction of a group is answered"))
+                .collect();
+            // A caller that stopped waiting is not asked again.
+            let _ = unit.answer.send(answer);
+        }
     }
 
     /// Each of `keys`' (posting subjects') last posting: the account's
@@ -273,57 +338,6 @@ impl Books {
             .publish(futures::stream::iter(batch))
             .await
             .map(drop)
-    }
-
-    /// [`Books::record`] with its accounts' locks held: `None` when this
-    /// call wrote `tx`, the transaction found otherwise.
-    async fn record_locked(
-        &self,
-        subject: &str,
-        tx: &Transaction,
-        keys: &[String],
-    ) -> Result<Option<Transaction>, LedgerError> {
-        let txs = [(subject.to_string(), tx.clone())];
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let batch = match batch_for(&txs, self.lasts(keys).await?) {
-                Ok(batch) => batch,
-                Err(short) => {
-                    // A retry of a write that already happened reads the
-                    // balance it left: not a shortfall.
-                    if let Some(before) = self.transaction(subject).await? {
-                        return Ok(Some(before));
-                    }
-                    return Err(short);
-                }
-            };
-            let written = self.publish_batch(batch).await;
-            match written {
-                Ok(_) => return Ok(None),
-                Err(err) => {
-                    // Refused whole: the transaction is there already, or
-                    // another write moved one of the accounts first.
-                    if let Some(before) = self.transaction(subject).await? {
-                        return Ok(Some(before));
-                    }
-                    if attempt >= MAX_ATTEMPTS {
-                        return Err(LedgerError::Contended {
-                            account: tx
-                                .entries
-                                .iter()
-                                .map(|e| e.account.to_string())
-                                .collect::<Vec<_>>()
-                                .join(", "),
-                            attempts: attempt,
-                        });
-                    }
-                    tracing::debug!(%subject, %err, attempt, "ledger write refused; reading balances again");
-                    let jitter = rand::random::<u64>() % (5 * u64::from(attempt.min(20)) + 1);
-                    tokio::time::sleep(Duration::from_millis(jitter)).await;
-                }
-            }
-        }
     }
 
     /// The operator funds a user account, or a provider's (so it can put
@@ -494,81 +508,4 @@ fn positive(what: &str, amount: &Money) -> Result<(), LedgerError> {
         )));
     }
     Ok(())
-}
-
-/// The atomic batch that writes `txs` (each with its subject), given each
-/// account's last posting (`lasts`, by posting subject: the balance and
-/// the sequence read): each transaction expects its subject empty and is
-/// followed by its postings; an account's first posting expects the
-/// sequence read, and a later one follows it inside the batch, which the
-/// server applies whole and in order. Refused as
-/// [`LedgerError::InsufficientFunds`] at the first entry that would take
-/// its account below zero.
-fn batch_for(
-    txs: &[(String, Transaction)],
-    lasts: HashMap<String, (Decimal, u64)>,
-) -> Result<Vec<OutboundMessage>, LedgerError> {
-    let mut accounts: HashMap<String, (Decimal, Option<u64>)> = lasts
-        .into_iter()
-        .map(|(subject, (balance, seq))| (subject, (balance, Some(seq))))
-        .collect();
-    let mut batch = Vec::new();
-    for (subject, tx) in txs {
-        batch.push(OutboundMessage {
-            subject: subject.clone().into(),
-            payload: serde_json::to_vec(tx).expect("transaction serializes").into(),
-            headers: Some(expect_last_subject_seq(0)),
-        });
-        for entry in &tx.entries {
-            let posting_subject = subjects::posting(&entry.account, &tx.unit);
-            let (balance, seq) = accounts
-                .get_mut(&posting_subject)
-                .expect("every account's last posting was read");
-            let after = *balance + entry.signed();
-            if after.is_sign_negative() && !after.is_zero() && !entry.account.may_go_negative() {
-                return Err(LedgerError::InsufficientFunds {
-                    account: entry.account.clone(),
-                    unit: tx.unit.clone(),
-                    balance: *balance,
-                    needed: entry.amount,
-                });
-            }
-            *balance = after;
-            batch.push(OutboundMessage {
-                subject: posting_subject.into(),
-                payload: serde_json::to_vec(&build::posting(tx, entry, after))
-                    .expect("posting serializes")
-                    .into(),
-                headers: seq.take().map(expect_last_subject_seq),
-            });
-        }
-    }
-    Ok(batch)
-}
-
-fn expect_last_subject_seq(seq: u64) -> HeaderMap {
-    let mut headers = HeaderMap::new();
-    headers.insert("Nats-Expected-Last-Subject-Sequence", seq.to_string().as_str());
-    headers
-}
-
-/// This handle's locks on some accounts (their posting subjects, `keys`),
-/// given back on drop; an account's lock leaves the table once nobody
-/// holds or waits for it.
-struct AccountsHeld {
-    table: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
-    keys: Vec<String>,
-    guards: Vec<tokio::sync::OwnedMutexGuard<()>>,
-}
-
-impl Drop for AccountsHeld {
-    fn drop(&mut self) {
-        self.guards.clear();
-        let mut all = self.table.lock().expect("account locks");
-        for key in &self.keys {
-            if all.get(key).is_some_and(|l| Arc::strong_count(l) == 1) {
-                all.remove(key);
-            }
-        }
-    }
 }

@@ -6,7 +6,7 @@ use rust_decimal::Decimal;
 use vmlot_schemas::ledger::Account;
 
 /// Why the books refused or failed a write.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum LedgerError {
     #[error("malformed transaction: {0}")]
     Malformed(String),

@@ -17,7 +17,8 @@
 //!
 //! Modules, each using only those listed before it: [`error`], [`amount`]
 //! (fees, typed amounts), [`build`] (each kind of transaction, no I/O),
-//! [`books`] (writes), [`direct`] (the read-only way in: batched direct
+//! [`group`] (group commit: the queue of waiting writes and the plan of
+//! their one batch, no I/O), [`books`] (writes), [`direct`] (the read-only way in: batched direct
 //! gets), [`read`] (queries), [`verify`] (reconciliation).
 //! This file only declares them and re-exports what callers name.
 
@@ -26,6 +27,7 @@ pub mod books;
 pub mod build;
 pub mod direct;
 pub mod error;
+pub mod group;
 pub mod read;
 pub mod verify;
 
