@@ -225,7 +225,13 @@ async fn attempt(
     else {
         return Ok(());
     };
-    match award::award(shared, status, &lot, bids, over_budget).await? {
+    // The offer left the lot's results routed: a provider may answer its
+    // award before the broker hears its reply. Nobody took it: unrouted.
+    let awarded = award::award(shared, status, &lot, bids, over_budget).await;
+    if !matches!(awarded, Ok(Awarded::Taken(_))) {
+        shared.unroute_lot(&lot.lot);
+    }
+    match awarded? {
         Awarded::Taken(recorded) => {
             pace.awarded(shared);
             wait_for_results(shared, &recorded, &lot, tx, rx, stop).await
@@ -252,7 +258,7 @@ async fn wait_for_results(
     rx: &mut mpsc::Receiver<LotEvent>,
     stop: &CancellationToken,
 ) -> Result<(), BrokerError> {
-    shared.route_lot(lot.lot, status.job, tx);
+    shared.route_results(lot.lot, status.job, tx);
     let waited = settle::await_result(shared, status, rx, stop).await;
     shared.unroute_lot(&lot.lot);
     let awarded = status

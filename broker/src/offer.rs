@@ -54,7 +54,12 @@ pub(crate) async fn offer(
     let collected = collect_bids(shared, &lot, &remaining, rx, stop)
         .instrument(tracing::info_span!("bids"))
         .await;
-    shared.unroute_lot(&lot.lot);
+    // Its results stay routed through the award (the caller unroutes the
+    // lot when nobody takes it).
+    match collected {
+        Some(_) => shared.close_bids(&lot.lot),
+        None => shared.unroute_lot(&lot.lot),
+    }
     Ok(match collected {
         Some((bids, over_budget)) => Offered::Bids {
             lot: Box::new(lot),

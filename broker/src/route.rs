@@ -50,6 +50,7 @@ pub(crate) async fn route_bids(
             .lock()
             .expect("lots lock")
             .get(&bid.lot)
+            .filter(|r| r.bids)
             .map(|r| r.tx.clone());
         match route {
             Some(tx) => {

@@ -31,6 +31,9 @@ pub(crate) enum LotEvent {
 pub(crate) struct LotRoute {
     pub job: JobId,
     pub tx: mpsc::Sender<LotEvent>,
+    /// The lot's bid window is open: bids are routed too, not only
+    /// results.
+    pub bids: bool,
 }
 
 /// A partition of the jobs this broker holds the lease of.
@@ -80,10 +83,33 @@ fn offers(hb: &Heartbeat, vm: &vmlot_schemas::VmConfig) -> bool {
 impl Shared {
     /// Routes bids and results for `lot` to the job task listening on `tx`.
     pub fn route_lot(&self, lot: LotId, job: JobId, tx: &mpsc::Sender<LotEvent>) {
-        self.lots
-            .lock()
-            .expect("lots lock")
-            .insert(lot, LotRoute { job, tx: tx.clone() });
+        let route = LotRoute {
+            job,
+            tx: tx.clone(),
+            bids: true,
+        };
+        self.lots.lock().expect("lots lock").insert(lot, route);
+    }
+
+    /// Routes only the results for `lot` (awarded, or being awarded) to the
+    /// job task listening on `tx`: its bids are refused.
+    pub fn route_results(&self, lot: LotId, job: JobId, tx: &mpsc::Sender<LotEvent>) {
+        let route = LotRoute {
+            job,
+            tx: tx.clone(),
+            bids: false,
+        };
+        self.lots.lock().expect("lots lock").insert(lot, route);
+    }
+
+    /// Closes `lot`'s bid window and keeps routing its results: a provider
+    /// may answer its award with a result (a short segment) before the
+    /// broker has heard its reply to the award, and that result must reach
+    /// the job task rather than be refused as for a lot not open.
+    pub fn close_bids(&self, lot: &LotId) {
+        if let Some(route) = self.lots.lock().expect("lots lock").get_mut(lot) {
+            route.bids = false;
+        }
     }
 
     /// Stops routing `lot`: bids and results for it are refused from now on.

@@ -43,6 +43,9 @@ pub enum Lie {
     OtherMemorySize,
     /// A state of the right kind, sent as soon as the award comes.
     TooEarly,
+    /// As [`Lie::TooEarly`], stored before the award is even answered: the
+    /// broker must take a result that comes before its award's reply.
+    BeforeTheReply,
     /// A state of the right kind and size, sent after the segment's
     /// length, that passes every check on its own but does not restore
     /// (its data is not what its header says).
@@ -214,11 +217,18 @@ impl Run {
                     }
                 }
                 Some(msg) = awards.next() => {
+                    let mut award = match serde_json::from_slice(&msg.payload) {
+                        Ok(ToProvider::Award(award)) => Some(award),
+                        _ => None,
+                    };
+                    if let Some(first) = award.take_if(|a| me.lie_for(&a.lot) == Some(Lie::BeforeTheReply)) {
+                        me.lie(*first).await;
+                    }
                     if let Some(reply) = msg.reply.clone() {
                         let ok = serde_json::to_vec(&Reply::Ok(())).unwrap();
                         let _ = me.client.publish(reply, ok.into()).await;
                     }
-                    if let Ok(ToProvider::Award(award)) = serde_json::from_slice(&msg.payload) {
+                    if let Some(award) = award {
                         let me = Arc::clone(&me);
                         tokio::spawn(async move { me.lie(*award).await });
                     }
@@ -306,7 +316,7 @@ impl Run {
                 tokio::time::sleep(after_the_segment).await;
                 running(state)
             }
-            Lie::TooEarly => running(self.crafted_state(&lot, 1).await),
+            Lie::TooEarly | Lie::BeforeTheReply => running(self.crafted_state(&lot, 1).await),
             Lie::Forged => {
                 let state = self.crafted_state_restoring(&lot).await;
                 tokio::time::sleep(after_the_segment).await;

@@ -488,7 +488,7 @@ async fn lots_go_only_to_providers_of_their_hypervisor() {
 
     let lot_msg = tokio::time::timeout(Duration::from_secs(20), qemu_lots.next())
         .await
-        .expect("the QEMU lot was published on a QEMU subject")
+        .unwrap_or_else(|_| panic!("no QEMU lot on a QEMU subject in 20 s:\n{}", market.logs()))
         .unwrap();
     let lot: vmlot_schemas::market::Lot = serde_json::from_slice(&lot_msg.payload).unwrap();
     assert_eq!(lot.job, job);

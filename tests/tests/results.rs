@@ -120,6 +120,7 @@ async fn a_provider_that_does_not_run_its_segments_is_never_paid() {
         Lie::HaltedAtOnce,
         Lie::OtherMemorySize,
         Lie::TooEarly,
+        Lie::BeforeTheReply,
     ];
     let mut cheated = Vec::new();
     for lie in lies {
@@ -170,13 +171,13 @@ async fn a_provider_that_does_not_run_its_segments_is_never_paid() {
         (RefusalKind::Unchanged, 2),
         (RefusalKind::NoFinalState, 1),
         (RefusalKind::WrongKind, 1),
-        (RefusalKind::TooEarly, 1),
+        (RefusalKind::TooEarly, 2),
     ]);
     let standing = assert_refused_and_books_verify(&market, &honest_ids, &cheat, refused, control).await;
     let valid = |p: &ProviderId| standing.iter().find(|s| s.provider == *p).map_or(0, |s| s.valid);
     assert_eq!(valid(&cheat.id), 0);
     let honest_valid: u64 = honest_ids.iter().map(valid).sum();
-    assert_eq!(honest_valid, 6 * 4, "{standing:#?}");
+    assert_eq!(honest_valid, 7 * 4, "{standing:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
