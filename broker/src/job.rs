@@ -59,7 +59,7 @@ impl Shared {
         };
         let (tx, rx) = mpsc::channel(1024);
         if let Some(lot) = open_lot {
-            self.route_lot(lot, job, &tx);
+            self.route_results(lot, job, &tx);
         }
         let shared = Arc::clone(self);
         let task = async move {

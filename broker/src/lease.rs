@@ -50,9 +50,9 @@ pub const RENEW_EVERY: Duration = Duration::from_secs(1);
 /// A lease its holder could not renew for this long is given up locally
 /// (its jobs stopped), well before it can lapse and be taken.
 pub const FENCE_AFTER: Duration = Duration::from_secs(3);
-/// Every this many rounds, each held partition's records are read again
-/// for jobs no task runs (a poke lost on the way).
-const RESCAN_ROUNDS: u32 = 15;
+/// This often, the held partitions' records are read again for jobs no
+/// task runs (a poke lost on the way).
+const RESCAN_EVERY: Duration = Duration::from_secs(15);
 /// Longest wait for a partition's tasks to stop when it is handed back.
 const STOP_WAIT: Duration = Duration::from_secs(10);
 
@@ -121,14 +121,19 @@ impl Leases {
 pub(crate) async fn hold(shared: Arc<Shared>, leases: Leases) {
     let mut tick = tokio::time::interval(RENEW_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut rounds = 0u32;
+    // The rescan reads every job record of the held partitions: under
+    // load, seconds. It goes on between rounds, never in their way: a
+    // renewal that waited for it let every lease lapse (a market benchmark's
+    // one broker lost all sixteen partitions at once and stopped their jobs).
+    let rescans = rescan_forever(&shared);
+    tokio::pin!(rescans);
     loop {
         tokio::select! {
             _ = shared.shutdown.cancelled() => break,
             _ = tick.tick() => {}
+            () = &mut rescans => {}
         }
-        rounds = rounds.wrapping_add(1);
-        round(&shared, &leases, rounds.is_multiple_of(RESCAN_ROUNDS)).await;
+        round(&shared, &leases).await;
     }
     for p in shared.held_partitions() {
         hand_back(&shared, &leases, p).await;
@@ -136,10 +141,23 @@ pub(crate) async fn hold(shared: Arc<Shared>, leases: Leases) {
     let _ = leases.kv.delete(leases.member_key()).await;
 }
 
-/// One round: say this broker is live, renew what it holds, take or hand
-/// back partitions toward its fair share, and now and then look again
-/// for jobs of held partitions that no task runs.
-pub(crate) async fn round(shared: &Arc<Shared>, leases: &Leases, rescan: bool) {
+/// Every [`RESCAN_EVERY`], the jobs of the held partitions that no task
+/// runs are started; never returns.
+async fn rescan_forever(shared: &Arc<Shared>) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + RESCAN_EVERY, RESCAN_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let held = shared.held_partitions();
+        if let Err(err) = resume_jobs(shared, &held).await {
+            tracing::warn!(%err, "could not read the held partitions' jobs");
+        }
+    }
+}
+
+/// One round: say this broker is live, renew what it holds, and take or
+/// hand back partitions toward its fair share.
+pub(crate) async fn round(shared: &Arc<Shared>, leases: &Leases) {
     if let Err(err) = leases.kv.put(leases.member_key(), leases.me.clone().into()).await {
         tracing::warn!(%err, "could not renew this broker's membership");
     }
@@ -178,13 +196,6 @@ pub(crate) async fn round(shared: &Arc<Shared>, leases: &Leases, rescan: bool) {
                 }
             }
             Move::Release(p) => hand_back(shared, leases, p).await,
-        }
-    }
-    if rescan {
-        for p in shared.held_partitions() {
-            if let Err(err) = resume_jobs(shared, p).await {
-                tracing::warn!(partition = p, %err, "could not read the partition's jobs");
-            }
         }
     }
 }
@@ -312,7 +323,7 @@ async fn take(shared: &Arc<Shared>, leases: &Leases, p: u16, revision: u64) -> R
         .map_err(|e| BrokerError::nats("subscribe pokes", e))?;
     let results = results_consumer(&leases.js, p).await?;
     // Jobs first, so every open lot has its route before results come.
-    resume_jobs(shared, p).await?;
+    resume_jobs(shared, &[p]).await?;
     let tasks = &shared.tasks;
     tasks.spawn(tracker.track_future(route::route_bids(Arc::clone(shared), bids, token.clone())));
     tasks.spawn(tracker.track_future(route::route_results(Arc::clone(shared), results, token.clone())));
@@ -320,9 +331,13 @@ async fn take(shared: &Arc<Shared>, leases: &Leases, p: u16, revision: u64) -> R
     Ok(())
 }
 
-/// Starts a task for each unsettled job of `p` that has none.
-async fn resume_jobs(shared: &Arc<Shared>, p: u16) -> Result<(), BrokerError> {
-    for status in shared.jobs.unsettled_in(p).await? {
+/// Starts a task for each unsettled job of `partitions` that has none
+/// (and whose partition is still held: [`Shared::spawn_job`] checks).
+async fn resume_jobs(shared: &Arc<Shared>, partitions: &[u16]) -> Result<(), BrokerError> {
+    if partitions.is_empty() {
+        return Ok(());
+    }
+    for status in shared.jobs.unsettled_in(partitions).await? {
         if shared
             .running
             .lock()

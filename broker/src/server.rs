@@ -86,7 +86,7 @@ pub async fn run(
         .clone()
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let leases = lease::Leases::open(&books_js, js.clone(), config.replicas, me.clone()).await?;
-    lease::round(&shared, &leases, false).await;
+    lease::round(&shared, &leases).await;
     shared.tasks.spawn(lease::hold(Arc::clone(&shared), leases));
     let api = api::start(Arc::clone(&shared)).await?;
     tracing::info!(broker = %me, "broker running");

@@ -267,11 +267,11 @@ impl JobStore {
             .collect())
     }
 
-    /// Jobs of `partition` not yet settled (see [`JobStore::unsettled`]):
-    /// only their records are read.
-    pub async fn unsettled_in(&self, partition: u16) -> Result<Vec<JobStatus>, BrokerError> {
+    /// Jobs of `partitions` not yet settled (see [`JobStore::unsettled`]):
+    /// only their records are read, after one listing of the keys.
+    pub async fn unsettled_in(&self, partitions: &[u16]) -> Result<Vec<JobStatus>, BrokerError> {
         Ok(self
-            .records_of(|job| vmlot_schemas::subjects::partition_of(job) == partition)
+            .records_of(|job| partitions.contains(&vmlot_schemas::subjects::partition_of(job)))
             .await?
             .into_iter()
             .filter(|s| !s.state.is_final() || !s.refunded)
