@@ -83,21 +83,20 @@ fn offers(hb: &Heartbeat, vm: &vmlot_schemas::VmConfig) -> bool {
 impl Shared {
     /// Routes bids and results for `lot` to the job task listening on `tx`.
     pub fn route_lot(&self, lot: LotId, job: JobId, tx: &mpsc::Sender<LotEvent>) {
-        let route = LotRoute {
-            job,
-            tx: tx.clone(),
-            bids: true,
-        };
-        self.lots.lock().expect("lots lock").insert(lot, route);
+        self.route(lot, job, tx, true);
     }
 
     /// Routes only the results for `lot` (awarded, or being awarded) to the
     /// job task listening on `tx`: its bids are refused.
     pub fn route_results(&self, lot: LotId, job: JobId, tx: &mpsc::Sender<LotEvent>) {
+        self.route(lot, job, tx, false);
+    }
+
+    fn route(&self, lot: LotId, job: JobId, tx: &mpsc::Sender<LotEvent>, bids: bool) {
         let route = LotRoute {
             job,
             tx: tx.clone(),
-            bids: false,
+            bids,
         };
         self.lots.lock().expect("lots lock").insert(lot, route);
     }

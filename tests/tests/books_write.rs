@@ -35,6 +35,19 @@ async fn hold_all(books: &Books, jobs: &[JobId]) -> Vec<Result<Recorded, LedgerE
     answers.into_iter().map(Option::unwrap).collect()
 }
 
+/// A server with the books provisioned, and `alice` credited `credit`.
+async fn books_with_alice(credit: &str) -> (NatsServer, jetstream::Context, Books) {
+    let server = NatsServer::start().unwrap();
+    let js = jetstream::new(server.books_client().await.unwrap());
+    let books = Books::provision(&js, 1).await.unwrap();
+    let alice = Account::User("alice".into());
+    books
+        .credit(uuid::Uuid::new_v4(), &alice, &crd(credit), "test")
+        .await
+        .unwrap();
+    (server, js, books)
+}
+
 async fn alice(books: &Books) -> Decimal {
     books
         .balance(&Account::User("alice".into()), "CRD")
@@ -44,19 +57,8 @@ async fn alice(books: &Books) -> Decimal {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_holds_goes_out_in_a_few_batches_and_spends_the_balance_once() {
-    let server = NatsServer::start().unwrap();
-    let js = jetstream::new(server.books_client().await.unwrap());
-    let books = Books::provision(&js, 1).await.unwrap();
+    let (_server, js, books) = books_with_alice("150").await;
     let ledger = js.get_stream(subjects::LEDGER_STREAM).await.unwrap();
-    books
-        .credit(
-            uuid::Uuid::new_v4(),
-            &Account::User("alice".into()),
-            &crd("150"),
-            "burst",
-        )
-        .await
-        .unwrap();
 
     let jobs: Vec<JobId> = (0..200).map(|_| JobId::new()).collect();
     let answers = hold_all(&books, &jobs).await;
@@ -113,20 +115,9 @@ async fn a_burst_of_holds_goes_out_in_a_few_batches_and_spends_the_balance_once(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_handles_racing_for_one_account_spend_it_once() {
-    let server = NatsServer::start().unwrap();
-    let js = jetstream::new(server.books_client().await.unwrap());
-    let first = Books::provision(&js, 1).await.unwrap();
+    let (server, _js, first) = books_with_alice("60").await;
     // A second connection and handle: another broker's writer.
     let second = Books::open(&jetstream::new(server.books_client().await.unwrap()))
-        .await
-        .unwrap();
-    first
-        .credit(
-            uuid::Uuid::new_v4(),
-            &Account::User("alice".into()),
-            &crd("60"),
-            "race",
-        )
         .await
         .unwrap();
     let jobs: Vec<JobId> = (0..80).map(|_| JobId::new()).collect();
