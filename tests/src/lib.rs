@@ -76,10 +76,21 @@ pub fn workspace_binary(name: &str) -> Result<PathBuf> {
 
 /// A free TCP port on loopback (bound once and released).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind loopback")
+    free_ports(1)[0]
+}
+
+/// `n` distinct free TCP ports on loopback, all bound at once and then
+/// released: ports taken one at a time can come back the same (a cluster
+/// node once got its monitor's port as its route port and failed to
+/// start).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind loopback"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("a bound address").port())
+        .collect()
 }
 
 /// One `nats-server` with JetStream. Keeps its port and store across
@@ -182,11 +193,13 @@ impl NatsServer {
         let temp = tempfile::Builder::new().prefix("vmlot-nats-").tempdir()?;
         let dir = temp.path().to_path_buf();
         let deployment = Deployment::create(&dir.join("deploy"))?;
-        let mut server = Self::configure(&dir, "n1", free_port(), None, fsync, &deployment, auth)?;
+        let [port, monitor] = free_ports(2)[..] else {
+            unreachable!("two ports asked for")
+        };
+        let mut server = Self::configure(&dir, "n1", port, None, fsync, &deployment, auth)?;
         server._temp = Some(temp);
         // A monitoring port, so tests and benchmarks can read the server's
         // own counters ([`NatsServer::connection_traffic`]).
-        let monitor = free_port();
         let mut text = std::fs::read_to_string(&server.config)?;
         text.push_str(&format!("http: 127.0.0.1:{monitor}\n"));
         std::fs::write(&server.config, text)?;
@@ -643,9 +656,14 @@ pub struct NatsCluster {
 impl NatsCluster {
     pub fn start(n: usize) -> Result<Self> {
         let temp = tempfile::Builder::new().prefix("vmlot-cluster-").tempdir()?;
-        let client_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
-        let cluster_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
-        let monitor_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let ports = free_ports(3 * n);
+        let (client_ports, rest) = ports.split_at(n);
+        let (cluster_ports, monitor_ports) = rest.split_at(n);
+        let (client_ports, cluster_ports, monitor_ports) = (
+            client_ports.to_vec(),
+            cluster_ports.to_vec(),
+            monitor_ports.to_vec(),
+        );
         let urls = client_ports
             .iter()
             .map(|p| format!("nats://127.0.0.1:{p}"))
