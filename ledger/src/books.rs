@@ -228,53 +228,49 @@ impl Books {
                         false
                     }
                 };
-            let mut again = Vec::new();
-            let found_any = if written {
+            // What the books must be asked about (with the refusal to give
+            // when nothing is there; none: plan it again), and what goes
+            // back into the plan unasked.
+            let (asked, mut again): (Vec<(usize, Option<LedgerError>)>, Vec<usize>) = if written {
                 for &i in &plan.placed {
                     let (u, t) = pending[i];
                     results[u][t] = Some(Ok(Recorded::Now(units[u].txs[t].1.clone())));
                 }
                 // A retry of a write that already happened reads the
                 // balance it left: not a shortfall.
-                let short = plan.short.into_iter().map(|(i, short)| (i, Err(short)));
-                let repeated = plan.repeated.into_iter().map(|i| (i, Ok(())));
-                for (i, if_absent) in short.chain(repeated) {
-                    let (u, t) = pending[i];
-                    match self.transaction(&units[u].txs[t].0).await {
-                        Ok(Some(before)) => results[u][t] = Some(Ok(Recorded::Before(before))),
-                        Ok(None) => match if_absent {
-                            Err(short) => results[u][t] = Some(Err(short)),
-                            Ok(()) => again.push(pending[i]),
-                        },
-                        Err(e) => results[u][t] = Some(Err(e)),
-                    }
-                }
-                true
+                let short = plan.short.into_iter().map(|(i, short)| (i, Some(short)));
+                let repeated = plan.repeated.into_iter().map(|i| (i, None));
+                (short.chain(repeated).collect(), Vec::new())
             } else {
                 // Refused whole: one of them is on the books already, or
                 // another writer moved one of the accounts first.
-                let found = futures::future::join_all(plan.placed.iter().map(|&i| {
-                    let (u, t) = pending[i];
-                    self.transaction(&units[u].txs[t].0)
-                }))
-                .await;
-                let mut found_any = false;
-                for (&i, found) in plan.placed.iter().zip(found) {
-                    let (u, t) = pending[i];
-                    match found {
-                        Ok(Some(before)) => {
-                            found_any = true;
-                            results[u][t] = Some(Ok(Recorded::Before(before)));
-                        }
-                        Ok(None) => again.push(pending[i]),
-                        Err(e) => results[u][t] = Some(Err(e)),
-                    }
-                }
-                again.extend(plan.short.iter().map(|(i, _)| pending[*i]));
-                again.extend(plan.repeated.iter().map(|&i| pending[i]));
-                found_any
+                let asked = plan.placed.iter().map(|&i| (i, None)).collect();
+                let unasked = plan.short.iter().map(|(i, _)| *i).chain(plan.repeated);
+                (asked, unasked.collect())
             };
-            if !found_any && !again.is_empty() {
+            let found = futures::future::join_all(asked.iter().map(|(i, _)| {
+                let (u, t) = pending[*i];
+                self.transaction(&units[u].txs[t].0)
+            }))
+            .await;
+            let mut found_any = false;
+            for ((i, if_absent), found) in asked.into_iter().zip(found) {
+                let (u, t) = pending[i];
+                results[u][t] = match (found, if_absent) {
+                    (Ok(Some(before)), _) => {
+                        found_any = true;
+                        Some(Ok(Recorded::Before(before)))
+                    }
+                    (Ok(None), Some(short)) => Some(Err(short)),
+                    (Ok(None), None) => {
+                        again.push(i);
+                        continue;
+                    }
+                    (Err(e), _) => Some(Err(e)),
+                };
+            }
+            let again: Vec<(usize, usize)> = again.into_iter().map(|i| pending[i]).collect();
+            if !written && !found_any && !again.is_empty() {
                 attempt += 1;
                 if attempt >= MAX_ATTEMPTS {
                     for &(u, t) in &again {
