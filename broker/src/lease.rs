@@ -13,7 +13,8 @@
 //! `k` subscribes to its bids (`vmlot.bid.*.k`), reads its results from
 //! its own durable consumer (`broker-pk`, where the last holder stopped),
 //! listens for pokes from other brokers and resumes its unsettled jobs
-//! from their records, as a restarted broker does. Handing it back stops
+//! (those the index [`crate::unsettled`] names) from their records, as a
+//! restarted broker does. Handing it back stops
 //! those tasks (as a shutdown does: nothing is withdrawn or cancelled) and
 //! then deletes the lease. A broker that dies simply stops renewing: its
 //! leases lapse within [`LEASE_TTL`] and the others take them.
@@ -50,8 +51,8 @@ pub const RENEW_EVERY: Duration = Duration::from_secs(1);
 /// A lease its holder could not renew for this long is given up locally
 /// (its jobs stopped), well before it can lapse and be taken.
 pub const FENCE_AFTER: Duration = Duration::from_secs(3);
-/// This often, the held partitions' records are read again for jobs no
-/// task runs (a poke lost on the way).
+/// This often, the held partitions' unsettled jobs are read again for
+/// jobs no task runs (a poke lost on the way).
 const RESCAN_EVERY: Duration = Duration::from_secs(15);
 /// Longest wait for a partition's tasks to stop when it is handed back.
 const STOP_WAIT: Duration = Duration::from_secs(10);
@@ -121,10 +122,11 @@ impl Leases {
 pub(crate) async fn hold(shared: Arc<Shared>, leases: Leases) {
     let mut tick = tokio::time::interval(RENEW_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // The rescan reads every job record of the held partitions: under
-    // load, seconds. It goes on between rounds, never in their way: a
-    // renewal that waited for it let every lease lapse (a market benchmark's
-    // one broker lost all sixteen partitions at once and stopped their jobs).
+    // The rescan reads the record of every unsettled job of the held
+    // partitions: under load, seconds. It goes on between rounds, never in
+    // their way: a renewal that waited for it let every lease lapse (a
+    // market benchmark's one broker lost all sixteen partitions at once and
+    // stopped their jobs).
     let rescans = rescan_forever(&shared);
     tokio::pin!(rescans);
     loop {

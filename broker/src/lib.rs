@@ -75,6 +75,7 @@ mod shared;
 pub mod standing;
 pub mod state;
 pub mod stored_save;
+pub mod unsettled;
 pub mod verify;
 
 pub use auction::PricingRule;

@@ -2,7 +2,8 @@
 //! read-modify-write guarded by the entry's revision, so two writers (the
 //! job task and a cancel request) never overwrite each other; the market's
 //! changes are [`crate::lifecycle`] transitions applied with
-//! [`JobStore::transition`].
+//! [`JobStore::transition`]. Beside the records, the [`Index`] of the
+//! unsettled ones, which every write here keeps up.
 
 use async_nats::jetstream::{self, kv};
 use futures::StreamExt;
@@ -11,6 +12,7 @@ use vmlot_schemas::market::JobStatus;
 
 use crate::error::BrokerError;
 use crate::lifecycle::{self, Ending, Refused};
+use crate::unsettled::{self, Index, Verdict};
 
 /// The header in which a KV bucket marks a delete or purge.
 const KV_OPERATION: &str = "KV-Operation";
@@ -22,6 +24,7 @@ pub struct JobStore {
     /// On a cluster, the bucket's stream, whose leader answers reads
     /// ([`JobStore::get`]).
     leader: Option<jetstream::stream::Stream>,
+    index: Index,
 }
 
 /// Why an update did not happen.
@@ -75,14 +78,41 @@ impl JobStore {
             .await
             .map_err(|e| BrokerError::nats("job bucket", e))?;
         let copies = stream.cached_info().config.num_replicas;
-        Ok(Self {
+        let (index, complete) = Index::open(js, replicas).await?;
+        let store = Self {
             kv,
             leader: (copies > 1).then_some(stream),
-        })
+            index,
+        };
+        if !complete {
+            store.fill_index().await?;
+        }
+        Ok(store)
     }
 
-    /// Stores a new job; fails if the id exists.
+    /// Gives every unsettled job of the records an entry in the index, once:
+    /// the records came before the index (a broker of an earlier version
+    /// wrote them). Another broker doing the same at once writes the same
+    /// entries; one for a job settled since is found stale when read.
+    async fn fill_index(&self) -> Result<(), BrokerError> {
+        let all = self.all().await?;
+        let open: Vec<&JobStatus> = all.iter().filter(|s| !unsettled::settled(s)).collect();
+        for status in &open {
+            self.index.add(&status.job).await?;
+        }
+        self.index.mark_complete().await?;
+        tracing::info!(
+            records = all.len(),
+            unsettled = open.len(),
+            "unsettled jobs indexed"
+        );
+        Ok(())
+    }
+
+    /// Stores a new job; fails if the id exists. Its index entry is written
+    /// first, so an unsettled job never lacks one.
     pub async fn create(&self, status: &JobStatus) -> Result<(), BrokerError> {
+        self.index.add(&status.job).await?;
         let bytes = serde_json::to_vec(status).expect("job status serializes");
         self.kv
             .create(status.job.to_string(), bytes.into())
@@ -178,11 +208,17 @@ impl JobStore {
                 let Some((mut status, revision)) = this.get(&job).await? else {
                     return Err(UpdateError::NotFound);
                 };
+                let was_settled = unsettled::settled(&status);
                 change(&mut status).map_err(UpdateError::Refused)?;
                 status.updated_at = chrono::Utc::now();
                 let bytes = serde_json::to_vec(&status).expect("job status serializes");
                 match this.kv.update(job.to_string(), bytes.into(), revision).await {
-                    Ok(_) => return Ok(status),
+                    Ok(_) => {
+                        if !was_settled && unsettled::settled(&status) {
+                            this.unindex(&job).await;
+                        }
+                        return Ok(status);
+                    }
                     Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
                     Err(e) => return Err(BrokerError::nats("write job", e).into()),
                 }
@@ -220,13 +256,9 @@ impl JobStore {
         }
     }
 
-    /// Every job record.
+    /// Every job record, oldest first: every key of the bucket is listed
+    /// and its record read.
     pub async fn all(&self) -> Result<Vec<JobStatus>, BrokerError> {
-        self.records_of(|_| true).await
-    }
-
-    /// The records of the jobs `wanted` picks by id, oldest first.
-    async fn records_of(&self, wanted: impl Fn(&JobId) -> bool) -> Result<Vec<JobStatus>, BrokerError> {
         let mut keys = self
             .kv
             .keys()
@@ -236,9 +268,6 @@ impl JobStore {
         while let Some(key) = keys.next().await {
             let key = key.map_err(|e| BrokerError::nats("list jobs", e))?;
             let Ok(job) = key.parse::<JobId>() else { continue };
-            if !wanted(&job) {
-                continue;
-            }
             if let Some((status, _)) = self.get(&job).await? {
                 out.push(status);
             }
@@ -250,39 +279,62 @@ impl JobStore {
     /// Jobs not yet in a final state.
     pub async fn running(&self) -> Result<Vec<JobStatus>, BrokerError> {
         Ok(self
-            .all()
+            .unsettled_where(|_| true)
             .await?
             .into_iter()
             .filter(|s| !s.state.is_final())
             .collect())
     }
 
-    /// Jobs still running, and ended jobs whose escrow is not yet refunded.
-    pub async fn unsettled(&self) -> Result<Vec<JobStatus>, BrokerError> {
-        Ok(self
-            .all()
-            .await?
-            .into_iter()
-            .filter(|s| !s.state.is_final() || !s.refunded)
-            .collect())
-    }
-
-    /// Jobs of `partitions` not yet settled (see [`JobStore::unsettled`]):
-    /// only their records are read, after one listing of the keys.
+    /// Jobs of `partitions` not yet settled ([`unsettled::settled`]), oldest
+    /// first.
     pub async fn unsettled_in(&self, partitions: &[u16]) -> Result<Vec<JobStatus>, BrokerError> {
-        Ok(self
-            .records_of(|job| partitions.contains(&vmlot_schemas::subjects::partition_of(job)))
-            .await?
-            .into_iter()
-            .filter(|s| !s.state.is_final() || !s.refunded)
-            .collect())
+        self.unsettled_where(|p| partitions.contains(&p)).await
     }
 
-    /// Removes a job that never started (its submission was refused).
+    /// The unsettled jobs of the partitions `wanted` picks, oldest first:
+    /// the index's entries and their records, nothing else. An entry found
+    /// stale is purged.
+    async fn unsettled_where(&self, wanted: impl Fn(u16) -> bool) -> Result<Vec<JobStatus>, BrokerError> {
+        let mut out = Vec::new();
+        for (_, job) in self
+            .index
+            .entries()
+            .await?
+            .into_iter()
+            .filter(|(p, _)| wanted(*p))
+        {
+            let record = self.get(&job).await?.map(|(status, _)| status);
+            let age = match record {
+                Some(_) => None,
+                None => self.index.age(&job).await?,
+            };
+            match unsettled::verdict(record.as_ref(), || age) {
+                Verdict::Open => out.extend(record),
+                Verdict::Unborn => {}
+                Verdict::Stale => self.unindex(&job).await,
+            }
+        }
+        out.sort_by_key(|s| s.created_at);
+        Ok(out)
+    }
+
+    /// Purges `job`'s index entry. Failing, it stays behind, stale, until a
+    /// reader of the index finds it so.
+    async fn unindex(&self, job: &JobId) {
+        if let Err(err) = self.index.remove(job).await {
+            tracing::warn!(%job, %err, "could not purge a settled job's index entry");
+        }
+    }
+
+    /// Removes a job that never started (its submission was refused), and
+    /// then its index entry.
     pub async fn remove(&self, job: &JobId) -> Result<(), BrokerError> {
         self.kv
             .purge(job.to_string())
             .await
-            .map_err(|e| BrokerError::nats("remove job", e))
+            .map_err(|e| BrokerError::nats("remove job", e))?;
+        self.unindex(job).await;
+        Ok(())
     }
 }

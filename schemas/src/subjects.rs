@@ -2,7 +2,7 @@
 //! by `format!` elsewhere, so the map in `docs/ARCHITECTURE.md` stays true.
 
 use crate::caller::{Caller, Role};
-use crate::ids::{BlockId, ManifestId, PackId, ProviderId};
+use crate::ids::{BlockId, JobId, ManifestId, PackId, ProviderId};
 use crate::vm::HypervisorKind;
 
 /// Stream holding blocks: packs, and a pointer per block and writer.
@@ -269,6 +269,32 @@ pub const JOB_BUCKET: &str = "vmlot-jobs";
 pub const JOB_BUCKET_STREAM: &str = "KV_vmlot-jobs";
 /// Every job record's subject in [`JOB_BUCKET_STREAM`].
 pub const JOB_BUCKET_SUBJECTS: &str = "$KV.vmlot-jobs.>";
+
+/// The index of unsettled jobs (running, or ended with their escrow not
+/// yet refunded): one empty message per job, beside the job records in
+/// the books' account, so a broker reads the jobs in flight without
+/// reading every job ever run.
+pub const UNSETTLED_STREAM: &str = "VMLOT_UNSETTLED";
+/// Every subject of [`UNSETTLED_STREAM`].
+pub const UNSETTLED_SUBJECTS: &str = "vmlot.unsettled.>";
+/// The entries of [`UNSETTLED_STREAM`], one per job.
+pub const UNSETTLED_ENTRIES: &str = "vmlot.unsettled.*.*";
+/// Written once the index holds every unsettled job of the records that
+/// came before it (a bucket of job records older than the index).
+pub const UNSETTLED_INDEXED: &str = "vmlot.unsettled.indexed";
+
+/// `job`'s entry in [`UNSETTLED_STREAM`], under its partition.
+pub fn unsettled_entry(job: &JobId) -> String {
+    format!("vmlot.unsettled.{}.{job}", partition_of(job))
+}
+
+/// The job and partition of an entry of [`UNSETTLED_STREAM`]; none for
+/// any other subject.
+pub fn unsettled_job(subject: &str) -> Option<(u16, JobId)> {
+    let mut tokens = subject.strip_prefix("vmlot.unsettled.")?.split('.');
+    let (partition, job) = (tokens.next()?.parse().ok()?, tokens.next()?.parse().ok()?);
+    (tokens.next().is_none() && partition_of(&job) == partition).then_some((partition, job))
+}
 
 /// Key-value bucket of providers' standing, keyed by provider id; only the
 /// broker reaches it (it lives beside the job records).
@@ -589,6 +615,21 @@ mod tests {
     fn the_job_bucket_stream_is_the_buckets() {
         assert_eq!(JOB_BUCKET_STREAM, format!("KV_{JOB_BUCKET}"));
         assert_eq!(JOB_BUCKET_SUBJECTS, format!("$KV.{JOB_BUCKET}.>"));
+    }
+
+    #[test]
+    fn an_unsettled_entry_names_its_job_and_partition() {
+        let job = crate::ids::JobId::new();
+        let entry = unsettled_entry(&job);
+        assert!(filter_matches(UNSETTLED_ENTRIES, &entry));
+        assert!(filter_matches(UNSETTLED_SUBJECTS, &entry));
+        assert_eq!(unsettled_job(&entry), Some((partition_of(&job), job)));
+        // The marker, another job's partition, extra tokens: no entry.
+        assert_eq!(unsettled_job(UNSETTLED_INDEXED), None);
+        let wrong = (partition_of(&job) + 1) % PARTITIONS;
+        assert_eq!(unsettled_job(&format!("vmlot.unsettled.{wrong}.{job}")), None);
+        assert_eq!(unsettled_job(&format!("{entry}.x")), None);
+        assert_eq!(unsettled_job("vmlot.unsettled.1.not-a-job"), None);
     }
 
     #[test]

@@ -1,14 +1,14 @@
 //! More than one broker (issue 16 step 2): brokers share the jobs'
 //! partitions by leases in the KV bucket `vmlot-leases`; when one dies,
 //! the others take its partitions once its leases lapse and resume its
-//! jobs from their records.
+//! jobs from their records, found through the index of unsettled jobs.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use vmlot_schemas::market::{Image, JobSpec, JobState, ResultCheck, SegmentCount, SettledSegment};
-use vmlot_schemas::subjects::{LEASE_BUCKET, PARTITIONS, partition_of};
+use vmlot_schemas::subjects::{self, LEASE_BUCKET, PARTITIONS, partition_of};
 use vmlot_schemas::{JobId, Money};
 use vmlot_tests::market::{Market, ProviderSpec, fast_broker_args, job_record, wait_for};
 
@@ -325,5 +325,125 @@ async fn a_broker_that_stalled_past_its_lease_pays_nothing_for_a_segment_settled
     };
     assert_eq!(done.settled[0], first, "segment 0 stays as b2 settled it");
     market.assert_paid_once(done.job).await;
+    market.assert_books_verify().await;
+}
+
+/// The jobs the index of unsettled jobs names now, and whether it says it
+/// holds every one (none when there is no index).
+async fn indexed(market: &Market) -> Option<(Vec<JobId>, bool)> {
+    let books = async_nats::jetstream::new(market.server.books_client().await.unwrap());
+    let stream = books.get_stream(subjects::UNSETTLED_STREAM).await.ok()?;
+    let listed: Vec<(String, usize)> = stream
+        .info_with_subjects(subjects::UNSETTLED_SUBJECTS)
+        .await
+        .unwrap()
+        .map(|s| s.unwrap())
+        .collect()
+        .await;
+    let complete = listed.iter().any(|(s, _)| s == subjects::UNSETTLED_INDEXED);
+    let mut jobs: Vec<JobId> = listed
+        .iter()
+        .filter_map(|(s, _)| subjects::unsettled_job(s).map(|(_, job)| job))
+        .collect();
+    jobs.sort();
+    Some((jobs, complete))
+}
+
+/// A broker finds the jobs it must run (after a restart, on taking a
+/// partition, on its rescans) through the index of unsettled jobs, never
+/// by reading every job record ever written: a settled job leaves the
+/// index, a restarted broker resumes a running job found there, job
+/// records older than the index are indexed from once, and an entry left
+/// behind for a settled job is purged by the next rescan.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_finds_its_jobs_through_the_index_of_unsettled_jobs() {
+    let providers: Vec<ProviderSpec> = (0..2)
+        .map(|i| ProviderSpec::synthetic(&format!("p{i}"), "0.10"))
+        .collect();
+    let mut market = Market::start(
+        [fast_broker_args(), vec!["--broker-id".into(), "b1".into()]].concat(),
+        &providers,
+    )
+    .unwrap();
+    market.ready(2).await.unwrap();
+    let image = market
+        .push_synthetic_image("synthetic.seed=unsettled-index")
+        .await
+        .unwrap();
+    let short = market.submit(spec(image.clone(), 2)).await;
+    let long = market.submit(spec(image, 15)).await;
+    let indexed_now = indexed(&market).await.expect("the index exists");
+    assert!(
+        indexed_now.1,
+        "a new market's index holds every job: {indexed_now:?}"
+    );
+
+    // The short job settles and leaves the index; the long one is in it.
+    market.wait_refunded(short).await;
+    let only_long = wait_for(Duration::from_secs(10), async || {
+        (indexed(&market).await? == (vec![long], true)).then_some(())
+    })
+    .await;
+    if let Err(e) = only_long {
+        let now = indexed(&market).await;
+        panic!("only the running job indexed: {e}: {now:?}\n{}", market.logs());
+    }
+
+    // The broker dies while the long job runs, and its index with it: the
+    // records are now as an earlier version left them.
+    market.broker.kill();
+    let books_client = market.server.books_client().await.unwrap();
+    let before = job_record(&books_client, long).await.unwrap().settled.len();
+    let books = async_nats::jetstream::new(books_client);
+    books.delete_stream(subjects::UNSETTLED_STREAM).await.unwrap();
+    market.broker.restart().unwrap();
+    // Its log goes on from before: once at the first start (nothing to
+    // index), once now.
+    wait_for(Duration::from_secs(30), async || {
+        (market.broker.log().matches("unsettled jobs indexed").count() == 2).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("indexed again at the restart: {e}\n{}", market.logs()));
+    // (Most of its fifteen segments are still to run.)
+    let refilled = indexed(&market).await.expect("the index again");
+    assert_eq!(
+        refilled,
+        (vec![long], true),
+        "the running job, and it alone, indexed from the records"
+    );
+    // The restarted broker goes on with it.
+    wait_for(Duration::from_secs(30), async || {
+        let s = market.status(long).await;
+        (s.state.is_final() || s.settled.len() > before).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("the long job moved on after the restart: {e}\n{}", market.logs()));
+
+    // An entry left behind for a settled job goes at the next rescan.
+    books
+        .publish(subjects::unsettled_entry(&short), bytes::Bytes::new())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    wait_for(Duration::from_secs(40), async || {
+        (!indexed(&market).await?.0.contains(&short)).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("the stale entry purged: {e}\n{}", market.logs()));
+
+    let done = market.wait_final(long, Duration::from_secs(120)).await;
+    assert_eq!(done.state, JobState::Done, "{done:#?}");
+    assert_eq!(done.settled.len(), 15);
+    market.wait_refunded(long).await;
+    let emptied = wait_for(Duration::from_secs(10), async || {
+        (indexed(&market).await? == (vec![], true)).then_some(())
+    })
+    .await;
+    if let Err(e) = emptied {
+        let now = indexed(&market).await;
+        panic!("nothing indexed once settled: {e}: {now:?}");
+    }
+    market.assert_paid_once(long).await;
     market.assert_books_verify().await;
 }

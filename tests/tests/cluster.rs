@@ -26,13 +26,15 @@ use vmlot_tests::vm::{
 const NODES: usize = 3;
 
 /// Every stream the market keeps: the store's, the results', the books',
-/// and the two KV buckets' (JetStream names a bucket's stream `KV_<bucket>`).
-const STREAMS: [&str; 6] = [
+/// the index of unsettled jobs, and the two KV buckets' (JetStream names a
+/// bucket's stream `KV_<bucket>`).
+const STREAMS: [&str; 7] = [
     subjects::BLOCK_STREAM,
     subjects::MANIFEST_STREAM,
     subjects::RESULT_STREAM,
     subjects::LEDGER_STREAM,
     subjects::JOB_BUCKET_STREAM,
+    subjects::UNSETTLED_STREAM,
     "KV_vmlot-standing",
 ];
 
