@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export PATH := $(CURDIR)/.tools/bin:$(PATH)
 
-.PHONY: all deps build bench-build guest nats-guest farm-boot xen-host test test-xen chaos lint unit check-release bench-xen demo bench-cas bench-market bench-brokers bench-segment bench-deterministic bench-ledger bench-farm schemas man clean
+.PHONY: all deps build bench-build guest nats-guest farm-boot xen-host test test-xen chaos lint unit check-release bench-xen demo bench-cas bench-market bench-brokers bench-segment bench-deterministic bench-ledger bench-rescan bench-farm schemas man clean
 
 all: build
 
@@ -129,6 +129,11 @@ bench-xen: build bench-build guest
 ## Ledger verify and filtered queries over 1 M ledger records, against a raw read of the same messages.
 bench-ledger: build bench-build
 	$(BENCH) ledger --records 1000000
+
+## A broker's search for its unsettled jobs through their index, against reading every job record,
+## with 0, 10 000 and 100 000 settled jobs in the bucket.
+bench-rescan: bench-build
+	$(BENCH) rescan --unsettled 500 --settled 0,10000,100000
 
 ## Regenerate schemas/json/ after changing a wire type.
 schemas:

@@ -8,6 +8,7 @@ mod deterministic;
 mod farm;
 mod ledger;
 mod market;
+mod rescan;
 mod segment;
 mod xensave;
 
@@ -34,6 +35,8 @@ enum Bench {
     Ledger(ledger::Args),
     /// Settled segments per second on the synthetic driver, against JetStream's ack rate.
     Market(market::Args),
+    /// A broker's search for its unsettled jobs through their index, against reading every job record, as settled jobs pile up.
+    Rescan(rescan::Args),
     /// Per-segment overhead of a real QEMU guest: save, upload, download, restore, against a whole-file copy.
     Segment(segment::Args),
     /// Two `xl save` files: fixed 4 KiB, FastCDC and Xen-record chunking against rsync and raw SHA-1.
@@ -58,6 +61,7 @@ async fn main() -> anyhow::Result<()> {
         Bench::Farm(args) => farm::run(args).await,
         Bench::Ledger(args) => ledger::run(args).await,
         Bench::Market(args) => market::run(args).await,
+        Bench::Rescan(args) => rescan::run(args).await,
         Bench::Segment(args) => segment::run(args).await,
         Bench::XenSave(args) => xensave::run(args).await,
     }
