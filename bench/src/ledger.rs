@@ -67,7 +67,19 @@ const FEE_RATE: Decimal = Decimal::from_parts(5, 0, 0, false, 2);
 /// `read.rs`'s slack between a record's time and the stream's receive time.
 const CLOCK_SLACK: chrono::Duration = chrono::Duration::minutes(5);
 
+/// Measured on a single-threaded runtime of its own, baselines and all,
+/// as `vmlot` runs the commands that read the books (`client/src/main.rs`).
 pub async fn run(args: Args) -> Result<()> {
+    tokio::task::spawn_blocking(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(measure(args))
+    })
+    .await?
+}
+
+async fn measure(args: Args) -> Result<()> {
     // JetStream's default sync interval, not the harness's usual
     // `sync_interval: always`: fsyncing every write holds a pipelined fill
     // to a few hundred messages a second here (a million records would
@@ -78,7 +90,7 @@ pub async fn run(args: Args) -> Result<()> {
     let js = jetstream::new(server.books_client().await?);
     let books = vmlot_ledger::BooksApi::imported(server.client().await?);
     println!(
-        "nats-server with JetStream's default sync interval (reads only are measured; see below); {} users, {} providers, fee {FEE_RATE}, target {} ledger records (a record = one stream message: a transaction or a posting)",
+        "nats-server with JetStream's default sync interval (reads only are measured; see below); every read on a single-threaded runtime, as `vmlot` reads the books; {} users, {} providers, fee {FEE_RATE}, target {} ledger records (a record = one stream message: a transaction or a posting)",
         args.users, args.providers, args.records
     );
     Books::provision(&js, 1).await?;

@@ -29,8 +29,7 @@ use commands::{
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     if let Some(generate) = vmlot_telemetry::Generate::requested() {
         return match generate.run(<Cli as clap::CommandFactory>::command(), &mut std::io::stdout()) {
             Ok(()) => ExitCode::SUCCESS,
@@ -45,7 +44,18 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    match run(&cli).await {
+    // Reading the books, one thread; anything else (transfers hash and
+    // check blocks as they come), a worker per core.
+    let runtime = if cli.command.reads_the_books() {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread().enable_all().build()
+    };
+    let result = match runtime {
+        Ok(runtime) => runtime.block_on(run(&cli)),
+        Err(err) => Err(anyhow::Error::new(err).context("start the async runtime")),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("vmlot: {err:#}");
