@@ -74,6 +74,18 @@ fn count(holders: &HashMap<u16, String>, id: &str) -> usize {
     holders.values().filter(|h| *h == id).count()
 }
 
+/// A market of broker b1 and two synthetic providers.
+fn b1_and_two_providers() -> Market {
+    let providers: Vec<ProviderSpec> = (0..2)
+        .map(|i| ProviderSpec::synthetic(&format!("p{i}"), "0.10"))
+        .collect();
+    Market::start(
+        [fast_broker_args(), vec!["--broker-id".into(), "b1".into()]].concat(),
+        &providers,
+    )
+    .unwrap()
+}
+
 /// Waits until the first broker's log has `line` in it.
 async fn b1_logged(market: &Market, line: &str, limit_s: u64) {
     wait_for(Duration::from_secs(limit_s), async || {
@@ -270,14 +282,7 @@ async fn a_dead_brokers_jobs_are_taken_over_by_another_within_seconds() {
 /// payment (the chaos run found two payments for one segment this way).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_that_stalled_past_its_lease_pays_nothing_for_a_segment_settled_since() {
-    let providers: Vec<ProviderSpec> = (0..2)
-        .map(|i| ProviderSpec::synthetic(&format!("p{i}"), "0.10"))
-        .collect();
-    let mut market = Market::start(
-        [fast_broker_args(), vec!["--broker-id".into(), "b1".into()]].concat(),
-        &providers,
-    )
-    .unwrap();
+    let mut market = b1_and_two_providers();
     market
         .broker
         .set_env("VMLOT_FAULT", Some("stall-before-settlement"));
@@ -357,14 +362,7 @@ async fn indexed(market: &Market) -> Option<(Vec<JobId>, bool)> {
 /// behind for a settled job is purged by the next rescan.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_finds_its_jobs_through_the_index_of_unsettled_jobs() {
-    let providers: Vec<ProviderSpec> = (0..2)
-        .map(|i| ProviderSpec::synthetic(&format!("p{i}"), "0.10"))
-        .collect();
-    let mut market = Market::start(
-        [fast_broker_args(), vec!["--broker-id".into(), "b1".into()]].concat(),
-        &providers,
-    )
-    .unwrap();
+    let mut market = b1_and_two_providers();
     market.ready(2).await.unwrap();
     let image = market
         .push_synthetic_image("synthetic.seed=unsettled-index")
