@@ -17,6 +17,14 @@ use crate::unsettled::{self, Index, Verdict};
 /// The header in which a KV bucket marks a delete or purge.
 const KV_OPERATION: &str = "KV-Operation";
 
+/// Where a record may be read when its stream's leader cannot answer.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fallback {
+    AnyReplica,
+    /// Nowhere: the read decides something a write behind would get wrong.
+    LeaderOnly,
+}
+
 /// Handle on the job bucket.
 #[derive(Clone)]
 pub struct JobStore {
@@ -94,18 +102,31 @@ impl JobStore {
     /// the records came before the index (a broker of an earlier version
     /// wrote them). Another broker doing the same at once writes the same
     /// entries; one for a job settled since is found stale when read.
+    /// A record that does not decode is left out with a warning (no task
+    /// could run its job either); anything the server does not answer
+    /// stops the filling, unmarked, for the next start to do again.
     async fn fill_index(&self) -> Result<(), BrokerError> {
-        let all = self.all().await?;
-        let open: Vec<&JobStatus> = all.iter().filter(|s| !unsettled::settled(s)).collect();
-        for status in &open {
-            self.index.add(&status.job).await?;
+        let (mut records, mut open) = (0, 0);
+        for job in self.ids().await? {
+            // From the leader: a replica a write behind could miss a job.
+            let Some((value, _)) = self.entry(&job, Fallback::LeaderOnly).await? else {
+                continue;
+            };
+            if value.is_empty() {
+                continue;
+            }
+            records += 1;
+            match serde_json::from_slice::<JobStatus>(&value) {
+                Ok(status) if unsettled::settled(&status) => {}
+                Ok(_) => {
+                    self.index.add(&job).await?;
+                    open += 1;
+                }
+                Err(e) => tracing::warn!(%job, error = %e, "an undecodable job record left out of the index"),
+            }
         }
         self.index.mark_complete().await?;
-        tracing::info!(
-            records = all.len(),
-            unsettled = open.len(),
-            "unsettled jobs indexed"
-        );
+        tracing::info!(records, unsettled = open, "unsettled jobs indexed");
         Ok(())
     }
 
@@ -131,7 +152,7 @@ impl JobStore {
         let this = self.clone();
         let job = *job;
         Box::pin(async move {
-            let Some((value, revision)) = this.entry(&job).await? else {
+            let Some((value, revision)) = this.entry(&job, Fallback::AnyReplica).await? else {
                 return Ok(None);
             };
             if value.is_empty() {
@@ -148,8 +169,13 @@ impl JobStore {
     /// follower answers from what it has applied, so a record read there
     /// may be a write behind (a job just created not found; a revision a
     /// compare-and-set then refuses over and over). The bucket keeps its
-    /// direct gets for the books' readers, who reach nothing else.
-    async fn entry(&self, job: &JobId) -> Result<Option<(bytes::Bytes, u64)>, BrokerError> {
+    /// direct gets for the books' readers, who reach nothing else. With
+    /// no leader to ask, `fallback` says whether any replica's copy will do.
+    async fn entry(
+        &self,
+        job: &JobId,
+        fallback: Fallback,
+    ) -> Result<Option<(bytes::Bytes, u64)>, BrokerError> {
         let Some(stream) = &self.leader else {
             let entry = self
                 .kv
@@ -172,6 +198,9 @@ impl JobStore {
                 )))
             }
             Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) if fallback == Fallback::LeaderOnly => {
+                Err(BrokerError::nats("read job from the leader", e))
+            }
             // No leader yet (a node died and the stream is electing one):
             // any replica's copy. It may be a write behind, which is fine
             // for a read, and `update`'s compare-and-set refuses a write
@@ -259,15 +288,8 @@ impl JobStore {
     /// Every job record, oldest first: every key of the bucket is listed
     /// and its record read.
     pub async fn all(&self) -> Result<Vec<JobStatus>, BrokerError> {
-        let mut keys = self
-            .kv
-            .keys()
-            .await
-            .map_err(|e| BrokerError::nats("list jobs", e))?;
         let mut out = Vec::new();
-        while let Some(key) = keys.next().await {
-            let key = key.map_err(|e| BrokerError::nats("list jobs", e))?;
-            let Ok(job) = key.parse::<JobId>() else { continue };
+        for job in self.ids().await? {
             if let Some((status, _)) = self.get(&job).await? {
                 out.push(status);
             }
@@ -276,10 +298,25 @@ impl JobStore {
         Ok(out)
     }
 
+    /// The id of every job with a key in the bucket.
+    async fn ids(&self) -> Result<Vec<JobId>, BrokerError> {
+        let mut keys = self
+            .kv
+            .keys()
+            .await
+            .map_err(|e| BrokerError::nats("list jobs", e))?;
+        let mut out = Vec::new();
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(|e| BrokerError::nats("list jobs", e))?;
+            out.extend(key.parse::<JobId>().ok());
+        }
+        Ok(out)
+    }
+
     /// Jobs not yet in a final state.
     pub async fn running(&self) -> Result<Vec<JobStatus>, BrokerError> {
         Ok(self
-            .unsettled_where(|_| true)
+            .unsettled_where(None, |_| true)
             .await?
             .into_iter()
             .filter(|s| !s.state.is_final())
@@ -289,17 +326,25 @@ impl JobStore {
     /// Jobs of `partitions` not yet settled ([`unsettled::settled`]), oldest
     /// first.
     pub async fn unsettled_in(&self, partitions: &[u16]) -> Result<Vec<JobStatus>, BrokerError> {
-        self.unsettled_where(|p| partitions.contains(&p)).await
+        let listed = match partitions {
+            [p] => Some(*p),
+            _ => None,
+        };
+        self.unsettled_where(listed, |p| partitions.contains(&p)).await
     }
 
     /// The unsettled jobs of the partitions `wanted` picks, oldest first:
-    /// the index's entries and their records, nothing else. An entry found
-    /// stale is purged.
-    async fn unsettled_where(&self, wanted: impl Fn(u16) -> bool) -> Result<Vec<JobStatus>, BrokerError> {
+    /// the index's entries (of partition `listed` alone, when given) and
+    /// their records, nothing else. An entry found stale is purged.
+    async fn unsettled_where(
+        &self,
+        listed: Option<u16>,
+        wanted: impl Fn(u16) -> bool,
+    ) -> Result<Vec<JobStatus>, BrokerError> {
         let mut out = Vec::new();
         for (_, job) in self
             .index
-            .entries()
+            .entries(listed)
             .await?
             .into_iter()
             .filter(|(p, _)| wanted(*p))
@@ -312,11 +357,25 @@ impl JobStore {
             match unsettled::verdict(record.as_ref(), || age) {
                 Verdict::Open => out.extend(record),
                 Verdict::Unborn => {}
-                Verdict::Stale => self.unindex(&job).await,
+                Verdict::Stale if record.is_some() || self.surely_absent(&job).await => {
+                    self.unindex(&job).await
+                }
+                // A replica's read said no record: kept until the leader says so.
+                Verdict::Stale => {}
             }
         }
         out.sort_by_key(|s| s.created_at);
         Ok(out)
+    }
+
+    /// Whether `job` has no record (none, or one removed), by a read that
+    /// cannot be a write behind.
+    async fn surely_absent(&self, job: &JobId) -> bool {
+        match self.entry(job, Fallback::LeaderOnly).await {
+            Ok(None) => true,
+            Ok(Some((value, _))) => value.is_empty(),
+            Err(_) => false,
+        }
     }
 
     /// Purges `job`'s index entry. Failing, it stays behind, stale, until a

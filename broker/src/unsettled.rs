@@ -14,6 +14,7 @@
 //! records older than the index is indexed once, from its records, and the
 //! index then says so with [`subjects::UNSETTLED_INDEXED`].
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
@@ -119,12 +120,20 @@ impl Index {
         Ok(())
     }
 
-    /// Every entry: its partition and job.
-    pub async fn entries(&self) -> Result<Vec<(u16, JobId)>, BrokerError> {
+    /// Every entry of the partitions `partitions` names (all when none):
+    /// its partition and job, each once. (The listing comes in pages, the
+    /// later ones counted from the end of a sorted list that entries
+    /// written meanwhile have shifted: an entry may come twice, and one
+    /// may be missed until the next listing.)
+    pub async fn entries(&self, partition: Option<u16>) -> Result<BTreeSet<(u16, JobId)>, BrokerError> {
         let listing = |e| BrokerError::nats("list the unsettled jobs", e);
+        let filter = match partition {
+            Some(p) => subjects::unsettled_of_partition(p),
+            None => subjects::UNSETTLED_ENTRIES.to_string(),
+        };
         let subjects: Vec<(String, usize)> = self
             .stream
-            .info_with_subjects(subjects::UNSETTLED_ENTRIES)
+            .info_with_subjects(filter)
             .await
             .map_err(listing)?
             .try_collect()
@@ -136,23 +145,28 @@ impl Index {
             .collect())
     }
 
-    /// How long ago `job`'s entry was written; none if it has none.
+    /// How long ago `job`'s entry was written, by the server's clock (the
+    /// index's last write stands for its now: never later than the
+    /// server's, so an entry is never taken for older than it is); none
+    /// if it has none.
     pub async fn age(&self, job: &JobId) -> Result<Option<Duration>, BrokerError> {
-        Ok(self
-            .written_at(&subjects::unsettled_entry(job))
-            .await?
-            .map(|at| (chrono::Utc::now() - at).to_std().unwrap_or_default()))
+        let Some(at) = self.written_at(&subjects::unsettled_entry(job)).await? else {
+            return Ok(None);
+        };
+        let info = self
+            .stream
+            .get_info()
+            .await
+            .map_err(|e| BrokerError::nats("read the unsettled jobs' index", e))?;
+        let nanos = info.state.last_timestamp.unix_timestamp_nanos() - at;
+        Ok(Some(Duration::from_nanos(u64::try_from(nanos).unwrap_or(0))))
     }
 
-    /// When the message on `subject` was stored; none if there is none.
-    async fn written_at(&self, subject: &str) -> Result<Option<chrono::DateTime<chrono::Utc>>, BrokerError> {
+    /// When the server stored the message on `subject` (nanoseconds since
+    /// the epoch, its clock); none if there is none.
+    async fn written_at(&self, subject: &str) -> Result<Option<i128>, BrokerError> {
         match self.stream.get_last_raw_message_by_subject(subject).await {
-            // A time the server gave that chrono cannot hold: now (the
-            // entry is then young).
-            Ok(msg) => Ok(Some(
-                chrono::DateTime::from_timestamp(msg.time.unix_timestamp(), msg.time.nanosecond())
-                    .unwrap_or_else(chrono::Utc::now),
-            )),
+            Ok(msg) => Ok(Some(msg.time.unix_timestamp_nanos())),
             Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
             Err(e) => Err(BrokerError::nats("read the unsettled jobs' index", e)),
         }

@@ -283,6 +283,11 @@ pub const UNSETTLED_ENTRIES: &str = "vmlot.unsettled.*.*";
 /// came before it (a bucket of job records older than the index).
 pub const UNSETTLED_INDEXED: &str = "vmlot.unsettled.indexed";
 
+/// The entries of partition `p` in [`UNSETTLED_STREAM`].
+pub fn unsettled_of_partition(p: u16) -> String {
+    format!("vmlot.unsettled.{p}.*")
+}
+
 /// `job`'s entry in [`UNSETTLED_STREAM`], under its partition.
 pub fn unsettled_entry(job: &JobId) -> String {
     format!("vmlot.unsettled.{}.{job}", partition_of(job))
@@ -623,6 +628,10 @@ mod tests {
         let entry = unsettled_entry(&job);
         assert!(filter_matches(UNSETTLED_ENTRIES, &entry));
         assert!(filter_matches(UNSETTLED_SUBJECTS, &entry));
+        assert!(filter_matches(
+            &unsettled_of_partition(partition_of(&job)),
+            &entry
+        ));
         assert_eq!(unsettled_job(&entry), Some((partition_of(&job), job)));
         // The marker, another job's partition, extra tokens: no entry.
         assert_eq!(unsettled_job(UNSETTLED_INDEXED), None);
