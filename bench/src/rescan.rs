@@ -17,7 +17,7 @@ use rust_decimal::Decimal;
 use vmlot_broker::state::JobStore;
 use vmlot_schemas::market::{Checkpoint, Image, JobSpec, JobState, JobStatus, ResultCheck, SegmentCount};
 use vmlot_schemas::subjects::{self, PARTITIONS};
-use vmlot_schemas::{HypervisorKind, JobId, ManifestId, Money, VmConfig, WIRE_VERSION};
+use vmlot_schemas::{HypervisorKind, JobId, ManifestId, Money, VmConfig};
 use vmlot_tests::{Fsync, NatsServer};
 
 use crate::baseline::Cpu;
@@ -120,51 +120,37 @@ async fn fill(js: &jetstream::Context, n: usize, in_flight: usize) -> Result<()>
 
 /// A job record in `state`, its escrow refunded or not.
 fn job(state: JobState, refunded: bool) -> JobStatus {
-    let now = Utc::now();
     let crd = |amount: i64| Money::new(Decimal::from(amount), "CRD");
-    JobStatus {
-        version: WIRE_VERSION,
-        job: JobId::new(),
-        spec: JobSpec {
-            image: Image {
-                vm: VmConfig {
-                    hypervisor: HypervisorKind::Qemu,
-                    arch: "x86_64".into(),
-                    memory_mib: 128,
-                    vcpus: 1,
-                    cmdline: String::new(),
-                },
-                kernel: ManifestId::of(vmlot_schemas::HashAlgorithm::Sha256, b"kernel"),
-                initrd: None,
-                disks: vec![],
+    let spec = JobSpec {
+        image: Image {
+            vm: VmConfig {
+                hypervisor: HypervisorKind::Qemu,
+                arch: "x86_64".into(),
+                memory_mib: 128,
+                vcpus: 1,
+                cmdline: String::new(),
             },
-            segment_seconds: 60,
-            segments: SegmentCount::Count(3),
-            redundancy: 1,
-            check: ResultCheck::Continuation,
-            reserve_price: crd(1),
-            budget: crd(10),
-            account: "alice".into(),
-        },
-        state,
-        checkpoint: Checkpoint {
-            machine_state: None,
+            kernel: ManifestId::of(vmlot_schemas::HashAlgorithm::Sha256, b"kernel"),
+            initrd: None,
             disks: vec![],
-            stored_bytes: 20 << 20,
-            memory: None,
         },
-        settled: Vec::new(),
-        open_lot: None,
-        attempts: 0,
-        waiting_for_providers: false,
-        spent: crd(0),
-        created_at: now,
-        updated_at: now,
-        end_reason: None,
+        segment_seconds: 60,
+        segments: SegmentCount::Count(3),
+        redundancy: 1,
+        check: ResultCheck::Continuation,
+        reserve_price: crd(1),
+        budget: crd(10),
+        account: "alice".into(),
+    };
+    let start = Checkpoint {
+        machine_state: None,
+        disks: vec![],
+        stored_bytes: 20 << 20,
+        memory: None,
+    };
+    JobStatus {
+        state,
         refunded,
-        refused: Vec::new(),
-        restore_failures: Vec::new(),
-        check: None,
-        stop_after: None,
+        ..JobStatus::submitted(JobId::new(), spec, start, Utc::now())
     }
 }

@@ -23,7 +23,7 @@ use vmlot_schemas::api::{
 };
 use vmlot_schemas::caller::Caller;
 use vmlot_schemas::market::{
-    Checkpoint, Heartbeat, JobRef, JobState, JobStatus, MarketView, ResultCheck, SegmentCount, SubmitJob,
+    Checkpoint, Heartbeat, JobRef, JobStatus, MarketView, ResultCheck, SegmentCount, SubmitJob,
     Submitted,
 };
 use vmlot_schemas::standing::Standing;
@@ -475,31 +475,13 @@ async fn submit(shared: &Arc<Shared>, caller: &Caller, mut req: SubmitJob) -> Re
         .map_err(|over| error("quota-exceeded", over.to_string()))?;
     let release = || shared.in_flight.lock().expect("in-flight lock").release(&job);
     let now = Utc::now();
-    let status = JobStatus {
-        version: WIRE_VERSION,
-        job,
-        spent: Money::new(Decimal::ZERO, req.spec.budget.unit.clone()),
-        checkpoint: Checkpoint {
-            machine_state: None,
-            disks: image.disks.clone(),
-            stored_bytes,
-            memory: None,
-        },
-        spec: req.spec,
-        state: JobState::Running,
-        settled: Vec::new(),
-        open_lot: None,
-        attempts: 0,
-        waiting_for_providers: false,
-        created_at: now,
-        updated_at: now,
-        end_reason: None,
-        refunded: false,
-        refused: Vec::new(),
-        restore_failures: Vec::new(),
-        check: None,
-        stop_after: None,
+    let start = Checkpoint {
+        machine_state: None,
+        disks: image.disks.clone(),
+        stored_bytes,
+        memory: None,
     };
+    let status = JobStatus::submitted(job, req.spec, start, now);
     // The record first, then the hold: a broker that dies between the two
     // finds the job on restart and holds its budget then (never money in
     // an escrow with no job).

@@ -30,52 +30,34 @@ pub(crate) fn checkpoint(name: &[u8]) -> Checkpoint {
 
 /// A running job of `segments` segments, budget 10, reserve 1, 2 replicas.
 pub(crate) fn job(segments: SegmentCount) -> JobStatus {
-    let now = Utc::now();
-    JobStatus {
-        version: WIRE_VERSION,
-        job: JobId::new(),
-        spec: JobSpec {
-            image: Image {
-                vm: VmConfig {
-                    hypervisor: HypervisorKind::Synthetic,
-                    arch: "x86_64".into(),
-                    memory_mib: 16,
-                    vcpus: 1,
-                    cmdline: String::new(),
-                },
-                kernel: ManifestId::of(vmlot_schemas::HashAlgorithm::Sha256, b"kernel"),
-                initrd: None,
-                disks: vec![],
+    let spec = JobSpec {
+        image: Image {
+            vm: VmConfig {
+                hypervisor: HypervisorKind::Synthetic,
+                arch: "x86_64".into(),
+                memory_mib: 16,
+                vcpus: 1,
+                cmdline: String::new(),
             },
-            segment_seconds: 1,
-            segments,
-            redundancy: 2,
-            check: vmlot_schemas::market::ResultCheck::Continuation,
-            reserve_price: money("1"),
-            budget: money("10"),
-            account: "alice".into(),
-        },
-        state: JobState::Running,
-        checkpoint: Checkpoint {
-            machine_state: None,
+            kernel: ManifestId::of(vmlot_schemas::HashAlgorithm::Sha256, b"kernel"),
+            initrd: None,
             disks: vec![],
-            stored_bytes: 0,
-            memory: None,
         },
-        settled: vec![],
-        open_lot: None,
-        attempts: 0,
-        waiting_for_providers: false,
-        spent: money("0"),
-        created_at: now,
-        updated_at: now,
-        end_reason: None,
-        refunded: false,
-        refused: vec![],
-        restore_failures: vec![],
-        check: None,
-        stop_after: None,
-    }
+        segment_seconds: 1,
+        segments,
+        redundancy: 2,
+        check: vmlot_schemas::market::ResultCheck::Continuation,
+        reserve_price: money("1"),
+        budget: money("10"),
+        account: "alice".into(),
+    };
+    let start = Checkpoint {
+        machine_state: None,
+        disks: vec![],
+        stored_bytes: 0,
+        memory: None,
+    };
+    JobStatus::submitted(JobId::new(), spec, start, Utc::now())
 }
 
 pub(crate) fn ended(state: JobState) -> JobStatus {

@@ -379,6 +379,31 @@ pub struct JobStatus {
 }
 
 impl JobStatus {
+    /// A job as its submission leaves it: running from `checkpoint` (its
+    /// disks; no machine state yet), nothing spent, settled or refused.
+    pub fn submitted(job: JobId, spec: JobSpec, checkpoint: Checkpoint, now: DateTime<Utc>) -> Self {
+        JobStatus {
+            version: crate::WIRE_VERSION,
+            job,
+            spent: Money::new(rust_decimal::Decimal::ZERO, spec.budget.unit.clone()),
+            checkpoint,
+            spec,
+            state: JobState::Running,
+            settled: Vec::new(),
+            open_lot: None,
+            attempts: 0,
+            waiting_for_providers: false,
+            created_at: now,
+            updated_at: now,
+            end_reason: None,
+            refunded: false,
+            refused: Vec::new(),
+            restore_failures: Vec::new(),
+            check: None,
+            stop_after: None,
+        }
+    }
+
     /// Every payment the job made: its settled segments, then its check
     /// restore.
     pub fn payments(&self) -> impl Iterator<Item = &SettledSegment> {
