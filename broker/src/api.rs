@@ -23,8 +23,7 @@ use vmlot_schemas::api::{
 };
 use vmlot_schemas::caller::Caller;
 use vmlot_schemas::market::{
-    Checkpoint, Heartbeat, JobRef, JobStatus, MarketView, ResultCheck, SegmentCount, SubmitJob,
-    Submitted,
+    Checkpoint, Heartbeat, JobRef, JobStatus, MarketView, ResultCheck, SegmentCount, SubmitJob, Submitted,
 };
 use vmlot_schemas::standing::Standing;
 use vmlot_schemas::{HypervisorKind, Money, WIRE_VERSION, subjects};
